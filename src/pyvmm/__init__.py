@@ -1,0 +1,3 @@
+"""pyvmm: a hackable virtual machine monitor in Python."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""CPU accelerators: ``kvm`` (hardware virtualization) and ``tcg`` (unicorn)."""

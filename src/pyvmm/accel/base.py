@@ -1,0 +1,95 @@
+"""The interface every accelerator implements.
+
+An accelerator owns the virtual CPUs and, where it has them, in-kernel
+interrupt controllers and timers.  It is given the machine's guest memory,
+buses and life-cycle mailbox, and nothing else: devices never see it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from pyvmm.bus import Bus
+from pyvmm.cpu_state import CpuState
+from pyvmm.irq import InterruptSink
+from pyvmm.memory import GuestMemory
+from pyvmm.runstate import VmControl
+
+
+@dataclass
+class CpuConfig:
+    """``--cpu`` model and feature edits, e.g. ``host,-cx16,+x2apic``."""
+
+    model: str = "host"
+    enable: list[str] = field(default_factory=list)
+    disable: list[str] = field(default_factory=list)
+
+    @classmethod
+    def parse(cls, text: str) -> CpuConfig:
+        from pyvmm.errors import ConfigError
+
+        parts = [p.strip() for p in text.split(",") if p.strip()]
+        if not parts:
+            raise ConfigError("--cpu needs a model name, e.g. 'host'")
+        cfg = cls(model=parts[0])
+        for p in parts[1:]:
+            if p.startswith("-"):
+                cfg.disable.append(p[1:])
+            elif p.startswith("+"):
+                cfg.enable.append(p[1:])
+            elif p.endswith("=off"):
+                cfg.disable.append(p[:-4])
+            elif p.endswith("=on"):
+                cfg.enable.append(p[:-3])
+            else:
+                raise ConfigError(f"--cpu: cannot parse feature {p!r} (use +feat or -feat)")
+        return cfg
+
+
+@dataclass
+class MachineContext:
+    """What the machine hands an accelerator."""
+
+    memory: GuestMemory
+    io_bus: Bus
+    mmio_bus: Bus
+    control: VmControl
+    ncpus: int
+    cpu: CpuConfig
+
+
+class Accelerator(Protocol):
+    """A CPU back-end.  Life cycle: setup -> set_boot_state -> start -> (pause/resume)* -> stop."""
+
+    name: str
+
+    def setup(self, ctx: MachineContext) -> InterruptSink:
+        """Create the VM, map guest memory and interrupt controllers; return the IRQ sink for devices."""
+        ...
+
+    def set_boot_state(self, boot_cpu: CpuState, start_aps: bool) -> None:
+        """Load the boot CPU's registers.  With ``start_aps`` false, APs wait for INIT/SIPI."""
+        ...
+
+    def start(self) -> None:
+        """Start one thread per vCPU."""
+        ...
+
+    def pause(self) -> None:
+        """Kick every vCPU out of guest mode and hold it until :meth:`resume`."""
+        ...
+
+    def resume(self) -> None: ...
+
+    def stop(self) -> None:
+        """Kick and join every vCPU thread.  Idempotent."""
+        ...
+
+    def reset(self) -> None:
+        """Return all vCPUs and in-accelerator devices to power-on state (threads stopped)."""
+        ...
+
+    def cpu_dump(self, index: int = 0) -> str:
+        """A QEMU-style register dump of one vCPU (for errors and 'info registers')."""
+        ...

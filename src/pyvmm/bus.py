@@ -1,0 +1,86 @@
+"""Address-space buses: the port-I/O space and the MMIO space.
+
+A device registers one or more ranges and is called with the *offset* into
+its range, never the absolute address, so it never looks past its own range.
+Unassigned port reads return all-ones, as on a PC; unassigned writes are
+dropped.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+from typing import Protocol
+
+log = logging.getLogger(__name__)
+
+
+class BusDevice(Protocol):
+    """Something that answers reads and writes in a registered range."""
+
+    def io_read(self, offset: int, size: int) -> int: ...
+
+    def io_write(self, offset: int, size: int, value: int) -> None: ...
+
+
+class BusError(Exception):
+    pass
+
+
+class Bus:
+    """Maps address ranges to devices.  Lookups are a bisect over sorted range starts."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._starts: list[int] = []
+        self._entries: list[tuple[int, int, BusDevice, str]] = []  # (start, end, device, name)
+        self._warned: set[int] = set()
+
+    def register(self, base: int, size: int, device: BusDevice, name: str | None = None) -> None:
+        if size <= 0:
+            raise BusError(f"{self.name}: empty range for {name}")
+        end = base + size
+        for s, e, _, n in self._entries:
+            if base < e and s < end:
+                raise BusError(f"{self.name}: {name} at {base:#x}+{size:#x} overlaps {n} at {s:#x}-{e:#x}")
+        i = bisect.bisect(self._starts, base)
+        self._starts.insert(i, base)
+        self._entries.insert(i, (base, end, device, name or type(device).__name__))
+
+    def unregister(self, device: BusDevice) -> None:
+        keep = [(s, e, d, n) for (s, e, d, n) in self._entries if d is not device]
+        self._entries = keep
+        self._starts = [s for (s, _, _, _) in keep]
+
+    def find(self, addr: int) -> tuple[int, BusDevice] | None:
+        """The (range base, device) holding ``addr``, or None."""
+        i = bisect.bisect(self._starts, addr) - 1
+        if i >= 0:
+            s, e, d, _ = self._entries[i]
+            if addr < e:
+                return s, d
+        return None
+
+    def read(self, addr: int, size: int) -> int:
+        hit = self.find(addr)
+        if hit is None:
+            self._note_unassigned(addr, size, "read")
+            return (1 << (8 * size)) - 1
+        base, dev = hit
+        return dev.io_read(addr - base, size) & ((1 << (8 * size)) - 1)
+
+    def write(self, addr: int, size: int, value: int) -> None:
+        hit = self.find(addr)
+        if hit is None:
+            self._note_unassigned(addr, size, "write")
+            return
+        base, dev = hit
+        dev.io_write(addr - base, size, value & ((1 << (8 * size)) - 1))
+
+    def _note_unassigned(self, addr: int, size: int, what: str) -> None:
+        if addr not in self._warned and len(self._warned) < 64:
+            self._warned.add(addr)
+            log.debug("%s: unassigned %s of %d bytes at %#x", self.name, what, size, addr)
+
+    def ranges(self) -> list[tuple[int, int, str]]:
+        return [(s, e, n) for (s, e, _, n) in self._entries]

@@ -1,0 +1,203 @@
+"""Guest physical memory.
+
+Guest RAM is one or more host mappings (anonymous, or a file / hugetlbfs for
+``--mem-path``) laid out as on a PC: RAM below the 32-bit PCI hole, and the
+rest above 4 GiB.  Every host access to guest memory goes through
+:class:`GuestMemory`, whose methods check that the whole guest-physical range
+lies inside one RAM region.  A guest-supplied address outside RAM raises
+:class:`GuestMemoryError`; it never turns into a host read or write elsewhere.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import os
+import struct
+from dataclasses import dataclass
+
+from pyvmm.errors import GuestMemoryError, PyvmmError
+
+#: Where the 32-bit PCI/MMIO hole starts; RAM beyond this goes above 4 GiB.
+PCI_HOLE_START = 0xC000_0000
+HIGH_RAM_START = 0x1_0000_0000
+
+_U16 = struct.Struct("<H")
+_U32 = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
+
+
+@dataclass
+class RamRegion:
+    """One contiguous block of guest RAM backed by one host mapping."""
+
+    gpa: int
+    size: int
+    mapping: mmap.mmap
+    host_addr: int
+
+    @property
+    def end(self) -> int:
+        return self.gpa + self.size
+
+
+def parse_size(text: str) -> int:
+    """Parse a QEMU-style size: ``256M``, ``2G``, ``1024K``, or plain MiB (``512``)."""
+    t = text.strip().upper()
+    if t.endswith("B") and len(t) > 1 and t[-2] in "KMGT":
+        t = t[:-1]
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    try:
+        if t and t[-1] in units:
+            value = float(t[:-1]) * units[t[-1]]
+        else:
+            value = float(t) * (1 << 20)  # QEMU's -m default unit is MiB
+    except ValueError:
+        raise PyvmmError(f"invalid size {text!r}: expected a number with an optional K/M/G/T suffix") from None
+    if value <= 0 or value != int(value):
+        raise PyvmmError(f"invalid size {text!r}: must be a positive whole number of bytes")
+    return int(value)
+
+
+class GuestMemory:
+    """Bounds-checked guest-physical memory."""
+
+    def __init__(self, size: int, mem_path: str | None = None) -> None:
+        if size < (1 << 20):
+            raise PyvmmError(f"memory size {size} is too small: at least 1 MiB is needed")
+        if size % 4096:
+            raise PyvmmError(f"memory size {size} is not a multiple of 4 KiB")
+        self.ram_size = size
+        self.mem_path = mem_path
+        self.regions: list[RamRegion] = []
+        low = min(size, PCI_HOLE_START)
+        self._add_region(0, low)
+        if size > low:
+            self._add_region(HIGH_RAM_START, size - low)
+        self.below_4g = low
+        self.above_4g = size - low
+
+    # -- construction -------------------------------------------------------------------------
+    def _add_region(self, gpa: int, size: int) -> None:
+        if self.mem_path:
+            mapping = self._file_mapping(size)
+        else:
+            mapping = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
+                                prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        if hasattr(mapping, "madvise") and hasattr(mmap, "MADV_MERGEABLE") and not self.mem_path:
+            try:
+                mapping.madvise(mmap.MADV_MERGEABLE)
+            except OSError:
+                pass
+        host_addr = ctypes.addressof(ctypes.c_char.from_buffer(mapping))
+        self.regions.append(RamRegion(gpa, size, mapping, host_addr))
+
+    def _file_mapping(self, size: int) -> mmap.mmap:
+        assert self.mem_path is not None
+        path = self.mem_path
+        try:
+            if os.path.isdir(path):
+                # QEMU semantics: a directory (e.g. a hugetlbfs mount) gets an unlinked temp file.
+                fd = os.open(path, os.O_TMPFILE | os.O_RDWR, 0o600)
+            else:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                if os.fstat(fd).st_size < size:
+                    os.ftruncate(fd, size)
+                return mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+            finally:
+                os.close(fd)
+        except OSError as e:
+            raise PyvmmError(f"--mem-path {path}: {e.strerror}") from None
+
+    def close(self) -> None:
+        for r in self.regions:
+            try:
+                r.mapping.close()
+            except BufferError:
+                pass  # still exported (e.g. to unicorn); released with the process
+
+    # -- lookup -------------------------------------------------------------------------------
+    def region_for(self, gpa: int, length: int = 1) -> RamRegion:
+        """The RAM region holding ``[gpa, gpa+length)``; raises if any byte is outside RAM."""
+        if length < 0 or gpa < 0:
+            raise GuestMemoryError(f"invalid guest range {gpa:#x}+{length:#x}")
+        for r in self.regions:
+            if r.gpa <= gpa and gpa + length <= r.end:
+                return r
+        raise GuestMemoryError(f"guest range {gpa:#x}+{length:#x} is outside guest RAM")
+
+    def contains(self, gpa: int, length: int = 1) -> bool:
+        try:
+            self.region_for(gpa, length)
+        except GuestMemoryError:
+            return False
+        return True
+
+    def host_address(self, gpa: int, length: int = 1) -> int:
+        """Host virtual address of ``gpa`` (checked for ``length`` bytes), for ioctls and preadv."""
+        r = self.region_for(gpa, length)
+        return r.host_addr + (gpa - r.gpa)
+
+    # -- access -------------------------------------------------------------------------------
+    def view(self, gpa: int, length: int) -> memoryview:
+        """A writable zero-copy view of ``[gpa, gpa+length)``, which must lie in one region."""
+        r = self.region_for(gpa, length)
+        off = gpa - r.gpa
+        return memoryview(r.mapping)[off:off + length]
+
+    def read(self, gpa: int, length: int) -> bytes:
+        r = self.region_for(gpa, length)
+        off = gpa - r.gpa
+        return r.mapping[off:off + length]
+
+    def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
+        length = len(data)
+        r = self.region_for(gpa, length)
+        off = gpa - r.gpa
+        r.mapping[off:off + length] = data
+
+    def fill(self, gpa: int, length: int, byte: int = 0) -> None:
+        r = self.region_for(gpa, length)
+        ctypes.memset(r.host_addr + (gpa - r.gpa), byte, length)
+
+    def read_u8(self, gpa: int) -> int:
+        r = self.region_for(gpa, 1)
+        return r.mapping[gpa - r.gpa]
+
+    def read_u16(self, gpa: int) -> int:
+        r = self.region_for(gpa, 2)
+        return _U16.unpack_from(r.mapping, gpa - r.gpa)[0]
+
+    def read_u32(self, gpa: int) -> int:
+        r = self.region_for(gpa, 4)
+        return _U32.unpack_from(r.mapping, gpa - r.gpa)[0]
+
+    def read_u64(self, gpa: int) -> int:
+        r = self.region_for(gpa, 8)
+        return _U64.unpack_from(r.mapping, gpa - r.gpa)[0]
+
+    def write_u8(self, gpa: int, value: int) -> None:
+        r = self.region_for(gpa, 1)
+        r.mapping[gpa - r.gpa] = value & 0xFF
+
+    def write_u16(self, gpa: int, value: int) -> None:
+        r = self.region_for(gpa, 2)
+        _U16.pack_into(r.mapping, gpa - r.gpa, value & 0xFFFF)
+
+    def write_u32(self, gpa: int, value: int) -> None:
+        r = self.region_for(gpa, 4)
+        _U32.pack_into(r.mapping, gpa - r.gpa, value & 0xFFFF_FFFF)
+
+    def write_u64(self, gpa: int, value: int) -> None:
+        r = self.region_for(gpa, 8)
+        _U64.pack_into(r.mapping, gpa - r.gpa, value & 0xFFFF_FFFF_FFFF_FFFF)
+
+    def read_cstring(self, gpa: int, max_len: int = 4096) -> bytes:
+        """A NUL-terminated string, read at most ``max_len`` bytes and never past the region."""
+        r = self.region_for(gpa, 1)
+        off = gpa - r.gpa
+        end = min(off + max_len, r.size)
+        data = r.mapping[off:end]
+        nul = data.find(b"\0")
+        return data if nul < 0 else data[:nul]
