@@ -1,0 +1,65 @@
+"""Machine configuration: what ``pyvmm run`` was asked to build, as plain data."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from pyvmm.accel.base import CpuConfig
+from pyvmm.errors import ConfigError
+
+MAX_SMP = 255
+
+
+@dataclass
+class DeviceSpec:
+    """A ``--device DRIVER[,key=value...]`` option."""
+
+    driver: str
+    props: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, text: str) -> DeviceSpec:
+        parts = [p for p in text.split(",") if p]
+        if not parts:
+            raise ConfigError("--device needs a driver name")
+        props: dict[str, str] = {}
+        for p in parts[1:]:
+            if "=" not in p:
+                raise ConfigError(f"--device {parts[0]}: property {p!r} is not key=value")
+            k, v = p.split("=", 1)
+            props[k.strip()] = v.strip()
+        return cls(parts[0].strip(), props)
+
+    def int_prop(self, key: str, default: int) -> int:
+        if key not in self.props:
+            return default
+        try:
+            return int(self.props[key], 0)
+        except ValueError:
+            raise ConfigError(f"--device {self.driver}: {key}={self.props[key]!r} is not a number") from None
+
+
+@dataclass
+class MachineConfig:
+    kernel: str | None = None
+    initrd: str | None = None
+    append: str = ""
+    memory: int = 512 << 20
+    smp: int = 1
+    accel: str = "auto"
+    cpu: CpuConfig = field(default_factory=CpuConfig)
+    serial: str = "stdio"
+    no_reboot: bool = False
+    devices: list[DeviceSpec] = field(default_factory=list)
+    mem_path: str | None = None
+    qmp: list[str] = field(default_factory=list)
+
+    def validate(self) -> None:
+        if not 1 <= self.smp <= MAX_SMP:
+            raise ConfigError(f"--smp {self.smp}: must be between 1 and {MAX_SMP}")
+        if self.accel not in ("auto", "kvm", "tcg"):
+            raise ConfigError(f"--accel {self.accel}: must be kvm, tcg or auto")
+        if self.memory < (2 << 20):
+            raise ConfigError(f"--memory {self.memory}: at least 2 MiB is needed")
+        if self.memory % 4096:
+            raise ConfigError(f"--memory {self.memory}: must be a multiple of 4 KiB")

@@ -1,0 +1,220 @@
+"""The PC machine: the one place that assembles a VM from a :class:`MachineConfig`.
+
+Order of assembly (mirrors QEMU's ``pc_init1`` in spirit):
+
+1. guest RAM (:mod:`pyvmm.memory`) and the two buses;
+2. the accelerator, which maps RAM and provides interrupt controllers, in the
+   kernel (KVM) or in userspace (tcg);
+3. legacy devices on the port bus, wired to interrupt lines;
+4. firmware tables (E820, MP table, ACPI, fw_cfg) and the kernel, written into RAM;
+5. vCPU threads, then the main thread waits on the life-cycle mailbox.
+
+A reset (triple fault, i8042, ACPI) stops the vCPUs, resets devices and
+accelerator state, reloads the kernel and starts again, or, with
+``--no-reboot``, ends the run as QEMU does.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from pyvmm.accel import select
+from pyvmm.accel.base import Accelerator, MachineContext
+from pyvmm.boot import BootResult, load_kernel
+from pyvmm.bus import Bus
+from pyvmm.chardev import parse_chardev
+from pyvmm.devices.debug_exit import DebugExit
+from pyvmm.devices.fw_cfg import FwCfg
+from pyvmm.devices.i8042 import I8042
+from pyvmm.devices.port80 import Port80
+from pyvmm.devices.rtc import Rtc
+from pyvmm.devices.serial import Serial
+from pyvmm.errors import ConfigError
+from pyvmm.irq import IrqRouter
+from pyvmm.loop import MainLoop
+from pyvmm.machine import layout
+from pyvmm.machine.config import MachineConfig
+from pyvmm.machine.e820 import build_e820
+from pyvmm.machine.mptable import write_mptable
+from pyvmm.memory import GuestMemory
+from pyvmm.runstate import Request, RequestKind, RunState, VmControl
+
+log = logging.getLogger(__name__)
+
+COM1_BASE, COM1_IRQ = 0x3F8, 4
+I8042_DATA, I8042_CMD = 0x60, 0x64
+RTC_BASE, RTC_IRQ = 0x70, 8
+FW_CFG_BASE = 0x510
+KBD_IRQ, AUX_IRQ = 1, 12
+
+
+@dataclass
+class RunResult:
+    status: int
+    reason: str
+
+
+class PcMachine:
+    """A PC built from a config.  ``run()`` returns the process exit status."""
+
+    def __init__(self, config: MachineConfig, *, accel_name: str, accel_reason: str = "") -> None:
+        config.validate()
+        self.config = config
+        self.accel_name = accel_name
+        self.accel_reason = accel_reason
+        self.control = VmControl()
+        self.memory = GuestMemory(config.memory, config.mem_path)
+        self.io_bus = Bus("io")
+        self.mmio_bus = Bus("mmio")
+        self.irq = IrqRouter()
+        self.loop = MainLoop()
+        self.accel: Accelerator = select.create(accel_name)
+        self.devices: list[object] = []
+        self.boot: BootResult | None = None
+        self._state_lock = threading.Lock()
+        self.state = RunState.PRELAUNCH
+        self.state_listeners: list[Callable[[RunState, str], None]] = []
+        self._build()
+
+    # -- assembly -----------------------------------------------------------------------------
+    def _build(self) -> None:
+        cfg = self.config
+        ctx = MachineContext(self.memory, self.io_bus, self.mmio_bus, self.control, cfg.smp, cfg.cpu)
+        self.irq.attach(self.accel.setup(ctx))
+
+        self.serial_backend = parse_chardev(cfg.serial, self.loop, self.control)
+        self.serial = Serial(self.irq.line(COM1_IRQ), self.serial_backend)
+        self._add_io(COM1_BASE, 8, self.serial, "serial0")
+
+        self.i8042 = I8042(self.control, self.irq.line(KBD_IRQ), self.irq.line(AUX_IRQ))
+        self._add_io(I8042_DATA, 1, self.i8042, "i8042-data")
+        self._add_io(I8042_CMD, 1, _Offset(self.i8042, 4), "i8042-cmd")
+
+        self.rtc = Rtc(self.memory.below_4g, self.memory.above_4g)
+        self._add_io(RTC_BASE, 2, self.rtc, "rtc")
+        self._add_io(0x80, 1, Port80(), "port80")
+
+        self.fw_cfg = FwCfg(memory=self.memory)
+        self._add_io(FW_CFG_BASE, 2, self.fw_cfg, "fw_cfg")
+
+        for spec in cfg.devices:
+            self._add_device(spec)
+
+    def _add_io(self, base: int, size: int, device: object, name: str) -> None:
+        self.io_bus.register(base, size, device, name)  # type: ignore[arg-type]
+        if device not in self.devices:
+            self.devices.append(device)
+
+    def _add_device(self, spec) -> None:
+        if spec.driver == "isa-debug-exit":
+            base = spec.int_prop("iobase", 0xF4)
+            size = spec.int_prop("iosize", 0x04)
+            self._add_io(base, size, DebugExit(self.control), "isa-debug-exit")
+        else:
+            raise ConfigError(f"--device {spec.driver}: unknown device (known: isa-debug-exit)")
+
+    # -- firmware and kernel -----------------------------------------------------------------
+    def _load_firmware_and_kernel(self) -> None:
+        cfg = self.config
+        if not cfg.kernel:
+            raise ConfigError("no kernel given: use --kernel FILE")
+        e820 = build_e820(self.memory)
+        write_mptable(self.memory, cfg.smp)
+        self.boot = load_kernel(cfg.kernel, self.memory, cmdline=cfg.append, initrd=cfg.initrd, e820=e820)
+        self.fw_cfg.set_machine_info(ram_size=self.memory.ram_size, ncpus=cfg.smp, cmdline=cfg.append,
+                                     e820=e820)
+        log.info("loaded %s kernel %s (entry %#x)", self.boot.kind, cfg.kernel, self.boot.entry)
+
+    # -- life cycle ---------------------------------------------------------------------------
+    def _set_state(self, state: RunState, reason: str = "") -> None:
+        with self._state_lock:
+            self.state = state
+        for cb in list(self.state_listeners):
+            cb(state, reason)
+
+    def _power_on(self) -> None:
+        self._load_firmware_and_kernel()
+        assert self.boot is not None
+        self.accel.set_boot_state(self.boot.cpu, start_aps=False)
+        self.accel.start()
+        self._set_state(RunState.RUNNING)
+
+    def _reset(self, reason: str) -> None:
+        log.info("machine reset: %s", reason)
+        self.accel.stop()
+        for dev in self.devices:
+            reset = getattr(dev, "reset", None)
+            if reset is not None:
+                reset()
+        self.accel.reset()
+        self._power_on()
+
+    def pause(self) -> None:
+        if self.state is RunState.RUNNING:
+            self.accel.pause()
+            self._set_state(RunState.PAUSED)
+
+    def resume(self) -> None:
+        if self.state is RunState.PAUSED:
+            self.accel.resume()
+            self._set_state(RunState.RUNNING)
+
+    def run(self) -> RunResult:
+        self.loop.start_thread()
+        try:
+            self._power_on()
+            while True:
+                req = self.control.wait()
+                if req is None:
+                    continue
+                result = self._handle(req)
+                if result is not None:
+                    return result
+        finally:
+            self.shutdown()
+
+    def _handle(self, req: Request) -> RunResult | None:
+        if req.kind is RequestKind.RESET:
+            if self.config.no_reboot:
+                self._set_state(RunState.SHUTDOWN, req.reason)
+                return RunResult(0, f"{req.reason} (--no-reboot)")
+            self._reset(req.reason)
+            return None
+        if req.kind is RequestKind.POWEROFF:
+            self._set_state(RunState.SHUTDOWN, req.reason)
+            return RunResult(0, req.reason)
+        if req.kind is RequestKind.EXIT:
+            self._set_state(RunState.SHUTDOWN, req.reason)
+            return RunResult(req.status, req.reason)
+        self._set_state(RunState.INTERNAL_ERROR, req.reason)
+        return RunResult(req.status or 1, req.reason)
+
+    def shutdown(self) -> None:
+        """Stop vCPUs and back-ends; safe to call more than once."""
+        try:
+            self.accel.stop()
+        finally:
+            self.loop.stop()
+            close = getattr(self.serial_backend, "close", None)
+            if close is not None:
+                close()
+
+
+class _Offset:
+    """Presents a device at an extra offset (for devices split across non-adjacent ports)."""
+
+    def __init__(self, device, delta: int) -> None:
+        self.device = device
+        self.delta = delta
+
+    def io_read(self, offset: int, size: int) -> int:
+        return self.device.io_read(offset + self.delta, size)
+
+    def io_write(self, offset: int, size: int, value: int) -> None:
+        self.device.io_write(offset + self.delta, size, value)
+
+
+__all__ = ["PcMachine", "RunResult", "layout"]
