@@ -21,7 +21,7 @@ from pyvmm.errors import AccelError, KvmError
 log = logging.getLogger(__name__)
 
 #: Iterations of the probe loop (2 instructions each).
-PROBE_ITERATIONS = 50_000
+PROBE_ITERATIONS = 20_000
 #: Above this many instructions per second, ring-0 code is taken to run natively.
 NATIVE_THRESHOLD_IPS = 50_000_000
 

@@ -27,11 +27,11 @@ from pyvmm.boot import BootResult, load_kernel
 from pyvmm.bus import Bus
 from pyvmm.chardev import parse_chardev
 from pyvmm.devices.debug_exit import DebugExit
-from pyvmm.devices.fw_cfg import FwCfg
+from pyvmm.devices.fw_cfg import FwCfg, FwCfgKey, encode_e820
 from pyvmm.devices.i8042 import I8042
 from pyvmm.devices.port80 import Port80
 from pyvmm.devices.rtc import Rtc
-from pyvmm.devices.serial import Serial
+from pyvmm.devices.serial import SERIAL_IO_SIZE, Serial
 from pyvmm.errors import ConfigError
 from pyvmm.irq import IrqRouter
 from pyvmm.loop import MainLoop
@@ -85,23 +85,33 @@ class PcMachine:
         ctx = MachineContext(self.memory, self.io_bus, self.mmio_bus, self.control, cfg.smp, cfg.cpu)
         self.irq.attach(self.accel.setup(ctx))
 
-        self.serial_backend = parse_chardev(cfg.serial, self.loop, self.control)
-        self.serial = Serial(self.irq.line(COM1_IRQ), self.serial_backend)
-        self._add_io(COM1_BASE, 8, self.serial, "serial0")
+        self.serial_backend = parse_chardev(cfg.serial, self.loop, self.control, label="serial0")
+        self.serial = Serial(self.irq.line(COM1_IRQ), self.serial_backend, name="serial0")
+        self._add_io(COM1_BASE, SERIAL_IO_SIZE, self.serial, "serial0")
 
-        self.i8042 = I8042(self.control, self.irq.line(KBD_IRQ), self.irq.line(AUX_IRQ))
-        self._add_io(I8042_DATA, 1, self.i8042, "i8042-data")
-        self._add_io(I8042_CMD, 1, _Offset(self.i8042, 4), "i8042-cmd")
+        self.i8042 = I8042(self.control, irq_kbd=self.irq.line(KBD_IRQ), irq_aux=self.irq.line(AUX_IRQ))
+        self._add_io(I8042_DATA, 1, self.i8042.data_port, "i8042-data")
+        self._add_io(I8042_CMD, 1, self.i8042.cmd_port, "i8042-cmd")
+        self.devices.append(self.i8042)
 
-        self.rtc = Rtc(self.memory.below_4g, self.memory.above_4g)
+        self.rtc = Rtc(below_4g=self.memory.below_4g, above_4g=self.memory.above_4g, ncpus=cfg.smp,
+                       irq=self.irq.line(RTC_IRQ), loop=self.loop)
         self._add_io(RTC_BASE, 2, self.rtc, "rtc")
         self._add_io(0x80, 1, Port80(), "port80")
 
         self.fw_cfg = FwCfg(memory=self.memory)
-        self._add_io(FW_CFG_BASE, 2, self.fw_cfg, "fw_cfg")
+        self._add_io(FW_CFG_BASE, self.fw_cfg.io_size, self.fw_cfg, "fw_cfg")
 
         for spec in cfg.devices:
             self._add_device(spec)
+
+        self.e820 = build_e820(self.memory, reserved=[(layout.IOAPIC_ADDR, 0x1000), (layout.LAPIC_ADDR, 0x1000)])
+        fw = self.fw_cfg
+        fw.add_u64(FwCfgKey.RAM_SIZE, self.memory.ram_size)
+        fw.add_u16(FwCfgKey.NB_CPUS, cfg.smp)
+        fw.add_u16(FwCfgKey.MAX_CPUS, cfg.smp)
+        fw.set_cmdline(cfg.append)
+        fw.add_file("etc/e820", encode_e820([(e.addr, e.size, int(e.type)) for e in self.e820]))
 
     def _add_io(self, base: int, size: int, device: object, name: str) -> None:
         self.io_bus.register(base, size, device, name)  # type: ignore[arg-type]
@@ -121,11 +131,8 @@ class PcMachine:
         cfg = self.config
         if not cfg.kernel:
             raise ConfigError("no kernel given: use --kernel FILE")
-        e820 = build_e820(self.memory)
         write_mptable(self.memory, cfg.smp)
-        self.boot = load_kernel(cfg.kernel, self.memory, cmdline=cfg.append, initrd=cfg.initrd, e820=e820)
-        self.fw_cfg.set_machine_info(ram_size=self.memory.ram_size, ncpus=cfg.smp, cmdline=cfg.append,
-                                     e820=e820)
+        self.boot = load_kernel(cfg.kernel, self.memory, cmdline=cfg.append, initrd=cfg.initrd, e820=self.e820)
         log.info("loaded %s kernel %s (entry %#x)", self.boot.kind, cfg.kernel, self.boot.entry)
 
     # -- life cycle ---------------------------------------------------------------------------
@@ -198,23 +205,8 @@ class PcMachine:
             self.accel.stop()
         finally:
             self.loop.stop()
-            close = getattr(self.serial_backend, "close", None)
-            if close is not None:
-                close()
-
-
-class _Offset:
-    """Presents a device at an extra offset (for devices split across non-adjacent ports)."""
-
-    def __init__(self, device, delta: int) -> None:
-        self.device = device
-        self.delta = delta
-
-    def io_read(self, offset: int, size: int) -> int:
-        return self.device.io_read(offset + self.delta, size)
-
-    def io_write(self, offset: int, size: int, value: int) -> None:
-        self.device.io_write(offset + self.delta, size, value)
+            if self.serial_backend is not None:
+                self.serial_backend.close()
 
 
 __all__ = ["PcMachine", "RunResult", "layout"]

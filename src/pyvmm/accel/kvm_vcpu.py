@@ -1,0 +1,435 @@
+"""The vCPU thread: a KVM_RUN loop that dispatches exits to the buses.
+
+Kicking.  Another thread gets a vCPU out of guest mode by setting
+``kvm_run.immediate_exit`` and then sending :data:`KICK_SIGNAL` to the vCPU
+thread.  The flag covers the window where the thread is in userspace (its
+next KVM_RUN returns EINTR at once); the signal covers a thread already in the
+guest (KVM_RUN returns EINTR as soon as a signal is pending).  The signal
+needs a real handler, installed without SA_RESTART by
+:func:`install_kick_handler` from the main thread; an ignored signal would
+not interrupt anything.  The kicker sets its request flag *before* the
+``immediate_exit`` byte, and the vCPU thread clears the byte *before* reading
+the flags, so no request is lost.
+
+Hot path.  Port I/O is what most exits are, so it is handled inline in the
+loop with everything bound to locals: ctypes views created once over the
+``kvm_run`` mapping, the bus's ``find`` method, precompiled ``struct``
+unpackers indexed by access size.  Every other exit goes through a dispatch
+table built once per thread.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import signal
+import struct
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from pyvmm.bus import Bus
+from pyvmm.errors import AccelError, KvmError
+from pyvmm.kvm import abi
+from pyvmm.kvm.dump import format_kvm_registers
+from pyvmm.kvm.ioctls import ExitReason, InternalError, Ioctl, SystemEvent
+from pyvmm.kvm.syscall import get_errno, raw_ioctl
+from pyvmm.kvm.vcpu import Vcpu
+from pyvmm.runstate import VmControl
+
+log = logging.getLogger(__name__)
+
+#: The signal used to kick vCPU threads out of KVM_RUN (QEMU uses SIGUSR1 for the same job).
+KICK_SIGNAL = signal.SIGUSR1
+
+_EXIT_OFF = abi.KVM_RUN_EXIT_OFFSET
+_MMIO_DATA_OFF = _EXIT_OFF + abi.KvmRunMmio.data.offset
+# Index = access size in bytes; sizes other than 1/2/4 are rejected before use.
+_UNPACK: tuple[Any, ...] = (None, struct.Struct("<B").unpack_from, struct.Struct("<H").unpack_from, None,
+                            struct.Struct("<I").unpack_from)
+_PACK: tuple[Any, ...] = (None, struct.Struct("<B").pack_into, struct.Struct("<H").pack_into, None,
+                          struct.Struct("<I").pack_into)
+_MASK = (0, 0xFF, 0xFFFF, 0, 0xFFFFFFFF)
+
+
+def _kick_handler(signum: int, frame: object) -> None:
+    """Deliberately empty: the signal exists only to make KVM_RUN return EINTR."""
+
+
+def install_kick_handler() -> None:
+    """Install the no-op kick handler (main thread only) with SA_RESTART off.
+
+    From another thread Python cannot install handlers; that is fine if one
+    is already installed, otherwise kicks would kill the process (SIG_DFL) or
+    be lost (SIG_IGN), so it is an error.
+    """
+    try:
+        signal.signal(KICK_SIGNAL, _kick_handler)
+        signal.siginterrupt(KICK_SIGNAL, True)
+    except ValueError:
+        current = signal.getsignal(KICK_SIGNAL)
+        if not callable(current):
+            raise AccelError(f"kvm: the vCPU kick signal ({KICK_SIGNAL.name}) handler must be installed from "
+                             f"the main thread; set the accelerator up from the main thread") from None
+
+
+class VcpuRunner:
+    """Runs one :class:`Vcpu` on its own thread and services pause/stop/call requests.
+
+    ``halt_action`` says what a KVM_EXIT_HLT does (it only happens without an
+    in-kernel irqchip): ``"idle"`` waits a little and re-enters, ``"stop"``
+    ends the loop (used by tests and benchmarks).
+    """
+
+    def __init__(self, vcpu: Vcpu, io_bus: Bus, mmio_bus: Bus, control: VmControl,
+                 halt_action: str = "idle") -> None:
+        self.vcpu = vcpu
+        self.index = vcpu.index
+        self.io_bus = io_bus
+        self.mmio_bus = mmio_bus
+        self.control = control
+        self.halt_action = halt_action
+        self.thread: threading.Thread | None = None
+        self.ident: int | None = None
+        self.last_exit: int | None = None
+        self.error_dump: str | None = None
+        self._cond = threading.Condition()
+        self._pause_req = False
+        self._stop_req = False
+        self._calls: list[tuple[Callable[[], Any], list[Any]]] = []
+        self.parked = False
+        self.running = False  # True while the loop is active on some thread
+
+    # -- control from other threads ----------------------------------------------------------------
+    def start(self) -> None:
+        if self.thread is not None and self.thread.is_alive():
+            raise AccelError(f"vCPU {self.index} is already running")
+        with self._cond:
+            self._stop_req = False
+            self.running = True
+        self.thread = threading.Thread(target=self.run, name=f"vcpu{self.index}", daemon=True)
+        self.thread.start()
+
+    def kick(self) -> None:
+        """Make the vCPU leave KVM_RUN soon (safe from any thread, at any time)."""
+        run = self.vcpu.run
+        if run is not None:
+            run.immediate_exit = 1
+        ident = self.ident
+        if ident is not None and ident != threading.get_ident():
+            try:
+                signal.pthread_kill(ident, KICK_SIGNAL)
+            except ProcessLookupError:
+                pass  # the thread has just ended
+
+    def request_pause(self) -> None:
+        with self._cond:
+            self._pause_req = True
+        self.kick()
+
+    def wait_parked(self, timeout: float = 10.0) -> bool:
+        """Wait until the thread is parked or no longer running; False on timeout."""
+        if self.ident == threading.get_ident():
+            return True  # parks when it returns to its loop
+        with self._cond:
+            return self._cond.wait_for(lambda: self.parked or not self.running, timeout)
+
+    def resume(self) -> None:
+        with self._cond:
+            self._pause_req = False
+            self._cond.notify_all()
+
+    def request_stop(self) -> None:
+        with self._cond:
+            self._stop_req = True
+            self._cond.notify_all()
+        self.kick()
+
+    def join(self, timeout: float = 10.0) -> None:
+        t = self.thread
+        if t is not None and t is not threading.current_thread():
+            t.join(timeout)
+            if t.is_alive():
+                log.warning("vCPU %d thread did not stop within %.0fs", self.index, timeout)
+
+    def call(self, fn: Callable[[], Any], timeout: float = 5.0) -> Any:
+        """Run ``fn`` on the vCPU thread (vCPU ioctls must not race KVM_RUN) and return its result.
+
+        If the thread is parked, stopped or is the caller, ``fn`` runs right
+        here: the vCPU is not in KVM_RUN then, and holding the lock keeps a
+        parked thread parked meanwhile.
+        """
+        with self._cond:
+            if not self.running or self.parked or self.ident == threading.get_ident():
+                return fn()
+            box: list[Any] = []
+            self._calls.append((fn, box))
+        self.kick()
+        with self._cond:
+            if not self._cond.wait_for(lambda: bool(box) or not self.running, timeout):
+                raise AccelError(f"vCPU {self.index} did not answer within {timeout}s")
+            if not box:
+                return fn()  # the thread ended before serving us; the vCPU is idle now
+        ok, value = box[0]
+        if ok:
+            return value
+        raise value
+
+    # -- the thread --------------------------------------------------------------------------------
+    def run(self) -> None:
+        """The thread body (callable directly for single-threaded use, e.g. benchmarks)."""
+        self.ident = threading.get_ident()
+        with self._cond:
+            self.running = True
+        try:
+            self._loop()
+        except Exception as e:  # device bugs must not vanish with the thread
+            log.exception("vCPU %d: unhandled error while handling an exit", self.index)
+            self._fail(f"vCPU {self.index}: internal error: {type(e).__name__}: {e}")
+        finally:
+            with self._cond:
+                self.running = False
+                self.parked = False
+                calls, self._calls = self._calls, []
+                self._cond.notify_all()
+            for fn, box in calls:
+                self._serve(fn, box)
+            self.ident = None
+
+    def _serve(self, fn: Callable[[], Any], box: list[Any]) -> None:
+        try:
+            box.append((True, fn()))
+        except Exception as e:
+            box.append((False, e))
+
+    def _service(self) -> bool:
+        """Handle requests after a kick; returns False when the loop must end."""
+        with self._cond:
+            while True:
+                while self._calls:
+                    fn, box = self._calls.pop(0)
+                    self._serve(fn, box)
+                    self._cond.notify_all()
+                if self._stop_req:
+                    return False
+                if not self._pause_req:
+                    if self.parked:
+                        self.parked = False
+                        self._cond.notify_all()
+                    return True
+                if not self.parked:
+                    self.parked = True
+                    self._cond.notify_all()
+                self._cond.wait()
+
+    def _loop(self) -> None:
+        vcpu = self.vcpu
+        mm = vcpu.run_mmap
+        run = vcpu.run
+        assert run is not None
+        fd = vcpu.fd
+        mm_size = len(mm)
+        ioctl = raw_ioctl
+        KVM_RUN = int(Ioctl.RUN)
+        io = abi.KvmRunIo.from_buffer(mm, _EXIT_OFF)
+        mmio = abi.KvmRunMmio.from_buffer(mm, _EXIT_OFF)
+        io_find = self.io_bus.find
+        io_bus = self.io_bus
+        mmio_find = self.mmio_bus.find
+        mmio_bus = self.mmio_bus
+        UNPACK, PACK, MASK = _UNPACK, _PACK, _MASK
+        MMIO_DATA = _MMIO_DATA_OFF
+        EXIT_IO = int(ExitReason.IO)
+        EXIT_MMIO = int(ExitReason.MMIO)
+        dispatch = self._dispatch_table()
+        slow = self._unexpected_exit
+        service = self._service
+        try:
+            if not service():
+                return
+            while True:
+                if ioctl(fd, KVM_RUN, 0) < 0:
+                    err = get_errno()
+                    if err != errno.EINTR and err != errno.EAGAIN:
+                        raise KvmError(f"KVM_RUN on vCPU {self.index} failed: {os.strerror(err)}")
+                    run.immediate_exit = 0
+                    if not service():
+                        self.last_exit = ExitReason.INTR
+                        return
+                    continue
+                reason = run.exit_reason
+                if reason == EXIT_IO:
+                    size = io.size
+                    port = io.port
+                    count = io.count
+                    off = io.data_offset
+                    if (size != 1 and size != 2 and size != 4) or off + size * count > mm_size:
+                        self._fail(f"vCPU {self.index}: malformed I/O exit (port {port:#x} size {size} "
+                                   f"count {count} offset {off:#x})")
+                        return
+                    hit = io_find(port)
+                    if io.direction:  # OUT
+                        if hit is None:
+                            io_bus.write(port, size, UNPACK[size](mm, off)[0])
+                            continue
+                        base, dev = hit
+                        if count == 1:
+                            dev.io_write(port - base, size, UNPACK[size](mm, off)[0])
+                        else:
+                            unpack = UNPACK[size]
+                            write = dev.io_write
+                            rel = port - base
+                            for i in range(count):
+                                write(rel, size, unpack(mm, off + i * size)[0])
+                    else:
+                        pack = PACK[size]
+                        mask = MASK[size]
+                        if hit is None:
+                            value = mask
+                            io_bus.read(port, size)  # logs the unassigned access once
+                            for i in range(count):
+                                pack(mm, off + i * size, value)
+                            continue
+                        base, dev = hit
+                        read = dev.io_read
+                        rel = port - base
+                        for i in range(count):
+                            pack(mm, off + i * size, read(rel, size) & mask)
+                    continue
+                if reason == EXIT_MMIO:
+                    addr = mmio.phys_addr
+                    n = mmio.len
+                    if not 1 <= n <= 8:
+                        self._fail(f"vCPU {self.index}: malformed MMIO exit (len {n} at {addr:#x})")
+                        return
+                    hit = mmio_find(addr)
+                    if mmio.is_write:
+                        value = int.from_bytes(mm[MMIO_DATA:MMIO_DATA + n], "little")
+                        if hit is None:
+                            mmio_bus.write(addr, n, value)
+                        else:
+                            hit[1].io_write(addr - hit[0], n, value)
+                    else:
+                        if hit is None:
+                            value = mmio_bus.read(addr, n)
+                        else:
+                            value = hit[1].io_read(addr - hit[0], n) & ((1 << (8 * n)) - 1)
+                        mm[MMIO_DATA:MMIO_DATA + n] = value.to_bytes(n, "little")
+                    continue
+                self.last_exit = reason
+                if not dispatch.get(reason, slow)(reason):
+                    return
+        finally:
+            # Drop the views so Vcpu.close() can unmap kvm_run.
+            del io, mmio
+
+    # -- slow-path exits ---------------------------------------------------------------------------
+    def _dispatch_table(self) -> dict[int, Callable[[int], bool]]:
+        return {
+            ExitReason.HLT: self._on_hlt,
+            ExitReason.SHUTDOWN: self._on_shutdown,
+            ExitReason.SYSTEM_EVENT: self._on_system_event,
+            ExitReason.FAIL_ENTRY: self._on_fail_entry,
+            ExitReason.INTERNAL_ERROR: self._on_internal_error,
+            ExitReason.INTR: self._on_intr,
+            ExitReason.IRQ_WINDOW_OPEN: self._on_ignore,
+            ExitReason.NMI: self._on_ignore,
+            ExitReason.HYPERCALL: self._on_hypercall,
+        }
+
+    def _on_intr(self, reason: int) -> bool:
+        run = self.vcpu.run
+        assert run is not None
+        run.immediate_exit = 0
+        return self._service()
+
+    def _on_ignore(self, reason: int) -> bool:
+        return True
+
+    def _on_hlt(self, reason: int) -> bool:
+        if self.halt_action == "stop":
+            return False
+        # No in-kernel irqchip, hence nothing can wake the vCPU but a request: idle politely.
+        with self._cond:
+            self._cond.wait(0.01)
+        return self._service()
+
+    def _on_shutdown(self, reason: int) -> bool:
+        log.info("vCPU %d: shutdown (triple fault)\n%s", self.index, self._safe_dump())
+        self.control.request_reset("triple fault")
+        return False
+
+    def _on_system_event(self, reason: int) -> bool:
+        run = self.vcpu.run
+        assert run is not None
+        kind = run.u.system_event.type
+        if kind == SystemEvent.SHUTDOWN:
+            self.control.request_poweroff("guest requested power-off")
+        elif kind == SystemEvent.RESET:
+            self.control.request_reset("guest requested reset")
+        elif kind == SystemEvent.CRASH:
+            self._fail(f"vCPU {self.index}: guest crashed (system event)")
+        else:
+            log.debug("vCPU %d: ignoring system event %d", self.index, kind)
+            return True
+        return False
+
+    def _on_fail_entry(self, reason: int) -> bool:
+        run = self.vcpu.run
+        assert run is not None
+        hw = run.u.fail_entry.hardware_entry_failure_reason
+        self._fail(f"vCPU {self.index}: KVM entry failed, hardware error {hw:#x}")
+        return False
+
+    def _on_internal_error(self, reason: int) -> bool:
+        run = self.vcpu.run
+        assert run is not None
+        internal = run.u.internal
+        sub = internal.suberror
+        try:
+            what = InternalError(sub).name.lower().replace("_", " ")
+        except ValueError:
+            what = f"suberror {sub}"
+        detail = ""
+        ndata = min(internal.ndata, 16)
+        if sub == InternalError.EMULATION and ndata >= 3 and internal.data[0] & 1:
+            raw = bytes(internal)[16:32]  # emulation_failure: insn_size, then up to 15 instruction bytes
+            n = min(raw[0], 15)
+            detail = " (instruction bytes: " + " ".join(f"{b:02x}" for b in raw[1:1 + n]) + ")"
+        elif ndata:
+            detail = " (data: " + " ".join(f"{internal.data[i]:#x}" for i in range(ndata)) + ")"
+        self._fail(f"vCPU {self.index}: KVM internal error: {what}{detail}")
+        return False
+
+    def _on_hypercall(self, reason: int) -> bool:
+        run = self.vcpu.run
+        assert run is not None
+        run.u.hypercall.ret = (-1000) & 0xFFFFFFFFFFFFFFFF  # -KVM_ENOSYS
+        return True
+
+    def _unexpected_exit(self, reason: int) -> bool:
+        try:
+            name = ExitReason(reason).name
+        except ValueError:
+            name = str(reason)
+        self._fail(f"vCPU {self.index}: unexpected KVM exit reason {name}")
+        return False
+
+    # -- errors ------------------------------------------------------------------------------------
+    def _safe_dump(self) -> str:
+        try:
+            return self.dump_state()
+        except Exception as e:  # the dump is diagnostics; never let it hide the original error
+            return f"(register dump unavailable: {e})"
+
+    def dump_state(self) -> str:
+        """QEMU-style register dump; call on the vCPU thread or while it is parked/stopped."""
+        vcpu = self.vcpu
+        return f"CPU#{self.index}\n" + format_kvm_registers(vcpu.get_regs(), vcpu.get_sregs())
+
+    def _fail(self, reason: str) -> None:
+        text = self._safe_dump()
+        self.error_dump = text
+        log.error("%s\n%s", reason, text)
+        self.control.request_error(reason)

@@ -1,0 +1,238 @@
+"""The compiled part of the tcg accelerator: build, load and self-check.
+
+``pvtcg.c`` is built with cffi the first time it is needed (gcc is required)
+into a cache directory keyed by the source hash, then imported from there.
+Because the C code reaches into unicorn's private CPU structures, loading it
+runs :func:`selfcheck`, which compares the machine code of the unicorn
+functions it relies on with what this code was written against and probes
+the structure offsets with real register writes.  Any mismatch raises
+:class:`AccelError` before a guest instruction runs.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import importlib.util
+import logging
+import os
+import sys
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+
+from pyvmm.errors import AccelError
+
+log = logging.getLogger(__name__)
+
+UNICORN_VERSION = "2.1.4"
+_SRC_DIR = Path(__file__).resolve().parent
+_MODULE_NAME = "_pyvmm_pvtcg"
+
+_CDEF = """
+struct pv_vcpu;
+struct pv_fns {
+    void (*do_interrupt)(void *cs);
+    void (*hardirq)(void *env, int intno, int is_hw);
+    void (*loop_exit)(void *cs);
+    int (*emu_stop)(void *uc);
+    int (*reg_read)(void *uc, int regid, void *value);
+    int (*reg_write)(void *uc, int regid, const void *value);
+    int (*hook_add)(void *uc, size_t *hh, int type, void *cb, void *user, uint64_t begin, uint64_t end, ...);
+    char *(*get_cpu)(void *uc, int index);
+};
+struct pv_vcpu {
+    struct pv_fns fns;
+    void *uc;
+    char *cs;
+    char *env;
+    int (*ack)(struct pv_vcpu *v);
+    int irq_request;
+    int stop_request;
+    int stopped_by_request;
+    int last_exception;
+    uint64_t tsc_hz;
+    uint64_t tsc_epoch_ns;
+    uint64_t tsc_at_epoch;
+    uint64_t tsc_deadline;
+    uint64_t apic_base;
+    uint64_t n_irq;
+    uint64_t n_exc;
+    uint64_t n_syscall;
+    uint64_t apic_base_writes;
+    uint64_t tsc_deadline_writes;
+    size_t hooks[8];
+};
+uint64_t pv_now_ns(void);
+uint64_t pv_tsc_now(struct pv_vcpu *v);
+void pv_tsc_set(struct pv_vcpu *v, uint64_t value);
+void pv_load_seg(struct pv_vcpu *v, int seg, uint32_t selector, uint64_t base, uint32_t limit, uint32_t flags);
+int pv_patch_msr(void *rdmsr_fn, int rd_len, void *wrmsr_fn, int wr_len);
+int pv_msr_patched(void);
+int pv_attach(struct pv_vcpu *v);
+void pv_detach(struct pv_vcpu *v);
+void pv_prepare_run(struct pv_vcpu *v);
+int pv_halted(struct pv_vcpu *v);
+int pv_old_exception(struct pv_vcpu *v);
+void pv_clear_old_exception(struct pv_vcpu *v);
+uint32_t pv_hflags(struct pv_vcpu *v);
+uint64_t pv_eflags_raw(struct pv_vcpu *v);
+uint64_t pv_env_u64(struct pv_vcpu *v, int off);
+uint32_t pv_env_u32(struct pv_vcpu *v, int off);
+"""
+
+# Offsets (must match the #defines in pvtcg.c); probed by selfcheck().
+ENV_EIP = 0x80
+ENV_EFLAGS = 0x88
+ENV_HFLAGS = 0xB0
+ENV_SEGS = 0xB8
+ENV_CR0 = 0x1A8
+ENV_ERROR_CODE = 0x150C
+
+# The first bytes of the unicorn functions whose private-field offsets we rely on.
+# They contain those offsets as immediates, so a different build fails here.
+_EXPECTED_CODE = {
+    "x86_cpu_do_interrupt_x86_64": bytes.fromhex(
+        "538bb7a081000048 89fb8b8f589f0000 81feff0000007e18".replace(" ", "")),
+    "do_interrupt_x86_hardirq_x86_64": bytes.fromhex("4189d14881ef508a00004531c031c931d2"),
+    "helper_hlt_x86_64": bytes.fromhex("5531d24863ee be78000000 534889fb".replace(" ", "")),
+    # Displaced prologues of the MSR helpers (position independent, no rip-relative operands).
+    "helper_rdmsr_x86_64": bytes.fromhex("53488b4c24084889fb31d2be7c000000e8"),
+    "helper_wrmsr_x86_64": bytes.fromhex("55488b4c24084889fdba01000000be7c000000e8"),
+}
+_RDMSR_PROLOGUE = 16
+_WRMSR_PROLOGUE = 19
+
+
+@dataclass
+class Native:
+    """The loaded module plus the libunicorn function pointers it is wired to."""
+
+    ffi: object
+    lib: object
+    fns: dict[str, int]
+
+
+class _Loader:
+    """Builds and loads the module once per process (a per-process cache, not guest state)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._native: Native | None = None
+
+    def get(self) -> Native:
+        with self._lock:
+            if self._native is None:
+                self._native = _load()
+            return self._native
+
+
+_loader = _Loader()
+
+
+def native() -> Native:
+    """The compiled helper, built on first use and checked against libunicorn."""
+    return _loader.get()
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get("PYVMM_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "pyvmm")
+    return Path(base)
+
+
+def _source_text() -> tuple[str, str]:
+    c = (_SRC_DIR / "pvtcg.c").read_text()
+    h = (_SRC_DIR / "pvtcg.h").read_text()
+    return c, h
+
+
+def _build(target_dir: Path, tag: str) -> Path:
+    try:
+        import cffi
+    except ImportError as e:  # pragma: no cover - dependency
+        raise AccelError("the tcg accelerator needs cffi (pip install cffi)") from e
+    c, h = _source_text()
+    ffi = cffi.FFI()
+    ffi.cdef(_CDEF)
+    ffi.set_source(_MODULE_NAME + "_" + tag, c, include_dirs=[str(_SRC_DIR)],
+                   extra_compile_args=["-O2", "-fno-strict-aliasing", "-Wno-unused-function"])
+    target_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target_dir) as tmp:
+        try:
+            out = ffi.compile(tmpdir=tmp, verbose=False)
+        except Exception as e:
+            raise AccelError(f"could not build the tcg helper (is gcc installed?): {e}") from e
+        final = target_dir / Path(out).name
+        os.replace(out, final)
+    return final
+
+
+def _load() -> Native:
+    import unicorn
+
+    if unicorn.__version__ != UNICORN_VERSION:
+        raise AccelError(f"the tcg accelerator needs unicorn=={UNICORN_VERSION}, found {unicorn.__version__}")
+    c, h = _source_text()
+    digest = hashlib.sha256((c + h + _CDEF + sys.version).encode()).hexdigest()[:16]
+    tag = digest
+    cdir = _cache_dir()
+    existing = list(cdir.glob(f"{_MODULE_NAME}_{tag}*.so")) if cdir.is_dir() else []
+    path = existing[0] if existing else _build(cdir, tag)
+    spec = importlib.util.spec_from_file_location(f"{_MODULE_NAME}_{tag}", path)
+    if spec is None or spec.loader is None:
+        raise AccelError(f"cannot load the tcg helper from {path}")
+    mod: ModuleType = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    ffi, lib = mod.ffi, mod.lib
+    fns = _unicorn_functions()
+    _check_code(fns)
+    rc = lib.pv_patch_msr(ffi.cast("void *", fns["helper_rdmsr_x86_64"]), _RDMSR_PROLOGUE,
+                          ffi.cast("void *", fns["helper_wrmsr_x86_64"]), _WRMSR_PROLOGUE)
+    if rc != 0:
+        raise AccelError(f"could not interpose unicorn's rdmsr/wrmsr helpers (error {rc})")
+    log.debug("tcg helper loaded from %s", path)
+    return Native(ffi, lib, fns)
+
+
+def _unicorn_functions() -> dict[str, int]:
+    from unicorn.unicorn_py3.unicorn import uclib
+
+    names = ["x86_cpu_do_interrupt_x86_64", "do_interrupt_x86_hardirq_x86_64", "cpu_loop_exit_x86_64",
+             "uc_emu_stop", "uc_reg_read", "uc_reg_write", "uc_hook_add", "qemu_get_cpu_x86_64",
+             "helper_hlt_x86_64", "helper_rdmsr_x86_64", "helper_wrmsr_x86_64", "tb_flush_x86_64"]
+    out = {}
+    for n in names:
+        try:
+            out[n] = ctypes.cast(getattr(uclib, n), ctypes.c_void_p).value or 0
+        except AttributeError:
+            raise AccelError(f"libunicorn does not export {n}: not the unicorn {UNICORN_VERSION} build "
+                             "the tcg accelerator was written for") from None
+    return out
+
+
+def _check_code(fns: dict[str, int]) -> None:
+    for name, expected in _EXPECTED_CODE.items():
+        have = ctypes.string_at(fns[name], len(expected))
+        if name in ("helper_rdmsr_x86_64", "helper_wrmsr_x86_64") and have[:2] == b"\xff\x25":
+            continue  # already interposed by this process
+        if have != expected:
+            raise AccelError(f"unicorn's {name} is not the code the tcg accelerator expects "
+                             f"(have {have.hex()}, want {expected.hex()}); its private CPU layout "
+                             "may differ - reinstall unicorn==" + UNICORN_VERSION)
+
+
+def fill_fns(nat: Native, v) -> None:
+    """Point a ``struct pv_vcpu``'s function table at libunicorn."""
+    ffi, f = nat.ffi, nat.fns
+    v.fns.do_interrupt = ffi.cast("void (*)(void *)", f["x86_cpu_do_interrupt_x86_64"])
+    v.fns.hardirq = ffi.cast("void (*)(void *, int, int)", f["do_interrupt_x86_hardirq_x86_64"])
+    v.fns.loop_exit = ffi.cast("void (*)(void *)", f["cpu_loop_exit_x86_64"])
+    v.fns.emu_stop = ffi.cast("int (*)(void *)", f["uc_emu_stop"])
+    v.fns.reg_read = ffi.cast("int (*)(void *, int, void *)", f["uc_reg_read"])
+    v.fns.reg_write = ffi.cast("int (*)(void *, int, const void *)", f["uc_reg_write"])
+    v.fns.hook_add = ffi.cast("int (*)(void *, size_t *, int, void *, void *, uint64_t, uint64_t, ...)",
+                              f["uc_hook_add"])
+    v.fns.get_cpu = ffi.cast("char *(*)(void *, int)", f["qemu_get_cpu_x86_64"])

@@ -1,0 +1,468 @@
+/*
+ * Compiled hooks for the tcg accelerator (built with cffi, see native.py).
+ *
+ * Unicorn runs QEMU's TCG but leaves out the parts a full-system guest needs:
+ * it never delivers exceptions or interrupts through the guest IDT, its
+ * `syscall` only calls a hook, and rdmsr/wrmsr of APIC_BASE and TSC are
+ * stubs.  QEMU's own delivery code is still inside libunicorn and exported,
+ * so these hooks call it with the right CPU state.  They are C, not Python,
+ * because (a) they run on every translation block, and (b) QEMU reports a
+ * fault during delivery with siglongjmp back into cpu_exec, which must never
+ * unwind through Python frames.
+ *
+ * The offsets below describe unicorn 2.1.4's X86CPU/CPUX86State; native.py
+ * verifies them against the loaded library before anything runs.
+ */
+#include <stdint.h>
+#include <string.h>
+#include <time.h>
+#include <sys/mman.h>
+#include <unistd.h>
+#include "pvtcg.h"
+
+/* ---- unicorn 2.1.4 (x86_64 target) layout, checked by native.selfcheck ---- */
+#define PV_ENV_OFF        0x8a50   /* X86CPU.env from the CPUState pointer */
+#define PV_CS_HALTED      0x8198   /* CPUState.halted */
+#define PV_CS_EXC_INDEX   0x81a0   /* CPUState.exception_index */
+#define PV_EIP            0x80
+#define PV_EFLAGS         0x88
+#define PV_HFLAGS         0xb0
+#define PV_SEGS           0xb8     /* SegmentCache segs[6], 24 bytes each */
+#define PV_CR0            0x1a8
+#define PV_EXC_IS_INT     0x1508
+#define PV_ERROR_CODE     0x150c
+#define PV_EXC_NEXT_EIP   0x1510
+#define PV_OLD_EXCEPTION  0x1578
+
+#define HF_CPL_MASK       3u
+#define HF_INHIBIT_IRQ    (1u << 3)
+#define HF_CS32           (1u << 4)
+#define HF_SS32           (1u << 5)
+#define HF_ADDSEG         (1u << 6)
+#define HF_LMA            (1u << 14)
+#define HF_CS64           (1u << 15)
+
+#define DESC_A   (1u << 8)
+#define DESC_W   (1u << 9)
+#define DESC_R   (1u << 9)
+#define DESC_CS  (1u << 11)
+#define DESC_S   (1u << 12)
+#define DESC_P   (1u << 15)
+#define DESC_L   (1u << 21)
+#define DESC_B   (1u << 22)
+#define DESC_G   (1u << 23)
+
+#define R_ES 0
+#define R_CS 1
+#define R_SS 2
+#define R_DS 3
+
+#define UC_HOOK_INTR 1
+#define UC_HOOK_INSN 2
+#define UC_HOOK_BLOCK 8
+#define UC_HOOK_INSN_INVALID 16384
+#define UC_X86_INS_RDTSC 608
+#define UC_X86_INS_RDTSCP 609
+#define UC_X86_INS_SYSCALL 699
+#define UC_X86_REG_MSR 248
+#define UC_X86_REG_RFLAGS 253
+
+#define MSR_TSC         0x10u
+#define MSR_TSC_ADJUST  0x3bu
+#define MSR_APIC_BASE   0x1bu
+#define MSR_TSC_DEADLINE 0x6e0u
+#define MSR_EFER        0xc0000080u
+#define MSR_STAR        0xc0000081u
+#define MSR_LSTAR       0xc0000082u
+#define MSR_FMASK       0xc0000084u
+#define MSR_TSC_AUX     0xc0000103u
+
+struct pv_segcache {
+    uint32_t selector;
+    uint32_t pad;
+    uint64_t base;
+    uint32_t limit;
+    uint32_t flags;
+};
+_Static_assert(sizeof(struct pv_segcache) == 24, "SegmentCache is 24 bytes");
+
+struct pv_msr { uint32_t rid; uint64_t value; };
+
+#define PV_MAX_VCPUS 64
+static struct pv_vcpu *pv_registry[PV_MAX_VCPUS];
+
+static inline uint64_t *pv_u64(char *base, int off) { return (uint64_t *)(base + off); }
+static inline uint32_t *pv_u32(char *base, int off) { return (uint32_t *)(base + off); }
+static inline struct pv_segcache *pv_seg(char *env, int seg)
+{
+    return (struct pv_segcache *)(env + PV_SEGS + seg * (int)sizeof(struct pv_segcache));
+}
+
+static uint64_t pv_host_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+uint64_t pv_now_ns(void) { return pv_host_ns(); }
+
+uint64_t pv_tsc_now(struct pv_vcpu *v)
+{
+    uint64_t dt = pv_host_ns() - v->tsc_epoch_ns;
+    return v->tsc_at_epoch + (uint64_t)(((unsigned __int128)dt * v->tsc_hz) / 1000000000ull);
+}
+
+void pv_tsc_set(struct pv_vcpu *v, uint64_t value)
+{
+    v->tsc_epoch_ns = pv_host_ns();
+    v->tsc_at_epoch = value;
+}
+
+/* --- segment loading with QEMU's hidden-flag bookkeeping (cpu_x86_load_seg_cache) --- */
+void pv_load_seg(struct pv_vcpu *v, int seg, uint32_t selector, uint64_t base, uint32_t limit,
+                 uint32_t flags)
+{
+    char *env = v->env;
+    struct pv_segcache *sc = pv_seg(env, seg);
+    uint32_t hf = *pv_u32(env, PV_HFLAGS);
+    uint32_t nhf;
+
+    sc->selector = selector;
+    sc->base = base;
+    sc->limit = limit;
+    sc->flags = flags;
+    if (seg == R_CS) {
+        if ((hf & HF_LMA) && (flags & DESC_L)) {
+            hf |= HF_CS32 | HF_SS32 | HF_CS64;
+        } else {
+            hf = (hf & ~(HF_CS32 | HF_CS64)) | ((flags & DESC_B) >> (22 - 4));
+        }
+    }
+    if (seg == R_SS) {
+        hf = (hf & ~HF_CPL_MASK) | ((flags >> 13) & 3);
+    }
+    nhf = (pv_seg(env, R_SS)->flags & DESC_B) >> (22 - 5);
+    if (hf & HF_CS64) {
+        /* long mode: ES/DS/SS bases are ignored */
+    } else if (!(*pv_u64(env, PV_CR0) & 1) || (*pv_u64(env, PV_EFLAGS) & (1u << 17)) || !(hf & HF_CS32)) {
+        nhf |= HF_ADDSEG;
+    } else if ((pv_seg(env, R_DS)->base | pv_seg(env, R_ES)->base | pv_seg(env, R_SS)->base) != 0) {
+        nhf |= HF_ADDSEG;
+    }
+    *pv_u32(env, PV_HFLAGS) = (hf & ~(HF_SS32 | HF_ADDSEG)) | nhf;
+}
+
+/* --- hooks ---------------------------------------------------------------- */
+
+/* Runs at the start of every translation block: interrupt window + stop flag. */
+static void pv_block_hook(void *uc, uint64_t address, uint32_t size, void *user)
+{
+    struct pv_vcpu *v = user;
+    (void)size;
+    if (v->irq_request) {
+        char *env = v->env;
+        if ((*pv_u64(env, PV_EFLAGS) & 0x200) && !(*pv_u32(env, PV_HFLAGS) & HF_INHIBIT_IRQ)) {
+            int vec = v->ack(v);
+            if (vec >= 0) {
+                *pv_u64(env, PV_EIP) = address - pv_seg(env, R_CS)->base;
+                v->n_irq++;
+                v->fns.hardirq(env, vec, 1);
+                /* restart at the handler; eip/stack/flags are in env now */
+                v->fns.loop_exit(v->cs);
+            }
+        }
+    }
+    if (v->stop_request) {
+        v->stop_request = 0;
+        v->stopped_by_request = 1;
+        v->fns.emu_stop(uc);
+    }
+}
+
+/* A CPU exception or INT n: deliver it through the IDT/IVT with QEMU's code. */
+static void pv_intr_hook(void *uc, uint32_t intno, void *user)
+{
+    struct pv_vcpu *v = user;
+    (void)uc;
+    v->n_exc++;
+    v->last_exception = (int)intno;
+    v->fns.do_interrupt(v->cs);
+}
+
+/* #UD arrives here instead of the interrupt hook. */
+static int pv_invalid_hook(void *uc, void *user)
+{
+    struct pv_vcpu *v = user;
+    (void)uc;
+    v->n_exc++;
+    v->last_exception = *(int *)(v->cs + PV_CS_EXC_INDEX);
+    v->fns.do_interrupt(v->cs);
+    return 1;
+}
+
+static uint64_t pv_msr_read(struct pv_vcpu *v, uint32_t rid)
+{
+    struct pv_msr m = { rid, 0 };
+    v->fns.reg_read(v->uc, UC_X86_REG_MSR, &m);
+    return m.value;
+}
+
+/* syscall in 64-bit mode (unicorn only calls hooks and falls through). */
+static void pv_syscall_hook(void *uc, void *user)
+{
+    struct pv_vcpu *v = user;
+    char *env = v->env;
+    uint32_t hf = *pv_u32(env, PV_HFLAGS);
+    uint64_t efer = pv_msr_read(v, MSR_EFER);
+    uint64_t star, rfl, target, fmask;
+    uint32_t sel;
+    uint64_t *regs = (uint64_t *)env;
+
+    v->n_syscall++;
+    if (!(efer & 1) || !(hf & HF_LMA)) {
+        /* legacy-mode syscall is not emulated: #UD, as with EFER.SCE clear */
+        *(int *)(v->cs + PV_CS_EXC_INDEX) = 6;
+        *(int *)(env + PV_EXC_IS_INT) = 0;
+        *(int *)(env + PV_ERROR_CODE) = 0;
+        v->fns.do_interrupt(v->cs);
+        *pv_u64(env, PV_EIP) -= 2;   /* unicorn adds the instruction length afterwards */
+        return;
+    }
+    star = pv_msr_read(v, MSR_STAR);
+    fmask = pv_msr_read(v, MSR_FMASK);
+    target = (hf & HF_CS64) ? pv_msr_read(v, MSR_LSTAR) : pv_msr_read(v, 0xc0000083u);
+    sel = (uint32_t)((star >> 32) & 0xffff);
+
+    regs[1] = *pv_u64(env, PV_EIP) + 2;                   /* RCX = return RIP */
+    v->fns.reg_read(uc, UC_X86_REG_RFLAGS, &rfl);
+    regs[11] = rfl & ~0x10000ull;                         /* R11 = RFLAGS without RF */
+    rfl &= ~(fmask | 0x10000ull);
+    v->fns.reg_write(uc, UC_X86_REG_RFLAGS, &rfl);
+    pv_load_seg(v, R_CS, sel & 0xfffc, 0, 0xffffffff,
+                DESC_G | DESC_P | DESC_S | DESC_CS | DESC_R | DESC_A | DESC_L);
+    pv_load_seg(v, R_SS, (sel + 8) & 0xfffc, 0, 0xffffffff,
+                DESC_G | DESC_B | DESC_P | DESC_S | DESC_W | DESC_A);
+    /* unicorn adds next_eip_addend (2 for 0f 05) after the hook returns */
+    *pv_u64(env, PV_EIP) = target - 2;
+}
+
+static int pv_rdtsc_hook(void *uc, void *user)
+{
+    struct pv_vcpu *v = user;
+    uint64_t *regs = (uint64_t *)v->env;
+    uint64_t t = pv_tsc_now(v);
+    (void)uc;
+    regs[0] = (uint32_t)t;
+    regs[2] = t >> 32;
+    return 1;
+}
+
+static int pv_rdtscp_hook(void *uc, void *user)
+{
+    struct pv_vcpu *v = user;
+    uint64_t *regs = (uint64_t *)v->env;
+    pv_rdtsc_hook(uc, user);
+    regs[1] = (uint32_t)pv_msr_read(v, MSR_TSC_AUX);
+    return 1;
+}
+
+/* --- rdmsr/wrmsr interposition ---------------------------------------------
+ * helper_rdmsr/helper_wrmsr begin with a jump to pv_rdmsr_entry/pv_wrmsr_entry
+ * (patched by native.py after checking the original bytes).  The entry asks
+ * pv_msr_filter whether the MSR is ours; if not, it continues into the
+ * original helper through a trampoline holding the displaced prologue.
+ */
+#define PV_HIDDEN __attribute__((visibility("hidden"), used))
+PV_HIDDEN void *pv_rdmsr_tramp;
+PV_HIDDEN void *pv_wrmsr_tramp;
+
+static struct pv_vcpu *pv_lookup(char *env)
+{
+    for (int i = 0; i < PV_MAX_VCPUS; i++) {
+        if (pv_registry[i] && pv_registry[i]->env == env)
+            return pv_registry[i];
+    }
+    return 0;
+}
+
+PV_HIDDEN int pv_msr_filter(char *env, int is_write);
+PV_HIDDEN int pv_msr_filter(char *env, int is_write)
+{
+    struct pv_vcpu *v = pv_lookup(env);
+    uint64_t *regs = (uint64_t *)env;
+    uint32_t rid = (uint32_t)regs[1];
+    uint64_t val = ((regs[2] & 0xffffffffull) << 32) | (regs[0] & 0xffffffffull);
+    uint64_t out;
+
+    if (!v)
+        return 0;
+    switch (rid) {
+    case MSR_APIC_BASE:
+        if (is_write) {
+            /* base is fixed at 0xfee00000; BSP bit is read-only */
+            v->apic_base = (v->apic_base & 0x100) | (val & 0xc00) | 0xfee00000ull;
+            v->apic_base_writes++;
+            return 1;
+        }
+        out = v->apic_base;
+        break;
+    case MSR_TSC:
+        if (is_write) {
+            pv_tsc_set(v, val);
+            return 1;
+        }
+        out = pv_tsc_now(v);
+        break;
+    case MSR_TSC_DEADLINE:
+        if (is_write) {
+            v->tsc_deadline = val;
+            v->tsc_deadline_writes++;
+            return 1;
+        }
+        out = v->tsc_deadline;
+        break;
+    case MSR_TSC_ADJUST:
+        if (is_write)
+            return 1;
+        out = 0;
+        break;
+    default:
+        return 0;
+    }
+    regs[0] = (uint32_t)out;
+    regs[2] = out >> 32;
+    return 1;
+}
+
+__asm__(
+    ".text\n"
+    ".globl pv_rdmsr_entry\n"
+    ".hidden pv_rdmsr_entry\n"
+    ".type pv_rdmsr_entry,@function\n"
+    "pv_rdmsr_entry:\n"
+    "    push %rdi\n"
+    "    xor %esi, %esi\n"
+    "    call pv_msr_filter\n"
+    "    pop %rdi\n"
+    "    test %eax, %eax\n"
+    "    jnz 1f\n"
+    "    jmp *pv_rdmsr_tramp(%rip)\n"
+    "1:  ret\n"
+    ".globl pv_wrmsr_entry\n"
+    ".hidden pv_wrmsr_entry\n"
+    ".type pv_wrmsr_entry,@function\n"
+    "pv_wrmsr_entry:\n"
+    "    push %rdi\n"
+    "    mov $1, %esi\n"
+    "    call pv_msr_filter\n"
+    "    pop %rdi\n"
+    "    test %eax, %eax\n"
+    "    jnz 2f\n"
+    "    jmp *pv_wrmsr_tramp(%rip)\n"
+    "2:  ret\n");
+
+void pv_rdmsr_entry(void);
+void pv_wrmsr_entry(void);
+
+/* Build a trampoline (displaced bytes + jmp back) and redirect `fn` to `entry`. */
+static int pv_patch_one(unsigned char *fn, int nbytes, void (*entry)(void), void **tramp_out)
+{
+    long pg = sysconf(_SC_PAGESIZE);
+    unsigned char *tramp, *page;
+    uint64_t back = (uint64_t)(fn + nbytes), dst = (uint64_t)entry;
+
+    if (nbytes < 14 || nbytes > 32)
+        return -1;
+    tramp = mmap(0, (size_t)pg, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (tramp == MAP_FAILED)
+        return -2;
+    memcpy(tramp, fn, (size_t)nbytes);
+    tramp[nbytes] = 0xff;                   /* jmp *0(%rip) */
+    tramp[nbytes + 1] = 0x25;
+    memset(tramp + nbytes + 2, 0, 4);
+    memcpy(tramp + nbytes + 6, &back, 8);
+    if (mprotect(tramp, (size_t)pg, PROT_READ | PROT_EXEC))
+        return -3;
+    page = (unsigned char *)((uintptr_t)fn & ~((uintptr_t)pg - 1));
+    if (mprotect(page, (size_t)(2 * pg), PROT_READ | PROT_WRITE | PROT_EXEC))
+        return -4;
+    *tramp_out = tramp;
+    __sync_synchronize();
+    fn[0] = 0xff;
+    fn[1] = 0x25;
+    memset(fn + 2, 0, 4);
+    memcpy(fn + 6, &dst, 8);
+    for (int i = 14; i < nbytes; i++)
+        fn[i] = 0x90;
+    mprotect(page, (size_t)(2 * pg), PROT_READ | PROT_EXEC);
+    return 0;
+}
+
+int pv_patch_msr(void *rdmsr_fn, int rd_len, void *wrmsr_fn, int wr_len)
+{
+    int r;
+    if (pv_rdmsr_tramp || pv_wrmsr_tramp)
+        return 0;   /* already patched in this process */
+    r = pv_patch_one(rdmsr_fn, rd_len, pv_rdmsr_entry, &pv_rdmsr_tramp);
+    if (r)
+        return r;
+    return pv_patch_one(wrmsr_fn, wr_len, pv_wrmsr_entry, &pv_wrmsr_tramp);
+}
+
+int pv_msr_patched(void) { return pv_rdmsr_tramp != 0 && pv_wrmsr_tramp != 0; }
+
+/* --- set-up ------------------------------------------------------------------- */
+
+int pv_attach(struct pv_vcpu *v)
+{
+    int err;
+    v->cs = v->fns.get_cpu(v->uc, 0);
+    if (!v->cs)
+        return -1;
+    v->env = v->cs + PV_ENV_OFF;
+    for (int i = 0; i < PV_MAX_VCPUS; i++) {
+        if (!pv_registry[i]) {
+            pv_registry[i] = v;
+            break;
+        }
+    }
+    err = v->fns.hook_add(v->uc, &v->hooks[0], UC_HOOK_BLOCK, (void *)pv_block_hook, v, 1ull, 0ull);
+    if (!err)
+        err = v->fns.hook_add(v->uc, &v->hooks[1], UC_HOOK_INTR, (void *)pv_intr_hook, v, 1ull, 0ull);
+    if (!err)
+        err = v->fns.hook_add(v->uc, &v->hooks[2], UC_HOOK_INSN_INVALID, (void *)pv_invalid_hook, v, 1ull, 0ull);
+    if (!err)
+        err = v->fns.hook_add(v->uc, &v->hooks[3], UC_HOOK_INSN, (void *)pv_syscall_hook, v, 1ull, 0ull,
+                              UC_X86_INS_SYSCALL);
+    if (!err)
+        err = v->fns.hook_add(v->uc, &v->hooks[4], UC_HOOK_INSN, (void *)pv_rdtsc_hook, v, 1ull, 0ull,
+                              UC_X86_INS_RDTSC);
+    if (!err)
+        err = v->fns.hook_add(v->uc, &v->hooks[5], UC_HOOK_INSN, (void *)pv_rdtscp_hook, v, 1ull, 0ull,
+                              UC_X86_INS_RDTSCP);
+    return err;
+}
+
+void pv_detach(struct pv_vcpu *v)
+{
+    for (int i = 0; i < PV_MAX_VCPUS; i++) {
+        if (pv_registry[i] == v)
+            pv_registry[i] = 0;
+    }
+}
+
+/* Before each emu_start: leave the halted state, forget stale exception bookkeeping. */
+void pv_prepare_run(struct pv_vcpu *v)
+{
+    *(int *)(v->cs + PV_CS_HALTED) = 0;
+    v->stopped_by_request = 0;
+}
+
+int pv_halted(struct pv_vcpu *v) { return *(int *)(v->cs + PV_CS_HALTED); }
+int pv_old_exception(struct pv_vcpu *v) { return *(int *)(v->env + PV_OLD_EXCEPTION); }
+void pv_clear_old_exception(struct pv_vcpu *v) { *(int *)(v->env + PV_OLD_EXCEPTION) = -1; }
+uint32_t pv_hflags(struct pv_vcpu *v) { return *pv_u32(v->env, PV_HFLAGS); }
+uint64_t pv_eflags_raw(struct pv_vcpu *v) { return *pv_u64(v->env, PV_EFLAGS); }
+uint64_t pv_env_u64(struct pv_vcpu *v, int off) { return *pv_u64(v->env, off); }
+uint32_t pv_env_u32(struct pv_vcpu *v, int off) { return *pv_u32(v->env, off); }

@@ -1,0 +1,43 @@
+/* Shared between pvtcg.c and the cffi declarations in native.py (keep in sync). */
+#ifndef PYVMM_PVTCG_H
+#define PYVMM_PVTCG_H
+#include <stdint.h>
+#include <stddef.h>
+
+struct pv_vcpu;
+
+struct pv_fns {
+    void (*do_interrupt)(void *cs);
+    void (*hardirq)(void *env, int intno, int is_hw);
+    void (*loop_exit)(void *cs);
+    int (*emu_stop)(void *uc);
+    int (*reg_read)(void *uc, int regid, void *value);
+    int (*reg_write)(void *uc, int regid, const void *value);
+    int (*hook_add)(void *uc, size_t *hh, int type, void *cb, void *user, uint64_t begin, uint64_t end, ...);
+    char *(*get_cpu)(void *uc, int index);
+};
+
+struct pv_vcpu {
+    struct pv_fns fns;
+    void *uc;
+    char *cs;
+    char *env;
+    int (*ack)(struct pv_vcpu *v);   /* take the highest deliverable vector, or -1 */
+    volatile int irq_request;        /* the irqchip's INTR output towards this vCPU */
+    volatile int stop_request;       /* leave emu_start at the next block boundary */
+    int stopped_by_request;
+    int last_exception;
+    uint64_t tsc_hz;
+    uint64_t tsc_epoch_ns;
+    uint64_t tsc_at_epoch;
+    uint64_t tsc_deadline;
+    uint64_t apic_base;
+    uint64_t n_irq;
+    uint64_t n_exc;
+    uint64_t n_syscall;
+    uint64_t apic_base_writes;
+    uint64_t tsc_deadline_writes;
+    size_t hooks[8];
+};
+
+#endif

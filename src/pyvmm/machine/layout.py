@@ -1,0 +1,106 @@
+"""Guest-physical memory map used at boot, in one place.
+
+Everything the boot loaders write below 1 MiB lives here, so that no two
+tables overlap and a reader can see the whole picture at once::
+
+    0x00000 - 0x004ff   real-mode IVT and BIOS data area (BDA)
+    0x00500 - 0x0053f   boot GDT
+    0x00540 - 0x0054f   boot IDT (empty: limit 0)
+    0x01000 - 0x01fff   Linux zero page (struct boot_params)
+    0x02000 - 0x02fff   PVH hvm_start_info + module list + memory map
+    0x03000 - 0x06fff   multiboot information area
+    0x07c00 - 0x07dff   boot sector (real-mode guests only)
+    0x08000 - 0x08fff   boot stack (grows down from 0x8ff0)
+    0x09000             PML4
+    0x0a000             PDPT
+    0x0b000 - 0x2afff   page directories: 2 MiB pages, one per GiB, 32 at most
+    0x30000 - 0x3ffff   kernel command line
+    0x9fc00 - 0x9ffff   EBDA (reserved in E820)
+    0xa0000 - 0xfffff   legacy VGA/ROM hole (reserved in E820); MP table at 0xf0000
+    0x100000 -          kernel, initrd at the top of low RAM
+
+The boot-sector path uses only the IVT/BDA and 0x7c00 upward, so a boot
+sector of up to 64 KiB may overwrite the (unused) protected-mode tables.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pyvmm.memory import GuestMemory
+
+PAGE_SIZE = 0x1000
+MIB = 1 << 20
+GIB = 1 << 30
+
+# -- real-mode area ---------------------------------------------------------------------------
+IVT_START = 0x0
+BDA_START = 0x400
+BDA_EBDA_SEGMENT = 0x40E  # u16: segment of the EBDA
+BDA_BASE_MEM_KB = 0x413  # u16: KiB of conventional memory below the EBDA
+
+# -- protected/long-mode boot tables -----------------------------------------------------------
+BOOT_GDT_START = 0x500
+BOOT_GDT_MAX_ENTRIES = 8
+BOOT_IDT_START = 0x540
+ZERO_PAGE_START = 0x1000
+PVH_INFO_START = 0x2000
+PVH_INFO_SIZE = 0x1000
+MULTIBOOT_INFO_START = 0x3000
+MULTIBOOT_INFO_SIZE = 0x4000
+BOOT_SECTOR_START = 0x7C00
+BOOT_SECTOR_MAX = 0x10000
+BOOT_STACK_START = 0x8000
+BOOT_STACK_POINTER = 0x8FF0
+PML4_START = 0x9000
+PDPT_START = 0xA000
+PD_START = 0xB000
+PD_MAX_COUNT = 32  # page directories (1 GiB each); identity map reaches 32 GiB at most
+IDENTITY_MAP_MIN = 4 * GIB  # always map the whole 32-bit space (MMIO included)
+CMDLINE_START = 0x30000
+CMDLINE_MAX_SIZE = 0x10000
+
+#: End of the area pyvmm's boot tables occupy; kernels must not be loaded below it.
+BOOT_TABLES_END = CMDLINE_START + CMDLINE_MAX_SIZE
+
+# -- legacy PC holes ---------------------------------------------------------------------------
+EBDA_START = 0x9FC00
+EBDA_SIZE = 0x400
+VGA_HOLE_START = 0xA0000
+BIOS_AREA_START = 0xF0000
+BIOS_AREA_END = 0x100000
+LOW_RESERVED_START = EBDA_START  # reserved in E820 from here ...
+LOW_RESERVED_END = 0x100000  # ... to 1 MiB
+MPTABLE_START = BIOS_AREA_START  # Linux scans 0xf0000-0xfffff for "_MP_"
+MPTABLE_MAX_SIZE = BIOS_AREA_END - BIOS_AREA_START
+
+# -- kernel placement --------------------------------------------------------------------------
+HIGH_MEMORY_START = 0x100000  # classic bzImage / multiboot load address (1 MiB)
+INITRD_ADDR_MAX_DEFAULT = 0x37FFFFFF  # boot protocol < 2.03 limit
+INITRD_ALIGN = PAGE_SIZE
+
+# -- interrupt controllers (for MP/ACPI tables and E820 reservations) --------------------------
+IOAPIC_ADDR = 0xFEC00000
+LAPIC_ADDR = 0xFEE00000
+
+
+def align_up(value: int, align: int) -> int:
+    """Round ``value`` up to a multiple of ``align`` (a power of two or any positive integer)."""
+    return (value + align - 1) // align * align
+
+
+def align_down(value: int, align: int) -> int:
+    return value // align * align
+
+
+def write_bios_data_area(memory: GuestMemory) -> None:
+    """Fill the two BDA words an OS reads to find the EBDA and the size of low memory.
+
+    There is no BIOS, but Linux and other kernels read the EBDA segment at
+    0x40E and the conventional-memory size at 0x413 to decide what to avoid
+    below 1 MiB; pointing them at the reserved EBDA keeps them consistent
+    with the E820 map.
+    """
+    memory.write_u16(BDA_EBDA_SEGMENT, EBDA_START >> 4)
+    memory.write_u16(BDA_BASE_MEM_KB, EBDA_START // 1024)

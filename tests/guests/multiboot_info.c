@@ -1,0 +1,158 @@
+/*
+ * Multiboot v1 test guest: validates what the loader and fw_cfg told it.
+ *
+ * The test passes its expectations on the command line
+ * ("pyvmm-test mem=<MiB> cpus=<n> initrd=<bytes>"), so one binary checks
+ * any -m/-smp/-initrd combination.  The exit value is a bit mask of the
+ * checks that passed (see CHECK_*), so the test can tell exactly which one
+ * failed from the exit status alone; the serial summary carries the values.
+ */
+#include "guest.h"
+
+#define MB_BOOT_MAGIC 0x2BADB002
+
+enum {
+    CHECK_MAGIC = 1 << 0,     /* EAX == 0x2BADB002 */
+    CHECK_MEM = 1 << 1,       /* mem_lower / mem_upper agree with mem= (within 1 MiB) */
+    CHECK_CMDLINE = 1 << 2,   /* cmdline present and carries the test token */
+    CHECK_MODULE = 1 << 3,    /* one module, size and content as the test wrote it */
+    CHECK_MMAP = 1 << 4,      /* memory map present and consistent with mem= */
+    CHECK_FWCFG_SIG = 1 << 5, /* fw_cfg signature "QEMU" */
+    CHECK_FWCFG_VAL = 1 << 6, /* fw_cfg RAM_SIZE / NB_CPUS agree with mem= / cpus= */
+};
+
+struct mb_info {
+    u32 flags, mem_lower, mem_upper, boot_device, cmdline, mods_count, mods_addr;
+    u32 syms[4];
+    u32 mmap_length, mmap_addr;
+} __attribute__((packed));
+
+struct mb_module {
+    u32 mod_start, mod_end, string, reserved;
+} __attribute__((packed));
+
+struct mb_mmap {
+    u32 size;
+    u64 addr, len;
+    u32 type;
+} __attribute__((packed));
+
+_Static_assert(sizeof(struct mb_info) == 52, "mb_info layout");
+_Static_assert(sizeof(struct mb_module) == 16, "mb_module layout");
+_Static_assert(sizeof(struct mb_mmap) == 24, "mb_mmap layout");
+
+static u32 check_mem(const struct mb_info *mbi, u64 mem)
+{
+    if (!(mbi->flags & 1))
+        return 0;
+    report_dec("mem_lower", mbi->mem_lower);
+    report_dec("mem_upper", mbi->mem_upper);
+    /* Upper memory may stop short of the top of RAM where firmware reserves some. */
+    u64 top = (u64)mbi->mem_upper * 1024 + 0x100000;
+    return mbi->mem_lower >= 512 && mbi->mem_lower <= 640 && top <= mem && top + 0x100000 >= mem;
+}
+
+static u32 check_module(const struct mb_info *mbi, u64 want_size)
+{
+    if (!(mbi->flags & 8))
+        return 0;
+    report_dec("mods_count", mbi->mods_count);
+    if (mbi->mods_count != 1)
+        return 0;
+    const struct mb_module *m = (const struct mb_module *)(uptr)mbi->mods_addr;
+    u32 size = m->mod_end - m->mod_start;
+    const u8 *data = (const u8 *)(uptr)m->mod_start;
+    u32 sum = 0, bad = 0;
+    for (u32 i = 0; i < size; i++) {
+        sum = sum * 31 + data[i];
+        bad |= data[i] ^ initrd_pattern(i);
+    }
+    report_hex("mod_start", m->mod_start);
+    report_dec("mod_size", size);
+    report_hex("mod_sum", sum);
+    return size == want_size && !bad && (m->mod_start & 0xfff) == 0 && m->mod_end > m->mod_start;
+}
+
+static u32 check_mmap(const struct mb_info *mbi, u64 mem)
+{
+    if (!(mbi->flags & 0x40))
+        return 0;
+    int have_low = 0, have_high = 0, over = 0, n = 0;
+    uptr p = mbi->mmap_addr, end = mbi->mmap_addr + mbi->mmap_length;
+    while (p < end && n < 64) {
+        const struct mb_mmap *e = (const struct mb_mmap *)p;
+        uart_puts("mmap ");
+        uart_puthex(e->addr);
+        uart_putc(' ');
+        uart_puthex(e->len);
+        uart_putc(' ');
+        uart_putdec(e->type);
+        uart_putc('\n');
+        if (e->type == 1) {
+            if (e->addr == 0 && e->len >= 0x80000)
+                have_low = 1;
+            if (e->addr <= 0x100000 && e->addr + e->len >= mem - 0x100000 && e->addr + e->len <= mem)
+                have_high = 1;
+            if (e->addr < 0xC0000000ull && e->addr + e->len > mem)
+                over = 1;
+        }
+        p += e->size + 4;
+        n++;
+    }
+    report_dec("mmap_entries", (u64)n);
+    return n > 0 && have_low && have_high && !over;
+}
+
+static u32 check_fw_cfg_values(u64 mem, u64 cpus)
+{
+    u64 ram = fw_cfg_read_u64(FW_CFG_RAM_SIZE);
+    u16 ncpu = fw_cfg_read_u16(FW_CFG_NB_CPUS);
+    u32 cmdlen = fw_cfg_read_u32(FW_CFG_CMDLINE_SIZE);
+    report_hex("fw_cfg_ram", ram);
+    report_dec("fw_cfg_cpus", ncpu);
+    report_dec("fw_cfg_cmdline_size", cmdlen);
+    if (cmdlen > 0 && cmdlen < 256) {
+        char buf[256];
+        fw_cfg_select(FW_CFG_CMDLINE_DATA);
+        fw_cfg_read(buf, cmdlen);
+        buf[cmdlen] = 0;
+        report_str("fw_cfg_cmdline", buf);
+    }
+    return ram == mem && ncpu == cpus;
+}
+
+void guest_main(u32 magic, const struct mb_info *mbi)
+{
+    u32 ok = 0;
+    const char *cmdline = "";
+
+    uart_init();
+    uart_puts("multiboot guest\n");
+    report_hex("magic", magic);
+    if (magic == MB_BOOT_MAGIC)
+        ok |= CHECK_MAGIC;
+    report_hex("mbi_flags", mbi->flags);
+    if ((mbi->flags & 4) && mbi->cmdline)
+        cmdline = (const char *)(uptr)mbi->cmdline;
+    report_str("cmdline", cmdline);
+    if (strstr(cmdline, "pyvmm-test"))
+        ok |= CHECK_CMDLINE;
+
+    u64 mem = cmdline_get_num(cmdline, "mem", 128) << 20;
+    u64 cpus = cmdline_get_num(cmdline, "cpus", 1);
+    u64 initrd = cmdline_get_num(cmdline, "initrd", 0);
+
+    if (check_mem(mbi, mem))
+        ok |= CHECK_MEM;
+    if (check_module(mbi, initrd))
+        ok |= CHECK_MODULE;
+    if (check_mmap(mbi, mem))
+        ok |= CHECK_MMAP;
+    if (fw_cfg_present()) {
+        ok |= CHECK_FWCFG_SIG;
+        if (check_fw_cfg_values(mem, cpus))
+            ok |= CHECK_FWCFG_VAL;
+    }
+    report_hex("result", ok);
+    debug_exit((u8)ok);
+}

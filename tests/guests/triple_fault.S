@@ -1,0 +1,134 @@
+/*
+ * Boot-sector guest: triple fault and reboot counting.
+ *
+ * Each boot increments a counter kept in CMOS RAM (index 0x7d, valid when
+ * index 0x7c holds 0xa5): CMOS survives a machine reset but not a new process.
+ * Boot 1 prints "boot 1", switches to protected mode, loads an IDT with limit 0
+ * and executes UD2: #UD cannot be delivered -> #GP -> #DF -> shutdown (triple
+ * fault).  A VMM that resets the machine boots us again; boot 2 prints
+ * "boot 2", clears the magic and exits through isa-debug-exit with
+ * 0x10 + boot count (status 37).  With -no-reboot the VMM exits after boot 1.
+ */
+#define COM1 0x3f8
+#define CMOS_MAGIC_IDX 0x7c
+#define CMOS_COUNT_IDX 0x7d
+#define MAGIC 0xa5
+
+    .code16
+    .text
+    .globl _start
+_start:
+    cli
+    cld
+    xorw %ax, %ax
+    movw %ax, %ds
+    movw %ax, %es
+    movw %ax, %ss
+    movw $0x7c00, %sp
+    ljmp $0, $1f
+1:
+    movb $CMOS_MAGIC_IDX, %al
+    call cmos_read
+    cmpb $MAGIC, %al
+    je 2f
+    movb $CMOS_MAGIC_IDX, %al
+    movb $MAGIC, %ah
+    call cmos_write
+    movb $CMOS_COUNT_IDX, %al
+    movb $0, %ah
+    call cmos_write
+2:  movb $CMOS_COUNT_IDX, %al
+    call cmos_read
+    incb %al
+    movb %al, %ah
+    movb %al, boot_count
+    movb $CMOS_COUNT_IDX, %al
+    call cmos_write
+
+    movw $bootmsg, %si
+    call puts
+    movb boot_count, %al
+    addb $'0', %al
+    call putc
+    movb $'\n', %al
+    call putc
+
+    cmpb $2, boot_count
+    jb fault
+    movb $CMOS_MAGIC_IDX, %al    /* leave CMOS clean */
+    movb $0, %ah
+    call cmos_write
+    movb boot_count, %al
+    addb $0x10, %al
+    outb %al, $0xf4
+3:  hlt
+    jmp 3b
+
+fault:
+    movw $faultmsg, %si
+    call puts
+    lgdt gdt_desc
+    movl %cr0, %eax
+    orl $1, %eax
+    movl %eax, %cr0
+    ljmpl $0x08, $pm32
+    .code32
+pm32:
+    movw $0x10, %ax
+    movw %ax, %ds
+    movw %ax, %ss
+    lidt idt_desc
+    ud2
+    hlt
+    .code16
+
+/* cmos_read: AL = index -> AL = value */
+cmos_read:
+    outb %al, $0x70
+    inb $0x71, %al
+    ret
+/* cmos_write: AL = index, AH = value */
+cmos_write:
+    outb %al, $0x70
+    movb %ah, %al
+    outb %al, $0x71
+    ret
+
+puts:
+    lodsb
+    testb %al, %al
+    jz 1f
+    call putc
+    jmp puts
+1:  ret
+
+putc:
+    movb %al, %bl
+    movw $COM1 + 5, %dx
+    movw $20000, %cx
+1:  inb %dx, %al
+    testb $0x20, %al
+    jnz 2f
+    loop 1b
+2:  movw $COM1, %dx
+    movb %bl, %al
+    outb %al, %dx
+    ret
+
+    .align 8
+gdt:
+    .quad 0
+    .quad 0x00cf9a000000ffff    /* 0x08: flat 32-bit code */
+    .quad 0x00cf92000000ffff    /* 0x10: flat data */
+gdt_desc:
+    .word gdt_desc - gdt - 1
+    .long gdt
+idt_desc:
+    .word 0                     /* limit 0: no vector can be delivered */
+    .long 0
+boot_count:
+    .byte 0
+bootmsg:
+    .asciz "boot "
+faultmsg:
+    .asciz "triple fault now\n"

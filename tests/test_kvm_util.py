@@ -1,0 +1,69 @@
+"""Helpers for the KVM tests: assembling tiny guests and building raw VMs.
+
+Guests are assembled with binutils (``as``/``ld``) at test time so their
+source stays readable next to the assertions.  This module holds no tests.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+from pyvmm.bus import Bus
+from pyvmm.memory import GuestMemory
+from pyvmm.runstate import Request, VmControl
+
+
+def assemble(source: str, org: int, bits: int = 16) -> bytes:
+    """Assemble GNU-as ``source`` (Intel syntax) as flat binary loaded at guest address ``org``."""
+    for tool in ("as", "ld"):
+        if shutil.which(tool) is None:
+            raise AssertionError(f"'{tool}' (binutils) is required to assemble KVM test guests")
+    mode = {16: ".code16", 32: ".code32", 64: ".code64"}[bits]
+    arch = ("--64", "elf_x86_64") if bits == 64 else ("--32", "elf_i386")
+    with tempfile.TemporaryDirectory() as d:
+        p = Path(d)
+        (p / "g.s").write_text(f".intel_syntax noprefix\n{mode}\n.text\n.globl _start\n_start:\n{source}\n")
+        subprocess.run(["as", arch[0], "-o", str(p / "g.o"), str(p / "g.s")], check=True,
+                       capture_output=True, text=True)
+        subprocess.run(["ld", "-m", arch[1], f"-Ttext=0x{org:x}", "--oformat", "binary", "-e", "_start",
+                        "-o", str(p / "g.bin"), str(p / "g.o")], check=True, capture_output=True, text=True)
+        return (p / "g.bin").read_bytes()
+
+
+class RecordingDevice:
+    """A bus device that records writes and answers reads from a queue (or a constant)."""
+
+    def __init__(self, read_value: int = 0) -> None:
+        self.writes: list[tuple[int, int, int]] = []
+        self.reads: list[tuple[int, int]] = []
+        self.read_value = read_value
+        self.on_write = None
+
+    def io_read(self, offset: int, size: int) -> int:
+        self.reads.append((offset, size))
+        return self.read_value
+
+    def io_write(self, offset: int, size: int, value: int) -> None:
+        self.writes.append((offset, size, value))
+        if self.on_write is not None:
+            self.on_write(offset, size, value)
+
+
+def drain(control: VmControl) -> list[Request]:
+    out = []
+    while True:
+        r = control.wait(0)
+        if r is None:
+            return out
+        out.append(r)
+
+
+def small_memory(size: int = 2 << 20) -> GuestMemory:
+    return GuestMemory(size)
+
+
+def buses() -> tuple[Bus, Bus]:
+    return Bus("io"), Bus("mmio")
