@@ -1,13 +1,15 @@
 /*
  * Reference KVM exit loop in C for bench/exits.py.
  *
- * Usage: exits_c IMAGE REGS SREGS PORT N
+ * Usage: exits_c IMAGE REGS SREGS KIND ADDR N ROUNDS
  *   IMAGE  raw guest-physical image loaded at GPA 0 (its size, rounded up to 2 MiB, is the RAM size)
  *   REGS   raw struct kvm_regs  (written by the Python side, so both loops run the same guest)
  *   SREGS  raw struct kvm_sregs
- *   PORT   the port the guest writes to; every exit must be an OUT to it
- *   N      number of exits to time
- * Prints: "<exits> <nanoseconds>".
+ *   KIND   "io" or "mmio": what every exit must be (an OUT to port ADDR, or an MMIO write to ADDR)
+ *   ADDR   the port or guest-physical address the guest writes to
+ *   N      number of exits per timed round
+ *   ROUNDS number of rounds (each is timed separately, so the caller can take the best)
+ * Prints one line per round: "<exits> <nanoseconds>".
  *
  * No irqchip, one vCPU, no signals: the smallest loop that still reads the
  * I/O data the way a VMM must (through kvm_run + data_offset).
@@ -41,14 +43,16 @@ static void *read_file(const char *path, size_t *len) {
 }
 
 int main(int argc, char **argv) {
-    if (argc != 6) { fprintf(stderr, "usage: %s IMAGE REGS SREGS PORT N\n", argv[0]); return 2; }
+    if (argc != 8) { fprintf(stderr, "usage: %s IMAGE REGS SREGS io|mmio ADDR N ROUNDS\n", argv[0]); return 2; }
     size_t img_len, regs_len, sregs_len;
     void *img = read_file(argv[1], &img_len);
     struct kvm_regs *regs = read_file(argv[2], &regs_len);
     struct kvm_sregs *sregs = read_file(argv[3], &sregs_len);
     if (regs_len != sizeof(*regs) || sregs_len != sizeof(*sregs)) { fprintf(stderr, "bad register files\n"); return 2; }
-    unsigned port = strtoul(argv[4], NULL, 0);
-    long n = strtol(argv[5], NULL, 0);
+    int mmio = strcmp(argv[4], "mmio") == 0;
+    unsigned long long addr = strtoull(argv[5], NULL, 0);
+    long n = strtol(argv[6], NULL, 0);
+    long rounds = strtol(argv[7], NULL, 0);
 
     int kvm = open("/dev/kvm", O_RDWR | O_CLOEXEC);
     if (kvm < 0) die("/dev/kvm");
@@ -74,18 +78,26 @@ int main(int argc, char **argv) {
     if (ioctl(vcpu, KVM_SET_REGS, regs) < 0) die("KVM_SET_REGS");
 
     volatile uint64_t sink = 0;
-    struct timespec t0, t1;
-    clock_gettime(CLOCK_MONOTONIC, &t0);
-    for (long i = 0; i < n; i++) {
-        if (ioctl(vcpu, KVM_RUN, 0) < 0) die("KVM_RUN");
-        if (run->exit_reason != KVM_EXIT_IO || run->io.port != port || run->io.direction != KVM_EXIT_IO_OUT) {
-            fprintf(stderr, "unexpected exit %u at iteration %ld\n", run->exit_reason, i);
-            return 1;
+    for (long r = 0; r < rounds; r++) {
+        struct timespec t0, t1;
+        clock_gettime(CLOCK_MONOTONIC, &t0);
+        for (long i = 0; i < n; i++) {
+            if (ioctl(vcpu, KVM_RUN, 0) < 0) die("KVM_RUN");
+            if (mmio) {
+                if (run->exit_reason != KVM_EXIT_MMIO || run->mmio.phys_addr != addr || !run->mmio.is_write)
+                    goto unexpected;
+                sink += run->mmio.data[0];
+            } else {
+                if (run->exit_reason != KVM_EXIT_IO || run->io.port != addr || run->io.direction != KVM_EXIT_IO_OUT)
+                    goto unexpected;
+                sink += *((uint8_t *)run + run->io.data_offset);
+            }
         }
-        sink += *((uint8_t *)run + run->io.data_offset);
+        clock_gettime(CLOCK_MONOTONIC, &t1);
+        printf("%ld %lld\n", n, (t1.tv_sec - t0.tv_sec) * 1000000000LL + (t1.tv_nsec - t0.tv_nsec));
     }
-    clock_gettime(CLOCK_MONOTONIC, &t1);
-    long long ns = (t1.tv_sec - t0.tv_sec) * 1000000000LL + (t1.tv_nsec - t0.tv_nsec);
-    printf("%ld %lld\n", n, ns);
     return 0;
+unexpected:
+    fprintf(stderr, "unexpected exit %u\n", run->exit_reason);
+    return 1;
 }

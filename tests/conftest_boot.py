@@ -91,6 +91,7 @@ def make_bzimage(kernel: bytes = b"\x90" * 4096, *, version: int = 0x020F, setup
                  initrd_addr_max: int = 0x7FFFFFFF, cmdline_size: int = 2047, loadflags: int = 0x1,
                  magic: bytes = b"HdrS") -> bytes:
     """A bzImage-shaped file: boot sector + setup sectors carrying the header, then ``kernel``."""
+    kernel = kernel + bytes(-len(kernel) % 16)  # the kernel build pads to whole paragraphs
     setup = bytearray((setup_sects + 1) * 512)
     hdr_end = 0x26C
     setup[0x1F1] = setup_sects

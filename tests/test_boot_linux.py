@@ -5,8 +5,8 @@ from __future__ import annotations
 import struct
 
 import pytest
-from conftest_boot import debian_kernel, make_bzimage
 
+from conftest_boot import debian_kernel, make_bzimage
 from pyvmm.boot import load_kernel
 from pyvmm.errors import BootImageError
 from pyvmm.machine import layout
@@ -207,3 +207,25 @@ def test_debian_kernel(real_kernel, tmp_path):
     for addr in (layout.ZERO_PAGE_START, layout.CMDLINE_START, pref, pref + init_size - 1):
         pde = mem.read_u64(pd0 + (addr >> 21) * 8)
         assert pde & 0x81 == 0x81 and pde & ~0x1FFFFF & 0xFFFFFFFFF000 == addr & ~0x1FFFFF
+
+
+def test_initrd_above_4g_when_allowed(tmp_path):
+    """Only an initrd that cannot fit below initrd_addr_max goes high, and only if XLF allows it."""
+    initrd = tmp_path / "rd"
+    with open(initrd, "wb") as f:
+        f.write(b"HIGH")
+        f.truncate(16 * MiB)
+    mem = GuestMemory(4096 * MiB + 512 * MiB)
+    try:
+        path = write(tmp_path, "bz", make_bzimage(initrd_addr_max=0x1FFFFFF, xloadflags=0x3))
+        r = load_kernel(path, mem, initrd=str(initrd))
+        addr = r.info["initrd_addr"]
+        assert addr == (1 << 32) + 1536 * MiB - 16 * MiB, "top of high RAM (3 GiB low, 1.5 GiB high)"
+        assert zp_u32(mem, 0x218) == addr & 0xFFFFFFFF and zp_u32(mem, 0xC0) == addr >> 32
+        assert zp_u32(mem, 0x21C) == 16 * MiB and zp_u32(mem, 0xC4) == 0
+        assert mem.read(addr, 4) == b"HIGH"
+        no_high = write(tmp_path, "bz2", make_bzimage(initrd_addr_max=0x1FFFFFF, xloadflags=0x1))
+        with pytest.raises(BootImageError, match="does not fit"):
+            load_kernel(no_high, mem, initrd=str(initrd))
+    finally:
+        mem.close()

@@ -22,6 +22,9 @@ from pyvmm.errors import GuestMemoryError, PyvmmError
 PCI_HOLE_START = 0xC000_0000
 HIGH_RAM_START = 0x1_0000_0000
 
+#: Guest RAM is touched lazily; do not let overcommit accounting refuse a large but sparse guest.
+_MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)
+
 _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
@@ -82,8 +85,13 @@ class GuestMemory:
         if self.mem_path:
             mapping = self._file_mapping(size)
         else:
-            mapping = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
-                                prot=mmap.PROT_READ | mmap.PROT_WRITE)
+            try:
+                mapping = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE,
+                                    prot=mmap.PROT_READ | mmap.PROT_WRITE)
+            except (OSError, OverflowError) as e:
+                self.close()
+                reason = e.strerror if isinstance(e, OSError) else str(e)
+                raise PyvmmError(f"cannot allocate {size >> 20} MiB of guest RAM: {reason}") from None
         if hasattr(mapping, "madvise") and hasattr(mmap, "MADV_MERGEABLE") and not self.mem_path:
             try:
                 mapping.madvise(mmap.MADV_MERGEABLE)

@@ -74,7 +74,7 @@ void uart_init(void)
     outb(COM1 + 0, 0x01);  /* 115200 baud */
     outb(COM1 + 1, 0x00);
     outb(COM1 + 3, 0x03);  /* 8N1 */
-    outb(COM1 + 2, 0x07);  /* enable + clear FIFOs */
+    /* FCR untouched: switching the FIFOs on clears them, losing input that already arrived. */
     outb(COM1 + 4, 0x03);  /* DTR | RTS */
 }
 

@@ -15,7 +15,7 @@ enum {
     CHECK_E820 = 1 << 3,      /* e820 table consistent with mem= */
     CHECK_INITRD = 1 << 4,    /* ramdisk_image/size match the test's initrd, inside RAM */
     CHECK_LOAD = 1 << 5,      /* kernel loaded in RAM at an allowed address */
-    CHECK_CPU = 1 << 6,       /* long mode, paging, interrupts off */
+    CHECK_CPU = 1 << 6,       /* long mode, paging, interrupts off, CS=0x10/DS=0x18 in the GDT */
 };
 
 #define BP_E820_ENTRIES 0x1e8
@@ -112,6 +112,33 @@ static u32 check_initrd(u64 want)
     return !bad;
 }
 
+/* Boot protocol: __BOOT_CS (0x10) 64-bit code and __BOOT_DS (0x18) data, both in the loaded GDT. */
+static int check_segments(void)
+{
+    u16 cs, ds, es, ss;
+    struct {
+        u16 limit;
+        u64 base;
+    } __attribute__((packed)) gdtr;
+    __asm__ volatile("mov %%cs, %0; mov %%ds, %1; mov %%es, %2; mov %%ss, %3"
+                     : "=r"(cs), "=r"(ds), "=r"(es), "=r"(ss));
+    __asm__ volatile("sgdt %0" : "=m"(gdtr));
+    report_hex("cs", cs);
+    report_hex("ds", ds);
+    report_hex("ss", ss);
+    report_hex("gdt_base", gdtr.base);
+    report_hex("gdt_limit", gdtr.limit);
+    if (cs != 0x10 || ds != 0x18 || es != 0x18 || ss != 0x18 || gdtr.limit < 0x1f)
+        return 0;
+    const u64 *gdt = (const u64 *)(uptr)gdtr.base;
+    u64 code = gdt[2], data = gdt[3];
+    report_hex("gdt_cs", code);
+    report_hex("gdt_ds", data);
+    int code_ok = (code >> 47 & 1) && (code >> 44 & 1) && (code >> 43 & 1) && (code >> 53 & 1) && !(code >> 54 & 1);
+    int data_ok = (data >> 47 & 1) && (data >> 44 & 1) && !(data >> 43 & 1) && (data >> 41 & 1);
+    return code_ok && data_ok;
+}
+
 static u32 check_cpu(void)
 {
     u64 cr0, cr4, rflags;
@@ -125,7 +152,8 @@ static u32 check_cpu(void)
     report_hex("cr4", cr4);
     report_hex("efer", efer);
     report_hex("rflags", rflags);
-    return (cr0 & 0x80000001u) == 0x80000001u && (cr4 & 0x20) && (efer & 0x500) == 0x500 && !(rflags & 0x200);
+    return (cr0 & 0x80000001u) == 0x80000001u && (cr4 & 0x20) && (efer & 0x500) == 0x500 &&
+           !(rflags & 0x200) && check_segments();
 }
 
 void linux64_main(const u8 *boot_params, uptr load_addr)

@@ -4,7 +4,7 @@
  * Entered in 32-bit protected mode, paging off, EAX = 0x2BADB002 and
  * EBX = physical address of the multiboot information.  The loader's GDT
  * and stack are not to be trusted, so we set up our own stack and call
- * guest_main(magic, mbi).  With -DAOUT_KLUDGE the header carries the load
+ * guest_main(magic, mbi, entry_eflags).  With -DAOUT_KLUDGE the header carries the load
  * addresses (flag bit 16) so the same code can be shipped as a flat image.
  */
 #define MB_MAGIC 0x1BADB002
@@ -32,10 +32,13 @@ mb_header:
     .code32
     .globl _start
 _start:
+    movl $boot_stack_top, %esp
+    pushfl                    /* EFLAGS as the loader left them, for the checks */
+    popl %ecx
     cli
     cld
-    movl $boot_stack_top, %esp
     xorl %ebp, %ebp
+    pushl %ecx                /* entry_eflags */
     pushl %ebx                /* mbi */
     pushl %eax                /* magic */
     call guest_main

@@ -12,7 +12,7 @@
 #define MB_BOOT_MAGIC 0x2BADB002
 
 enum {
-    CHECK_MAGIC = 1 << 0,     /* EAX == 0x2BADB002 */
+    CHECK_MAGIC = 1 << 0,     /* EAX == 0x2BADB002; CR0.PE=1 PG=0; EFLAGS.IF=0 VM=0 */
     CHECK_MEM = 1 << 1,       /* mem_lower / mem_upper agree with mem= (within 1 MiB) */
     CHECK_CMDLINE = 1 << 2,   /* cmdline present and carries the test token */
     CHECK_MODULE = 1 << 3,    /* one module, size and content as the test wrote it */
@@ -40,6 +40,18 @@ struct mb_mmap {
 _Static_assert(sizeof(struct mb_info) == 52, "mb_info layout");
 _Static_assert(sizeof(struct mb_module) == 16, "mb_module layout");
 _Static_assert(sizeof(struct mb_mmap) == 24, "mb_mmap layout");
+
+/* The machine state the multiboot spec promises at entry (eflags as saved by mb_entry.S). */
+static int entry_state_ok(u32 eflags)
+{
+    u32 cr0;
+    u16 cs, ds, ss;
+    __asm__ volatile("mov %%cr0, %0" : "=r"(cr0));
+    __asm__ volatile("mov %%cs, %0; mov %%ds, %1; mov %%ss, %2" : "=r"(cs), "=r"(ds), "=r"(ss));
+    report_hex("cr0", cr0);
+    report_hex("eflags", eflags);
+    return (cr0 & 0x80000001u) == 1 && !(eflags & 0x20200) && cs && ds && ss && !(cs & 4);
+}
 
 static u32 check_mem(const struct mb_info *mbi, u64 mem)
 {
@@ -121,7 +133,7 @@ static u32 check_fw_cfg_values(u64 mem, u64 cpus)
     return ram == mem && ncpu == cpus;
 }
 
-void guest_main(u32 magic, const struct mb_info *mbi)
+void guest_main(u32 magic, const struct mb_info *mbi, u32 entry_eflags)
 {
     u32 ok = 0;
     const char *cmdline = "";
@@ -129,7 +141,7 @@ void guest_main(u32 magic, const struct mb_info *mbi)
     uart_init();
     uart_puts("multiboot guest\n");
     report_hex("magic", magic);
-    if (magic == MB_BOOT_MAGIC)
+    if (magic == MB_BOOT_MAGIC && entry_state_ok(entry_eflags))
         ok |= CHECK_MAGIC;
     report_hex("mbi_flags", mbi->flags);
     if ((mbi->flags & 4) && mbi->cmdline)

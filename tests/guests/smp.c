@@ -2,8 +2,17 @@
  * SMP test guest (multiboot, 32-bit): the BSP wakes the APs with INIT-SIPI-SIPI
  * through the xAPIC at 0xfee00000.  Every CPU that runs sets the bit of its
  * APIC id (read from the LAPIC ID register) in a shared mask and says so on the
- * UART.  The BSP waits, with a bound, for NB_CPUS bits and exits through
- * isa-debug-exit with the mask, so "-smp 2" should give status (3<<1)|1 = 7.
+ * UART.  The BSP waits, with a bound, for NB_CPUS bits (fw_cfg; at most 4).
+ *
+ * It also validates the MP table (floating pointer + "PCMP" configuration
+ * table: checksums, one enabled processor entry per CPU with APIC ids
+ * 0..N-1, the BSP flagged).  With "reboot=1" on the command line, the first
+ * boot triple-faults once all CPUs are up, and the second boot (counted in
+ * CMOS) starts the APs again, which checks that reset returns them to
+ * wait-for-SIPI.
+ *
+ * Exit value: bits 0-3 = CPUs seen, bit 4 = MP table OK, bit 5 = second boot
+ * after the reset.  "-smp 2" gives 0x13 -> status 39.
  */
 #include "guest.h"
 
@@ -17,6 +26,15 @@
 #define ICR_INIT_ASSERT (0x500u | (1u << 14))
 #define ICR_STARTUP 0x600u
 #define TRAMP_BASE 0x8000u
+#define MAX_CPUS 4
+#define CMOS_MAGIC_IDX 0x7a
+#define CMOS_COUNT_IDX 0x7b
+#define CMOS_MAGIC 0x5a
+
+enum {
+    RESULT_MPTABLE_OK = 1 << 4,
+    RESULT_REBOOTED = 1 << 5,
+};
 
 extern const u8 ap_tramp_start[], ap_tramp_end[];
 
@@ -64,20 +82,128 @@ void ap_main(u32 apic_id)
     mark_up(apic_id, "AP");
 }
 
-void guest_main(u32 magic, void *mbi)
+static u8 cmos_read(u8 idx)
+{
+    outb(0x70, idx);
+    return inb(0x71);
+}
+
+static void cmos_write(u8 idx, u8 v)
+{
+    outb(0x70, idx);
+    outb(0x71, v);
+}
+
+static u8 sum8(const u8 *p, u32 n)
+{
+    u8 s = 0;
+    while (n--)
+        s += *p++;
+    return s;
+}
+
+/* Find the MP floating pointer in the places the MP spec lists. */
+static const u8 *find_mp_floating(void)
+{
+    uptr ebda = (uptr)(*(const u16 *)0x40e) << 4;
+    uptr basemem = (uptr)(*(const u16 *)0x413) * 1024;
+    const uptr ranges[3][2] = {{ebda, ebda + 1024}, {basemem - 1024, basemem}, {0xf0000, 0x100000}};
+    for (int r = 0; r < 3; r++) {
+        if (ranges[r][0] < 0x400 || ranges[r][1] > 0x100000)
+            continue;
+        for (uptr p = ranges[r][0] & ~15u; p + 16 <= ranges[r][1]; p += 16)
+            if (memcmp((const void *)p, "_MP_", 4) == 0 && sum8((const u8 *)p, 16) == 0)
+                return (const u8 *)p;
+    }
+    return 0;
+}
+
+static int check_mptable(u32 ncpus, u32 bsp)
+{
+    const u8 *fp = find_mp_floating();
+    if (!fp) {
+        uart_puts("mptable: no floating pointer\n");
+        return 0;
+    }
+    u32 cfg = *(const u32 *)(fp + 4);
+    report_hex("mp_floating", (uptr)fp);
+    report_hex("mp_config", cfg);
+    if (cfg < 0x400 || cfg >= 0x100000 - 44)
+        return 0;
+    const u8 *t = (const u8 *)(uptr)cfg;
+    u16 len = *(const u16 *)(t + 4), count = *(const u16 *)(t + 34);
+    u32 lapic = *(const u32 *)(t + 36);
+    if (memcmp(t, "PCMP", 4) != 0 || len < 44 || cfg + len > 0x100000 || sum8(t, len) != 0) {
+        uart_puts("mptable: bad PCMP header or checksum\n");
+        return 0;
+    }
+    u32 ids = 0, nproc = 0, bsp_flags = 0, bad = 0;
+    const u8 *e = t + 44, *end = t + len;
+    for (u32 i = 0; i < count && e < end; i++) {
+        if (e[0] == 0) {
+            if (e + 20 > end)
+                return 0;
+            nproc++;
+            if (!(e[3] & 1) || e[1] >= 32)
+                bad = 1;
+            else
+                ids |= 1u << e[1];
+            if (e[3] & 2)
+                bsp_flags |= 1u << (e[1] & 31);
+            e += 20;
+        } else if (e[0] <= 4) {
+            e += 8;
+        } else {
+            return 0;
+        }
+    }
+    report_dec("mp_processors", nproc);
+    report_hex("mp_apic_ids", ids);
+    report_hex("mp_bsp", bsp_flags);
+    return !bad && nproc == ncpus && ids == (1u << ncpus) - 1 && bsp_flags == (1u << bsp) &&
+           lapic == LAPIC_BASE;
+}
+
+static __attribute__((noreturn)) void triple_fault(void)
+{
+    static const struct {
+        u16 limit;
+        u32 base;
+    } __attribute__((packed)) empty_idt = {0, 0};
+    __asm__ volatile("lidt %0; ud2" : : "m"(empty_idt));
+    for (;;)
+        ;
+}
+
+void guest_main(u32 magic, const u32 *mbi)
 {
     (void)magic;
-    (void)mbi;
+    const char *cmdline = (mbi[0] & 4) && mbi[4] ? (const char *)(uptr)mbi[4] : "";
+    int reboot = cmdline_get_num(cmdline, "reboot", 0) != 0;
+    u32 result = 0;
+
+    cpus_up = 0;
+    uart_lock = 0;
     uart_init();
     uart_puts("smp guest\n");
+    u32 boot = 1;
+    if (reboot) {
+        if (cmos_read(CMOS_MAGIC_IDX) != CMOS_MAGIC) {
+            cmos_write(CMOS_MAGIC_IDX, CMOS_MAGIC);
+            cmos_write(CMOS_COUNT_IDX, 0);
+        }
+        boot = cmos_read(CMOS_COUNT_IDX) + 1u;
+        cmos_write(CMOS_COUNT_IDX, (u8)boot);
+        report_dec("boot", boot);
+    }
     u32 ncpus = fw_cfg_present() ? fw_cfg_read_u16(FW_CFG_NB_CPUS) : 1;
-    if (ncpus == 0 || ncpus > 7)
+    if (ncpus == 0 || ncpus > MAX_CPUS)
         ncpus = 1;
     report_dec("ncpus", ncpus);
 
-    u32 bsp = lapic_read(LAPIC_ID) >> 24;
+    u32 bsp = (lapic_read(LAPIC_ID) >> 24) & 7;
     lapic_write(LAPIC_SVR, lapic_read(LAPIC_SVR) | 0x1ff); /* software-enable the LAPIC */
-    mark_up(bsp & 7, "BSP");
+    mark_up(bsp, "BSP");
 
     memcpy((void *)TRAMP_BASE, ap_tramp_start, (uptr)(ap_tramp_end - ap_tramp_start));
     u32 want = (1u << ncpus) - 1;
@@ -94,5 +220,18 @@ void guest_main(u32 magic, void *mbi)
     lock();
     report_hex("cpus_up", cpus_up);
     unlock();
-    debug_exit((u8)(cpus_up & 0x7f));
+    if (check_mptable(ncpus, bsp))
+        result |= RESULT_MPTABLE_OK;
+    if (reboot && boot == 1 && cpus_up == want) {
+        uart_puts("all cpus up, triple fault now\n");
+        triple_fault();
+    }
+    if (reboot) {
+        cmos_write(CMOS_MAGIC_IDX, 0);
+        if (boot == 2)
+            result |= RESULT_REBOOTED;
+    }
+    result |= cpus_up & 0xf;
+    report_hex("result", result);
+    debug_exit((u8)result);
 }

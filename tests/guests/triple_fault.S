@@ -1,13 +1,18 @@
 /*
- * Boot-sector guest: triple fault and reboot counting.
+ * Boot-sector guest: machine resets and reboot counting.
  *
  * Each boot increments a counter kept in CMOS RAM (index 0x7d, valid when
  * index 0x7c holds 0xa5): CMOS survives a machine reset but not a new process.
- * Boot 1 prints "boot 1", switches to protected mode, loads an IDT with limit 0
- * and executes UD2: #UD cannot be delivered -> #GP -> #DF -> shutdown (triple
- * fault).  A VMM that resets the machine boots us again; boot 2 prints
- * "boot 2", clears the magic and exits through isa-debug-exit with
- * 0x10 + boot count (status 37).  With -no-reboot the VMM exits after boot 1.
+ *   boot 1: prints "boot 1", switches to protected mode, loads an IDT with
+ *           limit 0 and executes UD2: #UD cannot be delivered -> #GP -> #DF ->
+ *           shutdown (triple fault);
+ *   boot 2: prints "boot 2" and pulses reset through the keyboard controller
+ *           (0xfe -> port 0x64);
+ *   boot 3: prints "boot 3", clears the magic and exits through isa-debug-exit
+ *           with 0x10 + 3 (status 39), or 0x50 + 3 (status 167) if the image
+ *           was not reloaded on reset (a flag byte the previous boot set in
+ *           its own copy of the image is still set).
+ * With -no-reboot the VMM exits after boot 1.
  */
 #define COM1 0x3f8
 #define CMOS_MAGIC_IDX 0x7c
@@ -27,6 +32,10 @@ _start:
     movw $0x7c00, %sp
     ljmp $0, $1f
 1:
+    cmpb $0, image_dirty          /* a fresh copy of the image has 0 here */
+    je 1f
+    orb $0x40, exit_flags
+1:  movb $1, image_dirty
     movb $CMOS_MAGIC_IDX, %al
     call cmos_read
     cmpb $MAGIC, %al
@@ -55,13 +64,27 @@ _start:
 
     cmpb $2, boot_count
     jb fault
+    je kbd_reset
     movb $CMOS_MAGIC_IDX, %al    /* leave CMOS clean */
     movb $0, %ah
     call cmos_write
     movb boot_count, %al
     addb $0x10, %al
+    orb exit_flags, %al
     outb %al, $0xf4
 3:  hlt
+    jmp 3b
+
+kbd_reset:
+    movw $kbdmsg, %si
+    call puts
+    movw $1000, %cx              /* wait (bounded) for the input buffer to drain */
+1:  inb $0x64, %al
+    testb $0x02, %al
+    jz 2f
+    loop 1b
+2:  movb $0xfe, %al
+    outb %al, $0x64
     jmp 3b
 
 fault:
@@ -128,6 +151,12 @@ idt_desc:
     .long 0
 boot_count:
     .byte 0
+exit_flags:
+    .byte 0
+image_dirty:
+    .byte 0
+kbdmsg:
+    .asciz "keyboard controller reset now\n"
 bootmsg:
     .asciz "boot "
 faultmsg:

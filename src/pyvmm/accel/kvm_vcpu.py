@@ -34,7 +34,7 @@ from pyvmm.errors import AccelError, KvmError
 from pyvmm.kvm import abi
 from pyvmm.kvm.dump import format_kvm_registers
 from pyvmm.kvm.ioctls import ExitReason, InternalError, Ioctl, SystemEvent
-from pyvmm.kvm.syscall import get_errno, raw_ioctl
+from pyvmm.kvm.syscall import get_errno, kvm_run_ioctl
 from pyvmm.kvm.vcpu import Vcpu
 from pyvmm.runstate import VmControl
 
@@ -230,7 +230,7 @@ class VcpuRunner:
         assert run is not None
         fd = vcpu.fd
         mm_size = len(mm)
-        ioctl = raw_ioctl
+        ioctl = kvm_run_ioctl
         KVM_RUN = int(Ioctl.RUN)
         io = abi.KvmRunIo.from_buffer(mm, _EXIT_OFF)
         mmio = abi.KvmRunMmio.from_buffer(mm, _EXIT_OFF)

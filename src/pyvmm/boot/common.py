@@ -7,7 +7,6 @@ corrupt or unfitting image leaves memory untouched and produces one
 
 from __future__ import annotations
 
-import logging
 import os
 import stat
 from collections.abc import Sequence
@@ -19,8 +18,6 @@ from pyvmm.errors import BootImageError
 from pyvmm.machine import layout
 from pyvmm.machine.e820 import E820Entry, in_ram
 from pyvmm.memory import GuestMemory
-
-log = logging.getLogger(__name__)
 
 #: Kernel images larger than this are refused before reading (no PC kernel comes close).
 MAX_KERNEL_SIZE = 1 << 30
@@ -107,7 +104,3 @@ def encode_cmdline(cmdline: str, path: str, max_len: int) -> bytes:
     if len(raw) > limit:
         raise BootImageError(f"kernel {path}: command line is {len(raw)} bytes, the kernel accepts at most {limit}")
     return raw + b"\0"
-
-
-def ranges_overlap(a: tuple[int, int], b: tuple[int, int]) -> bool:
-    return a[0] < b[1] and b[0] < a[1]

@@ -36,7 +36,7 @@ def detect_format(data: bytes) -> str:
     return "unknown"
 
 
-def load_kernel(path: str, memory: GuestMemory, *, cmdline: str = "", initrd: str | None = None,
+def load_kernel(path: str, memory: GuestMemory, *, cmdline: str | None = "", initrd: str | None = None,
                 e820: Sequence[E820Entry] | None = None, entry: str = "auto",
                 acpi_rsdp: int | None = None) -> BootResult:
     """Load ``path`` into ``memory`` and return the boot CPU's entry state.
@@ -49,6 +49,7 @@ def load_kernel(path: str, memory: GuestMemory, *, cmdline: str = "", initrd: st
     image; validation happens before guest memory is written.
     """
     data = read_file(path, "kernel")
+    cmdline = cmdline or ""
     if e820 is None:
         e820 = build_e820(memory)
     fmt = detect_format(data)

@@ -99,7 +99,7 @@ def load_bzimage(path: str, data: bytes, memory: GuestMemory, *, cmdline: str, i
         raise BootImageError(f"kernel {path}: file is truncated (no protected-mode kernel after "
                              f"{setup_size} bytes of setup)")
     kernel = memoryview(data)[setup_size:]
-    if hdr.syssize and len(kernel) < hdr.syssize * 16:
+    if hdr.syssize and len(kernel) + 15 < hdr.syssize * 16:  # syssize counts whole 16-byte paragraphs
         raise BootImageError(f"kernel {path}: file is truncated ({len(kernel)} bytes of kernel, "
                              f"header says {hdr.syssize * 16})")
     if ver >= PROTOCOL_PAYLOAD and hdr.payload_offset + hdr.payload_length > len(kernel):

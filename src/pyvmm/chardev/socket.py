@@ -45,7 +45,7 @@ class UnixSocketBackend(CharBackendBase):
         self._listener: socket.socket | None = None
         self._stalled = False
         if server:
-            self._listen()
+            self._listen(watch=not wait)
             if wait:
                 log.info("%s: waiting for connection on unix:%s,server=on", label, path)
                 self._listener.setblocking(True)
@@ -68,7 +68,7 @@ class UnixSocketBackend(CharBackendBase):
         return self._client is not None
 
     # -- setup -------------------------------------------------------------------------------
-    def _listen(self) -> None:
+    def _listen(self, watch: bool) -> None:
         try:
             if stat.S_ISSOCK(os.stat(self.path).st_mode):
                 os.unlink(self.path)  # a stale socket from an earlier run, as QEMU does
@@ -85,8 +85,9 @@ class UnixSocketBackend(CharBackendBase):
             raise DeviceError(f"chardev {self.label}: cannot listen on unix:{self.path}: {e.strerror}") from None
         s.setblocking(False)
         self._listener = s
-        assert self._loop is not None
-        self._loop.add_reader(s.fileno(), self._on_accept)
+        if watch:  # with wait=on the constructor accepts the first client itself
+            assert self._loop is not None
+            self._loop.add_reader(s.fileno(), self._on_accept)
 
     def _set_client(self, conn: socket.socket) -> None:
         conn.setblocking(False)

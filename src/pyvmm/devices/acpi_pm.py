@@ -146,8 +146,9 @@ class AcpiPm:
         """Latch a power-button press (QMP ``system_powerdown``); safe from any thread."""
         with self._lock:
             self._sts |= int(Pm1Sts.PWRBTN)
+            enabled = bool(self._en & Pm1En.PWRBTN)
             self._update_sci()
-        log.info("ACPI power button pressed (PWRBTN_EN=%d)", bool(self._en & Pm1En.PWRBTN))
+        log.info("ACPI power button pressed (PWRBTN_EN=%d)", enabled)
 
     def reset(self) -> None:
         """Back to power-on state on machine reset (the timer keeps counting, as on hardware)."""

@@ -26,6 +26,7 @@ from pyvmm.guestkit.initramfs import (
     build_initramfs,
 )
 from pyvmm.guestkit.kernel import KernelInfo, obtain_kernel
+from pyvmm.guestkit.vmlinux import pvh_entry, vmlinux_for
 
 __all__ = [
     "DEFAULT_CMDLINE",
@@ -37,6 +38,9 @@ __all__ = [
     "build_initramfs",
     "default_guest",
     "obtain_kernel",
+    "pvh_entry",
+    "split_cmdline",
+    "vmlinux_for",
 ]
 
 log = logging.getLogger(__name__)

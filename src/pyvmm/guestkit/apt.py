@@ -21,7 +21,10 @@ from pyvmm.guestkit.errors import GuestKitError
 
 log = logging.getLogger(__name__)
 
-_ENV = {**os.environ, "LC_ALL": "C", "LANG": "C", "DEBIAN_FRONTEND": "noninteractive"}
+
+def _env() -> dict[str, str]:
+    """Our environment with apt's messages in plain C locale, so they parse."""
+    return {**os.environ, "LC_ALL": "C", "LANG": "C", "DEBIAN_FRONTEND": "noninteractive"}
 
 
 def apt_available() -> bool:
@@ -35,7 +38,7 @@ def _is_root() -> bool:
 
 def _run(args: list[str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
     try:
-        return subprocess.run(args, capture_output=True, text=True, env=_ENV, timeout=timeout, check=False)
+        return subprocess.run(args, capture_output=True, text=True, env=_env(), timeout=timeout, check=False)
     except FileNotFoundError as exc:
         raise GuestKitError(f"{args[0]} not found; apt is needed to fetch guest packages") from exc
     except subprocess.TimeoutExpired as exc:
@@ -78,7 +81,7 @@ def update_lists() -> None:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
-            env=_ENV,
+            env=_env(),
             timeout=600,
             check=False,
         )
@@ -159,7 +162,9 @@ def download(package: str, version: str, directory: Path) -> Path:
     progress = _DownloadProgress(directory, size, label)
     progress.start()
     try:
-        proc = subprocess.run(args, cwd=directory, capture_output=True, text=True, env=_ENV, timeout=1800, check=False)
+        proc = subprocess.run(
+            args, cwd=directory, capture_output=True, text=True, env=_env(), timeout=1800, check=False
+        )
     except subprocess.TimeoutExpired as exc:
         raise GuestKitError(f"downloading {package} timed out") from exc
     finally:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 from pyvmm.errors import KvmError
 from pyvmm.kvm import abi
 from pyvmm.kvm.ioctls import ExitReason, Ioctl, MpState
-from pyvmm.kvm.syscall import get_errno, ioctl, raw_ioctl
+from pyvmm.kvm.syscall import get_errno, ioctl, kvm_run_ioctl
 
 if TYPE_CHECKING:
     from pyvmm.kvm.vm import Vm
@@ -49,7 +49,7 @@ class Vcpu:
     # -- running ---------------------------------------------------------------------------------
     def run_once(self) -> int:
         """One KVM_RUN; returns the exit reason (``ExitReason.INTR`` if interrupted by a signal)."""
-        ret = raw_ioctl(self.fd, Ioctl.RUN, 0)
+        ret = kvm_run_ioctl(self.fd, int(Ioctl.RUN), 0)
         if ret < 0:
             err = get_errno()
             if err in (errno.EINTR, errno.EAGAIN):

@@ -450,7 +450,8 @@ def build_dsdt(*, ncpus: int, devices: Sequence[AcpiMmioDevice] = (), pci: AcpiP
         ))
     sb.append(extra_sb_aml)
     slp = acpi_pm.SLP_TYP_S5
-    body = aml.name("\\_S5", aml.package(slp, slp, 0, 0)) + aml.scope("\\_SB", *sb)
+    # Root-level names are written without "\" (the DSDT body is the root scope), as iasl does.
+    body = aml.name("_S5", aml.package(slp, slp, 0, 0)) + aml.scope("_SB", *sb)
     return sdt(b"DSDT", 2, body)
 
 
@@ -508,9 +509,12 @@ def build_fadt(*, facs_gpa: int, dsdt_gpa: int, pm_base: int, has_8042: bool = T
         raise ConfigError(f"ACPI PM base {pm_base:#x} is not a valid I/O port range")
     f = Fadt()
     f.header = _header(b"FACP", ctypes.sizeof(Fadt), 6)
-    f.firmware_ctrl = facs_gpa
-    f.dsdt = dsdt_gpa
+    # Only the 64-bit FACS pointer: the specification wants FIRMWARE_CTRL zero when
+    # X_FIRMWARE_CTRL is set (Linux would otherwise install the FACS twice).  Both DSDT
+    # pointers are allowed and let 32-bit-only OSes find it.
+    f.firmware_ctrl = 0
     f.x_firmware_ctrl = facs_gpa
+    f.dsdt = dsdt_gpa
     f.x_dsdt = dsdt_gpa
     f.sci_int = acpi_pm.SCI_GSI
     f.smi_cmd = 0  # no SMI: always in ACPI mode

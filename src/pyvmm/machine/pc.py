@@ -17,6 +17,7 @@ accelerator state, reloads the kernel and starts again, or, with
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from pyvmm.accel.base import Accelerator, MachineContext
 from pyvmm.boot import BootResult, load_kernel
 from pyvmm.bus import Bus
 from pyvmm.chardev import parse_chardev
+from pyvmm.devices.acpi_pm import PM_SIZE, SCI_GSI, AcpiPm
 from pyvmm.devices.debug_exit import DebugExit
 from pyvmm.devices.fw_cfg import FwCfg, FwCfgKey, encode_e820
 from pyvmm.devices.i8042 import I8042
@@ -36,10 +38,12 @@ from pyvmm.errors import ConfigError
 from pyvmm.irq import IrqRouter
 from pyvmm.loop import MainLoop
 from pyvmm.machine import layout
+from pyvmm.machine.acpi_tables import build_acpi
 from pyvmm.machine.config import MachineConfig
 from pyvmm.machine.e820 import build_e820
 from pyvmm.machine.mptable import write_mptable
 from pyvmm.memory import GuestMemory
+from pyvmm.monitor import ChardevInfo, CpuInfo, create_monitor
 from pyvmm.runstate import Request, RequestKind, RunState, VmControl
 
 log = logging.getLogger(__name__)
@@ -48,6 +52,7 @@ COM1_BASE, COM1_IRQ = 0x3F8, 4
 I8042_DATA, I8042_CMD = 0x60, 0x64
 RTC_BASE, RTC_IRQ = 0x70, 8
 FW_CFG_BASE = 0x510
+ACPI_PM_BASE = 0x600  # as PIIX4's PM block on QEMU's pc machine
 KBD_IRQ, AUX_IRQ = 1, 12
 
 
@@ -77,7 +82,9 @@ class PcMachine:
         self._state_lock = threading.Lock()
         self.state = RunState.PRELAUNCH
         self.state_listeners: list[Callable[[RunState, str], None]] = []
+        self.reset_listeners: list[Callable[[str], None]] = []  # callback(reason), at each machine reset
         self._build()
+        self.monitor = create_monitor(self, config.qmp)  # --qmp (QMP); started in run()
 
     # -- assembly -----------------------------------------------------------------------------
     def _build(self) -> None:
@@ -101,6 +108,9 @@ class PcMachine:
 
         self.fw_cfg = FwCfg(memory=self.memory)
         self._add_io(FW_CFG_BASE, self.fw_cfg.io_size, self.fw_cfg, "fw_cfg")
+
+        self.acpi_pm = AcpiPm(self.control, self.irq.line(SCI_GSI))
+        self._add_io(ACPI_PM_BASE, PM_SIZE, self.acpi_pm, "acpi-pm")
 
         for spec in cfg.devices:
             self._add_device(spec)
@@ -132,7 +142,9 @@ class PcMachine:
         if not cfg.kernel:
             raise ConfigError("no kernel given: use --kernel FILE")
         write_mptable(self.memory, cfg.smp)
-        self.boot = load_kernel(cfg.kernel, self.memory, cmdline=cfg.append, initrd=cfg.initrd, e820=self.e820)
+        rsdp = build_acpi(self.memory, ncpus=cfg.smp, pm_base=ACPI_PM_BASE)
+        self.boot = load_kernel(cfg.kernel, self.memory, cmdline=cfg.append, initrd=cfg.initrd, e820=self.e820,
+                                acpi_rsdp=rsdp)
         log.info("loaded %s kernel %s (entry %#x)", self.boot.kind, cfg.kernel, self.boot.entry)
 
     # -- life cycle ---------------------------------------------------------------------------
@@ -151,6 +163,8 @@ class PcMachine:
 
     def _reset(self, reason: str) -> None:
         log.info("machine reset: %s", reason)
+        for cb in list(self.reset_listeners):
+            cb(reason)
         self.accel.stop()
         for dev in self.devices:
             reset = getattr(dev, "reset", None)
@@ -172,6 +186,7 @@ class PcMachine:
     def run(self) -> RunResult:
         self.loop.start_thread()
         try:
+            self._start_monitor()
             self._power_on()
             while True:
                 req = self.control.wait()
@@ -204,9 +219,53 @@ class PcMachine:
         try:
             self.accel.stop()
         finally:
+            if self.monitor is not None:
+                self.monitor.close()  # after the SHUTDOWN event went out
             self.loop.stop()
             if self.serial_backend is not None:
                 self.serial_backend.close()
+
+    # -- QMP monitor: pyvmm.monitor.MachineControl ----------------------------------------------
+    def _start_monitor(self) -> None:
+        if self.monitor is None:
+            return
+        self.state_listeners.append(self.monitor.on_state)
+        self.reset_listeners.append(self.monitor.on_reset)
+        self.monitor.start()
+        self.monitor.wait_for_clients()
+
+    def status(self) -> RunState:
+        return self.state
+
+    def system_reset(self) -> None:
+        self.control.request_reset("host-qmp-system-reset")
+
+    def system_powerdown(self) -> None:
+        from pyvmm.devices.acpi_pm import AcpiPm
+
+        pm = next((d for d in self.devices if isinstance(d, AcpiPm)), None)
+        if pm is None:
+            raise ConfigError("this machine has no ACPI power button")
+        pm.press_power_button()
+
+    def quit(self) -> None:
+        self.control.request_exit(0, "host-qmp-quit")
+
+    def cpus(self) -> list[CpuInfo]:
+        runners = getattr(self.accel, "runners", [])
+        by_name = {t.name: t.native_id for t in threading.enumerate()}
+        infos = []
+        for i in range(self.config.smp):
+            thread = getattr(runners[i], "thread", None) if i < len(runners) else None
+            tid = getattr(thread, "native_id", None) or by_name.get(f"vcpu{i}") or os.getpid()
+            infos.append(CpuInfo(index=i, thread_id=tid, core_id=i))
+        return infos
+
+    def cpu_dump(self, index: int) -> str:
+        return self.accel.cpu_dump(index)
+
+    def chardevs(self) -> list[ChardevInfo]:
+        return [ChardevInfo("serial0", self.config.serial)]
 
 
 __all__ = ["PcMachine", "RunResult", "layout"]

@@ -5,7 +5,8 @@
  *   "QMPGUEST BOOT"        once per boot (a reset prints it again);
  *   "tick N"               every 100 ms of ACPI PM-timer time while running
  *                          (output stops while the VM is paused, and N keeps
- *                          counting after a resume, restarting only on reset);
+ *                          counting after a resume, restarting only on reset;
+ *                          without ACPI tables: every 2000 polls of the UART);
  *   "POWER BUTTON" / "S5"  when PM1a_STS.PWRBTN_STS is seen: the guest then
  *                          enters S5 (soft-off) through PM1a_CNT, as Linux does.
  *
@@ -214,9 +215,15 @@ void qmp_guest_main(void)
     struct acpi a;
     puts("QMPGUEST BOOT\n");
     if (!acpi_init(&a)) {
+        /* No PM timer to keep time with: tick every so many polls of the UART instead. */
         puts("QMPGUEST NO ACPI\n");
-        for (;;)
-            __asm__ volatile("cli; hlt");
+        for (u32 n = 0;; n++) {
+            for (u32 i = 0; i < 2000u; i++)
+                (void)inb(COM1 + 5);
+            puts("tick ");
+            putdec(n);
+            puts("\n");
+        }
     }
     u32 last = inl(a.tmr) & a.tmr_mask;
     u32 acc = 0, n = 0;
@@ -235,6 +242,9 @@ void qmp_guest_main(void)
             outw(a.evt, PM1_PWRBTN);
             puts("POWER BUTTON\nS5\n");
             outw(a.cnt, (u16)((a.s5 << 10) | PM1_SLP_EN));
+            /* The VMM may act on the request a little later: give it two seconds before complaining. */
+            for (u32 t0 = inl(a.tmr), waited = 0; waited < 2 * PM_TIMER_HZ;)
+                waited = (inl(a.tmr) - t0) & a.tmr_mask;
             puts("S5 FAILED\n");
             for (;;)
                 __asm__ volatile("cli; hlt");

@@ -76,6 +76,12 @@
 #define MSR_LSTAR       0xc0000082u
 #define MSR_FMASK       0xc0000084u
 #define MSR_TSC_AUX     0xc0000103u
+#define MSR_ARCH_CAPABILITIES 0x10au
+/* RDCL_NO, SKIP_L1DFL_VMENTRY, SSB_NO, MDS_NO, PSCHANGE_MC_NO, TAA_NO, SBDR_SSDP_NO, FBSDP_NO,
+ * PSDP_NO, BHI_NO, PBRSB_NO, GDS_NO, RFDS_NO: a TCG CPU has none of these speculation bugs. */
+#define PV_ARCH_CAPABILITIES ((1ull << 0) | (1ull << 3) | (1ull << 4) | (1ull << 5) | (1ull << 6) | \
+                              (1ull << 8) | (1ull << 13) | (1ull << 14) | (1ull << 15) | (1ull << 20) | \
+                              (1ull << 24) | (1ull << 26) | (1ull << 27))
 
 struct pv_segcache {
     uint32_t selector;
@@ -327,6 +333,11 @@ PV_HIDDEN int pv_msr_filter(char *env, int is_write)
             return 1;
         out = 0;
         break;
+    case MSR_ARCH_CAPABILITIES:
+        if (is_write)
+            return 1;
+        out = PV_ARCH_CAPABILITIES;
+        break;
     default:
         return 0;
     }
@@ -417,7 +428,10 @@ int pv_msr_patched(void) { return pv_rdmsr_tramp != 0 && pv_wrmsr_tramp != 0; }
 int pv_attach(struct pv_vcpu *v)
 {
     int err;
+    /* unicorn leaves cpu_index unassigned (-1) for its single CPU */
     v->cs = v->fns.get_cpu(v->uc, 0);
+    if (!v->cs)
+        v->cs = v->fns.get_cpu(v->uc, -1);
     if (!v->cs)
         return -1;
     v->env = v->cs + PV_ENV_OFF;

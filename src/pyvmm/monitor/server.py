@@ -1,0 +1,351 @@
+"""The QMP server: sockets, sessions and message dispatch.
+
+One asyncio event loop runs in a dedicated ``monitor`` thread and serves
+every ``--qmp`` socket.  Each connection is a session: it gets the greeting,
+must send ``qmp_capabilities`` before anything else, and receives events once
+negotiated.  Commands run on the monitor thread, one at a time, in arrival
+order; state-changing ones only touch the machine through
+:class:`~pyvmm.monitor.control.MachineControl`.
+
+A client cannot hurt the VMM: input is split by
+:class:`~pyvmm.monitor.jsonstream.JsonStream` (bounded, resynchronising),
+every malformed message gets a QMP error, a failing handler becomes a
+GenericError, and a client that stops reading is dropped once its pending
+output passes :data:`MAX_OUTPUT_BACKLOG` instead of growing memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import socket
+import stat
+import threading
+from collections.abc import Mapping
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass, field
+from typing import Any
+
+from pyvmm.errors import ConfigError, DeviceError, PyvmmError
+from pyvmm.monitor import commands
+from pyvmm.monitor.control import ChardevInfo, MachineControl
+from pyvmm.monitor.errors import QmpError
+from pyvmm.monitor.events import ShutdownCause, StateTracker, cause_of, reset_event
+from pyvmm.monitor.jsonstream import JsonStream, Message, ParseError
+from pyvmm.runstate import RunState
+
+log = logging.getLogger(__name__)
+
+#: Bytes read from a socket per call.
+READ_CHUNK = 64 * 1024
+#: A client whose unread output exceeds this is disconnected.
+MAX_OUTPUT_BACKLOG = 16 << 20
+#: How long shutdown waits for clients to take their last messages.
+FLUSH_TIMEOUT = 2.0
+#: Members a command message may have (QEMU also knows exec-oob, which needs the oob capability).
+_MESSAGE_MEMBERS = frozenset({"execute", "arguments", "id"})
+
+
+@dataclass(frozen=True)
+class MonitorSpec:
+    """A ``--qmp`` option: ``unix:PATH[,server=on][,wait=off]`` or ``tcp:HOST:PORT[,...]``."""
+
+    kind: str                 # "unix" or "tcp"
+    path: str = ""
+    host: str = ""
+    port: int = 0
+    wait: bool = True
+
+    @classmethod
+    def parse(cls, text: str) -> MonitorSpec:
+        head, *opts = text.split(",")
+        server, wait = False, True
+        for opt in opts:
+            key, _, value = opt.partition("=")
+            if key == "server":
+                server = _flag(value or "on", text)
+            elif key == "wait":
+                wait = _flag(value or "on", text)
+            elif key == "nowait" and not value:
+                wait = False
+            else:
+                raise ConfigError(f"--qmp {text}: unknown option {opt!r}")
+        if not server:
+            raise ConfigError(f"--qmp {text}: only listening sockets are supported, add ',server=on'")
+        if head.startswith("unix:") and len(head) > 5:
+            return cls("unix", path=head[5:], wait=wait)
+        if head.startswith("tcp:"):
+            host, sep, port = head[4:].rpartition(":")
+            if sep and port.isdigit() and int(port) < 65536:
+                return cls("tcp", host=host or "localhost", port=int(port), wait=wait)
+        raise ConfigError(f"--qmp {text}: expected unix:PATH or tcp:HOST:PORT, with ,server=on[,wait=off]")
+
+    def describe(self) -> str:
+        where = f"unix:{self.path}" if self.kind == "unix" else f"tcp:{self.host}:{self.port}"
+        return f"{where},server=on"
+
+
+def _flag(value: str, text: str) -> bool:
+    if value in ("on", "yes", "true"):
+        return True
+    if value in ("off", "no", "false"):
+        return False
+    raise ConfigError(f"--qmp {text}: {value!r} is not on/off")
+
+
+def _listen(spec: MonitorSpec) -> socket.socket:
+    """Bind and listen now, on the caller's thread, so errors surface before the VM starts."""
+    try:
+        if spec.kind == "unix":
+            with contextlib.suppress(FileNotFoundError):
+                if stat.S_ISSOCK(os.lstat(spec.path).st_mode):
+                    os.unlink(spec.path)  # a stale socket from an earlier run, as QEMU does
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.bind(spec.path)
+        else:
+            infos = socket.getaddrinfo(spec.host, spec.port, type=socket.SOCK_STREAM)
+            family, kind, proto, _, addr = infos[0]
+            sock = socket.socket(family, kind, proto)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(addr)
+        sock.listen(8)
+        sock.setblocking(False)
+        return sock
+    except OSError as e:
+        raise DeviceError(f"--qmp {spec.describe()}: cannot listen: {e.strerror or e}") from None
+
+
+@dataclass(eq=False)
+class _Session:
+    """One connected client."""
+
+    writer: asyncio.StreamWriter
+    label: str
+    negotiated: bool = False
+    closed: bool = False
+
+    def send(self, msg: Mapping[str, Any]) -> None:
+        if self.closed or self.writer.is_closing():
+            return
+        if self.writer.transport.get_write_buffer_size() > MAX_OUTPUT_BACKLOG:
+            log.warning("qmp %s: client is not reading its replies; disconnecting it", self.label)
+            self.close()
+            return
+        self.writer.write(json.dumps(msg).encode() + b"\r\n")
+
+    def close(self) -> None:
+        self.closed = True
+        self.writer.close()
+
+
+@dataclass(eq=False)
+class _Context:
+    """What a command handler sees (implements :class:`commands.CommandContext`)."""
+
+    server: MonitorServer
+    session: _Session
+    machine: MachineControl = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.machine = self.server.machine
+
+    def broadcast(self, event: dict[str, Any]) -> None:
+        self.server.broadcast(event)
+
+    def monitor_chardevs(self) -> list[ChardevInfo]:
+        return self.server.chardevs()
+
+
+class MonitorServer:
+    """Serves QMP on the given sockets for one machine.  Also a :class:`MachineObserver`."""
+
+    def __init__(self, machine: MachineControl, specs: list[MonitorSpec]) -> None:
+        self.machine = machine
+        self.specs = list(specs)
+        self._socks: list[socket.socket] = []
+        self._servers: list[asyncio.AbstractServer] = []
+        self._sessions: set[_Session] = set()
+        self._tracker = StateTracker()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._connected = [threading.Event() for _ in self.specs]
+        self._ready = threading.Event()
+        self._closed = False
+
+    # -- life cycle (machine's main thread) ---------------------------------------------------
+    def start(self) -> None:
+        """Listen on every socket and start the monitor thread."""
+        try:
+            for spec in self.specs:
+                self._socks.append(_listen(spec))
+        except DeviceError:
+            self._close_sockets()
+            raise
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._run, name="monitor", daemon=True)
+        self._thread.start()
+        self._ready.wait()
+        for spec in self.specs:
+            log.info("QMP monitor listening on %s", spec.describe())
+
+    def wait_for_clients(self) -> None:
+        """Block until each ``wait=on`` socket has had a client (QEMU's default for servers)."""
+        for spec, connected in zip(self.specs, self._connected, strict=True):
+            if spec.wait and not connected.is_set():
+                log.info("QMP: waiting for a connection on %s", spec.describe())
+                connected.wait()
+
+    def close(self) -> None:
+        """Deliver what is queued (e.g. the SHUTDOWN event), disconnect everyone, stop the thread."""
+        if self._closed:
+            return
+        self._closed = True
+        loop, thread = self._loop, self._thread
+        if loop is None or thread is None:
+            return
+        try:
+            fut = asyncio.run_coroutine_threadsafe(self._aclose(), loop)
+            with contextlib.suppress(FutureTimeout):
+                fut.result(FLUSH_TIMEOUT + 1.0)
+            loop.call_soon_threadsafe(loop.stop)
+        except RuntimeError:  # the loop already stopped
+            pass
+        thread.join(FLUSH_TIMEOUT + 1.0)
+        if not thread.is_alive():
+            loop.close()
+        self._remove_socket_files()
+
+    def _run(self) -> None:
+        assert self._loop is not None
+        asyncio.set_event_loop(self._loop)
+        self._loop.run_until_complete(self._start_servers())
+        self._ready.set()
+        try:
+            self._loop.run_forever()
+        finally:
+            for task in asyncio.all_tasks(self._loop):
+                task.cancel()
+            with contextlib.suppress(Exception):
+                self._loop.run_until_complete(asyncio.sleep(0))
+
+    async def _start_servers(self) -> None:
+        for i, (spec, sock) in enumerate(zip(self.specs, self._socks, strict=True)):
+            def on_client(r: asyncio.StreamReader, w: asyncio.StreamWriter, i: int = i) -> asyncio.Task:
+                return asyncio.ensure_future(self._serve(i, r, w))
+            if spec.kind == "unix":
+                srv = await asyncio.start_unix_server(on_client, sock=sock, limit=READ_CHUNK)
+            else:
+                srv = await asyncio.start_server(on_client, sock=sock, limit=READ_CHUNK)
+            self._servers.append(srv)
+
+    async def _aclose(self) -> None:
+        for srv in self._servers:
+            srv.close()
+        sessions = list(self._sessions)
+        for s in sessions:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(s.writer.drain(), FLUSH_TIMEOUT)
+            s.close()
+        for s in sessions:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(s.writer.wait_closed(), FLUSH_TIMEOUT)
+
+    def _close_sockets(self) -> None:
+        for sock in self._socks:
+            sock.close()
+        self._remove_socket_files()
+
+    def _remove_socket_files(self) -> None:
+        for spec in self.specs:
+            if spec.kind == "unix":
+                with contextlib.suppress(OSError):
+                    if stat.S_ISSOCK(os.lstat(spec.path).st_mode):
+                        os.unlink(spec.path)
+
+    # -- machine notifications (any thread) -----------------------------------------------------
+    def on_state(self, state: RunState, reason: str) -> None:
+        self._post(lambda: [self.broadcast(ev) for ev in self._tracker.events_for(state, reason)])
+
+    def on_reset(self, reason: str) -> None:
+        self._post(lambda: self.broadcast(reset_event(cause_of(reason, ShutdownCause.GUEST_RESET))))
+
+    def _post(self, fn) -> None:
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        with contextlib.suppress(RuntimeError):  # closed between the check and the call
+            loop.call_soon_threadsafe(fn)
+
+    # -- monitor thread ------------------------------------------------------------------------
+    def broadcast(self, event: Mapping[str, Any]) -> None:
+        for s in list(self._sessions):
+            if s.negotiated:
+                s.send(event)
+
+    def chardevs(self) -> list[ChardevInfo]:
+        return [ChardevInfo(f"compat_monitor{i}", spec.describe()) for i, spec in enumerate(self.specs)]
+
+    async def _serve(self, index: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        session = _Session(writer, f"compat_monitor{index}")
+        self._sessions.add(session)
+        self._connected[index].set()
+        log.debug("qmp %s: client connected", session.label)
+        stream = JsonStream()
+        try:
+            session.send({"QMP": {"version": commands.version_info(), "capabilities": []}})
+            while not session.closed:
+                data = await reader.read(READ_CHUNK)
+                if not data:
+                    break
+                for item in stream.feed(data):
+                    self._dispatch(session, item)
+                await writer.drain()
+        except (ConnectionError, OSError) as e:
+            log.debug("qmp %s: connection error: %s", session.label, e)
+        finally:
+            self._sessions.discard(session)
+            session.close()
+            log.debug("qmp %s: client disconnected", session.label)
+
+    def _dispatch(self, session: _Session, item: Message | ParseError) -> None:
+        if isinstance(item, ParseError):
+            session.send({"error": QmpError(item.desc).to_json()})
+            return
+        msg = item.value
+        reply: dict[str, Any]
+        has_id = isinstance(msg, dict) and "id" in msg
+        try:
+            name, args = _parse_command(msg)
+            cmd = commands.lookup(name, session.negotiated)
+            cmd.check_args(args)
+            reply = {"return": cmd.handler(_Context(self, session), args)}
+        except QmpError as e:
+            reply = {"error": e.to_json()}
+        except PyvmmError as e:  # the machine refused (e.g. no such device): the user's problem, not a bug
+            reply = {"error": QmpError(str(e)).to_json()}
+        except Exception as e:  # a handler bug must not take the monitor down
+            log.exception("qmp: command failed")
+            reply = {"error": QmpError(f"internal error: {e}").to_json()}
+        if has_id:
+            assert isinstance(msg, dict)
+            reply["id"] = msg["id"]
+        session.send(reply)
+
+
+def _parse_command(msg: object) -> tuple[str, dict[str, Any]]:
+    """Validate a message's shape the way QEMU does; return (command name, arguments)."""
+    if not isinstance(msg, dict):
+        raise QmpError("QMP input must be a JSON object")
+    for key, value in msg.items():
+        if key not in _MESSAGE_MEMBERS:
+            raise QmpError(f"QMP input member '{key}' is unexpected")
+        if key == "execute" and not isinstance(value, str):
+            raise QmpError("QMP input member 'execute' must be a string")
+        if key == "arguments" and not isinstance(value, dict):
+            raise QmpError("QMP input member 'arguments' must be an object")
+    if "execute" not in msg:
+        raise QmpError("QMP input lacks member 'execute'")
+    return msg["execute"], msg.get("arguments", {})

@@ -1,0 +1,148 @@
+"""Shared fixtures: the purpose-built test guests, and running ``pyvmm`` / QEMU on them.
+
+Guests are compiled once per test session into a temporary directory with the
+system gcc/binutils (see tests/guests/build.py).  A missing toolchain, a
+missing /dev/kvm or a missing QEMU is a test failure with a clear message,
+never a skip: these tests exist to catch exactly such breakage.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+
+def _load_guest_build():
+    """Import tests/guests/build.py under a unique name (``build`` is also a PyPI package)."""
+    path = Path(__file__).resolve().parent / "guests" / "build.py"
+    spec = importlib.util.spec_from_file_location("pyvmm_test_guest_build", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses need the module registered
+    spec.loader.exec_module(module)
+    return module
+
+
+guest_build = _load_guest_build()
+
+#: Size of the initrd / multiboot module the guests verify byte by byte.
+INITRD_SIZE = 4219
+
+
+def initrd_bytes(size: int = INITRD_SIZE) -> bytes:
+    """The pattern the guests check: byte i = (i * 7 + 3) & 0xff."""
+    return bytes((i * 7 + 3) & 0xFF for i in range(size))
+
+
+def guest_checksum(data: bytes) -> int:
+    """The checksum the guests print for a module/initrd: sum = sum * 31 + byte (mod 2**32)."""
+    s = 0
+    for b in data:
+        s = (s * 31 + b) & 0xFFFFFFFF
+    return s
+
+
+def debug_exit_status(value: int) -> int:
+    """Process exit status for an isa-debug-exit write of ``value``."""
+    return ((value << 1) | 1) & 0xFF
+
+
+@dataclass
+class RunResult:
+    args: list[str]
+    returncode: int
+    stdout: str
+    stderr: str
+
+    @property
+    def serial(self) -> str:
+        """Guest serial output with CR/LF normalised."""
+        return self.stdout.replace("\r\n", "\n").replace("\r", "")
+
+    def describe(self) -> str:
+        return (f"command: {' '.join(self.args)}\nstatus: {self.returncode}\n"
+                f"--- stdout ---\n{self.stdout[-4000:]}\n--- stderr ---\n{self.stderr[-4000:]}")
+
+
+class Guests:
+    """Lazily builds guests into one session directory; ``guests["smp"]`` -> Path."""
+
+    def __init__(self, outdir: Path) -> None:
+        self.outdir = outdir
+
+    def __getitem__(self, name: str) -> Path:
+        try:
+            return guest_build.build_guest(name, self.outdir)
+        except guest_build.ToolchainError as exc:
+            pytest.fail(f"building test guest {name!r} failed: {exc}", pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def guests(tmp_path_factory: pytest.TempPathFactory) -> Guests:
+    try:
+        guest_build.check_toolchain()
+    except guest_build.ToolchainError as exc:
+        pytest.fail(str(exc), pytrace=False)
+    return Guests(tmp_path_factory.mktemp("guests"))
+
+
+@pytest.fixture(scope="session")
+def initrd_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("initrd") / "initrd.bin"
+    path.write_bytes(initrd_bytes())
+    return path
+
+
+@pytest.fixture(scope="session")
+def kvm() -> None:
+    """Require a usable /dev/kvm (fail, do not skip)."""
+    if not os.path.exists("/dev/kvm"):
+        pytest.fail("/dev/kvm does not exist: these tests need KVM", pytrace=False)
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        pytest.fail("/dev/kvm is not readable and writable by this user", pytrace=False)
+
+
+def run_pyvmm(*args: str | os.PathLike, input: bytes | None = None, timeout: float = 60,
+              subcommand: str = "run") -> RunResult:
+    """Run ``python -m pyvmm run ARGS``; stdin is /dev/null unless ``input`` is given."""
+    cmd = [sys.executable, "-m", "pyvmm", subcommand, *map(str, args)]
+    try:
+        proc = subprocess.run(cmd, input=input, stdin=None if input is not None else subprocess.DEVNULL,
+                              capture_output=True, timeout=timeout)
+    except subprocess.TimeoutExpired as exc:
+        out = (exc.stdout or b"").decode(errors="replace")
+        err = (exc.stderr or b"").decode(errors="replace")
+        pytest.fail(f"pyvmm did not finish within {timeout}s\ncommand: {' '.join(cmd)}\n"
+                    f"--- stdout ---\n{out[-4000:]}\n--- stderr ---\n{err[-4000:]}", pytrace=False)
+    return RunResult(cmd, proc.returncode, proc.stdout.decode(errors="replace"),
+                     proc.stderr.decode(errors="replace"))
+
+
+def run_pyvmm_kvm(*args: str | os.PathLike, **kw) -> RunResult:
+    """pyvmm on KVM with an isa-debug-exit device, as every guest test wants."""
+    return run_pyvmm("--accel", "kvm", "--device", "isa-debug-exit,iobase=0xf4,iosize=0x04", *args, **kw)
+
+
+QEMU = "qemu-system-x86_64"
+
+
+def run_qemu(*args: str | os.PathLike, timeout: float = 60) -> RunResult:
+    """Run QEMU with TCG, serial on stdout, isa-debug-exit, and no firmware UI noise kept."""
+    if shutil.which(QEMU) is None:
+        pytest.fail(f"{QEMU} not found: install the qemu-system-x86 package", pytrace=False)
+    cmd = [QEMU, "-accel", "tcg", "-nographic", "-display", "none", "-monitor", "none",
+           "-serial", "stdio", "-device", "isa-debug-exit,iobase=0xf4,iosize=0x04", *map(str, args)]
+    try:
+        proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout)
+    except subprocess.TimeoutExpired as exc:
+        out = (exc.stdout or b"").decode(errors="replace")
+        pytest.fail(f"QEMU did not finish within {timeout}s\ncommand: {' '.join(cmd)}\n{out[-4000:]}",
+                    pytrace=False)
+    return RunResult(cmd, proc.returncode, proc.stdout.decode(errors="replace"),
+                     proc.stderr.decode(errors="replace"))

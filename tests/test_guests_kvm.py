@@ -1,0 +1,268 @@
+"""End-to-end tests: purpose-built guests booted by ``pyvmm run`` on the real /dev/kvm.
+
+Each guest checks one part of the machine from the inside and reports through
+the UART and an isa-debug-exit value whose bits say which checks passed, so
+a failure names the broken feature (see tests/guests/*.c for the bit
+meanings).  The guests are validated on QEMU in test_guests_qemu.py.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from conftest import (
+    INITRD_SIZE,
+    debug_exit_status,
+    guest_checksum,
+    initrd_bytes,
+    run_pyvmm,
+    run_pyvmm_kvm,
+    run_qemu,
+)
+
+pytestmark = pytest.mark.usefixtures("kvm")
+
+ALL_CHECKS = 0x7F
+
+
+def mb_cmdline(mem: int, cpus: int, initrd: int = INITRD_SIZE) -> str:
+    return f"pyvmm-test mem={mem} cpus={cpus} initrd={initrd}"
+
+
+def reported(serial: str, name: str) -> str:
+    """Value of a ``name=value`` line in the guest's serial summary."""
+    m = re.search(rf"^{re.escape(name)}=(.*)$", serial, re.M)
+    assert m, f"guest did not report {name!r}:\n{serial}"
+    return m.group(1)
+
+
+# -- real mode ---------------------------------------------------------------------------------
+
+def test_realmode_hello(guests):
+    r = run_pyvmm_kvm("--kernel", guests["realmode_hello"])
+    assert r.returncode == debug_exit_status(0x2A), r.describe()
+    assert r.serial == "Hello from real mode\n", r.describe()
+
+
+def test_realmode_hello_default_debug_exit_device(guests):
+    """``-device isa-debug-exit`` without properties sits at 0xf4 like QEMU's."""
+    r = run_pyvmm("--accel", "kvm", "-device", "isa-debug-exit", "-kernel", guests["realmode_hello"])
+    assert r.returncode == debug_exit_status(0x2A), r.describe()
+
+
+def test_realmode_serial_to_file(guests, tmp_path):
+    out = tmp_path / "serial.log"
+    r = run_pyvmm_kvm("--serial", f"file:{out}", "--kernel", guests["realmode_hello"])
+    assert r.returncode == debug_exit_status(0x2A), r.describe()
+    assert out.read_bytes().replace(b"\r", b"") == b"Hello from real mode\n"
+    assert "Hello" not in r.stdout
+
+
+# -- multiboot ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["multiboot_info", "multiboot_aout"])
+@pytest.mark.parametrize("mem,cpus", [(128, 1), (256, 2)])
+def test_multiboot_info(guests, initrd_file, name, mem, cpus):
+    cmdline = mb_cmdline(mem, cpus)
+    r = run_pyvmm_kvm("--memory", f"{mem}M", "--smp", str(cpus), "--kernel", guests[name],
+                      "--initrd", initrd_file, "--append", cmdline)
+    assert r.returncode == debug_exit_status(ALL_CHECKS), r.describe()
+    out = r.serial
+    assert reported(out, "magic") == "0x2badb002"
+    assert reported(out, "cmdline").strip('"').endswith(cmdline), r.describe()
+    assert reported(out, "mod_size") == str(INITRD_SIZE)
+    assert reported(out, "mod_sum") == f"{guest_checksum(initrd_bytes()):#x}"
+    assert int(reported(out, "fw_cfg_ram"), 16) == mem << 20
+    assert reported(out, "fw_cfg_cpus") == str(cpus)
+    assert reported(out, "result") == f"{ALL_CHECKS:#x}"
+
+
+def test_multiboot_qemu_spellings(guests, initrd_file):
+    """QEMU's single-dash options, as a QEMU user would type them."""
+    cmdline = mb_cmdline(128, 2)
+    r = run_pyvmm("-accel", "kvm", "-nographic", "-no-reboot", "-m", "128M", "-smp", "2",
+                  "-serial", "stdio", "-device", "isa-debug-exit,iobase=0xf4,iosize=0x04",
+                  "-kernel", guests["multiboot_info"], "-initrd", initrd_file, "-append", cmdline)
+    assert r.returncode == debug_exit_status(ALL_CHECKS), r.describe()
+
+
+def test_multiboot_one_gib(guests, initrd_file):
+    r = run_pyvmm_kvm("-m", "1G", "--kernel", guests["multiboot_info"], "--initrd", initrd_file,
+                      "--append", mb_cmdline(1024, 1))
+    assert r.returncode == debug_exit_status(ALL_CHECKS), r.describe()
+
+
+def test_multiboot_without_module(guests):
+    """No --initrd: every check but the module one passes (mods_count 0)."""
+    r = run_pyvmm_kvm("-m", "128M", "--kernel", guests["multiboot_info"], "--append", mb_cmdline(128, 1))
+    assert r.returncode == debug_exit_status(ALL_CHECKS & ~0x08), r.describe()
+
+
+def test_multiboot_matches_qemu(guests, initrd_file):
+    """Cross-check: pyvmm and QEMU (TCG) give the guest the same verdict."""
+    args = ["-m", "128M", "-smp", "2", "-kernel", guests["multiboot_info"], "-initrd", initrd_file,
+            "-append", mb_cmdline(128, 2)]
+    q = run_qemu("-no-reboot", *args)
+    p = run_pyvmm_kvm("-no-reboot", *args)
+    assert q.returncode == debug_exit_status(ALL_CHECKS), q.describe()
+    assert p.returncode == q.returncode, p.describe()
+
+
+# -- Linux boot protocol, 64-bit entry ---------------------------------------------------------
+
+def test_linux64_bzimage(guests, initrd_file):
+    cmdline = f"pyvmm-test mem=128 initrd={INITRD_SIZE}"
+    r = run_pyvmm_kvm("-m", "128M", "--kernel", guests["linux64"], "--initrd", initrd_file,
+                      "--append", cmdline)
+    assert r.returncode == debug_exit_status(ALL_CHECKS), r.describe()
+    out = r.serial
+    assert reported(out, "cmdline") == f'"{cmdline}"'
+    assert reported(out, "type_of_loader") == "0xff"
+    assert reported(out, "ramdisk_size") == str(INITRD_SIZE)
+    assert reported(out, "ramdisk_sum") == f"{guest_checksum(initrd_bytes()):#x}"
+
+
+def test_linux64_bzimage_no_initrd(guests):
+    r = run_pyvmm_kvm("-m", "256M", "--kernel", guests["linux64"], "--append", "pyvmm-test mem=256")
+    assert r.returncode == debug_exit_status(ALL_CHECKS), r.describe()
+    assert reported(r.serial, "ramdisk_size") == "0"
+
+
+# -- SMP ---------------------------------------------------------------------------------------
+
+SMP_MPTABLE_OK = 0x10
+SMP_REBOOTED = 0x20
+
+
+@pytest.mark.parametrize("ncpus", [1, 2, 4])
+def test_smp_aps_start(guests, ncpus):
+    r = run_pyvmm_kvm("--smp", str(ncpus), "--kernel", guests["smp"], timeout=90)
+    mask = (1 << ncpus) - 1
+    assert r.returncode == debug_exit_status(SMP_MPTABLE_OK | mask), r.describe()
+    out = r.serial
+    assert "BSP apic_id=0 up" in out
+    for apic_id in range(1, ncpus):
+        assert f"AP apic_id={apic_id} up" in out, r.describe()
+    assert reported(out, "mp_processors") == str(ncpus)
+
+
+@pytest.mark.parametrize("ncpus", [1, 2, 4])
+def test_smp_aps_restart_after_triple_fault(guests, ncpus):
+    """Reset with APs running: the second boot must be able to INIT/SIPI them again."""
+    r = run_pyvmm_kvm("--smp", str(ncpus), "--kernel", guests["smp"], "--append", "reboot=1", timeout=90)
+    mask = (1 << ncpus) - 1
+    assert r.returncode == debug_exit_status(SMP_REBOOTED | SMP_MPTABLE_OK | mask), r.describe()
+    assert "boot=1\n" in r.serial and "boot=2\n" in r.serial
+
+
+# -- serial input ------------------------------------------------------------------------------
+
+def test_serial_echo_from_stdin_pipe(guests):
+    r = run_pyvmm_kvm("--kernel", guests["serial_echo"], input=b"hello World.")
+    assert r.returncode == debug_exit_status(11), r.describe()
+    assert r.serial == "echo ready\nHELLO WORLD\nbye\n", r.describe()
+
+
+def test_serial_echo_long_input_not_dropped(guests):
+    """More input than the 16-byte UART FIFO holds: the back-end must wait, not drop."""
+    text = bytes(ord("a") + i % 26 for i in range(300))
+    r = run_pyvmm_kvm("--kernel", guests["serial_echo"], input=text + b".", timeout=90)
+    assert r.returncode == debug_exit_status(300 & 0x7F), r.describe()
+    assert r.serial == "echo ready\n" + text.decode().upper() + "\nbye\n", r.describe()
+
+
+# -- resets ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("ncpus", [1, 2])
+def test_triple_fault_and_kbd_reset_reboot(guests, ncpus):
+    r = run_pyvmm_kvm("--smp", str(ncpus), "--kernel", guests["triple_fault"])
+    assert r.returncode == debug_exit_status(0x13), r.describe()
+    out = r.serial
+    assert "boot 1\ntriple fault now\n" in out, r.describe()
+    assert out.index("boot 1") < out.index("boot 2\n") < out.index("boot 3\n"), r.describe()
+
+
+def test_triple_fault_no_reboot(guests):
+    r = run_pyvmm_kvm("--no-reboot", "--kernel", guests["triple_fault"])
+    assert r.returncode == 0, r.describe()
+    assert "boot 1\n" in r.serial and "boot 2" not in r.serial, r.describe()
+
+
+# -- guest-controlled addresses outside RAM ----------------------------------------------------
+
+@pytest.mark.parametrize("mem", [64, 128])
+def test_out_of_ram_accesses_survive(guests, mem):
+    r = run_pyvmm_kvm("-m", f"{mem}M", "--kernel", guests["oob"], "--append", f"pyvmm-test mem={mem}")
+    assert r.returncode == debug_exit_status(ALL_CHECKS), r.describe()
+    assert "dma survived" in r.serial
+    for hole in ("0xd0000000", "0xe0001000", "0xfebff000"):
+        assert f"mmio {hole} reads 0xffffffff" in r.serial, r.describe()
+
+
+# -- bad input: one clear line, non-zero status ------------------------------------------------
+
+def assert_one_error_line(r, *needles: str) -> None:
+    assert r.returncode != 0, r.describe()
+    assert "Traceback" not in r.stderr, r.describe()
+    errors = [ln for ln in r.stderr.splitlines() if "error" in ln.lower()]
+    assert len(errors) == 1, r.describe()
+    for needle in needles:
+        assert needle.lower() in errors[0].lower(), f"{needle!r} not named in: {errors[0]}"
+
+
+def test_error_missing_kernel(tmp_path):
+    missing = tmp_path / "no-such-kernel"
+    r = run_pyvmm("--accel", "kvm", "--kernel", missing)
+    assert_one_error_line(r, str(missing))
+
+
+def test_error_corrupt_kernel(tmp_path):
+    bad = tmp_path / "garbage.img"
+    bad.write_bytes(bytes((i * 37 + 11) & 0xFF for i in range(100_000)))
+    r = run_pyvmm("--accel", "kvm", "--kernel", bad)
+    assert_one_error_line(r, str(bad))
+
+
+def test_error_truncated_bzimage(guests, tmp_path):
+    cut = tmp_path / "cut.bzImage"
+    cut.write_bytes(guests["linux64"].read_bytes()[:0x400])
+    r = run_pyvmm("--accel", "kvm", "--kernel", cut)
+    assert_one_error_line(r, str(cut))
+
+
+def test_error_missing_initrd(guests, tmp_path):
+    r = run_pyvmm("--accel", "kvm", "--kernel", guests["multiboot_info"], "--initrd", tmp_path / "nope")
+    assert_one_error_line(r, "nope")
+
+
+@pytest.mark.parametrize("size", ["lots", "0", "-5M", "12Q"])
+def test_error_bad_memory_size(guests, size):
+    r = run_pyvmm("--accel", "kvm", f"--memory={size}", "--kernel", guests["realmode_hello"])
+    assert_one_error_line(r, size)
+
+
+def test_error_memory_too_large_for_host(guests):
+    """4 PiB cannot be mapped on any x86-64 host (47-bit user address space)."""
+    r = run_pyvmm("--accel", "kvm", "-m", "4096T", "--kernel", guests["realmode_hello"])
+    assert_one_error_line(r)
+    assert "memory" in r.stderr.lower() or "4096t" in r.stderr.lower(), r.describe()
+
+
+@pytest.mark.parametrize("smp", ["0", "two", "-1", "100000"])
+def test_error_bad_smp(guests, smp):
+    r = run_pyvmm("--accel", "kvm", f"--smp={smp}", "--kernel", guests["realmode_hello"])
+    assert_one_error_line(r)
+    assert "smp" in r.stderr.lower() or "cpu" in r.stderr.lower(), r.describe()
+
+
+def test_error_unknown_device(guests):
+    r = run_pyvmm("--accel", "kvm", "--device", "frobnicator,speed=9", "--kernel", guests["realmode_hello"])
+    assert_one_error_line(r, "frobnicator")
+
+
+def test_error_bad_debug_exit_property(guests):
+    r = run_pyvmm("--accel", "kvm", "--device", "isa-debug-exit,iobase=banana",
+                  "--kernel", guests["realmode_hello"])
+    assert_one_error_line(r, "iobase")
