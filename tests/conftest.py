@@ -8,11 +8,14 @@ never a skip: these tests exist to catch exactly such breakage.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import shutil
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -129,20 +132,56 @@ def run_pyvmm_kvm(*args: str | os.PathLike, **kw) -> RunResult:
     return run_pyvmm("--accel", "kvm", "--device", "isa-debug-exit,iobase=0xf4,iosize=0x04", *args, **kw)
 
 
+@contextlib.contextmanager
+def pyvmm_process(*args: str | os.PathLike) -> Iterator[subprocess.Popen]:
+    """``python -m pyvmm run ARGS`` in the background (stdout/stderr piped), killed on exit."""
+    cmd = [sys.executable, "-m", "pyvmm", "run", *map(str, args)]
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
+
+
 QEMU = "qemu-system-x86_64"
 
 
-def run_qemu(*args: str | os.PathLike, timeout: float = 60) -> RunResult:
-    """Run QEMU with TCG, serial on stdout, isa-debug-exit, and no firmware UI noise kept."""
+def run_qemu(*args: str | os.PathLike, timeout: float = 60,
+             send_after: tuple[bytes, bytes] | None = None) -> RunResult:
+    """Run QEMU with TCG, serial on stdout and isa-debug-exit.
+
+    ``send_after=(prompt, data)`` writes ``data`` to the guest's UART once
+    ``prompt`` appeared on its output (QEMU's firmware would otherwise see it first).
+    """
     if shutil.which(QEMU) is None:
         pytest.fail(f"{QEMU} not found: install the qemu-system-x86 package", pytrace=False)
     cmd = [QEMU, "-accel", "tcg", "-nographic", "-display", "none", "-monitor", "none",
            "-serial", "stdio", "-device", "isa-debug-exit,iobase=0xf4,iosize=0x04", *map(str, args)]
+    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out = b""
     try:
-        proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout)
-    except subprocess.TimeoutExpired as exc:
-        out = (exc.stdout or b"").decode(errors="replace")
-        pytest.fail(f"QEMU did not finish within {timeout}s\ncommand: {' '.join(cmd)}\n{out[-4000:]}",
-                    pytrace=False)
-    return RunResult(cmd, proc.returncode, proc.stdout.decode(errors="replace"),
-                     proc.stderr.decode(errors="replace"))
+        if send_after is not None:
+            prompt, data = send_after
+            deadline = time.monotonic() + timeout
+            while prompt not in out:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    break
+                chunk = proc.stdout.read1(4096)
+                if not chunk:
+                    break
+                out += chunk
+            proc.stdin.write(data)
+            proc.stdin.flush()
+        rest, err = proc.communicate(timeout=timeout)  # closes stdin: EOF for the guest UART
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        rest, err = proc.communicate()
+        pytest.fail(f"QEMU did not finish within {timeout}s\ncommand: {' '.join(cmd)}\n"
+                    f"{(out + rest).decode(errors='replace')[-4000:]}", pytrace=False)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return RunResult(cmd, proc.returncode, (out + rest).decode(errors="replace"), err.decode(errors="replace"))

@@ -157,18 +157,29 @@ def test_unix_client_mode(loop, tmp_path):
         parse_chardev(f"unix:{tmp_path / 'nothing.sock'}", loop, None)
 
 
-def test_slow_socket_client_drops_instead_of_blocking(loop, tmp_path):
+def test_slow_socket_client_loses_nothing_then_overflow_drops(loop, tmp_path):
     path = str(tmp_path / "slow.sock")
     be = UnixSocketBackend(loop, path, server=True, wait=False)
     try:
         c = socket.socket(socket.AF_UNIX)
         c.connect(path)
         assert wait_until(lambda: be.connected)
+        # One-byte writes as a UART makes them, while the client is not reading: the kernel
+        # socket buffer fills after a few hundred of these; the rest must be queued, in order.
+        payload = bytes(i % 251 for i in range(20000))
         t0 = time.monotonic()
-        sent = sum(be.write(b"x" * 4096) for _ in range(200))  # 800 KiB, nobody reading
+        for i in range(len(payload)):
+            assert be.write(payload[i:i + 1]) == 1
+        assert time.monotonic() - t0 < 2.0  # the vCPU never waited for the client
+        assert recv_exact(c, len(payload)) == payload
+        # A client that never reads: past the 1 MiB queue, output is dropped, quickly.
+        t0 = time.monotonic()
+        sent = sum(be.write(b"x" * 4096) for _ in range(600))  # 2.4 MiB
         assert time.monotonic() - t0 < 2.0
-        assert sent < 200 * 4096
+        assert sent < 600 * 4096
         c.close()
+        assert wait_until(lambda: not be.connected)
+        assert be.write(b"after") == 0
     finally:
         be.close()
 
@@ -191,9 +202,18 @@ def test_pty_backend_with_real_reader(loop, caplog):
         assert buf == b"guest says hi\n"  # raw: no \r inserted
         os.write(fd, b"typed")
         assert rcv.wait_for(5) == b"typed"
-        # Nobody reading: output is dropped quickly instead of blocking the vCPU.
+        # More than the pty buffer holds, written while the reader sleeps: queued, not lost.
+        payload = bytes(range(256)) * 64
+        for i in range(0, len(payload), 7):
+            be.write(payload[i:i + 7])
+        buf = b""
+        end = time.monotonic() + 5
+        while len(buf) < len(payload) and time.monotonic() < end:
+            buf += os.read(fd, 65536)
+        assert buf == payload
+        # Nobody reading at all: output is dropped quickly instead of blocking the vCPU.
         t0 = time.monotonic()
-        for _ in range(100):
+        for _ in range(600):
             be.write(b"y" * 4096)
         assert time.monotonic() - t0 < 2.0
     finally:

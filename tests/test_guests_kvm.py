@@ -8,7 +8,12 @@ meanings).  The guests are validated on QEMU in test_guests_qemu.py.
 
 from __future__ import annotations
 
+import datetime
+import os
 import re
+import socket
+import time
+import tty
 
 import pytest
 
@@ -17,6 +22,7 @@ from conftest import (
     debug_exit_status,
     guest_checksum,
     initrd_bytes,
+    pyvmm_process,
     run_pyvmm,
     run_pyvmm_kvm,
     run_qemu,
@@ -100,6 +106,34 @@ def test_multiboot_without_module(guests):
     assert r.returncode == debug_exit_status(ALL_CHECKS & ~0x08), r.describe()
 
 
+def test_multiboot_two_modules_with_arguments(guests, initrd_file):
+    """QEMU's -initrd syntax for multiboot: comma-separated modules, each 'path args'."""
+    r = run_pyvmm_kvm("-m", "128M", "--kernel", guests["multiboot_info"],
+                      "--initrd", f"{initrd_file} arg1=x,{initrd_file}",
+                      "--append", mb_cmdline(128, 1) + " mods=2")
+    assert r.returncode == debug_exit_status(ALL_CHECKS), r.describe()
+    assert reported(r.serial, "mod_cmdline") == f'"{initrd_file} arg1=x"'
+    assert reported(r.serial, "mod1_cmdline") == f'"{initrd_file}"'
+
+
+def test_rtc_time_is_host_utc(guests):
+    r = run_pyvmm_kvm("--kernel", guests["multiboot_info"], "--append", mb_cmdline(512, 1))
+    guest_time = datetime.datetime.strptime(reported(r.serial, "rtc"), "%Y-%m-%d %H:%M:%S")
+    now = datetime.datetime.now(datetime.UTC).replace(tzinfo=None)
+    assert abs((now - guest_time).total_seconds()) < 120, r.describe()
+
+
+@pytest.mark.parametrize("mem,cpus", [(128, 1), (1024, 2)])
+def test_cmos_memory_and_cpu_bytes_match_qemu(guests, mem, cpus):
+    """The CMOS bytes firmware reads for memory size and CPU count, compared with QEMU's."""
+    args = ["-m", f"{mem}M", "-smp", str(cpus), "-kernel", guests["multiboot_info"],
+            "-append", mb_cmdline(mem, cpus)]
+    q = run_qemu("-no-reboot", *args)
+    p = run_pyvmm_kvm("-no-reboot", *args)
+    for key in ("cmos_ext_mem_kb", "cmos_mem_above_16m_64k", "cmos_mem_above_4g_64k", "cmos_cpus_minus_1"):
+        assert reported(p.serial, key) == reported(q.serial, key), f"{key}\n{p.describe()}"
+
+
 def test_multiboot_matches_qemu(guests, initrd_file):
     """Cross-check: pyvmm and QEMU (TCG) give the guest the same verdict."""
     args = ["-m", "128M", "-smp", "2", "-kernel", guests["multiboot_info"], "-initrd", initrd_file,
@@ -173,6 +207,101 @@ def test_serial_echo_long_input_not_dropped(guests):
     assert r.serial == "echo ready\n" + text.decode().upper() + "\nbye\n", r.describe()
 
 
+def _read_until(read, marker: bytes, timeout: float) -> bytes:
+    """Call ``read()`` (returns bytes, b"" at EOF) until ``marker`` was seen or time is up."""
+    data = b""
+    deadline = time.monotonic() + timeout
+    while marker not in data and time.monotonic() < deadline:
+        chunk = read()
+        if chunk is None:
+            time.sleep(0.02)
+            continue
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def test_serial_unix_socket_server(guests, tmp_path):
+    sock_path = tmp_path / "com1.sock"
+    with pyvmm_process("--accel", "kvm", "--device", "isa-debug-exit", "--kernel", guests["serial_echo"],
+                       "--serial", f"unix:{sock_path},server=on,wait=off") as proc:
+        deadline = time.monotonic() + 20
+        while not sock_path.exists():
+            assert proc.poll() is None, proc.communicate()[1].decode(errors="replace")
+            assert time.monotonic() < deadline, "pyvmm never created the serial socket"
+            time.sleep(0.05)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.connect(str(sock_path))
+            s.settimeout(0.5)
+            s.sendall(b"abc")
+
+            def read() -> bytes | None:
+                try:
+                    return s.recv(4096)
+                except TimeoutError:
+                    return None
+
+            # Both directions before the guest exits: output after exit may be lost with the socket.
+            data = _read_until(read, b"ABC", 30)
+            assert b"ABC" in data, data
+            s.sendall(b".")
+            assert proc.wait(timeout=30) == debug_exit_status(3), data
+
+
+def test_serial_pty(guests):
+    with pyvmm_process("--accel", "kvm", "--device", "isa-debug-exit", "--kernel", guests["serial_echo"],
+                       "--serial", "pty") as proc:
+        path = None
+        for line in proc.stderr:
+            m = re.search(rb"char device redirected to (/dev/pts/\d+)", line)
+            if m:
+                path = m.group(1).decode()
+                break
+        assert path, "pyvmm did not report the pty path on stderr"
+        fd = os.open(path, os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK)
+        try:
+            tty.setraw(fd)
+            os.write(fd, b"xyz")
+
+            def read() -> bytes | None:
+                try:
+                    return os.read(fd, 4096)
+                except BlockingIOError:
+                    return None
+
+            # Both directions before the guest exits: a pty hang-up discards unread output.
+            data = _read_until(read, b"XYZ", 30)
+            assert b"XYZ" in data, data
+            os.write(fd, b".")
+            assert proc.wait(timeout=30) == debug_exit_status(3), data
+        finally:
+            os.close(fd)
+
+
+def test_uart_registers(guests):
+    r = run_pyvmm_kvm("--kernel", guests["uart_regs"])
+    assert r.returncode == debug_exit_status(ALL_CHECKS), r.describe()
+    assert "#" not in r.serial, "loopback bytes leaked to the back-end:\n" + r.describe()
+
+
+# -- interrupts --------------------------------------------------------------------------------
+
+IRQ_ALL = 0x0F
+
+
+@pytest.mark.parametrize("mode", ["pic", "ioapic"])
+def test_irq_pit_and_uart_interrupts(guests, mode):
+    """PIT ticks and UART THRE/RX interrupts reach the guest (PIC, or I/O APIC as the MP table says)."""
+    apic = 1 if mode == "ioapic" else 0
+    r = run_pyvmm_kvm("--kernel", guests["irq"], "--append", f"apic={apic}", input=b"ping.", timeout=60)
+    out = r.serial
+    assert r.returncode == debug_exit_status(IRQ_ALL), r.describe()
+    assert int(reported(out, "ticks")) >= 10
+    assert reported(out, "rx") == '"ping"'
+    assert reported(out, "unexpected") == "0"
+
+
 # -- resets ------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("ncpus", [1, 2])
@@ -190,6 +319,34 @@ def test_triple_fault_no_reboot(guests):
     assert "boot 1\n" in r.serial and "boot 2" not in r.serial, r.describe()
 
 
+# -- ACPI ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("ncpus", [1, 2])
+def test_acpi_tables_and_s5_poweroff(guests, ncpus):
+    """Valid ACPI tables (RSDP, RSDT/XSDT, FADT, DSDT \\_S5, MADT, PM timer); S5 -> status 0."""
+    r = run_pyvmm_kvm("--smp", str(ncpus), "--kernel", guests["acpi"])
+    assert r.returncode == 0, r.describe()
+    assert reported(r.serial, "acpi_checks") == "0x3f", r.describe()
+    assert reported(r.serial, "madt_cpus") == str(ncpus)
+    assert "powering off" in r.serial and "still running" not in r.serial, r.describe()
+
+
+def test_acpi_reset_register_reboots(guests):
+    r = run_pyvmm_kvm("--kernel", guests["acpi"], "--append", "reset=1")
+    assert r.returncode == debug_exit_status(0x7F), r.describe()
+    assert "boot=2\n" in r.serial, r.describe()
+
+
+def test_reset_request_stops_the_cpu_at_once(guests):
+    """After the OUT to the reset register no further guest instruction may run (as on hardware/QEMU)."""
+    r = run_pyvmm_kvm("--kernel", guests["acpi"], "--append", "reset=1")
+    first_boot = r.serial.split("boot=2")[0]
+    assert "resetting through the FADT reset register\n" in first_boot, r.describe()
+    after = first_boot.split("resetting through the FADT reset register\n")[-1]
+    leftover = after.removesuffix("acpi guest\n")  # the second boot's banner
+    assert leftover == "", f"guest kept running after requesting a reset (printed {leftover!r}):\n" + r.describe()
+
+
 # -- guest-controlled addresses outside RAM ----------------------------------------------------
 
 @pytest.mark.parametrize("mem", [64, 128])
@@ -199,6 +356,28 @@ def test_out_of_ram_accesses_survive(guests, mem):
     assert "dma survived" in r.serial
     for hole in ("0xd0000000", "0xe0001000", "0xfebff000"):
         assert f"mmio {hole} reads 0xffffffff" in r.serial, r.describe()
+
+
+def test_io_port_and_mmio_sweep_survives(guests):
+    """Every legacy port read, unaligned reads straddling devices, an MMIO sweep up to 4 GiB."""
+    r = run_pyvmm_kvm("-m", "128M", "--kernel", guests["ioscan"], "--append", "mem=128")
+    assert r.returncode == debug_exit_status(0x0F), r.describe()
+    assert reported(r.serial, "mmio_probes") == reported(r.serial, "mmio_reading_ones")
+
+
+@pytest.mark.parametrize("spelling", ["128", "128M", "131072K", "0.125G", "128MB"])
+def test_memory_size_spellings(guests, spelling):
+    """QEMU size syntax: a bare number is MiB."""
+    r = run_pyvmm_kvm("-m", spelling, "--kernel", guests["multiboot_info"], "--append", mb_cmdline(128, 1, 0))
+    assert int(reported(r.serial, "fw_cfg_ram"), 16) == 128 << 20, r.describe()
+    assert r.returncode == debug_exit_status(ALL_CHECKS & ~0x08), r.describe()
+
+
+def test_mem_path_file_backing(guests, initrd_file, tmp_path):
+    """--mem-path DIR: guest RAM in a file there (as QEMU with a hugetlbfs mount), same results."""
+    r = run_pyvmm_kvm("-m", "128M", "--mem-path", tmp_path, "--kernel", guests["multiboot_info"],
+                      "--initrd", initrd_file, "--append", mb_cmdline(128, 1))
+    assert r.returncode == debug_exit_status(ALL_CHECKS), r.describe()
 
 
 # -- bad input: one clear line, non-zero status ------------------------------------------------

@@ -45,6 +45,21 @@ def test_qemu_smp(guests, ncpus, reboot):
     assert r.returncode == debug_exit_status(expected), r.describe()
 
 
+@pytest.mark.parametrize("apic", [0, 1])
+def test_qemu_irq(guests, apic):
+    # The input must arrive after SeaBIOS is done, so wait for the guest's prompt first.
+    r = run_qemu("-no-reboot", "-kernel", guests["irq"], "-append", f"apic={apic}",
+                 send_after=(b"send input", b"ping."))
+    assert r.returncode == debug_exit_status(0x0F), r.describe()
+    assert 'rx="ping"' in r.serial
+
+
+def test_qemu_acpi_poweroff(guests):
+    r = run_qemu("-smp", "2,sockets=2", "-kernel", guests["acpi"])
+    assert r.returncode == 0, r.describe()
+    assert "acpi_checks=0x3f" in r.serial and "still running" not in r.serial, r.describe()
+
+
 def test_qemu_triple_fault(guests):
     disk = f"format=raw,file={guests['triple_fault']},snapshot=on"
     r = run_qemu("-drive", disk)

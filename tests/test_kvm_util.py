@@ -67,3 +67,45 @@ def small_memory(size: int = 2 << 20) -> GuestMemory:
 
 def buses() -> tuple[Bus, Bus]:
     return Bus("io"), Bus("mmio")
+
+
+class RawGuest:
+    """One VM with one vCPU and ``mem_size`` bytes of RAM at 0, no irqchip, for exit-level tests."""
+
+    def __init__(self, code: bytes, org: int = 0x1000, state=None, mem_size: int = 1 << 20) -> None:
+        from pyvmm.cpu_state import CpuState
+        from pyvmm.kvm import abi
+        from pyvmm.kvm.dump import apply_cpu_state
+        from pyvmm.kvm.system import System
+
+        self.system = System()
+        self.mem = GuestMemory(mem_size)
+        self.mem.write(org, code)
+        self.vm = self.system.create_vm()
+        self.vm.map_memory(self.mem)
+        self.vcpu = self.vm.create_vcpu(0)
+        self.vcpu.set_cpuid(self.system.supported_cpuid())
+        state = state or CpuState(regs={"rip": org})
+        regs = abi.KvmRegs()
+        sregs = self.vcpu.get_sregs()
+        apply_cpu_state(state, regs, sregs)
+        self.vcpu.set_sregs(sregs)
+        self.vcpu.set_regs(regs)
+        self.io_bus, self.mmio_bus = buses()
+        self.control = VmControl()
+
+    def runner(self, halt_action: str = "stop"):
+        from pyvmm.accel.kvm_vcpu import VcpuRunner
+
+        return VcpuRunner(self.vcpu, self.io_bus, self.mmio_bus, self.control, halt_action=halt_action)
+
+    def close(self) -> None:
+        self.vm.close()
+        self.mem.close()
+        self.system.close()
+
+    def __enter__(self) -> RawGuest:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -114,3 +114,28 @@ def test_iothread():
         assert ev.wait(2.0)
         assert names == ["io0"]
     assert not io.thread.is_alive()
+
+
+def test_writer_and_reader_on_same_fd(loop):
+    a, b = __import__("socket").socketpair()
+    try:
+        a.setblocking(False)
+        wrote = threading.Event()
+        readable = threading.Event()
+
+        def on_write():
+            a.send(b"w")
+            loop.remove_writer(a.fileno())
+            wrote.set()
+
+        loop.add_reader(a.fileno(), readable.set)
+        loop.add_writer(a.fileno(), on_write)
+        assert wrote.wait(2.0)
+        assert b.recv(10) == b"w"
+        assert not readable.is_set()
+        b.send(b"r")  # the reader survived the writer's removal
+        assert readable.wait(2.0)
+        assert loop.remove_reader(a.fileno())
+    finally:
+        a.close()
+        b.close()

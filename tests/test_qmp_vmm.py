@@ -20,7 +20,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "guests" / "qmp"))
 
-from harness import Client, RawQmp, Vmm, build_guest  # noqa: E402
+from harness import TICK_RE, Client, RawQmp, Vmm, build_guest  # noqa: E402
 
 REQUIRED_COMMANDS = {"qmp_capabilities", "query-status", "query-version", "query-commands", "query-cpus-fast",
                      "query-block", "query-chardev", "stop", "cont", "system_reset", "system_powerdown", "quit",
@@ -121,9 +121,33 @@ def test_system_reset(vmm: Vmm) -> None:
         ev = await c.wait_event("RESET")
         assert ev["data"] == {"guest": False, "reason": "host-qmp-system-reset"}
         vmm.wait_serial(lambda t: t.count("QMPGUEST BOOT") == 2, 15, "a second boot banner")
-        tail = vmm.serial().rsplit("QMPGUEST BOOT", 1)[1]
-        vmm.wait_serial(lambda t: "tick 1\n" in t.rsplit("QMPGUEST BOOT", 1)[1], 10, "ticks after the reset")
-        assert "tick 5" not in tail.split("\n")[:3]
+        text = vmm.wait_serial(lambda t: "tick 1\n" in t.rsplit("QMPGUEST BOOT", 1)[1], 10, "ticks after the reset")
+        before, after = text.split("QMPGUEST BOOT")[1:3]
+        assert "tick 1\n" in before, "the guest had not been running before the reset"
+        assert TICK_RE.findall(after)[:2] == ["0", "1"], "tick numbering did not restart: not a fresh boot"
+        assert (await c.execute("query-status"))["status"] == "running"
+        await c.close()
+
+    run(body())
+
+
+def test_system_reset_while_paused_stays_stopped_until_cont(vmm: Vmm) -> None:
+    async def body() -> None:
+        c = await _connect(vmm)
+        vmm.wait_ticks(2)
+        await c.execute("stop")
+        await c.wait_event("STOP")
+        await c.execute("system_reset")
+        ev = await c.wait_event("RESET")
+        assert ev["data"] == {"guest": False, "reason": "host-qmp-system-reset"}
+        await asyncio.sleep(1.0)
+        status = await c.execute("query-status")
+        assert status["running"] is False and status["status"] in ("prelaunch", "paused")
+        assert vmm.boots() == 1, "the guest rebooted while the VM was stopped"
+        mark = len(c.events)
+        await c.execute("cont")
+        await c.wait_event("RESUME", after=mark)
+        vmm.wait_serial(lambda t: t.count("QMPGUEST BOOT") == 2, 15, "the boot banner after cont")
         assert (await c.execute("query-status"))["status"] == "running"
         await c.close()
 
@@ -147,9 +171,12 @@ def test_system_powerdown_shuts_the_guest_down_cleanly(vmm: Vmm) -> None:
     assert "POWER BUTTON\nS5\n" in text and "S5 FAILED" not in text
 
 
-def test_quit(vmm: Vmm) -> None:
+@pytest.mark.parametrize("paused", [False, True], ids=["running", "paused"])
+def test_quit(vmm: Vmm, paused: bool) -> None:
     async def body() -> None:
         c = await _connect(vmm)
+        if paused:
+            await c.execute("stop")
         assert await c.execute("quit") == {}
         ev = await c.wait_event("SHUTDOWN")
         assert ev["data"] == {"guest": False, "reason": "host-qmp-quit"}
@@ -271,3 +298,51 @@ def test_many_connections_and_abrupt_disconnects(vmm: Vmm) -> None:
     reply = raw.execute("query-status", msg_id=json.loads('"z"'))
     assert reply["return"]["running"] is True
     raw.close()
+
+
+@pytest.mark.parametrize("kind", ["pyvmm", "qemu"])
+def test_wait_on_holds_the_guest_until_a_client_connects(kind: str, guest: Path, tmp_path: Path) -> None:
+    vm = Vmm(kind, guest, tmp_path, wait_for_client=True)
+    vm.start()
+    try:
+        time.sleep(1.0)
+        assert vm.serial() == "", "the guest ran before the QMP client connected"
+        assert vm.proc is not None and vm.proc.poll() is None
+
+        async def body() -> None:
+            c = await _connect(vm)
+            vm.wait_serial(lambda t: "QMPGUEST BOOT" in t, 15, "the boot banner")
+            await c.execute("quit")
+            await c.wait_event("SHUTDOWN")
+            await c.close()
+
+        run(body())
+        assert vm.wait_exit(10) == 0
+    finally:
+        vm.kill()
+
+
+@pytest.mark.parametrize("kind", ["pyvmm", "qemu"])
+def test_guest_reset_and_no_reboot(kind: str, guest: Path, tmp_path: Path) -> None:
+    """A reset the guest asks for (keyboard controller) is RESET {guest: true}; with -no-reboot, SHUTDOWN."""
+    async def body(vm: Vmm, no_reboot: bool) -> None:
+        c = await _connect(vm)
+        ev = await c.wait_event("SHUTDOWN" if no_reboot else "RESET", timeout=20)
+        assert ev["data"] == {"guest": True, "reason": "guest-reset"}
+        if not no_reboot:
+            vm.wait_serial(lambda t: t.count("QMPGUEST BOOT") >= 2, 15, "a boot banner after the guest's reset")
+            await c.execute("quit")
+        await c.close()
+
+    for no_reboot in (False, True):
+        args = ("-append", "reset_after=8") + (("-no-reboot",) if no_reboot else ())
+        # wait=on: the guest starts only when the client connects, so it cannot reset before we listen.
+        vm = Vmm(kind, guest, tmp_path / f"no_reboot_{no_reboot}", wait_for_client=True, extra_args=args)
+        vm.workdir.mkdir()
+        vm.start()
+        try:
+            run(body(vm, no_reboot))
+            assert vm.wait_exit(15) == 0
+            assert "GUEST RESET" in vm.serial()
+        finally:
+            vm.kill()

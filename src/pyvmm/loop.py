@@ -1,7 +1,8 @@
 """The main loop: fd readiness, cross-thread calls and timers, in one thread.
 
 This mirrors QEMU's ``util/main-loop.c``: back-ends (character devices,
-sockets, tap, the monitor) register file descriptors with the loop, and their
+sockets, tap, the monitor) register file descriptors with the loop (readers,
+and writers for draining buffered output), and their
 callbacks run on the loop's thread, never on a vCPU thread.  vCPU threads and
 devices that need something done on the loop thread use
 :meth:`MainLoop.call_soon_threadsafe`, which queues the call and wakes the
@@ -60,7 +61,7 @@ class MainLoop:
         self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._epoll.register(self._wake_fd, select.EPOLLIN)
         self._lock = threading.Lock()
-        self._readers: dict[int, Callback] = {}
+        self._handlers: dict[int, tuple[Callback | None, Callback | None]] = {}  # fd -> (reader, writer)
         self._soon: deque[Callback] = deque()
         self._timers: list[TimerHandle] = []
         self._seq = itertools.count()
@@ -77,23 +78,40 @@ class MainLoop:
         Raises ``PermissionError`` for fds epoll cannot watch (regular files, /dev/null);
         callers that accept such inputs handle that themselves.
         """
-        with self._lock:
-            if fd in self._readers:
-                self._readers[fd] = callback
-                return
-            self._epoll.register(fd, select.EPOLLIN)
-            self._readers[fd] = callback
+        self._set_handler(fd, 0, callback)
 
     def remove_reader(self, fd: int) -> bool:
-        """Stop watching ``fd``.  Returns whether it was being watched."""
+        """Stop watching ``fd`` for input.  Returns whether it was being watched."""
+        return self._set_handler(fd, 0, None)
+
+    def add_writer(self, fd: int, callback: Callback) -> None:
+        """Call ``callback()`` on the loop thread whenever ``fd`` is writable (level-triggered)."""
+        self._set_handler(fd, 1, callback)
+
+    def remove_writer(self, fd: int) -> bool:
+        return self._set_handler(fd, 1, None)
+
+    def _set_handler(self, fd: int, slot: int, callback: Callback | None) -> bool:
+        """Install or clear the reader (slot 0) or writer (slot 1) of ``fd``; epoll mask follows."""
         with self._lock:
-            if self._readers.pop(fd, None) is None:
-                return False
-            try:
-                self._epoll.unregister(fd)
-            except (OSError, ValueError):
-                pass  # fd already closed: the kernel dropped it from the epoll set
-            return True
+            old = self._handlers.get(fd, (None, None))
+            had = old[slot] is not None
+            new = (callback, old[1]) if slot == 0 else (old[0], callback)
+            mask = (select.EPOLLIN if new[0] else 0) | (select.EPOLLOUT if new[1] else 0)
+            if not mask:
+                if fd in self._handlers:
+                    del self._handlers[fd]
+                    try:
+                        self._epoll.unregister(fd)
+                    except (OSError, ValueError):
+                        pass  # fd already closed: the kernel dropped it from the epoll set
+                return had
+            if fd in self._handlers:
+                self._epoll.modify(fd, mask)
+            else:
+                self._epoll.register(fd, mask)
+            self._handlers[fd] = new
+            return had
 
     def call_soon_threadsafe(self, fn: Callback) -> None:
         """Run ``fn()`` on the loop thread as soon as possible; safe from any thread."""
@@ -144,16 +162,24 @@ class MainLoop:
             events = self._epoll.poll(timeout)
         except InterruptedError:
             events = []
-        for fd, _mask in events:
+        for fd, mask in events:
             if fd == self._wake_fd:
                 try:
                     os.eventfd_read(self._wake_fd)
                 except BlockingIOError:
                     pass
                 continue
-            cb = self._readers.get(fd)
-            if cb is not None:
-                self._invoke(cb)
+            handlers = self._handlers.get(fd)
+            if handlers is None:
+                continue
+            reader, writer = handlers
+            if reader is not None and mask & (select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR):
+                self._invoke(reader)
+            if writer is not None and mask & (select.EPOLLOUT | select.EPOLLHUP | select.EPOLLERR):
+                # Looked up again: the reader may have removed it (e.g. on disconnect).
+                writer = self._handlers.get(fd, (None, None))[1]
+                if writer is not None:
+                    self._invoke(writer)
         self._run_timers()
         # Only the calls queued so far: a callback that re-queues itself runs next round.
         for _ in range(len(self._soon)):
@@ -224,7 +250,7 @@ class MainLoop:
             self.stop_thread()
         self._closed = True
         with self._lock:
-            self._readers.clear()
+            self._handlers.clear()
             self._timers.clear()
         self._epoll.close()
         os.close(self._wake_fd)

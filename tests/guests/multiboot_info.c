@@ -2,7 +2,7 @@
  * Multiboot v1 test guest: validates what the loader and fw_cfg told it.
  *
  * The test passes its expectations on the command line
- * ("pyvmm-test mem=<MiB> cpus=<n> initrd=<bytes>"), so one binary checks
+ * ("pyvmm-test mem=<MiB> cpus=<n> initrd=<bytes> [mods=<n>]"), so one binary checks
  * any -m/-smp/-initrd combination.  The exit value is a bit mask of the
  * checks that passed (see CHECK_*), so the test can tell exactly which one
  * failed from the exit status alone; the serial summary carries the values.
@@ -15,7 +15,7 @@ enum {
     CHECK_MAGIC = 1 << 0,     /* EAX == 0x2BADB002; CR0.PE=1 PG=0; EFLAGS.IF=0 VM=0 */
     CHECK_MEM = 1 << 1,       /* mem_lower / mem_upper agree with mem= (within 1 MiB) */
     CHECK_CMDLINE = 1 << 2,   /* cmdline present and carries the test token */
-    CHECK_MODULE = 1 << 3,    /* one module, size and content as the test wrote it */
+    CHECK_MODULE = 1 << 3,    /* mods= modules (default 1), size and content as the test wrote them */
     CHECK_MMAP = 1 << 4,      /* memory map present and consistent with mem= */
     CHECK_FWCFG_SIG = 1 << 5, /* fw_cfg signature "QEMU" */
     CHECK_FWCFG_VAL = 1 << 6, /* fw_cfg RAM_SIZE / NB_CPUS agree with mem= / cpus= */
@@ -64,25 +64,87 @@ static u32 check_mem(const struct mb_info *mbi, u64 mem)
     return mbi->mem_lower >= 512 && mbi->mem_lower <= 640 && top <= mem && top + 0x100000 >= mem;
 }
 
-static u32 check_module(const struct mb_info *mbi, u64 want_size)
+static u32 check_module(const struct mb_info *mbi, u64 want_size, u32 want_count)
 {
     if (!(mbi->flags & 8))
         return 0;
     report_dec("mods_count", mbi->mods_count);
-    if (mbi->mods_count != 1)
+    if (mbi->mods_count != want_count || want_count == 0 || want_count > 8)
         return 0;
-    const struct mb_module *m = (const struct mb_module *)(uptr)mbi->mods_addr;
-    u32 size = m->mod_end - m->mod_start;
-    const u8 *data = (const u8 *)(uptr)m->mod_start;
-    u32 sum = 0, bad = 0;
-    for (u32 i = 0; i < size; i++) {
-        sum = sum * 31 + data[i];
-        bad |= data[i] ^ initrd_pattern(i);
+    u32 good = 1;
+    for (u32 m = 0; m < mbi->mods_count; m++) {
+        const struct mb_module *mod = (const struct mb_module *)(uptr)mbi->mods_addr + m;
+        u32 size = mod->mod_end - mod->mod_start;
+        const u8 *data = (const u8 *)(uptr)mod->mod_start;
+        u32 sum = 0, bad = 0;
+        for (u32 i = 0; i < size; i++) {
+            sum = sum * 31 + data[i];
+            bad |= data[i] ^ initrd_pattern(i);
+        }
+        /* The first module keeps the historical names; the others are numbered. */
+        char key[] = "mod0_";
+        key[3] = (char)('0' + m);
+        uart_puts(m ? key : "mod_");
+        report_hex("start", mod->mod_start);
+        uart_puts(m ? key : "mod_");
+        report_dec("size", size);
+        uart_puts(m ? key : "mod_");
+        report_hex("sum", sum);
+        uart_puts(m ? key : "mod_");
+        report_str("cmdline", mod->string ? (const char *)(uptr)mod->string : "");
+        if (size != want_size || bad || (mod->mod_start & 0xfff) || mod->mod_end <= mod->mod_start)
+            good = 0;
     }
-    report_hex("mod_start", m->mod_start);
-    report_dec("mod_size", size);
-    report_hex("mod_sum", sum);
-    return size == want_size && !bad && (m->mod_start & 0xfff) == 0 && m->mod_end > m->mod_start;
+    return good;
+}
+
+static u8 cmos_read(u8 idx)
+{
+    outb(0x70, idx);
+    return inb(0x71);
+}
+
+static u32 bcd(u32 v, int is_bcd) { return is_bcd ? (v >> 4) * 10 + (v & 15) : v; }
+
+static void put2(u32 v)
+{
+    uart_putc((char)('0' + v / 10 % 10));
+    uart_putc((char)('0' + v % 10));
+}
+
+/* Report the RTC date/time and the CMOS bytes firmware and OSes read for memory size / CPUs. */
+static void report_cmos(void)
+{
+    for (int i = 0; i < 100000 && (cmos_read(0x0a) & 0x80); i++)
+        cpu_relax();
+    u8 b = cmos_read(0x0b);
+    int is_bcd = !(b & 4);
+    u32 sec = bcd(cmos_read(0x00), is_bcd), min = bcd(cmos_read(0x02), is_bcd);
+    u8 hraw = cmos_read(0x04);
+    u32 hour = bcd(hraw & 0x7f, is_bcd);
+    if (!(b & 2) && (hraw & 0x80)) /* 12-hour mode, PM */
+        hour = hour % 12 + 12;
+    u32 day = bcd(cmos_read(0x07), is_bcd), mon = bcd(cmos_read(0x08), is_bcd);
+    u32 year = bcd(cmos_read(0x09), is_bcd), cent = bcd(cmos_read(0x32), is_bcd);
+    report_hex("rtc_status_b", b);
+    uart_puts("rtc=");
+    put2(cent);
+    put2(year);
+    uart_putc('-');
+    put2(mon);
+    uart_putc('-');
+    put2(day);
+    uart_putc(' ');
+    put2(hour);
+    uart_putc(':');
+    put2(min);
+    uart_putc(':');
+    put2(sec);
+    uart_putc('\n');
+    report_dec("cmos_ext_mem_kb", cmos_read(0x30) | (u32)cmos_read(0x31) << 8);
+    report_dec("cmos_mem_above_16m_64k", cmos_read(0x34) | (u32)cmos_read(0x35) << 8);
+    report_dec("cmos_mem_above_4g_64k", cmos_read(0x5b) | (u32)cmos_read(0x5c) << 8 | (u32)cmos_read(0x5d) << 16);
+    report_dec("cmos_cpus_minus_1", cmos_read(0x5f));
 }
 
 static u32 check_mmap(const struct mb_info *mbi, u64 mem)
@@ -156,7 +218,8 @@ void guest_main(u32 magic, const struct mb_info *mbi, u32 entry_eflags)
 
     if (check_mem(mbi, mem))
         ok |= CHECK_MEM;
-    if (check_module(mbi, initrd))
+    u32 mods = (u32)cmdline_get_num(cmdline, "mods", 1);
+    if (check_module(mbi, initrd, mods))
         ok |= CHECK_MODULE;
     if (check_mmap(mbi, mem))
         ok |= CHECK_MMAP;
@@ -165,6 +228,7 @@ void guest_main(u32 magic, const struct mb_info *mbi, u32 entry_eflags)
         if (check_fw_cfg_values(mem, cpus))
             ok |= CHECK_FWCFG_VAL;
     }
+    report_cmos();
     report_hex("result", ok);
     debug_exit((u8)ok);
 }

@@ -167,6 +167,7 @@ class KvmAccelerator:
         vm.set_identity_map_addr(IDENTITY_MAP_ADDR)
         vm.set_tss_addr(TSS_ADDR)
         vm.create_irqchip()
+        vm.set_gsi_routing(vm.pc_routes())  # PIT on IOAPIC pin 2, as the MP table and MADT say
         vm.create_pit2()
         vm.map_memory(ctx.memory)
         self.runners = []

@@ -20,12 +20,14 @@ table built once per thread.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import logging
 import os
 import signal
 import struct
 import threading
+from bisect import bisect_right
 from collections.abc import Callable
 from typing import Any
 
@@ -44,13 +46,20 @@ log = logging.getLogger(__name__)
 KICK_SIGNAL = signal.SIGUSR1
 
 _EXIT_OFF = abi.KVM_RUN_EXIT_OFFSET
+_EXIT_REASON_OFF = abi.KVM_RUN_EXIT_REASON_OFFSET
 _MMIO_DATA_OFF = _EXIT_OFF + abi.KvmRunMmio.data.offset
-# Index = access size in bytes; sizes other than 1/2/4 are rejected before use.
-_UNPACK: tuple[Any, ...] = (None, struct.Struct("<B").unpack_from, struct.Struct("<H").unpack_from, None,
-                            struct.Struct("<I").unpack_from)
-_PACK: tuple[Any, ...] = (None, struct.Struct("<B").pack_into, struct.Struct("<H").pack_into, None,
-                          struct.Struct("<I").pack_into)
-_MASK = (0, 0xFF, 0xFFFF, 0, 0xFFFFFFFF)
+# exit_reason, then (skipping to the exit union) kvm_run.io: direction, size, port, count, data_offset.
+_EXIT_HEAD = struct.Struct(f"<I{_EXIT_OFF - _EXIT_REASON_OFF - 4}xBBHIQ")
+assert _EXIT_HEAD.size == _EXIT_OFF - _EXIT_REASON_OFF + ctypes.sizeof(abi.KvmRunIo)
+# kvm_run.mmio: phys_addr, data[8], len, is_write.
+_MMIO_HEAD = struct.Struct("<Q8sIB")
+assert _MMIO_HEAD.size == abi.KvmRunMmio.is_write.offset + 1
+# Keyed by access size in bytes: a size missing here is a malformed exit.
+_UNPACK: dict[int, Any] = {1: struct.Struct("<B").unpack_from, 2: struct.Struct("<H").unpack_from,
+                           4: struct.Struct("<I").unpack_from}
+_PACK: dict[int, Any] = {1: struct.Struct("<B").pack_into, 2: struct.Struct("<H").pack_into,
+                         4: struct.Struct("<I").pack_into}
+_MASK = {1: 0xFF, 2: 0xFFFF, 4: 0xFFFFFFFF}
 
 
 def _kick_handler(signum: int, frame: object) -> None:
@@ -232,11 +241,9 @@ class VcpuRunner:
         mm_size = len(mm)
         ioctl = kvm_run_ioctl
         KVM_RUN = int(Ioctl.RUN)
-        io = abi.KvmRunIo.from_buffer(mm, _EXIT_OFF)
-        mmio = abi.KvmRunMmio.from_buffer(mm, _EXIT_OFF)
-        io_find = self.io_bus.find
+        head = _EXIT_HEAD.unpack_from
+        mmio_head = _MMIO_HEAD.unpack_from
         io_bus = self.io_bus
-        mmio_find = self.mmio_bus.find
         mmio_bus = self.mmio_bus
         UNPACK, PACK, MASK = _UNPACK, _PACK, _MASK
         MMIO_DATA = _MMIO_DATA_OFF
@@ -244,85 +251,81 @@ class VcpuRunner:
         EXIT_MMIO = int(ExitReason.MMIO)
         dispatch = self._dispatch_table()
         slow = self._unexpected_exit
+        pio_slow = self._pio_slow
         service = self._service
-        try:
-            if not service():
-                return
-            while True:
-                if ioctl(fd, KVM_RUN, 0) < 0:
-                    err = get_errno()
-                    if err != errno.EINTR and err != errno.EAGAIN:
-                        raise KvmError(f"KVM_RUN on vCPU {self.index} failed: {os.strerror(err)}")
-                    run.immediate_exit = 0
-                    if not service():
-                        self.last_exit = ExitReason.INTR
-                        return
-                    continue
-                reason = run.exit_reason
-                if reason == EXIT_IO:
-                    size = io.size
-                    port = io.port
-                    count = io.count
-                    off = io.data_offset
-                    if (size != 1 and size != 2 and size != 4) or off + size * count > mm_size:
-                        self._fail(f"vCPU {self.index}: malformed I/O exit (port {port:#x} size {size} "
-                                   f"count {count} offset {off:#x})")
-                        return
-                    hit = io_find(port)
-                    if io.direction:  # OUT
-                        if hit is None:
-                            io_bus.write(port, size, UNPACK[size](mm, off)[0])
-                            continue
-                        base, dev = hit
-                        if count == 1:
-                            dev.io_write(port - base, size, UNPACK[size](mm, off)[0])
-                        else:
-                            unpack = UNPACK[size]
-                            write = dev.io_write
-                            rel = port - base
-                            for i in range(count):
-                                write(rel, size, unpack(mm, off + i * size)[0])
-                    else:
-                        pack = PACK[size]
-                        mask = MASK[size]
-                        if hit is None:
-                            value = mask
-                            io_bus.read(port, size)  # logs the unassigned access once
-                            for i in range(count):
-                                pack(mm, off + i * size, value)
-                            continue
-                        base, dev = hit
-                        read = dev.io_read
-                        rel = port - base
-                        for i in range(count):
-                            pack(mm, off + i * size, read(rel, size) & mask)
-                    continue
-                if reason == EXIT_MMIO:
-                    addr = mmio.phys_addr
-                    n = mmio.len
-                    if not 1 <= n <= 8:
-                        self._fail(f"vCPU {self.index}: malformed MMIO exit (len {n} at {addr:#x})")
-                        return
-                    hit = mmio_find(addr)
-                    if mmio.is_write:
-                        value = int.from_bytes(mm[MMIO_DATA:MMIO_DATA + n], "little")
-                        if hit is None:
-                            mmio_bus.write(addr, n, value)
-                        else:
-                            hit[1].io_write(addr - hit[0], n, value)
-                    else:
-                        if hit is None:
-                            value = mmio_bus.read(addr, n)
-                        else:
-                            value = hit[1].io_read(addr - hit[0], n) & ((1 << (8 * n)) - 1)
-                        mm[MMIO_DATA:MMIO_DATA + n] = value.to_bytes(n, "little")
-                    continue
-                self.last_exit = reason
-                if not dispatch.get(reason, slow)(reason):
+        if not service():
+            return
+        while True:
+            if ioctl(fd, KVM_RUN, 0) < 0:
+                err = get_errno()
+                if err != errno.EINTR and err != errno.EAGAIN:
+                    raise KvmError(f"KVM_RUN on vCPU {self.index} failed: {os.strerror(err)}")
+                run.immediate_exit = 0
+                if not service():
+                    self.last_exit = ExitReason.INTR
                     return
-        finally:
-            # Drop the views so Vcpu.close() can unmap kvm_run.
-            del io, mmio
+                continue
+            # One unpack reads the exit reason and, if it is KVM_EXIT_IO, all of kvm_run.io.
+            reason, out, size, port, count, off = head(mm, _EXIT_REASON_OFF)
+            if reason == EXIT_IO:
+                unpack = UNPACK.get(size)
+                if unpack is None or off + size * count > mm_size:
+                    self._fail(f"vCPU {self.index}: malformed I/O exit (port {port:#x} size {size} "
+                               f"count {count} offset {off:#x})")
+                    return
+                if count == 1:
+                    # Bus.find, inlined: the entry found must itself cover the port, so a bus being
+                    # changed concurrently can only make us take the slow path, never call a wrong device.
+                    try:
+                        s, e, dev, _ = io_bus._entries[bisect_right(io_bus._starts, port) - 1]
+                    except IndexError:
+                        s = e = 0
+                    if s <= port < e:
+                        if out:
+                            dev.io_write(port - s, size, unpack(mm, off)[0])
+                        else:
+                            PACK[size](mm, off, dev.io_read(port - s, size) & MASK[size])
+                        continue
+                pio_slow(out, size, port, count, off)
+                continue
+            if reason == EXIT_MMIO:
+                addr, data, n, is_write = mmio_head(mm, _EXIT_OFF)
+                if not 1 <= n <= 8:
+                    self._fail(f"vCPU {self.index}: malformed MMIO exit (len {n} at {addr:#x})")
+                    return
+                try:
+                    s, e, dev, _ = mmio_bus._entries[bisect_right(mmio_bus._starts, addr) - 1]
+                except IndexError:
+                    s = e = 0
+                if is_write:
+                    value = int.from_bytes(data[:n], "little")
+                    if s <= addr < e:
+                        dev.io_write(addr - s, n, value)
+                    else:
+                        mmio_bus.write(addr, n, value)
+                else:
+                    if s <= addr < e:
+                        value = dev.io_read(addr - s, n) & ((1 << (8 * n)) - 1)
+                    else:
+                        value = mmio_bus.read(addr, n)
+                    mm[MMIO_DATA:MMIO_DATA + n] = value.to_bytes(n, "little")
+                continue
+            self.last_exit = reason
+            if not dispatch.get(reason, slow)(reason):
+                return
+
+    def _pio_slow(self, out: int, size: int, port: int, count: int, off: int) -> None:
+        """String I/O (``rep ins/outs``: ``count`` items) and unassigned ports; sizes already checked."""
+        mm = self.vcpu.run_mmap
+        bus = self.io_bus
+        if out:
+            unpack = _UNPACK[size]
+            for i in range(count):
+                bus.write(port, size, unpack(mm, off + i * size)[0])
+        else:
+            pack = _PACK[size]
+            for i in range(count):
+                pack(mm, off + i * size, bus.read(port, size))
 
     # -- slow-path exits ---------------------------------------------------------------------------
     def _dispatch_table(self) -> dict[int, Callable[[int], bool]]:

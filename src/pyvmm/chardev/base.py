@@ -3,8 +3,9 @@
 A *front-end* (a UART, a virtio console) talks to a :class:`CharBackend`:
 
 * output: ``backend.write(data)`` from a vCPU thread.  It must not block the
-  vCPU for long, so back-ends whose peer can stall (socket, pty) wait a short,
-  bounded time and then drop output, as QEMU does for a disconnected pty.
+  vCPU, so back-ends whose peer can stall (socket, pty) queue what the peer
+  cannot take yet (bounded, see :class:`OutputBuffer`) and let the loop
+  thread flush it; with no peer at all, output is dropped.
 * input: the back-end reads its fd on the main loop thread and calls the
   attached receiver's ``receive(data)`` with at most ``can_receive()`` bytes.
   When ``can_receive()`` is 0 the back-end stops watching its fd (so a full
@@ -22,8 +23,8 @@ from __future__ import annotations
 
 import logging
 import os
-import select
-import time
+import threading
+from collections.abc import Callable
 from typing import Protocol
 
 from pyvmm.loop import MainLoop
@@ -32,6 +33,8 @@ log = logging.getLogger(__name__)
 
 #: Largest single read from an input fd.
 READ_CHUNK = 4096
+#: Output a socket/pty back-end queues for a slow peer before dropping.
+OUTPUT_LIMIT = 1 << 20
 
 
 class CharReceiver(Protocol):
@@ -64,32 +67,112 @@ class CharBackend(Protocol):
     def close(self) -> None: ...
 
 
-def write_bounded(fd: int, data: bytes, timeout: float) -> int:
-    """Write ``data`` to a non-blocking ``fd``, waiting at most ``timeout`` seconds in total.
+class OutputBuffer:
+    """Non-blocking output to a socket or pty, with a bounded queue the loop drains.
 
-    Returns the number of bytes written.  Raises OSError for hard errors (EPIPE, EIO, ...).
+    ``write`` (vCPU threads) sends directly while nothing is queued; whatever the peer
+    cannot take now is queued (up to ``limit`` bytes; beyond that output is dropped and
+    counted) and the loop thread is asked to flush it when the fd becomes writable.  The
+    vCPU never waits for the peer, and a briefly slow reader loses nothing.  This matters
+    for Unix sockets in particular: the kernel charges each one-byte send a whole buffer's
+    overhead, so a few hundred unread UART bytes already fill the socket.
+
+    ``_lock`` guards the queue and the target; it is never held while calling a device.
     """
-    view = memoryview(data)
-    done = 0
-    deadline = None
-    while done < len(view):
-        try:
-            done += os.write(fd, view[done:])
-            continue
-        except BlockingIOError:
-            pass
-        except InterruptedError:
-            continue
-        now = time.monotonic()
-        if deadline is None:
-            deadline = now + timeout
-        remaining = deadline - now
-        if remaining <= 0:
-            break
-        p = select.poll()
-        p.register(fd, select.POLLOUT)
-        p.poll(remaining * 1000)
-    return done
+
+    def __init__(self, loop: MainLoop, label: str, limit: int = OUTPUT_LIMIT) -> None:
+        self._loop = loop
+        self._label = label
+        self._limit = limit
+        self._lock = threading.Lock()
+        self._buf = bytearray()
+        self._fd: int | None = None
+        self._send: Callable[[bytes | bytearray | memoryview], int] | None = None
+        self._on_error: Callable[[OSError], None] | None = None
+        self._armed = False
+        self.dropped = 0
+
+    def set_target(self, fd: int, send: Callable[[bytes | bytearray | memoryview], int],
+                   on_error: Callable[[OSError], None]) -> None:
+        """Send to ``fd`` with ``send`` (which must not block); ``on_error`` for hard errors."""
+        with self._lock:
+            self._fd, self._send, self._on_error = fd, send, on_error
+            self._buf.clear()
+
+    def clear_target(self) -> None:
+        """Forget the peer and any queued output (loop thread or any thread)."""
+        with self._lock:
+            fd = self._fd
+            self._fd = self._send = self._on_error = None
+            self._buf.clear()
+            armed, self._armed = self._armed, False
+        if armed and fd is not None:
+            self._loop.remove_writer(fd)
+
+    @property
+    def queued(self) -> int:
+        return len(self._buf)
+
+    def write(self, data: bytes) -> int:
+        err: OSError | None = None
+        on_error: Callable[[OSError], None] | None = None
+        with self._lock:
+            send = self._send
+            if send is None:
+                return 0
+            sent = 0
+            if not self._buf:
+                try:
+                    sent = send(data)
+                except (BlockingIOError, InterruptedError):
+                    sent = 0
+                except OSError as e:
+                    err, on_error = e, self._on_error
+                if err is None and sent == len(data):
+                    return sent
+            if err is None:
+                rest = memoryview(data)[sent:]
+                room = max(0, self._limit - len(self._buf))
+                self._buf += rest[:room]
+                if len(rest) > room:
+                    if not self.dropped:
+                        log.warning("%s: peer is not reading; output is being dropped", self._label)
+                    self.dropped += len(rest) - room
+                if self._buf and not self._armed:
+                    self._armed = True
+                    self._loop.call_soon_threadsafe(self._arm)
+                return sent + min(len(rest), room)
+        if err is not None and on_error is not None:
+            on_error(err)
+        return 0
+
+    def _arm(self) -> None:
+        with self._lock:
+            if self._buf and self._fd is not None and self._armed:
+                self._loop.add_writer(self._fd, self._on_writable)
+            else:
+                self._armed = False
+
+    def _on_writable(self) -> None:
+        err: OSError | None = None
+        on_error: Callable[[OSError], None] | None = None
+        with self._lock:
+            fd, send = self._fd, self._send
+            if send is None or fd is None:
+                return
+            try:
+                n = send(memoryview(self._buf)[:READ_CHUNK * 16])
+                del self._buf[:n]
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                err, on_error = e, self._on_error
+                self._buf.clear()
+            if not self._buf:
+                self._armed = False
+                self._loop.remove_writer(fd)
+        if err is not None and on_error is not None:
+            on_error(err)
 
 
 def write_blocking(fd: int, data: bytes) -> int:

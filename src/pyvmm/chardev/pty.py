@@ -4,8 +4,9 @@ The slave's path is logged the way QEMU prints it ("char device redirected
 to /dev/pts/5 (label serial0)") and kept in :attr:`PtyBackend.path`; connect
 with ``screen``/``minicom``/``picocom``.  The slave is put in raw mode and we
 keep our own slave fd open, so the master never reports a hang-up between
-clients.  The master is non-blocking: when nobody reads, the kernel buffer
-fills and further output is dropped instead of stalling the vCPU.
+clients.  The master is non-blocking: output the reader has not taken yet
+is queued (bounded) and flushed by the loop; when nobody reads at all the
+queue fills and further output is dropped instead of stalling the vCPU.
 """
 
 from __future__ import annotations
@@ -15,14 +16,11 @@ import os
 import termios
 import tty
 
-from pyvmm.chardev.base import CharBackendBase, write_bounded
+from pyvmm.chardev.base import CharBackendBase, OutputBuffer
 from pyvmm.errors import DeviceError
 from pyvmm.loop import MainLoop
 
 log = logging.getLogger(__name__)
-
-#: How long one write may wait for a reader that is present but slow.
-WRITE_TIMEOUT = 0.05
 
 
 class PtyBackend(CharBackendBase):
@@ -35,20 +33,18 @@ class PtyBackend(CharBackendBase):
         os.set_blocking(self.master_fd, False)
         tty.setraw(self._slave_fd, termios.TCSANOW)
         self.path = os.ttyname(self._slave_fd)
-        self._stalled = False
+        self._out = OutputBuffer(loop, label)
+        self._out.set_target(self.master_fd, lambda d: os.write(self.master_fd, d), self._on_write_error)
         log.info("char device redirected to %s (label %s)", self.path, label)
 
     def write(self, data: bytes) -> int:
         if self._closed:
             return 0
-        try:
-            # Once output has been dropped, don't wait again until the reader catches up.
-            n = write_bounded(self.master_fd, data, 0.0 if self._stalled else WRITE_TIMEOUT)
-        except OSError as e:
-            log.debug("%s: pty write failed: %s", self.label, e)
-            return 0
-        self._stalled = n < len(data)
-        return n
+        return self._out.write(data)
+
+    def _on_write_error(self, err: OSError) -> None:
+        log.warning("%s: pty write failed (%s); output is now discarded", self.label, err)
+        self._out.clear_target()
 
     def _on_attach(self) -> None:
         self._start_input(self.master_fd)
@@ -57,5 +53,6 @@ class PtyBackend(CharBackendBase):
         if self._closed:
             return
         super().close()
+        self._out.clear_target()
         os.close(self.master_fd)
         os.close(self._slave_fd)

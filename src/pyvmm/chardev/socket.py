@@ -3,14 +3,15 @@
 Server mode (``server=on``) listens on PATH and serves one client at a time:
 while a client is connected the listening socket is not watched, so further
 clients wait in the backlog until the current one leaves.  With no client,
-output is dropped.  ``wait=on`` (QEMU's default for servers) blocks the
+output is dropped; output a slow client has not read yet is queued (up to
+1 MiB) and flushed by the loop (:class:`OutputBuffer`).  ``wait=on`` (QEMU's default for servers) blocks the
 constructor until the first client connects; ``wait=off`` starts at once.
 
 Client mode (no ``server``) connects to an existing socket at start-up; when
 the peer goes away, output is dropped from then on.
 
-Locking: ``_lock`` guards the current client socket.  ``write`` runs on
-vCPU threads and holds it only around the send; reads, accepts and
+Locking: ``_lock`` guards the current client socket; the output queue has
+its own lock.  ``write`` runs on vCPU threads; reads, accepts and
 disconnects run on the loop thread.  Receivers are never called with the
 lock held (a receiver takes its device's lock, which a vCPU may hold while
 writing here).
@@ -24,14 +25,11 @@ import socket
 import stat
 import threading
 
-from pyvmm.chardev.base import CharBackendBase
+from pyvmm.chardev.base import CharBackendBase, OutputBuffer
 from pyvmm.errors import DeviceError
 from pyvmm.loop import MainLoop
 
 log = logging.getLogger(__name__)
-
-#: How long one write may wait for a connected but slow client before dropping output.
-WRITE_TIMEOUT = 0.05
 
 
 class UnixSocketBackend(CharBackendBase):
@@ -43,7 +41,7 @@ class UnixSocketBackend(CharBackendBase):
         self._lock = threading.Lock()
         self._client: socket.socket | None = None
         self._listener: socket.socket | None = None
-        self._stalled = False
+        self._out = OutputBuffer(loop, label)
         if server:
             self._listen(watch=not wait)
             if wait:
@@ -93,7 +91,7 @@ class UnixSocketBackend(CharBackendBase):
         conn.setblocking(False)
         with self._lock:
             self._client = conn
-            self._stalled = False
+        self._out.set_target(conn.fileno(), conn.send, lambda err: self._on_send_error(conn, err))
         if self._listener is not None and self._loop is not None:
             self._loop.remove_reader(self._listener.fileno())
         log.info("%s: client connected on unix:%s", self.label, self.path)
@@ -121,6 +119,7 @@ class UnixSocketBackend(CharBackendBase):
             if self._client is not conn:
                 return
             self._client = None
+        self._out.clear_target()
         if self._in_fd == conn.fileno():
             self._stop_input()
         conn.close()
@@ -130,28 +129,14 @@ class UnixSocketBackend(CharBackendBase):
 
     # -- protocol ----------------------------------------------------------------------------
     def write(self, data: bytes) -> int:
-        with self._lock:
-            conn = self._client
-            if conn is None or self._closed:
-                return 0
-            try:
-                conn.settimeout(0.0 if self._stalled else WRITE_TIMEOUT)
-                n = 0
-                try:
-                    while n < len(data):
-                        n += conn.send(data[n:])
-                except (TimeoutError, BlockingIOError):
-                    pass
-                finally:
-                    conn.setblocking(False)
-                self._stalled = n < len(data)
-                return n
-            except OSError as e:
-                log.debug("%s: send failed: %s", self.label, e)
-                broken = conn
+        if self._closed:
+            return 0
+        return self._out.write(data)  # no client: dropped; slow client: queued for the loop
+
+    def _on_send_error(self, conn: socket.socket, err: OSError) -> None:
+        log.debug("%s: send failed: %s", self.label, err)
         if self._loop is not None:
-            self._loop.call_soon_threadsafe(lambda: self._disconnect(broken))
-        return 0
+            self._loop.call_soon_threadsafe(lambda: self._disconnect(conn))
 
     def _on_attach(self) -> None:
         conn = self._client
@@ -178,6 +163,7 @@ class UnixSocketBackend(CharBackendBase):
         if self._closed:
             return
         super().close()
+        self._out.clear_target()
         with self._lock:
             conn, self._client = self._client, None
         if conn is not None:

@@ -170,7 +170,7 @@ class StdioBackend(CharBackendBase):
         for sig in _RESTORE_SIGNALS:
             if signal.getsignal(sig) is signal.SIG_DFL:
                 self._old_handlers[sig] = signal.SIG_DFL
-                pass  # MUT
+                signal.signal(sig, self._on_fatal_signal)
 
     def _remove_signal_handlers(self) -> None:
         if threading.current_thread() is not threading.main_thread():

@@ -146,6 +146,23 @@ class Vm:
             routes.append(IrqchipRoute(gsi, abi.KVM_IRQCHIP_IOAPIC, gsi))
         return routes
 
+    @staticmethod
+    def pc_routes() -> list[IrqchipRoute]:
+        """The PC wiring: ISA IRQ 0 (the PIT) reaches IOAPIC pin 2, as MP tables and ACPI say.
+
+        GSI 0 goes to PIC pin 0 and IOAPIC pin 2; GSI 2 (the PIC cascade) is not routed; every other
+        ISA GSI goes to its PIC pin and the same IOAPIC pin; GSIs 16-23 to the IOAPIC only.
+        """
+        routes: list[IrqchipRoute] = []
+        for gsi in range(24):
+            if gsi == 2:
+                continue
+            if gsi < 16:
+                chip = abi.KVM_IRQCHIP_PIC_MASTER if gsi < 8 else abi.KVM_IRQCHIP_PIC_SLAVE
+                routes.append(IrqchipRoute(gsi, chip, gsi % 8))
+            routes.append(IrqchipRoute(gsi, abi.KVM_IRQCHIP_IOAPIC, 2 if gsi == 0 else gsi))
+        return routes
+
     def irqfd(self, fd: int, gsi: int, resample_fd: int | None = None, deassign: bool = False) -> None:
         """Wire an eventfd so that writing it raises ``gsi`` without a trip through userspace."""
         req = abi.KvmIrqfd(fd=fd, gsi=gsi)

@@ -44,6 +44,7 @@ from pyvmm.machine.e820 import build_e820
 from pyvmm.machine.mptable import write_mptable
 from pyvmm.memory import GuestMemory
 from pyvmm.monitor import ChardevInfo, CpuInfo, create_monitor
+from pyvmm.monitor.events import ShutdownCause, cause_of
 from pyvmm.runstate import Request, RequestKind, RunState, VmControl
 
 log = logging.getLogger(__name__)
@@ -83,6 +84,7 @@ class PcMachine:
         self.state = RunState.PRELAUNCH
         self.state_listeners: list[Callable[[RunState, str], None]] = []
         self.reset_listeners: list[Callable[[str], None]] = []  # callback(reason), at each machine reset
+        self.last_request: Request | None = None  # the life-cycle request being handled (for listeners)
         self._build()
         self.monitor = create_monitor(self, config.qmp)  # --qmp (QMP); started in run()
 
@@ -154,10 +156,13 @@ class PcMachine:
         for cb in list(self.state_listeners):
             cb(state, reason)
 
-    def _power_on(self) -> None:
+    def _power_on(self, start: bool = True) -> None:
         self._load_firmware_and_kernel()
         assert self.boot is not None
         self.accel.set_boot_state(self.boot.cpu, start_aps=False)
+        if not start:  # reset while paused: stay stopped until QMP 'cont', as QEMU does
+            self._set_state(RunState.PRELAUNCH)
+            return
         self.accel.start()
         self._set_state(RunState.RUNNING)
 
@@ -171,7 +176,7 @@ class PcMachine:
             if reset is not None:
                 reset()
         self.accel.reset()
-        self._power_on()
+        self._power_on(start=self.state is not RunState.PAUSED)
 
     def pause(self) -> None:
         if self.state is RunState.RUNNING:
@@ -181,6 +186,9 @@ class PcMachine:
     def resume(self) -> None:
         if self.state is RunState.PAUSED:
             self.accel.resume()
+            self._set_state(RunState.RUNNING)
+        elif self.state is RunState.PRELAUNCH and self.boot is not None:  # reset while paused
+            self.accel.start()
             self._set_state(RunState.RUNNING)
 
     def run(self) -> RunResult:
@@ -199,6 +207,7 @@ class PcMachine:
             self.shutdown()
 
     def _handle(self, req: Request) -> RunResult | None:
+        self.last_request = req
         if req.kind is RequestKind.RESET:
             if self.config.no_reboot:
                 self._set_state(RunState.SHUTDOWN, req.reason)
@@ -229,10 +238,17 @@ class PcMachine:
     def _start_monitor(self) -> None:
         if self.monitor is None:
             return
-        self.state_listeners.append(self.monitor.on_state)
+        self.state_listeners.append(self._monitor_on_state)
         self.reset_listeners.append(self.monitor.on_reset)
         self.monitor.start()
         self.monitor.wait_for_clients()
+
+    def _monitor_on_state(self, state: RunState, reason: str) -> None:
+        assert self.monitor is not None
+        req = self.last_request
+        if state is RunState.SHUTDOWN and req is not None and req.kind is RequestKind.RESET:
+            reason = cause_of(reason, ShutdownCause.GUEST_RESET).value  # a reset under --no-reboot
+        self.monitor.on_state(state, reason)
 
     def status(self) -> RunState:
         return self.state

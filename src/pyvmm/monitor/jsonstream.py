@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import enum
 import json
+import re
 from dataclasses import dataclass
 
 #: Largest message accepted (bytes); QMP commands are small.
@@ -36,6 +37,9 @@ _CLOSE = frozenset(b"}]")
 #: Bytes that end a top-level scalar token (true, 123, garbage...).
 _DELIM = frozenset(b" \t\r\n{}[]\",:")
 _BAD = frozenset(range(0x20)) - _WS | {0xFE, 0xFF}
+#: Bytes that need attention inside a string / inside a container (the rest is copied in bulk).
+_STRING_STOP = re.compile(rb'["\\\x00-\x1f\xfe\xff]')
+_VALUE_STOP = re.compile(rb'["{}\[\]\x00-\x08\x0b\x0c\x0e-\x1f\xfe\xff]')
 
 
 @dataclass(frozen=True)
@@ -87,17 +91,48 @@ class JsonStream:
         self._state = _State.TOP
 
     def feed(self, data: bytes) -> list[Message | ParseError]:
-        """Consume ``data``; return the messages and errors it completed, in stream order."""
+        """Consume ``data``; return the messages and errors it completed, in stream order.
+
+        Runs of ordinary bytes inside strings and containers are found with a
+        regular expression and copied in one go, so large messages cost little
+        Python per byte; everything else goes through :meth:`_step`.  The
+        result never depends on how the stream is cut into chunks.
+        """
         out = self._out = []
-        step = self._step
         limit = self.max_message
-        for byte in data:
-            step(byte)
+        n = len(data)
+        pos = 0
+        while pos < n:
+            state = self._state
+            if state == _State.DISCARD:
+                nl = data.find(b"\n", pos)
+                if nl < 0:
+                    break
+                self._state = _State.TOP
+                pos = nl + 1
+                continue
+            if state == _State.STRING or state == _State.VALUE:
+                m = (_STRING_STOP if state == _State.STRING else _VALUE_STOP).search(data, pos)
+                end = m.start() if m else n
+                room = limit - len(self._buf)
+                if end - pos > room:   # the byte at pos + room is the one too many
+                    self._overflow()
+                    pos += room + 1
+                    continue
+                self._buf += data[pos:end]
+                pos = end
+                if m is None:
+                    break
+            self._step(data[pos])
+            pos += 1
             if len(self._buf) > limit:
-                self._reset()
-                self._state = _State.DISCARD
-                out.append(ParseError(f"JSON parse error, message exceeds {limit} bytes"))
+                self._overflow()
         return out
+
+    def _overflow(self) -> None:
+        self._reset()
+        self._state = _State.DISCARD
+        self._out.append(ParseError(f"JSON parse error, message exceeds {self.max_message} bytes"))
 
     def _step(self, byte: int) -> None:  # one state machine, kept in one place
         state = self._state

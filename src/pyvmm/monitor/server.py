@@ -24,7 +24,7 @@ import os
 import socket
 import stat
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import Any
@@ -173,6 +173,7 @@ class MonitorServer:
         self._thread: threading.Thread | None = None
         self._connected = [threading.Event() for _ in self.specs]
         self._ready = threading.Event()
+        self._start_error: BaseException | None = None
         self._closed = False
 
     # -- life cycle (machine's main thread) ---------------------------------------------------
@@ -188,6 +189,10 @@ class MonitorServer:
         self._thread = threading.Thread(target=self._run, name="monitor", daemon=True)
         self._thread.start()
         self._ready.wait()
+        if self._start_error is not None:
+            self._thread.join()
+            self._close_sockets()
+            raise DeviceError(f"QMP monitor failed to start: {self._start_error}")
         for spec in self.specs:
             log.info("QMP monitor listening on %s", spec.describe())
 
@@ -221,8 +226,14 @@ class MonitorServer:
     def _run(self) -> None:
         assert self._loop is not None
         asyncio.set_event_loop(self._loop)
-        self._loop.run_until_complete(self._start_servers())
-        self._ready.set()
+        try:
+            self._loop.run_until_complete(self._start_servers())
+        except Exception as e:  # reported by start() on the machine's thread
+            self._start_error = e
+            self._loop.close()
+            return
+        finally:
+            self._ready.set()
         try:
             self._loop.run_forever()
         finally:
@@ -267,12 +278,16 @@ class MonitorServer:
 
     # -- machine notifications (any thread) -----------------------------------------------------
     def on_state(self, state: RunState, reason: str) -> None:
-        self._post(lambda: [self.broadcast(ev) for ev in self._tracker.events_for(state, reason)])
+        def emit() -> None:
+            for ev in self._tracker.events_for(state, reason):
+                self.broadcast(ev)
+
+        self._post(emit)
 
     def on_reset(self, reason: str) -> None:
         self._post(lambda: self.broadcast(reset_event(cause_of(reason, ShutdownCause.GUEST_RESET))))
 
-    def _post(self, fn) -> None:
+    def _post(self, fn: Callable[[], None]) -> None:
         loop = self._loop
         if loop is None or loop.is_closed():
             return

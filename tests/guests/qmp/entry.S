@@ -3,7 +3,7 @@
  *
  * Both pyvmm and QEMU load an ELF32 multiboot kernel with -kernel and enter
  * here in flat 32-bit protected mode, paging off, interrupts off.  We set up
- * our own stack and run qmp_guest_main(); it never returns on success.
+ * our own stack and run qmp_guest_main(magic, mbi); it never returns on success.
  */
 #define MB_MAGIC 0x1BADB002
 #define MB_FLAGS 0x00000003
@@ -22,6 +22,8 @@ _start:
     cld
     movl $stack_top, %esp
     xorl %ebp, %ebp
+    pushl %ebx                /* multiboot information */
+    pushl %eax                /* multiboot magic */
     call qmp_guest_main
 1:  cli
     hlt

@@ -79,8 +79,13 @@ def ensure_qemu() -> str:
 class Vmm:
     """One VMM process running the guest, with its serial log and QMP socket."""
 
-    def __init__(self, kind: str, kernel: Path, workdir: Path) -> None:
+    def __init__(self, kind: str, kernel: Path, workdir: Path, wait_for_client: bool = False,
+                 extra_args: tuple[str, ...] = ()) -> None:
         self.kind = kind
+        #: Options both VMMs spell the same way, e.g. ("-append", "reset_after=3", "-no-reboot").
+        self.extra_args = extra_args
+        #: Leave ``wait`` at its default (on) for the first socket: the VM starts only once a client connects.
+        self.wait_for_client = wait_for_client
         self.kernel = kernel
         self.workdir = workdir
         self.serial_path = workdir / f"{kind}-serial.txt"
@@ -97,8 +102,11 @@ class Vmm:
         else:
             cmd = [ensure_qemu(), "-accel", "tcg", "-display", "none", "-nodefaults", "-no-user-config",
                    "-kernel", str(self.kernel), "-m", "64", "-serial", f"file:{self.serial_path}"]
-        for path in self.qmp_paths:
-            cmd += ["-qmp", f"unix:{path},server=on,wait=off"]
+        cmd += self.extra_args
+        for i, path in enumerate(self.qmp_paths):
+            # pyvmm: exercise both spellings of the option (QEMU knows only -qmp).
+            opts = "server=on" if i == 0 and self.wait_for_client else "server=on,wait=off"
+            cmd += ["--qmp" if self.kind == "pyvmm" and i == 0 else "-qmp", f"unix:{path},{opts}"]
         return cmd
 
     def start(self, timeout: float = 15.0) -> None:
@@ -107,7 +115,9 @@ class Vmm:
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, stdout=log, stderr=log)
         deadline = time.monotonic() + timeout
-        while not all(p.exists() for p in self.qmp_paths):
+        # With wait=on QEMU blocks on the first socket before it creates the others.
+        needed = self.qmp_paths[:1] if self.wait_for_client else self.qmp_paths
+        while not all(p.exists() for p in needed):
             if self.proc.poll() is not None:
                 raise HarnessError(f"{self.kind} exited with {self.proc.returncode} before serving QMP:\n"
                                    f"{self.stderr()}")

@@ -8,7 +8,10 @@
  *                          counting after a resume, restarting only on reset;
  *                          without ACPI tables: every 2000 polls of the UART);
  *   "POWER BUTTON" / "S5"  when PM1a_STS.PWRBTN_STS is seen: the guest then
- *                          enters S5 (soft-off) through PM1a_CNT, as Linux does.
+ *                          enters S5 (soft-off) through PM1a_CNT, as Linux does;
+ *   "GUEST RESET"          with "reset_after=N" on the multiboot command line:
+ *                          after N ticks the guest resets the machine itself
+ *                          through the keyboard controller (0xFE to port 0x64).
  *
  * The ACPI registers are found the way an OS finds them: RSDP in the EBDA or
  * the BIOS area -> RSDT -> FADT (PM1a event/control blocks, PM timer, SMI_CMD)
@@ -210,9 +213,41 @@ static void delay(void)
         ;
 }
 
-void qmp_guest_main(void)
+#define MB_BOOTLOADER_MAGIC 0x2BADB002u
+#define MB_INFO_CMDLINE (1u << 2)
+
+/* N from "reset_after=N" on the multiboot command line, or 0. */
+static u32 reset_after(u32 magic, u32 mbi)
+{
+    if (magic != MB_BOOTLOADER_MAGIC || !(rd32(mbi) & MB_INFO_CMDLINE))
+        return 0;
+    static const char key[] = "reset_after=";
+    u32 p = rd32(mbi + 16);
+    for (u32 i = 0; i < 4096 && rd8(p + i); i++) {
+        if (!sig_is(p + i, key, sizeof(key) - 1))
+            continue;
+        u32 n = 0;
+        for (u32 q = p + i + sizeof(key) - 1; rd8(q) >= '0' && rd8(q) <= '9' && n < 100000u; q++)
+            n = n * 10u + (rd8(q) - '0');
+        return n;
+    }
+    return 0;
+}
+
+static void keyboard_reset(void)
+{
+    puts("GUEST RESET\n");
+    for (u32 i = 0; i < 100000u && (inb(0x64) & 0x02); i++)
+        ;
+    outb(0x64, 0xfe);
+    for (;;)
+        __asm__ volatile("cli; hlt");
+}
+
+void qmp_guest_main(u32 magic, u32 mbi)
 {
     struct acpi a;
+    u32 reset_n = reset_after(magic, mbi);
     puts("QMPGUEST BOOT\n");
     if (!acpi_init(&a)) {
         /* No PM timer to keep time with: tick every so many polls of the UART instead. */
@@ -237,6 +272,8 @@ void qmp_guest_main(void)
             puts("tick ");
             putdec(n++);
             puts("\n");
+            if (reset_n && n >= reset_n)
+                keyboard_reset();
         }
         if (inw(a.evt) & PM1_PWRBTN) {
             outw(a.evt, PM1_PWRBTN);

@@ -1,0 +1,408 @@
+"""qcow2 images (versions 2 and 3): reads, writes with cluster allocation, a read-only backing file.
+
+Layout recap (all big-endian, see QEMU's docs/interop/qcow2.txt): a header
+names the cluster size, the L1 table and the refcount table.  A guest offset
+splits into an L1 index, an L2 index and an offset in the cluster; the L2
+entry holds the host offset of the data cluster (bit 63 "COPIED" = refcount
+is exactly one, bit 62 compressed, bit 0 "reads as zero" in v3).  Every
+host cluster in use has a refcount in a refcount block, found through the
+refcount table.
+
+What this implementation does:
+
+* reads: allocated clusters come from this file, zero clusters read as
+  zeroes, unallocated clusters come from the backing file (raw or qcow2,
+  opened read-only) or read as zeroes past its end / without one;
+* writes: a write to an allocated cluster goes in place; otherwise a new
+  cluster is appended at the end of the file, the parts of it the write
+  does not cover are filled from the backing file (copy-on-write), then its
+  refcount is set and the L2 entry (allocating the L2 table first if needed)
+  is written.  Refcount blocks are added, and the refcount table is moved to
+  a bigger place, as the file grows.  Metadata is always consistent after a
+  request completes, so no dirty bit is needed and ``qemu-img check``
+  passes after a clean or unclean stop (at worst a leaked cluster);
+* write-zeroes uses v3 zero clusters for whole clusters; discard is a no-op
+  (virtio-blk discard is advisory).
+
+Refused with a clear :class:`BlockError`: encryption, compressed clusters
+(found by scanning the L2 tables at open), external data files, extended
+L2 entries, unknown incompatible features, dirty/corrupt images, refcount
+widths below 8 bits, and writes to images with internal snapshots.
+
+Guest data moves between the file and guest memory with ``preadv`` /
+``pwritev`` on the caller's memoryviews; only copy-on-write padding taken
+from the backing file is staged in Python buffers.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import struct
+from enum import IntFlag
+
+from pyvmm.block.base import BlockBackend, BlockError, open_image, probe_format
+from pyvmm.block.iov import Iov, iov_len, iov_slice, iov_zero, preadv_full, pwritev_full
+
+log = logging.getLogger(__name__)
+
+QCOW2_MAGIC = b"QFI\xfb"
+_HDR_V2 = struct.Struct(">4sIQIIQIIQQIIQ")
+_HDR_V3 = struct.Struct(">QQQII")
+assert _HDR_V2.size == 72 and _HDR_V3.size == 32
+_U64 = struct.Struct(">Q")
+
+OFFSET_MASK = 0x00FF_FFFF_FFFF_FE00
+L2_COMPRESSED = 1 << 62
+COPIED = 1 << 63
+L2_ZERO = 1
+
+EXT_END = 0
+EXT_BACKING_FORMAT = 0xE2792ACA
+EXT_FEATURE_TABLE = 0x6803F857
+EXT_DATA_FILE = 0x44415441
+
+L2_CACHE_TABLES = 64
+_ZERO_CHUNK = memoryview(bytes(1 << 16))
+
+
+class Incompat(IntFlag):
+    DIRTY = 1
+    CORRUPT = 2
+    DATA_FILE = 4
+    COMPRESSION = 8
+    EXTENDED_L2 = 16
+
+
+class Qcow2Image:
+    """A qcow2 image file (see the module docstring for what is supported)."""
+
+    def __init__(self, path: str, read_only: bool = False) -> None:
+        self.path = path
+        self.read_only = read_only
+        try:
+            self.fd = os.open(path, (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC)
+        except OSError as e:
+            raise BlockError(f"{path}: {e.strerror}") from None
+        self.backing: BlockBackend | None = None
+        self._l2_cache: dict[int, bytearray] = {}
+        try:
+            self._open()
+        except BaseException:
+            self.close()
+            raise
+
+    # -- opening ---------------------------------------------------------------------------------
+    def _bad(self, why: str) -> BlockError:
+        return BlockError(f"{self.path}: qcow2: {why}")
+
+    def _pread(self, length: int, offset: int) -> bytes:
+        data = os.pread(self.fd, length, offset)
+        if len(data) < length:
+            data += bytes(length - len(data))
+        return data
+
+    def _open(self) -> None:
+        raw = self._pread(_HDR_V2.size + _HDR_V3.size, 0)
+        (magic, self.version, backing_off, backing_len, self.cluster_bits, self.size, crypt, self.l1_size,
+         self.l1_offset, self.rt_offset, self.rt_clusters, self.nb_snapshots, _snap_off) = _HDR_V2.unpack_from(raw)
+        if magic != QCOW2_MAGIC:
+            raise self._bad("not a qcow2 image (bad magic)")
+        if self.version not in (2, 3):
+            raise self._bad(f"version {self.version} is not supported (2 or 3)")
+        if not 9 <= self.cluster_bits <= 21:
+            raise self._bad(f"cluster_bits {self.cluster_bits} is out of range 9..21")
+        if crypt:
+            raise self._bad("encrypted images are not supported")
+        self.cluster_size = cs = 1 << self.cluster_bits
+        self.l2_entries = cs // 8
+        self.incompat = self.compat = self.autoclear = 0
+        self.refcount_order = 4
+        header_len = 72
+        if self.version == 3:
+            self.incompat, self.compat, self.autoclear, self.refcount_order, header_len = _HDR_V3.unpack_from(raw, 72)
+            known = int(Incompat.DIRTY | Incompat.CORRUPT | Incompat.DATA_FILE | Incompat.COMPRESSION | Incompat.EXTENDED_L2)
+            if self.incompat & ~known:
+                raise self._bad(f"unknown incompatible features {self.incompat & ~known:#x}")
+            if self.incompat & Incompat.CORRUPT:
+                raise self._bad("image is marked corrupt; run qemu-img check -r all")
+            if self.incompat & Incompat.DIRTY:
+                raise self._bad("image is dirty (lazy refcounts not flushed); run qemu-img check -r all")
+            if self.incompat & Incompat.DATA_FILE:
+                raise self._bad("external data files are not supported")
+            if self.incompat & Incompat.EXTENDED_L2:
+                raise self._bad("extended L2 entries (subclusters) are not supported")
+            if header_len < 104 or header_len % 8:
+                raise self._bad(f"bad header length {header_len}")
+        if not 3 <= self.refcount_order <= 6:
+            raise self._bad(f"refcount width {1 << self.refcount_order} bits is not supported (8..64)")
+        self.refcount_bytes = (1 << self.refcount_order) // 8
+        self.refs_per_block = cs // self.refcount_bytes
+        if self.size == 0 or self.size > (1 << 56):
+            raise self._bad(f"bad virtual size {self.size}")
+        needed_l1 = -(-self.size // (cs * self.l2_entries))
+        if self.l1_size < needed_l1 or self.l1_size > (32 << 20) // 8:
+            raise self._bad(f"L1 table of {self.l1_size} entries does not fit size {self.size}")
+        for what, off in (("L1 table", self.l1_offset), ("refcount table", self.rt_offset)):
+            if off % cs or off == 0:
+                raise self._bad(f"{what} offset {off:#x} is not cluster aligned")
+        if not 1 <= self.rt_clusters <= (8 << 20) // cs:
+            raise self._bad(f"bad refcount table size {self.rt_clusters} clusters")
+        if self.nb_snapshots and not self.read_only:
+            raise self._bad("images with internal snapshots can only be opened read-only")
+
+        backing_fmt = self._read_extensions(header_len, backing_off)
+        l1 = self._pread(8 * self.l1_size, self.l1_offset)
+        self.l1 = [e for (e,) in struct.iter_unpack(">Q", l1)]
+        rt = self._pread(self.rt_clusters * cs, self.rt_offset)
+        self.rt = [e for (e,) in struct.iter_unpack(">Q", rt)]
+        self._check_tables()
+        self._end = -(-os.fstat(self.fd).st_size // cs) * cs
+
+        if backing_off:
+            if backing_len == 0 or backing_len > 1023:
+                raise self._bad(f"bad backing file name length {backing_len}")
+            name = self._pread(backing_len, backing_off).decode("utf-8", "replace")
+            bpath = name if os.path.isabs(name) else os.path.join(os.path.dirname(os.path.abspath(self.path)), name)
+            if not os.path.exists(bpath):
+                raise self._bad(f"backing file {name} not found")
+            fmt = backing_fmt or probe_format(bpath)
+            if fmt not in ("raw", "qcow2"):
+                raise self._bad(f"backing file format {fmt!r} is not supported")
+            self.backing = open_image(bpath, fmt, read_only=True)
+
+        if not self.read_only and self.autoclear:
+            # We do not maintain whatever these bits vouch for (e.g. bitmaps): clear them, as the spec asks.
+            os.pwrite(self.fd, _U64.pack(0), 88)
+            self.autoclear = 0
+
+    def _read_extensions(self, header_len: int, backing_off: int) -> str | None:
+        if self.version < 3:
+            header_len = 72
+        cs = self.cluster_size
+        off = header_len
+        backing_fmt = None
+        while off + 8 <= cs:
+            etype, elen = struct.unpack(">II", self._pread(8, off))
+            if etype == EXT_END:
+                break
+            if off + 8 + elen > cs:
+                raise self._bad("header extension runs past the first cluster")
+            data = self._pread(elen, off + 8)
+            if etype == EXT_BACKING_FORMAT:
+                backing_fmt = data.decode("ascii", "replace")
+            elif etype == EXT_DATA_FILE:
+                raise self._bad("external data files are not supported")
+            off += 8 + ((elen + 7) & ~7)
+        return backing_fmt
+
+    def _check_tables(self) -> None:
+        """Reject what we cannot serve (compressed clusters) and gross corruption, up front."""
+        cs = self.cluster_size
+        for i, e in enumerate(self.l1):
+            l2_off = e & OFFSET_MASK
+            if not l2_off:
+                continue
+            if l2_off % cs:
+                raise self._bad(f"L1 entry {i} points to unaligned L2 table {l2_off:#x}")
+            table = self._l2_table(l2_off)
+            for (entry,) in struct.iter_unpack(">Q", table):
+                if entry & L2_COMPRESSED:
+                    raise self._bad("compressed clusters are not supported "
+                                    "(convert with qemu-img convert -O qcow2 without -c)")
+                if (entry & OFFSET_MASK) % cs:
+                    raise self._bad(f"L2 table at {l2_off:#x} has an unaligned cluster offset")
+        self._l2_cache.clear()
+
+    # -- metadata helpers -------------------------------------------------------------------------
+    def _l2_table(self, l2_off: int) -> bytearray:
+        table = self._l2_cache.get(l2_off)
+        if table is None:
+            if len(self._l2_cache) >= L2_CACHE_TABLES:
+                self._l2_cache.pop(next(iter(self._l2_cache)))
+            table = bytearray(self._pread(self.cluster_size, l2_off))
+            self._l2_cache[l2_off] = table
+        return table
+
+    def _split(self, offset: int) -> tuple[int, int]:
+        cluster = offset >> self.cluster_bits
+        return cluster // self.l2_entries, cluster % self.l2_entries
+
+    def _l2_entry(self, offset: int) -> int:
+        l1_index, l2_index = self._split(offset)
+        if l1_index >= self.l1_size:
+            return 0
+        l2_off = self.l1[l1_index] & OFFSET_MASK
+        if not l2_off:
+            return 0
+        return _U64.unpack_from(self._l2_table(l2_off), 8 * l2_index)[0]
+
+    def _set_l2_entry(self, offset: int, entry: int) -> None:
+        l1_index, l2_index = self._split(offset)
+        if l1_index >= self.l1_size:
+            raise self._bad(f"offset {offset:#x} is beyond the L1 table")
+        l2_off = self.l1[l1_index] & OFFSET_MASK
+        if not l2_off:
+            l2_off = self._alloc_cluster()
+            os.pwrite(self.fd, bytes(self.cluster_size), l2_off)
+            self.l1[l1_index] = l2_off | COPIED
+            os.pwrite(self.fd, _U64.pack(l2_off | COPIED), self.l1_offset + 8 * l1_index)
+        elif not self.l1[l1_index] & COPIED:
+            raise self._bad("L2 table is shared with a snapshot; writing it is not supported")
+        table = self._l2_table(l2_off)
+        _U64.pack_into(table, 8 * l2_index, entry)
+        os.pwrite(self.fd, _U64.pack(entry), l2_off + 8 * l2_index)
+
+    def _alloc_cluster(self) -> int:
+        """A new cluster at the end of the file, with refcount 1."""
+        off = self._end
+        self._end += self.cluster_size
+        self._set_refcount(off, 1)
+        return off
+
+    def _set_refcount(self, host_off: int, value: int) -> None:
+        cluster = host_off >> self.cluster_bits
+        rt_index, rb_index = divmod(cluster, self.refs_per_block)
+        if rt_index >= len(self.rt):
+            self._grow_refcount_table(rt_index)
+        rb_off = self.rt[rt_index] & OFFSET_MASK
+        if not rb_off:
+            rb_off = self._end
+            self._end += self.cluster_size
+            os.pwrite(self.fd, bytes(self.cluster_size), rb_off)
+            self.rt[rt_index] = rb_off
+            os.pwrite(self.fd, _U64.pack(rb_off), self.rt_offset + 8 * rt_index)
+            self._set_refcount(rb_off, 1)  # the new block usually describes itself
+        width = self.refcount_bytes
+        os.pwrite(self.fd, value.to_bytes(width, "big"), rb_off + width * rb_index)
+
+    def _grow_refcount_table(self, needed_index: int) -> None:
+        cs = self.cluster_size
+        old_off, old_clusters = self.rt_offset, self.rt_clusters
+        entries = max(2 * len(self.rt), needed_index + 1)
+        new_clusters = -(-entries * 8 // cs)
+        # Room for the refcount blocks that describe the new table itself, too.
+        new_off = self._end
+        self._end += new_clusters * cs
+        self.rt.extend([0] * (new_clusters * cs // 8 - len(self.rt)))
+        os.pwrite(self.fd, b"".join(_U64.pack(e) for e in self.rt), new_off)
+        os.fdatasync(self.fd)
+        os.pwrite(self.fd, _U64.pack(new_off) + struct.pack(">I", new_clusters), 48)
+        self.rt_offset, self.rt_clusters = new_off, new_clusters
+        for i in range(new_clusters):
+            self._set_refcount(new_off + i * cs, 1)
+        for i in range(old_clusters):
+            self._set_refcount(old_off + i * cs, 0)
+        log.debug("%s: refcount table moved to %#x (%d clusters)", self.path, new_off, new_clusters)
+
+    # -- data path ------------------------------------------------------------------------------
+    def _chunks(self, offset: int, length: int):
+        """(position in request, guest offset, bytes) pieces that stay within one cluster."""
+        cs = self.cluster_size
+        pos = 0
+        while pos < length:
+            goff = offset + pos
+            n = min(cs - (goff & (cs - 1)), length - pos)
+            yield pos, goff, n
+            pos += n
+
+    def _read_backing(self, iov: Iov, offset: int) -> None:
+        b = self.backing
+        if b is None or offset >= b.size:
+            iov_zero(iov)
+            return
+        n = iov_len(iov)
+        have = min(n, b.size - offset)
+        b.readv(iov_slice(iov, 0, have), offset)
+        if have < n:
+            iov_zero(iov_slice(iov, have, n - have))
+
+    def _check_range(self, offset: int, length: int) -> None:
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise self._bad(f"request {offset:#x}+{length:#x} is beyond the image size {self.size:#x}")
+
+    def readv(self, iov: Iov, offset: int) -> None:
+        length = iov_len(iov)
+        self._check_range(offset, length)
+        cs = self.cluster_size
+        for pos, goff, n in self._chunks(offset, length):
+            part = iov_slice(iov, pos, n)
+            entry = self._l2_entry(goff)
+            host = entry & OFFSET_MASK
+            if entry & L2_COMPRESSED:
+                raise self._bad("compressed clusters are not supported")
+            if self.version >= 3 and entry & L2_ZERO:
+                iov_zero(part)
+            elif host:
+                preadv_full(self.fd, part, host + (goff & (cs - 1)))
+            else:
+                self._read_backing(part, goff)
+
+    def writev(self, iov: Iov, offset: int) -> None:
+        if self.read_only:
+            raise self._bad("image is read-only")
+        length = iov_len(iov)
+        self._check_range(offset, length)
+        for pos, goff, n in self._chunks(offset, length):
+            self._write_cluster(iov_slice(iov, pos, n), goff, n)
+
+    def _write_cluster(self, part: Iov, goff: int, n: int) -> None:
+        cs = self.cluster_size
+        in_cluster = goff & (cs - 1)
+        cluster_start = goff - in_cluster
+        entry = self._l2_entry(goff)
+        host = entry & OFFSET_MASK
+        zero = self.version >= 3 and bool(entry & L2_ZERO)
+        if entry & L2_COMPRESSED:
+            raise self._bad("compressed clusters are not supported")
+        if host and not entry & COPIED:
+            raise self._bad("cluster is shared with a snapshot; writing it is not supported")
+        if host and not zero:
+            pwritev_full(self.fd, part, host + in_cluster)
+            return
+        # A fresh cluster (or a preallocated zero cluster): fill what the write leaves out.
+        tail_len = cs - in_cluster - n
+        head, tail = bytearray(in_cluster), bytearray(tail_len)
+        if not zero:
+            if in_cluster:
+                self._read_backing([memoryview(head)], cluster_start)
+            if tail_len:
+                self._read_backing([memoryview(tail)], goff + n)
+        if not host:
+            host = self._alloc_cluster()
+        pwritev_full(self.fd, [memoryview(head), *part, memoryview(tail)], host)
+        self._set_l2_entry(goff, host | COPIED)
+
+    def flush(self) -> None:
+        if not self.read_only:
+            os.fdatasync(self.fd)
+
+    def discard(self, offset: int, length: int) -> None:
+        if self.read_only:
+            raise self._bad("image is read-only")
+        self._check_range(offset, length)  # advisory: nothing is freed
+
+    def write_zeroes(self, offset: int, length: int, unmap: bool) -> None:
+        if self.read_only:
+            raise self._bad("image is read-only")
+        self._check_range(offset, length)
+        cs = self.cluster_size
+        for _pos, goff, n in self._chunks(offset, length):
+            if self.version >= 3 and n == cs:
+                entry = self._l2_entry(goff)
+                host = entry & OFFSET_MASK
+                if host and not entry & COPIED:
+                    raise self._bad("cluster is shared with a snapshot; writing it is not supported")
+                if entry != (host | COPIED | L2_ZERO if host else L2_ZERO):
+                    self._set_l2_entry(goff, (host | COPIED | L2_ZERO) if host else L2_ZERO)
+                continue
+            zeros = [_ZERO_CHUNK[:min(n - o, len(_ZERO_CHUNK))] for o in range(0, n, len(_ZERO_CHUNK))]
+            self._write_cluster(zeros, goff, n)
+
+    def close(self) -> None:
+        if self.backing is not None:
+            self.backing.close()
+            self.backing = None
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1

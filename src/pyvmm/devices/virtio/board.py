@@ -1,0 +1,147 @@
+"""Placing virtio-mmio devices on the PC machine: windows, interrupts, iothread, ACPI, KVM fast paths.
+
+Windows are 0x200 bytes each from :data:`MMIO_BASE` (in the 32-bit hole just
+below the I/O APIC, as QEMU's microvm places them), one GSI each from
+:data:`MMIO_GSIS` (I/O APIC pins 20-23, declared level-triggered active-high
+in the DSDT; PCI INTx takes 16-19).  The guest finds them through ACPI
+(``LNRO0005``), so no kernel command-line options are needed.
+
+All virtio back-ends run on one iothread (``virtio-io``) created on first
+use; character back-ends keep using the machine's main loop.  On KVM,
+:meth:`VirtioMmioBoard.attach_accelerator` registers an ioeventfd per queue
+(``QueueNotify`` write with ``datamatch = queue``), so a kick signals the
+iothread without a userspace exit.  Interrupts use the machine's IrqLine
+(KVM_IRQ_LINE / the userspace IOAPIC).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from pyvmm.bus import Bus
+from pyvmm.devices.virtio.device import VirtioDevice
+from pyvmm.devices.virtio.mmio import MMIO_SIZE, NOTIFY_OFFSET, VirtioMmio
+from pyvmm.devices.virtio.options import DriveSpec
+from pyvmm.errors import ConfigError, PyvmmError
+from pyvmm.irq import IrqLine
+from pyvmm.loop import IOThread, MainLoop
+from pyvmm.machine.acpi_tables import AcpiMmioDevice
+from pyvmm.memory import GuestMemory
+
+log = logging.getLogger(__name__)
+
+MMIO_BASE = 0xFEB0_0000
+MMIO_GSIS = (20, 21, 22, 23)
+
+RNG_DRIVERS = ("virtio-rng", "virtio-rng-device")
+CONSOLE_DRIVERS = ("virtio-console", "virtconsole", "virtio-console-device")
+VIRTIO_DRIVERS = RNG_DRIVERS + CONSOLE_DRIVERS
+
+
+class VirtioMmioBoard:
+    """Owns the virtio-mmio transports of one machine."""
+
+    def __init__(self, memory: GuestMemory, mmio_bus: Bus, irq_line: Callable[[int], IrqLine],
+                 base: int = MMIO_BASE, gsis: tuple[int, ...] = MMIO_GSIS) -> None:
+        self.memory = memory
+        self.mmio_bus = mmio_bus
+        self.irq_line = irq_line
+        self.base = base
+        self.gsis = gsis
+        self.transports: list[tuple[VirtioMmio, int, int]] = []  # (transport, base, gsi)
+        self._iothread: IOThread | None = None
+        self._kvm_vm: object | None = None
+
+    # -- placement ------------------------------------------------------------------------------
+    @property
+    def loop(self) -> MainLoop:
+        if self._iothread is None:
+            self._iothread = IOThread("virtio-io")
+        return self._iothread.loop
+
+    def add(self, device: VirtioDevice) -> VirtioMmio:
+        slot = len(self.transports)
+        if slot >= len(self.gsis):
+            device.close()
+            raise ConfigError(f"too many virtio-mmio devices (at most {len(self.gsis)})")
+        base, gsi = self.base + slot * MMIO_SIZE, self.gsis[slot]
+        t = VirtioMmio(device, self.irq_line(gsi))
+        self.mmio_bus.register(base, MMIO_SIZE, t, f"virtio-mmio{slot}:{device.name}")
+        self.transports.append((t, base, gsi))
+        log.debug("%s at %#x gsi %d", device.name, base, gsi)
+        return t
+
+    def add_drive(self, spec: DriveSpec) -> VirtioMmio:
+        from pyvmm.block import open_image
+        from pyvmm.devices.virtio.blk import VirtioBlk
+
+        if spec.format is None:
+            log.warning("--drive %s: no format given, probing (give format=raw or format=qcow2)", spec.file)
+        try:
+            image = open_image(spec.file, spec.format, read_only=spec.readonly)
+        except PyvmmError as e:
+            raise ConfigError(f"--drive {spec.file}: {e}") from None
+        n = sum(1 for t, _, _ in self.transports if t.device.device_id == 2)
+        dev = VirtioBlk(self.memory, image, serial=spec.serial, read_only=spec.readonly,
+                        name=spec.id or f"virtio-blk{n}", loop=self.loop)
+        return self.add(dev)
+
+    def add_device(self, driver: str, props: dict[str, str], make_chardev: Callable[[str], object]) -> VirtioMmio:
+        """``--device virtio-rng`` / ``--device virtio-console[,chardev=SPEC]``.
+
+        ``make_chardev(spec)`` turns the chardev value into a CharBackend (the machine's
+        parse_chardev on its main loop, or a lookup of a ``--chardev`` id).
+        """
+        if driver in RNG_DRIVERS:
+            from pyvmm.devices.virtio.rng import VirtioRng
+
+            _no_props(driver, props, ())
+            return self.add(VirtioRng(self.memory, loop=self.loop))
+        if driver in CONSOLE_DRIVERS:
+            from pyvmm.devices.virtio.console import VirtioConsole
+
+            _no_props(driver, props, ("chardev", "id", "name"))
+            backend = make_chardev(props.get("chardev", "null"))
+            return self.add(VirtioConsole(self.memory, backend, loop=self.loop))  # type: ignore[arg-type]
+        raise ConfigError(f"--device {driver}: not a virtio device")
+
+    def acpi_devices(self) -> list[AcpiMmioDevice]:
+        return [AcpiMmioDevice(f"VR{i:02X}", "LNRO0005", uid=i, mmio_base=base, mmio_size=MMIO_SIZE,
+                               gsi=gsi, level=True)
+                for i, (_t, base, gsi) in enumerate(self.transports)]
+
+    # -- accelerator fast paths -------------------------------------------------------------------
+    def attach_accelerator(self, accel: object) -> None:
+        """Register ioeventfds with a KVM VM (again after each accelerator reset); no-op elsewhere."""
+        vm = getattr(accel, "vm", None)
+        if vm is None or not hasattr(vm, "ioeventfd") or vm is self._kvm_vm:
+            return
+        for t, base, _gsi in self.transports:
+            for q in range(len(t.device.queues)):
+                fd = t.notify_eventfd(q, self.loop)
+                vm.ioeventfd(fd, base + NOTIFY_OFFSET, 4, pio=False, datamatch=q)
+        self._kvm_vm = vm
+        log.debug("virtio: ioeventfds registered for %d devices", len(self.transports))
+
+    # -- life cycle -------------------------------------------------------------------------------
+    def reset(self) -> None:
+        for t, _, _ in self.transports:
+            t.reset()
+
+    def close(self) -> None:
+        for t, _, _ in self.transports:
+            try:
+                t.close()
+            except OSError as e:
+                log.debug("closing %s: %s", t.device.name, e)
+        if self._iothread is not None:
+            self._iothread.stop()
+            self._iothread = None
+
+
+def _no_props(driver: str, props: dict[str, str], allowed: tuple[str, ...]) -> None:
+    extra = sorted(set(props) - set(allowed))
+    if extra:
+        raise ConfigError(f"--device {driver}: unknown propert{'y' if len(extra) == 1 else 'ies'} "
+                          f"{', '.join(extra)}")

@@ -1,0 +1,128 @@
+"""virtio-console (virtio 1.x section 5.3), one port, no multiport: the guest's hvc0.
+
+Queue 0 (receiveq) holds device-writable buffers for input to the guest;
+queue 1 (transmitq) carries guest output.  Output chains are sent to the
+:class:`~pyvmm.chardev.CharBackend` as they arrive.  Input arrives from the
+back-end on the main-loop thread through :meth:`receive`; bytes that find no
+receive buffer wait in a small bounded buffer, and ``can_receive`` reports
+the room left there so the back-end pauses reading (back-pressure) instead
+of the device dropping input.  When the guest posts new receive buffers the
+pending bytes go out and the back-end is told to resume.
+
+``VIRTIO_CONSOLE_F_EMERG_WRITE`` is offered: a write to config offset 8 emits
+one character, usable before the queues are up.
+
+Threading: everything touching queues or the pending buffer holds the
+device lock (queue handlers on the device loop, :meth:`receive` on the main
+loop).
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+from enum import IntEnum
+
+from pyvmm.block.iov import iov_from_bytes, iov_to_bytes
+from pyvmm.chardev import CharBackend
+from pyvmm.devices.virtio.device import DeviceId, Status, VirtioDevice
+from pyvmm.devices.virtio.queue import Virtqueue
+from pyvmm.loop import MainLoop
+from pyvmm.memory import GuestMemory
+
+log = logging.getLogger(__name__)
+
+RX_QUEUE, TX_QUEUE = 0, 1
+PENDING_MAX = 4096
+EMERG_WR_OFFSET = 8
+
+
+class ConsoleFeature(IntEnum):
+    SIZE = 0
+    MULTIPORT = 1
+    EMERG_WRITE = 2
+
+
+class VirtioConsole(VirtioDevice):
+    device_id = DeviceId.CONSOLE
+
+    def __init__(self, memory: GuestMemory, backend: CharBackend | None, *, name: str = "virtio-console",
+                 loop: MainLoop | None = None, queue_size: int = 128) -> None:
+        super().__init__(memory, name=name, queue_sizes=[queue_size, queue_size],
+                         features=1 << ConsoleFeature.EMERG_WRITE, loop=loop)
+        self.backend = backend
+        self._pending = bytearray()
+        if backend is not None:
+            backend.attach(self)
+
+    def config_bytes(self) -> bytes:
+        return struct.pack("<HHII", 80, 25, 1, 0)
+
+    def config_write(self, offset: int, data: bytes) -> None:
+        if offset == EMERG_WR_OFFSET and self.backend is not None:
+            self.backend.write(data[:1])
+
+    # -- guest -> host ------------------------------------------------------------------------
+    def handle_queue(self, queue: Virtqueue) -> None:
+        if queue.index == RX_QUEUE:
+            self._flush_rx()
+            return
+        pushed = False
+        while (chain := queue.pop()) is not None:
+            try:
+                data = iov_to_bytes(chain.readable)
+            finally:
+                chain.release()
+            if data and self.backend is not None:
+                self.backend.write(data)
+            queue.push(chain.head, 0)
+            pushed = True
+        if pushed:
+            self.notify_used(queue)
+
+    # -- host -> guest (CharReceiver, main-loop thread) --------------------------------------------
+    def can_receive(self) -> int:
+        with self.lock:
+            return PENDING_MAX - len(self._pending)
+
+    def receive(self, data: bytes) -> None:
+        with self.lock:
+            room = PENDING_MAX - len(self._pending)
+            if len(data) > room:
+                log.debug("%s: dropping %d input bytes", self.name, len(data) - room)
+            self._pending += data[:room]
+            self.process_queue_rx()
+
+    def process_queue_rx(self) -> None:
+        with self.lock:
+            if self.status & Status.DRIVER_OK and not self.status & Status.NEEDS_RESET:
+                self.process_queue(RX_QUEUE)
+
+    def _flush_rx(self) -> None:
+        q = self.queues[RX_QUEUE]
+        was_full = len(self._pending) >= PENDING_MAX
+        pushed = False
+        while self._pending:
+            chain = q.pop()
+            if chain is None:
+                break
+            try:
+                n = iov_from_bytes(chain.writable, bytes(self._pending))
+            finally:
+                chain.release()
+            del self._pending[:n]
+            q.push(chain.head, n)
+            pushed = True
+        if pushed:
+            self.notify_used(q)
+        if was_full and len(self._pending) < PENDING_MAX and self.backend is not None:
+            self.backend.accept_input()
+
+    def reset_backend(self) -> None:
+        self._pending.clear()
+        if self.backend is not None:
+            self.backend.accept_input()
+
+    def close(self) -> None:
+        if self.backend is not None:
+            self.backend.close()

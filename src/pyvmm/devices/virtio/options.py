@@ -1,0 +1,77 @@
+"""``--drive`` specifications (QEMU's ``-drive file=...,format=...,readonly=on,if=virtio``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pyvmm.errors import ConfigError
+
+_BOOL = {"on": True, "yes": True, "true": True, "1": True, "off": False, "no": False, "false": False, "0": False}
+FORMATS = ("raw", "qcow2")
+INTERFACES = ("virtio",)
+_KEYS = ("file", "format", "readonly", "if", "serial", "id", "media", "cache", "discard")
+
+
+@dataclass
+class DriveSpec:
+    """One ``--drive``: the image file and how to present it."""
+
+    file: str
+    format: str | None = None  # None: probe (raw or qcow2), with a warning as QEMU gives
+    readonly: bool = False
+    interface: str = "virtio"
+    serial: str = ""
+    id: str = ""
+
+
+def _split(text: str) -> list[str]:
+    """Split on commas; QEMU's ",," escapes a literal comma (in file names)."""
+    parts, cur, i = [], [], 0
+    while i < len(text):
+        c = text[i]
+        if c == "," and text[i + 1:i + 2] == ",":
+            cur.append(",")
+            i += 2
+            continue
+        if c == ",":
+            parts.append("".join(cur))
+            cur = []
+        else:
+            cur.append(c)
+        i += 1
+    parts.append("".join(cur))
+    return [p for p in parts if p]
+
+
+def parse_drive(text: str) -> DriveSpec:
+    """Parse a ``--drive`` value; raises ConfigError with one line naming the problem."""
+    props: dict[str, str] = {}
+    for part in _split(text):
+        if "=" not in part:
+            raise ConfigError(f"--drive {text}: {part!r} is not key=value")
+        key, value = (s.strip() for s in part.split("=", 1))
+        if key not in _KEYS:
+            raise ConfigError(f"--drive: unknown property {key!r} (known: {', '.join(_KEYS)})")
+        if key in props:
+            raise ConfigError(f"--drive: {key} given twice")
+        props[key] = value
+    file = props.get("file", "")
+    if not file:
+        raise ConfigError(f"--drive {text}: file= is required")
+    fmt = props.get("format")
+    if fmt is not None and fmt not in FORMATS:
+        raise ConfigError(f"--drive {file}: format={fmt} is not supported (raw or qcow2)")
+    ro_text = props.get("readonly", "off").lower()
+    if ro_text not in _BOOL:
+        raise ConfigError(f"--drive {file}: readonly={ro_text} is not on/off")
+    iface = props.get("if", "virtio")
+    if iface not in INTERFACES:
+        raise ConfigError(f"--drive {file}: if={iface} is not supported (virtio)")
+    media = props.get("media", "disk")
+    if media != "disk":
+        raise ConfigError(f"--drive {file}: media={media} is not supported (disk)")
+    serial = props.get("serial", "")
+    if len(serial) > 20 or not serial.isascii():
+        raise ConfigError(f"--drive {file}: serial must be at most 20 ASCII characters")
+    return DriveSpec(file=file, format=fmt, readonly=_BOOL[ro_text], interface=iface, serial=serial,
+                     id=props.get("id", ""))

@@ -1,0 +1,123 @@
+"""system_powerdown with a stock Linux guest, on pyvmm and (unchanged) on QEMU.
+
+The guest kit's kernel and busybox initramfs, plus the ACPI ``button`` and
+``evdev`` modules.  Once the shell is up we start what a desktop's logind
+does, in one line of shell: wait for an event on the "Power Button" input
+device, then sync and power off through ACPI S5.  ``system_powerdown`` must
+then end in a SHUTDOWN event with ``guest: true`` and exit status 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "guests" / "qmp"))
+
+from harness import Client, HarnessError, ensure_qemu  # noqa: E402
+
+READY = "pyvmm-guest: shell ready"
+WATCH_POWER_BUTTON = (
+    "for e in /sys/class/input/event*; do grep -q 'Power Button' $e/device/name && dev=/dev/input/${e##*/}; done; "
+    "echo watching=$dev; (dd if=$dev bs=24 count=1 of=/dev/null 2>/dev/null; echo POWER-BUTTON-SEEN; sync; "
+    "poweroff -f) &\n"
+)
+
+
+class Console:
+    """The guest's COM1 over a unix socket: everything read is kept in ``text``."""
+
+    def __init__(self, path: Path, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.sock = socket.socket(socket.AF_UNIX)
+                self.sock.connect(str(path))
+                break
+            except OSError:
+                self.sock.close()
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+        self.text = ""
+        self._lock = threading.Lock()
+        threading.Thread(target=self._reader, daemon=True).start()
+
+    def _reader(self) -> None:
+        while True:
+            try:
+                data = self.sock.recv(65536)
+            except OSError:
+                return
+            if not data:
+                return
+            with self._lock:
+                self.text += data.decode(errors="replace")
+
+    def wait_for(self, needle: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while needle not in self.text:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no {needle!r} on the console within {timeout}s; tail:\n{self.text[-1500:]}")
+            time.sleep(0.1)
+
+    def send(self, text: str) -> None:
+        self.sock.sendall(text.encode())
+
+
+@pytest.fixture(scope="module")
+def linux():
+    from pyvmm.guestkit import DEFAULT_MODULES, default_guest
+
+    return default_guest(modules=(*DEFAULT_MODULES, "button", "evdev")).with_cmdline("quiet")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["pyvmm", "qemu"])
+def test_linux_guest_powers_off_on_system_powerdown(kind: str, linux, tmp_path: Path) -> None:
+    import subprocess
+
+    serial, qmp = tmp_path / "serial.sock", tmp_path / "qmp.sock"
+    common = ["-kernel", str(linux.kernel), "-initrd", str(linux.initrd), "-append", linux.cmdline, "-m", "256",
+              "-serial", f"unix:{serial},server=on,wait=off", "-qmp", f"unix:{qmp},server=on,wait=off"]
+    if kind == "pyvmm":
+        cmd = [sys.executable, "-m", "pyvmm", "run", "--accel", "auto", *common]
+    else:
+        cmd = [ensure_qemu(), "-accel", "tcg", "-display", "none", "-nodefaults", "-no-user-config", *common]
+    log = tmp_path / "stderr.txt"
+    with open(log, "wb") as f:
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=f, stderr=f)
+    try:
+        deadline = time.monotonic() + 60
+        while not (serial.exists() and qmp.exists()):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise HarnessError(f"{kind} did not start: {log.read_text(errors='replace')}")
+            time.sleep(0.05)
+        console = Console(serial)
+
+        async def body() -> None:
+            c = Client()
+            await c.connect(qmp)
+            console.wait_for(READY, 240)
+            console.send(WATCH_POWER_BUTTON)
+            console.wait_for("watching=/dev/input/event", 30)
+            await asyncio.sleep(0.5)
+            await c.execute("system_powerdown")
+            await c.wait_event("POWERDOWN")
+            ev = await c.wait_event("SHUTDOWN", timeout=120)
+            assert ev["data"] == {"guest": True, "reason": "guest-shutdown"}
+            await c.close()
+
+        asyncio.run(body())
+        assert proc.wait(60) == 0
+        assert "POWER-BUTTON-SEEN" in console.text
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
