@@ -19,7 +19,10 @@ the host kernel), and ``ring3`` spins on a byte store to an address outside
 guest RAM from 64-bit user mode (an MMIO exit; user mode runs natively on
 every host, whereas ring-3 port I/O would need IOPL 3, which some hosts do
 not give user mode).  Runs are interleaved and the best of ``--repeat`` is
-reported, since other load on the host adds noise.
+reported, since other load on the host adds noise; besides wall-clock time
+per exit, the thread CPU time per exit (user + kernel, including the time
+KVM spends running/emulating the guest) is shown, which waiting for a busy
+CPU does not inflate.
 
 Usage: python bench/exits.py [--exits N] [--guest real|ring3|all] [--repeat R]
 """
@@ -138,7 +141,10 @@ def build_c(workdir: Path) -> Path:
     return exe
 
 
-def run_c(exe: Path, workdir: Path, guest: Guest, n: int, rounds: int) -> list[float]:
+Sample = tuple[float, float]  # (wall-clock us per exit, thread CPU us per exit)
+
+
+def run_c(exe: Path, workdir: Path, guest: Guest, n: int, rounds: int) -> list[Sample]:
     """Microseconds per exit of each round of the C loop."""
     regs, sregs = kvm_state(guest.state)
     (workdir / "image.bin").write_bytes(guest.image)
@@ -147,7 +153,8 @@ def run_c(exe: Path, workdir: Path, guest: Guest, n: int, rounds: int) -> list[f
     out = subprocess.run([str(exe), str(workdir / "image.bin"), str(workdir / "regs.bin"),
                           str(workdir / "sregs.bin"), guest.kind, hex(guest.addr), str(n), str(rounds)],
                          check=True, capture_output=True, text=True).stdout.splitlines()
-    return [int(ns) / int(exits) / 1000.0 for exits, ns in (line.split() for line in out)]
+    return [(int(ns) / int(exits) / 1000.0, int(cpu) / int(exits) / 1000.0)
+            for exits, ns, cpu in (line.split() for line in out)]
 
 
 # -- pyvmm loop -----------------------------------------------------------------------------------
@@ -190,7 +197,7 @@ class PyVm:
         self.mem.close()
 
 
-def run_bare(pv: PyVm, n: int, rounds: int) -> list[float]:
+def run_bare(pv: PyVm, n: int, rounds: int) -> list[Sample]:
     """KVM_RUN via ctypes plus reading the exit reason and data: no bus, no device."""
     run = pv.vcpu.run
     assert run is not None
@@ -203,18 +210,19 @@ def run_bare(pv: PyVm, n: int, rounds: int) -> list[float]:
     out = []
     try:
         for _ in range(rounds):
-            t0 = time.perf_counter_ns()
+            c0, t0 = time.thread_time_ns(), time.perf_counter_ns()
             for _ in range(n):
                 if ioctl(fd, req, 0) < 0 or run.exit_reason != want:
                     raise SystemExit(f"bare loop: unexpected exit {run.exit_reason}")
                 mm[io.data_offset if is_io else data_at]
-            out.append((time.perf_counter_ns() - t0) / n / 1000.0)
+            t1, c1 = time.perf_counter_ns(), time.thread_time_ns()
+            out.append(((t1 - t0) / n / 1000.0, (c1 - c0) / n / 1000.0))
     finally:
         del run, io
     return out
 
 
-def run_py(pv: PyVm, n: int, rounds: int) -> list[float]:
+def run_py(pv: PyVm, n: int, rounds: int) -> list[Sample]:
     """The accelerator's loop: VcpuRunner dispatching every exit to a device on a Bus."""
     io_bus, mmio_bus = Bus("io"), Bus("mmio")
     sink = CountingSink(n)
@@ -224,9 +232,10 @@ def run_py(pv: PyVm, n: int, rounds: int) -> list[float]:
         control = VmControl()
         runner = VcpuRunner(pv.vcpu, io_bus, mmio_bus, control, halt_action="stop")
         sink.runner, sink.left = runner, n
-        t0 = time.perf_counter_ns()
+        c0, t0 = time.thread_time_ns(), time.perf_counter_ns()
         runner.run()
-        out.append((time.perf_counter_ns() - t0) / n / 1000.0)
+        t1, c1 = time.perf_counter_ns(), time.thread_time_ns()
+        out.append(((t1 - t0) / n / 1000.0, (c1 - c0) / n / 1000.0))
         if sink.left != 0 or control.pending() or runner.last_exit != ExitReason.INTR:
             raise SystemExit(f"pyvmm loop ended early ({n - sink.left} of {n} exits, last exit "
                              f"{runner.last_exit}): {control.wait(0)}")
@@ -247,9 +256,10 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="pyvmm-bench-") as d:
         workdir = Path(d)
         exe = build_c(workdir)
-        print(f"{'guest':6} {'loop':6} {'exits/s':>10} {'best us':>8} {'median':>8} {'vs C':>6}")
+        print(f"{'guest':6} {'loop':6} {'exits/s':>10} {'wall us':>8} {'median':>8} {'vs C':>6} "
+              f"{'cpu us':>7} {'vs C':>6}")
         for g in guests:
-            samples: dict[str, list[float]] = {"C": [], "bare": [], "pyvmm": []}
+            samples: dict[str, list[Sample]] = {"C": [], "bare": [], "pyvmm": []}
             pv = PyVm(system, g)
             try:
                 for _ in range(args.batches):
@@ -258,11 +268,14 @@ def main(argv: list[str] | None = None) -> int:
                     samples["pyvmm"] += run_py(pv, args.exits, args.rounds)
             finally:
                 pv.close()
-            c_best = min(samples["C"])
-            for loop, us in samples.items():
-                best = min(us)
-                print(f"{g.name:6} {loop:6} {1e6 / best:10,.0f} {best:8.3f} {statistics.median(us):8.3f} "
-                      f"{best / c_best:6.2f}")
+            c_wall = min(w for w, _ in samples["C"])
+            c_cpu = min(c for _, c in samples["C"])
+            for loop, pairs in samples.items():
+                wall = min(w for w, _ in pairs)
+                cpu = min(c for _, c in pairs)
+                print(f"{g.name:6} {loop:6} {1e6 / wall:10,.0f} {wall:8.3f} "
+                      f"{statistics.median(w for w, _ in pairs):8.3f} {wall / c_wall:6.2f} {cpu:7.3f} "
+                      f"{cpu / c_cpu:6.2f}")
     print(f"(Python {sys.version.split()[0]}; {args.batches}x{args.rounds} rounds of {args.exits} exits each; "
           f"load average {os.getloadavg()[0]:.2f})")
     system.close()

@@ -256,6 +256,15 @@ def test_parse_errors(loop, tmp_path):
         assert "\n" not in str(ei.value)
 
 
+def test_parse_mon_prefix_and_file_append(loop, tmp_path):
+    p = tmp_path / "a.log"
+    p.write_bytes(b"keep\n")
+    be = parse_chardev(f"mon:file:{p},append=on", loop, None)
+    be.write(b"more\n")
+    be.close()
+    assert p.read_bytes() == b"keep\nmore\n"
+
+
 def test_parse_old_server_nowait_spelling(loop, tmp_path):
     be = parse_chardev(f"unix:{tmp_path}/o.sock,server,nowait", loop, None)
     try:

@@ -205,3 +205,34 @@ def test_terminal_restored_at_interpreter_exit(term):
                           capture_output=True, text=True, timeout=20)
     assert proc.returncode == 3, proc.stderr
     assert termios.tcgetattr(slave) == before
+
+
+BACKGROUND_CHILD = r"""
+import fcntl, os, sys, termios
+fd = int(sys.argv[1])
+os.setsid()
+fcntl.ioctl(fd, termios.TIOCSCTTY, 0)      # the pty is now our controlling terminal
+pid = os.fork()
+if pid == 0:
+    os.setpgid(0, 0)                        # a background job of that terminal
+    from pyvmm.chardev import StdioBackend
+    from pyvmm.loop import MainLoop
+    loop = MainLoop()
+    be = StdioBackend(loop, in_fd=fd, out_fd=1)
+    print("background", be._background, flush=True)
+    be.close()
+    os._exit(0)
+_, status = os.waitpid(pid, os.WUNTRACED)
+print("stopped" if os.WIFSTOPPED(status) else f"exit {os.waitstatus_to_exitcode(status)}", flush=True)
+if os.WIFSTOPPED(status):
+    os.kill(pid, 9)
+"""
+
+
+def test_background_job_leaves_terminal_alone(term):
+    master, slave = term
+    before = termios.tcgetattr(slave)
+    proc = subprocess.run([sys.executable, "-c", BACKGROUND_CHILD, str(slave)], pass_fds=(slave,),
+                          capture_output=True, text=True, timeout=20)
+    assert proc.stdout.split("\n")[:2] == ["background True", "exit 0"], proc.stdout + proc.stderr
+    assert termios.tcgetattr(slave) == before

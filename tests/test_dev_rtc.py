@@ -201,3 +201,20 @@ def test_update_interrupt_with_loop():
     finally:
         loop.stop_thread()
         loop.close()
+
+
+def test_alarm_interrupt_with_dont_care_bytes():
+    loop = MainLoop("rtc-test")
+    loop.start_thread()
+    sink = Sink()
+    try:
+        r = Rtc(64 * MiB, irq=IrqLine(sink, 8), loop=loop)
+        for idx in (0x01, 0x03, 0x05):
+            cmos_write(r, idx, 0xFF)  # "don't care": fires every second
+        cmos_write(r, 0x0B, 0x22)  # AIE
+        assert sink.changed.wait(2.5), "no alarm interrupt within 2.5 s"
+        c = cmos_read(r, 0x0C)
+        assert c & 0xA0 == 0xA0  # IRQF | AF
+    finally:
+        loop.stop_thread()
+        loop.close()

@@ -12,6 +12,7 @@ import datetime
 import os
 import re
 import socket
+import struct
 import time
 import tty
 
@@ -56,6 +57,24 @@ def test_realmode_hello_default_debug_exit_device(guests):
     """``-device isa-debug-exit`` without properties sits at 0xf4 like QEMU's."""
     r = run_pyvmm("--accel", "kvm", "-device", "isa-debug-exit", "-kernel", guests["realmode_hello"])
     assert r.returncode == debug_exit_status(0x2A), r.describe()
+
+
+def test_large_boot_image_runs_past_first_sector(guests):
+    """pyvmm extension: a 32 KiB boot image is loaded whole at 0x7c00; DL holds the boot drive."""
+    r = run_pyvmm_kvm("--kernel", guests["bigboot"])
+    assert r.returncode == debug_exit_status(0x2B), r.describe()
+    assert r.serial.startswith("dl=0x80\n"), r.describe()
+
+
+@pytest.mark.parametrize("size,sig", [(511, True), (512, False), (65536 + 512, True)])
+def test_error_bad_boot_sector_files(guests, tmp_path, size, sig):
+    data = bytearray(guests["realmode_hello"].read_bytes()[:510].ljust(size, b"\0"))
+    if size >= 512:
+        data[510:512] = b"\x55\xaa" if sig else b"\0\0"
+    bad = tmp_path / f"boot-{size}.bin"
+    bad.write_bytes(bytes(data))
+    r = run_pyvmm("--accel", "kvm", "--kernel", bad)
+    assert_one_error_line(r, str(bad))
 
 
 def test_realmode_serial_to_file(guests, tmp_path):
@@ -154,14 +173,37 @@ def test_linux64_bzimage(guests, initrd_file):
     out = r.serial
     assert reported(out, "cmdline") == f'"{cmdline}"'
     assert reported(out, "type_of_loader") == "0xff"
+    assert reported(out, "entry") == "64"
     assert reported(out, "ramdisk_size") == str(INITRD_SIZE)
     assert reported(out, "ramdisk_sum") == f"{guest_checksum(initrd_bytes()):#x}"
+
+
+def test_linux_bzimage_without_xlf_kernel_64_uses_32bit_entry(guests, initrd_file):
+    r = run_pyvmm_kvm("-m", "128M", "--kernel", guests["linux32"], "--initrd", initrd_file,
+                      "--append", f"pyvmm-test mem=128 initrd={INITRD_SIZE}")
+    assert r.returncode == debug_exit_status(ALL_CHECKS), r.describe()
+    assert reported(r.serial, "entry") == "32"
 
 
 def test_linux64_bzimage_no_initrd(guests):
     r = run_pyvmm_kvm("-m", "256M", "--kernel", guests["linux64"], "--append", "pyvmm-test mem=256")
     assert r.returncode == debug_exit_status(ALL_CHECKS), r.describe()
     assert reported(r.serial, "ramdisk_size") == "0"
+
+
+def test_linux64_longest_cmdline_is_passed_intact(guests):
+    """cmdline_size in the header is 2047: a 2047-byte command line must arrive whole."""
+    cmdline = "pyvmm-test mem=128 "
+    cmdline += "y" * (2047 - len(cmdline))
+    r = run_pyvmm_kvm("-m", "128M", "--kernel", guests["linux64"], "--append", cmdline)
+    assert r.returncode == debug_exit_status(ALL_CHECKS), r.describe()
+    assert reported(r.serial, "cmdline") == f'"{cmdline}"'
+
+
+def test_linux64_cmdline_longer_than_cmdline_size_is_refused(guests):
+    r = run_pyvmm("--accel", "kvm", "-m", "128M", "--kernel", guests["linux64"], "--append", "z" * 3000)
+    assert_one_error_line(r)
+    assert "command line" in r.stderr or "cmdline" in r.stderr, r.describe()
 
 
 # -- SMP ---------------------------------------------------------------------------------------
@@ -189,6 +231,18 @@ def test_smp_aps_restart_after_triple_fault(guests, ncpus):
     mask = (1 << ncpus) - 1
     assert r.returncode == debug_exit_status(SMP_REBOOTED | SMP_MPTABLE_OK | mask), r.describe()
     assert "boot=1\n" in r.serial and "boot=2\n" in r.serial
+
+
+SMP_STRESS_OK = 0x40
+
+
+@pytest.mark.parametrize("ncpus", [2, 4])
+def test_smp_concurrent_device_access(guests, ncpus):
+    """All vCPUs hit fw_cfg (DMA + ports), CMOS, port 0x80, UART and LAPIC at once."""
+    r = run_pyvmm_kvm("--smp", str(ncpus), "--kernel", guests["smp"], "--append", "stress=800", timeout=90)
+    mask = (1 << ncpus) - 1
+    assert r.returncode == debug_exit_status(SMP_STRESS_OK | SMP_MPTABLE_OK | mask), r.describe()
+    assert reported(r.serial, "stress_bad") == "0"
 
 
 # -- serial input ------------------------------------------------------------------------------
@@ -277,6 +331,11 @@ def test_serial_pty(guests):
             assert proc.wait(timeout=30) == debug_exit_status(3), data
         finally:
             os.close(fd)
+
+
+def test_fw_cfg_interface_corners(guests):
+    r = run_pyvmm_kvm("--kernel", guests["fwcfg"])
+    assert r.returncode == debug_exit_status(ALL_CHECKS), r.describe()
 
 
 def test_uart_registers(guests):
@@ -409,6 +468,53 @@ def test_error_truncated_bzimage(guests, tmp_path):
     cut.write_bytes(guests["linux64"].read_bytes()[:0x400])
     r = run_pyvmm("--accel", "kvm", "--kernel", cut)
     assert_one_error_line(r, str(cut))
+
+
+def _patch(data: bytes, fmt: str, offset: int, value: int) -> bytes:
+    out = bytearray(data)
+    struct.pack_into(fmt, out, offset, value)
+    return bytes(out)
+
+
+def _elf_phdr(data: bytes, field: str, value: int) -> bytes:
+    """Patch one field of the first ELF32 program header."""
+    phoff = struct.unpack_from("<I", data, 0x1C)[0]
+    fields = ["type", "offset", "vaddr", "paddr", "filesz", "memsz", "flags", "align"]
+    return _patch(data, "<I", phoff + 4 * fields.index(field), value)
+
+
+def _aout_field(data: bytes, index: int, value: int) -> bytes:
+    """Patch a multiboot a.out-kludge address (0 header, 1 load, 2 load_end, 3 bss_end, 4 entry)."""
+    mb = next(off for off in range(0, 8192, 4) if struct.unpack_from("<I", data, off)[0] == 0x1BADB002)
+    return _patch(data, "<I", mb + 12 + 4 * index, value)
+
+
+CORRUPTIONS = {
+    "elf-memsz-beyond-ram": ("multiboot_info", lambda d: _elf_phdr(d, "memsz", 0x10000000)),
+    "elf-paddr-in-pci-hole": ("multiboot_info", lambda d: _elf_phdr(d, "paddr", 0xFFFFF000)),
+    "elf-paddr-wraps-4g": ("multiboot_info", lambda d: _elf_phdr(d, "paddr", 0xFFFFFF00)),
+    "elf-offset-past-eof": ("multiboot_info", lambda d: _elf_phdr(d, "offset", 0x100000)),
+    "elf-no-phdrs": ("multiboot_info", lambda d: _patch(d, "<H", 0x2C, 0)),
+    "elf-phoff-garbage": ("multiboot_info", lambda d: _patch(d, "<I", 0x1C, 0xFFFFFFF0)),
+    "aout-load-end-below-load": ("multiboot_aout", lambda d: _aout_field(d, 2, 0x1000)),
+    "aout-bss-end-huge": ("multiboot_aout", lambda d: _aout_field(d, 3, 0xF0000000)),
+    "aout-header-below-load": ("multiboot_aout", lambda d: _aout_field(d, 0, 0x10)),
+    "aout-load-end-past-file": ("multiboot_aout", lambda d: _aout_field(d, 2, 0x900000)),
+    "bz-setup-sects-past-eof": ("linux64", lambda d: _patch(d, "<B", 0x1F1, 0xFF)),
+    "bz-init-size-huge": ("linux64", lambda d: _patch(d, "<I", 0x260, 0xFFFFF000)),
+    "bz-alignment-not-pow2": ("linux64", lambda d: _patch(d, "<I", 0x230, 3)),
+    "bz-protocol-too-old": ("linux64", lambda d: _patch(d, "<H", 0x206, 0x0100)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CORRUPTIONS))
+def test_error_corrupt_image_headers(guests, tmp_path, case):
+    """Image headers are untrusted input: every inconsistency is one error line naming the file."""
+    base, corrupt = CORRUPTIONS[case]
+    bad = tmp_path / f"{case}.img"
+    bad.write_bytes(corrupt(guests[base].read_bytes()))
+    r = run_pyvmm("--accel", "kvm", "-m", "64M", "--kernel", bad)
+    assert_one_error_line(r, str(bad))
 
 
 def test_error_missing_initrd(guests, tmp_path):

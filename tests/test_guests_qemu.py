@@ -45,6 +45,11 @@ def test_qemu_smp(guests, ncpus, reboot):
     assert r.returncode == debug_exit_status(expected), r.describe()
 
 
+def test_qemu_smp_stress(guests):
+    r = run_qemu("-smp", "2,sockets=2", "-no-reboot", "-kernel", guests["smp"], "-append", "stress=300")
+    assert r.returncode == debug_exit_status(0x53), r.describe()
+
+
 @pytest.mark.parametrize("apic", [0, 1])
 def test_qemu_irq(guests, apic):
     # The input must arrive after SeaBIOS is done, so wait for the guest's prompt first.
@@ -58,6 +63,12 @@ def test_qemu_acpi_poweroff(guests):
     r = run_qemu("-smp", "2,sockets=2", "-kernel", guests["acpi"])
     assert r.returncode == 0, r.describe()
     assert "acpi_checks=0x3f" in r.serial and "still running" not in r.serial, r.describe()
+
+
+@pytest.mark.parametrize("name", ["uart_regs", "fwcfg"])
+def test_qemu_device_probes(guests, name):
+    r = run_qemu("-no-reboot", "-kernel", guests[name])
+    assert r.returncode == debug_exit_status(0x7F), r.describe()
 
 
 def test_qemu_triple_fault(guests):

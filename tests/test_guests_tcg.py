@@ -30,8 +30,9 @@ def test_tcg_multiboot(guests, initrd_file, name):
     assert r.returncode == debug_exit_status(ALL), r.describe()
 
 
-def test_tcg_linux64(guests, initrd_file):
-    r = run_tcg("-m", "128M", "--kernel", guests["linux64"], "--initrd", initrd_file,
+@pytest.mark.parametrize("name", ["linux64", "linux32"])
+def test_tcg_linux(guests, initrd_file, name):
+    r = run_tcg("-m", "128M", "--kernel", guests[name], "--initrd", initrd_file,
                 "--append", f"pyvmm-test mem=128 initrd={INITRD_SIZE}")
     assert r.returncode == debug_exit_status(ALL), r.describe()
 

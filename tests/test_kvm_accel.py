@@ -11,15 +11,16 @@ import time
 from collections.abc import Callable, Iterator
 
 import pytest
-from test_kvm_util import RecordingDevice, assemble, buses, drain
 
 from pyvmm.accel.base import CpuConfig, MachineContext
 from pyvmm.accel.kvm import IDENTITY_MAP_ADDR, TSS_ADDR, KvmAccelerator
 from pyvmm.cpu_state import CR0_ET, CR0_NE, CR0_PE, CpuState, Segment
 from pyvmm.errors import ConfigError, KvmError
 from pyvmm.kvm.ioctls import MpState
+from pyvmm.machine import cpuid
 from pyvmm.memory import GuestMemory
 from pyvmm.runstate import RequestKind, VmControl
+from test_kvm_util import RecordingDevice, assemble, buses, drain
 
 ORG = 0x1000
 PORT = 0x510
@@ -140,6 +141,38 @@ def test_reset_recreates_the_vm_and_keeps_the_irq_sink(machine: Machine) -> None
     assert old_vm_fd >= 0
 
 
+def test_device_request_stops_the_vcpu_at_once(smp_machine: Machine) -> None:
+    """After a device posts a reset request from an OUT, not one more guest instruction runs."""
+    m = smp_machine
+    m.mem.write(ORG, assemble(f"""
+        mov dx, {PORT}
+        mov al, 1
+        out dx, al          # the device posts a reset request here
+        mov al, 2
+        out dx, al
+    1:  jmp 1b
+    """, ORG))
+    m.port.on_write = lambda off, size, value: value == 1 and m.control.request_reset("device asked")
+    m.acc.setup(m.ctx)
+    m.acc.set_boot_state(CpuState(regs={"rip": ORG}), start_aps=False)
+    m.acc.start()
+    req = m.control.wait(5)
+    assert req is not None and req.kind == RequestKind.RESET and req.reason == "device asked"
+    time.sleep(0.1)
+    assert m.values() == [1]
+    m.acc.pause()  # the held vCPU counts as parked; the AP is parked by the kick
+    assert "RIP=" in m.acc.cpu_dump(0)
+    m.acc.resume()
+    time.sleep(0.05)
+    assert m.values() == [1]  # still held: only stop()/reset() releases it
+    m.acc.reset()
+    m.acc.set_boot_state(CpuState(regs={"rip": ORG}), start_aps=False)
+    m.port.on_write = None
+    m.acc.start()
+    assert wait_for(lambda: m.values() == [1, 1, 2])
+    m.acc.stop()
+
+
 def test_triple_fault_posts_reset_request(machine: Machine) -> None:
     machine.mem.write(ORG, assemble("""
         lidt [idtr]
@@ -245,19 +278,31 @@ def test_pic_interrupt_from_sink_reaches_guest(machine: Machine) -> None:
     machine.acc.stop()
 
 
-def test_cpu_feature_edits_reach_the_vcpu(machine: Machine) -> None:
-    machine.ctx.cpu = CpuConfig.parse("host,-cx16,-xsave,+hypervisor")
-    machine.acc.setup(machine.ctx)
-    entries = machine.acc.runners[0].vcpu.get_cpuid()
-    leaf1 = next(e for e in entries if e.function == 1)
-    assert not leaf1.ecx & (1 << 13)       # cx16
-    assert not leaf1.ecx & (1 << 26)       # xsave
-    assert not leaf1.ecx & (1 << 28)       # avx depends on xsave
-    assert leaf1.ecx & (1 << 31)           # hypervisor
-    assert leaf1.ebx >> 24 == 0            # APIC id of vCPU 0
-    sig = next(e for e in entries if e.function == 0x40000000)
-    assert sig.ebx.to_bytes(4, "little") + sig.ecx.to_bytes(4, "little") + sig.edx.to_bytes(4, "little") \
-        == b"KVMKVMKVM\0\0\0"
+def test_cpu_feature_edits_and_topology_reach_kvm(smp_machine: Machine) -> None:
+    m = smp_machine
+    m.ctx.cpu = CpuConfig.parse("host,-cx16,-xsave,+hypervisor")
+    m.acc.setup(m.ctx)
+    for index, table in enumerate(m.acc.cpuid_tables):
+        leaf1 = cpuid.find(table, 1)
+        assert leaf1 is not None
+        assert not leaf1.ecx & (1 << 13)       # cx16
+        assert not leaf1.ecx & (1 << 26)       # xsave
+        assert not leaf1.ecx & (1 << 28)       # avx depends on xsave
+        assert leaf1.ecx & (1 << 31)           # hypervisor
+        assert leaf1.ebx >> 24 == index        # initial APIC id
+        assert [e.edx for e in table if e.function == 0xB] == [index] * 3
+    # What KVM holds for the vCPU.  (Some hosts add feature bits they cannot hide from the guest,
+    # so only bits KVM lets userspace control are compared.)
+    for index in range(2):
+        entries = m.acc.runners[index].vcpu.get_cpuid()
+        leaf1 = next(e for e in entries if e.function == 1)
+        assert not leaf1.ecx & (1 << 13)
+        assert leaf1.ecx & (1 << 31)
+        assert leaf1.ebx >> 24 == index
+        sig = next(e for e in entries if e.function == 0x40000000)
+        assert b"".join(r.to_bytes(4, "little") for r in (sig.ebx, sig.ecx, sig.edx)) == b"KVMKVMKVM\0\0\0"
+        topo = sorted((e.index, e.eax, e.ebx, e.ecx & 0xFFFF, e.edx) for e in entries if e.function == 0xB)
+        assert topo == [(0, 0, 1, 0x100, index), (1, 1, 2, 0x201, index), (2, 0, 0, 2, index)]
 
 
 def test_unknown_feature_and_model_are_config_errors() -> None:

@@ -11,12 +11,12 @@ import threading
 import time
 
 import pytest
-from test_kvm_util import RawGuest, RecordingDevice, assemble, drain
 
 from pyvmm.accel.kvm_vcpu import install_kick_handler
 from pyvmm.cpu_state import CR0_ET, CR0_NE, CR0_PE, CpuState, Segment
 from pyvmm.kvm.ioctls import ExitReason
 from pyvmm.runstate import RequestKind
+from test_kvm_util import RawGuest, RecordingDevice, assemble, drain
 
 ORG = 0x1000
 

@@ -2,8 +2,8 @@
 
 The guest kit's kernel and busybox initramfs, plus the ACPI ``button`` and
 ``evdev`` modules.  Once the shell is up we start what a desktop's logind
-does, in one line of shell: wait for an event on the "Power Button" input
-device, then sync and power off through ACPI S5.  ``system_powerdown`` must
+does, in one line of shell: open the "Power Button" input device, wait for
+an event on it, then sync and power off through ACPI S5.  ``system_powerdown`` must
 then end in a SHUTDOWN event with ``guest: true`` and exit status 0.
 """
 
@@ -25,8 +25,8 @@ from harness import Client, HarnessError, ensure_qemu  # noqa: E402
 READY = "pyvmm-guest: shell ready"
 WATCH_POWER_BUTTON = (
     "for e in /sys/class/input/event*; do grep -q 'Power Button' $e/device/name && dev=/dev/input/${e##*/}; done; "
-    "echo watching=$dev; (dd if=$dev bs=24 count=1 of=/dev/null 2>/dev/null; echo POWER-BUTTON-SEEN; sync; "
-    "poweroff -f) &\n"
+    "(exec 3<$dev; echo armed=$dev; dd bs=24 count=1 of=/dev/null <&3 2>/dev/null; echo POWER-BUTTON-SEEN; "
+    "sync; poweroff -f) &\n"
 )
 
 
@@ -106,15 +106,18 @@ def test_linux_guest_powers_off_on_system_powerdown(kind: str, linux, tmp_path: 
             await c.connect(qmp)
             console.wait_for(READY, 240)
             console.send(WATCH_POWER_BUTTON)
-            console.wait_for("watching=/dev/input/event", 30)
-            await asyncio.sleep(0.5)
+            console.wait_for("armed=/dev/input/event", 60)  # the device is open: no press can be missed
             await c.execute("system_powerdown")
             await c.wait_event("POWERDOWN")
             ev = await c.wait_event("SHUTDOWN", timeout=120)
             assert ev["data"] == {"guest": True, "reason": "guest-shutdown"}
             await c.close()
 
-        asyncio.run(body())
+        try:
+            asyncio.run(body())
+        except AssertionError as e:
+            raise AssertionError(f"{e}\nconsole tail:\n{console.text[-2000:]}\nstderr tail:\n"
+                                 f"{log.read_text(errors='replace')[-2000:]}") from None
         assert proc.wait(60) == 0
         assert "POWER-BUTTON-SEEN" in console.text
     finally:

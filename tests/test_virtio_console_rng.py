@@ -6,7 +6,6 @@ import os
 import time
 
 import pytest
-from test_virtio_helpers import MmioDriver
 
 from pyvmm.chardev import parse_chardev
 from pyvmm.devices.virtio.console import PENDING_MAX, VirtioConsole
@@ -15,6 +14,7 @@ from pyvmm.devices.virtio.rng import MAX_BYTES_PER_REQUEST, VirtioRng
 from pyvmm.loop import MainLoop
 from pyvmm.memory import GuestMemory
 from pyvmm.runstate import VmControl
+from test_virtio_helpers import MmioDriver
 
 
 @pytest.fixture
@@ -123,6 +123,32 @@ def test_console_with_real_chardev_file(mem, tmp_path):
             time.sleep(0.001)
         t.close()
         assert os.path.exists(out) and out.read_bytes() == b"via chardev\n"
+    finally:
+        loop.stop_thread()
+        loop.close()
+
+
+def test_console_idle_receive_buffers_do_not_spin(mem):
+    loop = MainLoop("console-spin")
+    loop.start_thread()
+    try:
+        be = FakeBackend()
+        dev = VirtioConsole(mem, be, loop=loop)  # type: ignore[arg-type]
+        t = VirtioMmio(dev, None)
+        d = MmioDriver(mem, t)
+        rxq, _txq = d.init(2, 8)
+        calls = []
+        orig = dev.handle_queue
+        dev.handle_queue = lambda q: (calls.append(q.index), orig(q))  # type: ignore[method-assign]
+        rxq.add([(d.alloc(64), 64, True)])
+        d.kick(0)
+        time.sleep(0.2)
+        assert calls == [0]  # handled once, not re-posted forever
+        loop.call_soon_threadsafe(lambda: be.receiver.receive(b"hi"))
+        deadline = time.monotonic() + 5
+        while rxq.used_idx() == 0 and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert rxq.get_used()[0][1] == 2
     finally:
         loop.stop_thread()
         loop.close()

@@ -87,7 +87,8 @@ def _random_scenario(rng: random.Random):
         r = rng.random()
         if r < 0.75:
             return rng.randrange(0x10000, RAM - 0x2000)
-        return rng.choice([rng.randrange(RAM - 64, RAM + 64), rng.getrandbits(64), 0x4000 + rng.randrange(0, 0x800, 16)])
+        return rng.choice([rng.randrange(RAM - 64, RAM + 64), rng.getrandbits(64),
+                           0x4000 + rng.randrange(0, 0x800, 16)])
 
     def length():
         r = rng.random()

@@ -47,7 +47,7 @@ class DriverQueue:
     def add(self, bufs: list[tuple[int, int, bool]]) -> int:
         """Post a chain of (addr, len, device_writable) buffers; returns the head index."""
         ids = [self.free.pop(0) for _ in bufs]
-        for k, ((addr, length, writable), i) in enumerate(zip(bufs, ids)):
+        for k, ((addr, length, writable), i) in enumerate(zip(bufs, ids, strict=True)):
             last = k == len(bufs) - 1
             flags = (DESC_WRITE if writable else 0) | (0 if last else DESC_NEXT)
             self.write_desc(i, addr, length, flags, 0 if last else ids[k + 1])

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import pytest
-from test_virtio_helpers import Alloc, MmioDriver
 
 from pyvmm.devices.virtio.device import DeviceId, Feature, Status
 from pyvmm.devices.virtio.mmio import MAGIC, Reg, VirtioMmio
 from pyvmm.devices.virtio.rng import VirtioRng
 from pyvmm.irq import IrqLine
 from pyvmm.memory import GuestMemory
+from test_virtio_helpers import Alloc, MmioDriver
 
 
 class RecordingSink:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import struct
 
 import pytest
-from test_virtio_helpers import DESC_INDIRECT, DESC_NEXT, DESC_WRITE, Alloc, DriverQueue
 
 from pyvmm.devices.virtio.queue import Virtqueue, VirtqueueError, need_event
 from pyvmm.memory import GuestMemory
+from test_virtio_helpers import DESC_INDIRECT, DESC_NEXT, DESC_WRITE, Alloc, DriverQueue
 
 SIZE = 8
 

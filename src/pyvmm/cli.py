@@ -16,6 +16,7 @@ import sys
 
 from pyvmm import __version__
 from pyvmm.accel.base import CpuConfig
+from pyvmm.devices.virtio.options import parse_drive
 from pyvmm.errors import ConfigError, PyvmmError
 from pyvmm.machine.config import DeviceSpec, MachineConfig
 from pyvmm.memory import parse_size
@@ -50,6 +51,9 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nographic", "-nographic", action="store_true", help="accepted for QEMU compatibility")
     p.add_argument("--device", "-device", action="append", default=[], metavar="DRIVER[,prop=value]",
                    help="add a device, e.g. isa-debug-exit,iobase=0xf4,iosize=0x04")
+    p.add_argument("--drive", "-drive", action="append", default=[],
+                   metavar="file=PATH[,format=raw|qcow2][,readonly=on][,if=virtio][,serial=ID]",
+                   help="add a virtio-blk disk (virtio-mmio)")
     p.add_argument("--mem-path", "-mem-path", metavar="PATH", help="back guest RAM with a file or hugetlbfs")
     p.add_argument("--qmp", "-qmp", action="append", default=[], metavar="unix:PATH,server=on,wait=off",
                    help="serve the QEMU Machine Protocol")
@@ -64,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     run = sub.add_parser("run", help="boot one VM in this process", allow_abbrev=False)
     _add_run_options(run)
+    from pyvmm.manager.cli import add_vm_parser
+
+    add_vm_parser(sub)
     return parser
 
 
@@ -89,6 +96,7 @@ def config_from_args(args: argparse.Namespace) -> MachineConfig:
         serial=args.serial,
         no_reboot=args.no_reboot,
         devices=[DeviceSpec.parse(d) for d in args.device],
+        drives=[parse_drive(d) for d in args.drive],
         mem_path=args.mem_path,
         qmp=list(args.qmp),
     )
@@ -141,6 +149,10 @@ def main(argv: list[str] | None = None) -> int:
         _setup_logging(getattr(args, "verbose", 0), getattr(args, "quiet", False))
         if args.command == "run":
             return cmd_run(args)
+        if args.command == "vm":
+            from pyvmm.manager.cli import cmd_vm
+
+            return cmd_vm(args)
         raise ConfigError(f"unknown command {args.command}")
     except PyvmmError as e:
         print(f"pyvmm: error: {e}", file=sys.stderr)

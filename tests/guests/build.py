@@ -95,6 +95,16 @@ def _bootsector(source: str) -> Callable[[Path, Path], None]:
     return build
 
 
+def _bigboot(work: Path, out: Path) -> None:
+    obj, elf = work / "bigboot.o", work / "bigboot.elf"
+    _cc(SRC / "bigboot.S", obj, CFLAGS_32)
+    _link([obj], LD_DIR / "bigboot.ld", elf, "elf_i386")
+    _run(["objcopy", "-O", "binary", elf, out])
+    data = out.read_bytes()
+    if len(data) != 0x8000 or data[510:512] != b"\x55\xaa":
+        raise ToolchainError(f"bigboot: image is {len(data)} bytes or lacks 0x55AA")
+
+
 def _multiboot(main_c: str, *, aout: bool = False, extra_s: tuple[str, ...] = ()) -> Callable[[Path, Path], None]:
     def build(work: Path, out: Path) -> None:
         tag = Path(out).stem
@@ -143,6 +153,14 @@ def _bzimage(work: Path, out: Path) -> None:
     out.write_bytes(bytes(data))
 
 
+def _bzimage_32(work: Path, out: Path) -> None:
+    """The same kernel without XLF_KERNEL_64: loaders must use the 32-bit entry (code32_start)."""
+    _bzimage(work, out)
+    data = bytearray(out.read_bytes())
+    struct.pack_into("<H", data, 0x236, 0)  # xloadflags
+    out.write_bytes(bytes(data))
+
+
 GUESTS: dict[str, GuestSpec] = {
     g.name: g
     for g in (
@@ -152,6 +170,8 @@ GUESTS: dict[str, GuestSpec] = {
                   "real-mode boot sector: upper-cases COM1 input until '.'"),
         GuestSpec("triple_fault", "triple_fault.bin", _bootsector("triple_fault"),
                   "boot sector: counts boots in CMOS, triple-faults on boot 1"),
+        GuestSpec("bigboot", "bigboot.bin", _bigboot,
+                  "32 KiB boot image (pyvmm extension): code past the first sector runs"),
         GuestSpec("multiboot_info", "multiboot_info.elf", _multiboot("multiboot_info.c"),
                   "multiboot ELF32: checks multiboot info and fw_cfg"),
         GuestSpec("multiboot_aout", "multiboot_aout.bin", _multiboot("multiboot_info.c", aout=True),
@@ -166,10 +186,14 @@ GUESTS: dict[str, GuestSpec] = {
                   "multiboot ELF32: reads every I/O port, straddling reads, an MMIO sweep"),
         GuestSpec("acpi", "acpi.elf", _multiboot("acpi.c"),
                   "multiboot ELF32: validates ACPI tables, then S5 power-off or FADT reset"),
+        GuestSpec("fwcfg", "fwcfg.elf", _multiboot("fwcfg.c"),
+                  "multiboot ELF32: fw_cfg corners (file dir, past-end reads, DMA skip/write/zero-fill)"),
         GuestSpec("oob", "oob.elf", _multiboot("oob.c"),
                   "multiboot ELF32: DMA/string I/O/MMIO aimed outside RAM"),
         GuestSpec("linux64", "linux64.bzImage", _bzimage,
                   "bzImage with a 64-bit entry that checks boot_params"),
+        GuestSpec("linux32", "linux32.bzImage", _bzimage_32,
+                  "the linux64 bzImage without XLF_KERNEL_64 (entered through startup_32)"),
     )
 }
 

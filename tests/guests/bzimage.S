@@ -164,6 +164,7 @@ startup_32:
     call 1f
 1:  popl %ebp
     subl $(1b - startup_32), %ebp       /* EBP = load address */
+    movl $1, (entered_via_32 - startup_32)(%ebp)
 
     movl $PT_BASE, %edi                 /* identity map 0..1 GiB with 2 MiB pages */
     xorl %eax, %eax
@@ -207,6 +208,9 @@ gdt64:
     .quad 0x00cf92000000ffff            /* 0x18: data */
 gdt64_desc:
     .word gdt64_desc - gdt64 - 1
+    .long 0
+    .globl entered_via_32
+entered_via_32:                         /* set when the loader used the 32-bit entry */
     .long 0
 
     .org 0x200

@@ -70,6 +70,8 @@ u64 fw_cfg_read_u64(u16 key);
 u32 fw_cfg_read_u32(u16 key);
 u16 fw_cfg_read_u16(u16 key);
 
+/* isa-debug-exit port (0xf4 unless a guest takes "exitport=" from its command line). */
+extern u16 debug_exit_port;
 __attribute__((noreturn)) void debug_exit(u8 value);
 
 /* Pattern the tests put in the initrd/module file: byte i = (i * 7 + 3) & 0xff. */

@@ -189,9 +189,11 @@ u16 fw_cfg_read_u16(u16 key)
     return v;
 }
 
+u16 debug_exit_port = DEBUG_EXIT_PORT;
+
 void debug_exit(u8 value)
 {
-    outb(DEBUG_EXIT_PORT, value);
+    outb(debug_exit_port, value);
     /* Without an isa-debug-exit device the write is ignored: stop here quietly. */
     for (;;)
         __asm__ volatile("cli; hlt");

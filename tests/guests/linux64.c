@@ -41,6 +41,7 @@ struct e820_entry {
 _Static_assert(sizeof(struct e820_entry) == 20, "e820 entry layout");
 
 static const u8 *bp;
+extern volatile u32 entered_via_32; /* bzimage.S: startup_32 ran before startup_64 */
 
 static u8 bp8(u32 off) { return bp[off]; }
 static u16 bp16(u32 off) { return *(const u16 *)(bp + off); }
@@ -164,6 +165,7 @@ void linux64_main(const u8 *boot_params, uptr load_addr)
     uart_puts("linux64 guest\n");
     report_hex("boot_params", (uptr)bp);
     report_hex("load_addr", load_addr);
+    report_dec("entry", entered_via_32 ? 32 : 64);
     if (bp && memcmp(bp + BP_HEADER, "HdrS", 4) == 0 && bp16(BP_VERSION) >= 0x020c &&
         bp16(BP_BOOT_FLAG) == 0xaa55)
         ok |= CHECK_ZERO_PAGE;

@@ -212,6 +212,7 @@ void guest_main(u32 magic, const struct mb_info *mbi, u32 entry_eflags)
     if (strstr(cmdline, "pyvmm-test"))
         ok |= CHECK_CMDLINE;
 
+    debug_exit_port = (u16)cmdline_get_num(cmdline, "exitport", DEBUG_EXIT_PORT);
     u64 mem = cmdline_get_num(cmdline, "mem", 128) << 20;
     u64 cpus = cmdline_get_num(cmdline, "cpus", 1);
     u64 initrd = cmdline_get_num(cmdline, "initrd", 0);

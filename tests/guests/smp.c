@@ -11,8 +11,15 @@
  * CMOS) starts the APs again, which checks that reset returns them to
  * wait-for-SIPI.
  *
+ * With "stress=<n>", once all CPUs are up every CPU runs n rounds of device
+ * accesses at the same time (fw_cfg DMA with its own descriptor, fw_cfg and
+ * CMOS port reads without any guest lock, port 0x80, UART scratch, LAPIC), so
+ * the VMM's device models are entered from several vCPU threads at once.  Each
+ * DMA read of the signature must come back intact (a DMA request is atomic);
+ * the racy port reads only have to be answered.
+ *
  * Exit value: bits 0-3 = CPUs seen, bit 4 = MP table OK, bit 5 = second boot
- * after the reset.  "-smp 2" gives 0x13 -> status 39.
+ * after the reset with a freshly loaded image, bit 6 = stress run clean.  "-smp 2" gives 0x13 -> status 39.
  */
 #include "guest.h"
 
@@ -34,11 +41,67 @@
 enum {
     RESULT_MPTABLE_OK = 1 << 4,
     RESULT_REBOOTED = 1 << 5,
+    RESULT_STRESS_OK = 1 << 6,
 };
+
+struct fw_cfg_dma {
+    u32 control, length;
+    u64 address;
+} __attribute__((packed));
+
+static volatile u32 stress_go, stress_rounds, stress_done, stress_bad;
+static struct fw_cfg_dma dma_desc[MAX_CPUS] __attribute__((aligned(16)));
+static u8 dma_buf[MAX_CPUS][16];
+
+static u32 be32(u32 v) { return (v >> 24) | ((v >> 8) & 0xff00) | ((v << 8) & 0xff0000) | (v << 24); }
+
+/* One CPU's share of the stress run; returns the number of failed DMA reads. */
+static u32 stress(u32 cpu)
+{
+    u32 bad = 0;
+    struct fw_cfg_dma *d = &dma_desc[cpu];
+    volatile u8 *b = dma_buf[cpu];
+    for (u32 i = 0; i < stress_rounds; i++) {
+        for (int k = 0; k < 4; k++)
+            b[k] = 0;
+        d->control = be32((FW_CFG_SIGNATURE << 16) | 0x08 | 0x02); /* select + read */
+        d->length = be32(4);
+        d->address = (u64)be32((u32)(uptr)b) << 32;
+        outl(FW_CFG_DMA_LO, be32((u32)(uptr)d));
+        u32 ctl = 1;
+        for (int k = 0; k < 1000; k++) {
+            ctl = be32(*(volatile u32 *)&d->control);
+            if (ctl == 0 || (ctl & 1))
+                break;
+        }
+        if (ctl != 0 || b[0] != 'Q' || b[1] != 'E' || b[2] != 'M' || b[3] != 'U')
+            bad++;
+        fw_cfg_select(FW_CFG_ID); /* racy on purpose: no lock */
+        inb(FW_CFG_DATA);
+        outb(0x70, 0x00);
+        inb(0x71);
+        outb(0x80, (u8)i);
+        outb(COM1 + 7, (u8)cpu);
+        inb(COM1 + 7);
+        mmio_read32(LAPIC_BASE + LAPIC_ID);
+    }
+    return bad;
+}
+
+static void stress_join(u32 cpu)
+{
+    while (!stress_go)
+        cpu_relax();
+    u32 bad = stress(cpu);
+    __sync_fetch_and_add(&stress_bad, bad);
+    __sync_fetch_and_add(&stress_done, 1);
+}
 
 extern const u8 ap_tramp_start[], ap_tramp_end[];
 
 static volatile u32 cpus_up;
+/* Initialised data: a reset must reload the image, so boot 2 sees this value again. */
+static volatile u32 image_marker = 0x1234abcd;
 static volatile u32 uart_lock;
 
 static u32 lapic_read(u32 reg) { return mmio_read32(LAPIC_BASE + reg); }
@@ -80,6 +143,8 @@ static void mark_up(u32 id, const char *who)
 void ap_main(u32 apic_id)
 {
     mark_up(apic_id, "AP");
+    if (apic_id < MAX_CPUS)
+        stress_join(apic_id);
 }
 
 static u8 cmos_read(u8 idx)
@@ -184,6 +249,8 @@ void guest_main(u32 magic, const u32 *mbi)
 
     cpus_up = 0;
     uart_lock = 0;
+    stress_go = stress_done = stress_bad = 0;
+    stress_rounds = (u32)cmdline_get_num(cmdline, "stress", 0);
     uart_init();
     uart_puts("smp guest\n");
     u32 boot = 1;
@@ -220,15 +287,29 @@ void guest_main(u32 magic, const u32 *mbi)
     lock();
     report_hex("cpus_up", cpus_up);
     unlock();
+    if (stress_rounds && cpus_up == want) {
+        stress_go = 1;
+        stress_join(bsp);
+        for (u32 i = 0; i < 20000000 && stress_done != ncpus; i++)
+            cpu_relax();
+        lock();
+        report_dec("stress_done", stress_done);
+        report_dec("stress_bad", stress_bad);
+        unlock();
+        if (stress_done == ncpus && stress_bad == 0)
+            result |= RESULT_STRESS_OK;
+    }
     if (check_mptable(ncpus, bsp))
         result |= RESULT_MPTABLE_OK;
     if (reboot && boot == 1 && cpus_up == want) {
         uart_puts("all cpus up, triple fault now\n");
+        image_marker = 0xdeadbeef;
         triple_fault();
     }
     if (reboot) {
         cmos_write(CMOS_MAGIC_IDX, 0);
-        if (boot == 2)
+        report_hex("image_marker", image_marker);
+        if (boot == 2 && image_marker == 0x1234abcd)
             result |= RESULT_REBOOTED;
     }
     result |= cpus_up & 0xf;

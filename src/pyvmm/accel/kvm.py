@@ -134,6 +134,8 @@ class KvmAccelerator:
         self.sink = KvmIrqSink()
         self._ctx: MachineContext | None = None
         self._base_cpuid: list[cpuid.CpuidEntry] = []
+        #: The CPUID table given to each vCPU (KVM_SET_CPUID2), for inspection.
+        self.cpuid_tables: list[list[cpuid.CpuidEntry]] = []
         self._started = False
         self._paused = False
 
@@ -171,9 +173,12 @@ class KvmAccelerator:
         vm.create_pit2()
         vm.map_memory(ctx.memory)
         self.runners = []
+        self.cpuid_tables = []
         for i in range(ctx.ncpus):
             vcpu = vm.create_vcpu(i)
-            vcpu.set_cpuid(to_kvm(cpuid.for_vcpu(self._base_cpuid, i, ctx.ncpus)))
+            table = cpuid.for_vcpu(self._base_cpuid, i, ctx.ncpus)
+            vcpu.set_cpuid(to_kvm(table))
+            self.cpuid_tables.append(table)
             vcpu.setup_lint()
             self._load_msrs(vcpu)
             self.runners.append(VcpuRunner(vcpu, ctx.io_bus, ctx.mmio_bus, ctx.control))

@@ -11,11 +11,18 @@ not interrupt anything.  The kicker sets its request flag *before* the
 ``immediate_exit`` byte, and the vCPU thread clears the byte *before* reading
 the flags, so no request is lost.
 
-Hot path.  Port I/O is what most exits are, so it is handled inline in the
-loop with everything bound to locals: ctypes views created once over the
-``kvm_run`` mapping, the bus's ``find`` method, precompiled ``struct``
-unpackers indexed by access size.  Every other exit goes through a dispatch
-table built once per thread.
+Hot path.  Port I/O and MMIO are what most exits are, so they are handled
+inline in the loop with everything bound to locals: KVM_RUN through a
+ctypes function without argument conversion, one precompiled ``struct``
+unpack that reads the exit reason together with ``kvm_run.io`` straight from
+the mapping, the bus lookup (``Bus.find``) inlined as a bisect, and
+per-size packers.  Every other exit goes through a dispatch table built once
+per thread.  String I/O and unassigned ports take a slower helper.
+
+Life-cycle requests.  When a device posts a request (reset, power-off,
+exit, error) during an access, the vCPU that made the access does not
+re-enter the guest: it holds until the machine stops the accelerator, as
+QEMU stops the current vCPU.
 """
 
 from __future__ import annotations
@@ -253,6 +260,11 @@ class VcpuRunner:
         slow = self._unexpected_exit
         pio_slow = self._pio_slow
         service = self._service
+        hold = self._hold_for_request
+        # The life-cycle mailbox's queue, peeked (without its lock) after every device access: a
+        # device that posts reset/power-off/exit must not see another guest instruction run on
+        # this vCPU (QEMU stops the current vCPU the same way).
+        requests = self.control._pending
         if not service():
             return
         while True:
@@ -285,8 +297,12 @@ class VcpuRunner:
                             dev.io_write(port - s, size, unpack(mm, off)[0])
                         else:
                             PACK[size](mm, off, dev.io_read(port - s, size) & MASK[size])
+                        if requests and not hold():
+                            return
                         continue
                 pio_slow(out, size, port, count, off)
+                if requests and not hold():
+                    return
                 continue
             if reason == EXIT_MMIO:
                 addr, data, n, is_write = mmio_head(mm, _EXIT_OFF)
@@ -309,10 +325,31 @@ class VcpuRunner:
                     else:
                         value = mmio_bus.read(addr, n)
                     mm[MMIO_DATA:MMIO_DATA + n] = value.to_bytes(n, "little")
+                if requests and not hold():
+                    return
                 continue
             self.last_exit = reason
             if not dispatch.get(reason, slow)(reason):
                 return
+
+    def _hold_for_request(self) -> bool:
+        """A device on this thread posted a life-cycle request: stay out of the guest until stopped.
+
+        The machine acts on every request by stopping (or resetting) the accelerator, so the
+        vCPU parks here until :meth:`request_stop`; pause() treats it as parked meanwhile.
+        """
+        log.debug("vCPU %d: holding after a life-cycle request from a device", self.index)
+        with self._cond:
+            self.parked = True
+            self._cond.notify_all()
+            while not self._stop_req:
+                while self._calls:
+                    fn, box = self._calls.pop(0)
+                    self._serve(fn, box)
+                    self._cond.notify_all()
+                self._cond.wait()
+            self.parked = False
+        return False
 
     def _pio_slow(self, out: int, size: int, port: int, count: int, off: int) -> None:
         """String I/O (``rep ins/outs``: ``count`` items) and unassigned ports; sizes already checked."""

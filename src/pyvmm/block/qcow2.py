@@ -121,7 +121,8 @@ class Qcow2Image:
         header_len = 72
         if self.version == 3:
             self.incompat, self.compat, self.autoclear, self.refcount_order, header_len = _HDR_V3.unpack_from(raw, 72)
-            known = int(Incompat.DIRTY | Incompat.CORRUPT | Incompat.DATA_FILE | Incompat.COMPRESSION | Incompat.EXTENDED_L2)
+            known = int(Incompat.DIRTY | Incompat.CORRUPT | Incompat.DATA_FILE | Incompat.COMPRESSION
+                        | Incompat.EXTENDED_L2)
             if self.incompat & ~known:
                 raise self._bad(f"unknown incompatible features {self.incompat & ~known:#x}")
             if self.incompat & Incompat.CORRUPT:

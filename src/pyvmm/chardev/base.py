@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 READ_CHUNK = 4096
 #: Output a socket/pty back-end queues for a slow peer before dropping.
 OUTPUT_LIMIT = 1 << 20
+#: Largest single flush of queued output.
+WRITE_CHUNK = 64 * 1024
 
 
 class CharReceiver(Protocol):
@@ -96,8 +98,12 @@ class OutputBuffer:
                    on_error: Callable[[OSError], None]) -> None:
         """Send to ``fd`` with ``send`` (which must not block); ``on_error`` for hard errors."""
         with self._lock:
+            old_fd, armed = self._fd, self._armed
             self._fd, self._send, self._on_error = fd, send, on_error
             self._buf.clear()
+            self._armed = False
+        if armed and old_fd is not None:
+            self._loop.remove_writer(old_fd)
 
     def clear_target(self) -> None:
         """Forget the peer and any queued output (loop thread or any thread)."""
@@ -161,7 +167,9 @@ class OutputBuffer:
             if send is None or fd is None:
                 return
             try:
-                n = send(memoryview(self._buf)[:READ_CHUNK * 16])
+                # Release the views before resizing the bytearray (exports block resizing).
+                with memoryview(self._buf) as view, view[:WRITE_CHUNK] as chunk:
+                    n = send(chunk)
                 del self._buf[:n]
             except (BlockingIOError, InterruptedError):
                 return
@@ -264,6 +272,9 @@ class CharBackendBase:
             # them with call-soon instead (each round re-checks room and EOF).
             self._pollless = True
             self._loop.call_soon_threadsafe(self._on_readable)
+        except OSError as e:  # e.g. stdin closed (EBADF): run without input
+            log.warning("%s: cannot watch input fd %d (%s); no input", self.label, self._in_fd, e)
+            self._in_fd = None
 
     def _unwatch(self) -> None:
         if self._watching and self._loop is not None and self._in_fd is not None:

@@ -18,8 +18,11 @@ the signal with its default action).  Restoring is idempotent.
 
 stdin need not be a terminal (a pipe, a file, /dev/null): then nothing is
 changed, input is still forwarded, and at EOF the back-end just stops
-reading.  Output goes to stdout with ordinary blocking writes: stdout is
-shared with the parent shell, so its file status flags are never touched.
+reading.  Started as a background job (``pyvmm ... &``), it leaves the
+terminal alone and reads no input, rather than being stopped by SIGTTOU.
+
+Output goes to stdout with ordinary blocking writes: stdout is shared with
+the parent shell, so its file status flags are never touched.
 """
 
 from __future__ import annotations
@@ -68,6 +71,14 @@ def raw_attributes(attrs: list, allow_signals: bool) -> list:
     return new
 
 
+def _in_background(fd: int) -> bool:
+    """True when ``fd`` is our controlling terminal and another process group owns it."""
+    try:
+        return os.tcgetpgrp(fd) != os.getpgrp()
+    except OSError:
+        return False  # not our controlling terminal: no job control applies
+
+
 class StdioBackend(CharBackendBase):
     """Guest console on stdin/stdout (fds are parameters so tests can use a pty)."""
 
@@ -84,7 +95,11 @@ class StdioBackend(CharBackendBase):
         self._old_handlers: dict[int, object] = {}
         self._out_broken = False
         self._tty = os.isatty(in_fd)
-        if self._tty:
+        self._background = self._tty and _in_background(in_fd)
+        if self._background:
+            # Touching the terminal from a background job stops us with SIGTTOU/SIGTTIN.
+            log.info("%s: started in the background: console input disabled, terminal untouched", label)
+        elif self._tty:
             self._saved_attrs = termios.tcgetattr(in_fd)
             atexit.register(self.restore_terminal)
             self._install_signal_handlers()
@@ -108,7 +123,8 @@ class StdioBackend(CharBackendBase):
 
     # -- input -------------------------------------------------------------------------------
     def _on_attach(self) -> None:
-        self._start_input(self._in)
+        if not self._background:
+            self._start_input(self._in)
 
     def _on_eof(self) -> None:
         log.debug("%s: EOF on stdin; no more console input", self.label)

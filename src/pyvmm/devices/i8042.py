@@ -253,7 +253,7 @@ class I8042:
     # -- ports (vCPU threads) ----------------------------------------------------------------
     def _read_status(self) -> int:
         with self._lock:
-            self._refill()
+            self._update()
             value = self.status & ~(Status.OBF | Status.AUX_OBF | Status.IBF)
             if self.obf:
                 value |= Status.OBF

@@ -130,6 +130,48 @@ class Msr(IntEnum):
     DELTAS = 0x0F
 
 
+# Plain-int copies for the register hot paths: enum member access and arithmetic cost ~10x
+# more than int operations, and every guest UART access goes through here.
+_FCR_CLEAR_RX = int(Fcr.CLEAR_RX)
+_FCR_ENABLE = int(Fcr.ENABLE)
+_FCR_TRIGGER_MASK = int(Fcr.TRIGGER_MASK)
+_IER_EDSSI = int(Ier.EDSSI)
+_IER_ELSI = int(Ier.ELSI)
+_IER_ERBFI = int(Ier.ERBFI)
+_IER_ETBEI = int(Ier.ETBEI)
+_IIR_CTI = int(Iir.CTI)
+_IIR_FIFO_BITS = int(Iir.FIFO_BITS)
+_IIR_MSI = int(Iir.MSI)
+_IIR_NO_INT = int(Iir.NO_INT)
+_IIR_RDI = int(Iir.RDI)
+_IIR_RLSI = int(Iir.RLSI)
+_IIR_THRI = int(Iir.THRI)
+_LCR_DLAB = int(Lcr.DLAB)
+_LSR_DR = int(Lsr.DR)
+_LSR_OE = int(Lsr.OE)
+_LSR_TEMT = int(Lsr.TEMT)
+_LSR_THRE = int(Lsr.THRE)
+_MCR_LOOP = int(Mcr.LOOP)
+_MCR_MASK = int(Mcr.MASK)
+_MSR_CTS = int(Msr.CTS)
+_MSR_DCD = int(Msr.DCD)
+_MSR_DCTS = int(Msr.DCTS)
+_MSR_DDCD = int(Msr.DDCD)
+_MSR_DDSR = int(Msr.DDSR)
+_MSR_DELTAS = int(Msr.DELTAS)
+_MSR_DSR = int(Msr.DSR)
+_MSR_RI = int(Msr.RI)
+_MSR_TERI = int(Msr.TERI)
+_R_IER = int(Reg.IER)
+_R_IIR_FCR = int(Reg.IIR_FCR)
+_R_LCR = int(Reg.LCR)
+_R_LSR = int(Reg.LSR)
+_R_MCR = int(Reg.MCR)
+_R_MSR = int(Reg.MSR)
+_R_RBR_THR = int(Reg.RBR_THR)
+_R_SCR = int(Reg.SCR)
+_LSR_IDLE = _LSR_THRE | _LSR_TEMT  # transmission is instantaneous: always empty
+
 #: RX trigger level for FCR bits 7:6.
 _TRIGGER = (1, 4, 8, 14)
 
@@ -167,7 +209,7 @@ class Serial:
         self.lcr = 0
         self.mcr = Mcr.OUT2
         self.lsr_errors = 0       # OE/PE/FE/BI, cleared by reading LSR
-        self.msr = Msr.DCD | Msr.DSR | Msr.CTS
+        self.msr = _MSR_DCD | _MSR_DSR | _MSR_CTS
         self.scr = 0
         self.dll = 0x0C           # 9600 baud
         self.dlm = 0
@@ -192,20 +234,20 @@ class Serial:
     def _pending_iir(self) -> int:
         """The highest-priority pending, enabled interrupt, as IIR bits 3:0."""
         ier = self.ier
-        if ier & Ier.ELSI and self.lsr_errors:
-            return Iir.RLSI
-        if ier & Ier.ERBFI and self._rx:
+        if ier & _IER_ELSI and self.lsr_errors:
+            return _IIR_RLSI
+        if ier & _IER_ERBFI and self._rx:
             if self.fifo_enabled and len(self._rx) < self.trigger:
-                return Iir.CTI
-            return Iir.RDI
-        if ier & Ier.ETBEI and self.thr_pending:
-            return Iir.THRI
-        if ier & Ier.EDSSI and self.msr & Msr.DELTAS:
-            return Iir.MSI
-        return Iir.NO_INT
+                return _IIR_CTI
+            return _IIR_RDI
+        if ier & _IER_ETBEI and self.thr_pending:
+            return _IIR_THRI
+        if ier & _IER_EDSSI and self.msr & _MSR_DELTAS:
+            return _IIR_MSI
+        return _IIR_NO_INT
 
     def _update_irq(self) -> None:
-        level = self._pending_iir() != Iir.NO_INT
+        level = self._pending_iir() != _IIR_NO_INT
         if level != self._level:
             self._level = level
             if self._irq is not None:
@@ -215,20 +257,20 @@ class Serial:
         """Change the modem-status lines (bits 7:4), latching the delta bits."""
         old = self.msr
         changed = (old ^ lines) & 0xF0
-        deltas = old & Msr.DELTAS
-        if changed & Msr.CTS:
-            deltas |= Msr.DCTS
-        if changed & Msr.DSR:
-            deltas |= Msr.DDSR
-        if changed & Msr.DCD:
-            deltas |= Msr.DDCD
-        if (old & Msr.RI) and not (lines & Msr.RI):  # trailing edge of ring indicator
-            deltas |= Msr.TERI
+        deltas = old & _MSR_DELTAS
+        if changed & _MSR_CTS:
+            deltas |= _MSR_DCTS
+        if changed & _MSR_DSR:
+            deltas |= _MSR_DDSR
+        if changed & _MSR_DCD:
+            deltas |= _MSR_DDCD
+        if (old & _MSR_RI) and not (lines & _MSR_RI):  # trailing edge of ring indicator
+            deltas |= _MSR_TERI
         self.msr = (lines & 0xF0) | deltas
 
     def _push_rx(self, byte: int) -> None:
         if len(self._rx) >= self._rx_capacity():
-            self.lsr_errors |= Lsr.OE
+            self.lsr_errors |= _LSR_OE
             return
         self._rx.append(byte)
 
@@ -251,8 +293,8 @@ class Serial:
     def _read_reg(self, offset: int) -> int:
         drained = False
         with self._lock:
-            if offset == Reg.RBR_THR:
-                if self.lcr & Lcr.DLAB:
+            if offset == _R_RBR_THR:
+                if self.lcr & _LCR_DLAB:
                     return self.dll
                 if self._rx:
                     value = self._rx.popleft()
@@ -260,31 +302,31 @@ class Serial:
                 else:
                     value = 0
                 self._update_irq()
-            elif offset == Reg.IER:
-                value = self.dlm if self.lcr & Lcr.DLAB else self.ier
-            elif offset == Reg.IIR_FCR:
+            elif offset == _R_IER:
+                value = self.dlm if self.lcr & _LCR_DLAB else self.ier
+            elif offset == _R_IIR_FCR:
                 iir = self._pending_iir()
-                if iir == Iir.THRI:
+                if iir == _IIR_THRI:
                     self.thr_pending = False  # reading IIR acknowledges THR-empty
                     self._update_irq()
-                value = iir | (Iir.FIFO_BITS if self.fifo_enabled else 0)
-            elif offset == Reg.LCR:
+                value = iir | (_IIR_FIFO_BITS if self.fifo_enabled else 0)
+            elif offset == _R_LCR:
                 value = self.lcr
-            elif offset == Reg.MCR:
+            elif offset == _R_MCR:
                 value = self.mcr
-            elif offset == Reg.LSR:
-                value = Lsr.THRE | Lsr.TEMT | self.lsr_errors
+            elif offset == _R_LSR:
+                value = _LSR_IDLE | self.lsr_errors
                 if self._rx:
-                    value |= Lsr.DR
+                    value |= _LSR_DR
                 if self.lsr_errors:
                     self.lsr_errors = 0
                     self._update_irq()
-            elif offset == Reg.MSR:
+            elif offset == _R_MSR:
                 value = self.msr
-                if value & Msr.DELTAS:
-                    self.msr &= ~Msr.DELTAS & 0xFF
+                if value & _MSR_DELTAS:
+                    self.msr &= ~_MSR_DELTAS & 0xFF
                     self._update_irq()
-            elif offset == Reg.SCR:
+            elif offset == _R_SCR:
                 value = self.scr
             else:
                 value = 0xFF
@@ -295,45 +337,45 @@ class Serial:
     def _write_reg(self, offset: int, value: int) -> None:
         out = -1
         with self._lock:
-            if offset == Reg.RBR_THR:
-                if self.lcr & Lcr.DLAB:
+            if offset == _R_RBR_THR:
+                if self.lcr & _LCR_DLAB:
                     self.dll = value
                     return
-                if self.mcr & Mcr.LOOP:
+                if self.mcr & _MCR_LOOP:
                     self._push_rx(value)
                 else:
                     out = value
                 # The byte leaves at once: THR is empty again, so THRE re-asserts.
                 self.thr_pending = True
                 self._update_irq()
-            elif offset == Reg.IER:
-                if self.lcr & Lcr.DLAB:
+            elif offset == _R_IER:
+                if self.lcr & _LCR_DLAB:
                     self.dlm = value
                     return
                 old = self.ier
                 self.ier = value & 0x0F
-                if (self.ier & Ier.ETBEI) and not (old & Ier.ETBEI):
+                if (self.ier & _IER_ETBEI) and not (old & _IER_ETBEI):
                     self.thr_pending = True  # THR is always empty here
-                elif not (self.ier & Ier.ETBEI):
+                elif not (self.ier & _IER_ETBEI):
                     self.thr_pending = False
                 self._update_irq()
-            elif offset == Reg.IIR_FCR:
+            elif offset == _R_IIR_FCR:
                 self._write_fcr(value)
-            elif offset == Reg.LCR:
+            elif offset == _R_LCR:
                 self.lcr = value
-            elif offset == Reg.MCR:
+            elif offset == _R_MCR:
                 self._write_mcr(value)
-            elif offset == Reg.LSR:
+            elif offset == _R_LSR:
                 pass  # factory test register; ignored
-            elif offset == Reg.MSR:
+            elif offset == _R_MSR:
                 pass
-            elif offset == Reg.SCR:
+            elif offset == _R_SCR:
                 self.scr = value
         if out >= 0 and self._backend is not None:
             self._backend.write(_BYTE[out])
 
     def _write_fcr(self, value: int) -> None:
-        enable = bool(value & Fcr.ENABLE)
+        enable = bool(value & _FCR_ENABLE)
         drained = False
         if enable != self.fifo_enabled:
             # Changing the FIFO mode clears both FIFOs on a 16550A.
@@ -341,10 +383,10 @@ class Serial:
             self._rx.clear()
             self.fifo_enabled = enable
         if enable:
-            if value & Fcr.CLEAR_RX:
+            if value & _FCR_CLEAR_RX:
                 drained = drained or bool(self._rx)
                 self._rx.clear()
-            self.trigger = _TRIGGER[(value & Fcr.TRIGGER_MASK) >> 6]
+            self.trigger = _TRIGGER[(value & _FCR_TRIGGER_MASK) >> 6]
         else:
             self.trigger = 1
         self._update_irq()
@@ -354,25 +396,25 @@ class Serial:
 
     def _write_mcr(self, value: int) -> None:
         old = self.mcr
-        self.mcr = value & Mcr.MASK
-        if self.mcr & Mcr.LOOP:
+        self.mcr = value & _MCR_MASK
+        if self.mcr & _MCR_LOOP:
             self._set_msr_lines(_msr_from_mcr(self.mcr))
-        elif old & Mcr.LOOP:
-            self._set_msr_lines(Msr.DCD | Msr.DSR | Msr.CTS)
+        elif old & _MCR_LOOP:
+            self._set_msr_lines(_MSR_DCD | _MSR_DSR | _MSR_CTS)
         self._update_irq()
-        if (old & Mcr.LOOP) and not (self.mcr & Mcr.LOOP) and self._backend is not None:
+        if (old & _MCR_LOOP) and not (self.mcr & _MCR_LOOP) and self._backend is not None:
             self._backend.accept_input()  # external input is connected again
 
     # -- input from the back-end (loop thread) -----------------------------------------------
     def can_receive(self) -> int:
         with self._lock:
-            if self.mcr & Mcr.LOOP:
+            if self.mcr & _MCR_LOOP:
                 return 0  # in loopback the external input is disconnected
             return self._rx_capacity() - len(self._rx)
 
     def receive(self, data: bytes) -> None:
         with self._lock:
-            if self.mcr & Mcr.LOOP:
+            if self.mcr & _MCR_LOOP:
                 return
             for b in data:
                 self._push_rx(b)

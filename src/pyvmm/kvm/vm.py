@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import errno
 import logging
 import os
 from dataclasses import dataclass
@@ -113,9 +114,18 @@ class Vm:
         ioctl(self.fd, Ioctl.IRQ_LINE, lvl)
 
     def signal_msi(self, address: int, data: int) -> int:
-        """Inject one MSI; returns >0 if delivered, 0 if the guest blocked it."""
+        """Inject one MSI; returns >0 if delivered, 0 if not (blocked by the guest or no destination).
+
+        KVM reports "no destination APIC" as -1, which libc turns into EPERM; that is a guest
+        configuration state, not a host failure, so it is not raised.
+        """
         msi = abi.KvmMsi(address_lo=address & 0xFFFFFFFF, address_hi=address >> 32, data=data)
-        return ioctl(self.fd, Ioctl.SIGNAL_MSI, msi)
+        ret, err = ioctl_errno(self.fd, Ioctl.SIGNAL_MSI, msi)
+        if ret >= 0:
+            return ret
+        if err == errno.EPERM:
+            return 0
+        raise KvmError(f"KVM ioctl KVM_SIGNAL_MSI failed: {os.strerror(err)} (errno {err})")
 
     def set_gsi_routing(self, routes: list[IrqchipRoute | MsiRoute]) -> None:
         """Replace the whole GSI routing table."""

@@ -51,6 +51,7 @@ class MachineConfig:
     serial: str = "stdio"
     no_reboot: bool = False
     devices: list[DeviceSpec] = field(default_factory=list)
+    drives: list = field(default_factory=list)  # pyvmm.devices.virtio.options.DriveSpec (--drive)
     mem_path: str | None = None
     qmp: list[str] = field(default_factory=list)
 

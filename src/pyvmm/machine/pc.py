@@ -34,6 +34,7 @@ from pyvmm.devices.i8042 import I8042
 from pyvmm.devices.port80 import Port80
 from pyvmm.devices.rtc import Rtc
 from pyvmm.devices.serial import SERIAL_IO_SIZE, Serial
+from pyvmm.devices.virtio.board import VIRTIO_DRIVERS, VirtioMmioBoard
 from pyvmm.errors import ConfigError
 from pyvmm.irq import IrqRouter
 from pyvmm.loop import MainLoop
@@ -114,6 +115,12 @@ class PcMachine:
         self.acpi_pm = AcpiPm(self.control, self.irq.line(SCI_GSI))
         self._add_io(ACPI_PM_BASE, PM_SIZE, self.acpi_pm, "acpi-pm")
 
+        # virtio-mmio (--drive, --device virtio-rng/virtio-console): pyvmm.devices.virtio.board
+        self.virtio = VirtioMmioBoard(self.memory, self.mmio_bus, self.irq.line)
+        self.devices.append(self.virtio)
+        for drive in cfg.drives:
+            self.virtio.add_drive(drive)
+
         for spec in cfg.devices:
             self._add_device(spec)
 
@@ -135,8 +142,12 @@ class PcMachine:
             base = spec.int_prop("iobase", 0xF4)
             size = spec.int_prop("iosize", 0x04)
             self._add_io(base, size, DebugExit(self.control), "isa-debug-exit")
+        elif spec.driver in VIRTIO_DRIVERS:
+            self.virtio.add_device(spec.driver, spec.props, lambda chardev: parse_chardev(
+                chardev, self.loop, self.control, label=spec.props.get("id", spec.driver)))
         else:
-            raise ConfigError(f"--device {spec.driver}: unknown device (known: isa-debug-exit)")
+            raise ConfigError(f"--device {spec.driver}: unknown device "
+                              f"(known: isa-debug-exit, {', '.join(VIRTIO_DRIVERS)})")
 
     # -- firmware and kernel -----------------------------------------------------------------
     def _load_firmware_and_kernel(self) -> None:
@@ -144,7 +155,7 @@ class PcMachine:
         if not cfg.kernel:
             raise ConfigError("no kernel given: use --kernel FILE")
         write_mptable(self.memory, cfg.smp)
-        rsdp = build_acpi(self.memory, ncpus=cfg.smp, pm_base=ACPI_PM_BASE)
+        rsdp = build_acpi(self.memory, ncpus=cfg.smp, pm_base=ACPI_PM_BASE, devices=self.virtio.acpi_devices())
         self.boot = load_kernel(cfg.kernel, self.memory, cmdline=cfg.append, initrd=cfg.initrd, e820=self.e820,
                                 acpi_rsdp=rsdp)
         log.info("loaded %s kernel %s (entry %#x)", self.boot.kind, cfg.kernel, self.boot.entry)
@@ -160,6 +171,7 @@ class PcMachine:
         self._load_firmware_and_kernel()
         assert self.boot is not None
         self.accel.set_boot_state(self.boot.cpu, start_aps=False)
+        self.virtio.attach_accelerator(self.accel)  # ioeventfds on KVM (again after accel.reset())
         if not start:  # reset while paused: stay stopped until QMP 'cont', as QEMU does
             self._set_state(RunState.PRELAUNCH)
             return
@@ -233,6 +245,8 @@ class PcMachine:
             self.loop.stop()
             if self.serial_backend is not None:
                 self.serial_backend.close()
+            if getattr(self, "virtio", None) is not None:
+                self.virtio.close()
 
     # -- QMP monitor: pyvmm.monitor.MachineControl ----------------------------------------------
     def _start_monitor(self) -> None:

@@ -71,6 +71,7 @@ void pv_tsc_set(struct pv_vcpu *v, uint64_t value);
 void pv_load_seg(struct pv_vcpu *v, int seg, uint32_t selector, uint64_t base, uint32_t limit, uint32_t flags);
 int pv_patch_msr(void *rdmsr_fn, int rd_len, void *wrmsr_fn, int wr_len);
 int pv_msr_patched(void);
+int pv_patch_code(void *addr, const void *bytes, int len);
 int pv_attach(struct pv_vcpu *v);
 void pv_detach(struct pv_vcpu *v);
 void pv_prepare_run(struct pv_vcpu *v);
@@ -104,6 +105,20 @@ _EXPECTED_CODE = {
 }
 _RDMSR_PROLOGUE = 16
 _WRMSR_PROLOGUE = 19
+
+# Unicorn keeps every store to a page that the guest's page tables map executable on the slow
+# path (its notdirty_write never marks such TLB entries dirty), which makes the bzImage
+# decompressor and other code writing through executable mappings ~100x slower.  QEMU marks
+# the entry dirty after invalidating the page's translations, and unicorn re-arms the check
+# for the executing address when it translates code there (tb_gen_code), so we restore
+# QEMU's behaviour by turning the `je` that requires a non-executable entry into a `jmp`.
+# notdirty_write is a local symbol; it is found relative to an exported neighbour and its
+# bytes are checked first.  PYVMM_TCG_STRICT_SMC=1 leaves unicorn's behaviour alone.
+_SMC_ANCHOR = "helper_le_stq_mmu_x86_64"
+_SMC_ANCHOR_ADDR = 0x417D60
+_SMC_SITE_ADDR = 0x41331D
+_SMC_EXPECTED = bytes.fromhex("48837d10ff747c4883c428")
+_SMC_PATCHED = bytes.fromhex("48837d10ffeb7c4883c428")
 
 
 @dataclass
@@ -193,8 +208,23 @@ def _load() -> Native:
                           ffi.cast("void *", fns["helper_wrmsr_x86_64"]), _WRMSR_PROLOGUE)
     if rc != 0:
         raise AccelError(f"could not interpose unicorn's rdmsr/wrmsr helpers (error {rc})")
+    if os.environ.get("PYVMM_TCG_STRICT_SMC") != "1":
+        _patch_store_fast_path(ffi, lib, fns)
     log.debug("tcg helper loaded from %s", path)
     return Native(ffi, lib, fns)
+
+
+def _patch_store_fast_path(ffi, lib, fns: dict[str, int]) -> None:
+    site = fns[_SMC_ANCHOR] - _SMC_ANCHOR_ADDR + _SMC_SITE_ADDR
+    have = ctypes.string_at(site, len(_SMC_EXPECTED))
+    if have == _SMC_PATCHED:
+        return
+    if have != _SMC_EXPECTED:
+        raise AccelError(f"unicorn's notdirty_write is not the code the tcg accelerator expects "
+                         f"(have {have.hex()}); reinstall unicorn=={UNICORN_VERSION} or set PYVMM_TCG_STRICT_SMC=1")
+    rc = lib.pv_patch_code(ffi.cast("void *", site), _SMC_PATCHED, len(_SMC_PATCHED))
+    if rc != 0:
+        raise AccelError(f"could not patch unicorn's store path (error {rc})")
 
 
 def _unicorn_functions() -> dict[str, int]:
@@ -203,7 +233,7 @@ def _unicorn_functions() -> dict[str, int]:
     names = ["x86_cpu_do_interrupt_x86_64", "do_interrupt_x86_hardirq_x86_64", "cpu_loop_exit_x86_64",
              "uc_emu_stop", "uc_reg_read", "uc_reg_write", "uc_hook_add", "qemu_get_cpu_x86_64",
              "helper_hlt_x86_64", "helper_rdmsr_x86_64", "helper_wrmsr_x86_64", "tb_flush_x86_64",
-             "cpu_x86_cpuid_x86_64"]
+             "cpu_x86_cpuid_x86_64", "helper_le_stq_mmu_x86_64"]
     out = {}
     for n in names:
         try:

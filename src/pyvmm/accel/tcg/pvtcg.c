@@ -77,6 +77,9 @@
 #define MSR_FMASK       0xc0000084u
 #define MSR_TSC_AUX     0xc0000103u
 #define MSR_ARCH_CAPABILITIES 0x10au
+#define MSR_MISC_ENABLE 0x1a0u
+/* fast strings, BTS and PEBS unavailable */
+#define PV_MISC_ENABLE ((1ull << 0) | (1ull << 11) | (1ull << 12))
 /* RDCL_NO, SKIP_L1DFL_VMENTRY, SSB_NO, MDS_NO, PSCHANGE_MC_NO, TAA_NO, SBDR_SSDP_NO, FBSDP_NO,
  * PSDP_NO, BHI_NO, PBRSB_NO, GDS_NO, RFDS_NO: a TCG CPU has none of these speculation bugs. */
 #define PV_ARCH_CAPABILITIES ((1ull << 0) | (1ull << 3) | (1ull << 4) | (1ull << 5) | (1ull << 6) | \
@@ -268,8 +271,10 @@ static int pv_rdtscp_hook(void *uc, void *user)
 {
     struct pv_vcpu *v = user;
     uint64_t *regs = (uint64_t *)v->env;
+    /* read TSC_AUX first: unicorn's MSR accessor saves and restores RAX/RCX/RDX */
+    uint32_t aux = (uint32_t)pv_msr_read(v, MSR_TSC_AUX);
     pv_rdtsc_hook(uc, user);
-    regs[1] = (uint32_t)pv_msr_read(v, MSR_TSC_AUX);
+    regs[1] = aux;
     return 1;
 }
 
@@ -332,6 +337,11 @@ PV_HIDDEN int pv_msr_filter(char *env, int is_write)
         if (is_write)
             return 1;
         out = 0;
+        break;
+    case MSR_MISC_ENABLE:
+        if (is_write)
+            return 1;
+        out = PV_MISC_ENABLE;
         break;
     case MSR_ARCH_CAPABILITIES:
         if (is_write)
@@ -480,3 +490,18 @@ uint32_t pv_hflags(struct pv_vcpu *v) { return *pv_u32(v->env, PV_HFLAGS); }
 uint64_t pv_eflags_raw(struct pv_vcpu *v) { return *pv_u64(v->env, PV_EFLAGS); }
 uint64_t pv_env_u64(struct pv_vcpu *v, int off) { return *pv_u64(v->env, off); }
 uint32_t pv_env_u32(struct pv_vcpu *v, int off) { return *pv_u32(v->env, off); }
+
+/* Overwrite `len` bytes of libunicorn's code at `addr` (the caller has checked the old bytes). */
+int pv_patch_code(void *addr, const void *bytes, int len)
+{
+    long pg = sysconf(_SC_PAGESIZE);
+    unsigned char *page = (unsigned char *)((uintptr_t)addr & ~((uintptr_t)pg - 1));
+    if (len <= 0 || len > 64)
+        return -1;
+    if (mprotect(page, (size_t)(2 * pg), PROT_READ | PROT_WRITE | PROT_EXEC))
+        return -2;
+    memcpy(addr, bytes, (size_t)len);
+    __sync_synchronize();
+    mprotect(page, (size_t)(2 * pg), PROT_READ | PROT_EXEC);
+    return 0;
+}

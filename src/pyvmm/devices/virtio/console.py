@@ -63,6 +63,9 @@ class VirtioConsole(VirtioDevice):
             self.backend.write(data[:1])
 
     # -- guest -> host ------------------------------------------------------------------------
+    def drains(self, queue: Virtqueue) -> bool:
+        return queue.index != RX_QUEUE  # receive buffers wait for input
+
     def handle_queue(self, queue: Virtqueue) -> None:
         if queue.index == RX_QUEUE:
             self._flush_rx()

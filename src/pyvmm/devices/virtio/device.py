@@ -67,6 +67,7 @@ class Feature(IntEnum):
     RING_PACKED = 34
 
 
+_DRIVER_OK, _NEEDS_RESET = int(Status.DRIVER_OK), int(Status.NEEDS_RESET)  # plain ints for the hot path
 COMMON_FEATURES = (1 << Feature.VERSION_1) | (1 << Feature.EVENT_IDX) | (1 << Feature.INDIRECT_DESC)
 
 
@@ -203,12 +204,34 @@ class VirtioDevice:
         """Run the handler for queue ``index`` under the device lock; ring errors -> NEEDS_RESET."""
         with self.lock:
             q = self.queues[index]
-            if not q.ready or not self.status & Status.DRIVER_OK or self.status & Status.NEEDS_RESET:
+            if not q.ready or not self.status & _DRIVER_OK or self.status & _NEEDS_RESET:
                 return
             try:
-                self.handle_queue(q)
+                if not self.drains(q):
+                    self.handle_queue(q)
+                    return
+                # Suppress kicks while draining the ring; after re-enabling, look again for
+                # buffers the driver added without kicking (it saw notifications disabled).
+                for _ in range(64):
+                    q.set_notification(False)
+                    self.handle_queue(q)
+                    q.set_notification(True)
+                    if not q.has_pending():
+                        break
+                else:
+                    # A driver that never stops adding: let other work run, continue later.
+                    if self.loop is not None:
+                        self.loop.call_soon_threadsafe(self._process_cb[index])
             except VirtqueueError as e:
                 self.needs_reset(str(e))
+
+    def drains(self, queue: Virtqueue) -> bool:
+        """Whether :meth:`handle_queue` consumes every available buffer of ``queue``.
+
+        False for queues whose buffers wait for host events (a console's receive queue);
+        those get no kick suppression or re-check loop.
+        """
+        return True
 
     def handle_queue(self, queue: Virtqueue) -> None:
         """Subclass hook: consume the available buffers of ``queue`` (device lock held)."""

@@ -51,6 +51,10 @@ class DescFlags(IntFlag):
     INDIRECT = 4
 
 
+# Plain ints for the hot path (IntFlag arithmetic costs a Python-level call per operation).
+_NEXT, _WRITE, _INDIRECT = int(DescFlags.NEXT), int(DescFlags.WRITE), int(DescFlags.INDIRECT)
+
+
 class AvailFlags(IntFlag):
     NO_INTERRUPT = 1
 
@@ -112,6 +116,7 @@ class Virtqueue:
         self.used_idx = 0
         self.signalled_used = 0
         self.signalled_used_valid = False
+        self.notify_enabled = True
 
     # -- setup ---------------------------------------------------------------------------------
     def ring_sizes(self) -> tuple[int, int, int]:
@@ -166,7 +171,7 @@ class Virtqueue:
         n = self.size
         avail = self._avail_idx()
         if avail == self.last_avail_idx:
-            if not self.event_idx:
+            if not self.event_idx or not self.notify_enabled:
                 return None
             # Ask for a kick on the next buffer, then look again: a buffer added between the
             # first read and this write would otherwise go unnoticed until the next kick.
@@ -183,7 +188,7 @@ class Virtqueue:
             raise VirtqueueError(f"queue {self.index}: head index {head} >= queue size {n}")
         chain = self._walk(head)
         self.last_avail_idx = (self.last_avail_idx + 1) & 0xFFFF
-        if self.event_idx:
+        if self.event_idx and self.notify_enabled:
             self._write_avail_event(self.last_avail_idx)
         return chain
 
@@ -203,12 +208,12 @@ class Virtqueue:
                     raise VirtqueueError(f"queue {self.index}: descriptor chain from head {head} is longer "
                                          f"than {limit} (a loop?)")
                 addr, length, flags, nxt = _DESC.unpack(mem.read(table + DESC_SIZE * idx, DESC_SIZE))
-                if flags & DescFlags.INDIRECT:
+                if flags & _INDIRECT:
                     if in_indirect:
                         raise VirtqueueError(f"queue {self.index}: nested indirect descriptor table")
                     if not self.indirect:
                         raise VirtqueueError(f"queue {self.index}: indirect descriptor without INDIRECT_DESC")
-                    if flags & DescFlags.NEXT:
+                    if flags & _NEXT:
                         raise VirtqueueError(f"queue {self.index}: indirect descriptor with NEXT set")
                     if length == 0 or length % DESC_SIZE:
                         raise VirtqueueError(f"queue {self.index}: indirect table length {length} is not a "
@@ -227,7 +232,7 @@ class Virtqueue:
                     raise VirtqueueError(f"queue {self.index}: chain from head {head} describes more than "
                                          f"{self.max_chain_bytes} bytes")
                 view = mem.view(addr, length)
-                if flags & DescFlags.WRITE:
+                if flags & _WRITE:
                     seen_write = True
                     chain.writable.append(view)
                     chain.write_len += length
@@ -238,7 +243,7 @@ class Virtqueue:
                                              "device-writable one")
                     chain.readable.append(view)
                     chain.read_len += length
-                if not flags & DescFlags.NEXT:
+                if not flags & _NEXT:
                     return chain
                 if nxt >= limit:
                     raise VirtqueueError(f"queue {self.index}: next index {nxt} >= table size {limit}")
@@ -272,7 +277,7 @@ class Virtqueue:
                     return True
                 used_event = self.memory.read_u16(self.avail_addr + 4 + 2 * self.size)
                 return need_event(used_event, new, old)
-            return not self.memory.read_u16(self.avail_addr) & AvailFlags.NO_INTERRUPT
+            return not self.memory.read_u16(self.avail_addr) & 1  # VRING_AVAIL_F_NO_INTERRUPT
         except GuestMemoryError as e:
             raise VirtqueueError(f"queue {self.index}: {e}") from None
 
@@ -280,7 +285,13 @@ class Virtqueue:
         self.memory.write_u16(self.used_addr + 4 + 8 * self.size, value)
 
     def set_notification(self, enable: bool) -> None:
-        """Ask the driver to kick (enable) or not to kick (disable) for new buffers."""
+        """Ask the driver to kick (enable) or not to kick (disable) for new buffers.
+
+        While disabled (a device busy with a batch), EVENT_IDX's avail_event is left where it
+        is, so the driver stops kicking once it has passed it.  After enabling, the caller
+        must check :meth:`has_pending` again (a buffer may have slipped in meanwhile).
+        """
+        self.notify_enabled = enable
         try:
             if self.event_idx:
                 if enable:

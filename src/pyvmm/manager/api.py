@@ -1,0 +1,150 @@
+"""The daemon's HTTP API (FastAPI), its OpenAPI document, and the web UI's static files.
+
+Every operation is one route under ``/api/v1``; errors are JSON ``{"detail":
+"..."}`` with a 4xx status that names the problem (404 unknown VM, 409 wrong
+state or duplicate, 400 missing file, 422 invalid field).  Streams are not
+REST and are left out of the OpenAPI document: the console is a WebSocket at
+``/api/v1/vms/{name}/console``, events are a WebSocket at
+``/api/v1/events/ws`` and server-sent events at ``/api/v1/events``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Annotated
+
+from fastapi import FastAPI, Query, Request, WebSocket
+from fastapi import Path as PathParam
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+
+from pyvmm import __version__
+from pyvmm.manager import console
+from pyvmm.manager.models import ActionResult, ErrorBody, VmDefinitionIn, VmInfo, VmStatsReport
+from pyvmm.manager.supervisor import ManagerError, Supervisor
+from pyvmm.manager.web import static_dir, xterm_dir
+
+log = logging.getLogger(__name__)
+
+API = "/api/v1"
+ERRORS = {404: {"model": ErrorBody, "description": "no such VM"},
+          409: {"model": ErrorBody, "description": "the VM is in the wrong state for this operation"}}
+VmName = Annotated[str, PathParam(description="the VM's name or uuid", max_length=200)]
+
+
+def create_app(sup: Supervisor) -> FastAPI:
+    app = FastAPI(title="pyvmmd", version=__version__,
+                  description="The pyvmm manager daemon: define, run and watch many VMs. "
+                              "Console: WebSocket /api/v1/vms/{name}/console (binary frames, serial bytes "
+                              "both ways; the scrollback first). Events: WebSocket /api/v1/events/ws or "
+                              "server-sent events at /api/v1/events (JSON objects like the Event schema).")
+    app.state.sup = sup
+
+    @app.exception_handler(ManagerError)
+    async def _manager_error(request: Request, exc: ManagerError) -> JSONResponse:
+        return JSONResponse({"detail": exc.message}, status_code=exc.status)
+
+    @app.get(f"{API}/version", tags=["daemon"])
+    async def version() -> dict[str, str]:
+        return {"pyvmmd": __version__}
+
+    @app.get(f"{API}/vms", tags=["vms"])
+    async def list_vms() -> list[VmInfo]:
+        """All defined VMs with their current state."""
+        return sup.list()
+
+    @app.post(f"{API}/vms", status_code=201, tags=["vms"],
+              responses={400: {"model": ErrorBody, "description": "a file named in the definition is missing"},
+                         409: {"model": ErrorBody, "description": "the name or uuid is taken"}})
+    async def define(body: VmDefinitionIn) -> VmInfo:
+        """Define a VM (stored; not started)."""
+        return sup.define(body).info()
+
+    @app.get(API + "/vms/{name}", tags=["vms"], responses={404: ERRORS[404]})
+    async def get_vm(name: VmName) -> VmInfo:
+        return sup.get(name).info()
+
+    @app.delete(API + "/vms/{name}", status_code=204, tags=["vms"], responses=ERRORS)
+    async def undefine(name: VmName) -> Response:
+        """Remove a VM's definition; the VM must be shut off."""
+        sup.undefine(name)
+        return Response(status_code=204)
+
+    def _result(h, message: str) -> ActionResult:
+        return ActionResult(message=message, vm=h.info())
+
+    @app.post(API + "/vms/{name}/start", tags=["life cycle"], responses=ERRORS)
+    async def start(name: VmName) -> ActionResult:
+        """Start the VM's process; returns once QMP and the serial port are connected."""
+        return _result(await sup.start(name), "started")
+
+    @app.post(API + "/vms/{name}/shutdown", tags=["life cycle"], responses=ERRORS)
+    async def shutdown(name: VmName, timeout: Annotated[float, Query(
+            ge=0, le=3600, description="destroy the VM if it has not powered off after this many seconds "
+                                       "(0: wait for the guest forever)")] = 0) -> ActionResult:
+        """Press the ACPI power button (QMP system_powerdown); the guest decides when to power off."""
+        return _result(await sup.shutdown(name, timeout), "power button pressed")
+
+    @app.post(API + "/vms/{name}/destroy", tags=["life cycle"], responses=ERRORS)
+    async def destroy(name: VmName) -> ActionResult:
+        """Stop the VM at once (QMP quit, then SIGKILL)."""
+        return _result(await sup.destroy(name), "destroyed")
+
+    @app.post(API + "/vms/{name}/suspend", tags=["life cycle"], responses=ERRORS)
+    async def suspend(name: VmName) -> ActionResult:
+        return _result(await sup.suspend(name), "paused")
+
+    @app.post(API + "/vms/{name}/resume", tags=["life cycle"], responses=ERRORS)
+    async def resume(name: VmName) -> ActionResult:
+        return _result(await sup.resume(name), "resumed")
+
+    @app.post(API + "/vms/{name}/reboot", tags=["life cycle"], responses=ERRORS)
+    async def reboot(name: VmName) -> ActionResult:
+        """Reset the machine (QMP system_reset)."""
+        return _result(await sup.reboot(name), "reset")
+
+    @app.get(API + "/vms/{name}/stats", tags=["vms"], responses={404: ERRORS[404]})
+    async def stats(name: VmName) -> VmStatsReport:
+        """CPU time and RSS of the VM process: the latest sample and up to 300 earlier ones (1 per second)."""
+        return sup.stats(name)
+
+    @app.get(API + "/vms/{name}/console/scrollback", tags=["vms"], response_class=PlainTextResponse,
+             responses={404: ERRORS[404]})
+    async def scrollback(name: VmName) -> PlainTextResponse:
+        """The last 256 KiB of serial output."""
+        return PlainTextResponse(bytes(sup.get(name).scrollback).decode("utf-8", errors="replace"))
+
+    @app.websocket(API + "/vms/{name}/console")
+    async def console_ws(ws: WebSocket, name: str) -> None:
+        try:
+            h = sup.get(name)
+        except ManagerError as e:
+            await ws.close(code=1008, reason=e.message[:120])
+            return
+        await console.serve_console(ws, sup, h)
+
+    @app.websocket(API + "/events/ws")
+    async def events_ws(ws: WebSocket) -> None:
+        await console.serve_events_ws(ws, sup)
+
+    @app.get(API + "/events", include_in_schema=False)
+    async def events_sse() -> StreamingResponse:
+        return StreamingResponse(console.sse_events(sup), media_type="text/event-stream",
+                                 headers={"cache-control": "no-cache"})
+
+    # -- web UI -------------------------------------------------------------------------------
+    web = static_dir()
+
+    @app.get("/", include_in_schema=False)
+    async def index() -> FileResponse:
+        return FileResponse(web / "index.html")
+
+    xterm = xterm_dir()
+    if xterm is not None:
+        app.mount("/static/vendor/xterm", StaticFiles(directory=xterm), name="xterm")
+    else:
+        log.warning("xterm.js not found: the web console falls back to plain text "
+                    "(run 'python -m pyvmm.manager.web.fetch_xterm' to fetch it from the npm registry)")
+    app.mount("/static", StaticFiles(directory=web), name="static")
+    return app
+

@@ -1,0 +1,177 @@
+"""``pyvmmd``: the manager daemon's entry point.
+
+It listens on a unix socket (mode 0600, or 0660 for ``--socket-group``) and,
+with ``--listen HOST:PORT``, on TCP, where every API request needs the token
+from ``--token-file`` (created with a random token if missing) and TLS is
+used when ``--tls-cert``/``--tls-key`` are given.  One lock file per state
+directory keeps a second daemon out.  Stopping the daemon (SIGTERM, SIGINT,
+or a crash) leaves the VMs running; the next daemon re-attaches to them.
+
+When run as root with ``--vm-user USER`` (and USER exists), VM processes run
+as that user with the ``kvm`` group; otherwise they run as the daemon's user.
+Either way each VM process gets a cleaned environment, no inherited file
+descriptors and its own session.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import fcntl
+import grp
+import logging
+import os
+import shlex
+import signal
+import socket
+import sys
+from pathlib import Path
+
+import uvicorn
+
+from pyvmm.manager.api import create_app
+from pyvmm.manager.auth import TokenAuth, load_or_create_token
+from pyvmm.manager.supervisor import ManagerConfig, Supervisor
+
+log = logging.getLogger("pyvmmd")
+
+
+def default_state_dir() -> Path:
+    if os.geteuid() == 0:
+        return Path("/var/lib/pyvmm")
+    base = os.environ.get("XDG_RUNTIME_DIR") or os.path.expanduser("~/.local/state")
+    return Path(base) / "pyvmm"
+
+
+def default_socket() -> Path:
+    """Where the CLI looks for the daemon: $PYVMMD_SOCKET, else the default state directory's socket."""
+    env = os.environ.get("PYVMMD_SOCKET")
+    return Path(env) if env else default_state_dir() / "pyvmmd.sock"
+
+
+class _Server(uvicorn.Server):
+    """uvicorn, minus its own signal handling: the daemon runs several servers and handles signals once."""
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        yield
+
+
+def unix_listener(path: Path, group: str | None) -> socket.socket:
+    """A listening unix socket that is never reachable with a wider mode than intended."""
+    if path.exists():
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(str(path))
+        except OSError:
+            path.unlink()  # stale socket of a dead daemon
+        else:
+            raise SystemExit(f"pyvmmd: another daemon is listening on {path}")
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o177)
+    try:
+        sock.bind(str(path))
+    finally:
+        os.umask(old)
+    if group is not None:
+        os.chown(path, -1, grp.getgrnam(group).gr_gid)
+        os.chmod(path, 0o660)
+    else:
+        os.chmod(path, 0o600)
+    sock.listen(128)
+    sock.set_inheritable(False)
+    return sock
+
+
+def tcp_listener(spec: str) -> socket.socket:
+    host, _, port = spec.rpartition(":")
+    host = host.strip("[]") or "127.0.0.1"
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, int(port)))
+    sock.listen(128)
+    return sock
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pyvmmd", description="The pyvmm manager daemon.")
+    p.add_argument("--state-dir", type=Path, default=None, help="definitions, VM run files and the socket "
+                   "(default /var/lib/pyvmm as root, else $XDG_RUNTIME_DIR/pyvmm)")
+    p.add_argument("--socket", type=Path, default=None, help="unix socket path (default STATE_DIR/pyvmmd.sock)")
+    p.add_argument("--socket-group", default=None, help="make the unix socket 0660 for this group")
+    p.add_argument("--listen", metavar="HOST:PORT", help="also serve HTTP on TCP (token required)")
+    p.add_argument("--token-file", type=Path, help="token for TCP clients (default STATE_DIR/token)")
+    p.add_argument("--tls-cert", help="PEM certificate for the TCP listener")
+    p.add_argument("--tls-key", help="PEM private key for the TCP listener")
+    p.add_argument("--vm-user", help="run VM processes as this user when the daemon runs as root")
+    p.add_argument("--pyvmm-command", default=None,
+                   help="command that runs one VM (default: this Python's 'python -m pyvmm run')")
+    p.add_argument("-v", "--verbose", action="count", default=0)
+    return p
+
+
+async def serve(args: argparse.Namespace) -> None:
+    state_dir: Path = args.state_dir or default_state_dir()
+    cfg = ManagerConfig(state_dir=state_dir, vm_user=args.vm_user)
+    if args.pyvmm_command:
+        cfg.pyvmm_command = shlex.split(args.pyvmm_command)
+    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    lock = open(state_dir / "pyvmmd.lock", "w")  # noqa: SIM115 - held for the daemon's lifetime
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise SystemExit(f"pyvmmd: another daemon uses {state_dir}") from None
+    sup = Supervisor(cfg)
+    await sup.open()
+    app = create_app(sup)
+    level = "debug" if args.verbose > 1 else "warning"
+    servers: list[tuple[_Server, socket.socket]] = []
+    sock_path = args.socket or state_dir / "pyvmmd.sock"
+    usock = unix_listener(sock_path, args.socket_group)
+    servers.append((_Server(uvicorn.Config(app, lifespan="off", log_level=level, ws="websockets-sansio")), usock))
+    log.info("listening on unix:%s", sock_path)
+    if args.listen:
+        token = load_or_create_token(args.token_file or state_dir / "token")
+        tls = {"ssl_certfile": args.tls_cert, "ssl_keyfile": args.tls_key} if args.tls_cert else {}
+        tsock = tcp_listener(args.listen)
+        servers.append((_Server(uvicorn.Config(TokenAuth(app, token), lifespan="off", log_level=level,
+                                               ws="websockets-sansio", **tls)), tsock))
+        log.info("listening on %s://%s (token required)", "https" if tls else "http", args.listen)
+    loop = asyncio.get_running_loop()
+
+    def stop() -> None:
+        for s, _ in servers:
+            s.should_exit = True
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop)
+    try:
+        await asyncio.gather(*(s.serve(sockets=[sock]) for s, sock in servers))
+    finally:
+        await sup.close()
+        with contextlib.suppress(FileNotFoundError):
+            sock_path.unlink()
+        lock.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose > 1 else logging.INFO,
+                        format="pyvmmd: %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("qemu.qmp").setLevel(logging.WARNING)  # every VM exit would log an end-of-file
+    if args.tls_cert and not args.tls_key:
+        print("pyvmmd: --tls-cert needs --tls-key", file=sys.stderr)
+        return 2
+    try:
+        asyncio.run(serve(args))
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

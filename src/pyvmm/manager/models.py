@@ -1,0 +1,160 @@
+"""The manager's data model (pydantic): VM definitions, their run-time state, stats and events.
+
+Definitions are validated here once, at the API boundary, so the store and the
+supervisor only ever see well-formed data.  Checks that need the file system
+(the kernel exists) live in :func:`check_files`, called by the API before a
+definition is stored, so a bad definition leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import uuid as uuidlib
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+#: libvirt-like names: safe in file names, URLs and shell commands.
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
+MAX_MEMORY_MIB = 1 << 20  # 1 TiB
+MAX_VCPUS = 255
+MAX_CMDLINE = 4096
+MAX_PATH = 4096
+
+PathStr = Annotated[str, Field(min_length=1, max_length=MAX_PATH)]
+
+
+class VmState(enum.StrEnum):
+    """The states a VM is reported in, named as virsh names them."""
+
+    SHUTOFF = "shutoff"
+    STARTING = "starting"
+    RUNNING = "running"
+    PAUSED = "paused"
+    SHUTTING_DOWN = "in shutdown"
+    CRASHED = "crashed"
+
+
+class DiskSpec(BaseModel):
+    """A virtio block device backed by an image file."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: PathStr
+    format: Literal["raw", "qcow2"] = "raw"
+    readonly: bool = False
+
+
+class NetworkSpec(BaseModel):
+    """A network interface.  Recorded in the definition; pyvmm has no NIC model yet, so starting
+    a VM that has one is refused with a clear message rather than silently booting without it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: Literal["virtio-net"] = "virtio-net"
+    mac: str | None = Field(default=None, pattern=r"^([0-9a-fA-F]{2}:){5}[0-9a-fA-F]{2}$")
+    tap: str | None = Field(default=None, max_length=15, pattern=r"^[A-Za-z0-9_.-]+$")
+
+
+class VmDefinitionIn(BaseModel):
+    """What a client sends to define a VM."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=NAME_PATTERN, description="unique name: letters, digits, '_', '.', '-'")
+    uuid: uuidlib.UUID | None = Field(default=None, description="assigned by the daemon when omitted")
+    vcpus: int = Field(default=1, ge=1, le=MAX_VCPUS)
+    memory_mib: int = Field(default=128, ge=2, le=MAX_MEMORY_MIB, description="guest RAM in MiB")
+    kernel: PathStr = Field(description="absolute path of the kernel image on the daemon's host")
+    initrd: PathStr | None = None
+    cmdline: str = Field(default="", max_length=MAX_CMDLINE)
+    accel: Literal["auto", "kvm", "tcg"] = "auto"
+    disks: list[DiskSpec] = Field(default_factory=list, max_length=4)
+    networks: list[NetworkSpec] = Field(default_factory=list, max_length=8)
+    autostart: bool = False
+
+    @field_validator("kernel", "initrd")
+    @classmethod
+    def _absolute(cls, v: str | None) -> str | None:
+        if v is not None and not os.path.isabs(v):
+            raise ValueError("must be an absolute path")
+        if v is not None and "\x00" in v:
+            raise ValueError("must not contain NUL")
+        return v
+
+    @field_validator("cmdline")
+    @classmethod
+    def _printable(cls, v: str) -> str:
+        if any(ord(c) < 0x20 or ord(c) == 0x7F for c in v):
+            raise ValueError("must not contain control characters")
+        return v
+
+
+class VmDefinition(VmDefinitionIn):
+    """A stored definition: the uuid is always set."""
+
+    uuid: uuidlib.UUID
+
+
+class VmInfo(BaseModel):
+    """A VM as the API reports it: its definition plus run-time facts."""
+
+    name: str
+    uuid: str
+    state: VmState
+    reason: str = ""
+    pid: int | None = None
+    definition: VmDefinition
+
+
+class VmStats(BaseModel):
+    """One sample of a VM process's resource use."""
+
+    timestamp: float = Field(description="seconds since the epoch")
+    cpu_time_s: float = Field(description="user + system CPU time of the VM process")
+    cpu_percent: float = Field(description="CPU use since the previous sample (100 = one core)")
+    rss_bytes: int = Field(description="resident set size of the VM process")
+    memory_mib: int = Field(description="guest RAM as defined")
+
+
+class VmStatsReport(BaseModel):
+    current: VmStats | None = None
+    history: list[VmStats] = Field(default_factory=list)
+
+
+class Event(BaseModel):
+    """A state change, as sent on /events."""
+
+    seq: int
+    timestamp: float
+    name: str
+    uuid: str
+    state: VmState
+    reason: str = ""
+
+
+class ActionResult(BaseModel):
+    """The answer to a life-cycle operation: the VM as it is after the request was made."""
+
+    ok: bool = True
+    message: str = ""
+    vm: VmInfo
+
+
+class ErrorBody(BaseModel):
+    detail: str
+
+
+def check_files(d: VmDefinitionIn) -> None:
+    """Refuse a definition whose files are missing or unreadable (raises ValueError naming the file)."""
+    for what, path in (("kernel", d.kernel), ("initrd", d.initrd)):
+        if path is None:
+            continue
+        if not os.path.isfile(path):
+            raise ValueError(f"{what} {path}: no such file")
+        if not os.access(path, os.R_OK):
+            raise ValueError(f"{what} {path}: not readable")
+    for i, disk in enumerate(d.disks):
+        if not os.path.isfile(disk.path):
+            raise ValueError(f"disks[{i}] {disk.path}: no such file")

@@ -1,0 +1,595 @@
+"""One ``pyvmm run`` process per VM, controlled over QMP, re-attached after a daemon restart.
+
+As libvirt runs one qemu per guest, the supervisor starts each VM as its own
+process: in its own session (so a dying daemon does not take it along), with
+a cleaned environment, no inherited file descriptors, stdin on /dev/null and
+stdout/stderr in a per-VM log.  The process serves QMP and its serial port on
+unix sockets in the VM's run directory.  The pid, its start time and the
+socket paths are written to the store *before* the daemon waits for the VM to
+come up, so a daemon that dies at any point can find the VM again: on start
+the supervisor checks each recorded pid is alive and is that VM (start time
+and the uuid on its command line), reconnects QMP and the serial port, and
+carries on.  Everything here runs on the daemon's asyncio loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import grp
+import logging
+import os
+import pwd
+import signal
+import subprocess
+import sys
+import time
+import uuid as uuidlib
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from qemu.qmp import QMPClient
+
+from pyvmm.manager import stats as procstats
+from pyvmm.manager.models import (
+    Event,
+    VmDefinition,
+    VmDefinitionIn,
+    VmInfo,
+    VmState,
+    VmStats,
+    VmStatsReport,
+    check_files,
+)
+from pyvmm.manager.store import RuntimeRecord, Store, StoreError
+
+log = logging.getLogger(__name__)
+
+SCROLLBACK_BYTES = 256 * 1024
+STATS_HISTORY = 300
+SUBSCRIBER_QUEUE = 1024
+
+
+class ManagerError(Exception):
+    """An operation failed in a way the client caused or must know about; carries an HTTP status."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def not_found(name: str) -> ManagerError:
+    return ManagerError(404, f"no VM named {name!r}")
+
+
+@dataclass
+class ManagerConfig:
+    """Where the daemon keeps its files and how it starts VMs."""
+
+    state_dir: Path
+    #: The command that runs one VM; the supervisor appends the machine options.
+    pyvmm_command: list[str] = field(default_factory=lambda: [sys.executable, "-m", "pyvmm", "run"])
+    #: When the daemon runs as root and this user exists, VM processes run as that user.
+    vm_user: str | None = None
+    start_timeout: float = 20.0
+    stats_interval: float = 1.0
+
+    @property
+    def run_dir(self) -> Path:
+        return self.state_dir / "run"
+
+    @property
+    def db_path(self) -> Path:
+        return self.state_dir / "pyvmmd.sqlite3"
+
+
+class Broadcaster:
+    """Fan-out of items to subscriber queues; a subscriber too slow to keep up loses items, not the daemon."""
+
+    def __init__(self) -> None:
+        self._subs: set[asyncio.Queue] = set()
+
+    def subscribe(self) -> asyncio.Queue:
+        q: asyncio.Queue = asyncio.Queue(SUBSCRIBER_QUEUE)
+        self._subs.add(q)
+        return q
+
+    def unsubscribe(self, q: asyncio.Queue) -> None:
+        self._subs.discard(q)
+
+    def publish(self, item: Any) -> None:
+        for q in list(self._subs):
+            with contextlib.suppress(asyncio.QueueFull):
+                q.put_nowait(item)
+
+
+class VmHandle:
+    """A VM's definition plus everything the daemon knows about its process right now."""
+
+    def __init__(self, definition: VmDefinition) -> None:
+        self.definition = definition
+        self.state = VmState.SHUTOFF
+        self.reason = ""
+        self.pid: int | None = None
+        self.start_ticks = 0
+        self.proc: subprocess.Popen | None = None  # set only when this daemon instance started it
+        self.paths: RuntimeRecord | None = None
+        self.qmp: QMPClient | None = None
+        self.serial_writer: asyncio.StreamWriter | None = None
+        self.tasks: list[asyncio.Task] = []
+        self.scrollback = bytearray()
+        self.console = Broadcaster()
+        self.history: deque[VmStats] = deque(maxlen=STATS_HISTORY)
+        self.cpu = procstats.CpuSampler()
+        self.lock = asyncio.Lock()
+        self.destroying = False
+        self.last_shutdown_cause = ""
+        self.exited = asyncio.Event()
+
+    @property
+    def name(self) -> str:
+        return self.definition.name
+
+    @property
+    def uuid(self) -> str:
+        return str(self.definition.uuid)
+
+    @property
+    def active(self) -> bool:
+        return self.pid is not None
+
+    def info(self) -> VmInfo:
+        return VmInfo(name=self.name, uuid=self.uuid, state=self.state, reason=self.reason, pid=self.pid,
+                      definition=self.definition)
+
+    def add_output(self, data: bytes) -> None:
+        self.scrollback += data
+        if len(self.scrollback) > SCROLLBACK_BYTES:
+            del self.scrollback[:len(self.scrollback) - SCROLLBACK_BYTES]
+        self.console.publish(data)
+
+
+#: Which operations each state allows (anything else is a 409 naming the state).
+ALLOWED: dict[str, tuple[VmState, ...]] = {
+    "start": (VmState.SHUTOFF, VmState.CRASHED),
+    "shutdown": (VmState.RUNNING, VmState.PAUSED, VmState.SHUTTING_DOWN),
+    "destroy": (VmState.STARTING, VmState.RUNNING, VmState.PAUSED, VmState.SHUTTING_DOWN),
+    "suspend": (VmState.RUNNING, VmState.SHUTTING_DOWN),
+    "resume": (VmState.PAUSED,),
+    "reboot": (VmState.RUNNING, VmState.SHUTTING_DOWN),
+    "undefine": (VmState.SHUTOFF, VmState.CRASHED),
+}
+
+
+def clean_environment() -> dict[str, str]:
+    """The VM process's environment: a fixed PATH and locale, plus PYTHONPATH so a source-tree
+    daemon runs the same pyvmm; nothing else of the daemon's (tokens, proxies, ...) leaks in."""
+    env = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8",
+           "PYTHONUNBUFFERED": "1"}
+    if "PYTHONPATH" in os.environ:
+        env["PYTHONPATH"] = os.environ["PYTHONPATH"]
+    return env
+
+
+def _escape_opt(value: str) -> str:
+    """QEMU-style option values: a literal comma is written twice."""
+    return value.replace(",", ",,")
+
+
+class Supervisor:
+    """Owns all VM handles; every public coroutine is one API operation."""
+
+    def __init__(self, config: ManagerConfig) -> None:
+        self.config = config
+        config.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        config.run_dir.mkdir(exist_ok=True, mode=0o700)
+        self.store = Store(config.db_path)
+        self.vms: dict[str, VmHandle] = {}  # by uuid
+        self.events = Broadcaster()
+        self._seq = 0
+        self._tasks: list[asyncio.Task] = []
+        self._run_as = self._resolve_user(config.vm_user)
+
+    # -- life of the daemon ----------------------------------------------------------------
+    async def open(self) -> None:
+        """Load definitions, re-attach to VMs that survived a daemon restart, autostart the rest."""
+        records = self.store.runtimes()
+        for d in self.store.all():
+            self.vms[str(d.uuid)] = VmHandle(d)
+        for uuid, rec in records.items():
+            h = self.vms.get(uuid)
+            if h is None:
+                continue
+            if procstats.is_vm_process(rec.pid, rec.start_ticks, uuid):
+                try:
+                    await self._attach(h, rec)
+                    log.info("re-attached to VM %s (pid %d)", h.name, rec.pid)
+                    continue
+                except (OSError, ManagerError) as e:
+                    log.warning("VM %s (pid %d) is alive but cannot be re-attached: %s", h.name, rec.pid, e)
+                    h.pid, h.start_ticks, h.paths = rec.pid, rec.start_ticks, rec
+                    h.tasks = [asyncio.create_task(self._watch(h), name=f"watch-{h.name}")]
+                    self._set_state(h, VmState.RUNNING, f"re-attach failed: {e}")
+                    continue
+            self.store.clear_runtime(uuid)
+            self._cleanup_files(uuid)
+            self._set_state(h, VmState.SHUTOFF, "the VM process ended while the daemon was down")
+        for h in list(self.vms.values()):
+            if h.definition.autostart and not h.active:
+                try:
+                    await self.start(h.name)
+                except ManagerError as e:
+                    log.warning("autostart of %s failed: %s", h.name, e.message)
+        self._tasks.append(asyncio.create_task(self._sample_stats(), name="stats"))
+
+    async def close(self) -> None:
+        """Detach from all VMs; they keep running (a restarted daemon re-attaches)."""
+        for t in self._tasks:
+            t.cancel()
+        for h in self.vms.values():
+            await self._detach(h)
+        self.store.close()
+
+    # -- definitions ------------------------------------------------------------------------
+    def list(self) -> list[VmInfo]:
+        return [h.info() for h in sorted(self.vms.values(), key=lambda h: h.name)]
+
+    def get(self, name: str) -> VmHandle:
+        """A VM by name or by uuid."""
+        for h in self.vms.values():
+            if h.name == name:
+                return h
+        h = self.vms.get(name)
+        if h is None:
+            raise not_found(name)
+        return h
+
+    def define(self, din: VmDefinitionIn) -> VmHandle:
+        if any(h.name == din.name for h in self.vms.values()):
+            raise ManagerError(409, f"a VM named {din.name!r} already exists")
+        try:
+            check_files(din)
+        except ValueError as e:
+            raise ManagerError(400, str(e)) from None
+        d = VmDefinition.model_validate({**din.model_dump(), "uuid": din.uuid or uuidlib.uuid4()})
+        if str(d.uuid) in self.vms:
+            raise ManagerError(409, f"a VM with uuid {d.uuid} already exists")
+        try:
+            self.store.add(d)
+        except StoreError as e:
+            raise ManagerError(409, str(e)) from None
+        h = VmHandle(d)
+        self.vms[str(d.uuid)] = h
+        self._publish(h, "defined")
+        return h
+
+    def undefine(self, name: str) -> None:
+        h = self.get(name)
+        self._require(h, "undefine")
+        self.store.remove(h.uuid)
+        del self.vms[h.uuid]
+        self._cleanup_files(h.uuid)
+        self._publish(h, "undefined")
+
+    # -- life-cycle operations ----------------------------------------------------------------
+    async def start(self, name: str) -> VmHandle:
+        h = self.get(name)
+        async with h.lock:
+            self._require(h, "start")
+            d = h.definition
+            if d.networks:
+                raise ManagerError(409, f"VM {h.name}: networks are defined but pyvmm has no network device "
+                                        "yet; remove them to start the VM")
+            try:
+                check_files(d)
+            except ValueError as e:
+                raise ManagerError(409, f"VM {h.name} cannot start: {e}") from None
+            self._set_state(h, VmState.STARTING, "")
+            try:
+                await self._spawn(h)
+            except ManagerError:
+                self._set_state(h, VmState.SHUTOFF, h.reason or "failed to start")
+                raise
+        return h
+
+    async def shutdown(self, name: str, timeout: float = 0.0) -> VmHandle:
+        """Ask the guest to power off (ACPI power button); after ``timeout`` seconds (0: never) destroy it."""
+        h = self.get(name)
+        async with h.lock:
+            self._require(h, "shutdown")
+            await self._qmp(h, "system_powerdown")
+            self._set_state(h, VmState.SHUTTING_DOWN, "power button pressed")
+        if timeout > 0:
+            self._tasks.append(asyncio.create_task(self._destroy_after(h, timeout)))
+        return h
+
+    async def _destroy_after(self, h: VmHandle, timeout: float) -> None:
+        pid = h.pid
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(h.exited.wait(), timeout)
+            return
+        if h.pid == pid and h.active:
+            log.info("VM %s did not power off within %.0fs: destroying it", h.name, timeout)
+            with contextlib.suppress(ManagerError):
+                await self.destroy(h.name)
+
+    async def destroy(self, name: str) -> VmHandle:
+        """Stop the VM at once: QMP quit, and SIGKILL if it has not exited within 2 seconds."""
+        h = self.get(name)
+        async with h.lock:
+            self._require(h, "destroy")
+            h.destroying = True
+            if h.qmp is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(h.qmp.execute("quit"), 2.0)
+            if not await self._wait_exit(h, 2.0):
+                self._kill(h)
+                if not await self._wait_exit(h, 5.0):
+                    raise ManagerError(409, f"VM {h.name}: process {h.pid} survived SIGKILL")
+        return h
+
+    async def suspend(self, name: str) -> VmHandle:
+        return await self._simple(name, "suspend", "stop")
+
+    async def resume(self, name: str) -> VmHandle:
+        return await self._simple(name, "resume", "cont")
+
+    async def reboot(self, name: str) -> VmHandle:
+        return await self._simple(name, "reboot", "system_reset")
+
+    async def _simple(self, name: str, op: str, command: str) -> VmHandle:
+        h = self.get(name)
+        async with h.lock:
+            self._require(h, op)
+            await self._qmp(h, command)
+            # The STOP/RESUME event also sets the state; setting it here makes the answer current.
+            if op == "suspend":
+                self._set_state(h, VmState.PAUSED, "suspended")
+            elif op == "resume":
+                self._set_state(h, VmState.RUNNING, "resumed")
+            else:
+                self._publish(h, "reset")
+        return h
+
+    def stats(self, name: str) -> VmStatsReport:
+        h = self.get(name)
+        hist = list(h.history)
+        return VmStatsReport(current=hist[-1] if hist and h.active else None, history=hist)
+
+    def console_write(self, h: VmHandle, data: bytes) -> None:
+        if h.serial_writer is not None and not h.serial_writer.is_closing():
+            h.serial_writer.write(data)
+
+    # -- helpers -------------------------------------------------------------------------------
+    def _require(self, h: VmHandle, op: str) -> None:
+        if h.state not in ALLOWED[op]:
+            raise ManagerError(409, f"cannot {op} VM {h.name}: it is {h.state.value}")
+
+    async def _qmp(self, h: VmHandle, command: str, args: dict | None = None) -> Any:
+        if h.qmp is None:
+            raise ManagerError(409, f"VM {h.name}: no QMP connection to its process")
+        try:
+            return await asyncio.wait_for(h.qmp.execute(command, args), 5.0)
+        except TimeoutError:
+            raise ManagerError(409, f"VM {h.name}: QMP {command} timed out") from None
+        except Exception as e:  # ExecuteError, ConnectionError, StateError: all mean the VM did not do it
+            raise ManagerError(409, f"VM {h.name}: QMP {command} failed: {e}") from None
+
+    def _set_state(self, h: VmHandle, state: VmState, reason: str) -> None:
+        changed = (state, reason) != (h.state, h.reason)
+        h.state, h.reason = state, reason
+        if changed:
+            self._publish(h, "state")
+
+    def _publish(self, h: VmHandle, name: str) -> None:
+        self._seq += 1
+        self.events.publish(Event(seq=self._seq, timestamp=time.time(), name=name, uuid=h.uuid, state=h.state,
+                                  reason=h.reason if name == "state" else f"{name}: {h.name}"))
+
+    @staticmethod
+    def _resolve_user(user: str | None) -> tuple[int, int, list[int]] | None:
+        if user is None or os.geteuid() != 0:
+            return None
+        try:
+            pw = pwd.getpwnam(user)
+        except KeyError:
+            log.warning("vm user %r does not exist: VM processes run as the daemon's user", user)
+            return None
+        extra = []
+        with contextlib.suppress(KeyError):
+            extra.append(grp.getgrnam("kvm").gr_gid)  # /dev/kvm access
+        return pw.pw_uid, pw.pw_gid, extra
+
+    def _vm_dir(self, uuid: str) -> Path:
+        return self.config.run_dir / uuid
+
+    def _cleanup_files(self, uuid: str) -> None:
+        d = self._vm_dir(uuid)
+        for p in (d / "qmp.sock", d / "serial.sock"):
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+
+    def command_for(self, h: VmHandle, qmp: Path, serial: Path) -> list[str]:
+        d = h.definition
+        cmd = [*self.config.pyvmm_command, "--accel", d.accel, "--kernel", d.kernel, "-m", f"{d.memory_mib}M",
+               "--smp", str(d.vcpus), "--serial", f"unix:{serial},server=on,wait=off",
+               "--qmp", f"unix:{qmp},server=on,wait=off"]
+        if d.cmdline:
+            cmd += ["--append", d.cmdline]
+        if d.initrd:
+            cmd += ["--initrd", d.initrd]
+        for disk in d.disks:
+            spec = f"file={_escape_opt(disk.path)},format={disk.format},if=virtio"
+            cmd += ["--drive", spec + (",readonly=on" if disk.readonly else "")]
+        return cmd
+
+    async def _spawn(self, h: VmHandle) -> None:
+        vmdir = self._vm_dir(h.uuid)
+        vmdir.mkdir(mode=0o700, exist_ok=True)
+        qmp, serial, logf = vmdir / "qmp.sock", vmdir / "serial.sock", vmdir / "vm.log"
+        self._cleanup_files(h.uuid)
+        kwargs: dict[str, Any] = {}
+        if self._run_as is not None:
+            uid, gid, extra = self._run_as
+            os.chown(vmdir, uid, gid)
+            kwargs.update(user=uid, group=gid, extra_groups=extra)
+        h.scrollback.clear()
+        h.history.clear()
+        h.cpu = procstats.CpuSampler()
+        h.destroying = False
+        h.last_shutdown_cause = ""
+        h.exited = asyncio.Event()
+        cmd = self.command_for(h, qmp, serial)
+        log.info("starting VM %s: %s", h.name, " ".join(cmd))
+        with open(logf, "wb") as out:
+            try:
+                proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out, cwd=vmdir,
+                                        env=clean_environment(), close_fds=True, start_new_session=True, **kwargs)
+            except OSError as e:
+                raise ManagerError(409, f"VM {h.name}: cannot run {cmd[0]}: {e.strerror}") from None
+        st = procstats.read_stat(proc.pid)
+        rec = RuntimeRecord(uuid=h.uuid, pid=proc.pid, start_ticks=st.start_ticks if st else 0,
+                            qmp_path=str(qmp), serial_path=str(serial), log_path=str(logf), started=time.time())
+        self.store.set_runtime(rec)  # before anything can fail: a dying daemon can still find the VM
+        h.proc = proc
+        deadline = time.monotonic() + self.config.start_timeout
+        while not (qmp.exists() and serial.exists()):
+            if proc.poll() is not None:
+                self.store.clear_runtime(h.uuid)
+                h.proc = None
+                tail = logf.read_text(errors="replace").strip().splitlines()[-3:]
+                h.reason = f"the VM process exited with status {proc.returncode}: " + " | ".join(tail)
+                raise ManagerError(409, f"VM {h.name} failed to start: {h.reason}")
+            if time.monotonic() > deadline:
+                self._kill_pid(proc.pid)
+                proc.wait()
+                self.store.clear_runtime(h.uuid)
+                h.proc = None
+                h.reason = f"no QMP socket after {self.config.start_timeout:.0f}s"
+                raise ManagerError(409, f"VM {h.name} failed to start: {h.reason}")
+            await asyncio.sleep(0.02)
+        try:
+            await self._attach(h, rec)
+        except (OSError, ManagerError) as e:
+            self._kill_pid(proc.pid)
+            proc.wait()
+            self.store.clear_runtime(h.uuid)
+            h.proc = None
+            h.pid = None
+            h.reason = f"cannot connect to the VM process: {e}"
+            raise ManagerError(409, f"VM {h.name} failed to start: {h.reason}") from None
+
+    async def _attach(self, h: VmHandle, rec: RuntimeRecord) -> None:
+        """Connect QMP and the serial port of a live VM process and start watching it."""
+        h.pid, h.start_ticks, h.paths = rec.pid, rec.start_ticks, rec
+        h.exited.clear()
+        client = QMPClient(f"pyvmmd-{h.name}")
+        try:
+            await asyncio.wait_for(client.connect(rec.qmp_path), 5.0)
+            status = await asyncio.wait_for(client.execute("query-status"), 5.0)
+        except Exception as e:
+            with contextlib.suppress(Exception):
+                await client.disconnect()
+            h.pid = None
+            raise ManagerError(409, f"QMP on {rec.qmp_path}: {e}") from None
+        h.qmp = client
+        reader, writer = await asyncio.open_unix_connection(rec.serial_path)
+        h.serial_writer = writer
+        running = isinstance(status, dict) and status.get("running")
+        self._set_state(h, VmState.RUNNING if running else VmState.PAUSED, "")
+        h.tasks = [asyncio.create_task(self._qmp_events(h, client), name=f"qmp-{h.name}"),
+                   asyncio.create_task(self._serial_reader(h, reader), name=f"serial-{h.name}"),
+                   asyncio.create_task(self._watch(h), name=f"watch-{h.name}")]
+
+    async def _detach(self, h: VmHandle) -> None:
+        for t in h.tasks:
+            if t is not asyncio.current_task():
+                t.cancel()
+        h.tasks = []
+        if h.qmp is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(h.qmp.disconnect(), 2.0)
+            h.qmp = None
+        if h.serial_writer is not None:
+            h.serial_writer.close()
+            h.serial_writer = None
+
+    async def _qmp_events(self, h: VmHandle, client: QMPClient) -> None:
+        async for ev in client.events:
+            name = ev.get("event")
+            if name == "STOP":
+                if h.state != VmState.SHUTTING_DOWN:
+                    self._set_state(h, VmState.PAUSED, "paused")
+            elif name == "RESUME":
+                self._set_state(h, VmState.RUNNING, "running")
+            elif name == "SHUTDOWN":
+                h.last_shutdown_cause = str(ev.get("data", {}).get("reason", ""))
+                self._set_state(h, VmState.SHUTTING_DOWN, h.last_shutdown_cause)
+            elif name == "RESET":
+                self._publish(h, "reset")
+
+    async def _serial_reader(self, h: VmHandle, reader: asyncio.StreamReader) -> None:
+        while True:
+            data = await reader.read(4096)
+            if not data:
+                return
+            h.add_output(data)
+
+    async def _watch(self, h: VmHandle) -> None:
+        """Poll the process until it is gone, then record how it ended."""
+        while self._alive(h):
+            await asyncio.sleep(0.1)
+        status = h.proc.returncode if h.proc is not None else None
+        if h.destroying:
+            state, reason = VmState.SHUTOFF, "destroyed"
+        elif status not in (0, None):
+            state, reason = VmState.CRASHED, f"exited with status {status}"
+        else:
+            state, reason = VmState.SHUTOFF, h.last_shutdown_cause or "shut down"
+        log.info("VM %s ended: %s", h.name, reason)
+        await self._detach(h)
+        self.store.clear_runtime(h.uuid)
+        self._cleanup_files(h.uuid)
+        h.pid, h.proc, h.paths = None, None, None
+        self._set_state(h, state, reason)
+        h.exited.set()
+
+    def _alive(self, h: VmHandle) -> bool:
+        if h.proc is not None:
+            return h.proc.poll() is None  # also reaps our own child
+        return h.pid is not None and procstats.is_vm_process(h.pid, h.start_ticks, h.uuid)
+
+    async def _wait_exit(self, h: VmHandle, timeout: float) -> bool:
+        if not h.active:
+            return True
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(h.exited.wait(), timeout)
+        return not h.active
+
+    def _kill(self, h: VmHandle) -> None:
+        if h.pid is not None and (h.proc is not None or procstats.is_vm_process(h.pid, h.start_ticks, h.uuid)):
+            self._kill_pid(h.pid)
+
+    @staticmethod
+    def _kill_pid(pid: int) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+    async def _sample_stats(self) -> None:
+        while True:
+            now = time.time()
+            for h in list(self.vms.values()):
+                if h.pid is None:
+                    continue
+                st = procstats.read_stat(h.pid)
+                rss = procstats.read_rss_bytes(h.pid)
+                if st is None or rss is None:
+                    continue
+                h.history.append(VmStats(timestamp=now, cpu_time_s=st.cpu_time_s,
+                                         cpu_percent=h.cpu.sample(now, st.cpu_time_s), rss_bytes=rss,
+                                         memory_mib=h.definition.memory_mib))
+            await asyncio.sleep(self.config.stats_interval)
+
