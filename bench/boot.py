@@ -25,12 +25,15 @@ def main() -> int:
     ap.add_argument("--append", default="console=ttyS0")
     ap.add_argument("--memory", default="512M")
     ap.add_argument("--prompt", default="/ # ")
-    ap.add_argument("--timeout", type=float, default=300.0)
+    ap.add_argument("--timeout", type=float, default=120.0)
     ap.add_argument("--log", help="write the console output here")
+    ap.add_argument("--reboot", action="store_true", help="then run 'reboot -f' and wait for the prompt again")
     args = ap.parse_args()
 
     cmd = [sys.executable, "-m", "pyvmm", "run", "--accel", args.accel, "--kernel", args.kernel,
-           "--initrd", args.initrd, "--append", args.append, "-m", args.memory, "--no-reboot"]
+           "--initrd", args.initrd, "--append", args.append, "-m", args.memory]
+    if not args.reboot:
+        cmd.append("--no-reboot")
     t0 = time.monotonic()
     proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     assert proc.stdout is not None and proc.stdin is not None
@@ -61,11 +64,19 @@ def main() -> int:
         if wait_for(args.prompt.encode()):
             marks["shell prompt"] = time.monotonic() - t0
             mark = len(out)
-            proc.stdin.write(b"echo sum=$((6*7))\n")
+            time.sleep(0.5)
+            proc.stdin.write(b"echo sum=$((6*7))\r")
             proc.stdin.flush()
             if wait_for(b"sum=42", mark):
                 marks["command answered"] = time.monotonic() - t0
                 ok = True
+            if ok and args.reboot:
+                mark = len(out)
+                proc.stdin.write(b"reboot -f\r")
+                proc.stdin.flush()
+                ok = wait_for(b"Linux version", mark) and wait_for(args.prompt.encode(), mark + 100)
+                if ok:
+                    marks["prompt after reboot"] = time.monotonic() - t0
     finally:
         proc.kill()
         proc.wait()

@@ -30,7 +30,9 @@ Usage: python bench/exits.py [--exits N] [--guest real|ring3|all] [--repeat R]
 from __future__ import annotations
 
 import argparse
+import ctypes
 import logging
+import mmap
 import os
 import shutil
 import statistics
@@ -55,10 +57,10 @@ from pyvmm.cpu_state import (
     CpuState,
     Segment,
 )
-from pyvmm.kvm import abi
+from pyvmm.kvm import abi, fastrun
 from pyvmm.kvm.dump import apply_cpu_state
+from pyvmm.kvm.fastrun import RunCall
 from pyvmm.kvm.ioctls import ExitReason, Ioctl
-from pyvmm.kvm.syscall import kvm_run_ioctl
 from pyvmm.kvm.system import System
 from pyvmm.kvm.vcpu import Vcpu
 from pyvmm.kvm.vm import Vm
@@ -158,6 +160,11 @@ def run_c(exe: Path, workdir: Path, guest: Guest, n: int, rounds: int) -> list[S
 
 
 # -- pyvmm loop -----------------------------------------------------------------------------------
+#: Loops measured, in print order: the C reference; a bare Python loop (KVM_RUN + reading the exit)
+#: through ctypes and through the compiled helper; pyvmm's VcpuRunner with either call.
+LOOPS = ("C", "bare-ctypes", "bare", "pyvmm", "pyvmm-ctypes")
+
+
 class CountingSink:
     """The device the guest writes to; stops the runner after ``n`` writes."""
 
@@ -197,12 +204,12 @@ class PyVm:
         self.mem.close()
 
 
-def run_bare(pv: PyVm, n: int, rounds: int) -> list[Sample]:
-    """KVM_RUN via ctypes plus reading the exit reason and data: no bus, no device."""
+def run_bare(pv: PyVm, n: int, rounds: int, call: RunCall) -> list[Sample]:
+    """KVM_RUN plus reading the exit reason and data: no bus, no device."""
     run = pv.vcpu.run
     assert run is not None
     mm = pv.vcpu.run_mmap
-    fd, req, ioctl = pv.vcpu.fd, int(Ioctl.RUN), kvm_run_ioctl
+    fd, req, ioctl = pv.vcpu.fd, int(Ioctl.RUN), call.fn
     is_io = pv.guest.kind == "io"
     want = ExitReason.IO if is_io else ExitReason.MMIO
     data_at = abi.KVM_RUN_EXIT_OFFSET + abi.KvmRunMmio.data.offset
@@ -222,7 +229,7 @@ def run_bare(pv: PyVm, n: int, rounds: int) -> list[Sample]:
     return out
 
 
-def run_py(pv: PyVm, n: int, rounds: int) -> list[Sample]:
+def run_py(pv: PyVm, n: int, rounds: int, call: RunCall) -> list[Sample]:
     """The accelerator's loop: VcpuRunner dispatching every exit to a device on a Bus."""
     io_bus, mmio_bus = Bus("io"), Bus("mmio")
     sink = CountingSink(n)
@@ -230,7 +237,7 @@ def run_py(pv: PyVm, n: int, rounds: int) -> list[Sample]:
     out = []
     for _ in range(rounds):
         control = VmControl()
-        runner = VcpuRunner(pv.vcpu, io_bus, mmio_bus, control, halt_action="stop")
+        runner = VcpuRunner(pv.vcpu, io_bus, mmio_bus, control, halt_action="stop", run_call=call)
         sink.runner, sink.left = runner, n
         c0, t0 = time.thread_time_ns(), time.perf_counter_ns()
         runner.run()
@@ -240,6 +247,74 @@ def run_py(pv: PyVm, n: int, rounds: int) -> list[Sample]:
             raise SystemExit(f"pyvmm loop ended early ({n - sink.left} of {n} exits, last exit "
                              f"{runner.last_exit}): {control.wait(0)}")
     return out
+
+
+class _FakeVcpu:
+    """Stands in for a Vcpu whose kvm_run always reports an OUT of one byte to PORT."""
+
+    index = 0
+    fd = 0
+
+    def __init__(self) -> None:
+        self.run_mmap = mmap.mmap(-1, 3 * 4096)
+        self.run: abi.KvmRun | None = abi.KvmRun.from_buffer(self.run_mmap)
+        self.run.exit_reason = ExitReason.IO
+        io = self.run.u.io
+        io.direction, io.size, io.port, io.count, io.data_offset = 1, 1, PORT, 1, 4096
+
+
+class _HaltAfter(CountingSink):
+    def __init__(self, n: int, vcpu: _FakeVcpu) -> None:
+        super().__init__(n)
+        self.vcpu = vcpu
+
+    def io_write(self, offset: int, size: int, value: int) -> None:
+        self.total += value
+        self.left -= 1
+        if self.left == 0:
+            self.vcpu.run.exit_reason = ExitReason.HLT  # type: ignore[union-attr]
+
+
+def interpreter_overhead(n: int, rounds: int) -> dict[str, float]:
+    """Best thread-CPU microseconds per iteration with KVM_RUN replaced by a no-op C call.
+
+    This is what the Python side alone costs with warm caches: the bare loop,
+    the VcpuRunner loop (decode, bus lookup, device call), and the foreign call.
+    """
+    noop = ctypes.CDLL(None)["abs"]  # abs(fd) == 0: "success", and kvm_run keeps reporting the OUT
+    call = RunCall(noop, False, False)
+    vcpu = _FakeVcpu()
+    run, mm = vcpu.run, vcpu.run_mmap
+    assert run is not None
+    best = {"call": float("inf"), "bare": float("inf"), "pyvmm": float("inf")}
+    for _ in range(rounds):
+        c0 = time.thread_time_ns()
+        for _ in range(n):
+            noop(0, 0, 0)
+        best["call"] = min(best["call"], (time.thread_time_ns() - c0) / n / 1000)
+        io = abi.KvmRunIo.from_buffer(mm, abi.KVM_RUN_EXIT_OFFSET)
+        run.exit_reason = ExitReason.IO
+        c0 = time.thread_time_ns()
+        for _ in range(n):
+            if noop(0, 0, 0) < 0 or run.exit_reason != ExitReason.IO:
+                raise SystemExit("overhead loop: unexpected state")
+            mm[io.data_offset]
+        best["bare"] = min(best["bare"], (time.thread_time_ns() - c0) / n / 1000)
+        del io
+        io_bus = Bus("io")
+        sink = _HaltAfter(n, vcpu)
+        io_bus.register(PORT, 1, sink, "sink")
+        run.exit_reason = ExitReason.IO
+        runner = VcpuRunner(vcpu, io_bus, Bus("mmio"), VmControl(), halt_action="stop",  # type: ignore[arg-type]
+                            run_call=call)
+        c0 = time.thread_time_ns()
+        runner.run()
+        best["pyvmm"] = min(best["pyvmm"], (time.thread_time_ns() - c0) / n / 1000)
+        if sink.left != 0 or runner.last_exit != ExitReason.HLT:
+            raise SystemExit("overhead loop: runner ended early")
+    del run
+    vcpu.run = None
+    return best
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -256,16 +331,21 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="pyvmm-bench-") as d:
         workdir = Path(d)
         exe = build_c(workdir)
-        print(f"{'guest':6} {'loop':6} {'exits/s':>10} {'wall us':>8} {'median':>8} {'vs C':>6} "
+        fast_call, ctypes_call = fastrun.run_call(), fastrun.fallback_call()
+        if not fast_call.compiled:
+            print("note: the compiled KVM_RUN helper is unavailable; 'bare'/'pyvmm' use ctypes too")
+        print(f"{'guest':6} {'loop':12} {'exits/s':>10} {'wall us':>8} {'median':>8} {'vs C':>6} "
               f"{'cpu us':>7} {'vs C':>6}")
         for g in guests:
-            samples: dict[str, list[Sample]] = {"C": [], "bare": [], "pyvmm": []}
+            samples: dict[str, list[Sample]] = {k: [] for k in LOOPS}
             pv = PyVm(system, g)
             try:
                 for _ in range(args.batches):
                     samples["C"] += run_c(exe, workdir, g, args.exits, args.rounds)
-                    samples["bare"] += run_bare(pv, args.exits, args.rounds)
-                    samples["pyvmm"] += run_py(pv, args.exits, args.rounds)
+                    samples["bare-ctypes"] += run_bare(pv, args.exits, args.rounds, ctypes_call)
+                    samples["bare"] += run_bare(pv, args.exits, args.rounds, fast_call)
+                    samples["pyvmm"] += run_py(pv, args.exits, args.rounds, fast_call)
+                    samples["pyvmm-ctypes"] += run_py(pv, args.exits, args.rounds, ctypes_call)
             finally:
                 pv.close()
             c_wall = min(w for w, _ in samples["C"])
@@ -273,11 +353,14 @@ def main(argv: list[str] | None = None) -> int:
             for loop, pairs in samples.items():
                 wall = min(w for w, _ in pairs)
                 cpu = min(c for _, c in pairs)
-                print(f"{g.name:6} {loop:6} {1e6 / wall:10,.0f} {wall:8.3f} "
+                print(f"{g.name:6} {loop:12} {1e6 / wall:10,.0f} {wall:8.3f} "
                       f"{statistics.median(w for w, _ in pairs):8.3f} {wall / c_wall:6.2f} {cpu:7.3f} "
                       f"{cpu / c_cpu:6.2f}")
     print(f"(Python {sys.version.split()[0]}; {args.batches}x{args.rounds} rounds of {args.exits} exits each; "
           f"load average {os.getloadavg()[0]:.2f})")
+    ov = interpreter_overhead(args.exits, args.rounds)
+    print(f"Python side alone (KVM_RUN replaced by a no-op ctypes call, warm caches), CPU us/iteration: "
+          f"call {ov['call']:.3f}, bare loop {ov['bare']:.3f}, pyvmm loop {ov['pyvmm']:.3f}")
     system.close()
     return 0
 

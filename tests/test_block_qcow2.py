@@ -234,3 +234,30 @@ def test_probe_and_raw_backend(tmp_path):
         open_image(str(raw), "vmdk")
     with pytest.raises(BlockError, match="no such file"):
         open_image(str(tmp_path / "nope"), "raw")
+
+
+def test_internal_snapshot_image_read_only(tmp_path):
+    path = tmp_path / "snap.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", str(path), str(4 * MIB))
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x11 0 64k", str(path)], check=True,
+                   capture_output=True)
+    qemu_img("snapshot", "-c", "s1", str(path))
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x22 0 4k", str(path)], check=True,
+                   capture_output=True)
+    with pytest.raises(BlockError, match="snapshots can only be opened read-only"):
+        Qcow2Image(str(path))
+    img = Qcow2Image(str(path), read_only=True)
+    data = read(img, 0, 65536)
+    img.close()
+    assert data == b"\x22" * 4096 + b"\x11" * (65536 - 4096)
+
+
+def test_lazy_refcounts_image_written(tmp_path):
+    path = tmp_path / "lazy.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-o", "lazy_refcounts=on", str(path), str(8 * MIB))
+    model = bytearray(8 * MIB)
+    img = Qcow2Image(str(path))
+    random_writes(img, model, 8 * MIB, random.Random(9), count=15)
+    img.close()
+    check(path)
+    assert to_raw(path, tmp_path) == bytes(model)

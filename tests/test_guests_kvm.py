@@ -9,10 +9,16 @@ meanings).  The guests are validated on QEMU in test_guests_qemu.py.
 from __future__ import annotations
 
 import datetime
+import fcntl
 import os
+import pty
 import re
+import shutil
 import socket
 import struct
+import subprocess
+import sys
+import termios
 import time
 import tty
 
@@ -119,6 +125,15 @@ def test_multiboot_one_gib(guests, initrd_file):
     assert r.returncode == debug_exit_status(ALL_CHECKS), r.describe()
 
 
+@pytest.mark.parametrize("mem", [3072, 4096, 5000])
+def test_ram_split_around_the_pci_hole(guests, initrd_file, mem):
+    """RAM above 3 GiB continues at 4 GiB: in the multiboot mmap and in the Linux e820 table."""
+    for kernel in ("multiboot_info", "linux64"):
+        r = run_pyvmm_kvm("-m", f"{mem}M", "--kernel", guests[kernel], "--initrd", initrd_file,
+                          "--append", f"pyvmm-test mem={mem} cpus=1 initrd={INITRD_SIZE}")
+        assert r.returncode == debug_exit_status(ALL_CHECKS), r.describe()
+
+
 def test_multiboot_without_module(guests):
     """No --initrd: every check but the module one passes (mods_count 0)."""
     r = run_pyvmm_kvm("-m", "128M", "--kernel", guests["multiboot_info"], "--append", mb_cmdline(128, 1))
@@ -142,7 +157,7 @@ def test_rtc_time_is_host_utc(guests):
     assert abs((now - guest_time).total_seconds()) < 120, r.describe()
 
 
-@pytest.mark.parametrize("mem,cpus", [(128, 1), (1024, 2)])
+@pytest.mark.parametrize("mem,cpus", [(128, 1), (1024, 2), (4096, 1)])
 def test_cmos_memory_and_cpu_bytes_match_qemu(guests, mem, cpus):
     """The CMOS bytes firmware reads for memory size and CPU count, compared with QEMU's."""
     args = ["-m", f"{mem}M", "-smp", str(cpus), "-kernel", guests["multiboot_info"],
@@ -206,6 +221,18 @@ def test_linux64_cmdline_longer_than_cmdline_size_is_refused(guests):
     assert "command line" in r.stderr or "cmdline" in r.stderr, r.describe()
 
 
+# -- PVH -----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mem", [128, 4096])
+def test_pvh_start_info(guests, initrd_file, mem):
+    """ELF with XEN_ELFNOTE_PHYS32_ENTRY: hvm_start_info (cmdline, module, memmap, RSDP)."""
+    cmdline = f"pyvmm-test mem={mem} initrd={INITRD_SIZE}"
+    r = run_pyvmm_kvm("-m", f"{mem}M", "--kernel", guests["pvh"], "--initrd", initrd_file, "--append", cmdline)
+    assert r.returncode == debug_exit_status(ALL_CHECKS), r.describe()
+    assert reported(r.serial, "cmdline") == f'"{cmdline}"'
+    assert reported(r.serial, "mod_sum") == f"{guest_checksum(initrd_bytes()):#x}"
+
+
 # -- SMP ---------------------------------------------------------------------------------------
 
 SMP_MPTABLE_OK = 0x10
@@ -233,7 +260,34 @@ def test_smp_aps_restart_after_triple_fault(guests, ncpus):
     assert "boot=1\n" in r.serial and "boot=2\n" in r.serial
 
 
-SMP_STRESS_OK = 0x40
+SMP_MODE_OK = 0x40
+
+
+@pytest.mark.parametrize("ncpus", [1, 2, 4])
+def test_smp_ipis_wake_halted_cpus_and_lapic_timer(guests, ncpus):
+    """Fixed IPIs AP->BSP and BSP->AP, each wakes a CPU halted with interrupts on; LAPIC timer ticks."""
+    r = run_pyvmm_kvm("--smp", str(ncpus), "--kernel", guests["smp"], "--append", "ipi=1", timeout=90)
+    mask = (1 << ncpus) - 1
+    assert r.returncode == debug_exit_status(SMP_MODE_OK | SMP_MPTABLE_OK | mask), r.describe()
+    aps = mask & ~1
+    assert int(reported(r.serial, "ipi_at_bsp"), 16) == aps
+    assert int(reported(r.serial, "ipi_at_ap"), 16) == aps
+
+
+@pytest.mark.parametrize("ncpus", [2, 4])
+def test_smp_triple_fault_on_an_ap_resets_the_machine(guests, ncpus):
+    r = run_pyvmm_kvm("--smp", str(ncpus), "--kernel", guests["smp"], "--append", "reboot=1 apfault=1",
+                      timeout=90)
+    mask = (1 << ncpus) - 1
+    assert r.returncode == debug_exit_status(SMP_REBOOTED | SMP_MPTABLE_OK | mask), r.describe()
+    assert "AP 1 triple faults now" in r.serial and "boot=2\n" in r.serial
+
+
+def test_smp_triple_fault_on_an_ap_with_no_reboot_exits(guests):
+    r = run_pyvmm_kvm("--no-reboot", "--smp", "2", "--kernel", guests["smp"], "--append", "reboot=1 apfault=1",
+                      timeout=90)
+    assert r.returncode == 0, r.describe()
+    assert "boot=2" not in r.serial
 
 
 @pytest.mark.parametrize("ncpus", [2, 4])
@@ -241,7 +295,7 @@ def test_smp_concurrent_device_access(guests, ncpus):
     """All vCPUs hit fw_cfg (DMA + ports), CMOS, port 0x80, UART and LAPIC at once."""
     r = run_pyvmm_kvm("--smp", str(ncpus), "--kernel", guests["smp"], "--append", "stress=800", timeout=90)
     mask = (1 << ncpus) - 1
-    assert r.returncode == debug_exit_status(SMP_STRESS_OK | SMP_MPTABLE_OK | mask), r.describe()
+    assert r.returncode == debug_exit_status(SMP_MODE_OK | SMP_MPTABLE_OK | mask), r.describe()
     assert reported(r.serial, "stress_bad") == "0"
 
 
@@ -338,20 +392,114 @@ def test_fw_cfg_interface_corners(guests):
     assert r.returncode == debug_exit_status(ALL_CHECKS), r.describe()
 
 
+def test_serial_stdio_on_a_terminal_ctrl_a_x_quits_and_restores(guests):
+    """stdin a terminal (pyvmm's controlling tty): raw input reaches the guest, Ctrl-A x quits
+    with status 0 and the terminal settings are restored."""
+    master, slave = pty.openpty()
+    before = termios.tcgetattr(slave)
+
+    def make_controlling_tty() -> None:
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+    cmd = [sys.executable, "-m", "pyvmm", "run", "--accel", "kvm", "--device", "isa-debug-exit",
+           "--kernel", str(guests["serial_echo"])]
+    proc = subprocess.Popen(cmd, stdin=slave, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True, preexec_fn=make_controlling_tty)
+    try:
+        os.set_blocking(proc.stdout.fileno(), False)
+
+        def read() -> bytes | None:
+            return proc.stdout.read() or None
+
+        out = _read_until(read, b"echo ready\n", 30)
+        os.write(master, b"ab")
+        out += _read_until(read, b"AB", 30)
+        assert b"AB" in out, out
+        os.write(master, b"\x01x")
+        status = proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        after = termios.tcgetattr(slave)
+        os.close(master)
+        os.close(slave)
+    err = proc.stderr.read().decode(errors="replace")
+    assert status == 0, err
+    assert after == before, "terminal settings not restored"
+
+
+def test_serial_null_backend(guests):
+    r = run_pyvmm_kvm("--serial", "null", "--kernel", guests["realmode_hello"])
+    assert r.returncode == debug_exit_status(0x2A), r.describe()
+    assert "Hello" not in r.stdout
+
+
+def test_debug_exit_iobase_property(guests):
+    r = run_pyvmm("--accel", "kvm", "--device", "isa-debug-exit,iobase=0x501,iosize=0x02",
+                  "--kernel", guests["multiboot_info"], "--append", "pyvmm-test mem=512 exitport=0x501")
+    assert r.returncode == debug_exit_status(ALL_CHECKS & ~0x08), r.describe()
+
+
+def test_pyvmm_console_script(guests):
+    """The installed ``pyvmm`` entry point, not only ``python -m pyvmm``."""
+    exe = shutil.which("pyvmm")
+    assert exe, "the pyvmm console script is not on PATH (pip install -e .)"
+    proc = subprocess.run([exe, "run", "--accel", "kvm", "--device", "isa-debug-exit",
+                           "--kernel", str(guests["realmode_hello"])],
+                          stdin=subprocess.DEVNULL, capture_output=True, timeout=60)
+    assert proc.returncode == debug_exit_status(0x2A), proc.stderr.decode(errors="replace")
+    assert proc.stdout == b"Hello from real mode\n"
+
+
 def test_uart_registers(guests):
     r = run_pyvmm_kvm("--kernel", guests["uart_regs"])
     assert r.returncode == debug_exit_status(ALL_CHECKS), r.describe()
     assert "#" not in r.serial, "loopback bytes leaked to the back-end:\n" + r.describe()
 
 
+def _cpuid_leaves(serial: str) -> dict[str, list[int]]:
+    return {m.group(1): [int(x, 16) for x in m.group(2).split()]
+            for m in re.finditer(r"^cpuid_([0-9a-f]+)=(.*)$", serial, re.M)}
+
+
+def test_cpuid_hypervisor_leaves(guests):
+    r = run_pyvmm_kvm("--kernel", guests["cpuid"])
+    assert r.returncode == debug_exit_status(1), r.describe()
+    leaves = _cpuid_leaves(r.serial)
+    assert leaves["1"][2] & (1 << 31), "CPUID.1:ECX.hypervisor not set"
+    assert leaves["1"][1] >> 24 == 0, "BSP APIC id in CPUID.1:EBX[31:24] is not 0"
+    sig = b"".join(v.to_bytes(4, "little") for v in leaves["40000000"][1:4])
+    assert sig == b"KVMKVMKVM\0\0\0", sig
+
+
+def test_cpu_feature_edits_reach_the_guest(guests):
+    """-x2apic and -nx clear exactly those bits (both are always offered by KVM)."""
+    base = run_pyvmm_kvm("--cpu", "host", "--kernel", guests["cpuid"])
+    edit = run_pyvmm_kvm("--cpu", "host,-x2apic,-nx", "--kernel", guests["cpuid"])
+    assert base.returncode == edit.returncode == debug_exit_status(1), edit.describe()
+    b, e = _cpuid_leaves(base.serial), _cpuid_leaves(edit.serial)
+    assert b["1"][2] & (1 << 21) and b["80000001"][3] & (1 << 20), base.describe()
+    assert e["1"][2] == b["1"][2] & ~(1 << 21), edit.describe()
+    assert e["80000001"][3] == b["80000001"][3] & ~(1 << 20), edit.describe()
+    for leaf in ("0", "7", "80000000", "40000000"):
+        assert e[leaf] == b[leaf], leaf
+
+
+def test_error_unknown_cpu_feature(guests):
+    r = run_pyvmm("--accel", "kvm", "--cpu", "host,-frobnicate", "--kernel", guests["realmode_hello"])
+    assert_one_error_line(r, "frobnicate")
+
+
 # -- interrupts --------------------------------------------------------------------------------
 
-IRQ_ALL = 0x0F
+IRQ_ALL = 0x1F
 
 
 @pytest.mark.parametrize("mode", ["pic", "ioapic"])
 def test_irq_pit_and_uart_interrupts(guests, mode):
-    """PIT ticks and UART THRE/RX interrupts reach the guest (PIC, or I/O APIC as the MP table says)."""
+    """PIT ticks, UART THRE/RX interrupts and interrupt-driven transmit (PIC, or I/O APIC as the
+    MP table says)."""
     apic = 1 if mode == "ioapic" else 0
     r = run_pyvmm_kvm("--kernel", guests["irq"], "--append", f"apic={apic}", input=b"ping.", timeout=60)
     out = r.serial
@@ -359,6 +507,8 @@ def test_irq_pit_and_uart_interrupts(guests, mode):
     assert int(reported(out, "ticks")) >= 10
     assert reported(out, "rx") == '"ping"'
     assert reported(out, "unexpected") == "0"
+    assert "\ninterrupt-driven transmit: the quick brown fox" in out, r.describe()
+    assert "written from the THRE interrupt handler.\n" in out, r.describe()
 
 
 # -- resets ------------------------------------------------------------------------------------

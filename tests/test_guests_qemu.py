@@ -20,20 +20,29 @@ def test_qemu_realmode_hello(guests):
     assert "Hello from real mode\n" in r.serial
 
 
+@pytest.mark.parametrize("mem", [128, 4096])
 @pytest.mark.parametrize("name", ["multiboot_info", "multiboot_aout"])
-def test_qemu_multiboot(guests, initrd_file, name):
-    r = run_qemu("-m", "128M", "-smp", "2", "-no-reboot", "-kernel", guests[name], "-initrd", initrd_file,
-                 "-append", f"pyvmm-test mem=128 cpus=2 initrd={INITRD_SIZE}")
+def test_qemu_multiboot(guests, initrd_file, name, mem):
+    r = run_qemu("-m", f"{mem}M", "-smp", "2", "-no-reboot", "-kernel", guests[name], "-initrd", initrd_file,
+                 "-append", f"pyvmm-test mem={mem} cpus=2 initrd={INITRD_SIZE}")
     assert r.returncode == debug_exit_status(MB_ALL), r.describe()
     assert f"mod_sum={guest_checksum(initrd_bytes()):#x}" in r.serial
 
 
-def test_qemu_linux64(guests, initrd_file):
-    r = run_qemu("-m", "128M", "-no-reboot", "-kernel", guests["linux64"], "-initrd", initrd_file,
-                 "-append", f"pyvmm-test mem=128 initrd={INITRD_SIZE}")
+@pytest.mark.parametrize("mem", [128, 4096])
+def test_qemu_linux64(guests, initrd_file, mem):
+    r = run_qemu("-m", f"{mem}M", "-no-reboot", "-kernel", guests["linux64"], "-initrd", initrd_file,
+                 "-append", f"pyvmm-test mem={mem} initrd={INITRD_SIZE}")
     # Everything but CHECK_LOADER: QEMU identifies itself as loader type 0xb0, pyvmm as 0xff.
     assert r.returncode == debug_exit_status(0x7D), r.describe()
     assert "type_of_loader=0xb0" in r.serial
+
+
+@pytest.mark.parametrize("mem", [128, 4096])
+def test_qemu_pvh(guests, initrd_file, mem):
+    r = run_qemu("-m", f"{mem}M", "-no-reboot", "-kernel", guests["pvh"], "-initrd", initrd_file,
+                 "-append", f"pyvmm-test mem={mem} initrd={INITRD_SIZE}")
+    assert r.returncode == debug_exit_status(0x7F), r.describe()
 
 
 @pytest.mark.parametrize("reboot", [0, 1])
@@ -43,6 +52,17 @@ def test_qemu_smp(guests, ncpus, reboot):
     r = run_qemu("-smp", f"{ncpus},sockets={ncpus}", "-kernel", guests["smp"], "-append", f"reboot={reboot}")
     expected = (1 << ncpus) - 1 | 0x10 | (0x20 if reboot else 0)
     assert r.returncode == debug_exit_status(expected), r.describe()
+
+
+@pytest.mark.parametrize("ncpus", [1, 2, 4])
+def test_qemu_smp_ipi(guests, ncpus):
+    r = run_qemu("-smp", f"{ncpus},sockets={ncpus}", "-no-reboot", "-kernel", guests["smp"], "-append", "ipi=1")
+    assert r.returncode == debug_exit_status(0x50 | (1 << ncpus) - 1), r.describe()
+
+
+def test_qemu_smp_ap_triple_fault(guests):
+    r = run_qemu("-smp", "2,sockets=2", "-kernel", guests["smp"], "-append", "reboot=1 apfault=1")
+    assert r.returncode == debug_exit_status(0x33), r.describe()
 
 
 def test_qemu_smp_stress(guests):
@@ -55,7 +75,7 @@ def test_qemu_irq(guests, apic):
     # The input must arrive after SeaBIOS is done, so wait for the guest's prompt first.
     r = run_qemu("-no-reboot", "-kernel", guests["irq"], "-append", f"apic={apic}",
                  send_after=(b"send input", b"ping."))
-    assert r.returncode == debug_exit_status(0x0F), r.describe()
+    assert r.returncode == debug_exit_status(0x1F), r.describe()
     assert 'rx="ping"' in r.serial
 
 

@@ -37,9 +37,20 @@ def test_tcg_linux(guests, initrd_file, name):
     assert r.returncode == debug_exit_status(ALL), r.describe()
 
 
+def test_tcg_pvh(guests, initrd_file):
+    r = run_tcg("-m", "128M", "--kernel", guests["pvh"], "--initrd", initrd_file,
+                "--append", f"pyvmm-test mem=128 initrd={INITRD_SIZE}")
+    assert r.returncode == debug_exit_status(ALL), r.describe()
+
+
 def test_tcg_smp_single_cpu(guests):
     r = run_tcg("--kernel", guests["smp"])
     assert r.returncode == debug_exit_status(0x11), r.describe()
+
+
+def test_tcg_lapic_timer_wakes_hlt(guests):
+    r = run_tcg("--kernel", guests["smp"], "--append", "ipi=1")
+    assert r.returncode == debug_exit_status(0x51), r.describe()
 
 
 def test_tcg_serial_echo(guests):
@@ -59,7 +70,7 @@ def test_tcg_resets(guests):
 @pytest.mark.parametrize("apic", [0, 1])
 def test_tcg_irq(guests, apic):
     r = run_tcg("--kernel", guests["irq"], "--append", f"apic={apic}", input=b"ping.")
-    assert r.returncode == debug_exit_status(0x0F), r.describe()
+    assert r.returncode == debug_exit_status(0x1F), r.describe()
 
 
 def test_tcg_uart_registers(guests):

@@ -229,6 +229,26 @@ def test_smp_bsp_starts_ap_with_init_sipi(smp_machine: Machine) -> None:
     assert drain(m.control) == []
 
 
+def test_start_aps_runs_every_vcpu_from_the_boot_state(smp_machine: Machine) -> None:
+    m = smp_machine
+    m.mem.write(ORG, assemble(f"""
+        mov eax, 1
+        cpuid
+        shr ebx, 24
+        mov al, bl
+        mov dx, {PORT}
+        out dx, al
+    1:  cli
+        hlt
+        jmp 1b
+    """, ORG))
+    m.acc.setup(m.ctx)
+    m.acc.set_boot_state(CpuState(regs={"rip": ORG}), start_aps=True)
+    m.acc.start()
+    assert wait_for(lambda: sorted(m.values()) == [0, 1]), f"got {m.values()}"
+    m.acc.stop()
+
+
 def test_pic_interrupt_from_sink_reaches_guest(machine: Machine) -> None:
     # Real mode: program the in-kernel PIC (vectors 0x20..), unmask IRQ 4, sti; hlt.  The handler
     # writes 0x44 to the test port.  This goes through LINT0 = ExtINT set up by the accelerator.

@@ -6,6 +6,8 @@ virtualization ring-0 code is emulated by the host kernel, slowly.
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import logging
 import threading
 import time
@@ -14,11 +16,17 @@ import pytest
 
 from pyvmm.accel.kvm_vcpu import install_kick_handler
 from pyvmm.cpu_state import CR0_ET, CR0_NE, CR0_PE, CpuState, Segment
+from pyvmm.kvm import fastrun
 from pyvmm.kvm.ioctls import ExitReason
 from pyvmm.runstate import RequestKind
 from test_kvm_util import RawGuest, RecordingDevice, assemble, drain
 
 ORG = 0x1000
+CALLS = ["compiled", "ctypes"]  # the exit loop with the compiled helper and with plain ctypes
+
+
+def run_call(kind: str) -> fastrun.RunCall:
+    return fastrun.run_call() if kind == "compiled" else fastrun.fallback_call()
 
 
 def flat32_state(rip: int) -> CpuState:
@@ -32,7 +40,8 @@ def _kick_handler() -> None:
     install_kick_handler()
 
 
-def test_port_io_out_and_in_reach_the_device_then_hlt() -> None:
+@pytest.mark.parametrize("call", CALLS)
+def test_port_io_out_and_in_reach_the_device_then_hlt(call: str) -> None:
     code = assemble("""
         mov dx, 0x510
         mov al, 0x5a
@@ -55,6 +64,7 @@ def test_port_io_out_and_in_reach_the_device_then_hlt() -> None:
         dev = RecordingDevice(read_value=0xA5C3)
         g.io_bus.register(0x510, 4, dev, "test")
         r = g.runner()
+        r.run_call = run_call(call)
         r.run()
         assert r.last_exit == ExitReason.HLT
         assert dev.writes == [(0, 1, 0x5A), (0, 2, 0x1234), (0, 4, 0xDEADBEEF), (2, 1, 0xC3),
@@ -65,7 +75,8 @@ def test_port_io_out_and_in_reach_the_device_then_hlt() -> None:
         assert drain(g.control) == []
 
 
-def test_string_io_rep_outsb_and_rep_insw() -> None:
+@pytest.mark.parametrize("call", CALLS)
+def test_string_io_rep_outsb_and_rep_insw(call: str) -> None:
     code = assemble("""
         xor ax, ax
         mov ds, ax
@@ -89,6 +100,7 @@ def test_string_io_rep_outsb_and_rep_insw() -> None:
         g.io_bus.register(0x510, 1, out_dev, "out")
         g.io_bus.register(0x512, 2, in_dev, "in")
         r = g.runner()
+        r.run_call = run_call(call)
         r.run()
         assert r.last_exit == ExitReason.HLT
         assert bytes(v for _, _, v in out_dev.writes) == b"hello"
@@ -96,7 +108,8 @@ def test_string_io_rep_outsb_and_rep_insw() -> None:
         assert g.mem.read(0x3000, 6) == bytes.fromhex("111122223333")
 
 
-def test_mmio_exit_to_unmapped_address() -> None:
+@pytest.mark.parametrize("call", CALLS)
+def test_mmio_exit_to_unmapped_address(call: str) -> None:
     # RAM is 1 MiB; ES=0xffff reaches 0x100000.. in real mode, which is not RAM -> MMIO exits.
     code = assemble("""
         mov ax, 0xffff
@@ -116,6 +129,7 @@ def test_mmio_exit_to_unmapped_address() -> None:
         g.mmio_bus.register(0x100000, 0x10, dev, "mmio-test")
         g.io_bus.register(0x510, 1, port, "port")
         r = g.runner()
+        r.run_call = run_call(call)
         r.run()
         assert r.last_exit == ExitReason.HLT
         assert dev.writes == [(0, 2, 0xBEEF), (3, 1, 7)]
@@ -123,7 +137,15 @@ def test_mmio_exit_to_unmapped_address() -> None:
         assert [v for _, _, v in port.writes] == [0xCAFEF00D, 0xFFFFFFFF]
 
 
-def test_kick_stops_a_spinning_guest_and_pause_parks_it() -> None:
+def test_kvm_run_helper_is_compiled_and_matches_ctypes() -> None:
+    fast, slow = fastrun.run_call(), fastrun.fallback_call()
+    assert fast.compiled, "the cffi KVM_RUN helper could not be built (needs cffi and gcc)"
+    assert fast.fn(-1, 0xAE80, 0) == -errno.EBADF
+    assert slow.fn(-1, 0xAE80, 0) == -1 and ctypes.get_errno() == errno.EBADF
+
+
+@pytest.mark.parametrize("call", CALLS)
+def test_kick_stops_a_spinning_guest_and_pause_parks_it(call: str) -> None:
     code = assemble("""
         mov dx, 0x510
         out dx, al
@@ -133,6 +155,7 @@ def test_kick_stops_a_spinning_guest_and_pause_parks_it() -> None:
         dev = RecordingDevice()
         g.io_bus.register(0x510, 1, dev, "test")
         r = g.runner()
+        r.run_call = run_call(call)
         r.start()
         deadline = time.monotonic() + 5
         while not dev.writes and time.monotonic() < deadline:
@@ -161,7 +184,8 @@ def test_kick_stops_a_spinning_guest_and_pause_parks_it() -> None:
         assert drain(g.control) == []
 
 
-def test_triple_fault_requests_reset() -> None:
+@pytest.mark.parametrize("call", CALLS)
+def test_triple_fault_requests_reset(call: str) -> None:
     # Protected mode with an empty IDT: #UD -> #GP (IDT limit) -> #DF -> triple fault -> KVM_EXIT_SHUTDOWN.
     code = assemble("""
         lidt [idtr]
@@ -171,13 +195,16 @@ def test_triple_fault_requests_reset() -> None:
     """, ORG, bits=32)
     with RawGuest(code, ORG, state=flat32_state(ORG)) as g:
         r = g.runner()
+        r.run_call = run_call(call)
         r.run()
         assert r.last_exit == ExitReason.SHUTDOWN
         reqs = drain(g.control)
         assert [(q.kind, q.reason) for q in reqs] == [(RequestKind.RESET, "triple fault")]
 
 
-def test_emulation_failure_requests_error_with_register_dump(caplog: pytest.LogCaptureFixture) -> None:
+@pytest.mark.parametrize("call", CALLS)
+def test_emulation_failure_requests_error_with_register_dump(call: str,
+                                                             caplog: pytest.LogCaptureFixture) -> None:
     # POPCNT with an MMIO operand must be emulated by KVM, whose emulator does not implement it.
     code = assemble("""
         mov ax, 0xffff
@@ -187,6 +214,7 @@ def test_emulation_failure_requests_error_with_register_dump(caplog: pytest.LogC
     """, ORG)
     with RawGuest(code, ORG) as g, caplog.at_level(logging.ERROR, logger="pyvmm.accel.kvm_vcpu"):
         r = g.runner()
+        r.run_call = run_call(call)
         r.run()
         assert r.last_exit == ExitReason.INTERNAL_ERROR
         reqs = drain(g.control)

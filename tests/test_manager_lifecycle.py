@@ -15,6 +15,8 @@ import sys
 import threading
 import time
 
+from websockets.sync.client import unix_connect
+
 from test_manager_support import (  # noqa: F401 - fixtures
     daemon,
     guest_definition,
@@ -22,7 +24,6 @@ from test_manager_support import (  # noqa: F401 - fixtures
     wait_for,
     wait_state,
 )
-from websockets.sync.client import unix_connect
 
 TICK = re.compile(rb"tick (\d+)")
 
@@ -31,7 +32,7 @@ class ConsoleReader:
     """A WebSocket console client collecting everything it receives in a background thread."""
 
     def __init__(self, socket_path, name: str) -> None:
-        self.ws = unix_connect(str(socket_path), f"ws://pyvmmd/api/v1/vms/{name}/console")
+        self.ws = unix_connect(str(socket_path), f"ws://pyvmmd/api/v1/vms/{name}/console").__enter__()
         self.data = b""
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -39,7 +40,8 @@ class ConsoleReader:
 
     def _run(self) -> None:
         try:
-            for msg in self.ws:
+            while True:
+                msg = self.ws.recv()
                 with self._lock:
                     self.data += msg if isinstance(msg, bytes) else msg.encode()
         except Exception:
@@ -62,15 +64,15 @@ class ConsoleReader:
 
 class EventReader(ConsoleReader):
     def __init__(self, socket_path) -> None:
-        self.ws = unix_connect(str(socket_path), "ws://pyvmmd/api/v1/events/ws")
+        self.ws = unix_connect(str(socket_path), "ws://pyvmmd/api/v1/events/ws").__enter__()
         self.events: list[dict] = []
         self._thread = threading.Thread(target=self._collect, daemon=True)
         self._thread.start()
 
     def _collect(self) -> None:
         try:
-            for msg in self.ws:
-                self.events.append(json.loads(msg))
+            while True:
+                self.events.append(json.loads(self.ws.recv()))
         except Exception:
             pass
 

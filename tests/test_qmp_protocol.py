@@ -320,3 +320,21 @@ def test_listen_failure_is_a_clear_error(tmp_path: Path) -> None:
     mon = MonitorServer(FakeMachine(), [MonitorSpec.parse(f"unix:{tmp_path}/no/such/dir/q.sock,server=on")])
     with pytest.raises(Exception, match="cannot listen"):
         mon.start()
+
+
+def test_tcp_listener() -> None:
+    machine = FakeMachine()
+    mon = MonitorServer(machine, [MonitorSpec.parse("tcp:127.0.0.1:0,server=on,wait=off")])
+    machine.monitor = mon
+    mon.start()
+    try:
+        port = mon._socks[0].getsockname()[1]
+        s = socket.create_connection(("127.0.0.1", port), timeout=5)
+        f = s.makefile("rb")
+        assert "QMP" in json.loads(f.readline())
+        s.sendall(b'{"execute": "qmp_capabilities"}\n{"execute": "query-status"}\n')
+        assert json.loads(f.readline()) == {"return": {}}
+        assert json.loads(f.readline())["return"]["running"] is True
+        s.close()
+    finally:
+        mon.close()

@@ -320,3 +320,14 @@ def test_random_requests_never_crash(mem, raw):
         st, used, _ = b.run(rtype, sector, out=out, in_len=in_len)
         assert st in (0, 1, 2) and 1 <= used <= in_len + 1
     assert not dev.status & Status.NEEDS_RESET
+
+
+def test_wrong_data_direction_fails(mem, raw):
+    orig = raw.read_bytes()
+    dev, t = make(mem, raw)
+    b = Blk(mem, t)
+    # IN whose data buffer is device-readable, OUT whose data buffer is device-writable
+    assert b.run(ReqType.IN, 0, out=b"q" * 512)[0] == BlkStatus.IOERR
+    assert b.run(ReqType.OUT, 0, in_len=512)[0] == BlkStatus.IOERR
+    t.close()
+    assert raw.read_bytes() == orig

@@ -5,7 +5,8 @@ tests/guests) finds the virtio-mmio window at 0xfeb00000, negotiates VERSION_1,
 sets up queue 0, reads and writes sectors and asks for the serial, then
 reports the checks that passed through isa-debug-exit.  A wrapper counts the
 QueueNotify writes that reached userspace: on KVM every kick must travel by
-ioeventfd (zero exits), on tcg every kick is an MMIO exit.
+ioeventfd (zero exits), on tcg every kick is an MMIO exit.  Likewise on KVM the interrupt
+goes through an irqfd with a resample fd (level semantics), never through IrqLine.
 """
 
 from __future__ import annotations
@@ -111,6 +112,22 @@ void guest_main(u32 magic, const u32 *mbi) {
     int irq_mode = cmdline_get_num(cmdline, "irq", 0) != 0;
     u32 ok = 0;
     uart_init();
+    memset((void *)dt, 0, sizeof(dt));
+    memset((void *)&avail, 0, sizeof(avail));
+    memset((void *)&used, 0, sizeof(used));
+    if (cmdline_get_num(cmdline, "reboot", 0)) {
+        /* "reboot=1": on the first boot leave the device live with an interrupt pending,
+         * then reset the machine (i8042 pulse); the second boot runs the test. */
+        outb(0x70, 0x7e);
+        if (inb(0x71) != 0x5a) {
+            outb(0x70, 0x7e);
+            outb(0x71, 0x5a);
+            uart_puts("first boot\n");
+            irq_mode = -1;
+        } else {
+            uart_puts("second boot\n");
+        }
+    }
     if (mmio_read32(R(0)) == 0x74726976 && mmio_read32(R(4)) == 2 && mmio_read32(R(8)) == 2)
         ok |= 1;
     mmio_write32(R(0x70), 0);
@@ -132,6 +149,10 @@ void guest_main(u32 magic, const u32 *mbi) {
     mmio_write32(R(0x70), 3 | 8 | 4);
 
     int n = do_req(0, 0, 1024, 1);
+    if (irq_mode < 0) {
+        outb(0x64, 0xfe);
+        for (;;) cpu_relax();
+    }
     int good = status == 0;
     for (u32 i = 0; i < 1024; i++)
         if (buf[i] != (u8)(i * 7 + 3)) good = 0;
@@ -183,9 +204,17 @@ SPY = textwrap.dedent("""
             count[0] += 1
         return orig(self, off, size, value)
     mmio.VirtioMmio.io_write = spy
+    from pyvmm import irq
+    raised = [0]
+    orig_set = irq.IrqLine.set_level
+    def set_level(self, level):
+        if self.gsi >= 20 and level:
+            raised[0] += 1
+        return orig_set(self, level)
+    irq.IrqLine.set_level = set_level
     from pyvmm.cli import main
     rc = main(sys.argv[1:])
-    print(f"NOTIFY_EXITS={count[0]}", file=sys.stderr)
+    print(f"NOTIFY_EXITS={count[0]} IRQLINE_RAISES={raised[0]}", file=sys.stderr)
     sys.exit(rc)
 """)
 
@@ -249,3 +278,23 @@ def test_guest_interrupts_level_triggered(virtio_guest, tmp_path, accel):
     out = log.read_text(errors="replace") if log.exists() else ""
     assert r.returncode == debug_exit_status(ALL), f"rc={r.returncode}\n{out}\n{r.stderr[-3000:]}"
     assert "irqs=17" in out, out
+    raises = int(r.stderr.rsplit("IRQLINE_RAISES=", 1)[1].split()[0])
+    if accel == "kvm":
+        assert raises == 0, "interrupts went through KVM_IRQ_LINE, not the irqfd"
+    else:
+        assert raises >= 17
+
+
+def test_guest_machine_reset_with_live_device(virtio_guest, tmp_path):
+    """A reset while the device is live (queue set up, interrupt pending): after the reboot the
+    device is fresh and, on KVM, ioeventfd and irqfd are registered with the new VM."""
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        pytest.fail("/dev/kvm is not usable: this test needs KVM", pytrace=False)
+    disk = make_disk(tmp_path)
+    log = tmp_path / "serial.log"
+    r = run("kvm", virtio_guest, disk, append="irq=1 reboot=1", serial=f"file:{log}")
+    out = log.read_text(errors="replace") if log.exists() else ""
+    assert "first boot" in out and "second boot" in out, out + r.stderr[-2000:]
+    assert r.returncode == debug_exit_status(ALL), f"rc={r.returncode}\n{out}\n{r.stderr[-3000:]}"
+    assert "irqs=17" in out, out
+    assert "NOTIFY_EXITS=0 IRQLINE_RAISES=0" in r.stderr, r.stderr[-2000:]

@@ -16,6 +16,7 @@ import shutil
 import subprocess
 
 import pytest
+
 from conftest import run_pyvmm
 
 pytestmark = pytest.mark.slow

@@ -17,6 +17,7 @@ import sys
 from pyvmm import __version__
 from pyvmm.accel.base import CpuConfig
 from pyvmm.devices.virtio.options import parse_drive
+from pyvmm.net.options import parse_netdev
 from pyvmm.errors import ConfigError, PyvmmError
 from pyvmm.machine.config import DeviceSpec, MachineConfig
 from pyvmm.memory import parse_size
@@ -54,6 +55,9 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--drive", "-drive", action="append", default=[],
                    metavar="file=PATH[,format=raw|qcow2][,readonly=on][,if=virtio][,serial=ID]",
                    help="add a virtio-blk disk (virtio-mmio)")
+    p.add_argument("--netdev", "-netdev", action="append", default=[],
+                   metavar="user,id=ID | tap,id=ID[,ifname=TAP]",
+                   help="a host network back-end for --device virtio-net-pci,netdev=ID[,mac=MAC]")
     p.add_argument("--mem-path", "-mem-path", metavar="PATH", help="back guest RAM with a file or hugetlbfs")
     p.add_argument("--qmp", "-qmp", action="append", default=[], metavar="unix:PATH,server=on,wait=off",
                    help="serve the QEMU Machine Protocol")
@@ -97,6 +101,7 @@ def config_from_args(args: argparse.Namespace) -> MachineConfig:
         no_reboot=args.no_reboot,
         devices=[DeviceSpec.parse(d) for d in args.device],
         drives=[parse_drive(d) for d in args.drive],
+        netdevs=[parse_netdev(n) for n in args.netdev],
         mem_path=args.mem_path,
         qmp=list(args.qmp),
     )

@@ -226,8 +226,17 @@ void guest_main(u32 magic, const u32 *mbi)
     if (ok & (1 << 2)) {
         uart_puts("powering off\n");
         outw((u16)pm1a_cnt, (u16)((slp_typ << 10) | (1 << 13)));
-        for (volatile int i = 0; i < 100000; i++)
-            ;
+        /* A VMM may finish the power-off asynchronously: give it ~2 s (RTC) before complaining. */
+        outb(0x70, 0);
+        u8 last = inb(0x71);
+        for (int ticks = 0, i = 0; ticks < 3 && i < 50000000; i++) {
+            outb(0x70, 0);
+            u8 now = inb(0x71);
+            if (now != last) {
+                last = now;
+                ticks++;
+            }
+        }
     }
     uart_puts("still running\n");
     debug_exit((u8)ok);

@@ -125,6 +125,14 @@ def _multiboot(main_c: str, *, aout: bool = False, extra_s: tuple[str, ...] = ()
     return build
 
 
+def _pvh(work: Path, out: Path) -> None:
+    objs = [work / "pvh-entry.o", work / "pvh-lib.o", work / "pvh-main.o"]
+    _cc(SRC / "pvh_entry.S", objs[0], CFLAGS_32)
+    _cc(SRC / "guestlib.c", objs[1], CFLAGS_32)
+    _cc(SRC / "pvh.c", objs[2], CFLAGS_32)
+    _link(objs, LD_DIR / "pvh.ld", out, "elf_i386")
+
+
 def _bzimage(work: Path, out: Path) -> None:
     """A bzImage-format kernel: 16-bit setup + header, then 32/64-bit protected-mode code."""
     objs = [work / "bz-header.o", work / "bz-lib.o", work / "bz-main.o"]
@@ -176,7 +184,9 @@ GUESTS: dict[str, GuestSpec] = {
                   "multiboot ELF32: checks multiboot info and fw_cfg"),
         GuestSpec("multiboot_aout", "multiboot_aout.bin", _multiboot("multiboot_info.c", aout=True),
                   "the multiboot_info guest as a flat image with the a.out kludge"),
-        GuestSpec("smp", "smp.elf", _multiboot("smp.c", extra_s=("smp_trampoline.S",)),
+        GuestSpec("pvh", "pvh.elf", _pvh,
+                  "ELF32 with the Xen PVH entry note: checks hvm_start_info"),
+        GuestSpec("smp", "smp.elf", _multiboot("smp.c", extra_s=("smp_trampoline.S", "irq_stubs.S")),
                   "multiboot ELF32: starts APs with INIT/SIPI, each reports its APIC id"),
         GuestSpec("irq", "irq.elf", _multiboot("irq.c", extra_s=("irq_stubs.S",)),
                   "multiboot ELF32: PIT and UART interrupts through the PIC or the I/O APIC"),
@@ -188,6 +198,8 @@ GUESTS: dict[str, GuestSpec] = {
                   "multiboot ELF32: validates ACPI tables, then S5 power-off or FADT reset"),
         GuestSpec("fwcfg", "fwcfg.elf", _multiboot("fwcfg.c"),
                   "multiboot ELF32: fw_cfg corners (file dir, past-end reads, DMA skip/write/zero-fill)"),
+        GuestSpec("cpuid", "cpuid.elf", _multiboot("cpuid.c"),
+                  "multiboot ELF32: reports the main CPUID leaves"),
         GuestSpec("oob", "oob.elf", _multiboot("oob.c"),
                   "multiboot ELF32: DMA/string I/O/MMIO aimed outside RAM"),
         GuestSpec("linux64", "linux64.bzImage", _bzimage,

@@ -13,14 +13,14 @@
  * 16-bit and 32-bit paths exist so the very same file can be validated under
  * QEMU: the setup code builds boot_params (header copy + BIOS E820 map),
  * enters protected mode at code32_start, which enables long mode with a
- * 1 GiB identity map and jumps to startup_64 like Linux does.
+ * 4 GiB identity map and jumps to startup_64 like Linux does.
  *
  * syssize and init_size are filled in by build.py after linking.
  */
 #define SETUP_SECTS 3
 #define BP_SEG 0x4000              /* real-mode path: boot_params at 0x40000 */
 #define BP_LIN 0x40000
-#define PT_BASE 0x70000            /* real-mode path: PML4, PDPT, PD at 0x70000.. */
+#define PT_BASE 0x70000            /* 32-bit path: PML4, PDPT, 4 PDs at 0x70000-0x75fff */
 #define S(sym) ((sym) - _setup_start)
 
     .section .setup, "ax"
@@ -166,15 +166,18 @@ startup_32:
     subl $(1b - startup_32), %ebp       /* EBP = load address */
     movl $1, (entered_via_32 - startup_32)(%ebp)
 
-    movl $PT_BASE, %edi                 /* identity map 0..1 GiB with 2 MiB pages */
+    movl $PT_BASE, %edi                 /* identity map 0..4 GiB with 2 MiB pages */
     xorl %eax, %eax
-    movl $(3 * 4096 / 4), %ecx
+    movl $(6 * 4096 / 4), %ecx          /* PML4, PDPT, 4 page directories */
     rep stosl
     movl $(PT_BASE + 0x1003), PT_BASE
     movl $(PT_BASE + 0x2003), PT_BASE + 0x1000
+    movl $(PT_BASE + 0x3003), PT_BASE + 0x1008
+    movl $(PT_BASE + 0x4003), PT_BASE + 0x1010
+    movl $(PT_BASE + 0x5003), PT_BASE + 0x1018
     movl $PT_BASE + 0x2000, %edi
     movl $0x83, %eax
-    movl $512, %ecx
+    movl $2048, %ecx
 2:  movl %eax, (%edi)
     addl $0x200000, %eax
     addl $8, %edi

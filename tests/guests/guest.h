@@ -50,7 +50,7 @@ void *memcpy(void *dst, const void *src, uptr n);
 int memcmp(const void *a, const void *b, uptr n);
 uptr strlen(const char *s);
 const char *strstr(const char *hay, const char *needle);
-/* Value of "key=<decimal>" inside cmdline, or dflt when absent. */
+/* Value of "key=<decimal or 0xhex>" inside cmdline, or dflt when absent. */
 u64 cmdline_get_num(const char *cmdline, const char *key, u64 dflt);
 
 void uart_init(void);

@@ -55,6 +55,17 @@ u64 cmdline_get_num(const char *cmdline, const char *key, u64 dflt)
             const char *d = p + klen + 1;
             if (*d < '0' || *d > '9')
                 return dflt;
+            if (d[0] == '0' && (d[1] == 'x' || d[1] == 'X')) {
+                for (d += 2;; d++) {
+                    char c = *d | 0x20;
+                    if (*d >= '0' && *d <= '9')
+                        v = v * 16 + (u64)(*d - '0');
+                    else if (c >= 'a' && c <= 'f')
+                        v = v * 16 + (u64)(c - 'a' + 10);
+                    else
+                        return v;
+                }
+            }
             while (*d >= '0' && *d <= '9')
                 v = v * 10 + (u64)(*d++ - '0');
             return v;

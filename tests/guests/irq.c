@@ -11,8 +11,9 @@
  *  2. enabling the UART's THR-empty interrupt must raise IRQ4 with IIR = 0x2;
  *  3. bytes arriving on the UART (the test pipes "ping." to stdin) must
  *     raise receive interrupts; the handler collects them until '.';
- *  4. no exception or unexpected vector may occur.
- * Exit value: CHECK_* bits (0x0f when all pass); an exception exits with 0.
+ *  4. no exception or unexpected vector may occur;
+ *  5. a line transmitted one byte per THR-empty interrupt must come out whole.
+ * Exit value: CHECK_* bits (0x1f when all pass); an exception exits with 0.
  */
 #include "guest.h"
 
@@ -21,7 +22,14 @@ enum {
     CHECK_THRE = 1 << 1,
     CHECK_RX = 1 << 2,
     CHECK_CLEAN = 1 << 3,
+    CHECK_TX_IRQ = 1 << 4,
 };
+
+/* Sent one byte per THR-empty interrupt, as an interrupt-driven driver does. */
+static const char tx_msg[] =
+    "interrupt-driven transmit: the quick brown fox jumps over the lazy dog 0123456789 "
+    "THE QUICK BROWN FOX JUMPS OVER THE LAZY DOG -- every byte of this line was written "
+    "from the THRE interrupt handler.\n";
 
 #define PIC1 0x20
 #define PIC2 0xa0
@@ -47,6 +55,7 @@ static struct idt_gate idt[256] __attribute__((aligned(8)));
 static int use_apic;
 static volatile u32 ticks, thre_irqs, rx_irqs, unexpected, spurious;
 static volatile u32 rx_len, rx_done;
+static volatile u32 tx_pos, tx_active, tx_irqs;
 static volatile char rx_buf[64];
 
 static void eoi(u32 vec)
@@ -67,8 +76,17 @@ static void com1_irq(void)
         if (iir & 1)
             break;
         switch (iir & 0x0e) {
-        case 0x02: /* THR empty: seen once, then turn it off */
-            thre_irqs++;
+        case 0x02: /* THR empty */
+            if (tx_active) {
+                tx_irqs++;
+                if (tx_msg[tx_pos]) {
+                    outb(COM1, (u8)tx_msg[tx_pos++]);
+                    break;
+                }
+                tx_active = 0;
+            } else {
+                thre_irqs++;
+            }
             outb(COM1 + 1, inb(COM1 + 1) & ~2);
             break;
         case 0x04: /* received data */
@@ -190,6 +208,7 @@ static int wait_for(int (*cond)(void), int secs)
 static int enough_ticks(void) { return ticks >= 10; }
 static int got_thre(void) { return thre_irqs > 0; }
 static int got_rx(void) { return rx_done; }
+static int tx_finished(void) { return !tx_active; }
 
 void guest_main(u32 magic, const u32 *mbi)
 {
@@ -228,8 +247,15 @@ void guest_main(u32 magic, const u32 *mbi)
     outb(COM1 + 1, 0x01); /* received-data interrupt */
     if (wait_for(got_rx, 5) && rx_len == 4 && memcmp((const void *)rx_buf, "ping", 4) == 0)
         ok |= CHECK_RX;
+    /* Interrupt-driven transmit: THRE must fire again after every byte written. */
+    tx_pos = 0;
+    tx_active = 1;
+    outb(COM1 + 1, 0x03);
+    if (wait_for(tx_finished, 5) && tx_msg[tx_pos] == 0)
+        ok |= CHECK_TX_IRQ;
     __asm__ volatile("cli");
     outb(COM1 + 1, 0x00);
+    report_dec("tx_irqs", tx_irqs);
     if (unexpected == 0)
         ok |= CHECK_CLEAN;
     rx_buf[rx_len] = 0;

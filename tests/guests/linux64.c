@@ -61,10 +61,15 @@ static int in_ram(u64 addr, u64 len)
     return 0;
 }
 
+/* PC layout: RAM up to the 32-bit PCI hole at 3 GiB, the rest from 4 GiB up. */
+#define PCI_HOLE 0xC0000000ull
+#define HIGH_RAM 0x100000000ull
+
 static u32 check_e820(u64 mem)
 {
     u32 n = bp8(BP_E820_ENTRIES);
-    int have_low = 0, have_high = 0, over = 0, unsorted = 0;
+    u64 low = mem < PCI_HOLE ? mem : PCI_HOLE, high = mem - low;
+    int have_low = 0, have_high = 0, have_above_4g = high == 0, over = 0, unsorted = 0;
     u64 prev_end = 0;
     report_dec("e820_entries", n);
     if (n == 0 || n > E820_MAX)
@@ -85,12 +90,16 @@ static u32 check_e820(u64 mem)
             continue;
         if (e->addr == 0 && e->size >= 0x80000)
             have_low = 1;
-        if (e->addr <= 0x100000 && e->addr + e->size >= mem - 0x100000 && e->addr + e->size <= mem)
+        if (e->addr <= 0x100000 && e->addr + e->size >= low - 0x100000 && e->addr + e->size <= low)
             have_high = 1;
-        if (e->addr < 0xC0000000ull && e->addr + e->size > mem)
+        if (e->addr < HIGH_RAM && e->addr + e->size > low)
+            over = 1;
+        if (e->addr == HIGH_RAM && e->size == high)
+            have_above_4g = 1;
+        if (e->addr >= HIGH_RAM && e->addr + e->size > HIGH_RAM + high)
             over = 1;
     }
-    return have_low && have_high && !over && !unsorted;
+    return have_low && have_high && have_above_4g && !over && !unsorted;
 }
 
 static u32 check_initrd(u64 want)

@@ -53,6 +53,10 @@ static int entry_state_ok(u32 eflags)
     return (cr0 & 0x80000001u) == 1 && !(eflags & 0x20200) && cs && ds && ss && !(cs & 4);
 }
 
+/* PC layout: RAM up to the 32-bit PCI hole at 3 GiB, the rest from 4 GiB up. */
+#define PCI_HOLE 0xC0000000ull
+#define HIGH_RAM 0x100000000ull
+
 static u32 check_mem(const struct mb_info *mbi, u64 mem)
 {
     if (!(mbi->flags & 1))
@@ -60,8 +64,9 @@ static u32 check_mem(const struct mb_info *mbi, u64 mem)
     report_dec("mem_lower", mbi->mem_lower);
     report_dec("mem_upper", mbi->mem_upper);
     /* Upper memory may stop short of the top of RAM where firmware reserves some. */
+    u64 low = mem < PCI_HOLE ? mem : PCI_HOLE;
     u64 top = (u64)mbi->mem_upper * 1024 + 0x100000;
-    return mbi->mem_lower >= 512 && mbi->mem_lower <= 640 && top <= mem && top + 0x100000 >= mem;
+    return mbi->mem_lower >= 512 && mbi->mem_lower <= 640 && top <= low && top + 0x100000 >= low;
 }
 
 static u32 check_module(const struct mb_info *mbi, u64 want_size, u32 want_count)
@@ -151,7 +156,8 @@ static u32 check_mmap(const struct mb_info *mbi, u64 mem)
 {
     if (!(mbi->flags & 0x40))
         return 0;
-    int have_low = 0, have_high = 0, over = 0, n = 0;
+    u64 low = mem < PCI_HOLE ? mem : PCI_HOLE, high = mem - low;
+    int have_low = 0, have_high = 0, have_above_4g = high == 0, over = 0, n = 0;
     uptr p = mbi->mmap_addr, end = mbi->mmap_addr + mbi->mmap_length;
     while (p < end && n < 64) {
         const struct mb_mmap *e = (const struct mb_mmap *)p;
@@ -165,16 +171,20 @@ static u32 check_mmap(const struct mb_info *mbi, u64 mem)
         if (e->type == 1) {
             if (e->addr == 0 && e->len >= 0x80000)
                 have_low = 1;
-            if (e->addr <= 0x100000 && e->addr + e->len >= mem - 0x100000 && e->addr + e->len <= mem)
+            if (e->addr <= 0x100000 && e->addr + e->len >= low - 0x100000 && e->addr + e->len <= low)
                 have_high = 1;
-            if (e->addr < 0xC0000000ull && e->addr + e->len > mem)
+            if (e->addr < HIGH_RAM && e->addr + e->len > low)
+                over = 1;
+            if (e->addr == HIGH_RAM && e->len == high)
+                have_above_4g = 1;
+            if (e->addr >= HIGH_RAM && e->addr + e->len > HIGH_RAM + high)
                 over = 1;
         }
         p += e->size + 4;
         n++;
     }
     report_dec("mmap_entries", (u64)n);
-    return n > 0 && have_low && have_high && !over;
+    return n > 0 && have_low && have_high && have_above_4g && !over;
 }
 
 static u32 check_fw_cfg_values(u64 mem, u64 cpus)

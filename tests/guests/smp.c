@@ -9,7 +9,8 @@
  * 0..N-1, the BSP flagged).  With "reboot=1" on the command line, the first
  * boot triple-faults once all CPUs are up, and the second boot (counted in
  * CMOS) starts the APs again, which checks that reset returns them to
- * wait-for-SIPI.
+ * wait-for-SIPI.  With "apfault=1" as well, AP 1 triple-faults instead of the
+ * BSP: a shutdown on any CPU must reset the whole machine.
  *
  * With "stress=<n>", once all CPUs are up every CPU runs n rounds of device
  * accesses at the same time (fw_cfg DMA with its own descriptor, fw_cfg and
@@ -18,8 +19,16 @@
  * DMA read of the signature must come back intact (a DMA request is atomic);
  * the racy port reads only have to be answered.
  *
+ * With "ipi=1", every CPU loads a shared IDT and software-enables its LAPIC;
+ * each AP sends the BSP a fixed IPI with its own vector (0x40 + APIC id) and
+ * then halts with interrupts on; the BSP, halted too (a periodic LAPIC timer
+ * wakes it to check a deadline), collects all vectors and then wakes every
+ * AP with an IPI (vector 0x50).  This checks inter-processor interrupts and
+ * wake-up from HLT in both directions, and the LAPIC timer.
+ *
  * Exit value: bits 0-3 = CPUs seen, bit 4 = MP table OK, bit 5 = second boot
- * after the reset with a freshly loaded image, bit 6 = stress run clean.  "-smp 2" gives 0x13 -> status 39.
+ * after the reset with a freshly loaded image, bit 6 = the stress= or ipi=
+ * run passed.  "-smp 2" gives 0x13 -> status 39.
  */
 #include "guest.h"
 
@@ -41,7 +50,7 @@
 enum {
     RESULT_MPTABLE_OK = 1 << 4,
     RESULT_REBOOTED = 1 << 5,
-    RESULT_STRESS_OK = 1 << 6,
+    RESULT_MODE_OK = 1 << 6, /* the optional stress= or ipi= run passed */
 };
 
 struct fw_cfg_dma {
@@ -99,7 +108,7 @@ static void stress_join(u32 cpu)
 
 extern const u8 ap_tramp_start[], ap_tramp_end[];
 
-static volatile u32 cpus_up;
+static volatile u32 cpus_up, bsp_id;
 /* Initialised data: a reset must reload the image, so boot 2 sees this value again. */
 static volatile u32 image_marker = 0x1234abcd;
 static volatile u32 uart_lock;
@@ -140,10 +149,163 @@ static void mark_up(u32 id, const char *who)
     unlock();
 }
 
+/* -- ipi=1 ------------------------------------------------------------------------------- */
+#define IPI_TO_BSP_BASE 0x40
+#define IPI_TO_AP 0x50
+#define TIMER_VEC 0x60
+#define SPURIOUS_VEC 0xff
+
+struct idt_gate {
+    u16 off_lo, sel;
+    u8 zero, type;
+    u16 off_hi;
+} __attribute__((packed));
+
+extern const u32 isr_table[256];
+void load_flat_gdt(void);
+
+static struct idt_gate idt[256] __attribute__((aligned(8)));
+static volatile u32 ipi_mode, ipi_at_bsp, ipi_at_ap, ipi_bad, timer_ticks;
+
+static void load_idt(void)
+{
+    struct {
+        u16 limit;
+        u32 base;
+    } __attribute__((packed)) idtr = {sizeof(idt) - 1, (u32)(uptr)idt};
+    __asm__ volatile("lidt %0" : : "m"(idtr));
+}
+
+static void build_idt(void)
+{
+    for (int v = 0; v < 256; v++) {
+        idt[v].off_lo = (u16)isr_table[v];
+        idt[v].off_hi = (u16)(isr_table[v] >> 16);
+        idt[v].sel = 0x08;
+        idt[v].zero = 0;
+        idt[v].type = 0x8e;
+    }
+}
+
+void irq_dispatch(u32 vec)
+{
+    u32 id = (lapic_read(LAPIC_ID) >> 24) & 7;
+    if (vec == SPURIOUS_VEC)
+        return;
+    if (vec < 32) {
+        lock();
+        uart_puts("unexpected exception ");
+        uart_putdec(vec);
+        uart_putc('\n');
+        unlock();
+        debug_exit(0);
+    }
+    if (vec >= IPI_TO_BSP_BASE && vec < IPI_TO_BSP_BASE + MAX_CPUS)
+        __sync_fetch_and_or(&ipi_at_bsp, 1u << (vec - IPI_TO_BSP_BASE));
+    else if (vec == IPI_TO_AP)
+        __sync_fetch_and_or(&ipi_at_ap, 1u << id);
+    else if (vec == TIMER_VEC)
+        timer_ticks++;
+    else
+        ipi_bad++;
+    lapic_write(0xb0, 0); /* EOI */
+}
+
+static void send_ipi_to(u32 dest, u32 vector)
+{
+    lapic_write(LAPIC_ICR_HI, dest << 24);
+    lapic_write(LAPIC_ICR_LO, vector); /* fixed, physical, edge */
+    for (int i = 0; i < 10000 && (lapic_read(LAPIC_ICR_LO) & ICR_BUSY); i++)
+        cpu_relax();
+}
+
+static void ap_ipi(u32 id)
+{
+    load_idt();
+    lapic_write(LAPIC_SVR, 0x100 | SPURIOUS_VEC);
+    lapic_write(0x80, 0); /* TPR */
+    __asm__ volatile("sti");
+    send_ipi_to(bsp_id, IPI_TO_BSP_BASE + id);
+    /* Halt until the BSP's wake-up IPI; interrupts are on, so HLT must wake. */
+    for (int i = 0; i < 1000 && !(ipi_at_ap & (1u << id)); i++)
+        __asm__ volatile("hlt");
+    __asm__ volatile("cli");
+}
+
+static u8 rtc_sec(void)
+{
+    outb(0x70, 0);
+    return inb(0x71);
+}
+
+/* BSP side: returns 1 when every AP's IPI arrived and every AP acknowledged the wake-up IPI. */
+static int bsp_ipi(u32 ncpus, u32 want)
+{
+    u32 aps = want & ~(1u << bsp_id);
+    lapic_write(0x3e0, 0x3);               /* timer divide by 16 */
+    lapic_write(0x320, (1u << 17) | TIMER_VEC); /* periodic */
+    lapic_write(0x380, 200000);            /* initial count */
+    u8 last = rtc_sec();
+    int secs = 0;
+    for (;;) {
+        __asm__ volatile("cli");
+        if ((ipi_at_bsp & aps) == aps)
+            break;
+        __asm__ volatile("sti; hlt");
+        u8 now = rtc_sec();
+        if (now != last) {
+            last = now;
+            if (++secs > 5)
+                break;
+        }
+    }
+    __asm__ volatile("sti");
+    for (u32 id = 0; id < ncpus; id++)
+        if (aps & (1u << id))
+            send_ipi_to(id, IPI_TO_AP);
+    for (u32 i = 0; i < 3000000 && (ipi_at_ap & aps) != aps; i++)
+        cpu_relax();
+    /* The periodic LAPIC timer must keep waking a halted CPU. */
+    secs = 0;
+    last = rtc_sec();
+    for (;;) {
+        __asm__ volatile("cli");
+        if (timer_ticks >= 3)
+            break;
+        __asm__ volatile("sti; hlt");
+        u8 now = rtc_sec();
+        if (now != last) {
+            last = now;
+            if (++secs > 3)
+                break;
+        }
+    }
+    __asm__ volatile("cli");
+    lapic_write(0x320, 1u << 16); /* mask the timer */
+    lock();
+    report_hex("ipi_at_bsp", ipi_at_bsp);
+    report_hex("ipi_at_ap", ipi_at_ap);
+    report_dec("ipi_bad", ipi_bad);
+    report_dec("lapic_timer_ticks", timer_ticks);
+    unlock();
+    return (ipi_at_bsp & aps) == aps && (ipi_at_ap & aps) == aps && ipi_bad == 0 && timer_ticks >= 3;
+}
+
+static volatile u32 ap_fault;
+static __attribute__((noreturn)) void triple_fault(void);
+
 void ap_main(u32 apic_id)
 {
     mark_up(apic_id, "AP");
-    if (apic_id < MAX_CPUS)
+    if (ap_fault && apic_id == 1) {
+        lock();
+        uart_puts("AP 1 triple faults now\n");
+        unlock();
+        triple_fault();
+    }
+    if (apic_id < MAX_CPUS && ipi_mode)
+        ap_ipi(apic_id);
+    else if (apic_id < MAX_CPUS)
         stress_join(apic_id);
 }
 
@@ -251,6 +413,9 @@ void guest_main(u32 magic, const u32 *mbi)
     uart_lock = 0;
     stress_go = stress_done = stress_bad = 0;
     stress_rounds = (u32)cmdline_get_num(cmdline, "stress", 0);
+    ipi_mode = cmdline_get_num(cmdline, "ipi", 0) != 0;
+    ap_fault = 0;
+    ipi_at_bsp = ipi_at_ap = ipi_bad = timer_ticks = 0;
     uart_init();
     uart_puts("smp guest\n");
     u32 boot = 1;
@@ -267,9 +432,20 @@ void guest_main(u32 magic, const u32 *mbi)
     if (ncpus == 0 || ncpus > MAX_CPUS)
         ncpus = 1;
     report_dec("ncpus", ncpus);
+    if (reboot && boot == 1 && ncpus > 1 && cmdline_get_num(cmdline, "apfault", 0))
+        ap_fault = 1;
 
     u32 bsp = (lapic_read(LAPIC_ID) >> 24) & 7;
+    bsp_id = bsp;
     lapic_write(LAPIC_SVR, lapic_read(LAPIC_SVR) | 0x1ff); /* software-enable the LAPIC */
+    if (ipi_mode) {
+        outb(0x21, 0xff); /* no PIC interrupts: firmware may have left the PIT running */
+        outb(0xa1, 0xff);
+        load_flat_gdt();
+        build_idt();
+        load_idt();
+        lapic_write(0x80, 0);
+    }
     mark_up(bsp, "BSP");
 
     memcpy((void *)TRAMP_BASE, ap_tramp_start, (uptr)(ap_tramp_end - ap_tramp_start));
@@ -287,6 +463,8 @@ void guest_main(u32 magic, const u32 *mbi)
     lock();
     report_hex("cpus_up", cpus_up);
     unlock();
+    if (ipi_mode && cpus_up == want && bsp_ipi(ncpus, want))
+        result |= RESULT_MODE_OK;
     if (stress_rounds && cpus_up == want) {
         stress_go = 1;
         stress_join(bsp);
@@ -297,10 +475,28 @@ void guest_main(u32 magic, const u32 *mbi)
         report_dec("stress_bad", stress_bad);
         unlock();
         if (stress_done == ncpus && stress_bad == 0)
-            result |= RESULT_STRESS_OK;
+            result |= RESULT_MODE_OK;
     }
     if (check_mptable(ncpus, bsp))
         result |= RESULT_MPTABLE_OK;
+    if (ap_fault) {
+        /* A shutdown on any CPU resets the whole machine: wait for it (~5 s). */
+        outb(0x70, 0);
+        u8 last = inb(0x71);
+        for (int secs = 0, i = 0; secs < 5 && i < 50000000; i++) {
+            outb(0x70, 0);
+            u8 now = inb(0x71);
+            if (now != last) {
+                last = now;
+                secs++;
+            }
+        }
+        lock();
+        uart_puts("no reset after the AP's triple fault\n");
+        unlock();
+        cmos_write(CMOS_MAGIC_IDX, 0);
+        debug_exit((u8)(cpus_up & 0xf));
+    }
     if (reboot && boot == 1 && cpus_up == want) {
         uart_puts("all cpus up, triple fault now\n");
         image_marker = 0xdeadbeef;

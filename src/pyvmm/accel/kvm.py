@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
+from typing import TypeVar
 
 from pyvmm.accel.base import CpuConfig, MachineContext
 from pyvmm.accel.kvm_vcpu import VcpuRunner, install_kick_handler
 from pyvmm.cpu_state import CpuState
 from pyvmm.errors import AccelError, ConfigError, KvmError
-from pyvmm.kvm import abi
+from pyvmm.kvm import abi, fastrun
 from pyvmm.kvm.dump import apply_cpu_state
 from pyvmm.kvm.ioctls import Cap, MpState
 from pyvmm.kvm.system import DEFAULT_DEVICE, System
@@ -31,6 +33,7 @@ from pyvmm.kvm.vm import Vm
 from pyvmm.machine import cpuid
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 #: One page for the EPT identity map and three for the real-mode TSS, just below the BIOS
 #: flash window, below 4 GiB and above any RAM (RAM stops at the PCI hole, 0xC0000000).
@@ -145,6 +148,7 @@ class KvmAccelerator:
             raise ConfigError(f"-smp {ctx.ncpus}: at least one vCPU is needed")
         install_kick_handler()
         self.system = System(self.device)
+        fastrun.run_call()  # build/load the KVM_RUN helper now, not on a vCPU thread
         try:
             max_vcpus = self.system.check_extension(Cap.MAX_VCPUS) or self.system.check_extension(Cap.NR_VCPUS)
             if max_vcpus and ctx.ncpus > max_vcpus:
@@ -290,7 +294,7 @@ class KvmAccelerator:
         except (KvmError, AccelError) as e:
             return f"CPU#{index}: registers unavailable: {e}"
 
-    def run_on_vcpu(self, index: int, fn):  # noqa: ANN001, ANN201 - generic passthrough
+    def run_on_vcpu(self, index: int, fn: Callable[[Vcpu], T]) -> T:
         """Run ``fn(vcpu)`` where vCPU ioctls are safe (its thread, or here while it is not running)."""
         r = self.runners[index]
         return r.call(lambda: fn(r.vcpu))

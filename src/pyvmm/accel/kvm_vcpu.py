@@ -11,13 +11,15 @@ not interrupt anything.  The kicker sets its request flag *before* the
 ``immediate_exit`` byte, and the vCPU thread clears the byte *before* reading
 the flags, so no request is lost.
 
-Hot path.  Port I/O and MMIO are what most exits are, so they are handled
-inline in the loop with everything bound to locals: KVM_RUN through a
-ctypes function without argument conversion, one precompiled ``struct``
-unpack that reads the exit reason together with ``kvm_run.io`` straight from
-the mapping, the bus lookup (``Bus.find``) inlined as a bisect, and
-per-size packers.  Every other exit goes through a dispatch table built once
-per thread.  String I/O and unassigned ports take a slower helper.
+Hot path.  Port I/O is what most exits are, so a single port access is
+handled inline in the loop with everything bound to locals and the bus lookup
+(``Bus.find``) inlined as a bisect.  With the compiled helper
+(:mod:`pyvmm.kvm.fastrun`) KVM_RUN returns that access already decoded in one
+integer (port, size, direction, value); with the ctypes fallback one
+precompiled ``struct`` unpack reads the exit reason together with
+``kvm_run.io``.  Everything else (string I/O, MMIO, unassigned ports, other
+exit reasons) goes through :meth:`VcpuRunner._handle_exit` and a dispatch
+table built once per runner.
 
 Life-cycle requests.  When a device posts a request (reset, power-off,
 exit, error) during an access, the vCPU that made the access does not
@@ -40,10 +42,11 @@ from typing import Any
 
 from pyvmm.bus import Bus
 from pyvmm.errors import AccelError, KvmError
-from pyvmm.kvm import abi
+from pyvmm.kvm import abi, fastrun
 from pyvmm.kvm.dump import format_kvm_registers
+from pyvmm.kvm.fastrun import RunCall
 from pyvmm.kvm.ioctls import ExitReason, InternalError, Ioctl, SystemEvent
-from pyvmm.kvm.syscall import get_errno, kvm_run_ioctl
+from pyvmm.kvm.syscall import get_errno
 from pyvmm.kvm.vcpu import Vcpu
 from pyvmm.runstate import VmControl
 
@@ -58,6 +61,12 @@ _MMIO_DATA_OFF = _EXIT_OFF + abi.KvmRunMmio.data.offset
 # exit_reason, then (skipping to the exit union) kvm_run.io: direction, size, port, count, data_offset.
 _EXIT_HEAD = struct.Struct(f"<I{_EXIT_OFF - _EXIT_REASON_OFF - 4}xBBHIQ")
 assert _EXIT_HEAD.size == _EXIT_OFF - _EXIT_REASON_OFF + ctypes.sizeof(abi.KvmRunIo)
+# kvm_run.io: direction, size, port, count, data_offset.
+_PIO_HEAD = struct.Struct("<BBHIQ")
+assert _PIO_HEAD.size == ctypes.sizeof(abi.KvmRunIo)
+#: Where KVM puts port I/O data (KVM_PIO_PAGE_OFFSET pages into the vCPU mapping); the compiled
+#: helper pre-decodes an access only if ``data_offset`` is exactly this.
+_PIO_DATA_OFF = 4096
 # kvm_run.mmio: phys_addr, data[8], len, is_write.
 _MMIO_HEAD = struct.Struct("<Q8sIB")
 assert _MMIO_HEAD.size == abi.KvmRunMmio.is_write.offset + 1
@@ -99,8 +108,10 @@ class VcpuRunner:
     """
 
     def __init__(self, vcpu: Vcpu, io_bus: Bus, mmio_bus: Bus, control: VmControl,
-                 halt_action: str = "idle") -> None:
+                 halt_action: str = "idle", run_call: RunCall | None = None) -> None:
         self.vcpu = vcpu
+        #: How KVM_RUN is called (compiled helper if available, else ctypes).
+        self.run_call = run_call or fastrun.run_call()
         self.index = vcpu.index
         self.io_bus = io_bus
         self.mmio_bus = mmio_bus
@@ -116,6 +127,7 @@ class VcpuRunner:
         self._calls: list[tuple[Callable[[], Any], list[Any]]] = []
         self.parked = False
         self.running = False  # True while the loop is active on some thread
+        self._dispatch = self._dispatch_table()
 
     # -- control from other threads ----------------------------------------------------------------
     def start(self) -> None:
@@ -240,36 +252,93 @@ class VcpuRunner:
                 self._cond.wait()
 
     def _loop(self) -> None:
+        if not self._service():
+            return
+        if self.run_call.run is not None:
+            self._loop_summarized()
+        else:
+            self._loop_plain()
+
+    def _loop_summarized(self) -> None:
+        """The loop with the compiled helper, which hands back single port accesses pre-decoded."""
+        vcpu = self.vcpu
+        mm = vcpu.run_mmap
+        run = vcpu.run
+        assert run is not None and self.run_call.run is not None
+        fd = vcpu.fd
+        krun = self.run_call.run
+        run_addr = ctypes.addressof(run)
+        PIO = _PIO_DATA_OFF
+        assert PIO + 4 <= len(mm)
+        io_bus = self.io_bus
+        PACK, MASK = _PACK, _MASK
+        handle = self._handle_exit
+        service = self._service
+        hold = self._hold_for_request
+        requests = self.control._pending
+        EXIT_IO = int(ExitReason.IO)
+        OTHER_EXIT = fastrun.OTHER_EXIT
+        while True:
+            r = krun(fd, run_addr, PIO)
+            if r > 0x7F:  # fastrun.SIMPLE_PIO: one port access, already decoded
+                port = (r >> 12) & 0xFFFF
+                # Bus.find, inlined: the entry found must itself cover the port, so a bus being
+                # changed concurrently can only make us take the slow path, never call a wrong device.
+                try:
+                    s, e, dev, _ = io_bus._entries[bisect_right(io_bus._starts, port) - 1]
+                except IndexError:
+                    s = e = 0
+                if s <= port < e:
+                    size = (r >> 9) & 7
+                    if r & 0x100:  # fastrun.PIO_OUT
+                        dev.io_write(port - s, size, r >> 28)
+                    else:
+                        PACK[size](mm, PIO, dev.io_read(port - s, size) & MASK[size])
+                    if requests and not hold():
+                        return
+                    continue
+                r = EXIT_IO  # unassigned port: the general path logs it
+            elif r < 0:
+                if r != -errno.EINTR and r != -errno.EAGAIN:
+                    raise KvmError(f"KVM_RUN on vCPU {self.index} failed: {os.strerror(-r)}")
+                run.immediate_exit = 0
+                if not service():
+                    self.last_exit = ExitReason.INTR
+                    return
+                continue
+            elif r == OTHER_EXIT:  # an exit reason too large for the summary
+                r = run.exit_reason
+            if not handle(r) or (requests and not hold()):
+                return
+
+    def _loop_plain(self) -> None:
+        """The loop with the ctypes call: exits decoded from ``kvm_run`` in Python.
+
+        A single port access is still handled inline (one unpack reads the exit
+        reason together with ``kvm_run.io``); everything else goes through
+        :meth:`_handle_exit`.
+        """
         vcpu = self.vcpu
         mm = vcpu.run_mmap
         run = vcpu.run
         assert run is not None
         fd = vcpu.fd
-        mm_size = len(mm)
-        ioctl = kvm_run_ioctl
+        ioctl = self.run_call.fn
+        negative_errno = self.run_call.negative_errno
         KVM_RUN = int(Ioctl.RUN)
         head = _EXIT_HEAD.unpack_from
-        mmio_head = _MMIO_HEAD.unpack_from
         io_bus = self.io_bus
-        mmio_bus = self.mmio_bus
         UNPACK, PACK, MASK = _UNPACK, _PACK, _MASK
-        MMIO_DATA = _MMIO_DATA_OFF
-        EXIT_IO = int(ExitReason.IO)
-        EXIT_MMIO = int(ExitReason.MMIO)
-        dispatch = self._dispatch_table()
-        slow = self._unexpected_exit
-        pio_slow = self._pio_slow
+        limit = len(mm) - 4
+        handle = self._handle_exit
         service = self._service
         hold = self._hold_for_request
-        # The life-cycle mailbox's queue, peeked (without its lock) after every device access: a
-        # device that posts reset/power-off/exit must not see another guest instruction run on
-        # this vCPU (QEMU stops the current vCPU the same way).
         requests = self.control._pending
-        if not service():
-            return
+        EXIT_IO = int(ExitReason.IO)
         while True:
-            if ioctl(fd, KVM_RUN, 0) < 0:
-                err = get_errno()
+            r = ioctl(fd, KVM_RUN, 0)
+            if r < 0:
+                err = -r if negative_errno else get_errno()
                 if err != errno.EINTR and err != errno.EAGAIN:
                     raise KvmError(f"KVM_RUN on vCPU {self.index} failed: {os.strerror(err)}")
                 run.immediate_exit = 0
@@ -277,18 +346,11 @@ class VcpuRunner:
                     self.last_exit = ExitReason.INTR
                     return
                 continue
-            # One unpack reads the exit reason and, if it is KVM_EXIT_IO, all of kvm_run.io.
             reason, out, size, port, count, off = head(mm, _EXIT_REASON_OFF)
-            if reason == EXIT_IO:
+            if reason == EXIT_IO and count == 1 and off <= limit:
                 unpack = UNPACK.get(size)
-                if unpack is None or off + size * count > mm_size:
-                    self._fail(f"vCPU {self.index}: malformed I/O exit (port {port:#x} size {size} "
-                               f"count {count} offset {off:#x})")
-                    return
-                if count == 1:
-                    # Bus.find, inlined: the entry found must itself cover the port, so a bus being
-                    # changed concurrently can only make us take the slow path, never call a wrong device.
-                    try:
+                if unpack is not None:
+                    try:  # Bus.find, inlined (see _loop_summarized)
                         s, e, dev, _ = io_bus._entries[bisect_right(io_bus._starts, port) - 1]
                     except IndexError:
                         s = e = 0
@@ -300,37 +362,73 @@ class VcpuRunner:
                         if requests and not hold():
                             return
                         continue
-                pio_slow(out, size, port, count, off)
-                if requests and not hold():
-                    return
-                continue
-            if reason == EXIT_MMIO:
-                addr, data, n, is_write = mmio_head(mm, _EXIT_OFF)
-                if not 1 <= n <= 8:
-                    self._fail(f"vCPU {self.index}: malformed MMIO exit (len {n} at {addr:#x})")
-                    return
-                try:
-                    s, e, dev, _ = mmio_bus._entries[bisect_right(mmio_bus._starts, addr) - 1]
-                except IndexError:
-                    s = e = 0
-                if is_write:
-                    value = int.from_bytes(data[:n], "little")
-                    if s <= addr < e:
-                        dev.io_write(addr - s, n, value)
-                    else:
-                        mmio_bus.write(addr, n, value)
-                else:
-                    if s <= addr < e:
-                        value = dev.io_read(addr - s, n) & ((1 << (8 * n)) - 1)
-                    else:
-                        value = mmio_bus.read(addr, n)
-                    mm[MMIO_DATA:MMIO_DATA + n] = value.to_bytes(n, "little")
-                if requests and not hold():
-                    return
-                continue
-            self.last_exit = reason
-            if not dispatch.get(reason, slow)(reason):
+            if not handle(reason) or (requests and not hold()):
                 return
+
+    def _handle_exit(self, reason: int) -> bool:
+        """Handle one exit decoded from ``kvm_run``; False ends the loop."""
+        if reason == ExitReason.IO:
+            return self._pio_exit()
+        if reason == ExitReason.MMIO:
+            return self._mmio_exit()
+        self.last_exit = reason
+        return self._dispatch.get(reason, self._unexpected_exit)(reason)
+
+    def _pio_exit(self) -> bool:
+        """KVM_EXIT_IO, including string I/O (``count`` items) and unassigned ports."""
+        mm = self.vcpu.run_mmap
+        out, size, port, count, off = _PIO_HEAD.unpack_from(mm, _EXIT_OFF)
+        unpack = _UNPACK.get(size)
+        if unpack is None or off + size * count > len(mm):
+            self._fail(f"vCPU {self.index}: malformed I/O exit (port {port:#x} size {size} "
+                       f"count {count} offset {off:#x})")
+            return False
+        bus = self.io_bus
+        hit = bus.find(port)
+        if out:
+            if hit is None:
+                for i in range(count):
+                    bus.write(port, size, unpack(mm, off + i * size)[0])
+            else:
+                write, rel = hit[1].io_write, port - hit[0]
+                for i in range(count):
+                    write(rel, size, unpack(mm, off + i * size)[0])
+        else:
+            pack = _PACK[size]
+            if hit is None:
+                for i in range(count):
+                    pack(mm, off + i * size, bus.read(port, size))
+            else:
+                read, rel, mask = hit[1].io_read, port - hit[0], _MASK[size]
+                for i in range(count):
+                    pack(mm, off + i * size, read(rel, size) & mask)
+        return True
+
+    def _mmio_exit(self) -> bool:
+        """KVM_EXIT_MMIO: 1..8 bytes at ``phys_addr``; reads are answered in ``mmio.data``."""
+        mm = self.vcpu.run_mmap
+        addr, data, n, is_write = _MMIO_HEAD.unpack_from(mm, _EXIT_OFF)
+        if not 1 <= n <= 8:
+            self._fail(f"vCPU {self.index}: malformed MMIO exit (len {n} at {addr:#x})")
+            return False
+        bus = self.mmio_bus
+        try:
+            s, e, dev, _ = bus._entries[bisect_right(bus._starts, addr) - 1]
+        except IndexError:
+            s = e = 0
+        if is_write:
+            value = int.from_bytes(data[:n], "little")
+            if s <= addr < e:
+                dev.io_write(addr - s, n, value)
+            else:
+                bus.write(addr, n, value)
+        else:
+            if s <= addr < e:
+                value = dev.io_read(addr - s, n) & ((1 << (8 * n)) - 1)
+            else:
+                value = bus.read(addr, n)
+            mm[_MMIO_DATA_OFF:_MMIO_DATA_OFF + n] = value.to_bytes(n, "little")
+        return True
 
     def _hold_for_request(self) -> bool:
         """A device on this thread posted a life-cycle request: stay out of the guest until stopped.
@@ -350,19 +448,6 @@ class VcpuRunner:
                 self._cond.wait()
             self.parked = False
         return False
-
-    def _pio_slow(self, out: int, size: int, port: int, count: int, off: int) -> None:
-        """String I/O (``rep ins/outs``: ``count`` items) and unassigned ports; sizes already checked."""
-        mm = self.vcpu.run_mmap
-        bus = self.io_bus
-        if out:
-            unpack = _UNPACK[size]
-            for i in range(count):
-                bus.write(port, size, unpack(mm, off + i * size)[0])
-        else:
-            pack = _PACK[size]
-            for i in range(count):
-                pack(mm, off + i * size, bus.read(port, size))
 
     # -- slow-path exits ---------------------------------------------------------------------------
     def _dispatch_table(self) -> dict[int, Callable[[int], bool]]:

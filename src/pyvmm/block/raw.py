@@ -55,7 +55,7 @@ class RawImage:
             self.fd = os.open(path, (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC)
         except OSError as e:
             raise BlockError(f"{path}: {e.strerror}") from None
-        self.size = os.fstat(self.fd).st_size
+        self.size = os.lseek(self.fd, 0, os.SEEK_END)  # st_size is 0 for block devices
 
     def readv(self, iov: Iov, offset: int) -> None:
         preadv_full(self.fd, iov, offset)

@@ -13,7 +13,8 @@ A stock Linux guest finds these registers through the FADT and uses them to
   monotonic clock, so it never drifts or stops when the VM is paused.
 
 There is no SMI command port (FADT SMI_CMD = 0): the machine is always in
-ACPI mode, so SCI_EN always reads as 1.  Register layout, relative to the
+ACPI mode, so SCI_EN always reads as 1.  The timer's carry status (TMR_STS)
+is never set, so TMR_EN raises nothing; Linux only reads the counter.  Register layout, relative to the
 block's base (the machine registers :data:`PM_SIZE` ports at ``pm_base``)::
 
     +0x00 PM1a_STS  (2)   W1C status

@@ -198,7 +198,11 @@ class PicPair:
         self._update()
 
     def _update(self) -> None:
-        self.master.set_input(CASCADE_IRQ, self.slave.pending_irq() >= 0)
+        # The slave's INT output is a level on the master's IR2.
+        if self.slave.pending_irq() >= 0:
+            self.master.irr |= 1 << CASCADE_IRQ
+        else:
+            self.master.irr &= ~(1 << CASCADE_IRQ)
         out = self.master.pending_irq() >= 0
         if out != self.output:
             self.output = out

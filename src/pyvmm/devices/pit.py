@@ -226,7 +226,9 @@ class Pit:
         ch.armed = False
         ch.null_count = True
         if ch.index == 0:
-            self._irq0(mode != 0)                     # mode 0 drives OUT low, the others high
+            if mode == 0:
+                self._irq0(False)                     # mode 0 drives OUT low until terminal count
+            # (the periodic modes raise IRQ0 at their first terminal count, not on programming)
             self._arm()
 
     def _load(self, ch: PitChannel, value: int, now: int) -> None:

@@ -52,6 +52,7 @@ class MachineConfig:
     no_reboot: bool = False
     devices: list[DeviceSpec] = field(default_factory=list)
     drives: list = field(default_factory=list)  # pyvmm.devices.virtio.options.DriveSpec (--drive)
+    netdevs: list = field(default_factory=list)  # pyvmm.net.options.NetdevSpec (--netdev)
     mem_path: str | None = None
     qmp: list[str] = field(default_factory=list)
 

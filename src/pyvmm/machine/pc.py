@@ -31,6 +31,7 @@ from pyvmm.devices.acpi_pm import PM_SIZE, SCI_GSI, AcpiPm
 from pyvmm.devices.debug_exit import DebugExit
 from pyvmm.devices.fw_cfg import FwCfg, FwCfgKey, encode_e820
 from pyvmm.devices.i8042 import I8042
+from pyvmm.devices.pci.board import PCI_DRIVERS, PciBoard
 from pyvmm.devices.port80 import Port80
 from pyvmm.devices.rtc import Rtc
 from pyvmm.devices.serial import SERIAL_IO_SIZE, Serial
@@ -93,7 +94,8 @@ class PcMachine:
     def _build(self) -> None:
         cfg = self.config
         ctx = MachineContext(self.memory, self.io_bus, self.mmio_bus, self.control, cfg.smp, cfg.cpu)
-        self.irq.attach(self.accel.setup(ctx))
+        sink = self.accel.setup(ctx)
+        self.irq.attach(sink)
 
         self.serial_backend = parse_chardev(cfg.serial, self.loop, self.control, label="serial0")
         self.serial = Serial(self.irq.line(COM1_IRQ), self.serial_backend, name="serial0")
@@ -121,8 +123,17 @@ class PcMachine:
         for drive in cfg.drives:
             self.virtio.add_drive(drive)
 
+        # PCI host bridge (0xcf8/0xcfc), --netdev, --device *-pci: pyvmm.devices.pci.board.
+        # MSI-X only if the interrupt controllers take MSIs (KVM: sink.signal_msi).
+        self.pci = PciBoard(self.memory, self.mmio_bus, self.io_bus, self.irq.line, lambda: self.virtio.loop,
+                            msi_sender=getattr(sink, "signal_msi", None))
+        self.devices.append(self.pci)
+        for netdev in cfg.netdevs:
+            self.pci.add_netdev(netdev)
+
         for spec in cfg.devices:
             self._add_device(spec)
+        self.pci.check_unused()
 
         self.e820 = build_e820(self.memory, reserved=[(layout.IOAPIC_ADDR, 0x1000), (layout.LAPIC_ADDR, 0x1000)])
         fw = self.fw_cfg
@@ -142,12 +153,15 @@ class PcMachine:
             base = spec.int_prop("iobase", 0xF4)
             size = spec.int_prop("iosize", 0x04)
             self._add_io(base, size, DebugExit(self.control), "isa-debug-exit")
+        elif spec.driver in PCI_DRIVERS:
+            self.pci.add_device(spec.driver, spec.props, drives=self.config.drives, make_chardev=lambda chardev:
+                                parse_chardev(chardev, self.loop, self.control, label=spec.props.get("id", spec.driver)))
         elif spec.driver in VIRTIO_DRIVERS:
             self.virtio.add_device(spec.driver, spec.props, lambda chardev: parse_chardev(
                 chardev, self.loop, self.control, label=spec.props.get("id", spec.driver)))
         else:
             raise ConfigError(f"--device {spec.driver}: unknown device "
-                              f"(known: isa-debug-exit, {', '.join(VIRTIO_DRIVERS)})")
+                              f"(known: isa-debug-exit, {', '.join(VIRTIO_DRIVERS + PCI_DRIVERS)})")
 
     # -- firmware and kernel -----------------------------------------------------------------
     def _load_firmware_and_kernel(self) -> None:
@@ -155,7 +169,9 @@ class PcMachine:
         if not cfg.kernel:
             raise ConfigError("no kernel given: use --kernel FILE")
         write_mptable(self.memory, cfg.smp)
-        rsdp = build_acpi(self.memory, ncpus=cfg.smp, pm_base=ACPI_PM_BASE, devices=self.virtio.acpi_devices())
+        self.pci.firmware_setup()  # BARs assigned and decoding on, as a BIOS leaves them
+        rsdp = build_acpi(self.memory, ncpus=cfg.smp, pm_base=ACPI_PM_BASE, devices=self.virtio.acpi_devices(),
+                          pci=self.pci.acpi())
         self.boot = load_kernel(cfg.kernel, self.memory, cmdline=cfg.append, initrd=cfg.initrd, e820=self.e820,
                                 acpi_rsdp=rsdp)
         log.info("loaded %s kernel %s (entry %#x)", self.boot.kind, cfg.kernel, self.boot.entry)
@@ -245,6 +261,8 @@ class PcMachine:
             self.loop.stop()
             if self.serial_backend is not None:
                 self.serial_backend.close()
+            if getattr(self, "pci", None) is not None:
+                self.pci.close()
             if getattr(self, "virtio", None) is not None:
                 self.virtio.close()
 

@@ -15,12 +15,14 @@ from typing import Annotated
 
 from fastapi import FastAPI, Query, Request, WebSocket
 from fastapi import Path as PathParam
-from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from pyvmm import __version__
 from pyvmm.manager import console
-from pyvmm.manager.models import ActionResult, ErrorBody, VmDefinitionIn, VmInfo, VmStatsReport
+from pyvmm.manager.models import ActionResult, ErrorBody, Scrollback, VmDefinitionIn, VmInfo, VmStatsReport
 from pyvmm.manager.supervisor import ManagerError, Supervisor
 from pyvmm.manager.web import static_dir, xterm_dir
 
@@ -43,6 +45,20 @@ def create_app(sup: Supervisor) -> FastAPI:
     @app.exception_handler(ManagerError)
     async def _manager_error(request: Request, exc: ManagerError) -> JSONResponse:
         return JSONResponse({"detail": exc.message}, status_code=exc.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:
+            # Starlette names only the first route matching the path; list every method the path has.
+            methods: set[str] = set()
+            for route in app.router.routes:
+                for m in getattr(route, "methods", None) or ():
+                    if route.matches({**request.scope, "method": m})[0] == Match.FULL:
+                        methods.add(m)
+            if methods:
+                headers["allow"] = ", ".join(sorted(methods))
+        return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=headers)
 
     @app.get(f"{API}/version", tags=["daemon"])
     async def version() -> dict[str, str]:
@@ -108,11 +124,10 @@ def create_app(sup: Supervisor) -> FastAPI:
         """CPU time and RSS of the VM process: the latest sample and up to 300 earlier ones (1 per second)."""
         return sup.stats(name)
 
-    @app.get(API + "/vms/{name}/console/scrollback", tags=["vms"], response_class=PlainTextResponse,
-             responses={404: ERRORS[404]})
-    async def scrollback(name: VmName) -> PlainTextResponse:
+    @app.get(API + "/vms/{name}/console/scrollback", tags=["vms"], responses={404: ERRORS[404]})
+    async def scrollback(name: VmName) -> Scrollback:
         """The last 256 KiB of serial output."""
-        return PlainTextResponse(bytes(sup.get(name).scrollback).decode("utf-8", errors="replace"))
+        return Scrollback(text=bytes(sup.get(name).scrollback).decode("utf-8", errors="replace"))
 
     @app.websocket(API + "/vms/{name}/console")
     async def console_ws(ws: WebSocket, name: str) -> None:

@@ -63,7 +63,7 @@ def add_vm_parser(sub: argparse._SubParsersAction) -> None:
 
 def _client(args: argparse.Namespace):
     from pyvmm.manager.client import Client
-    from pyvmm.manager.daemon import default_socket
+    from pyvmm.manager.paths import default_socket
 
     if args.url:
         return Client(url=args.url, token=args.token)

@@ -116,7 +116,8 @@ def attach_console(ws: ClientConnection, stdin_fd: int | None = None, stdout_fd:
 
     def output() -> None:
         try:
-            for msg in ws:
+            while True:
+                msg = ws.recv()
                 data = msg if isinstance(msg, bytes) else msg.encode()
                 os.write(stdout_fd, data)
         except (ConnectionClosed, OSError):
@@ -125,6 +126,7 @@ def attach_console(ws: ClientConnection, stdin_fd: int | None = None, stdout_fd:
             done.set()
 
     reader = threading.Thread(target=output, name="console-output", daemon=True)
+    ws.__enter__()  # websockets wants its sync connections used as context managers; closed below
     reader.start()
     try:
         while not done.is_set():

@@ -32,22 +32,10 @@ import uvicorn
 
 from pyvmm.manager.api import create_app
 from pyvmm.manager.auth import TokenAuth, load_or_create_token
+from pyvmm.manager.paths import default_state_dir
 from pyvmm.manager.supervisor import ManagerConfig, Supervisor
 
 log = logging.getLogger("pyvmmd")
-
-
-def default_state_dir() -> Path:
-    if os.geteuid() == 0:
-        return Path("/var/lib/pyvmm")
-    base = os.environ.get("XDG_RUNTIME_DIR") or os.path.expanduser("~/.local/state")
-    return Path(base) / "pyvmm"
-
-
-def default_socket() -> Path:
-    """Where the CLI looks for the daemon: $PYVMMD_SOCKET, else the default state directory's socket."""
-    env = os.environ.get("PYVMMD_SOCKET")
-    return Path(env) if env else default_state_dir() / "pyvmmd.sock"
 
 
 class _Server(uvicorn.Server):

@@ -22,7 +22,8 @@ MAX_VCPUS = 255
 MAX_CMDLINE = 4096
 MAX_PATH = 4096
 
-PathStr = Annotated[str, Field(min_length=1, max_length=MAX_PATH)]
+PathStr = Annotated[str, Field(min_length=1, max_length=MAX_PATH, pattern=r"^/[^\x00]*$",
+                               description="an absolute path on the daemon's host")]
 
 
 class VmState(enum.StrEnum):
@@ -36,6 +37,13 @@ class VmState(enum.StrEnum):
     CRASHED = "crashed"
 
 
+def _absolute_path(v: object) -> object:
+    """Say plainly what is wrong with a relative path (the schema's pattern alone gives a regex)."""
+    if isinstance(v, str) and v and not v.startswith("/"):
+        raise ValueError("must be an absolute path")
+    return v
+
+
 class DiskSpec(BaseModel):
     """A virtio block device backed by an image file."""
 
@@ -45,16 +53,20 @@ class DiskSpec(BaseModel):
     format: Literal["raw", "qcow2"] = "raw"
     readonly: bool = False
 
+    _abs = field_validator("path", mode="before")(_absolute_path)
+
 
 class NetworkSpec(BaseModel):
-    """A network interface.  Recorded in the definition; pyvmm has no NIC model yet, so starting
-    a VM that has one is refused with a clear message rather than silently booting without it."""
+    """A virtio-net NIC and its host back-end: ``user`` (user-mode networking, needs passt) or ``tap``
+    (an existing tap device, or a new one the VM process may create when it has the privilege)."""
 
     model_config = ConfigDict(extra="forbid")
 
+    type: Literal["user", "tap"] = "user"
     model: Literal["virtio-net"] = "virtio-net"
     mac: str | None = Field(default=None, pattern=r"^([0-9a-fA-F]{2}:){5}[0-9a-fA-F]{2}$")
-    tap: str | None = Field(default=None, max_length=15, pattern=r"^[A-Za-z0-9_.-]+$")
+    tap: str | None = Field(default=None, max_length=15, pattern=r"^[A-Za-z0-9_.-]+$",
+                            description="tap interface name (type tap)")
 
 
 class VmDefinitionIn(BaseModel):
@@ -68,27 +80,14 @@ class VmDefinitionIn(BaseModel):
     memory_mib: int = Field(default=128, ge=2, le=MAX_MEMORY_MIB, description="guest RAM in MiB")
     kernel: PathStr = Field(description="absolute path of the kernel image on the daemon's host")
     initrd: PathStr | None = None
-    cmdline: str = Field(default="", max_length=MAX_CMDLINE)
+    cmdline: str = Field(default="", max_length=MAX_CMDLINE, pattern=r"^[^\x00-\x1f\x7f]*$",
+                         description="kernel command line (no control characters)")
     accel: Literal["auto", "kvm", "tcg"] = "auto"
     disks: list[DiskSpec] = Field(default_factory=list, max_length=4)
     networks: list[NetworkSpec] = Field(default_factory=list, max_length=8)
     autostart: bool = False
 
-    @field_validator("kernel", "initrd")
-    @classmethod
-    def _absolute(cls, v: str | None) -> str | None:
-        if v is not None and not os.path.isabs(v):
-            raise ValueError("must be an absolute path")
-        if v is not None and "\x00" in v:
-            raise ValueError("must not contain NUL")
-        return v
-
-    @field_validator("cmdline")
-    @classmethod
-    def _printable(cls, v: str) -> str:
-        if any(ord(c) < 0x20 or ord(c) == 0x7F for c in v):
-            raise ValueError("must not contain control characters")
-        return v
+    _abs = field_validator("kernel", "initrd", mode="before")(_absolute_path)
 
 
 class VmDefinition(VmDefinitionIn):
@@ -144,6 +143,10 @@ class ActionResult(BaseModel):
 
 class ErrorBody(BaseModel):
     detail: str
+
+
+class Scrollback(BaseModel):
+    text: str = Field(description="the last 256 KiB of serial output, decoded as UTF-8 (invalid bytes replaced)")
 
 
 def check_files(d: VmDefinitionIn) -> None:

@@ -174,6 +174,14 @@ def clean_environment() -> dict[str, str]:
     return env
 
 
+def _short_path(path: str, dirfd: int) -> str:
+    """A path to connect to a socket by: the path itself if it fits in sockaddr_un, else the same file
+    reached through the open directory ``dirfd`` under /proc/self/fd."""
+    if len(os.fsencode(path)) < 108:
+        return path
+    return f"/proc/self/fd/{dirfd}/{os.path.basename(path)}"
+
+
 def _escape_opt(value: str) -> str:
     """QEMU-style option values: a literal comma is written twice."""
     return value.replace(",", ",,")
@@ -280,9 +288,6 @@ class Supervisor:
         async with h.lock:
             self._require(h, "start")
             d = h.definition
-            if d.networks:
-                raise ManagerError(409, f"VM {h.name}: networks are defined but pyvmm has no network device "
-                                        "yet; remove them to start the VM")
             try:
                 check_files(d)
             except ValueError as e:
@@ -413,7 +418,12 @@ class Supervisor:
                 p.unlink()
 
     def command_for(self, h: VmHandle, qmp: Path, serial: Path) -> list[str]:
+        """The VM's command line.  Socket paths are given relative to the VM's working directory (its
+        run directory) and through the uuid's directory, so they fit AF_UNIX's 108 bytes however deep
+        the state directory is, and the uuid appears on the command line to identify the process."""
         d = h.definition
+        qmp = Path("..", h.uuid, qmp.name)
+        serial = Path("..", h.uuid, serial.name)
         cmd = [*self.config.pyvmm_command, "--accel", d.accel, "--kernel", d.kernel, "-m", f"{d.memory_mib}M",
                "--smp", str(d.vcpus), "--serial", f"unix:{serial},server=on,wait=off",
                "--qmp", f"unix:{qmp},server=on,wait=off"]
@@ -424,6 +434,10 @@ class Supervisor:
         for disk in d.disks:
             spec = f"file={_escape_opt(disk.path)},format={disk.format},if=virtio"
             cmd += ["--drive", spec + (",readonly=on" if disk.readonly else "")]
+        for i, net in enumerate(d.networks):
+            netdev = f"{net.type},id=net{i}" + (f",ifname={net.tap}" if net.type == "tap" and net.tap else "")
+            nic = f"virtio-net-pci,netdev=net{i}" + (f",mac={net.mac}" if net.mac else "")
+            cmd += ["--netdev", netdev, "--device", nic]
         return cmd
 
     async def _spawn(self, h: VmHandle) -> None:
@@ -487,16 +501,22 @@ class Supervisor:
         h.pid, h.start_ticks, h.paths = rec.pid, rec.start_ticks, rec
         h.exited.clear()
         client = QMPClient(f"pyvmmd-{h.name}")
+        dirfd = os.open(os.path.dirname(rec.qmp_path), os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
-            await asyncio.wait_for(client.connect(rec.qmp_path), 5.0)
+            qmp_path, serial_path = (_short_path(p, dirfd) for p in (rec.qmp_path, rec.serial_path))
+            await asyncio.wait_for(client.connect(qmp_path), 5.0)
             status = await asyncio.wait_for(client.execute("query-status"), 5.0)
         except Exception as e:
             with contextlib.suppress(Exception):
                 await client.disconnect()
             h.pid = None
+            os.close(dirfd)
             raise ManagerError(409, f"QMP on {rec.qmp_path}: {e}") from None
         h.qmp = client
-        reader, writer = await asyncio.open_unix_connection(rec.serial_path)
+        try:
+            reader, writer = await asyncio.open_unix_connection(serial_path)
+        finally:
+            os.close(dirfd)
         h.serial_writer = writer
         running = isinstance(status, dict) and status.get("running")
         self._set_state(h, VmState.RUNNING if running else VmState.PAUSED, "")

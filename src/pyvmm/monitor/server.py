@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -244,8 +245,7 @@ class MonitorServer:
 
     async def _start_servers(self) -> None:
         for i, (spec, sock) in enumerate(zip(self.specs, self._socks, strict=True)):
-            def on_client(r: asyncio.StreamReader, w: asyncio.StreamWriter, i: int = i) -> asyncio.Task:
-                return asyncio.ensure_future(self._serve(i, r, w))
+            on_client = functools.partial(self._serve, i)  # asyncio runs (and keeps) one task per client
             if spec.kind == "unix":
                 srv = await asyncio.start_unix_server(on_client, sock=sock, limit=READ_CHUNK)
             else:

@@ -46,6 +46,7 @@ MSR_EFER = 0xC0000080
 IF_MASK = 0x200
 EXCP_DOUBLE_FAULT = 8
 FOUR_GIB = 1 << 32
+PHYS_LIMIT = 1 << 40          # CPUID 0x80000008 reports 40 physical address bits
 
 
 def seg_flags(s: Segment) -> int:
@@ -86,12 +87,19 @@ class TcgVcpu:
         ffi, lib = self.nat.ffi, self.nat.lib
         uc = unicorn.Uc(unicorn.UC_ARCH_X86, unicorn.UC_MODE_64)
         uc.ctl_set_cpu_model(self.model)
+        nat_mod.set_no_exit_request(uc._uch.value)
         mem = self.ctx.memory
         for r in mem.regions:
             uc.mem_map_ptr(r.gpa, r.size, unicorn.UC_PROT_ALL, r.host_addr)
         hole = mem.below_4g
         if hole < FOUR_GIB:
             uc.mmio_map(hole, FOUR_GIB - hole, self._mmio_read, hole, self._mmio_write, hole)
+        # Everything above RAM up to the CPU's physical address width also goes to the MMIO bus
+        # (unassigned: reads all-ones), as on a PC, instead of stopping the engine.
+        top = max((r.end for r in mem.regions), default=0)
+        above = max(top, FOUR_GIB)
+        if above < PHYS_LIMIT:
+            uc.mmio_map(above, PHYS_LIMIT - above, self._mmio_read, above, self._mmio_write, above)
         uc.ctl_exits_enabled(True)          # no 'until' address: run until a hook stops us
         uc.hook_add(unicorn.UC_HOOK_INSN, self._in, None, 1, 0, X.UC_X86_INS_IN)
         uc.hook_add(unicorn.UC_HOOK_INSN, self._out, None, 1, 0, X.UC_X86_INS_OUT)
@@ -107,6 +115,7 @@ class TcgVcpu:
         rc = lib.pv_attach(v)
         if rc != 0:
             raise AccelError(f"tcg: could not install the compiled hooks (unicorn error {rc})")
+        nat_mod.selfcheck_engine(self.nat, uc, v)
         self.uc = uc
         self._v = v
         self._native_cpuid = ffi.cast("void (*)(char *, uint32_t, uint32_t, uint32_t *, uint32_t *, "

@@ -9,7 +9,8 @@ PC guest needs to run without special kernel options:
 * the APIC bit, since the userspace irqchip provides a local APIC;
 * leaf 0x15/0x16 with the TSC and crystal (= APIC timer) frequencies, so
   Linux knows both without calibrating against the PIT;
-* the invariant-TSC bit, since the TSC is derived from host monotonic time;
+* the invariant-TSC and TSC_ADJUST bits, since the TSC is derived from host
+  monotonic time (together they also spare the TSC Linux's clocksource watchdog);
 * ARCH_CAPABILITIES, whose MSR (served by the compiled helper) reports the
   CPU as not vulnerable to Meltdown-class bugs, so Linux does not turn on page
   table isolation, which is very slow under TCG.
@@ -48,6 +49,10 @@ _EDX1_APIC = 1 << 9
 # SHA(29) when the model has them; drop TSC_ADJUST(1), SGX(2), HLE(4), AVX2(5), INVPCID(10), RTM(11),
 # PQM(12), MPX(14), PQE(15), AVX512*(16,17,21,26,27,28,30,31), RDSEED(18), PT(25).
 _EBX7_KEEP = (1 << 0) | (1 << 3) | (1 << 7) | (1 << 8) | (1 << 9) | (1 << 19) | (1 << 20) | (1 << 23) | (1 << 29)
+# TSC_ADJUST is served by the compiled MSR filter; with invariant TSC it tells Linux the TSC
+# needs no clocksource watchdog (which would otherwise compare it with a tick count that a
+# slow emulated CPU loses ticks from, and demote it to the port-I/O PM timer).
+_EBX7_TSC_ADJUST = 1 << 1
 # leaf 7.0 ECX: keep UMIP(2), RDPID(22); drop PKU/OSPKE, LA57(16), AVX512 parts, etc.
 _ECX7_KEEP = (1 << 2) | (1 << 22)
 _EDX7_ARCH_CAPABILITIES = 1 << 29
@@ -108,7 +113,7 @@ def build_table(native, cpu_index: int, ncpus: int, time_base: TimeBase,
     e[(5, -1)] = (0, 0, 0, 0)                # no MONITOR/MWAIT
     e[(6, -1)] = (0x4, 0, 0, 0)              # ARAT: the APIC timer keeps running in idle
     a7, b7, c7, d7 = native(7, 0) if max_basic_native >= 7 else (0, 0, 0, 0)
-    e[(7, 0)] = (0, b7 & _EBX7_KEEP, c7 & _ECX7_KEEP, _EDX7_ARCH_CAPABILITIES)
+    e[(7, 0)] = (0, (b7 & _EBX7_KEEP) | _EBX7_TSC_ADJUST, c7 & _ECX7_KEEP, _EDX7_ARCH_CAPABILITIES)
     e[(7, -1)] = (0, 0, 0, 0)
     e[(0xA, -1)] = (0, 0, 0, 0)              # no architectural PMU
     e[(0xB, 0)] = (0, 1, 0x100, cpu_index)   # SMT level: 1 thread
@@ -153,7 +158,7 @@ _FEATURE_BITS = {
     "erms": (7, 0, 1, 9), "adx": (7, 0, 1, 19), "umip": (7, 0, 2, 2), "rdpid": (7, 0, 2, 22),
     "arch-capabilities": (7, 0, 3, 29), "nx": (0x80000001, -1, 3, 20), "pdpe1gb": (0x80000001, -1, 3, 26),
     "rdtscp": (0x80000001, -1, 3, 27), "lahf_lm": (0x80000001, -1, 2, 0), "abm": (0x80000001, -1, 2, 5),
-    "invtsc": (0x80000007, -1, 3, 8),
+    "invtsc": (0x80000007, -1, 3, 8), "tsc_adjust": (7, 0, 1, 1),
 }
 
 

@@ -57,6 +57,7 @@ struct pv_vcpu {
     uint64_t tsc_epoch_ns;
     uint64_t tsc_at_epoch;
     uint64_t tsc_deadline;
+    uint64_t tsc_adjust;
     uint64_t apic_base;
     uint64_t n_irq;
     uint64_t n_exc;
@@ -99,10 +100,16 @@ _EXPECTED_CODE = {
         "538bb7a081000048 89fb8b8f589f0000 81feff0000007e18".replace(" ", "")),
     "do_interrupt_x86_hardirq_x86_64": bytes.fromhex("4189d14881ef508a00004531c031c931d2"),
     "helper_hlt_x86_64": bytes.fromhex("5531d24863ee be78000000 534889fb".replace(" ", "")),
+    # Its second instruction tests uc_struct.no_exit_request (offset 0x7f2).
+    "check_exit_request_x86_64": bytes.fromhex("488bb77099000080bef2070000007408c3"),
     # Displaced prologues of the MSR helpers (position independent, no rip-relative operands).
     "helper_rdmsr_x86_64": bytes.fromhex("53488b4c24084889fb31d2be7c000000e8"),
     "helper_wrmsr_x86_64": bytes.fromhex("55488b4c24084889fdba01000000be7c000000e8"),
 }
+# uc_struct.no_exit_request: when set, unicorn stops emitting a helper call after every guest
+# load and store (it only exists to stop mid-block after an invalid access); the check at the
+# start of each block, which emu_stop relies on, stays.  Roughly halves the cost of memory ops.
+UC_NO_EXIT_REQUEST_OFFSET = 0x7F2
 _RDMSR_PROLOGUE = 16
 _WRMSR_PROLOGUE = 19
 
@@ -233,7 +240,8 @@ def _unicorn_functions() -> dict[str, int]:
     names = ["x86_cpu_do_interrupt_x86_64", "do_interrupt_x86_hardirq_x86_64", "cpu_loop_exit_x86_64",
              "uc_emu_stop", "uc_reg_read", "uc_reg_write", "uc_hook_add", "qemu_get_cpu_x86_64",
              "helper_hlt_x86_64", "helper_rdmsr_x86_64", "helper_wrmsr_x86_64", "tb_flush_x86_64",
-             "cpu_x86_cpuid_x86_64", "helper_le_stq_mmu_x86_64"]
+             "cpu_x86_cpuid_x86_64", "helper_le_stq_mmu_x86_64",
+             "check_exit_request_x86_64"]
     out = {}
     for n in names:
         try:
@@ -253,6 +261,55 @@ def _check_code(fns: dict[str, int]) -> None:
             raise AccelError(f"unicorn's {name} is not the code the tcg accelerator expects "
                              f"(have {have.hex()}, want {expected.hex()}); its private CPU layout "
                              "may differ - reinstall unicorn==" + UNICORN_VERSION)
+
+
+def selfcheck_engine(nat: Native, uc, v) -> None:
+    """Probe the private offsets on a live engine: registers written through unicorn's API
+    must appear where pvtcg.c reads them.  Raises AccelError on any mismatch."""
+    from unicorn import x86_const as X
+
+    ffi = nat.ffi
+    env = ffi.cast("uint8_t *", v.env)
+
+    def u64(off: int) -> int:
+        return ffi.cast("uint64_t *", env + off)[0]
+
+    def u32(off: int) -> int:
+        return ffi.cast("uint32_t *", env + off)[0]
+
+    saved = {r: uc.reg_read(r) for r in (X.UC_X86_REG_RAX, X.UC_X86_REG_RCX, X.UC_X86_REG_RIP,
+                                         X.UC_X86_REG_CR0)}
+    problems = []
+    uc.reg_write(X.UC_X86_REG_RAX, 0x1122334455667788)
+    uc.reg_write(X.UC_X86_REG_RCX, 0x0123456789ABCDEF)
+    uc.reg_write(X.UC_X86_REG_RIP, 0xFEDCBA9876543210)
+    if u64(0) != 0x1122334455667788 or u64(8) != 0x0123456789ABCDEF:
+        problems.append("general registers")
+    if u64(ENV_EIP) != 0xFEDCBA9876543210:
+        problems.append("eip")
+    if u64(ENV_CR0) != saved[X.UC_X86_REG_CR0]:
+        problems.append("cr0")
+    uc.reg_write(X.UC_X86_REG_RFLAGS, 0x202)
+    if u64(ENV_EFLAGS) & 0x200 != 0x200:
+        problems.append("eflags")
+    nat.lib.pv_load_seg(v, 2, 0x2B, 0, 0xFFFFFFFF, 0x00CFF300)      # SS, DPL 3
+    if u32(ENV_HFLAGS) & 3 != 3 or uc.reg_read(X.UC_X86_REG_SS) != 0x2B:
+        problems.append("hflags/segments")
+    nat.lib.pv_load_seg(v, 2, 0x18, 0, 0xFFFFFFFF, 0x00CF9300)
+    if u32(ENV_HFLAGS) & 3 != 0:
+        problems.append("hflags")
+    for r, val in saved.items():
+        uc.reg_write(r, val)
+    if problems:
+        raise AccelError("unicorn's CPU state layout is not what the tcg accelerator expects ("
+                         + ", ".join(problems) + "); reinstall unicorn==" + UNICORN_VERSION)
+
+
+def set_no_exit_request(uc_handle: int) -> None:
+    """Drop unicorn's per-memory-access exit checks for this engine (see UC_NO_EXIT_REQUEST_OFFSET)."""
+    if os.environ.get("PYVMM_TCG_EXIT_CHECKS") == "1":
+        return
+    ctypes.c_uint8.from_address(uc_handle + UC_NO_EXIT_REQUEST_OFFSET).value = 1
 
 
 def fill_fns(nat: Native, v) -> None:

@@ -320,6 +320,7 @@ PV_HIDDEN int pv_msr_filter(char *env, int is_write)
         break;
     case MSR_TSC:
         if (is_write) {
+            v->tsc_adjust += val - pv_tsc_now(v);
             pv_tsc_set(v, val);
             return 1;
         }
@@ -334,9 +335,13 @@ PV_HIDDEN int pv_msr_filter(char *env, int is_write)
         out = v->tsc_deadline;
         break;
     case MSR_TSC_ADJUST:
-        if (is_write)
+        if (is_write) {
+            /* as on hardware: the TSC moves by the change of the adjustment */
+            v->tsc_at_epoch += val - v->tsc_adjust;
+            v->tsc_adjust = val;
             return 1;
-        out = 0;
+        }
+        out = v->tsc_adjust;
         break;
     case MSR_MISC_ENABLE:
         if (is_write)

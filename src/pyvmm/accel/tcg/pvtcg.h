@@ -31,6 +31,7 @@ struct pv_vcpu {
     uint64_t tsc_epoch_ns;
     uint64_t tsc_at_epoch;
     uint64_t tsc_deadline;
+    uint64_t tsc_adjust;
     uint64_t apic_base;
     uint64_t n_irq;
     uint64_t n_exc;

@@ -141,12 +141,12 @@ class VirtioBlk(VirtioDevice):
     def _dispatch(self, rtype: int, sector: int, data_out: list[memoryview], out_len: int,
                   data_in: list[memoryview], in_len: int) -> tuple[BlkStatus, int]:
         if rtype == ReqType.IN:
-            if not self._in_range(sector, in_len):
+            if out_len or not self._in_range(sector, in_len):  # data must be device-writable
                 return BlkStatus.IOERR, 0
             self.backend.readv(data_in, sector * SECTOR_SIZE)
             return BlkStatus.OK, in_len
         if rtype == ReqType.OUT:
-            if self.read_only or not self._in_range(sector, out_len):
+            if self.read_only or in_len or not self._in_range(sector, out_len):  # data device-readable
                 return BlkStatus.IOERR, 0
             self.backend.writev(data_out, sector * SECTOR_SIZE)
             return BlkStatus.OK, 0
@@ -192,4 +192,5 @@ class VirtioBlk(VirtioDevice):
             log.warning("%s: %s", self.name, msg)
 
     def close(self) -> None:
-        self.backend.close()
+        with self.lock:
+            self.backend.close()

@@ -21,7 +21,7 @@ from collections.abc import Callable
 
 from pyvmm.bus import Bus
 from pyvmm.devices.virtio.device import VirtioDevice
-from pyvmm.devices.virtio.mmio import MMIO_SIZE, NOTIFY_OFFSET, VirtioMmio
+from pyvmm.devices.virtio.mmio import MMIO_SIZE, NOTIFY_OFFSET, EventfdIrqLine, VirtioMmio
 from pyvmm.devices.virtio.options import DriveSpec
 from pyvmm.errors import ConfigError, PyvmmError
 from pyvmm.irq import IrqLine
@@ -52,6 +52,7 @@ class VirtioMmioBoard:
         self.transports: list[tuple[VirtioMmio, int, int]] = []  # (transport, base, gsi)
         self._iothread: IOThread | None = None
         self._kvm_vm: object | None = None
+        self._irqfd_lines: dict[int, EventfdIrqLine] = {}
 
     # -- placement ------------------------------------------------------------------------------
     @property
@@ -81,7 +82,7 @@ class VirtioMmioBoard:
         try:
             image = open_image(spec.file, spec.format, read_only=spec.readonly)
         except PyvmmError as e:
-            raise ConfigError(f"--drive {spec.file}: {e}") from None
+            raise ConfigError(f"--drive: {e}") from None
         n = sum(1 for t, _, _ in self.transports if t.device.device_id == 2)
         dev = VirtioBlk(self.memory, image, serial=spec.serial, read_only=spec.readonly,
                         name=spec.id or f"virtio-blk{n}", loop=self.loop)
@@ -113,16 +114,32 @@ class VirtioMmioBoard:
 
     # -- accelerator fast paths -------------------------------------------------------------------
     def attach_accelerator(self, accel: object) -> None:
-        """Register ioeventfds with a KVM VM (again after each accelerator reset); no-op elsewhere."""
+        """Register ioeventfds and irqfds with a KVM VM (again after each accelerator reset).
+
+        No-op for accelerators without a KVM VM (tcg): kicks arrive as MMIO exits and
+        interrupts go through the machine's IrqLine.  If the kernel refuses an irqfd
+        (no resample support), that device keeps its IrqLine (KVM_IRQ_LINE).
+        """
         vm = getattr(accel, "vm", None)
         if vm is None or not hasattr(vm, "ioeventfd") or vm is self._kvm_vm:
             return
-        for t, base, _gsi in self.transports:
+        for i, (t, base, gsi) in enumerate(self.transports):
             for q in range(len(t.device.queues)):
                 fd = t.notify_eventfd(q, self.loop)
                 vm.ioeventfd(fd, base + NOTIFY_OFFSET, 4, pio=False, datamatch=q)
+            line = self._irqfd_lines.get(i) or EventfdIrqLine(self.loop)
+            try:
+                vm.irqfd(line.irqfd, gsi, resample_fd=line.resample_fd)
+            except PyvmmError as e:
+                log.info("virtio: no irqfd for gsi %d (%s); using KVM_IRQ_LINE", gsi, e)
+                if i not in self._irqfd_lines:
+                    line.close()
+                t.set_irq_line(self.irq_line(gsi))
+                continue
+            self._irqfd_lines[i] = line
+            t.set_irq_line(line)
         self._kvm_vm = vm
-        log.debug("virtio: ioeventfds registered for %d devices", len(self.transports))
+        log.debug("virtio: ioeventfds and irqfds registered for %d devices", len(self.transports))
 
     # -- life cycle -------------------------------------------------------------------------------
     def reset(self) -> None:
@@ -130,14 +147,18 @@ class VirtioMmioBoard:
             t.reset()
 
     def close(self) -> None:
+        # Stop the iothread first so no queue handler runs while back-ends are closed.
+        if self._iothread is not None:
+            self._iothread.stop()
+            self._iothread = None
         for t, _, _ in self.transports:
             try:
                 t.close()
             except OSError as e:
                 log.debug("closing %s: %s", t.device.name, e)
-        if self._iothread is not None:
-            self._iothread.stop()
-            self._iothread = None
+        for line in self._irqfd_lines.values():
+            line.close()
+        self._irqfd_lines.clear()
 
 
 def _no_props(driver: str, props: dict[str, str], allowed: tuple[str, ...]) -> None:

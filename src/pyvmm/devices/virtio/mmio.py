@@ -131,6 +131,16 @@ class VirtioMmio:
     def irq_pending(self) -> bool:
         return self.interrupt_status != 0
 
+    def set_irq_line(self, line: LevelLine | None) -> None:
+        """Switch the interrupt output (e.g. to an :class:`EventfdIrqLine` on KVM), keeping its level."""
+        with self._irq_lock:
+            old = self.irq
+            self.irq = line
+            if old is not None:
+                old.set_level(False)
+            if line is not None:
+                line.set_level(self.interrupt_status != 0)
+
     # -- bus interface -------------------------------------------------------------------------
     def io_read(self, offset: int, size: int) -> int:
         dev = self.device
@@ -291,21 +301,24 @@ class EventfdIrqLine:
         self.irqfd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self.resample_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self.level = False
+        self._lock = threading.Lock()
         self._loop = loop
         loop.add_reader(self.resample_fd, self._on_resample)
 
     def set_level(self, level: bool) -> None:
-        if level and not self.level:
-            os.eventfd_write(self.irqfd, 1)
-        self.level = level
+        with self._lock:
+            if level and not self.level:
+                os.eventfd_write(self.irqfd, 1)
+            self.level = level
 
     def _on_resample(self) -> None:
         try:
             os.eventfd_read(self.resample_fd)
         except BlockingIOError:
             return
-        if self.level:
-            os.eventfd_write(self.irqfd, 1)
+        with self._lock:
+            if self.level:
+                os.eventfd_write(self.irqfd, 1)
 
     def close(self) -> None:
         self._loop.remove_reader(self.resample_fd)

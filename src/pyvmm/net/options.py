@@ -1,0 +1,136 @@
+"""``--netdev`` and ``--device virtio-net-pci`` option parsing (QEMU spellings).
+
+    --netdev user,id=n0[,passt=PATH]
+    --netdev tap,id=n0[,ifname=tap0][,script=no][,downscript=no]
+    --device virtio-net-pci,netdev=n0[,mac=52:54:00:12:34:56][,mrg_rxbuf=on|off][,addr=SLOT][,id=NAME]
+
+Every malformed value raises :class:`~pyvmm.errors.ConfigError` with one line
+naming the problem.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+
+from pyvmm.errors import ConfigError
+
+NETDEV_KINDS = ("user", "tap")
+_BOOL = {"on": True, "yes": True, "true": True, "off": False, "no": False, "false": False}
+_ID_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,31}$")
+_IFNAME_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,15}$")
+_MAC_RE = re.compile(r"^[0-9A-Fa-f]{2}([:-][0-9A-Fa-f]{2}){5}$")
+_KEYS = {"user": ("id", "passt"), "tap": ("id", "ifname", "script", "downscript", "vnet_hdr")}
+_NIC_KEYS = ("netdev", "mac", "mrg_rxbuf", "addr", "id")
+
+
+@dataclass
+class NetdevSpec:
+    """A host network back-end: ``kind`` is ``user`` (passt helper) or ``tap``."""
+
+    kind: str
+    id: str
+    ifname: str = ""
+    passt: str = ""
+
+
+@dataclass
+class NicSpec:
+    """A virtio-net-pci device: which netdev it uses and its MAC address."""
+
+    netdev: str
+    mac: bytes
+    mrg_rxbuf: bool = False
+    slot: int | None = None
+    id: str = ""
+
+
+def _props(what: str, parts: list[str], allowed: tuple[str, ...]) -> dict[str, str]:
+    props: dict[str, str] = {}
+    for part in parts:
+        if "=" not in part:
+            raise ConfigError(f"{what}: {part!r} is not key=value")
+        key, value = (s.strip() for s in part.split("=", 1))
+        if key not in allowed:
+            raise ConfigError(f"{what}: unknown property {key!r} (known: {', '.join(allowed)})")
+        if key in props:
+            raise ConfigError(f"{what}: {key} given twice")
+        props[key] = value
+    return props
+
+
+def parse_netdev(text: str) -> NetdevSpec:
+    """Parse a ``--netdev`` value."""
+    parts = [p for p in text.split(",") if p.strip()]
+    if not parts:
+        raise ConfigError("--netdev needs a type (user or tap)")
+    kind = parts[0].strip()
+    if kind not in NETDEV_KINDS:
+        raise ConfigError(f"--netdev {kind}: unsupported type (supported: {', '.join(NETDEV_KINDS)})")
+    props = _props(f"--netdev {kind}", parts[1:], _KEYS[kind])
+    ident = props.get("id", "")
+    if not _ID_RE.match(ident):
+        raise ConfigError(f"--netdev {kind}: id= is required (a letter, then letters, digits, _ . -)")
+    spec = NetdevSpec(kind, ident)
+    if kind == "tap":
+        spec.ifname = props.get("ifname", "")
+        if spec.ifname and not _IFNAME_RE.match(spec.ifname):
+            raise ConfigError(f"--netdev tap: ifname={spec.ifname!r} is not a valid interface name")
+        for key in ("script", "downscript"):
+            if props.get(key, "no") != "no":
+                raise ConfigError(f"--netdev tap: {key}= is not supported (only {key}=no)")
+        if props.get("vnet_hdr", "on") not in ("on", "true", "yes"):
+            raise ConfigError("--netdev tap: vnet_hdr=off is not supported")
+    else:
+        spec.passt = props.get("passt", "")
+    return spec
+
+
+def parse_mac(text: str) -> bytes:
+    """``52:54:00:12:34:56`` -> 6 bytes; multicast addresses are refused."""
+    if not _MAC_RE.match(text.strip()):
+        raise ConfigError(f"mac={text!r} is not a MAC address (xx:xx:xx:xx:xx:xx)")
+    mac = bytes(int(x, 16) for x in re.split("[:-]", text.strip()))
+    if mac[0] & 1:
+        raise ConfigError(f"mac={text}: a multicast address cannot be a NIC address")
+    return mac
+
+
+def format_mac(mac: bytes) -> str:
+    return ":".join(f"{b:02x}" for b in mac)
+
+
+def random_mac() -> bytes:
+    """A random locally administered unicast address in QEMU's 52:54:00 prefix."""
+    return bytes((0x52, 0x54, 0x00)) + os.urandom(3)
+
+
+def parse_nic(driver: str, props: dict[str, str]) -> NicSpec:
+    """The properties of ``--device virtio-net-pci,...``."""
+    what = f"--device {driver}"
+    unknown = sorted(set(props) - set(_NIC_KEYS))
+    if unknown:
+        raise ConfigError(f"{what}: unknown property {unknown[0]!r} (known: {', '.join(_NIC_KEYS)})")
+    netdev = props.get("netdev", "")
+    if not netdev:
+        raise ConfigError(f"{what}: netdev= is required")
+    mac = parse_mac(props["mac"]) if "mac" in props else random_mac()
+    mrg = props.get("mrg_rxbuf", "off").lower()
+    if mrg not in _BOOL:
+        raise ConfigError(f"{what}: mrg_rxbuf={mrg} is not on/off")
+    return NicSpec(netdev, mac, _BOOL[mrg], parse_slot(what, props.get("addr")), props.get("id", ""))
+
+
+def parse_slot(what: str, text: str | None) -> int | None:
+    """QEMU's ``addr=`` (``5``, ``0x5``, ``05.0``) -> slot number, function 0 only."""
+    if text is None:
+        return None
+    slot_text, _, fn = text.partition(".")
+    try:
+        slot = int(slot_text, 16) if "." in text else int(slot_text, 0)
+    except ValueError:
+        raise ConfigError(f"{what}: addr={text!r} is not a slot number") from None
+    if fn not in ("", "0") or not 1 <= slot < 32:
+        raise ConfigError(f"{what}: addr={text} must be a slot 1-31 (function 0)")
+    return slot
