@@ -32,31 +32,36 @@ class Bus:
 
     def __init__(self, name: str) -> None:
         self.name = name
-        self._starts: list[int] = []
-        self._entries: list[tuple[int, int, BusDevice, str]] = []  # (start, end, device, name)
+        # Sorted range starts and (start, end, device, name) entries.  Public so that a vCPU loop can
+        # inline the lookup; only register()/unregister() change them, and they replace, never mutate
+        # an entry, so a concurrent reader sees either the old or the new table.
+        self.starts: list[int] = []
+        self.entries: list[tuple[int, int, BusDevice, str]] = []
         self._warned: set[int] = set()
 
     def register(self, base: int, size: int, device: BusDevice, name: str | None = None) -> None:
         if size <= 0:
             raise BusError(f"{self.name}: empty range for {name}")
         end = base + size
-        for s, e, _, n in self._entries:
+        for s, e, _, n in self.entries:
             if base < e and s < end:
                 raise BusError(f"{self.name}: {name} at {base:#x}+{size:#x} overlaps {n} at {s:#x}-{e:#x}")
-        i = bisect.bisect(self._starts, base)
-        self._starts.insert(i, base)
-        self._entries.insert(i, (base, end, device, name or type(device).__name__))
+        i = bisect.bisect(self.starts, base)
+        entries = list(self.entries)
+        entries.insert(i, (base, end, device, name or type(device).__name__))
+        self.entries = entries
+        self.starts = [s for (s, _, _, _) in entries]
 
     def unregister(self, device: BusDevice) -> None:
-        keep = [(s, e, d, n) for (s, e, d, n) in self._entries if d is not device]
-        self._entries = keep
-        self._starts = [s for (s, _, _, _) in keep]
+        keep = [(s, e, d, n) for (s, e, d, n) in self.entries if d is not device]
+        self.entries = keep
+        self.starts = [s for (s, _, _, _) in keep]
 
     def find(self, addr: int) -> tuple[int, BusDevice] | None:
         """The (range base, device) holding ``addr``, or None."""
-        i = bisect.bisect(self._starts, addr) - 1
+        i = bisect.bisect(self.starts, addr) - 1
         if i >= 0:
-            s, e, d, _ = self._entries[i]
+            s, e, d, _ = self.entries[i]
             if addr < e:
                 return s, d
         return None
@@ -83,4 +88,4 @@ class Bus:
             log.debug("%s: unassigned %s of %d bytes at %#x", self.name, what, size, addr)
 
     def ranges(self) -> list[tuple[int, int, str]]:
-        return [(s, e, n) for (s, e, _, n) in self._entries]
+        return [(s, e, n) for (s, e, _, n) in self.entries]

@@ -39,12 +39,14 @@ class VmControl:
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
-        self._pending: list[Request] = []
+        #: Pending requests, oldest first.  vCPU loops may test its truthiness without the lock after
+        #: a device access (a cheap "did a device just ask for something?"); only post/wait change it.
+        self.queue: list[Request] = []
         self.state = RunState.PRELAUNCH
 
     def post(self, request: Request) -> None:
         with self._cond:
-            self._pending.append(request)
+            self.queue.append(request)
             self._cond.notify_all()
 
     def request_reset(self, reason: str) -> None:
@@ -62,10 +64,10 @@ class VmControl:
     def wait(self, timeout: float | None = None) -> Request | None:
         """Block until a request is posted (or ``timeout``); returns the oldest, or None."""
         with self._cond:
-            if not self._pending:
+            if not self.queue:
                 self._cond.wait(timeout)
-            return self._pending.pop(0) if self._pending else None
+            return self.queue.pop(0) if self.queue else None
 
     def pending(self) -> bool:
         with self._cond:
-            return bool(self._pending)
+            return bool(self.queue)

@@ -275,7 +275,7 @@ class VcpuRunner:
         handle = self._handle_exit
         service = self._service
         hold = self._hold_for_request
-        requests = self.control._pending
+        requests = self._request_queue()
         EXIT_IO = int(ExitReason.IO)
         OTHER_EXIT = fastrun.OTHER_EXIT
         while True:
@@ -285,7 +285,7 @@ class VcpuRunner:
                 # Bus.find, inlined: the entry found must itself cover the port, so a bus being
                 # changed concurrently can only make us take the slow path, never call a wrong device.
                 try:
-                    s, e, dev, _ = io_bus._entries[bisect_right(io_bus._starts, port) - 1]
+                    s, e, dev, _ = io_bus.entries[bisect_right(io_bus.starts, port) - 1]
                 except IndexError:
                     s = e = 0
                 if s <= port < e:
@@ -333,7 +333,7 @@ class VcpuRunner:
         handle = self._handle_exit
         service = self._service
         hold = self._hold_for_request
-        requests = self.control._pending
+        requests = self._request_queue()
         EXIT_IO = int(ExitReason.IO)
         while True:
             r = ioctl(fd, KVM_RUN, 0)
@@ -351,7 +351,7 @@ class VcpuRunner:
                 unpack = UNPACK.get(size)
                 if unpack is not None:
                     try:  # Bus.find, inlined (see _loop_summarized)
-                        s, e, dev, _ = io_bus._entries[bisect_right(io_bus._starts, port) - 1]
+                        s, e, dev, _ = io_bus.entries[bisect_right(io_bus.starts, port) - 1]
                     except IndexError:
                         s = e = 0
                     if s <= port < e:
@@ -413,7 +413,7 @@ class VcpuRunner:
             return False
         bus = self.mmio_bus
         try:
-            s, e, dev, _ = bus._entries[bisect_right(bus._starts, addr) - 1]
+            s, e, dev, _ = bus.entries[bisect_right(bus.starts, addr) - 1]
         except IndexError:
             s = e = 0
         if is_write:
@@ -429,6 +429,17 @@ class VcpuRunner:
                 value = bus.read(addr, n)
             mm[_MMIO_DATA_OFF:_MMIO_DATA_OFF + n] = value.to_bytes(n, "little")
         return True
+
+    def _request_queue(self) -> list[Any]:
+        """The life-cycle mailbox's pending list, peeked without its lock after device accesses.
+
+        Peeking is one truthiness test per exit; taking the mailbox's lock each time would cost more
+        than the rest of the fast path.  The list object never changes (VmControl appends and pops).
+        """
+        queue = self.control.queue
+        if not isinstance(queue, list):
+            raise AccelError("VmControl no longer keeps its requests in a list; update VcpuRunner")
+        return queue
 
     def _hold_for_request(self) -> bool:
         """A device on this thread posted a life-cycle request: stay out of the guest until stopped.
