@@ -12,15 +12,17 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 
 from pyvmm import __version__
 from pyvmm.accel.base import CpuConfig
 from pyvmm.devices.virtio.options import parse_drive
-from pyvmm.net.options import parse_netdev
 from pyvmm.errors import ConfigError, PyvmmError
 from pyvmm.machine.config import DeviceSpec, MachineConfig
 from pyvmm.memory import parse_size
+from pyvmm.net.options import parse_netdev
+from pyvmm.runstate import VmControl
 
 log = logging.getLogger("pyvmm")
 
@@ -115,6 +117,17 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
                         "%(relativeCreated)8.0f %(threadName)s %(name)s: %(message)s", stream=sys.stderr)
 
 
+def _exit_on_signals(control: VmControl) -> None:
+    """SIGTERM/SIGHUP end the VM as QEMU does: a clean shutdown (terminal restored, SHUTDOWN event), status 0."""
+
+    def on_signal(signum: int, _frame: object) -> None:
+        log.warning("terminating on signal %d", signum)
+        control.request_exit(0, "host-signal")
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, on_signal)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from pyvmm.accel import select
 
@@ -135,7 +148,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from pyvmm.machine.pc import PcMachine
 
-    machine = PcMachine(cfg, accel_name=choice.name, accel_reason=choice.reason)
+    control = VmControl()
+    _exit_on_signals(control)  # before the machine: its stdio back-end then leaves these signals to us
+    machine = PcMachine(cfg, accel_name=choice.name, accel_reason=choice.reason, control=control)
     result = machine.run()
     if result.status:
         log.info("exit status %d: %s", result.status, result.reason)

@@ -68,12 +68,13 @@ class RunResult:
 class PcMachine:
     """A PC built from a config.  ``run()`` returns the process exit status."""
 
-    def __init__(self, config: MachineConfig, *, accel_name: str, accel_reason: str = "") -> None:
+    def __init__(self, config: MachineConfig, *, accel_name: str, accel_reason: str = "",
+                 control: VmControl | None = None) -> None:
         config.validate()
         self.config = config
         self.accel_name = accel_name
         self.accel_reason = accel_reason
-        self.control = VmControl()
+        self.control = control or VmControl()
         self.memory = GuestMemory(config.memory, config.mem_path)
         self.io_bus = Bus("io")
         self.mmio_bus = Bus("mmio")
