@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -33,6 +34,9 @@ def _load_guest_build():
 
 
 guest_build = _load_guest_build()
+
+#: Exit value of a guest whose seven checks all passed.
+ALL_CHECKS = 0x7F
 
 #: Size of the initrd / multiboot module the guests verify byte by byte.
 INITRD_SIZE = 4219
@@ -143,6 +147,23 @@ def pyvmm_process(*args: str | os.PathLike) -> Iterator[subprocess.Popen]:
         if proc.poll() is None:
             proc.kill()
         proc.communicate()
+
+
+def reported(serial: str, name: str) -> str:
+    """Value of a ``name=value`` line in the guest's serial summary."""
+    m = re.search(rf"^{re.escape(name)}=(.*)$", serial, re.M)
+    assert m, f"guest did not report {name!r}:\n{serial}"
+    return m.group(1)
+
+
+def assert_one_error_line(r: RunResult, *needles: str) -> None:
+    """Non-zero status, no traceback, one stderr line with "error", naming every needle."""
+    assert r.returncode != 0, r.describe()
+    assert "Traceback" not in r.stderr, r.describe()
+    errors = [ln for ln in r.stderr.splitlines() if "error" in ln.lower()]
+    assert len(errors) == 1, r.describe()
+    for needle in needles:
+        assert needle.lower() in errors[0].lower(), f"{needle!r} not named in: {errors[0]}"
 
 
 QEMU = "qemu-system-x86_64"

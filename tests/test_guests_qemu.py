@@ -29,7 +29,7 @@ def test_qemu_multiboot(guests, initrd_file, name, mem):
     assert f"mod_sum={guest_checksum(initrd_bytes()):#x}" in r.serial
 
 
-@pytest.mark.parametrize("mem", [128, 4096])
+@pytest.mark.parametrize("mem", [128, 5000])
 def test_qemu_linux64(guests, initrd_file, mem):
     r = run_qemu("-m", f"{mem}M", "-no-reboot", "-kernel", guests["linux64"], "-initrd", initrd_file,
                  "-append", f"pyvmm-test mem={mem} initrd={INITRD_SIZE}")

@@ -74,6 +74,11 @@ def test_tls_listener(tmp_path):
     state = tmp_path / "state"
     state.mkdir()
     (state / "token").write_text("tls-token-0123456789abcdef\n")
+    (state / "token").chmod(0o644)
+    refused = subprocess.run([sys.executable, "-m", "pyvmm.manager.daemon", "--state-dir", str(state),
+                              "--listen", f"127.0.0.1:{free_port()}"], capture_output=True, text=True, timeout=60)
+    assert refused.returncode != 0 and "readable by other users" in refused.stderr
+    (state / "token").chmod(0o600)
     log = open(tmp_path / "d.log", "wb")
     proc = subprocess.Popen([sys.executable, "-m", "pyvmm.manager.daemon", "--state-dir", str(state),
                              "--listen", f"127.0.0.1:{port}", "--tls-cert", str(cert), "--tls-key", str(key)],
@@ -127,3 +132,17 @@ def test_console_on_a_terminal_restores_it(daemon, manager_guest):  # noqa: F811
             proc.kill()
         os.close(master)
         os.close(slave)
+
+
+def test_shutdown_timeout_destroys(daemon, manager_guest):  # noqa: F811
+    """A guest that does not react to the power button (here: paused) is destroyed after the timeout."""
+    with daemon.client() as c:
+        c.define(guest_definition("stubborn", manager_guest))
+        pid = c.action("stubborn", "start")["vm"]["pid"]
+        c.action("stubborn", "suspend")
+        t0 = time.monotonic()
+        assert c.action("stubborn", "shutdown", timeout=1.5)["vm"]["state"] == "in shutdown"
+        vm = wait_state(c, "stubborn", "shutoff", timeout=15)
+        assert time.monotonic() - t0 >= 1.4
+        assert vm["reason"] == "destroyed" and vm["pid"] is None
+        assert not os.path.exists(f"/proc/{pid}/cmdline") or not open(f"/proc/{pid}/cmdline", "rb").read()

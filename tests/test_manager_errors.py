@@ -114,6 +114,9 @@ def test_socket_mode_and_tcp_token(tmp_path, manager_guest):  # noqa: F811
     d.start()
     try:
         assert stat.S_IMODE(os.stat(d.socket).st_mode) == 0o600
+        for private in ("pyvmmd.sqlite3", "token"):
+            assert stat.S_IMODE(os.stat(d.state_dir / private).st_mode) == 0o600, private
+        assert stat.S_IMODE(os.stat(d.state_dir / "run").st_mode) == 0o700
         r = httpx.get(d.url + "/api/v1/vms")
         assert r.status_code == 401 and "token" in r.json()["detail"]
         r = httpx.get(d.url + "/api/v1/vms", headers={"authorization": "Bearer wrong-token-xxxxxxxxxxxx"})

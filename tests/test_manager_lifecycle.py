@@ -95,6 +95,9 @@ def test_lifecycle(daemon, manager_guest):  # noqa: F811
         # Its own session: killing the daemon's process group cannot take the VM along.
         assert os.getsid(pid) == pid
         console.wait(b"tick 3")
+        # The daemon connects the serial port before the machine powers on: nothing of the boot is lost.
+        assert console.text().lstrip().startswith(b"QMPGUEST BOOT"), console.text()[:200]
+        assert c.request("GET", "/vms/life/console/scrollback")["text"].lstrip().startswith("QMPGUEST BOOT")
 
         # suspend: ticks stop; resume: they continue from where they were.
         assert c.action("life", "suspend")["vm"]["state"] == "paused"

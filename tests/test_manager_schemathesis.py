@@ -32,7 +32,7 @@ def test_schemathesis_finds_no_server_errors(tmp_path, manager_guest):  # noqa: 
         with d.client() as c:
             c.define(guest_definition("fz", manager_guest))
         cmd = [*_schemathesis(), "run", f"{d.url}/openapi.json", "-H", f"Authorization: Bearer {d.token}",
-               "--max-examples", "10", "--seed", "2", "--request-timeout", "30",
+               "--max-examples", "6", "--seed", "2", "--request-timeout", "30",
                "--exclude-checks", "positive_data_acceptance", "--no-color"]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         out = proc.stdout + proc.stderr

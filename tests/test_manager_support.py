@@ -59,6 +59,7 @@ class Daemon:
         cmd = [sys.executable, "-m", "pyvmm.manager.daemon", "--state-dir", str(self.state_dir)]
         if self.tcp_port:
             (self.state_dir / "token").write_text(self.token + "\n")
+            (self.state_dir / "token").chmod(0o600)
             cmd += ["--listen", f"127.0.0.1:{self.tcp_port}"]
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log)

@@ -11,8 +11,8 @@ import struct
 import time
 
 import pytest
-from pci_driver import GuestPci, Ring, VirtioPciDriver
 
+from pci_driver import GuestPci, Ring, VirtioPciDriver
 from pyvmm.bus import Bus
 from pyvmm.devices.pci.host import PciHost
 from pyvmm.devices.virtio.device import Status

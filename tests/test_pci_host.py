@@ -5,8 +5,8 @@ from __future__ import annotations
 import struct
 
 import pytest
-from pci_driver import GuestPci
 
+from pci_driver import GuestPci
 from pyvmm.bus import Bus
 from pyvmm.devices.pci.config import BarKind, BarSpec
 from pyvmm.devices.pci.host import PciDevice, PciHost
@@ -157,7 +157,7 @@ def test_firmware_assignment(machine):
     for _i, base in bars:
         assert base < 0x10000 or 0xC000_0000 <= base < 0xFEA0_0000
     ranges = sorted((s, e) for s, e, _ in mmio.ranges())
-    assert all(e1 <= s2 for (_s1, e1), (s2, _e2) in zip(ranges, ranges[1:]))
+    assert all(e1 <= s2 for (_s1, e1), (s2, _e2) in zip(ranges, ranges[1:], strict=False))
 
 
 def test_capabilities_and_msix(machine):

@@ -335,7 +335,8 @@ def test_guest_reset_and_no_reboot(kind: str, guest: Path, tmp_path: Path) -> No
         await c.close()
 
     for no_reboot in (False, True):
-        args = ("-append", "reset_after=8") + (("-no-reboot",) if no_reboot else ())
+        # The guest resets itself after 20 ticks (2 s): time to negotiate even on a loaded host.
+        args = ("-append", "reset_after=20", *(("-no-reboot",) if no_reboot else ()))
         # wait=on: the guest starts only when the client connects, so it cannot reset before we listen.
         vm = Vmm(kind, guest, tmp_path / f"no_reboot_{no_reboot}", wait_for_client=True, extra_args=args)
         vm.workdir.mkdir()

@@ -500,3 +500,47 @@ def test_unassigned_physical_memory_reads_all_ones() -> None:
     """
     _, vals = _guest(src, lambda h, syms, st: _map_apic_window(h))
     assert vals == [0xFFFFFFFF]
+
+
+def _code_rewrite_run(invalidate: bool) -> list[int]:
+    src = r"""
+    .code64
+        call *%rbx
+        out %eax, $0xe4
+    1:  cmpl $0, flag(%rip)
+        je 1b
+        call *%rbx
+        out %eax, $0xe0
+        out %eax, $0xe4
+    2:  hlt
+        jmp 2b
+    .align 8
+    flag: .long 0
+    """
+    func = 0x20000
+    h = Harness()
+    code, syms = assemble(src, CODE_ADDR)
+    h.load(code)
+    h.load(assemble(".code64\n mov $1, %eax\n out %eax, $0xe0\n ret\n", func)[0], func)
+    st = h.long_mode_state()
+    st.regs["rbx"] = func
+    h.accel.set_boot_state(st, start_aps=False)
+    h.accel.start()
+    try:
+        assert h.rec.done.wait(10)
+        h.rec.done.clear()
+        # a "device" rewrites the function behind the CPU's back
+        h.load(assemble(".code64\n mov $2, %eax\n out %eax, $0xe0\n ret\n", func)[0], func)
+        if invalidate:
+            h.accel.invalidate_code(func, 16)
+        h.memory.write_u32(syms["flag"], 1)
+        assert h.rec.done.wait(10)
+    finally:
+        h.accel.stop()
+    return h.rec.values
+
+
+def test_host_writes_to_translated_code_are_invalidated() -> None:
+    assert _code_rewrite_run(invalidate=True) == [1, 2, 2]
+    # without the notification unicorn keeps running its stale translation (why the API exists)
+    assert _code_rewrite_run(invalidate=False) == [1, 1, 1]

@@ -331,3 +331,13 @@ def test_wrong_data_direction_fails(mem, raw):
     assert b.run(ReqType.OUT, 0, in_len=512)[0] == BlkStatus.IOERR
     t.close()
     assert raw.read_bytes() == orig
+
+
+def test_backend_bug_sets_needs_reset_not_wedged(mem, raw):
+    dev, t = make(mem, raw)
+    b = Blk(mem, t, features=MmioDriver(mem, t).device_features() & ~(1 << 29))
+    dev.backend.readv = lambda iov, off: 1 / 0  # type: ignore[method-assign]
+    b.submit(ReqType.IN, 0, in_len=512)
+    b.d.kick(0)
+    assert dev.status & Status.NEEDS_RESET and "internal error" in dev.broken_reason
+    assert mem.read_u16(b.q.used) & 1 == 0  # notifications were re-enabled

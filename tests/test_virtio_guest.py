@@ -22,8 +22,8 @@ from conftest import debug_exit_status, guest_build
 
 GUEST_C = r"""
 #include "guest.h"
-#define VB 0xFEB00000u
-#define R(o) (VB + (o))
+static u32 vb = 0xFEB00000u; /* window of the device under test ("slot=N": 0xfeb00000 + N * 0x200) */
+#define R(o) (vb + (o))
 struct desc { u64 addr; u32 len; u16 flags; u16 next; };
 static struct desc dt[8] __attribute__((aligned(16)));
 static volatile struct { u16 flags, idx, ring[8], used_event; } avail __attribute__((aligned(4)));
@@ -53,8 +53,8 @@ void irq_dispatch(u32 vec) {
     if (vec == 0xff)
         return;
     if (vec == VIRTIO_VEC) {
-        u32 isr = mmio_read32(0xFEB00000u + 0x60);
-        mmio_write32(0xFEB00000u + 0x64, isr);
+        u32 isr = mmio_read32(R(0x60));
+        mmio_write32(R(0x64), isr);
         if (isr & 1) irqs++; else empty_irqs++;
     } else {
         unexpected++;
@@ -110,6 +110,7 @@ void guest_main(u32 magic, const u32 *mbi) {
     (void)magic;
     const char *cmdline = (mbi[0] & 4) && mbi[4] ? (const char *)mbi[4] : "";
     int irq_mode = cmdline_get_num(cmdline, "irq", 0) != 0;
+    vb = 0xFEB00000u + 0x200u * (u32)cmdline_get_num(cmdline, "slot", 0);
     u32 ok = 0;
     uart_init();
     memset((void *)dt, 0, sizeof(dt));
@@ -148,6 +149,14 @@ void guest_main(u32 magic, const u32 *mbi) {
     mmio_write32(R(0x44), 1);
     mmio_write32(R(0x70), 3 | 8 | 4);
 
+    u32 bench = (u32)cmdline_get_num(cmdline, "bench", 0);
+    if (bench) {
+        /* "bench=N": N polled 512-byte reads, then exit with the number of failures (0 = ok) */
+        u32 bad = 0;
+        for (u32 k = 0; k < bench; k++)
+            if (do_req(0, k & 1023, 512, 1) != 513 || status != 0) bad++;
+        debug_exit((u8)(bad > 255 ? 255 : bad));
+    }
     int n = do_req(0, 0, 1024, 1);
     if (irq_mode < 0) {
         outb(0x64, 0xfe);
@@ -173,7 +182,10 @@ void guest_main(u32 magic, const u32 *mbi) {
         report_dec("irqs", irqs);
         report_dec("empty_irqs", empty_irqs);
         report_dec("unexpected", unexpected);
-        if (n_ok == 16 && irqs == 17 && empty_irqs <= 2 && unexpected == 0)
+        /* A few empty interrupts (InterruptStatus 0) are expected with irqfd resampling: a
+         * resample event that is processed late re-raises for an interrupt already handled.
+         * Harmless for Linux (IRQ_NONE); a stuck line would give thousands. */
+        if (n_ok == 16 && irqs == 17 && empty_irqs <= 8 && unexpected == 0)
             ok |= 16;
     } else {
         u32 isr = mmio_read32(R(0x60));
@@ -237,10 +249,11 @@ def virtio_guest(tmp_path_factory) -> str:
     return str(out)
 
 
-def run(accel: str, kernel: str, disk, timeout: float = 120, append: str = "", serial: str = "null"):
+def run(accel: str, kernel: str, disk, timeout: float = 120, append: str = "", serial: str = "null",
+        extra: tuple[str, ...] = ()):
     cmd = [sys.executable, "-c", SPY, "run", "--accel", accel, "--memory", "64M", "--serial", serial,
            "--append", append,
-           "--device", "isa-debug-exit,iobase=0xf4,iosize=0x04",
+           "--device", "isa-debug-exit,iobase=0xf4,iosize=0x04", *extra,
            "--drive", f"file={disk},format=raw,serial=kvmguest", "--kernel", kernel]
     return subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout)
 
@@ -298,3 +311,22 @@ def test_guest_machine_reset_with_live_device(virtio_guest, tmp_path):
     assert r.returncode == debug_exit_status(ALL), f"rc={r.returncode}\n{out}\n{r.stderr[-3000:]}"
     assert "irqs=17" in out, out
     assert "NOTIFY_EXITS=0 IRQLINE_RAISES=0" in r.stderr, r.stderr[-2000:]
+
+
+@pytest.mark.parametrize("accel", ["kvm", "tcg"])
+def test_guest_shared_gsi_fifth_device(virtio_guest, tmp_path, accel):
+    """Device 4 shares GSI 20 with device 0 (another live-able device): interrupts still arrive."""
+    if accel == "kvm" and not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        pytest.fail("/dev/kvm is not usable: this test needs KVM", pytrace=False)
+    disk = make_disk(tmp_path)
+    others = []
+    for i in range(4):
+        p = tmp_path / f"other{i}.img"
+        p.write_bytes(bytes(1 << 20))
+        others += ["--drive", f"file={p},format=raw"]
+    log = tmp_path / "serial.log"
+    r = run(accel, virtio_guest, disk, append="irq=1 slot=4", serial=f"file:{log}", extra=tuple(others))
+    out = log.read_text(errors="replace") if log.exists() else ""
+    assert r.returncode == debug_exit_status(ALL), f"rc={r.returncode}\n{out}\n{r.stderr[-3000:]}"
+    assert "irqs=17" in out, out
+    assert disk.read_bytes()[1024:1536] == bytes((0xA5 ^ i) & 0xFF for i in range(512))

@@ -144,6 +144,8 @@ def test_config_generation_and_config_space(setup):
     assert tb.io_read(0x100, 4) == (1 << 20) // 512  # capacity, low word
     assert tb.io_read(0x104, 4) == 0
     assert tb.io_read(0x100 + 20, 4) == 512  # blk_size
+    assert tb.io_read(0x100 + 8, 4) == 1 << 20  # size_max
+    assert tb.io_read(0x100 + 12, 4) == 254  # seg_max
     assert tb.io_read(0x100, 1) == ((1 << 20) // 512) & 0xFF
     assert tb.io_read(0x100 + 4096, 4) == 0  # past the config space
     gen = tb.io_read(Reg.CONFIG_GENERATION, 4)
@@ -169,3 +171,79 @@ def test_machine_reset_lowers_line(setup):
     t.reset()
     assert not line.level
     assert dev.status == 0 and not dev.queues[0].ready
+
+
+def test_eventfd_irq_line_level_semantics():
+    """What KVM sees through an irqfd with resample: one signal per rising edge, and a re-signal
+    at EOI (resample) only while the level is still high."""
+    import os
+
+    from pyvmm.devices.virtio.mmio import EventfdIrqLine
+    from pyvmm.loop import MainLoop
+
+    loop = MainLoop("irqfd-test")  # not running: _on_resample is called by hand
+
+    def signals(line) -> int:
+        try:
+            return os.eventfd_read(line.irqfd)
+        except BlockingIOError:
+            return 0
+
+    line = EventfdIrqLine(loop)
+    try:
+        line.set_level(True)
+        line.set_level(True)  # already high: no second edge
+        assert signals(line) == 1
+        os.eventfd_write(line.resample_fd, 1)  # guest EOI while still pending
+        line._on_resample()
+        assert signals(line) == 1
+        line.set_level(False)
+        os.eventfd_write(line.resample_fd, 1)  # EOI after the ACK: stays quiet
+        line._on_resample()
+        assert signals(line) == 0
+    finally:
+        line.close()
+        loop.close()
+
+
+def test_wired_or_shared_line():
+    from pyvmm.devices.virtio.board import WiredOr
+
+    sink = RecordingSink()
+    wired = WiredOr(IrqLine(sink, 20))
+    a, b = wired.source(), wired.source()
+    a.set_level(True)
+    b.set_level(True)
+    a.set_level(False)  # b still pending: the line must stay high
+    assert sink.events == [(20, True)]
+    b.set_level(False)
+    assert sink.events == [(20, True), (20, False)]
+
+
+def test_board_shares_gsis_round_robin():
+    from pyvmm.bus import Bus
+    from pyvmm.devices.virtio.board import MAX_DEVICES, VirtioMmioBoard
+    from pyvmm.errors import ConfigError
+    from pyvmm.irq import IrqRouter
+
+    mem = GuestMemory(4 << 20)
+    router = IrqRouter()
+    sink = RecordingSink()
+    router.attach(sink)
+    board = VirtioMmioBoard(mem, Bus("mmio"), router.line)
+    try:
+        ts = [board.add(VirtioRng(mem)) for _ in range(MAX_DEVICES)]
+        with pytest.raises(ConfigError, match="too many"):
+            board.add(VirtioRng(mem))
+        acpi = board.acpi_devices()
+        assert [d.gsi for d in acpi] == [20, 21, 22, 23, 20, 21, 22, 23]
+        assert len({d.name for d in acpi}) == MAX_DEVICES and acpi[4].mmio_base == 0xFEB00800
+        ts[0].queue_interrupt(0)
+        ts[4].queue_interrupt(0)
+        ts[0].io_write(Reg.INTERRUPT_ACK, 4, 1)
+        assert router.line(20).level  # device 4 still asserts the shared line
+        ts[4].io_write(Reg.INTERRUPT_ACK, 4, 1)
+        assert not router.line(20).level
+    finally:
+        board.close()
+        mem.close()

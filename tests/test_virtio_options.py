@@ -27,6 +27,7 @@ def test_parse_drive_defaults():
     ("file=a,format=vmdk", "format=vmdk is not supported"),
     ("file=a,readonly=maybe", "readonly=maybe"),
     ("file=a,if=ide", "if=ide is not supported"),
+    ("file=a,if=none", "if=none needs id="),
     ("file=a,bogus=1", "unknown property 'bogus'"),
     ("file=a,file=b", "given twice"),
     ("file=a,noequals", "is not key=value"),
@@ -48,7 +49,7 @@ def _run(*args):
     (("--drive", "file=/nonexistent.img,format=raw"), "no such file"),
     (("--drive", "format=raw"), "file= is required"),
     (("--device", "virtio-rng,foo=1"), "unknown property foo"),
-    (("--device", "virtio-rng",) * 5, "too many virtio-mmio devices"),
+    (("--device", "virtio-rng",) * 9, "too many virtio-mmio devices"),
 ])
 def test_cli_errors_are_one_line(args, msg):
     r = _run(*args)
@@ -56,3 +57,22 @@ def test_cli_errors_are_one_line(args, msg):
     lines = [ln for ln in r.stderr.splitlines() if ln.startswith("pyvmm: error")]
     assert len(lines) == 1 and msg in lines[0], r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_if_none_drive_is_left_alone(tmp_path):
+    from pyvmm.bus import Bus
+    from pyvmm.devices.virtio.board import VirtioMmioBoard
+    from pyvmm.irq import IrqRouter
+    from pyvmm.memory import GuestMemory
+
+    img = tmp_path / "d.img"
+    img.write_bytes(bytes(1 << 20))
+    spec = parse_drive(f"file={img},format=raw,if=none,id=d0")
+    assert spec.interface == "none" and spec.id == "d0"
+    mem = GuestMemory(4 << 20)
+    board = VirtioMmioBoard(mem, Bus("mmio"), IrqRouter().line)
+    try:
+        assert board.add_drive(spec) is None and board.transports == []
+    finally:
+        board.close()
+        mem.close()

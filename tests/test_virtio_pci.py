@@ -5,8 +5,8 @@ from __future__ import annotations
 import random
 
 import pytest
-from pci_driver import GuestPci, Ring, VirtioPciDriver
 
+from pci_driver import GuestPci, Ring, VirtioPciDriver
 from pyvmm.bus import Bus
 from pyvmm.devices.pci.host import PciHost
 from pyvmm.devices.virtio.device import Status

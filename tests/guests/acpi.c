@@ -13,8 +13,9 @@
  *   5 the PM timer counts
  * "poweroff": exit status 0 expected; if the VMM ignores the request the guest
  * prints "still running" and exits via isa-debug-exit with acpi_checks.
- * "reset=1": boot 1 writes the reset register; boot 2 exits via isa-debug-exit
- * with acpi_checks | 0x40.
+ * "reset=1": boot 1 writes the reset register (with "wipe=1", after zeroing the
+ * EBDA and 0xe0000-0xfffff, so boot 2 must find rebuilt tables); boot 2 exits
+ * via isa-debug-exit with acpi_checks | 0x40.
  */
 #include "guest.h"
 
@@ -216,6 +217,11 @@ void guest_main(u32 magic, const u32 *mbi)
             debug_exit((u8)(ok | 0x40));
         }
         if (reset_port) {
+            if (cmdline_get_num(cmdline, "wipe", 0)) {
+                /* Firmware tables live in (reserved) RAM: a reset must rebuild them. */
+                memset((void *)0x9fc00, 0, 0x400);
+                memset((void *)0xe0000, 0, 0x20000);
+            }
             uart_puts("resetting through the FADT reset register\n");
             outb((u16)reset_port, (u8)reset_val);
         }

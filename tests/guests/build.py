@@ -52,6 +52,8 @@ class ToolchainError(RuntimeError):
 
 @dataclass(frozen=True)
 class GuestSpec:
+    """One guest: its output file name and the function that builds it (work dir, output path)."""
+
     name: str
     filename: str
     build: Callable[[Path, Path], None]
@@ -233,10 +235,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("names", nargs="*", help=f"guests to build (default all): {', '.join(GUESTS)}")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    unknown = [n for n in args.names if n not in GUESTS]
+    if unknown:
+        log.error("unknown guest(s) %s; known: %s", ", ".join(unknown), ", ".join(GUESTS))
+        return 2
     try:
         for name, path in build_all(args.outdir, args.names or None).items():
-            log.info("%-16s %s", name, path)
-    except (ToolchainError, KeyError) as exc:
+            log.info("%-16s %-40s %s", name, path, GUESTS[name].description)
+    except ToolchainError as exc:
         log.error("%s", exc)
         return 1
     return 0

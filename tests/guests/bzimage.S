@@ -13,14 +13,14 @@
  * 16-bit and 32-bit paths exist so the very same file can be validated under
  * QEMU: the setup code builds boot_params (header copy + BIOS E820 map),
  * enters protected mode at code32_start, which enables long mode with a
- * 4 GiB identity map and jumps to startup_64 like Linux does.
+ * 16 GiB identity map and jumps to startup_64 like Linux does.
  *
  * syssize and init_size are filled in by build.py after linking.
  */
 #define SETUP_SECTS 3
 #define BP_SEG 0x4000              /* real-mode path: boot_params at 0x40000 */
 #define BP_LIN 0x40000
-#define PT_BASE 0x70000            /* 32-bit path: PML4, PDPT, 4 PDs at 0x70000-0x75fff */
+#define PT_BASE 0x70000            /* 32-bit path: PML4, PDPT, 16 PDs at 0x70000-0x81fff */
 #define S(sym) ((sym) - _setup_start)
 
     .section .setup, "ax"
@@ -166,20 +166,28 @@ startup_32:
     subl $(1b - startup_32), %ebp       /* EBP = load address */
     movl $1, (entered_via_32 - startup_32)(%ebp)
 
-    movl $PT_BASE, %edi                 /* identity map 0..4 GiB with 2 MiB pages */
+    movl $PT_BASE, %edi                 /* identity map 0..16 GiB with 2 MiB pages */
     xorl %eax, %eax
-    movl $(6 * 4096 / 4), %ecx          /* PML4, PDPT, 4 page directories */
+    movl $(18 * 4096 / 4), %ecx         /* PML4, PDPT, 16 page directories */
     rep stosl
     movl $(PT_BASE + 0x1003), PT_BASE
-    movl $(PT_BASE + 0x2003), PT_BASE + 0x1000
-    movl $(PT_BASE + 0x3003), PT_BASE + 0x1008
-    movl $(PT_BASE + 0x4003), PT_BASE + 0x1010
-    movl $(PT_BASE + 0x5003), PT_BASE + 0x1018
-    movl $PT_BASE + 0x2000, %edi
-    movl $0x83, %eax
-    movl $2048, %ecx
-2:  movl %eax, (%edi)
+    movl $PT_BASE + 0x1000, %edi        /* PDPT[0..15] -> PD 0..15 */
+    movl $(PT_BASE + 0x2003), %eax
+    movl $16, %ecx
+3:  movl %eax, (%edi)
+    addl $0x1000, %eax
+    addl $8, %edi
+    loop 3b
+    movl $PT_BASE + 0x2000, %edi        /* 8192 PDEs: 2 MiB pages, the top bits in the high dword */
+    xorl %eax, %eax
+    xorl %edx, %edx
+    movl $8192, %ecx
+2:  movl %eax, %ebx
+    orl $0x83, %ebx
+    movl %ebx, (%edi)
+    movl %edx, 4(%edi)
     addl $0x200000, %eax
+    adcl $0, %edx
     addl $8, %edi
     loop 2b
 

@@ -12,7 +12,7 @@ enum {
     CHECK_ZERO_PAGE = 1 << 0, /* header copied: "HdrS", version >= 2.12, boot_flag */
     CHECK_LOADER = 1 << 1,    /* type_of_loader == 0xff (undefined loader, as pyvmm is) */
     CHECK_CMDLINE = 1 << 2,   /* cmd_line_ptr -> string with the test token */
-    CHECK_E820 = 1 << 3,      /* e820 table consistent with mem= */
+    CHECK_E820 = 1 << 3,      /* e820 table consistent with mem=; RAM above 4 GiB really there, no aliasing */
     CHECK_INITRD = 1 << 4,    /* ramdisk_image/size match the test's initrd, inside RAM */
     CHECK_LOAD = 1 << 5,      /* kernel loaded in RAM at an allowed address */
     CHECK_CPU = 1 << 6,       /* long mode, paging, interrupts off, CS=0x10/DS=0x18 in the GDT */
@@ -65,6 +65,26 @@ static int in_ram(u64 addr, u64 len)
 #define PCI_HOLE 0xC0000000ull
 #define HIGH_RAM 0x100000000ull
 
+/*
+ * Write distinct patterns at both ends of the RAM above 4 GiB and check they
+ * read back and did not land in low RAM (a memory slot aliasing bug would).
+ * Needs the boot page tables to map it: pyvmm's map at least 4 GiB + RAM.
+ */
+static int high_ram_works(u64 high)
+{
+    if (high == 0)
+        return 1;
+    volatile u64 *first = (volatile u64 *)(uptr)HIGH_RAM;
+    volatile u64 *last = (volatile u64 *)(uptr)(HIGH_RAM + high - 8);
+    volatile u64 *low_first = (volatile u64 *)(uptr)0x200000; /* below our image */
+    u64 keep = *low_first;
+    *first = 0x1111222233334444ull;
+    *last = 0x5555666677778888ull;
+    int ok = *first == 0x1111222233334444ull && *last == 0x5555666677778888ull && *low_first == keep;
+    report_dec("high_ram_ok", (u64)ok);
+    return ok;
+}
+
 static u32 check_e820(u64 mem)
 {
     u32 n = bp8(BP_E820_ENTRIES);
@@ -99,7 +119,7 @@ static u32 check_e820(u64 mem)
         if (e->addr >= HIGH_RAM && e->addr + e->size > HIGH_RAM + high)
             over = 1;
     }
-    return have_low && have_high && have_above_4g && !over && !unsorted;
+    return have_low && have_high && have_above_4g && !over && !unsorted && high_ram_works(high);
 }
 
 static u32 check_initrd(u64 want)

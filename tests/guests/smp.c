@@ -7,7 +7,8 @@
  * It also validates the MP table (floating pointer + "PCMP" configuration
  * table: checksums, one enabled processor entry per CPU with APIC ids
  * 0..N-1, the BSP flagged).  With "reboot=1" on the command line, the first
- * boot triple-faults once all CPUs are up, and the second boot (counted in
+ * boot (with "wipe=1": after zeroing the EBDA and 0xe0000-0xfffff, where the MP
+ * and ACPI tables are; QEMU's SeaBIOS cannot recover from that) triple-faults once all CPUs are up, and the second boot (counted in
  * CMOS) starts the APs again, which checks that reset returns them to
  * wait-for-SIPI.  With "apfault=1" as well, AP 1 triple-faults instead of the
  * BSP: a shutdown on any CPU must reset the whole machine.
@@ -500,6 +501,11 @@ void guest_main(u32 magic, const u32 *mbi)
     if (reboot && boot == 1 && cpus_up == want) {
         uart_puts("all cpus up, triple fault now\n");
         image_marker = 0xdeadbeef;
+        if (cmdline_get_num(cmdline, "wipe", 0)) {
+            /* Firmware tables live in (reserved) RAM: a reset must rebuild them. */
+            memset((void *)0x9fc00, 0, 0x400);
+            memset((void *)0xe0000, 0, 0x20000);
+        }
         triple_fault();
     }
     if (reboot) {

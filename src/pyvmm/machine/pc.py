@@ -155,8 +155,9 @@ class PcMachine:
             size = spec.int_prop("iosize", 0x04)
             self._add_io(base, size, DebugExit(self.control), "isa-debug-exit")
         elif spec.driver in PCI_DRIVERS:
-            self.pci.add_device(spec.driver, spec.props, drives=self.config.drives, make_chardev=lambda chardev:
-                                parse_chardev(chardev, self.loop, self.control, label=spec.props.get("id", spec.driver)))
+            label = spec.props.get("id", spec.driver)
+            self.pci.add_device(spec.driver, spec.props, drives=self.config.drives,
+                                make_chardev=lambda c: parse_chardev(c, self.loop, self.control, label=label))
         elif spec.driver in VIRTIO_DRIVERS:
             self.virtio.add_device(spec.driver, spec.props, lambda chardev: parse_chardev(
                 chardev, self.loop, self.control, label=spec.props.get("id", spec.driver)))

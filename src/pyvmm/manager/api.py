@@ -35,7 +35,8 @@ VmName = Annotated[str, PathParam(description="the VM's name or uuid", max_lengt
 
 
 def create_app(sup: Supervisor) -> FastAPI:
-    app = FastAPI(title="pyvmmd", version=__version__,
+    # No /docs or /redoc: FastAPI's pages load their scripts from a CDN, and a daemon's UI must work offline.
+    app = FastAPI(title="pyvmmd", version=__version__, docs_url=None, redoc_url=None,
                   description="The pyvmm manager daemon: define, run and watch many VMs. "
                               "Console: WebSocket /api/v1/vms/{name}/console (binary frames, serial bytes "
                               "both ways; the scrollback first). Events: WebSocket /api/v1/events/ws or "

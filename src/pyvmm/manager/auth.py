@@ -20,12 +20,14 @@ from urllib.parse import parse_qs
 
 #: Paths served without a token (no VM data in them).
 PUBLIC_PREFIXES = ("/static/",)
-PUBLIC_PATHS = ("/", "/favicon.ico")
+PUBLIC_PATHS = ("/", "/favicon.ico", "/openapi.json")
 
 
 def load_or_create_token(path: Path) -> str:
     """The token in ``path``; a new random one is written (mode 0600) if the file does not exist."""
     if path.exists():
+        if path.stat().st_mode & 0o077:
+            raise ValueError(f"token file {path}: readable by other users; chmod 600 it")
         token = path.read_text().strip()
         if len(token) < 16:
             raise ValueError(f"token file {path}: the token must be at least 16 characters")

@@ -97,7 +97,7 @@ class Client:
             ws_base = "ws" + self.base[4:]
             suffix = f"?token={self.token}" if self.token else ""
             return connect(ws_base + path + suffix)
-        except (OSError, ConnectionClosed, Exception) as e:
+        except Exception as e:  # OSError, InvalidStatus (403/404), InvalidURI, ...:
             raise ClientError(f"console of {name}: {e}") from None
 
 

@@ -103,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 async def serve(args: argparse.Namespace) -> None:
+    # Files the daemon creates (database, token, run directories) are private unless made otherwise.
+    os.umask(0o077)
     state_dir: Path = args.state_dir or default_state_dir()
     cfg = ManagerConfig(state_dir=state_dir, vm_user=args.vm_user)
     if args.pyvmm_command:
@@ -113,19 +115,29 @@ async def serve(args: argparse.Namespace) -> None:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         raise SystemExit(f"pyvmmd: another daemon uses {state_dir}") from None
+    token = None
+    if args.listen:
+        try:
+            token = load_or_create_token(args.token_file or state_dir / "token")
+        except ValueError as e:
+            raise SystemExit(f"pyvmmd: {e}") from None
+    # Bind before touching any VM, so a daemon that cannot serve (port taken, ...) changes nothing.
+    sock_path = args.socket or state_dir / "pyvmmd.sock"
+    usock = unix_listener(sock_path, args.socket_group)
+    try:
+        tsock = tcp_listener(args.listen) if args.listen else None
+    except OSError as e:
+        sock_path.unlink()
+        raise SystemExit(f"pyvmmd: cannot listen on {args.listen}: {e.strerror}") from None
     sup = Supervisor(cfg)
     await sup.open()
     app = create_app(sup)
     level = "debug" if args.verbose > 1 else "warning"
     servers: list[tuple[_Server, socket.socket]] = []
-    sock_path = args.socket or state_dir / "pyvmmd.sock"
-    usock = unix_listener(sock_path, args.socket_group)
     servers.append((_Server(uvicorn.Config(app, lifespan="off", log_level=level, ws="websockets-sansio")), usock))
     log.info("listening on unix:%s", sock_path)
-    if args.listen:
-        token = load_or_create_token(args.token_file or state_dir / "token")
+    if tsock is not None:
         tls = {"ssl_certfile": args.tls_cert, "ssl_keyfile": args.tls_key} if args.tls_cert else {}
-        tsock = tcp_listener(args.listen)
         servers.append((_Server(uvicorn.Config(TokenAuth(app, token), lifespan="off", log_level=level,
                                                ws="websockets-sansio", **tls)), tsock))
         log.info("listening on %s://%s (token required)", "https" if tls else "http", args.listen)

@@ -127,7 +127,8 @@ class Event(BaseModel):
 
     seq: int
     timestamp: float
-    name: str
+    name: str = Field(description="state, defined, undefined or reset")
+    vm: str = Field(description="the VM's name")
     uuid: str
     state: VmState
     reason: str = ""

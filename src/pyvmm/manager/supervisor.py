@@ -26,6 +26,7 @@ import sys
 import time
 import uuid as uuidlib
 from collections import deque
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -199,7 +200,13 @@ class Supervisor:
         self.events = Broadcaster()
         self._seq = 0
         self._tasks: list[asyncio.Task] = []
+        self._timers: set[asyncio.Task] = set()
         self._run_as = self._resolve_user(config.vm_user)
+        if self._run_as is not None:
+            # The VM user must reach its own run directory (chowned to it in _spawn), and nothing else:
+            # traverse-only on the way there.
+            os.chmod(config.state_dir, 0o711)
+            os.chmod(config.run_dir, 0o711)
 
     # -- life of the daemon ----------------------------------------------------------------
     async def open(self) -> None:
@@ -235,7 +242,7 @@ class Supervisor:
 
     async def close(self) -> None:
         """Detach from all VMs; they keep running (a restarted daemon re-attaches)."""
-        for t in self._tasks:
+        for t in [*self._tasks, *self._timers]:
             t.cancel()
         for h in self.vms.values():
             await self._detach(h)
@@ -308,7 +315,9 @@ class Supervisor:
             await self._qmp(h, "system_powerdown")
             self._set_state(h, VmState.SHUTTING_DOWN, "power button pressed")
         if timeout > 0:
-            self._tasks.append(asyncio.create_task(self._destroy_after(h, timeout)))
+            task = asyncio.create_task(self._destroy_after(h, timeout))
+            self._timers.add(task)  # a strong reference until it is done
+            task.add_done_callback(self._timers.discard)
         return h
 
     async def _destroy_after(self, h: VmHandle, timeout: float) -> None:
@@ -391,8 +400,8 @@ class Supervisor:
 
     def _publish(self, h: VmHandle, name: str) -> None:
         self._seq += 1
-        self.events.publish(Event(seq=self._seq, timestamp=time.time(), name=name, uuid=h.uuid, state=h.state,
-                                  reason=h.reason if name == "state" else f"{name}: {h.name}"))
+        self.events.publish(Event(seq=self._seq, timestamp=time.time(), name=name, vm=h.name, uuid=h.uuid,
+                                  state=h.state, reason=h.reason))
 
     @staticmethod
     def _resolve_user(user: str | None) -> tuple[int, int, list[int]] | None:
@@ -470,59 +479,79 @@ class Supervisor:
         self.store.set_runtime(rec)  # before anything can fail: a dying daemon can still find the VM
         h.proc = proc
         deadline = time.monotonic() + self.config.start_timeout
-        while not (qmp.exists() and serial.exists()):
-            if proc.poll() is not None:
-                self.store.clear_runtime(h.uuid)
-                h.proc = None
-                tail = logf.read_text(errors="replace").strip().splitlines()[-3:]
-                h.reason = f"the VM process exited with status {proc.returncode}: " + " | ".join(tail)
-                raise ManagerError(409, f"VM {h.name} failed to start: {h.reason}")
-            if time.monotonic() > deadline:
-                self._kill_pid(proc.pid)
-                proc.wait()
-                self.store.clear_runtime(h.uuid)
-                h.proc = None
-                h.reason = f"no QMP socket after {self.config.start_timeout:.0f}s"
-                raise ManagerError(409, f"VM {h.name} failed to start: {h.reason}")
-            await asyncio.sleep(0.02)
+
+        async def wait_for_socket(path: Path) -> None:
+            while not path.exists():
+                if proc.poll() is not None:
+                    tail = logf.read_text(errors="replace").strip().splitlines()[-3:]
+                    raise ManagerError(409, f"the VM process exited with status {proc.returncode}: "
+                                            + " | ".join(tail))
+                if time.monotonic() > deadline:
+                    raise ManagerError(409, f"no {path.name} after {self.config.start_timeout:.0f}s")
+                await asyncio.sleep(0.01)
+
         try:
-            await self._attach(h, rec)
+            # The serial socket exists as soon as the machine is built, before it powers on: connecting to
+            # it first catches the guest's very first output (with wait=off, output nobody reads is lost).
+            await wait_for_socket(serial)
+            await self._attach(h, rec, before_qmp=lambda: wait_for_socket(qmp))
         except (OSError, ManagerError) as e:
+            await self._detach(h)
             self._kill_pid(proc.pid)
             proc.wait()
             self.store.clear_runtime(h.uuid)
             h.proc = None
             h.pid = None
-            h.reason = f"cannot connect to the VM process: {e}"
+            h.reason = e.message if isinstance(e, ManagerError) else f"cannot connect to the VM process: {e}"
             raise ManagerError(409, f"VM {h.name} failed to start: {h.reason}") from None
 
-    async def _attach(self, h: VmHandle, rec: RuntimeRecord) -> None:
-        """Connect QMP and the serial port of a live VM process and start watching it."""
+    async def _attach(self, h: VmHandle, rec: RuntimeRecord,
+                      before_qmp: Callable[[], Awaitable[None]] | None = None) -> None:
+        """Connect the serial port and QMP of a live VM process and start watching it."""
         h.pid, h.start_ticks, h.paths = rec.pid, rec.start_ticks, rec
         h.exited.clear()
-        client = QMPClient(f"pyvmmd-{h.name}")
         dirfd = os.open(os.path.dirname(rec.qmp_path), os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             qmp_path, serial_path = (_short_path(p, dirfd) for p in (rec.qmp_path, rec.serial_path))
-            await asyncio.wait_for(client.connect(qmp_path), 5.0)
-            status = await asyncio.wait_for(client.execute("query-status"), 5.0)
-        except Exception as e:
-            with contextlib.suppress(Exception):
-                await client.disconnect()
-            h.pid = None
-            os.close(dirfd)
-            raise ManagerError(409, f"QMP on {rec.qmp_path}: {e}") from None
-        h.qmp = client
-        try:
             reader, writer = await asyncio.open_unix_connection(serial_path)
+            h.serial_writer = writer
+            h.tasks = [asyncio.create_task(self._serial_reader(h, reader), name=f"serial-{h.name}")]
+            if before_qmp is not None:
+                await before_qmp()
+            client = QMPClient(f"pyvmmd-{h.name}")
+            try:
+                await asyncio.wait_for(client.connect(qmp_path), 5.0)
+                status = await self._settled_status(client)
+            except Exception as e:
+                with contextlib.suppress(Exception):
+                    await client.disconnect()
+                await self._detach(h)
+                h.pid = None
+                raise ManagerError(409, f"QMP on {rec.qmp_path}: {e}") from None
         finally:
             os.close(dirfd)
-        h.serial_writer = writer
-        running = isinstance(status, dict) and status.get("running")
-        self._set_state(h, VmState.RUNNING if running else VmState.PAUSED, "")
-        h.tasks = [asyncio.create_task(self._qmp_events(h, client), name=f"qmp-{h.name}"),
-                   asyncio.create_task(self._serial_reader(h, reader), name=f"serial-{h.name}"),
-                   asyncio.create_task(self._watch(h), name=f"watch-{h.name}")]
+        h.qmp = client
+        if status.get("running"):
+            self._set_state(h, VmState.RUNNING, "")
+        elif status.get("status") == "shutdown":
+            self._set_state(h, VmState.SHUTTING_DOWN, "")
+        else:
+            self._set_state(h, VmState.PAUSED, str(status.get("status", "")))
+        h.tasks += [asyncio.create_task(self._qmp_events(h, client), name=f"qmp-{h.name}"),
+                    asyncio.create_task(self._watch(h), name=f"watch-{h.name}")]
+
+    @staticmethod
+    async def _settled_status(client: QMPClient, timeout: float = 10.0) -> dict:
+        """query-status, waiting out "prelaunch": QMP is served before the machine powers on, and the
+        power-on (unlike a later ``cont``) sends no RESUME event to learn it from."""
+        deadline = time.monotonic() + timeout
+        while True:
+            status = await asyncio.wait_for(client.execute("query-status"), 5.0)
+            if not isinstance(status, dict):
+                raise ManagerError(409, f"query-status returned {status!r}")
+            if status.get("status") != "prelaunch" or time.monotonic() > deadline:
+                return status
+            await asyncio.sleep(0.02)
 
     async def _detach(self, h: VmHandle) -> None:
         for t in h.tasks:

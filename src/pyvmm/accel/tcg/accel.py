@@ -3,10 +3,17 @@
 ``in_kernel_irqchip`` is False: :meth:`TcgAccelerator.setup` creates
 :class:`~pyvmm.machine.intc.UserspaceIrqchip` (PIC pair, PIT with port 0x61,
 I/O APIC, local APICs), registers it on the machine's buses and returns it as
-the interrupt sink devices drive.  Only one vCPU is supported for now; SMP
-would add INIT/SIPI handling in the irqchip's ICR path (parked APs waiting
-in :class:`TcgVcpu` until a SIPI sets CS:IP) and one engine per vCPU, which
-this code already keeps separate.
+the interrupt sink devices drive.
+
+Only one vCPU is supported for now.  SMP would follow from what is here:
+one unicorn engine and thread per vCPU (each with its own CPUState; the
+compiled helper already keeps a per-engine registry), all mapping the same
+GuestMemory; LAPIC MMIO is already routed per calling thread; the ICR path
+would turn INIT/SIPI into "park" and "set CS:IP = vector<<8 and run" for the
+target vCPU; IPIs set CPU_INTERRUPT_HARD on the target and kick it.  The hard
+part is memory-model and TB-invalidation safety across engines: a store by one
+engine to code another engine has translated is not seen by the other, so
+cross-engine code writes would need the ``invalidate_code`` path below.
 """
 
 from __future__ import annotations
@@ -53,7 +60,7 @@ class TcgAccelerator:
         chip.register(ctx.io_bus, ctx.mmio_bus)
         self.irqchip = chip
         for i in range(ctx.ncpus):
-            vcpu = TcgVcpu(i, ctx, chip, None, self.time_base.tsc_hz, model)  # type: ignore[arg-type]
+            vcpu = TcgVcpu(i, ctx, chip, None, self.time_base.tsc_hz, model)
             vcpu.cpuid = build_table(vcpu.native_cpuid, i, ctx.ncpus, self.time_base, ctx.cpu.disable)
             chip.attach_cpu(i, vcpu)
             self.vcpus.append(vcpu)
@@ -94,6 +101,16 @@ class TcgAccelerator:
         self.irqchip.reset()
         for i, v in enumerate(self.vcpus):
             self.irqchip.attach_cpu(i, v)
+
+    def invalidate_code(self, gpa: int, length: int) -> None:
+        """Host code wrote guest RAM (DMA): drop translated code for it.  Safe from any thread.
+
+        Unicorn notices guest stores to pages it has translated, but not writes made through
+        GuestMemory by devices; a page that once held executed code and is refilled by DMA
+        (e.g. the page cache reading a binary from disk) would otherwise run stale code.
+        """
+        for v in self.vcpus:
+            v.invalidate_code(gpa, length)
 
     def cpu_dump(self, index: int = 0) -> str:
         if not 0 <= index < len(self.vcpus):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import weakref
 
 import unicorn
 from unicorn import x86_const as X
@@ -60,12 +61,12 @@ def seg_flags(s: Segment) -> int:
 class TcgVcpu:
     """A vCPU.  ``intc`` is the irqchip (ack / bind_current_cpu); ``port_io`` handles IN/OUT."""
 
-    def __init__(self, index: int, ctx: MachineContext, intc, cpuid: CpuidTable, tsc_hz: int,
+    def __init__(self, index: int, ctx: MachineContext, intc, cpuid: CpuidTable | None, tsc_hz: int,
                  model: int) -> None:
         self.index = index
         self.ctx = ctx
         self.intc = intc
-        self.cpuid = cpuid
+        self.cpuid = cpuid or CpuidTable()   # the accelerator fills it from native_cpuid()
         self.tsc_hz = tsc_hz
         self.model = model
         self.nat = nat_mod.native()
@@ -76,6 +77,8 @@ class TcgVcpu:
         self._parked = threading.Event()
         self._dead = False                  # stopped itself after a triple fault or an error
         self.exits = {"hlt": 0, "kick": 0, "triple_fault": 0, "error": 0}
+        self._stale: list[tuple[int, int]] = []    # guest-physical ranges written behind the CPU's back
+        self._stale_lock = threading.Lock()
         self.uc: unicorn.Uc | None = None
         self._v = None
         self._ack_cb = None
@@ -116,8 +119,14 @@ class TcgVcpu:
         if rc != 0:
             raise AccelError(f"tcg: could not install the compiled hooks (unicorn error {rc})")
         nat_mod.selfcheck_engine(self.nat, uc, v)
+        # whatever drops this vCPU, the C registry must forget the struct before it is freed
+        self._finalizer = weakref.finalize(self, lib.pv_detach, v)
         self.uc = uc
         self._v = v
+        self._ram_addr_from_host = ffi.cast("uint64_t (*)(void *, void *)",
+                                            self.nat.fns["qemu_ram_addr_from_host_x86_64"])
+        self._tb_invalidate = ffi.cast("void (*)(void *, uint64_t, uint64_t)",
+                                       self.nat.fns["tb_invalidate_phys_range_x86_64"])
         self._native_cpuid = ffi.cast("void (*)(char *, uint32_t, uint32_t, uint32_t *, uint32_t *, "
                                       "uint32_t *, uint32_t *)", self.nat.fns["cpu_x86_cpuid_x86_64"])
 
@@ -130,7 +139,7 @@ class TcgVcpu:
 
     def destroy(self) -> None:
         if self._v is not None:
-            self.nat.lib.pv_detach(self._v)
+            self._finalizer()
         self._keep.append(self._v)          # the C struct must outlive any late callback
         self.uc = None
         self._v = None
@@ -140,6 +149,42 @@ class TcgVcpu:
         self.destroy()
         self._dead = False
         self._create_engine()
+
+    # -- code written by the host ---------------------------------------------------------------
+    def invalidate_code(self, gpa: int, length: int) -> None:
+        """Guest RAM ``[gpa, gpa+length)`` was written by the host (device DMA, a loader).
+
+        Translated code for those pages must go before the guest runs again.  The engine is
+        not thread-safe, so the range is queued and dropped by the vCPU thread itself, which
+        is kicked out of the guest to do it.
+        """
+        with self._stale_lock:
+            self._stale.append((gpa, length))
+        if threading.current_thread() is not self._thread:
+            self.kick()
+
+    def _drop_stale_code(self) -> None:
+        with self._stale_lock:
+            ranges, self._stale = self._stale, []
+        uc = self.uc
+        if uc is None:
+            return
+        ffi = self.nat.ffi
+        handle = ffi.cast("void *", uc._uch.value)
+        mem = self.ctx.memory
+        for gpa, length in ranges:
+            end = gpa + length
+            while gpa < end:
+                try:
+                    r = mem.region_for(gpa)
+                except Exception:
+                    break
+                chunk = min(end, r.end) - gpa
+                host = ffi.cast("void *", r.host_addr + (gpa - r.gpa))
+                ram = self._ram_addr_from_host(handle, host)
+                if ram != 0xFFFFFFFFFFFFFFFF:
+                    self._tb_invalidate(handle, ram, ram + chunk)
+                gpa += chunk
 
     # -- hooks (Python) -------------------------------------------------------------------------
     def _in(self, uc, port: int, size: int, user_data) -> int:
@@ -176,18 +221,20 @@ class TcgVcpu:
 
     # -- irqchip side ---------------------------------------------------------------------------
     def set_intr(self, level: bool) -> None:
+        """The irqchip's INTR line (called under the irqchip lock, from any thread)."""
         v = self._v
         if v is None:
             return
-        v.irq_request = 1 if level else 0
+        self.nat.lib.pv_set_intr(v, 1 if level else 0)
         if level:
             with self._cond:
                 self._cond.notify_all()
 
     def kick(self) -> None:
-        """Leave guest mode at the next block boundary (or wake from hlt)."""
-        if self._v is not None:
-            self._v.stop_request = 1
+        """Leave emu_start at the next block boundary (or wake from hlt)."""
+        uc = self.uc
+        if uc is not None:
+            uc.emu_stop()
         with self._cond:
             self._cond.notify_all()
 
@@ -230,17 +277,21 @@ class TcgVcpu:
 
     def stop(self) -> None:
         self._quit = True
-        self.kick()
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join()
+        t = self._thread
+        if t is not None and t is not threading.current_thread():
+            # a kick that lands between two emu_start calls is lost: repeat until the thread ends
+            while t.is_alive():
+                self.kick()
+                t.join(0.05)
         self._thread = None
 
     def pause(self) -> None:
         self._parked.clear()
         self._paused = True
-        self.kick()
-        if self._thread is not None and self._thread.is_alive():
-            self._parked.wait(5.0)
+        t = self._thread
+        while t is not None and t.is_alive() and not self._parked.is_set():
+            self.kick()
+            self._parked.wait(0.05)
 
     def resume(self) -> None:
         with self._cond:
@@ -264,6 +315,8 @@ class TcgVcpu:
     def _run_once(self) -> None:
         uc, lib, v = self.uc, self.nat.lib, self._v
         assert uc is not None
+        if self._stale:
+            self._drop_stale_code()
         lib.pv_prepare_run(v)
         rip = uc.reg_read(X.UC_X86_REG_RIP)
         try:
@@ -275,9 +328,6 @@ class TcgVcpu:
             log.exception("tcg: device error during guest execution")
             self._fatal(f"tcg: device error: {e}")
             return
-        if v.stopped_by_request:
-            self.exits["kick"] += 1
-            return
         halted = lib.pv_halted(v)
         if not halted and lib.pv_old_exception(v) == EXCP_DOUBLE_FAULT:
             self.exits["triple_fault"] += 1
@@ -288,6 +338,8 @@ class TcgVcpu:
         if halted:
             self.exits["hlt"] += 1
             self._halt_wait()
+        else:
+            self.exits["kick"] += 1
 
     def _halt_wait(self) -> None:
         v, lib = self._v, self.nat.lib
@@ -295,8 +347,7 @@ class TcgVcpu:
             while not self._quit and not self._paused:
                 if v.irq_request and lib.pv_eflags_raw(v) & IF_MASK:
                     return
-                if v.stop_request:
-                    v.stop_request = 0
+                if lib.pv_nmi_pending(v):
                     return
                 self._cond.wait()
 

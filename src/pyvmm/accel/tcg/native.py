@@ -42,6 +42,7 @@ struct pv_fns {
     int (*reg_write)(void *uc, int regid, const void *value);
     int (*hook_add)(void *uc, size_t *hh, int type, void *cb, void *user, uint64_t begin, uint64_t end, ...);
     char *(*get_cpu)(void *uc, int index);
+    void (*cpu_exit)(void *cs);
 };
 struct pv_vcpu {
     struct pv_fns fns;
@@ -50,8 +51,6 @@ struct pv_vcpu {
     char *env;
     int (*ack)(struct pv_vcpu *v);
     int irq_request;
-    int stop_request;
-    int stopped_by_request;
     int last_exception;
     uint64_t tsc_hz;
     uint64_t tsc_epoch_ns;
@@ -73,6 +72,10 @@ void pv_load_seg(struct pv_vcpu *v, int seg, uint32_t selector, uint64_t base, u
 int pv_patch_msr(void *rdmsr_fn, int rd_len, void *wrmsr_fn, int wr_len);
 int pv_msr_patched(void);
 int pv_patch_code(void *addr, const void *bytes, int len);
+void pv_set_intr(struct pv_vcpu *v, int level);
+void pv_raise_nmi(struct pv_vcpu *v);
+int pv_nmi_pending(struct pv_vcpu *v);
+int pv_install_hardirq(void *plt_entry, void *real_fn);
 int pv_attach(struct pv_vcpu *v);
 void pv_detach(struct pv_vcpu *v);
 void pv_prepare_run(struct pv_vcpu *v);
@@ -99,6 +102,9 @@ _EXPECTED_CODE = {
     "x86_cpu_do_interrupt_x86_64": bytes.fromhex(
         "538bb7a081000048 89fb8b8f589f0000 81feff0000007e18".replace(" ", "")),
     "do_interrupt_x86_hardirq_x86_64": bytes.fromhex("4189d14881ef508a00004531c031c931d2"),
+    # ... the HARD case: `mov $1,%edx; xor %esi,%esi; mov %r12,%rdi; andl $~0x102,0x1c(%rbp);
+    # call do_interrupt_x86_hardirq@plt` (vector 0, interrupt_request at CPUState+0x1c).
+    "x86_cpu_exec_interrupt_x86_64+0x106": bytes.fromhex("ba0100000031f64c89e781651cfdfeffffe8"),
     "helper_hlt_x86_64": bytes.fromhex("5531d24863ee be78000000 534889fb".replace(" ", "")),
     # Its second instruction tests uc_struct.no_exit_request (offset 0x7f2).
     "check_exit_request_x86_64": bytes.fromhex("488bb77099000080bef2070000007408c3"),
@@ -110,6 +116,9 @@ _EXPECTED_CODE = {
 # load and store (it only exists to stop mid-block after an invalid access); the check at the
 # start of each block, which emu_stop relies on, stays.  Roughly halves the cost of memory ops.
 UC_NO_EXIT_REQUEST_OFFSET = 0x7F2
+# x86_cpu_exec_interrupt calls do_interrupt_x86_hardirq through this PLT entry (checked below).
+_HARDIRQ_ANCHOR_ADDR = 0x44BF90
+_HARDIRQ_PLT_ADDR = 0x3AAFE0
 _RDMSR_PROLOGUE = 16
 _WRMSR_PROLOGUE = 19
 
@@ -217,6 +226,12 @@ def _load() -> Native:
         raise AccelError(f"could not interpose unicorn's rdmsr/wrmsr helpers (error {rc})")
     if os.environ.get("PYVMM_TCG_STRICT_SMC") != "1":
         _patch_store_fast_path(ffi, lib, fns)
+    plt = fns["x86_cpu_exec_interrupt_x86_64"] - _HARDIRQ_ANCHOR_ADDR + _HARDIRQ_PLT_ADDR
+    if ctypes.string_at(plt, 2) != b"\xff\x25":
+        raise AccelError("unicorn's PLT entry for do_interrupt_x86_hardirq is not where expected")
+    rc = lib.pv_install_hardirq(ffi.cast("void *", plt), ffi.cast("void *", fns["do_interrupt_x86_hardirq_x86_64"]))
+    if rc != 0:
+        raise AccelError(f"could not route unicorn's hardware interrupts to the irqchip (error {rc})")
     log.debug("tcg helper loaded from %s", path)
     return Native(ffi, lib, fns)
 
@@ -240,8 +255,9 @@ def _unicorn_functions() -> dict[str, int]:
     names = ["x86_cpu_do_interrupt_x86_64", "do_interrupt_x86_hardirq_x86_64", "cpu_loop_exit_x86_64",
              "uc_emu_stop", "uc_reg_read", "uc_reg_write", "uc_hook_add", "qemu_get_cpu_x86_64",
              "helper_hlt_x86_64", "helper_rdmsr_x86_64", "helper_wrmsr_x86_64", "tb_flush_x86_64",
-             "cpu_x86_cpuid_x86_64", "helper_le_stq_mmu_x86_64",
-             "check_exit_request_x86_64"]
+             "cpu_x86_cpuid_x86_64", "x86_cpu_exec_interrupt_x86_64", "helper_le_stq_mmu_x86_64",
+             "check_exit_request_x86_64", "cpu_exit", "qemu_ram_addr_from_host_x86_64",
+             "tb_invalidate_phys_range_x86_64"]
     out = {}
     for n in names:
         try:
@@ -254,7 +270,8 @@ def _unicorn_functions() -> dict[str, int]:
 
 def _check_code(fns: dict[str, int]) -> None:
     for name, expected in _EXPECTED_CODE.items():
-        have = ctypes.string_at(fns[name], len(expected))
+        base, _, off = name.partition("+")
+        have = ctypes.string_at(fns[base] + (int(off, 16) if off else 0), len(expected))
         if name in ("helper_rdmsr_x86_64", "helper_wrmsr_x86_64") and have[:2] == b"\xff\x25":
             continue  # already interposed by this process
         if have != expected:
@@ -324,3 +341,4 @@ def fill_fns(nat: Native, v) -> None:
     v.fns.hook_add = ffi.cast("int (*)(void *, size_t *, int, void *, void *, uint64_t, uint64_t, ...)",
                               f["uc_hook_add"])
     v.fns.get_cpu = ffi.cast("char *(*)(void *, int)", f["qemu_get_cpu_x86_64"])
+    v.fns.cpu_exit = ffi.cast("void (*)(void *)", f["cpu_exit"])

@@ -164,29 +164,88 @@ void pv_load_seg(struct pv_vcpu *v, int seg, uint32_t selector, uint64_t base, u
 
 /* --- hooks ---------------------------------------------------------------- */
 
-/* Runs at the start of every translation block: interrupt window + stop flag. */
-static void pv_block_hook(void *uc, uint64_t address, uint32_t size, void *user)
+/* --- maskable interrupts through QEMU's own interrupt window ----------------------
+ * The irqchip raises CPU_INTERRUPT_HARD in CPUState.interrupt_request and kicks the CPU
+ * (cpu_exit: the check at the next block start returns to cpu_exec's loop).  QEMU then
+ * delivers when EFLAGS.IF is set and no sti/mov-ss shadow is active, and re-checks whenever
+ * the guest enables interrupts (sti, popf, iret end their block).  Unicorn hardcodes vector 0
+ * for that path (it has no PIC); its call to do_interrupt_x86_hardirq goes through the PLT, so
+ * the GOT slot is pointed at pv_hardirq_wrapper, which asks the irqchip for the real vector
+ * (the interrupt acknowledge cycle).  Other callers (NMI, machine check) pass through.
+ */
+#define PV_CS_INTERRUPT_REQUEST 0x1c
+#define CPU_INTERRUPT_HARD 0x0002
+#define CPU_INTERRUPT_NMI  0x0200
+
+static void (*pv_real_hardirq)(void *env, int intno, int is_hw);
+static struct pv_vcpu *pv_lookup(char *env);
+
+static void pv_hardirq_wrapper(void *env, int intno, int is_hw)
 {
-    struct pv_vcpu *v = user;
-    (void)size;
-    if (v->irq_request) {
-        char *env = v->env;
-        if ((*pv_u64(env, PV_EFLAGS) & 0x200) && !(*pv_u32(env, PV_HFLAGS) & HF_INHIBIT_IRQ)) {
+    if (intno == 0 && is_hw == 1) {
+        struct pv_vcpu *v = pv_lookup(env);
+        if (v) {
             int vec = v->ack(v);
-            if (vec >= 0) {
-                *pv_u64(env, PV_EIP) = address - pv_seg(env, R_CS)->base;
-                v->n_irq++;
-                v->fns.hardirq(env, vec, 1);
-                /* restart at the handler; eip/stack/flags are in env now */
-                v->fns.loop_exit(v->cs);
-            }
+            /* the CPU cleared HARD before calling us; more may be pending */
+            if (v->irq_request)
+                __atomic_fetch_or((int *)(v->cs + PV_CS_INTERRUPT_REQUEST), CPU_INTERRUPT_HARD,
+                                  __ATOMIC_SEQ_CST);
+            if (vec < 0)
+                return;                    /* withdrawn before acknowledge: nothing to deliver */
+            v->n_irq++;
+            intno = vec;
         }
     }
-    if (v->stop_request) {
-        v->stop_request = 0;
-        v->stopped_by_request = 1;
-        v->fns.emu_stop(uc);
+    pv_real_hardirq(env, intno, is_hw);
+}
+
+/* The irqchip's INTR line for this CPU (any thread). */
+void pv_set_intr(struct pv_vcpu *v, int level)
+{
+    int *req = (int *)(v->cs + PV_CS_INTERRUPT_REQUEST);
+    v->irq_request = level;
+    if (level) {
+        __atomic_fetch_or(req, CPU_INTERRUPT_HARD, __ATOMIC_SEQ_CST);
+        v->fns.cpu_exit(v->cs);
+    } else {
+        __atomic_fetch_and(req, ~CPU_INTERRUPT_HARD, __ATOMIC_SEQ_CST);
     }
+}
+
+void pv_raise_nmi(struct pv_vcpu *v)
+{
+    __atomic_fetch_or((int *)(v->cs + PV_CS_INTERRUPT_REQUEST), CPU_INTERRUPT_NMI, __ATOMIC_SEQ_CST);
+    v->fns.cpu_exit(v->cs);
+}
+
+int pv_nmi_pending(struct pv_vcpu *v)
+{
+    return (*(int *)(v->cs + PV_CS_INTERRUPT_REQUEST) & CPU_INTERRUPT_NMI) != 0;
+}
+
+/* Point the PLT slot of do_interrupt_x86_hardirq at the wrapper (once per process). */
+int pv_install_hardirq(void *plt_entry, void *real_fn)
+{
+    unsigned char *plt = plt_entry;
+    int32_t disp;
+    void **slot;
+    long pg = sysconf(_SC_PAGESIZE);
+    unsigned char *page;
+
+    if (pv_real_hardirq)
+        return 0;
+    if (plt[0] != 0xff || plt[1] != 0x25)
+        return -1;
+    memcpy(&disp, plt + 2, 4);
+    slot = (void **)(plt + 6 + disp);
+    if (*slot != real_fn && *slot != (void *)(plt + 6))
+        return -2;                          /* neither resolved to the function nor lazy */
+    page = (unsigned char *)((uintptr_t)slot & ~((uintptr_t)pg - 1));
+    if (mprotect(page, (size_t)pg, PROT_READ | PROT_WRITE))
+        return -3;
+    pv_real_hardirq = real_fn;
+    __atomic_store_n(slot, (void *)pv_hardirq_wrapper, __ATOMIC_SEQ_CST);
+    return 0;
 }
 
 /* A CPU exception or INT n: deliver it through the IDT/IVT with QEMU's code. */
@@ -450,15 +509,18 @@ int pv_attach(struct pv_vcpu *v)
     if (!v->cs)
         return -1;
     v->env = v->cs + PV_ENV_OFF;
+    /* an engine freed without pv_detach may have left its (reused) env address behind */
+    for (int i = 0; i < PV_MAX_VCPUS; i++) {
+        if (pv_registry[i] && pv_registry[i]->env == v->env)
+            pv_registry[i] = 0;
+    }
     for (int i = 0; i < PV_MAX_VCPUS; i++) {
         if (!pv_registry[i]) {
             pv_registry[i] = v;
             break;
         }
     }
-    err = v->fns.hook_add(v->uc, &v->hooks[0], UC_HOOK_BLOCK, (void *)pv_block_hook, v, 1ull, 0ull);
-    if (!err)
-        err = v->fns.hook_add(v->uc, &v->hooks[1], UC_HOOK_INTR, (void *)pv_intr_hook, v, 1ull, 0ull);
+    err = v->fns.hook_add(v->uc, &v->hooks[1], UC_HOOK_INTR, (void *)pv_intr_hook, v, 1ull, 0ull);
     if (!err)
         err = v->fns.hook_add(v->uc, &v->hooks[2], UC_HOOK_INSN_INVALID, (void *)pv_invalid_hook, v, 1ull, 0ull);
     if (!err)
@@ -485,7 +547,6 @@ void pv_detach(struct pv_vcpu *v)
 void pv_prepare_run(struct pv_vcpu *v)
 {
     *(int *)(v->cs + PV_CS_HALTED) = 0;
-    v->stopped_by_request = 0;
 }
 
 int pv_halted(struct pv_vcpu *v) { return *(int *)(v->cs + PV_CS_HALTED); }

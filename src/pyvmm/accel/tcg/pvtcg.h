@@ -15,6 +15,7 @@ struct pv_fns {
     int (*reg_write)(void *uc, int regid, const void *value);
     int (*hook_add)(void *uc, size_t *hh, int type, void *cb, void *user, uint64_t begin, uint64_t end, ...);
     char *(*get_cpu)(void *uc, int index);
+    void (*cpu_exit)(void *cs);
 };
 
 struct pv_vcpu {
@@ -24,8 +25,6 @@ struct pv_vcpu {
     char *env;
     int (*ack)(struct pv_vcpu *v);   /* take the highest deliverable vector, or -1 */
     volatile int irq_request;        /* the irqchip's INTR output towards this vCPU */
-    volatile int stop_request;       /* leave emu_start at the next block boundary */
-    int stopped_by_request;
     int last_exception;
     uint64_t tsc_hz;
     uint64_t tsc_epoch_ns;

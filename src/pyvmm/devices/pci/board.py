@@ -45,6 +45,7 @@ class PciBoard:
         self._loop = loop
         self.netdevs: dict[str, NetdevSpec] = {}
         self._used_netdevs: set[str] = set()
+        self._used_drives: set[str] = set()
 
     # -- configuration ----------------------------------------------------------------------------------
     def add_netdev(self, spec: NetdevSpec) -> None:
@@ -121,6 +122,12 @@ class PciBoard:
             drive = next((d for d in drives if getattr(d, "id", "") == props["drive"]), None)
             if drive is None:
                 raise ConfigError(f"--device virtio-blk-pci: no --drive with id={props['drive']}")
+            if getattr(drive, "interface", "none") != "none":
+                raise ConfigError(f"--device virtio-blk-pci: --drive id={drive.id} needs if=none "
+                                  "(otherwise it is already a virtio-mmio disk)")
+            if drive.id in self._used_drives:
+                raise ConfigError(f"--drive id={drive.id} is already used by another device")
+            self._used_drives.add(drive.id)
             path, fmt, ro, serial = drive.file, drive.format, drive.readonly, drive.serial
         elif "file" in props:
             ro_text = props.get("readonly", "off").lower()

@@ -25,7 +25,7 @@ from enum import IntEnum
 from pyvmm.block.base import SECTOR_SIZE, BlockBackend, BlockError
 from pyvmm.block.iov import iov_from_bytes, iov_slice, iov_to_bytes
 from pyvmm.devices.virtio.device import DeviceId, VirtioDevice
-from pyvmm.devices.virtio.queue import DescChain, Virtqueue
+from pyvmm.devices.virtio.queue import MAX_CHAIN_BYTES, DescChain, Virtqueue
 from pyvmm.loop import MainLoop
 from pyvmm.memory import GuestMemory
 
@@ -36,6 +36,9 @@ HEADER = struct.Struct("<IIQ")
 SEGMENT = struct.Struct("<QII")
 MAX_DISCARD_SECTORS = 1 << 22
 MAX_SEGMENTS = 32
+#: Largest data segment (descriptor) the driver may use (VIRTIO_BLK_F_SIZE_MAX).  With seg_max
+#: segments this keeps any request under the virtqueue's chain-length cap (MAX_CHAIN_BYTES).
+SIZE_MAX = 1 << 20
 
 
 class BlkFeature(IntEnum):
@@ -80,7 +83,9 @@ class VirtioBlk(VirtioDevice):
         self.serial = serial.encode("ascii", "replace")[:ID_BYTES]
         self.capacity = backend.size // SECTOR_SIZE
         self.seg_max = queue_size - 2
-        features = (1 << BlkFeature.SEG_MAX) | (1 << BlkFeature.BLK_SIZE) | (1 << BlkFeature.FLUSH)
+        assert self.seg_max * SIZE_MAX + 4096 <= MAX_CHAIN_BYTES, "requests could exceed the chain cap"
+        features = ((1 << BlkFeature.SIZE_MAX) | (1 << BlkFeature.SEG_MAX) | (1 << BlkFeature.BLK_SIZE)
+                    | (1 << BlkFeature.FLUSH))
         if self.read_only:
             features |= 1 << BlkFeature.RO
         else:
@@ -92,7 +97,7 @@ class VirtioBlk(VirtioDevice):
         return struct.pack(
             "<QIIHBBIBBHIBBHIIIIIB3x",
             self.capacity,       # capacity (512-byte sectors)
-            0,                   # size_max
+            SIZE_MAX,            # size_max
             self.seg_max,        # seg_max
             0, 0, 0,             # geometry: cylinders, heads, sectors
             SECTOR_SIZE,         # blk_size

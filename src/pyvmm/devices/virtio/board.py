@@ -1,9 +1,13 @@
 """Placing virtio-mmio devices on the PC machine: windows, interrupts, iothread, ACPI, KVM fast paths.
 
 Windows are 0x200 bytes each from :data:`MMIO_BASE` (in the 32-bit hole just
-below the I/O APIC, as QEMU's microvm places them), one GSI each from
-:data:`MMIO_GSIS` (I/O APIC pins 20-23, declared level-triggered active-high
-in the DSDT; PCI INTx takes 16-19).  The guest finds them through ACPI
+below the I/O APIC, as QEMU's microvm places them), at most :data:`MAX_DEVICES`.
+Interrupts use :data:`MMIO_GSIS` (I/O APIC pins 20-23, declared level-triggered
+active-high in the DSDT; PCI INTx takes 16-19) round-robin: devices 4-7 share a
+pin with devices 0-3.  Sharing a level-triggered line is safe because Linux's
+virtio_mmio requests it IRQF_SHARED and the line is a wired OR
+(:class:`WiredOr` here; on KVM each device has its own irqfd on the GSI and the
+kernel ORs them).  The guest finds them through ACPI
 (``LNRO0005``), so no kernel command-line options are needed.
 
 All virtio back-ends run on one iothread (``virtio-io``) created on first
@@ -17,6 +21,7 @@ iothread without a userspace exit.  Interrupts use the machine's IrqLine
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
 
 from pyvmm.bus import Bus
@@ -33,10 +38,43 @@ log = logging.getLogger(__name__)
 
 MMIO_BASE = 0xFEB0_0000
 MMIO_GSIS = (20, 21, 22, 23)
+MAX_DEVICES = 8
 
 RNG_DRIVERS = ("virtio-rng", "virtio-rng-device")
 CONSOLE_DRIVERS = ("virtio-console", "virtconsole", "virtio-console-device")
 VIRTIO_DRIVERS = RNG_DRIVERS + CONSOLE_DRIVERS
+
+
+class WiredOr:
+    """Several level-triggered sources on one interrupt line: high while any source is high."""
+
+    def __init__(self, line: IrqLine) -> None:
+        self._line = line
+        self._levels: list[bool] = []
+        self._lock = threading.Lock()
+
+    def source(self) -> _OrInput:
+        with self._lock:
+            self._levels.append(False)
+            return _OrInput(self, len(self._levels) - 1)
+
+    def _set(self, index: int, level: bool) -> None:
+        with self._lock:
+            self._levels[index] = level
+            self._line.set_level(any(self._levels))
+
+
+class _OrInput:
+    """One input of a :class:`WiredOr` (what a transport drives)."""
+
+    __slots__ = ("_or", "_index")
+
+    def __init__(self, wired: WiredOr, index: int) -> None:
+        self._or = wired
+        self._index = index
+
+    def set_level(self, level: bool) -> None:
+        self._or._set(self._index, level)
 
 
 class VirtioMmioBoard:
@@ -53,6 +91,8 @@ class VirtioMmioBoard:
         self._iothread: IOThread | None = None
         self._kvm_vm: object | None = None
         self._irqfd_lines: dict[int, EventfdIrqLine] = {}
+        self._wired: dict[int, WiredOr] = {}
+        self._sources: list[_OrInput] = []  # per transport: its input of the GSI's wired OR
 
     # -- placement ------------------------------------------------------------------------------
     @property
@@ -63,20 +103,27 @@ class VirtioMmioBoard:
 
     def add(self, device: VirtioDevice) -> VirtioMmio:
         slot = len(self.transports)
-        if slot >= len(self.gsis):
+        if slot >= MAX_DEVICES:
             device.close()
-            raise ConfigError(f"too many virtio-mmio devices (at most {len(self.gsis)})")
-        base, gsi = self.base + slot * MMIO_SIZE, self.gsis[slot]
-        t = VirtioMmio(device, self.irq_line(gsi))
+            raise ConfigError(f"too many virtio-mmio devices (at most {MAX_DEVICES})")
+        base, gsi = self.base + slot * MMIO_SIZE, self.gsis[slot % len(self.gsis)]
+        if gsi not in self._wired:
+            self._wired[gsi] = WiredOr(self.irq_line(gsi))
+        source = self._wired[gsi].source()
+        self._sources.append(source)
+        t = VirtioMmio(device, source)
         self.mmio_bus.register(base, MMIO_SIZE, t, f"virtio-mmio{slot}:{device.name}")
         self.transports.append((t, base, gsi))
         log.debug("%s at %#x gsi %d", device.name, base, gsi)
         return t
 
-    def add_drive(self, spec: DriveSpec) -> VirtioMmio:
+    def add_drive(self, spec: DriveSpec) -> VirtioMmio | None:
+        """A virtio-mmio disk for ``if=virtio``; None for ``if=none`` (left to a ``drive=`` device)."""
         from pyvmm.block import open_image
         from pyvmm.devices.virtio.blk import VirtioBlk
 
+        if spec.interface != "virtio":
+            return None
         if spec.format is None:
             log.warning("--drive %s: no format given, probing (give format=raw or format=qcow2)", spec.file)
         try:
@@ -134,7 +181,7 @@ class VirtioMmioBoard:
                 log.info("virtio: no irqfd for gsi %d (%s); using KVM_IRQ_LINE", gsi, e)
                 if i not in self._irqfd_lines:
                     line.close()
-                t.set_irq_line(self.irq_line(gsi))
+                t.set_irq_line(self._sources[i])
                 continue
             self._irqfd_lines[i] = line
             t.set_irq_line(line)

@@ -77,7 +77,10 @@ class VirtioConsole(VirtioDevice):
             finally:
                 chain.release()
             if data and self.backend is not None:
-                self.backend.write(data)
+                try:
+                    self.backend.write(data)
+                except OSError as e:  # a dead peer drops output; it must not break the device
+                    log.debug("%s: output dropped: %s", self.name, e)
             queue.push(chain.head, 0)
             pushed = True
         if pushed:

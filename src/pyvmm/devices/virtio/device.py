@@ -214,8 +214,10 @@ class VirtioDevice:
                 # buffers the driver added without kicking (it saw notifications disabled).
                 for _ in range(64):
                     q.set_notification(False)
-                    self.handle_queue(q)
-                    q.set_notification(True)
+                    try:
+                        self.handle_queue(q)
+                    finally:
+                        q.set_notification(True)  # never leave the driver thinking we poll
                     if not q.has_pending():
                         break
                 else:
@@ -224,6 +226,9 @@ class VirtioDevice:
                         self.loop.call_soon_threadsafe(self._process_cb[index])
             except VirtqueueError as e:
                 self.needs_reset(str(e))
+            except Exception as e:  # a back-end bug must not wedge the guest silently
+                log.exception("%s: queue %d handler failed", self.name, index)
+                self.needs_reset(f"internal error in queue {index} handler: {e}")
 
     def drains(self, queue: Virtqueue) -> bool:
         """Whether :meth:`handle_queue` consumes every available buffer of ``queue``.

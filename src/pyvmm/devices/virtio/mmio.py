@@ -293,7 +293,10 @@ class EventfdIrqLine:
 
     ``set_level(True)`` signals the irqfd (KVM raises the GSI).  KVM lowers the line
     itself when the guest EOIs and signals ``resample_fd``; if the device still has an
-    interrupt pending, :meth:`_on_resample` raises it again.  The machine registers
+    interrupt pending, :meth:`_on_resample` raises it again.  A resample event handled
+    late can re-raise for an interrupt the guest already serviced, giving it an interrupt
+    with InterruptStatus 0 now and then (Linux answers IRQ_NONE; this is the same trade
+    as VFIO's INTx resampling) but never loses one.  The machine registers
     both fds with ``vm.irqfd(line.irqfd, gsi, resample_fd=line.resample_fd)``.
     """
 

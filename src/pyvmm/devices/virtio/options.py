@@ -1,4 +1,8 @@
-"""``--drive`` specifications (QEMU's ``-drive file=...,format=...,readonly=on,if=virtio``)."""
+"""``--drive`` specifications (QEMU's ``-drive file=...,format=...,readonly=on,if=virtio``).
+
+``if=virtio`` (default) puts the drive on virtio-mmio; ``if=none,id=NAME`` only declares the
+back-end, for a device option that names it (``--device virtio-blk-pci,drive=NAME``).
+"""
 
 from __future__ import annotations
 
@@ -8,8 +12,10 @@ from pyvmm.errors import ConfigError
 
 _BOOL = {"on": True, "yes": True, "true": True, "1": True, "off": False, "no": False, "false": False, "0": False}
 FORMATS = ("raw", "qcow2")
-INTERFACES = ("virtio",)
-_KEYS = ("file", "format", "readonly", "if", "serial", "id", "media", "cache", "discard")
+INTERFACES = ("virtio", "none")  # none: only a back-end, for --device virtio-blk-pci,drive=ID
+#: ``cache=`` is accepted for QEMU compatibility and ignored: images always use the host page
+#: cache, and a guest FLUSH becomes fdatasync.
+_KEYS = ("file", "format", "readonly", "if", "serial", "id", "media", "cache")
 
 
 @dataclass
@@ -66,7 +72,9 @@ def parse_drive(text: str) -> DriveSpec:
         raise ConfigError(f"--drive {file}: readonly={ro_text} is not on/off")
     iface = props.get("if", "virtio")
     if iface not in INTERFACES:
-        raise ConfigError(f"--drive {file}: if={iface} is not supported (virtio)")
+        raise ConfigError(f"--drive {file}: if={iface} is not supported (virtio or none)")
+    if iface == "none" and not props.get("id"):
+        raise ConfigError(f"--drive {file}: if=none needs id=NAME (for --device ...,drive=NAME)")
     media = props.get("media", "disk")
     if media != "disk":
         raise ConfigError(f"--drive {file}: media={media} is not supported (disk)")
