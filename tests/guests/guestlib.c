@@ -87,12 +87,33 @@ void uart_init(void)
     outb(COM1 + 4, 0x03);  /* DTR | RTS */
 }
 
+static u8 rtc_seconds(void)
+{
+    outb(0x70, 0x00);
+    return inb(0x71);
+}
+
 void uart_putc(char c)
 {
-    /* Bounded: a VMM that never sets THRE must not hang the test forever. */
-    for (int i = 0; i < 100000; i++)
-        if (inb(COM1 + UART_LSR) & LSR_THRE)
-            break;
+    /*
+     * Wait for THRE, bounded by time rather than a count: a busy host can
+     * stall the VMM's back-end for a while (dropping output would make tests
+     * flaky), but a VMM that never sets THRE must not hang the guest forever.
+     */
+    if (!(inb(COM1 + UART_LSR) & LSR_THRE)) {
+        u8 last = rtc_seconds();
+        int secs = 0;
+        for (int i = 0; !(inb(COM1 + UART_LSR) & LSR_THRE); i++) {
+            if (i % 1000 == 999) {
+                u8 now = rtc_seconds();
+                if (now != last) {
+                    last = now;
+                    if (++secs > 3)
+                        break;
+                }
+            }
+        }
+    }
     outb(COM1, (u8)c);
 }
 

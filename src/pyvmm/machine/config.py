@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pyvmm.accel.base import CpuConfig
 from pyvmm.errors import ConfigError
 
-MAX_SMP = 255
+MAX_SMP = 254  # APIC ids 0..253, with the I/O APIC at id N (MP table, MADT)
 
 
 @dataclass
@@ -62,6 +62,13 @@ class MachineConfig:
         if self.accel not in ("auto", "kvm", "tcg"):
             raise ConfigError(f"--accel {self.accel}: must be kvm, tcg or auto")
         if self.memory < (2 << 20):
-            raise ConfigError(f"--memory {self.memory}: at least 2 MiB is needed")
+            raise ConfigError(f"--memory {_human(self.memory)}: at least 2 MiB is needed")
         if self.memory % 4096:
-            raise ConfigError(f"--memory {self.memory}: must be a multiple of 4 KiB")
+            raise ConfigError(f"--memory {self.memory} bytes: must be a multiple of 4 KiB")
+
+
+def _human(size: int) -> str:
+    for unit, shift in (("G", 30), ("M", 20), ("K", 10)):
+        if size >= (1 << shift) and size % (1 << shift) == 0:
+            return f"{size >> shift}{unit}"
+    return f"{size} bytes"
