@@ -14,9 +14,12 @@ Each VMM boots the same kernel, initramfs and command line with a fresh raw
 image (``--image-size``, default 64 MiB) of its own.  Runs alternate between
 the VMMs; with ``--runs N`` the best value of each metric over N boots is
 reported.  The table shows both VMMs, the ratio pyvmm/QEMU (above 1: pyvmm is
-faster; for wall time, above 1: pyvmm is slower), the virtio transport each
-guest found its disk on (read from sysfs inside the guest, not assumed), and
-host-measured boot and wall times.  As a sanity check the guest's clock is
+faster; for the time rows, above 1: pyvmm is slower), the virtio transport each
+guest found its disk on (read from sysfs inside the guest, not assumed, and
+checked against the one asked for), and host-measured boot time, wall time and
+the VMM's CPU time.  pyvmm's disk is ``--drive`` (virtio-mmio, the CLI's
+default) unless ``--transport pci`` (``--device virtio-blk-pci``, the transport
+QEMU's ``if=virtio`` gives) or ``both``.  As a sanity check the guest's clock is
 compared with the host's over the timed phases: an emulated CPU whose clock
 drifts would make in-guest numbers meaningless, so a warning is printed.
 
@@ -24,7 +27,8 @@ Any failure (a VMM exits non-zero, the guest program reports an error, no
 result line, a timeout) ends the benchmark with status 1 and one line saying
 what failed, followed by the tail of that VMM's console output.
 
-Usage: python bench/blk.py [--runs N] [--size MIB] [--seconds S] [--transport mmio|pci|both] [--vmm pyvmm,qemu] [--keep]
+Usage: python bench/blk.py [--runs N] [--size MIB] [--seconds S] [--transport mmio|pci|both]
+                           [--vmm pyvmm,qemu] [--keep]
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ import io
 import logging
 import os
 import re
+import resource
 import shlex
 import shutil
 import subprocess
@@ -64,6 +69,8 @@ _RESULT = re.compile(r"^BLKBENCH (.*)$", re.M)
 _ENV = re.compile(r"^BLKBENCH-ENV (.*)$", re.M)
 _ERROR = re.compile(r"^BLKBENCH-ERROR (.*)$", re.M)
 _PHASE = re.compile(r"^BLKBENCH-PHASE (\w+) (begin|end) t=([0-9.]+)$")
+POWEROFF_GRACE_S = 60.0  # after "exit status N" the guest only syncs and powers off
+
 _EXIT = re.compile(r"^pyvmm-guest: exit status (\d+)$", re.M)
 
 
@@ -172,6 +179,7 @@ class Outcome:
     clocksource: str
     boot_s: float  # host seconds from start until the guest program printed its first line
     wall_s: float  # host seconds from start until the VMM exited
+    cpu_s: float  # host CPU seconds (user + system, all threads) the VMM process used
     clock_ratio: float  # guest seconds / host seconds over the timed phases
 
 
@@ -187,40 +195,60 @@ def run_vmm(name: str, cmd: list[str], timeout: float, log_path: Path, expect_tr
     ``expect_transport`` (e.g. "virtio-pci"): fail unless the guest found its disk there.
     """
     log.info("%s: %s", name, shlex.join(cmd))
+    ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)  # the VMM is our only child while it runs
     t0 = time.monotonic()
     with open(log_path.with_suffix(".stderr"), "w+b") as err_file:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err_file)
         assert proc.stdout is not None
-        timed_out = threading.Event()
+        timed_out, finished = threading.Event(), threading.Event()
+        deadline = [t0 + timeout]  # shortened once the guest reports its exit status
 
-        def on_timeout() -> None:
-            timed_out.set()
-            proc.kill()
+        def watchdog() -> None:
+            while not finished.wait(0.5):
+                if time.monotonic() > deadline[0]:
+                    timed_out.set()
+                    proc.kill()
+                    return
 
-        timer = threading.Timer(timeout, on_timeout)
-        timer.start()
+        dog = threading.Thread(target=watchdog, name="blk-watchdog", daemon=True)
+        dog.start()
         lines: list[Line] = []
         try:
             for raw in proc.stdout:
-                lines.append(Line(time.monotonic() - t0, raw.decode(errors="replace").rstrip("\r\n")))
+                line = Line(time.monotonic() - t0, raw.decode(errors="replace").rstrip("\r\n"))
+                lines.append(line)
+                if line.text.startswith("pyvmm-guest: exit status"):
+                    deadline[0] = min(deadline[0], time.monotonic() + POWEROFF_GRACE_S)
             rc = proc.wait()
         finally:
-            timer.cancel()
+            finished.set()
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+            dog.join()
         wall = time.monotonic() - t0
+        ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
         err_file.seek(0)
         stderr = err_file.read().decode(errors="replace")
     text = "\n".join(ln.text.replace("\r", "") for ln in lines)
     log_path.write_text(text + "\n")
 
     def failed(why: str) -> BenchError:
+        unloaded = [ln[len("init: failed to load "):] for ln in text.splitlines()
+                    if ln.startswith("init: failed to load ")]
+        if unloaded:
+            why += f"; the guest's /init could not load {len(unloaded)} module(s), first {unloaded[0]}"
         tail = "\n".join((text + "\n" + stderr).strip().splitlines()[-25:])
         return BenchError(f"{name}: {why} (console log {log_path})\n--- last output ---\n{tail}")
 
     if timed_out.is_set():
+        if _EXIT.search(text):
+            raise failed(f"the VMM did not exit within {POWEROFF_GRACE_S:.0f} s of the guest's poweroff; killed")
         raise failed(f"no result within {timeout:.0f} s; killed")
+    clock_problem = check_guest_clock(lines)
+    if clock_problem:
+        raise failed(clock_problem)
     try:
         result = BlkResult.parse(text)
     except BenchError as e:
@@ -235,15 +263,50 @@ def run_vmm(name: str, cmd: list[str], timeout: float, log_path: Path, expect_tr
     if expect_transport is not None and transport != expect_transport:
         raise failed(f"the guest's disk is on {transport}, expected {expect_transport}")
     boot = next((ln.t for ln in lines if ln.text.startswith("BLKBENCH-ENV")), wall)
-    return Outcome(name, result, transport, env.get("clocksource", "?"), boot, wall, clock_ratio(lines))
+    return Outcome(name, result, transport, env.get("clocksource", "?"), boot, wall, cpu, clock_ratio(lines))
+
+
+def phase_marks(lines: list[Line]) -> list[tuple[str, str, float, float]]:
+    """(phase, begin|end, host seconds, guest seconds) of every BLKBENCH-PHASE line."""
+    out = []
+    for ln in lines:
+        m = _PHASE.match(ln.text.replace("\r", ""))
+        if m:
+            out.append((m.group(1), m.group(2), ln.t, float(m.group(3))))
+    return out
 
 
 def clock_ratio(lines: list[Line]) -> float:
     """Guest time / host time between the first and the last phase line (1.0: the guest clock is right)."""
-    marks = [(ln.t, float(m.group(3))) for ln in lines if (m := _PHASE.match(ln.text.replace("\r", "")))]
-    if len(marks) < 2 or marks[-1][0] <= marks[0][0]:
+    marks = phase_marks(lines)
+    if len(marks) < 2 or marks[-1][2] <= marks[0][2]:
         return float("nan")
-    return (marks[-1][1] - marks[0][1]) / (marks[-1][0] - marks[0][0])
+    return (marks[-1][3] - marks[0][3]) / (marks[-1][2] - marks[0][2])
+
+
+#: A phase's guest duration may differ from what the host saw by serial latency and scheduling,
+#: but not by more than this factor plus this many seconds: beyond that the guest clock jumped.
+CLOCK_FACTOR = 2.0
+CLOCK_SLACK_S = 1.0
+
+
+def check_guest_clock(lines: list[Line]) -> str | None:
+    """Why the guest clock cannot be trusted for this run, or None.
+
+    In-guest rates divide by guest time; a clock that jumps (e.g. an emulated
+    TSC that once returns a wrong value) would silently turn into absurd rates.
+    """
+    marks = phase_marks(lines)
+    begins = {name: (host, guest) for name, what, host, guest in marks if what == "begin"}
+    for name, what, host, guest in marks:
+        if what != "end" or name not in begins:
+            continue
+        host_d, guest_d = host - begins[name][0], guest - begins[name][1]
+        if guest_d < 0 or guest_d > CLOCK_FACTOR * host_d + CLOCK_SLACK_S or \
+                host_d > CLOCK_FACTOR * guest_d + CLOCK_SLACK_S:
+            return (f"guest clock jumped: phase {name} took {guest_d:.3f} s by the guest clock "
+                    f"but {host_d:.3f} s by the host's")
+    return None
 
 
 # -- command lines ---------------------------------------------------------------------------------
@@ -288,6 +351,7 @@ def best(outcomes: list[Outcome]) -> dict[str, float]:
     out = {m: max(getattr(o.result, m) for o in outcomes) for m, _ in METRICS}
     out["boot_s"] = min(o.boot_s for o in outcomes)
     out["wall_s"] = min(o.wall_s for o in outcomes)
+    out["cpu_s"] = min(o.cpu_s for o in outcomes)
     return out
 
 
@@ -300,7 +364,8 @@ def format_table(by_vmm: dict[str, list[Outcome]]) -> str:
     width = max(18, *(len(h) for h in heads))
     rows = [f"{'':24}" + "".join(f"{h:>{width + 2}}" for h in heads)
             + "".join(f"{n + '/qemu':>{max(14, len(n) + 7)}}" for n in ratios)]
-    labels = [*METRICS, ("boot_s", "guest ready s (host)"), ("wall_s", "boot+run wall s")]
+    labels = [*METRICS, ("boot_s", "guest ready s (host)"), ("wall_s", "boot+run wall s"),
+              ("cpu_s", "VMM CPU s (host)")]
     for key, label in labels:
         row = f"{label:24}" + "".join(f"{bests[n][key]:>{width + 2},.2f}" for n in names)
         for n in ratios:
@@ -342,6 +407,8 @@ def main(argv: list[str] | None = None) -> int:
         return _run(args, vmms, workdir)
     except BenchError as e:
         print(f"blk.py: error: {e}", file=sys.stderr)
+        if not args.keep:
+            print("blk.py: (the work directory is removed; rerun with --keep to inspect the logs)", file=sys.stderr)
         return 1
     finally:
         if args.keep:
@@ -390,7 +457,7 @@ def _run(args: argparse.Namespace, vmms: list[str], workdir: Path) -> int:
             print(f"  {vmm:10} run {run}: seq write {r.seq_write_mibs:8.2f} MiB/s  seq read {r.seq_read_mibs:8.2f} "
                   f"MiB/s  rand read {r.rand_read_iops:8.1f} IOPS  rand write {r.rand_write_iops:8.1f} IOPS  "
                   f"[{o.transport}, {r.mode}, clock {o.clocksource}, guest/host clock {o.clock_ratio:.3f}, "
-                  f"wall {o.wall_s:.1f} s]", flush=True)
+                  f"wall {o.wall_s:.1f} s, CPU {o.cpu_s:.1f} s]", flush=True)
     print()
     print(f"best of {args.runs} run(s); accelerator: pyvmm {args.pyvmm_accel}, qemu tcg; "
           f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")

@@ -148,3 +148,48 @@ def test_command_lines_use_the_same_kernel_initrd_and_append(tmp_path):
     assert f"file={img},format=raw,if=virtio" in mmio and f"file={img},format=raw,if=virtio" in qemu
     assert f"virtio-blk-pci,file={img},format=raw" in pci
     assert qemu[:3] == ["qemu-system-x86_64", "-accel", "tcg"]
+
+
+def test_a_guest_clock_jump_fails_the_run():
+    """Seen on tcg: CLOCK_MONOTONIC jumped by ~5000 s inside one phase, which made rand_write_iops 0.0."""
+    good = [blk.Line(10.0, "BLKBENCH-PHASE rand_read begin t=11.319537"),
+            blk.Line(13.2, "BLKBENCH-PHASE rand_read end t=14.436387"),
+            blk.Line(13.3, "BLKBENCH-PHASE rand_write begin t=14.437703")]
+    assert blk.check_guest_clock(good) is None
+    bad = [*good, blk.Line(16.4, "BLKBENCH-PHASE rand_write end t=5372.707333")]
+    assert "phase rand_write took 5358" in blk.check_guest_clock(bad)
+    backwards = [*good, blk.Line(16.4, "BLKBENCH-PHASE rand_write end t=12.0")]
+    assert "guest clock jumped" in blk.check_guest_clock(backwards)
+
+
+def _fake_vmm(tmp_path, script: str, **kw):
+    return blk.run_vmm("fake", ["sh", "-c", script], kw.pop("timeout", 30), tmp_path / "fake.log", **kw)
+
+
+def test_run_vmm_accepts_a_good_run_and_names_the_transport(tmp_path):
+    lines = SAMPLE.replace("\r\n", "\n").replace("\n", "\\n")
+    o = _fake_vmm(tmp_path, f"printf '{lines}'", expect_transport="virtio-pci")
+    assert (o.transport, o.clocksource, o.result.rand_read_iops) == ("virtio-pci", "tsc", 462.4)
+    assert o.wall_s >= o.boot_s > 0 and (tmp_path / "fake.log").read_text().startswith("pyvmm guest")
+
+
+@pytest.mark.parametrize("tail, message", [
+    ("echo 'pyvmm-guest: exit status 0'; exit 3", "VMM exited with status 3"),
+    ("echo 'pyvmm-guest: exit status 1'", "exit status 1"),
+])
+def test_run_vmm_failures_are_errors(tmp_path, tail, message):
+    lines = SAMPLE.replace("pyvmm-guest: exit status 0\r\n", "").replace("\r\n", "\\n")
+    with pytest.raises(blk.BenchError, match=message):
+        _fake_vmm(tmp_path, f"printf '{lines}'; {tail}")
+    with pytest.raises(blk.BenchError, match="expected virtio-mmio"):
+        _fake_vmm(tmp_path, f"printf '{SAMPLE}'", expect_transport="virtio-mmio")
+
+
+def test_run_vmm_kills_a_vmm_that_hangs_after_poweroff(tmp_path, monkeypatch):
+    monkeypatch.setattr(blk, "POWEROFF_GRACE_S", 1.0)
+    t0 = blk.time.monotonic()
+    with pytest.raises(blk.BenchError, match="did not exit within 1 s"):
+        _fake_vmm(tmp_path, "echo 'pyvmm-guest: exit status 0'; exec sleep 60")
+    assert blk.time.monotonic() - t0 < 10
+    with pytest.raises(blk.BenchError, match="no result within 1 s"):
+        _fake_vmm(tmp_path, "exec sleep 60", timeout=1)

@@ -105,21 +105,26 @@ class Daemon:
                 self.proc.kill()
                 self.proc.wait(5)
 
-    def vm_pids(self) -> list[int]:
-        """pids of VM processes the store knows about (works while the daemon is dead)."""
+    def vm_records(self) -> list[tuple[str, int]]:
+        """(uuid, pid) of the VM processes the store knows about (readable while the daemon is dead)."""
         db = self.state_dir / "pyvmmd.sqlite3"
         if not db.exists():
             return []
         with contextlib.closing(sqlite3.connect(str(db))) as con:
-            return [r[0] for r in con.execute("SELECT pid FROM runtime")]
+            return [(r[0], r[1]) for r in con.execute("SELECT uuid, pid FROM runtime")]
+
+    def vm_pids(self) -> list[int]:
+        return [pid for _, pid in self.vm_records()]
 
     def cleanup(self) -> None:
-        pids = self.vm_pids()
+        """Stop the daemon and kill every VM it left (a stopped daemon leaves its VMs running, by design)."""
+        records = self.vm_records()
         self.stop()
-        for pid in pids:
-            cmdline = Path(f"/proc/{pid}/cmdline")
+        records += [r for r in self.vm_records() if r not in records]
+        for uuid, pid in records:
             with contextlib.suppress(OSError):
-                if str(self.state_dir).encode() in cmdline.read_bytes():
+                # Only a process that still names this VM's uuid (pids are reused).
+                if uuid.encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
                     os.kill(pid, signal.SIGKILL)
 
 

@@ -416,10 +416,10 @@ def test_cpuid_msrs_and_tsc_frequency() -> None:
     """
     _, vals = _guest(src)
     ecx1, edx1, a15, b15, c15, apic_base, arch_caps, tsc_hi = vals
-    for bit, name in ((26, "xsave"), (27, "osxsave"), (28, "avx"), (21, "x2apic"), (24, "tsc-deadline"),
-                      (3, "monitor")):
+    for bit, name in ((26, "xsave"), (27, "osxsave"), (28, "avx"), (21, "x2apic"), (3, "monitor")):
         assert not ecx1 & (1 << bit), name
     assert ecx1 & (1 << 31)                   # hypervisor
+    assert ecx1 & (1 << 24)                   # TSC-deadline timer
     assert edx1 & (1 << 9) and edx1 & (1 << 4)  # APIC, TSC
     assert a15 == 1 and c15 == 25_000_000 and c15 * b15 == 2_000_000_000
     assert apic_base == 0xFEE00900            # enabled, BSP
@@ -544,3 +544,62 @@ def test_host_writes_to_translated_code_are_invalidated() -> None:
     assert _code_rewrite_run(invalidate=True) == [1, 2, 2]
     # without the notification unicorn keeps running its stale translation (why the API exists)
     assert _code_rewrite_run(invalidate=False) == [1, 1, 1]
+
+
+def test_lapic_tsc_deadline_timer() -> None:
+    src = r"""
+    .code64
+        movabs $0xfee00000, %rbx
+        movl $0x1ff, 0xf0(%rbx)
+        movl $0x40040, 0x320(%rbx)     # LVT timer: TSC-deadline mode, vector 0x40
+        rdtsc
+        shl $32, %rdx
+        or %rdx, %rax
+        mov %rax, %r12
+        add $200000000, %rax           # +100 ms at 2 GHz
+        mov %rax, %rdx
+        shr $32, %rdx
+        mov $0x6e0, %ecx
+        wrmsr
+        rdmsr                          # armed: reads back the deadline
+        shl $32, %rdx
+        or %rdx, %rax
+        sub %r12, %rax
+        shr $20, %rax
+        out %eax, $0xe0
+        sti
+    2:  hlt
+        cmpl $0, count(%rip)
+        je 2b
+        rdtsc
+        shl $32, %rdx
+        or %rdx, %rax
+        sub %r12, %rax
+        mov $2000000, %ecx
+        xor %edx, %edx
+        div %rcx
+        out %eax, $0xe0                # elapsed ms
+        mov $0x6e0, %ecx
+        rdmsr                          # fired: reads 0
+        or %edx, %eax
+        out %eax, $0xe0
+        out %eax, $0xe4
+    1:  hlt
+        jmp 1b
+    timer_handler:
+        movl $1, count(%rip)
+        movl $0, 0xb0(%rbx)
+        iretq
+    .align 8
+    count: .long 0
+    """
+
+    def setup(h, syms, st):
+        _map_apic_window(h)
+        h.set_idt64(0x40, syms["timer_handler"])
+
+    _, vals = _guest(src, setup)
+    armed, elapsed_ms, after = vals
+    assert armed == 200000000 >> 20
+    assert 98 <= elapsed_ms <= 300, elapsed_ms
+    assert after == 0

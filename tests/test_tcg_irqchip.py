@@ -190,3 +190,19 @@ def test_irqchip_self_ipi_and_masked_lint0() -> None:
         io.write(port, 1, val)
     chip.set_irq(1, True)
     assert not cpu.intr
+
+
+def test_lapic_tsc_deadline_mode() -> None:
+    la, _, clock, sched = make_lapic()
+    la.write_reg(Reg.LVT_TIMER, 0x45 | (2 << 17))
+    la.set_tsc_deadline(clock.now + 5_000_000)
+    sched.advance(4_000_000)
+    assert la.irr == 0 and la.read_reg(Reg.TMCCT) == 0
+    sched.advance(2_000_000)
+    assert la.irr == 1 << 0x45
+    la.ack()
+    la.write_reg(Reg.EOI, 0)
+    la.set_tsc_deadline(clock.now + 1_000_000)
+    la.set_tsc_deadline(None)                        # writing 0 disarms
+    sched.advance(5_000_000)
+    assert la.irr == 0

@@ -85,12 +85,19 @@ static void set_desc(int i, u32 addr, u32 len, u16 flags, u16 next) {
     dt[i].addr = addr; dt[i].len = len; dt[i].flags = flags; dt[i].next = next;
 }
 
-/* One request; returns the used length or -1 on timeout. */
+static u8 codebuf[4096] __attribute__((aligned(4096)));
+typedef u32 (*code_fn)(void);
+
+/* One request on buffer `data`; returns the used length or -1 on timeout. */
+static int do_req_buf(u8 *data, u32 type, u32 sector, u32 len, int device_writes);
 static int do_req(u32 type, u32 sector, u32 len, int device_writes) {
+    return do_req_buf(buf, type, sector, len, device_writes);
+}
+static int do_req_buf(u8 *data, u32 type, u32 sector, u32 len, int device_writes) {
     hdr.type = type; hdr.reserved = 0; hdr.sector = sector;
     status = 0xff;
     set_desc(0, (u32)&hdr, 16, 1, 1);
-    set_desc(1, (u32)buf, len, (device_writes ? 2 : 0) | 1, 2);
+    set_desc(1, (u32)data, len, (device_writes ? 2 : 0) | 1, 2);
     set_desc(2, (u32)&status, 1, 2, 0);
     u16 want = (u16)(used.idx + 1);
     avail.ring[avail.idx % 8] = 0;
@@ -149,6 +156,18 @@ void guest_main(u32 magic, const u32 *mbi) {
     mmio_write32(R(0x44), 1);
     mmio_write32(R(0x70), 3 | 8 | 4);
 
+    if (cmdline_get_num(cmdline, "codetest", 0)) {
+        /* Run code written by the CPU, then overwrite it by DMA (a disk read) and run it again:
+         * a software CPU must not execute the stale translation ("mov eax, 1; ret"). */
+        static const u8 one[6] = {0xb8, 1, 0, 0, 0, 0xc3};
+        memcpy(codebuf, one, sizeof(one));
+        u32 a = ((code_fn)(uptr)codebuf)();
+        int n2 = do_req_buf(codebuf, 0, 4, 512, 1);  /* sector 4 holds "mov eax, 2; ret" */
+        u32 b = ((code_fn)(uptr)codebuf)();
+        report_dec("code_before", a);
+        report_dec("code_after", b);
+        debug_exit((u8)((a == 1) | ((b == 2) << 1) | ((n2 == 513) << 2)));
+    }
     u32 bench = (u32)cmdline_get_num(cmdline, "bench", 0);
     if (bench) {
         /* "bench=N": N polled 512-byte reads, then exit with the number of failures (0 = ok) */
@@ -330,3 +349,19 @@ def test_guest_shared_gsi_fifth_device(virtio_guest, tmp_path, accel):
     assert r.returncode == debug_exit_status(ALL), f"rc={r.returncode}\n{out}\n{r.stderr[-3000:]}"
     assert "irqs=17" in out, out
     assert disk.read_bytes()[1024:1536] == bytes((0xA5 ^ i) & 0xFF for i in range(512))
+
+
+@pytest.mark.parametrize("accel", ["kvm", "tcg"])
+def test_guest_runs_code_loaded_by_dma(virtio_guest, tmp_path, accel):
+    """Code the CPU already executed is replaced by a virtio-blk read: the new code must run
+    (on tcg the device reports its writes so translated code is dropped)."""
+    if accel == "kvm" and not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        pytest.fail("/dev/kvm is not usable: this test needs KVM", pytrace=False)
+    disk = make_disk(tmp_path)
+    data = bytearray(disk.read_bytes())
+    data[4 * 512:4 * 512 + 6] = bytes([0xB8, 2, 0, 0, 0, 0xC3])  # mov eax, 2; ret
+    disk.write_bytes(bytes(data))
+    log = tmp_path / "serial.log"
+    r = run(accel, virtio_guest, disk, append="codetest=1", serial=f"file:{log}")
+    out = log.read_text(errors="replace") if log.exists() else ""
+    assert r.returncode == debug_exit_status(7), f"rc={r.returncode}\n{out}\n{r.stderr[-3000:]}"

@@ -148,3 +148,61 @@ def test_register_fuzz(setup):
             mmio.read(bars[bar] + off, size)
         if t.mapped_bars() != bars:  # nothing on the BARs can move the BARs
             raise AssertionError("BARs moved")
+
+
+class RecordingVm:
+    """Stands in for pyvmm.kvm.vm.Vm's ioeventfd bookkeeping (the real ioctl is covered in test_pci_kvm)."""
+
+    def __init__(self):
+        self.live: set[tuple[int, int]] = set()
+
+    def ioeventfd(self, fd, addr, length, pio, datamatch=None, deassign=False):
+        assert length == 2 and not pio and datamatch is None
+        key = (fd, addr)
+        if deassign:
+            assert key in self.live
+            self.live.remove(key)
+        else:
+            assert key not in self.live
+            self.live.add(key)
+
+
+def test_ioeventfds_follow_bar_moves(setup):
+    import os
+
+    from pyvmm.loop import MainLoop
+
+    mem, io, mmio, host, msis = setup
+    t, slot = _plug(mem, host, msix=False)
+    vm = RecordingVm()
+    loop = MainLoop("kick")
+    loop.start_thread()
+    try:
+        t.attach_ioeventfds(vm, loop)
+        base = t.mapped_bars()[4]
+        assert {a for _, a in vm.live} == {base + 0x3000}
+        pci = GuestPci(io, mmio)
+        pci.cfg_write(slot, 0x20, 4, 0xD000_0000)  # guest moves BAR 4
+        assert {a for _, a in vm.live} == {0xD000_3000}
+        pci.cfg_write(slot, 0x04, 2, 0)  # decoding off: nothing registered
+        assert vm.live == set()
+        pci.cfg_write(slot, 0x04, 2, 2)
+        assert {a for _, a in vm.live} == {0xD000_3000}
+        # a signalled eventfd runs the queue on the loop, like a notify write
+        drv = VirtioPciDriver(pci, slot)
+        drv.init(VERSION_1)
+        ring = Ring(mem, 0x10000, 16)
+        drv.setup_queue(0, ring)
+        drv.driver_ok()
+        ring.add([(0x20000, 32, True)])
+        os.eventfd_write(next(iter(vm.live))[0], 1)
+        for _ in range(500):
+            if ring.used_idx() == 1:
+                break
+            import time
+            time.sleep(0.01)
+        assert ring.used_idx() == 1
+        t.detach_ioeventfds()
+        assert vm.live == set()
+    finally:
+        loop.stop_thread()

@@ -281,3 +281,23 @@ def test_zero_length_descriptor_allowed(env):
     dq.add([(alloc(4), 0, False), (alloc(4), 4, DESC_WRITE == 2)])
     chain = vq.pop()
     assert chain.read_len == 0 and chain.write_len == 4
+
+
+def test_dma_hook_reports_writable_ranges_on_release(env):
+    _mem, alloc, dq, vq = env
+    activate(vq)
+    seen = []
+    vq.dma_hook = lambda gpa, n: seen.append((gpa, n))
+    a, b, c = alloc(16), alloc(512), alloc(1)
+    dq.add([(a, 16, False), (b, 512, True), (c, 1, True)])
+    chain = vq.pop()
+    assert seen == []  # nothing reported before the device is done
+    chain.release()
+    assert seen == [(b, 512), (c, 1)]
+    chain.release()
+    assert seen == [(b, 512), (c, 1)]  # once only
+    # a chain that fails validation reports nothing
+    dq.add([(alloc(8), 8, True), ((4 << 20) - 4, 8, True)])
+    with pytest.raises(VirtqueueError):
+        vq.pop()
+    assert len(seen) == 2

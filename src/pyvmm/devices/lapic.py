@@ -3,7 +3,8 @@
 Models what a single-socket guest uses: IRR/ISR/TMR with TPR/PPR
 prioritisation, EOI (with EOI broadcast to the I/O APIC for level-triggered
 vectors), the spurious-vector register's software enable, the LVT entries,
-the timer in one-shot and periodic mode driven by host monotonic time, and
+the timer in one-shot, periodic and TSC-deadline mode driven by host
+monotonic time (the IA32_TSC_DEADLINE MSR arrives via :meth:`Lapic.set_tsc_deadline`), and
 the ICR for fixed IPIs (including self-IPIs).  INIT/SIPI/NMI IPIs are
 accepted and recorded for the accelerator; with one vCPU they are not needed.
 
@@ -123,6 +124,7 @@ class Lapic:
         self.tmict = 0
         self.tdcr = 0
         self.timer_start_ns = 0
+        self.tsc_deadline_ns: int | None = None
         self.pending_nmi = 0
         self.pending_init = 0
 
@@ -220,7 +222,7 @@ class Lapic:
         return max(1, self.tmict * self._divide() * NS // self.bus_hz)
 
     def current_count(self, now: int | None = None) -> int:
-        if self.tmict == 0:
+        if self.tmict == 0 or self._timer_mode() == TIMER_TSC_DEADLINE:
             return 0
         now = self._clock() if now is None else now
         ticks = (now - self.timer_start_ns) * self.bus_hz // (NS * self._divide())
@@ -228,11 +230,21 @@ class Lapic:
             return self.tmict - (ticks % self.tmict)
         return max(0, self.tmict - ticks)
 
+    def set_tsc_deadline(self, deadline_ns: int | None) -> None:
+        """The CPU wrote IA32_TSC_DEADLINE (converted to host time); 0/None disarms."""
+        self.tsc_deadline_ns = deadline_ns
+        if self._timer_mode() == TIMER_TSC_DEADLINE:
+            self._arm_timer()
+
     def _arm_timer(self) -> None:
         if self._timer is not None:
             self._sched.cancel(self._timer)
             self._timer = None
-        if self.tmict == 0 or self._timer_mode() == TIMER_TSC_DEADLINE:
+        if self._timer_mode() == TIMER_TSC_DEADLINE:
+            if self.tsc_deadline_ns is not None:
+                self._timer = self._sched.schedule(self.tsc_deadline_ns, self._timer_expired)
+            return
+        if self.tmict == 0:
             return
         now = self._clock()
         period = self._period_ns()
@@ -249,6 +261,8 @@ class Lapic:
     def _timer_expired(self) -> None:
         self._timer = None
         self.timer_fired += 1
+        if self._timer_mode() == TIMER_TSC_DEADLINE:
+            self.tsc_deadline_ns = None        # one shot per write, as on hardware
         self.local_interrupt(Reg.LVT_TIMER)
         if self._timer_mode() == TIMER_PERIODIC:
             self._arm_timer()

@@ -268,6 +268,11 @@ class UserspaceIrqchip:
             self._update(index)
             return v
 
+    def set_tsc_deadline(self, index: int, deadline_ns: int | None) -> None:
+        """IA32_TSC_DEADLINE of CPU ``index`` now means host time ``deadline_ns`` (None: disarmed)."""
+        with self.lock:
+            self.lapics[index].set_tsc_deadline(deadline_ns)
+
     def set_apic_global_enable(self, index: int, enabled: bool) -> None:
         with self.lock:
             self.apic_global_enable[index] = enabled

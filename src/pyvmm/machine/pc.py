@@ -190,6 +190,7 @@ class PcMachine:
         assert self.boot is not None
         self.accel.set_boot_state(self.boot.cpu, start_aps=False)
         self.virtio.attach_accelerator(self.accel)  # ioeventfds on KVM (again after accel.reset())
+        self.pci.attach_accelerator(self.accel)  # virtio-pci notify ioeventfds on KVM
         if not start:  # reset while paused: stay stopped until QMP 'cont', as QEMU does
             self._set_state(RunState.PRELAUNCH)
             return

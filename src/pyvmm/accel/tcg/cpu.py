@@ -112,6 +112,9 @@ class TcgVcpu:
         v.uc = ffi.cast("void *", uc._uch.value)
         self._ack_cb = ffi.callback("int(struct pv_vcpu *)", self._ack, onerror=self._ack_error)
         v.ack = self._ack_cb
+        self._deadline_cb = ffi.callback("void(struct pv_vcpu *)", self._tsc_deadline_written,
+                                         onerror=self._ack_error)
+        v.deadline_written = self._deadline_cb
         v.tsc_hz = self.tsc_hz
         v.apic_base = 0xFEE00000 | (1 << 11) | ((1 << 8) if self.index == 0 else 0)
         lib.pv_tsc_set(v, 0)
@@ -215,6 +218,15 @@ class TcgVcpu:
 
     def _ack(self, v) -> int:
         return self.intc.ack(self.index)
+
+    def _tsc_deadline_written(self, v) -> None:
+        """IA32_TSC_DEADLINE written: tell the LAPIC when (host time) that TSC value is reached."""
+        deadline = v.tsc_deadline
+        when = None
+        if deadline:
+            delta = deadline - v.tsc_at_epoch
+            when = v.tsc_epoch_ns + max(0, delta) * 1_000_000_000 // self.tsc_hz
+        self.intc.set_tsc_deadline(self.index, when)
 
     def _ack_error(self, exc_type, exc, tb) -> None:
         log.error("tcg: interrupt acknowledge failed: %s", exc)

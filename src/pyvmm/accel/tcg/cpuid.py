@@ -2,7 +2,7 @@
 
 Start from what unicorn's CPU model reports (its TCG can execute those
 instructions), then remove what this accelerator does not emulate (AVX and
-XSAVE state, x2APIC, TSC-deadline, MONITOR/MWAIT, PCID/INVPCID, 5-level
+XSAVE state, x2APIC, MONITOR/MWAIT, PCID/INVPCID, 5-level
 paging, virtualization extensions, performance monitoring) and add what a
 PC guest needs to run without special kernel options:
 
@@ -40,9 +40,10 @@ class TimeBase:
 
 # leaf 1 ECX / EDX bits
 _ECX1_REMOVE = ((1 << 3) | (1 << 4) | (1 << 5) | (1 << 6) | (1 << 7) | (1 << 8) | (1 << 2) | (1 << 12)
-                | (1 << 15) | (1 << 17) | (1 << 18) | (1 << 21) | (1 << 24) | (1 << 26) | (1 << 27)
+                | (1 << 15) | (1 << 17) | (1 << 18) | (1 << 21) | (1 << 26) | (1 << 27)
                 | (1 << 28) | (1 << 29))
 _ECX1_HYPERVISOR = 1 << 31
+_ECX1_TSC_DEADLINE = 1 << 24      # the LAPIC timer's TSC-deadline mode is emulated
 _EDX1_REMOVE = (1 << 21) | (1 << 22) | (1 << 28) | (1 << 29) | (1 << 31)
 _EDX1_APIC = 1 << 9
 # leaf 7.0 EBX: keep FSGSBASE(0), BMI1(3), SMEP(7), BMI2(8), ERMS(9), ADX(19), SMAP(20), CLFLUSHOPT(23),
@@ -95,7 +96,7 @@ def build_table(native, cpu_index: int, ncpus: int, time_base: TimeBase,
     e[(0, -1)] = (t.max_basic,) + VENDOR_INTEL
 
     a, b, c, d = native(1, 0)
-    c = (c & ~_ECX1_REMOVE) | _ECX1_HYPERVISOR
+    c = (c & ~_ECX1_REMOVE) | _ECX1_HYPERVISOR | _ECX1_TSC_DEADLINE
     d = (d & ~_EDX1_REMOVE) | _EDX1_APIC
     logical = 1 if ncpus == 1 else 0
     b = (b & 0x0000FFFF) | (cpu_index << 24) | (logical << 16)
@@ -159,6 +160,7 @@ _FEATURE_BITS = {
     "arch-capabilities": (7, 0, 3, 29), "nx": (0x80000001, -1, 3, 20), "pdpe1gb": (0x80000001, -1, 3, 26),
     "rdtscp": (0x80000001, -1, 3, 27), "lahf_lm": (0x80000001, -1, 2, 0), "abm": (0x80000001, -1, 2, 5),
     "invtsc": (0x80000007, -1, 3, 8), "tsc_adjust": (7, 0, 1, 1),
+    "tsc-deadline": (1, -1, 2, 24),
 }
 
 

@@ -50,6 +50,7 @@ struct pv_vcpu {
     char *cs;
     char *env;
     int (*ack)(struct pv_vcpu *v);
+    void (*deadline_written)(struct pv_vcpu *v);
     int irq_request;
     int last_exception;
     uint64_t tsc_hz;

@@ -389,9 +389,12 @@ PV_HIDDEN int pv_msr_filter(char *env, int is_write)
         if (is_write) {
             v->tsc_deadline = val;
             v->tsc_deadline_writes++;
+            if (v->deadline_written)
+                v->deadline_written(v);    /* the LAPIC (Python) arms or disarms its timer */
             return 1;
         }
-        out = v->tsc_deadline;
+        /* reads as 0 once the deadline has passed (the timer has fired) */
+        out = (v->tsc_deadline && pv_tsc_now(v) < v->tsc_deadline) ? v->tsc_deadline : 0;
         break;
     case MSR_TSC_ADJUST:
         if (is_write) {

@@ -24,6 +24,7 @@ struct pv_vcpu {
     char *cs;
     char *env;
     int (*ack)(struct pv_vcpu *v);   /* take the highest deliverable vector, or -1 */
+    void (*deadline_written)(struct pv_vcpu *v);  /* IA32_TSC_DEADLINE was written */
     volatile int irq_request;        /* the irqchip's INTR output towards this vCPU */
     int last_exception;
     uint64_t tsc_hz;

@@ -46,6 +46,7 @@ class PciBoard:
         self.netdevs: dict[str, NetdevSpec] = {}
         self._used_netdevs: set[str] = set()
         self._used_drives: set[str] = set()
+        self._kvm_vm: object | None = None
 
     # -- configuration ----------------------------------------------------------------------------------
     def add_netdev(self, spec: NetdevSpec) -> None:
@@ -157,7 +158,21 @@ class PciBoard:
         """Assign BARs and enable decoding (before each boot; reset clears them)."""
         self.host.assign_resources()
 
+    def attach_accelerator(self, accel: object) -> None:
+        """On KVM: notify writes of virtio-pci devices go to ioeventfds (again after each VM reset)."""
+        vm = getattr(accel, "vm", None)
+        if vm is None or not hasattr(vm, "ioeventfd") or vm is self._kvm_vm:
+            return
+        for dev in self.host.devices.values():
+            if isinstance(dev, VirtioPci):
+                dev.attach_ioeventfds(vm, self._loop())
+        self._kvm_vm = vm
+
     def reset(self) -> None:
+        for dev in self.host.devices.values():  # the VM is about to be replaced: deregister first
+            if isinstance(dev, VirtioPci):
+                dev.detach_ioeventfds()
+        self._kvm_vm = None
         self.host.reset()
 
     def close(self) -> None:

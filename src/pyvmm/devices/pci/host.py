@@ -205,11 +205,17 @@ class PciDevice:
                 del self._mapped[index]
             if want is not None and self.host.map_bar(self, index, spec, want[1], self._windows[index]):
                 self._mapped[index] = want
+            self.bar_moved(index, self._mapped.get(index, (False, None))[1])
+
+    def bar_moved(self, index: int, base: int | None) -> None:
+        """Subclass hook (config lock held): BAR ``index`` is now decoded at ``base`` (None: not decoded)."""
 
     def unmap_all(self) -> None:
         if self.host is not None:
             for index, (is_io, _base) in list(self._mapped.items()):
                 self.host.unmap_bar(self._windows[index], is_io)
+                del self._mapped[index]
+                self.bar_moved(index, None)
         self._mapped.clear()
 
     def mapped_bars(self) -> dict[int, int]:

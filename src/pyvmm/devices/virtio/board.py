@@ -163,10 +163,15 @@ class VirtioMmioBoard:
     def attach_accelerator(self, accel: object) -> None:
         """Register ioeventfds and irqfds with a KVM VM (again after each accelerator reset).
 
-        No-op for accelerators without a KVM VM (tcg): kicks arrive as MMIO exits and
-        interrupts go through the machine's IrqLine.  If the kernel refuses an irqfd
-        (no resample support), that device keeps its IrqLine (KVM_IRQ_LINE).
+        On tcg (an accelerator with ``invalidate_code``) every device gets it as its DMA
+        hook; kicks arrive as MMIO exits and interrupts go through the machine's IrqLine.
+        If the kernel refuses an irqfd (no resample support), that device keeps its IrqLine
+        (KVM_IRQ_LINE).
         """
+        invalidate = getattr(accel, "invalidate_code", None)
+        if invalidate is not None:  # tcg: DMA writes must drop translated code
+            for t, _, _ in self.transports:
+                t.device.set_dma_hook(invalidate)
         vm = getattr(accel, "vm", None)
         if vm is None or not hasattr(vm, "ioeventfd") or vm is self._kvm_vm:
             return

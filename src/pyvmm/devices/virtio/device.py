@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from enum import IntEnum, IntFlag
 from typing import Protocol
 
@@ -116,6 +117,15 @@ class VirtioDevice:
     def bind(self, interrupt: VirtioInterrupt) -> None:
         """Called once by the transport that owns this device."""
         self.interrupt = interrupt
+
+    def set_dma_hook(self, hook: Callable[[int, int], None] | None) -> None:
+        """Report every guest range this device writes (see :attr:`Virtqueue.dma_hook`).
+
+        The machine passes the tcg accelerator's ``invalidate_code`` here; the device itself
+        never learns what the hook is for.
+        """
+        for q in self.queues:
+            q.dma_hook = hook
 
     # -- features and status -------------------------------------------------------------------
     def has_feature(self, bit: int) -> bool:

@@ -31,7 +31,7 @@ import struct
 from enum import IntEnum
 
 from pyvmm.block.iov import iov_from_bytes, iov_to_bytes
-from pyvmm.devices.virtio.device import DeviceId, VirtioDevice
+from pyvmm.devices.virtio.device import DeviceId, Status, VirtioDevice
 from pyvmm.devices.virtio.queue import Virtqueue
 from pyvmm.loop import MainLoop
 from pyvmm.memory import GuestMemory
@@ -120,7 +120,7 @@ class VirtioNet(VirtioDevice):
             self.process_queue(RX)
 
     def _live(self) -> bool:
-        return bool(self.status & 4) and not self.status & 0x40 and self.queues[RX].ready
+        return bool(self.status & Status.DRIVER_OK) and not self.status & Status.NEEDS_RESET and self.queues[RX].ready
 
     def _next_frame(self) -> bytes | None:
         frame = self._rx_pending

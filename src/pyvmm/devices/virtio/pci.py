@@ -26,6 +26,7 @@ likewise; a live queue's addresses cannot be changed.
 from __future__ import annotations
 
 import logging
+import os
 import struct
 import threading
 
@@ -33,6 +34,8 @@ from pyvmm.devices.pci.config import BarKind, BarSpec, CapId, Reg, access_ok
 from pyvmm.devices.pci.host import PciDevice
 from pyvmm.devices.pci.msix import NO_VECTOR
 from pyvmm.devices.virtio.device import DeviceId, VirtioDevice
+from pyvmm.errors import PyvmmError
+from pyvmm.loop import MainLoop
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +134,10 @@ class VirtioPci(PciDevice):
         self.queue_select = 0
         self.config_vector = NO_VECTOR
         self.queue_vectors = [NO_VECTOR] * nq
+        self._kvm_vm = None
+        self._kick_fds: list[int] = []
+        self._kick_loop: MainLoop | None = None
+        self._ioeventfd_base: int | None = None
         device.bind(self)
 
     # -- VirtioInterrupt ---------------------------------------------------------------------------------
@@ -318,6 +325,65 @@ class VirtioPci(PciDevice):
         c = self._pci_cfg
         return self.config.get(c + 4, 1), self.config.get(c + 8, 4), self.config.get(c + 12, 4)
 
+    # -- KVM ioeventfd fast path ------------------------------------------------------------------------------
+    def attach_ioeventfds(self, vm, loop: MainLoop) -> None:
+        """Let notify writes signal eventfds read on ``loop`` instead of exiting to userspace.
+
+        ``vm`` has ``ioeventfd(fd, addr, length, pio, datamatch=None, deassign=False)`` (pyvmm.kvm.vm.Vm).
+        One eventfd per queue is registered for 2-byte writes to that queue's notify address,
+        and moved whenever BAR 4 moves.  Other accesses still exit and take the normal path.
+        """
+        with self.cfg_lock:
+            self._set_ioeventfds(None)
+            self._kvm_vm = vm
+            if not self._kick_fds:
+                for q in range(len(self.device.queues)):
+                    fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+                    loop.add_reader(fd, self._make_kick(fd, q))
+                    self._kick_fds.append(fd)
+                self._kick_loop = loop
+            self._set_ioeventfds(self.mapped_bars().get(REGS_BAR))
+
+    def detach_ioeventfds(self) -> None:
+        """Deregister from the VM (before it goes away, e.g. on machine reset); the eventfds stay."""
+        with self.cfg_lock:
+            self._set_ioeventfds(None)
+            self._kvm_vm = None
+
+    def _make_kick(self, fd: int, queue: int):
+        dev = self.device
+
+        def on_kick() -> None:
+            try:
+                os.eventfd_read(fd)
+            except BlockingIOError:
+                return
+            dev.process_queue(queue)
+        return on_kick
+
+    def _set_ioeventfds(self, base: int | None) -> None:
+        vm = self._kvm_vm
+        if vm is None or base == self._ioeventfd_base:
+            return
+        for deassign, at in ((True, self._ioeventfd_base), (False, base)):
+            if at is None:
+                continue
+            try:
+                for q, fd in enumerate(self._kick_fds):
+                    vm.ioeventfd(fd, at + NOTIFY_OFFSET + NOTIFY_MULTIPLIER * q, 2, pio=False, deassign=deassign)
+            except PyvmmError as e:
+                log.info("%s: ioeventfd %s at %#x failed (%s); notifications exit to userspace",
+                         self.name, "removal" if deassign else "registration", at, e)
+                if not deassign:
+                    return
+        self._ioeventfd_base = base
+        if base is not None:
+            log.debug("%s: notify ioeventfds at %#x", self.name, base + NOTIFY_OFFSET)
+
+    def bar_moved(self, index: int, base: int | None) -> None:
+        if index == REGS_BAR:
+            self._set_ioeventfds(base)
+
     # -- life cycle ----------------------------------------------------------------------------------------------
     def device_reset(self) -> None:
         with self.device.lock:
@@ -325,6 +391,13 @@ class VirtioPci(PciDevice):
             self._reset_transport()
 
     def close(self) -> None:
+        with self.cfg_lock:
+            self._set_ioeventfds(None)
+            for fd in self._kick_fds:
+                if self._kick_loop is not None:
+                    self._kick_loop.remove_reader(fd)
+                os.close(fd)
+            self._kick_fds = []
         self.device.close()
 
 

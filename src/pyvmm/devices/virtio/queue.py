@@ -26,6 +26,7 @@ device) touches it only with the device lock held, from one thread at a time.
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import IntFlag
 
@@ -75,9 +76,21 @@ class DescChain:
     writable: list[memoryview] = field(default_factory=list)
     read_len: int = 0
     write_len: int = 0
+    #: (gpa, length) of the device-writable buffers, kept only when the queue has a dma_hook.
+    written_ranges: list[tuple[int, int]] = field(default_factory=list)
+    dma_hook: Callable[[int, int], None] | None = None
 
     def release(self) -> None:
-        """Drop the views (so guest memory mappings are not pinned by stale exports)."""
+        """Done with the buffers: report device-writable ranges to the DMA hook, drop the views.
+
+        Devices call this before pushing the chain to the used ring, so a software CPU has
+        dropped translated code for the written memory before the driver can use it.
+        """
+        hook = self.dma_hook
+        if hook is not None:
+            self.dma_hook = None
+            for gpa, length in self.written_ranges:
+                hook(gpa, length)
         for v in self.readable:
             v.release()
         for v in self.writable:
@@ -102,6 +115,10 @@ class Virtqueue:
         self.index = index
         self.max_size = max_size
         self.max_chain_bytes = max_chain_bytes
+        #: Called with (gpa, length) for each device-writable buffer when its chain is released.
+        #: The machine sets it to the tcg accelerator's invalidate_code (unicorn does not see
+        #: host writes to guest RAM); None on KVM.  Survives device resets.
+        self.dma_hook: Callable[[int, int], None] | None = None
         self.reset()
 
     def reset(self) -> None:
@@ -195,7 +212,8 @@ class Virtqueue:
     def _walk(self, head: int) -> DescChain:
         mem = self.memory
         n = self.size
-        chain = DescChain(head)
+        chain = DescChain(head, dma_hook=self.dma_hook)
+        track = self.dma_hook is not None
         table, limit, idx = self.desc_addr, n, head
         in_indirect = False
         seen_write = False
@@ -236,6 +254,8 @@ class Virtqueue:
                     seen_write = True
                     chain.writable.append(view)
                     chain.write_len += length
+                    if track and length:
+                        chain.written_ranges.append((addr, length))
                 else:
                     if seen_write:
                         view.release()
@@ -249,6 +269,7 @@ class Virtqueue:
                     raise VirtqueueError(f"queue {self.index}: next index {nxt} >= table size {limit}")
                 idx = nxt
         except BaseException:
+            chain.dma_hook = None  # nothing was written
             chain.release()
             raise
 
