@@ -42,6 +42,7 @@ import re
 import resource
 import shlex
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -346,19 +347,23 @@ def fresh_image(path: Path, size_mib: int) -> Path:
 
 
 # -- report ----------------------------------------------------------------------------------------
-def best(outcomes: list[Outcome]) -> dict[str, float]:
-    """Best of each metric over the runs (max throughput, min times)."""
-    out = {m: max(getattr(o.result, m) for o in outcomes) for m, _ in METRICS}
-    out["boot_s"] = min(o.boot_s for o in outcomes)
-    out["wall_s"] = min(o.wall_s for o in outcomes)
-    out["cpu_s"] = min(o.cpu_s for o in outcomes)
+def best(outcomes: list[Outcome], stat: str = "best") -> dict[str, float]:
+    """Each metric over the runs: the best (max throughput, min times) or the median."""
+    def pick(values: list[float], higher_is_better: bool) -> float:
+        if stat == "median":
+            return statistics.median(values)
+        return max(values) if higher_is_better else min(values)
+
+    out = {m: pick([getattr(o.result, m) for o in outcomes], True) for m, _ in METRICS}
+    for key in ("boot_s", "wall_s", "cpu_s"):
+        out[key] = pick([getattr(o, key) for o in outcomes], False)
     return out
 
 
-def format_table(by_vmm: dict[str, list[Outcome]]) -> str:
+def format_table(by_vmm: dict[str, list[Outcome]], stat: str = "best") -> str:
     """One column per VMM configuration, then pyvmm/QEMU ratios when QEMU ran too."""
     names = list(by_vmm)
-    bests = {n: best(by_vmm[n]) for n in names}
+    bests = {n: best(by_vmm[n], stat) for n in names}
     heads = [f"{n} ({by_vmm[n][0].transport})" for n in names]
     ratios = [n for n in names if n.startswith("pyvmm")] if "qemu" in names else []
     width = max(18, *(len(h) for h in heads))
@@ -377,7 +382,9 @@ def format_table(by_vmm: dict[str, list[Outcome]]) -> str:
 # -- main ------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--runs", type=int, default=1, help="boots per VMM; the best of each metric is shown (default 1)")
+    ap.add_argument("--runs", type=int, default=1, help="boots per VMM, interleaved (default 1)")
+    ap.add_argument("--stat", choices=("best", "median"), default="best",
+                    help="how the table combines the runs (default best)")
     ap.add_argument("--size", type=int, default=32, metavar="MIB",
                     help="region the guest reads and writes, from offset 0 (default 32)")
     ap.add_argument("--image-size", type=int, default=64, metavar="MIB", help="raw image size (default 64)")
@@ -442,6 +449,9 @@ def _run(args: argparse.Namespace, vmms: list[str], workdir: Path) -> int:
     by_vmm: dict[str, list[Outcome]] = {v: [] for v in configs}
     print(f"kernel {guest.kernel.name} ({guest.kernel_info.release if guest.kernel_info else '?'}), "
           f"append: {append}")
+    pyvmm_env = " ".join(f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("PYVMM_"))
+    if pyvmm_env:
+        print(f"pyvmm environment: {pyvmm_env}")
     print(f"guest program: {cmd_text} (region {args.size} MiB of a {args.image_size} MiB raw image, "
           f"1 MiB sequential requests, 4 KiB random for {args.seconds} s each)")
     for run in range(1, args.runs + 1):
@@ -459,9 +469,10 @@ def _run(args: argparse.Namespace, vmms: list[str], workdir: Path) -> int:
                   f"[{o.transport}, {r.mode}, clock {o.clocksource}, guest/host clock {o.clock_ratio:.3f}, "
                   f"wall {o.wall_s:.1f} s, CPU {o.cpu_s:.1f} s]", flush=True)
     print()
-    print(f"best of {args.runs} run(s); accelerator: pyvmm {args.pyvmm_accel}, qemu tcg; "
+    accels = ", ".join(f"{v} {args.pyvmm_accel if v == 'pyvmm' else 'tcg'}" for v in vmms)
+    print(f"{args.stat} of {args.runs} run(s); accelerator: {accels}; "
           f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
-    print(format_table(by_vmm))
+    print(format_table(by_vmm, args.stat))
     if "qemu" in configs and len(configs) > 1:
         print("ratio > 1: pyvmm is faster (throughput rows) or slower (time rows) than QEMU.")
     for vmm, outs in by_vmm.items():

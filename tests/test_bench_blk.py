@@ -193,3 +193,20 @@ def test_run_vmm_kills_a_vmm_that_hangs_after_poweroff(tmp_path, monkeypatch):
     assert blk.time.monotonic() - t0 < 10
     with pytest.raises(blk.BenchError, match="no result within 1 s"):
         _fake_vmm(tmp_path, "exec sleep 60", timeout=1)
+
+
+def test_table_shows_best_or_median_and_ratios():
+    r = blk.BlkResult.parse(SAMPLE)
+
+    def run(factor: float, transport: str):
+        return blk.Outcome("x", blk.dataclasses.replace(r, seq_write_mibs=10 * factor), transport, "tsc",
+                           boot_s=factor, wall_s=2 * factor, cpu_s=3 * factor, clock_ratio=1.0)
+
+    by_vmm = {"pyvmm": [run(1, "virtio-mmio"), run(3, "virtio-mmio"), run(2, "virtio-mmio")],
+              "qemu": [run(4, "virtio-pci")]}
+    rows = {ln[:24].strip(): ln[24:].split() for ln in blk.format_table(by_vmm).splitlines()[1:]}
+    assert rows["seq write MiB/s"] == ["30.00", "40.00", "0.750"]  # best throughput: max
+    assert rows["boot+run wall s"] == ["2.00", "8.00", "0.250"]  # best time: min
+    rows = {ln[:24].strip(): ln[24:].split() for ln in blk.format_table(by_vmm, "median").splitlines()[1:]}
+    assert rows["seq write MiB/s"] == ["20.00", "40.00", "0.500"]
+    assert "pyvmm (virtio-mmio)" in blk.format_table(by_vmm).splitlines()[0]

@@ -63,7 +63,7 @@ def test_vm_command_line(tmp_path: Path):
         text = " ".join(cmd)
         assert f"--serial unix:../{u}/serial.sock,server=on,wait=off" in text
         assert f"--qmp unix:../{u}/qmp.sock,server=on,wait=off" in text
-        assert "-m 96M --smp 2" in text and "--initrd /boot/i" in text and "--append quiet" in text
+        assert "-m 96M --smp 2" in text and "--initrd /boot/i" in text and "--append=quiet" in text
         assert "--drive file=/img/a,,b.qcow2,format=qcow2,if=virtio,readonly=on" in text
         assert ("--netdev tap,id=net0,ifname=tap7 --device virtio-net-pci,netdev=net0,mac=52:54:00:00:00:07"
                 in text)

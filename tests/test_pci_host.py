@@ -239,3 +239,34 @@ def test_config_space_fuzz(machine):
     for base in dev.mapped_bars().values():
         mmio.read(base, 4)
     assert struct.calcsize("<I") == 4
+
+
+def test_sizing_does_not_touch_the_bus_and_stale_windows_make_way(machine):
+    mem, io, mmio, host, lines, msis = machine
+    a, b = Dev(), Dev()
+    host.add(a, slot=1)
+    host.add(b, slot=2)
+    host.assign_resources()
+    pci = GuestPci(io, mmio)
+    calls = []
+    orig_register, orig_unregister = mmio.register, mmio.unregister
+    mmio.register = lambda *args, **kw: (calls.append("reg"), orig_register(*args, **kw))[1]
+    mmio.unregister = lambda *args, **kw: (calls.append("unreg"), orig_unregister(*args, **kw))[1]
+    # Linux-style sizing: decoding off, all-ones, restore, decoding on -> no bus changes at all
+    a_bar1 = a.mapped_bars()[1]
+    pci.cfg_write(1, 0x04, 2, 0x1)
+    assert mmio.read(a_bar1, 4) == 0xFFFF_FFFF and a.mapped_bars().get(1) is None  # not decoded
+    assert pci.size_bar(1, 1) == (0x1000, 0)
+    pci.cfg_write(1, 0x04, 2, 0x3)
+    assert calls == [] and a.mapped_bars()[1] == a_bar1
+    mmio.write(a_bar1 + 4, 4, 9)
+    assert a.regs[(1, 4)] == 9
+    # A stops decoding; B moves onto A's old address: A's stale window makes way
+    pci.cfg_write(1, 0x04, 2, 0x1)
+    pci.cfg_write(2, 0x14, 4, a_bar1)
+    assert b.mapped_bars()[1] == a_bar1 and 1 not in a.mapped_bars()
+    mmio.write(a_bar1 + 4, 4, 7)
+    assert b.regs[(1, 4)] == 7 and a.regs[(1, 4)] == 9
+    # A decoding again at the same address: B holds it, so A's BAR 1 stays off the bus
+    pci.cfg_write(1, 0x04, 2, 0x3)
+    assert 1 not in a.mapped_bars() and b.mapped_bars()[1] == a_bar1

@@ -45,6 +45,7 @@ def test_exceptions_through_the_idt_in_long_mode() -> None:
         ud2
         mov $0x12, %eax
         out %eax, $0xe0
+        lea after_pf(%rip), %r15    # where the #PF handler resumes
         movabs $0x80000000, %rbx
         movq (%rbx), %rax           # #PF: only the first GiB is mapped
     after_pf:
@@ -54,6 +55,10 @@ def test_exceptions_through_the_idt_in_long_mode() -> None:
         mov $0x14, %eax
         out %eax, $0xe0
         ud2                         # a second #UD: the first must not count as 'in flight'
+        lea after_pf2(%rip), %r15
+        movabs $0x80001000, %rbx
+        movl $1, (%rbx)             # a second #PF (write): must not become #DF
+    after_pf2:
         out %eax, $0xe4
     1:  hlt
         jmp 1b
@@ -69,8 +74,7 @@ def test_exceptions_through_the_idt_in_long_mode() -> None:
         out %eax, $0xe0
         mov %cr2, %rax
         out %eax, $0xe0
-        lea after_pf(%rip), %rax
-        mov %rax, (%rsp)
+        mov %r15, (%rsp)
         iretq
     int80_handler:
         mov $0x80, %eax
@@ -82,10 +86,12 @@ def test_exceptions_through_the_idt_in_long_mode() -> None:
         h.set_idt64(6, syms["ud_handler"])
         h.set_idt64(14, syms["pf_handler"])
         h.set_idt64(0x80, syms["int80_handler"])
+        h.set_idt64(8, syms["int80_handler"] + 0x1000)   # a #DF would land in unmapped junk
 
     h, vals = _guest(src, setup)
-    assert vals == [0x11, 0x60, 0x12, 0x6E, 0x0, 0x80000000, 0x13, 0x80, 0x14, 0x60]
-    assert h.accel.stats()["exceptions"] == 4
+    assert vals == [0x11, 0x60, 0x12, 0x6E, 0x0, 0x80000000, 0x13, 0x80, 0x14, 0x60,
+                    0x6E, 0x2, 0x80001000]           # write to a not-present page: error code 2
+    assert h.accel.stats()["exceptions"] == 5
 
 
 def test_syscall_sysret_ring3_and_interrupt_stack_switch() -> None:

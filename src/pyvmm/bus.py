@@ -12,6 +12,8 @@ import bisect
 import logging
 from typing import Protocol
 
+from pyvmm.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 
@@ -23,15 +25,21 @@ class BusDevice(Protocol):
     def io_write(self, offset: int, size: int, value: int) -> None: ...
 
 
-class BusError(Exception):
-    pass
+class BusError(ConfigError):
+    """A range that cannot be registered; a ConfigError so that ``--device`` mistakes are one line."""
+
+
+#: The size of the x86 port-I/O space; the bus named "io" refuses ranges past it.
+IO_SPACE_SIZE = 1 << 16
 
 
 class Bus:
     """Maps address ranges to devices.  Lookups are a bisect over sorted range starts."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, limit: int | None = None) -> None:
         self.name = name
+        #: One past the highest address a range may cover (port I/O: 64 KiB; MMIO: 2^64).
+        self.limit = limit if limit is not None else (IO_SPACE_SIZE if name == "io" else 1 << 64)
         # Sorted range starts and (start, end, device, name) entries.  Public so that a vCPU loop can
         # inline the lookup; only register()/unregister() change them, and they replace, never mutate
         # an entry, so a concurrent reader sees either the old or the new table.
@@ -43,6 +51,8 @@ class Bus:
         if size <= 0:
             raise BusError(f"{self.name}: empty range for {name}")
         end = base + size
+        if base < 0 or end > self.limit:
+            raise BusError(f"{self.name}: {name} at {base:#x}+{size:#x} is outside the bus (0-{self.limit - 1:#x})")
         for s, e, _, n in self.entries:
             if base < e and s < end:
                 raise BusError(f"{self.name}: {name} at {base:#x}+{size:#x} overlaps {n} at {s:#x}-{e:#x}")

@@ -140,9 +140,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         cfg.initrd = cfg.initrd or str(guest.initrd)
         if args.append is None:
             cfg.append = guest.cmdline
-    for path, what in ((cfg.kernel, "kernel"), (cfg.initrd, "initrd")):
-        if path and what == "kernel" and not os.path.isfile(path):
-            raise ConfigError(f"{what} {path}: no such file")
+    if not os.path.exists(cfg.kernel):
+        raise ConfigError(f"kernel {cfg.kernel}: no such file")
+    if not os.path.isfile(cfg.kernel):
+        raise ConfigError(f"kernel {cfg.kernel}: not a regular file")
     choice = select.choose(cfg.accel)
     log.info("accelerator: %s (%s)", choice.name, choice.reason)
 

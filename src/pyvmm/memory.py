@@ -21,6 +21,8 @@ from pyvmm.errors import GuestMemoryError, PyvmmError
 #: Where the 32-bit PCI/MMIO hole starts; RAM beyond this goes above 4 GiB.
 PCI_HOLE_START = 0xC000_0000
 HIGH_RAM_START = 0x1_0000_0000
+#: x86-64 physical addresses have at most 52 bits.
+MAX_GUEST_PHYS = 1 << 52
 
 #: Guest RAM is touched lazily; do not let overcommit accounting refuse a large but sparse guest.
 _MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)
@@ -57,6 +59,8 @@ def parse_size(text: str) -> int:
             value = float(t) * (1 << 20)  # QEMU's -m default unit is MiB
     except ValueError:
         raise PyvmmError(f"invalid size {text!r}: expected a number with an optional K/M/G/T suffix") from None
+    if value != value or value in (float("inf"), float("-inf")):  # nan, inf
+        raise PyvmmError(f"invalid size {text!r}: expected a number with an optional K/M/G/T suffix")
     if value <= 0 or value != int(value):
         raise PyvmmError(f"invalid size {text!r}: must be a positive whole number of bytes")
     return int(value)
@@ -70,6 +74,9 @@ class GuestMemory:
             raise PyvmmError(f"memory size {size} is too small: at least 1 MiB is needed")
         if size % 4096:
             raise PyvmmError(f"memory size {size} is not a multiple of 4 KiB")
+        if size + (HIGH_RAM_START - PCI_HOLE_START) > MAX_GUEST_PHYS:
+            raise PyvmmError(f"memory size {size >> 20} MiB is more than an x86 guest can address "
+                             f"({MAX_GUEST_PHYS >> 40} TiB of physical address space)")
         self.ram_size = size
         self.mem_path = mem_path
         self.regions: list[RamRegion] = []
@@ -112,11 +119,19 @@ class GuestMemory:
             try:
                 if os.fstat(fd).st_size < size:
                     os.ftruncate(fd, size)
+                if os.fstat(fd).st_size < size:  # e.g. a /proc or /sys file that ignores ftruncate
+                    raise PyvmmError(f"--mem-path {path}: cannot grow the file to {size} bytes")
                 return mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
             finally:
                 os.close(fd)
         except OSError as e:
+            self.close()
             raise PyvmmError(f"--mem-path {path}: {e.strerror}") from None
+        except (PyvmmError, ValueError, OverflowError) as e:
+            self.close()
+            if isinstance(e, PyvmmError):
+                raise
+            raise PyvmmError(f"--mem-path {path}: cannot map {size} bytes: {e}") from None
 
     def close(self) -> None:
         for r in self.regions:

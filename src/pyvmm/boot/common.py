@@ -97,7 +97,7 @@ def check_not_boot_tables(addr: int, size: int, path: str, what: str) -> None:
 
 def encode_cmdline(cmdline: str, path: str, max_len: int) -> bytes:
     """The command line as NUL-terminated bytes, checked against ``max_len`` (excluding the NUL)."""
-    raw = cmdline.encode("utf-8")
+    raw = cmdline.encode("utf-8", "surrogateescape")  # argv bytes that are not UTF-8 pass through as typed
     if b"\0" in raw:
         raise BootImageError(f"kernel {path}: command line contains a NUL byte")
     limit = min(max_len, layout.CMDLINE_MAX_SIZE - 1)

@@ -232,7 +232,7 @@ def load_multiboot(path: str, data: bytes, hdr: MultibootHeader, memory: GuestMe
     for item in split_modules(initrd or ""):
         mpath = item.split(None, 1)[0]
         size = file_size(mpath, "multiboot module")
-        mod = _Module(mpath, item.encode("utf-8") + b"\0", size, next_addr)
+        mod = _Module(mpath, item.encode("utf-8", "surrogateescape") + b"\0", size, next_addr)
         if mod.addr + size > memory.below_4g:
             raise BootImageError(f"multiboot module {mpath}: {size} bytes do not fit in guest RAM after "
                                  f"{mod.addr:#x}; give the guest more memory")
@@ -261,7 +261,7 @@ def load_multiboot(path: str, data: bytes, hdr: MultibootHeader, memory: GuestMe
     info.mem_upper = (upper - layout.HIGH_MEMORY_START) // 1024
     info.flags = INFO_MEMORY | INFO_CMDLINE | INFO_MEM_MAP | INFO_LOADER_NAME
     full_cmdline = f"{path} {cmdline}".strip() if cmdline else path
-    info.cmdline = add(full_cmdline.encode("utf-8") + b"\0", 1)
+    info.cmdline = add(full_cmdline.encode("utf-8", "surrogateescape") + b"\0", 1)
     info.boot_loader_name = add(LOADER_NAME, 1)
     mmap = b"".join(bytes(MultibootMmapEntry(20, e.addr, e.size, int(e.type))) for e in e820)
     info.mmap_addr = add(mmap, 8)

@@ -141,6 +141,7 @@ class AcpiPm:
         self._sts = 0
         self._en = 0
         self._cnt = int(Pm1Cnt.SCI_EN)
+        self._warned_sleep_types: set[int] = set()  # at most 8 (SLP_TYP is 3 bits)
 
     # -- machine-facing API -------------------------------------------------------------------
     def press_power_button(self) -> None:
@@ -240,7 +241,12 @@ class AcpiPm:
             self._control.request_poweroff("ACPI S5")
             return
         # Sleep states we do not advertise: wake at once so the guest's wait loop ends.
-        log.warning("guest requested unsupported ACPI sleep type %d; waking immediately", slp_typ)
+        # Logged once per sleep type: a guest can retry in a loop, one VM exit per line otherwise.
+        if slp_typ not in self._warned_sleep_types:
+            self._warned_sleep_types.add(slp_typ)
+            log.warning("guest requested unsupported ACPI sleep type %d; waking immediately", slp_typ)
+        else:
+            log.debug("guest requested unsupported ACPI sleep type %d again", slp_typ)
         self._sts |= int(Pm1Sts.WAK)
 
     def _update_sci(self) -> None:

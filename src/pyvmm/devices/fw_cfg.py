@@ -181,7 +181,8 @@ class FwCfg:
 
     def set_cmdline(self, cmdline: str | bytes) -> None:
         """CMDLINE_SIZE/CMDLINE_DATA as QEMU sets them for -append (size includes the NUL)."""
-        raw = cmdline.encode() if isinstance(cmdline, str) else bytes(cmdline)
+        # surrogateescape: a command line from argv may hold bytes that are not UTF-8; pass them through as typed.
+        raw = cmdline.encode("utf-8", "surrogateescape") if isinstance(cmdline, str) else bytes(cmdline)
         data = raw + b"\0"
         self.add_u32(FwCfgKey.CMDLINE_SIZE, len(data))
         self.add_item(FwCfgKey.CMDLINE_DATA, data)

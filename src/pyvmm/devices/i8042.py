@@ -233,6 +233,10 @@ class I8042:
                 self._irq_aux.set_level(aux)
 
     def _ctrl_reply(self, byte: int, aux: bool = False) -> None:
+        # Bounded like the device queues: a guest issuing commands without ever reading port 0x60
+        # must not grow host memory.
+        if len(self._ctrl_q) >= QUEUE_LIMIT:
+            return
         self._ctrl_q.append((byte & 0xFF, aux))
 
     def _kbd_reply(self, *data: int) -> None:

@@ -196,7 +196,8 @@ class Rtc:
         return [t.tm_sec, t.tm_min, t.tm_hour, t.tm_mday, t.tm_mon, t.tm_year]
 
     def _encode(self, v: int) -> int:
-        return v if self.cmos[Reg.B] & RegB.DM_BINARY else to_bcd(v)
+        # Masked: while SET is on the guest may have stored out-of-range fields (e.g. BCD 0xFF = 165).
+        return (v if self.cmos[Reg.B] & RegB.DM_BINARY else to_bcd(v)) & 0xFF
 
     def _decode(self, v: int) -> int:
         return v if self.cmos[Reg.B] & RegB.DM_BINARY else from_bcd(v)
@@ -221,7 +222,11 @@ class Rtc:
             return self._encode_hour(f[_F_HOUR])
         if reg == Reg.DAY_OF_WEEK:
             # Python counts Monday=0; the RTC counts Sunday=1 .. Saturday=7.
-            return self._encode((calendar.weekday(f[_F_YEAR], f[_F_MON], f[_F_MDAY]) + 1) % 7 + 1)
+            try:
+                weekday = calendar.weekday(f[_F_YEAR], f[_F_MON], f[_F_MDAY])
+            except ValueError:  # an invalid date written while SET is on: no weekday, not a crash
+                return self._encode(1)
+            return self._encode((weekday + 1) % 7 + 1)
         if reg == Reg.DAY_OF_MONTH:
             return self._encode(f[_F_MDAY])
         if reg == Reg.MONTH:

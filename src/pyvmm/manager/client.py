@@ -15,6 +15,7 @@ import threading
 import tty
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 from websockets.exceptions import ConnectionClosed
@@ -24,6 +25,13 @@ from pyvmm.errors import PyvmmError
 
 API = "/api/v1"
 DETACH = 0x1D  # Ctrl-], as in virsh console
+
+
+def _seg(name: str) -> str:
+    """A VM name as one URL path segment: "../x" or "a/b" must not address another resource."""
+    if name in (".", ".."):
+        raise PyvmmError(f"invalid VM name {name!r}")
+    return quote(name, safe="")
 
 
 class ClientError(PyvmmError):
@@ -74,23 +82,23 @@ class Client:
         return self.request("GET", "/vms")
 
     def get(self, name: str) -> dict:
-        return self.request("GET", f"/vms/{name}")
+        return self.request("GET", f"/vms/{_seg(name)}")
 
     def define(self, definition: dict) -> dict:
         return self.request("POST", "/vms", json=definition)
 
     def undefine(self, name: str) -> None:
-        self.request("DELETE", f"/vms/{name}")
+        self.request("DELETE", f"/vms/{_seg(name)}")
 
     def action(self, name: str, op: str, **params: Any) -> dict:
-        return self.request("POST", f"/vms/{name}/{op}", params=params)
+        return self.request("POST", f"/vms/{_seg(name)}/{op}", params=params)
 
     def stats(self, name: str) -> dict:
-        return self.request("GET", f"/vms/{name}/stats")
+        return self.request("GET", f"/vms/{_seg(name)}/stats")
 
     # -- console ---------------------------------------------------------------------------
     def open_console(self, name: str) -> ClientConnection:
-        path = f"{API}/vms/{name}/console"
+        path = f"{API}/vms/{_seg(name)}/console"
         try:
             if self.socket_path is not None and self.base == "http://pyvmmd":
                 return unix_connect(str(self.socket_path), f"ws://pyvmmd{path}")

@@ -21,6 +21,7 @@ import logging
 import os
 import pwd
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -186,6 +187,27 @@ def _short_path(path: str, dirfd: int) -> str:
 def _escape_opt(value: str) -> str:
     """QEMU-style option values: a literal comma is written twice."""
     return value.replace(",", ",,")
+
+
+def _create_private_file(path: Path) -> int:
+    """A new file at ``path`` (any old file or symlink there is removed first; O_EXCL never follows links)."""
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+
+
+def _read_tail(path: Path, limit: int = 64 << 10) -> str:
+    """The last ``limit`` bytes of a regular file, without following a symlink ("" if unreadable)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return ""
+    with open(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            return ""
+        f.seek(max(0, st.st_size - limit))
+        return f.read(limit).decode(errors="replace")
 
 
 class Supervisor:
@@ -437,7 +459,7 @@ class Supervisor:
                "--smp", str(d.vcpus), "--serial", f"unix:{serial},server=on,wait=off",
                "--qmp", f"unix:{qmp},server=on,wait=off"]
         if d.cmdline:
-            cmd += ["--append", d.cmdline]
+            cmd.append(f"--append={d.cmdline}")  # "=" form: a command line may start with "-"
         if d.initrd:
             cmd += ["--initrd", d.initrd]
         for disk in d.disks:
@@ -467,7 +489,12 @@ class Supervisor:
         h.exited = asyncio.Event()
         cmd = self.command_for(h, qmp, serial)
         log.info("starting VM %s: %s", h.name, " ".join(cmd))
-        with open(logf, "wb") as out:
+        # The run directory belongs to the VM user when vm_user is set: never follow a link planted there.
+        try:
+            log_fd = _create_private_file(logf)
+        except OSError as e:
+            raise ManagerError(409, f"VM {h.name}: cannot create {logf}: {e.strerror}") from None
+        with open(log_fd, "wb") as out:
             try:
                 proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out, cwd=vmdir,
                                         env=clean_environment(), close_fds=True, start_new_session=True, **kwargs)
@@ -483,7 +510,7 @@ class Supervisor:
         async def wait_for_socket(path: Path) -> None:
             while not path.exists():
                 if proc.poll() is not None:
-                    tail = logf.read_text(errors="replace").strip().splitlines()[-3:]
+                    tail = _read_tail(logf).strip().splitlines()[-3:]
                     raise ManagerError(409, f"the VM process exited with status {proc.returncode}: "
                                             + " | ".join(tail))
                 if time.monotonic() > deadline:

@@ -65,6 +65,22 @@ class _State(enum.IntEnum):
     DISCARD = 5    # dropping an oversized message up to the next newline
 
 
+def _reject_constant(name: str) -> float:
+    raise ValueError(f"invalid keyword '{name}'")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise ValueError(f"number {text[:40]} is out of range")
+    return value
+
+
+def _loads(text: str) -> object:
+    """Strict JSON: no NaN/Infinity (Python's extension), whose echo (e.g. in "id") would not be JSON."""
+    return json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
+
+
 def _stray(text: str) -> ParseError:
     return ParseError(f"JSON parse error, stray {text!r}")
 
@@ -209,7 +225,7 @@ class JsonStream:
         raw = bytes(self._buf)
         self._reset()
         try:
-            self._out.append(Message(json.loads(raw.decode("utf-8"))))
+            self._out.append(Message(_loads(raw.decode("utf-8"))))
         except UnicodeDecodeError:
             self._out.append(ParseError("JSON parse error, invalid UTF-8 sequence"))
         except RecursionError:
@@ -223,6 +239,6 @@ class JsonStream:
         token = self._buf.decode("utf-8", "replace")
         self._reset()
         try:
-            self._out.append(Message(json.loads(token)))
+            self._out.append(Message(_loads(token)))
         except (ValueError, RecursionError):
             self._out.append(ParseError(f"JSON parse error, invalid keyword {token!r}"))

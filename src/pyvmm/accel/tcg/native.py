@@ -1,12 +1,29 @@
 """The compiled part of the tcg accelerator: build, load and self-check.
 
 ``pvtcg.c`` is built with cffi the first time it is needed (gcc is required)
-into a cache directory keyed by the source hash, then imported from there.
-Because the C code reaches into unicorn's private CPU structures, loading it
-runs :func:`selfcheck`, which compares the machine code of the unicorn
-functions it relies on with what this code was written against and probes
-the structure offsets with real register writes.  Any mismatch raises
-:class:`AccelError` before a guest instruction runs.
+into a cache directory keyed by the source hash (``$PYVMM_CACHE_DIR`` or
+``~/.cache/pyvmm``), then imported from there.
+
+The accelerator depends on unicorn 2.1.4's private internals, and changes
+four things in the loaded library, once per process:
+
+1. ``helper_rdmsr``/``helper_wrmsr`` start with a jump to a filter that serves
+   APIC_BASE, TSC, TSC_ADJUST, TSC_DEADLINE, MISC_ENABLE and
+   ARCH_CAPABILITIES and otherwise continues into the original code;
+2. the PLT slot through which ``x86_cpu_exec_interrupt`` calls
+   ``do_interrupt_x86_hardirq`` points at a wrapper that supplies the vector
+   from the irqchip (unicorn hardcodes 0);
+3. one conditional jump in ``notdirty_write`` so that stores to pages mapped
+   executable stop taking the slow path forever, plus a wrapper (PLT slot of
+   ``tb_invalidate_phys_page_fast``) that then drops every translation of the
+   page, as QEMU's dirty-page rule requires (``PYVMM_TCG_STRICT_SMC=1`` leaves
+   both alone);
+4. per engine, ``uc_struct.no_exit_request`` drops the exit check unicorn
+   emits after every guest load/store (``PYVMM_TCG_EXIT_CHECKS=1`` keeps it).
+
+Every patch site is verified byte for byte first, and :func:`selfcheck_engine`
+probes the CPU-state offsets on each new engine with real register writes.
+Any mismatch raises :class:`AccelError` before a guest instruction runs.
 """
 
 from __future__ import annotations
@@ -77,6 +94,7 @@ void pv_set_intr(struct pv_vcpu *v, int level);
 void pv_raise_nmi(struct pv_vcpu *v);
 int pv_nmi_pending(struct pv_vcpu *v);
 int pv_install_hardirq(void *plt_entry, void *real_fn);
+int pv_install_store_invalidate(void *plt_entry, void *real_fast, void *range_fn);
 int pv_attach(struct pv_vcpu *v);
 void pv_detach(struct pv_vcpu *v);
 void pv_prepare_run(struct pv_vcpu *v);
@@ -136,6 +154,8 @@ _SMC_ANCHOR_ADDR = 0x417D60
 _SMC_SITE_ADDR = 0x41331D
 _SMC_EXPECTED = bytes.fromhex("48837d10ff747c4883c428")
 _SMC_PATCHED = bytes.fromhex("48837d10ffeb7c4883c428")
+# notdirty_write calls tb_invalidate_phys_page_fast through this PLT entry.
+_INVAL_FAST_PLT_ADDR = 0x3B2040
 
 
 @dataclass
@@ -212,7 +232,15 @@ def _load() -> Native:
     tag = digest
     cdir = _cache_dir()
     existing = list(cdir.glob(f"{_MODULE_NAME}_{tag}*.so")) if cdir.is_dir() else []
-    path = existing[0] if existing else _build(cdir, tag)
+    if existing:
+        path = existing[0]
+    else:
+        try:
+            path = _build(cdir, tag)
+        except OSError:
+            # an unwritable cache directory (read-only home): build into a private temp dir
+            cdir = Path(tempfile.gettempdir()) / f"pyvmm-{os.getuid()}"
+            path = _build(cdir, tag)
     spec = importlib.util.spec_from_file_location(f"{_MODULE_NAME}_{tag}", path)
     if spec is None or spec.loader is None:
         raise AccelError(f"cannot load the tcg helper from {path}")
@@ -238,6 +266,15 @@ def _load() -> Native:
 
 
 def _patch_store_fast_path(ffi, lib, fns: dict[str, int]) -> None:
+    # First make the slow path drop every translation on the page (pvtcg.c explains why),
+    # and only then let the entries of executable mappings become dirty.
+    plt = fns[_SMC_ANCHOR] - _SMC_ANCHOR_ADDR + _INVAL_FAST_PLT_ADDR
+    rc = lib.pv_install_store_invalidate(ffi.cast("void *", plt),
+                                         ffi.cast("void *", fns["tb_invalidate_phys_page_fast_x86_64"]),
+                                         ffi.cast("void *", fns["tb_invalidate_phys_range_x86_64"]))
+    if rc != 0:
+        raise AccelError(f"could not wrap unicorn's code-invalidation on stores (error {rc}); "
+                         "set PYVMM_TCG_STRICT_SMC=1 to run without the store fast path")
     site = fns[_SMC_ANCHOR] - _SMC_ANCHOR_ADDR + _SMC_SITE_ADDR
     have = ctypes.string_at(site, len(_SMC_EXPECTED))
     if have == _SMC_PATCHED:
@@ -258,7 +295,7 @@ def _unicorn_functions() -> dict[str, int]:
              "helper_hlt_x86_64", "helper_rdmsr_x86_64", "helper_wrmsr_x86_64", "tb_flush_x86_64",
              "cpu_x86_cpuid_x86_64", "x86_cpu_exec_interrupt_x86_64", "helper_le_stq_mmu_x86_64",
              "check_exit_request_x86_64", "cpu_exit", "qemu_ram_addr_from_host_x86_64",
-             "tb_invalidate_phys_range_x86_64"]
+             "tb_invalidate_phys_range_x86_64", "tb_invalidate_phys_page_fast_x86_64"]
     out = {}
     for n in names:
         try:

@@ -6,9 +6,11 @@
  * `syscall` only calls a hook, and rdmsr/wrmsr of APIC_BASE and TSC are
  * stubs.  QEMU's own delivery code is still inside libunicorn and exported,
  * so these hooks call it with the right CPU state.  They are C, not Python,
- * because (a) they run on every translation block, and (b) QEMU reports a
+ * because (a) some run very often (rdtsc, syscall), and (b) QEMU reports a
  * fault during delivery with siglongjmp back into cpu_exec, which must never
- * unwind through Python frames.
+ * unwind through Python frames.  Hardware interrupts use QEMU's own interrupt
+ * window (see pv_set_intr); the few unicorn code paths we depend on are
+ * redirected by small, byte-checked patches applied from native.py.
  *
  * The offsets below describe unicorn 2.1.4's X86CPU/CPUX86State; native.py
  * verifies them against the loaded library before anything runs.
@@ -59,7 +61,6 @@
 
 #define UC_HOOK_INTR 1
 #define UC_HOOK_INSN 2
-#define UC_HOOK_BLOCK 8
 #define UC_HOOK_INSN_INVALID 16384
 #define UC_X86_INS_RDTSC 608
 #define UC_X86_INS_RDTSCP 609
@@ -223,8 +224,8 @@ int pv_nmi_pending(struct pv_vcpu *v)
     return (*(int *)(v->cs + PV_CS_INTERRUPT_REQUEST) & CPU_INTERRUPT_NMI) != 0;
 }
 
-/* Point the PLT slot of do_interrupt_x86_hardirq at the wrapper (once per process). */
-int pv_install_hardirq(void *plt_entry, void *real_fn)
+/* Point the GOT slot behind a PLT entry (`jmp *slot(%rip)`) at `wrapper`. */
+static int pv_plt_redirect(void *plt_entry, void *real_fn, void *wrapper)
 {
     unsigned char *plt = plt_entry;
     int32_t disp;
@@ -232,20 +233,57 @@ int pv_install_hardirq(void *plt_entry, void *real_fn)
     long pg = sysconf(_SC_PAGESIZE);
     unsigned char *page;
 
-    if (pv_real_hardirq)
-        return 0;
     if (plt[0] != 0xff || plt[1] != 0x25)
         return -1;
     memcpy(&disp, plt + 2, 4);
     slot = (void **)(plt + 6 + disp);
+    if (*slot == wrapper)
+        return 0;
     if (*slot != real_fn && *slot != (void *)(plt + 6))
         return -2;                          /* neither resolved to the function nor lazy */
     page = (unsigned char *)((uintptr_t)slot & ~((uintptr_t)pg - 1));
     if (mprotect(page, (size_t)pg, PROT_READ | PROT_WRITE))
         return -3;
-    pv_real_hardirq = real_fn;
-    __atomic_store_n(slot, (void *)pv_hardirq_wrapper, __ATOMIC_SEQ_CST);
+    __atomic_store_n(slot, wrapper, __ATOMIC_SEQ_CST);
     return 0;
+}
+
+int pv_install_hardirq(void *plt_entry, void *real_fn)
+{
+    if (pv_real_hardirq)
+        return 0;
+    pv_real_hardirq = real_fn;
+    return pv_plt_redirect(plt_entry, real_fn, (void *)pv_hardirq_wrapper);
+}
+
+/* --- stores to pages holding translated code ------------------------------------------
+ * notdirty_write() runs for a store to a page whose TLB entry is "not dirty"; it drops the
+ * translations overlapping the stored bytes.  QEMU then marks the entry dirty (stores go
+ * fast) only if the page holds no code any more; unicorn instead never marks entries of
+ * executable mappings dirty, so e.g. the bzImage decompressor runs every store through it.
+ * native.py lets unicorn mark them dirty, and this wrapper restores QEMU's invariant by
+ * dropping every translation on the page, not only the overlapping ones: a dirty entry
+ * then never hides a write to code that is still translated (tb_gen_code re-arms the
+ * entry for the address it translates at).
+ */
+static void (*pv_real_inval_fast)(void *uc, void *pages, uint64_t start, int len, uintptr_t ra);
+static void (*pv_inval_range)(void *uc, uint64_t start, uint64_t end);
+
+static void pv_inval_fast_wrapper(void *uc, void *pages, uint64_t start, int len, uintptr_t ra)
+{
+    uint64_t page = start & ~(uint64_t)0xfff;
+    /* precise part first: if the running block is overwritten this does not return */
+    pv_real_inval_fast(uc, pages, start, len, ra);
+    pv_inval_range(uc, page, page + 0x1000);
+}
+
+int pv_install_store_invalidate(void *plt_entry, void *real_fast, void *range_fn)
+{
+    if (pv_real_inval_fast)
+        return 0;
+    pv_real_inval_fast = real_fast;
+    pv_inval_range = range_fn;
+    return pv_plt_redirect(plt_entry, real_fast, (void *)pv_inval_fast_wrapper);
 }
 
 /* A CPU exception or INT n: deliver it through the IDT/IVT with QEMU's code. */

@@ -64,19 +64,29 @@ class LevelLine(Protocol):
 
 
 class _BarWindow:
-    """The bus-side object of one BAR (a distinct object so it can be unregistered alone)."""
+    """The bus-side object of one BAR (a distinct object so it can be unregistered alone).
 
-    __slots__ = ("device", "bar")
+    While the command register turns decoding off, the window stays registered but
+    ``decoding`` is False: it reads all-ones and ignores writes, as an absent device.
+    So the decode toggles around BAR sizing do not change the bus at all; only a BAR
+    that moves (or a stale window in the way of another BAR) changes the bus.
+    """
+
+    __slots__ = ("device", "bar", "decoding")
 
     def __init__(self, device: PciDevice, bar: int) -> None:
         self.device = device
         self.bar = bar
+        self.decoding = False
 
     def io_read(self, offset: int, size: int) -> int:
+        if not self.decoding:
+            return (1 << (8 * size)) - 1
         return self.device.bar_read(self.bar, offset, size)
 
     def io_write(self, offset: int, size: int, value: int) -> None:
-        self.device.bar_write(self.bar, offset, size, value)
+        if self.decoding:
+            self.device.bar_write(self.bar, offset, size, value)
 
 
 class PciDevice:
@@ -195,32 +205,49 @@ class PciDevice:
             return
         command = self.config.get(Reg.COMMAND, 2)
         for index, spec in self.bars.items():
+            window = self._windows[index]
+            was = self.mapped_bars().get(index)
             enabled = bool(command & (Command.IO if spec.is_io else Command.MEMORY))
-            want = (spec.is_io, self.bar_address(index)) if enabled else None
             have = self._mapped.get(index)
-            if want == have:
-                continue
-            if have is not None:
-                self.host.unmap_bar(self._windows[index], have[0])
-                del self._mapped[index]
-            if want is not None and self.host.map_bar(self, index, spec, want[1], self._windows[index]):
-                self._mapped[index] = want
-            self.bar_moved(index, self._mapped.get(index, (False, None))[1])
+            if not enabled:
+                window.decoding = False  # registration kept: see _BarWindow
+            else:
+                want = (spec.is_io, self.bar_address(index))
+                if want != have:
+                    window.decoding = False
+                    if have is not None:
+                        self.host.unmap_bar(window, have[0])
+                        del self._mapped[index]
+                    if self.host.map_bar(self, index, spec, want[1], window):
+                        self._mapped[index] = want
+                window.decoding = index in self._mapped
+            now = self.mapped_bars().get(index)
+            if now != was:
+                self.bar_moved(index, now)
 
     def bar_moved(self, index: int, base: int | None) -> None:
         """Subclass hook (config lock held): BAR ``index`` is now decoded at ``base`` (None: not decoded)."""
 
     def unmap_all(self) -> None:
         if self.host is not None:
-            for index, (is_io, _base) in list(self._mapped.items()):
-                self.host.unmap_bar(self._windows[index], is_io)
-                del self._mapped[index]
-                self.bar_moved(index, None)
+            for index in list(self._mapped):
+                decoded = self._windows[index].decoding
+                self.evict(index)
+                if decoded:
+                    self.bar_moved(index, None)
         self._mapped.clear()
+
+    def evict(self, index: int) -> None:
+        """Take BAR ``index``'s window off the bus (host: a stale window is in another BAR's way)."""
+        have = self._mapped.pop(index, None)
+        window = self._windows[index]
+        window.decoding = False
+        if have is not None and self.host is not None:
+            self.host.unmap_bar(window, have[0])
 
     def mapped_bars(self) -> dict[int, int]:
         """BAR index -> base for the BARs currently decoded."""
-        return {i: base for i, (_io, base) in self._mapped.items()}
+        return {i: base for i, (_io, base) in self._mapped.items() if self._windows[i].decoding}
 
     # -- life cycle --------------------------------------------------------------------------------------------
     def reset(self) -> None:
@@ -265,15 +292,17 @@ class _DataPort:
         self.host = host
 
     def io_read(self, offset: int, size: int) -> int:
-        dev, reg = self.host.target(offset, size)
-        if dev is None:
-            return (1 << (8 * size)) - 1
-        return dev.config_read(reg, size)
+        with self.host.config_lock:
+            dev, reg = self.host.target(offset, size)
+            if dev is None:
+                return (1 << (8 * size)) - 1
+            return dev.config_read(reg, size)
 
     def io_write(self, offset: int, size: int, value: int) -> None:
-        dev, reg = self.host.target(offset, size)
-        if dev is not None:
-            dev.config_write(reg, size, value)
+        with self.host.config_lock:
+            dev, reg = self.host.target(offset, size)
+            if dev is not None:
+                dev.config_write(reg, size, value)
 
 
 class PciHost:
@@ -291,7 +320,11 @@ class PciHost:
         self.msi_sender = msi_sender
         self.address = 0
         self.devices: dict[int, PciDevice] = {}
-        self._map_lock = threading.Lock()
+        self._map_lock = threading.RLock()
+        #: One configuration cycle at a time, as on a real host bridge.  Also orders the locks:
+        #: a BAR move may evict another function's stale window (its cfg_lock) under this lock.
+        self.config_lock = threading.Lock()
+        self._windows: dict[_BarWindow, tuple[bool, int, int]] = {}  # registered: (is_io, start, end)
         self.address_port = _AddressPort(self)
         self.data_port = _DataPort(self)
         io_bus.register(CONFIG_ADDRESS_PORT, 4, self.address_port, "pci-config-address")
@@ -359,17 +392,29 @@ class PciHost:
             return False
         bus = self.io_bus if spec.is_io else self.mmio_bus
         with self._map_lock:
+            self._evict_stale(spec.is_io, base, base + spec.size)
             try:
                 bus.register(base, spec.size, window, f"pci-{device.name}-bar{index}")  # type: ignore[arg-type]
             except BusError as e:
                 log.warning("%s: BAR %d not decoded: %s", device.name, index, e)
                 return False
+            self._windows[window] = (spec.is_io, base, base + spec.size)
         log.debug("%s: BAR %d at %#x+%#x", device.name, index, base, spec.size)
         return True
+
+    def _evict_stale(self, is_io: bool, start: int, end: int) -> None:
+        """Unregister non-decoding windows (decoding turned off) overlapping [start, end)."""
+        for window, (w_io, s, e) in list(self._windows.items()):
+            if w_io == is_io and s < end and start < e and not window.decoding:
+                dev = window.device
+                with dev.cfg_lock:
+                    if not window.decoding:
+                        dev.evict(window.bar)
 
     def unmap_bar(self, window: _BarWindow, is_io: bool) -> None:
         with self._map_lock:
             (self.io_bus if is_io else self.mmio_bus).unregister(window)  # type: ignore[arg-type]
+            self._windows.pop(window, None)
 
     def assign_resources(self) -> None:
         """Firmware duty: give every BAR an address in the windows and enable decoding."""
