@@ -609,3 +609,60 @@ def test_lapic_tsc_deadline_timer() -> None:
     assert armed == 200000000 >> 20
     assert 98 <= elapsed_ms <= 300, elapsed_ms
     assert after == 0
+
+
+def test_guest_stores_to_a_code_page_through_an_executable_mapping() -> None:
+    """Self-modifying code after an unrelated store to the same page (the store fast path's invariant).
+
+    The first store to the page makes its TLB entry 'dirty' (fast); that is only safe if no
+    translation of the page survives it, otherwise the second store would go unnoticed.
+    """
+    src = r"""
+    .code64
+        movabs $0x30000, %rbx
+        call *%rbx                    # translate and run func: 1
+        out %eax, $0xe0
+        movb $0, 0x800(%rbx)          # store elsewhere on func's page
+        movb $2, 1(%rbx)              # patch func's immediate: mov $2, %eax
+        call *%rbx
+        out %eax, $0xe0
+        out %eax, $0xe4
+    1:  hlt
+        jmp 1b
+    """
+
+    def setup(h, syms, st):
+        h.load(bytes.fromhex("b801000000c3"), 0x30000)          # func: mov $1, %eax; ret
+
+    _, vals = _guest(src, setup)
+    assert vals == [1, 2]
+
+
+def test_self_nmi_ipi_is_delivered_even_with_interrupts_disabled() -> None:
+    src = r"""
+    .code64
+        movabs $0xfee00000, %rbx
+        movl $0x1ff, 0xf0(%rbx)
+        cli
+        movl $0x00040400, 0x300(%rbx)  # ICR: self, delivery mode NMI
+        mov $1, %eax
+        out %eax, $0xe0
+        out %eax, $0xe4
+    1:  hlt
+        jmp 1b
+    nmi_handler:
+        push %rax
+        mov $2, %eax
+        out %eax, $0xe0
+        pop %rax
+        iretq
+    """
+
+    def setup(h, syms, st):
+        _map_apic_window(h)
+        h.set_idt64(2, syms["nmi_handler"])
+
+    h, vals = _guest(src, setup)
+    # (an IPI is asynchronous: it lands at the next block boundary, here after the first OUT)
+    assert sorted(vals) == [1, 2]
+    assert h.accel.irqchip.counters["nmi"] == 1

@@ -39,6 +39,10 @@ class CpuPort(Protocol):
         """INTR is asserted (an interrupt is ready to be taken) or not."""
         ...
 
+    def raise_nmi(self) -> None:
+        """Deliver an NMI (edge; the CPU masks further NMIs until its IRET)."""
+        ...
+
 
 class _Timer:
     __slots__ = ("deadline", "callback", "cancelled")
@@ -292,7 +296,14 @@ class UserspaceIrqchip:
             elif mode == DeliveryMode.EXTINT:
                 self._update(la.apic_id)
             elif mode == DeliveryMode.NMI:
-                self.counters["nmi"] += 1
+                self._nmi(la.apic_id)
+
+    def _nmi(self, index: int) -> None:
+        self.counters["nmi"] += 1
+        port = self.cpus[index]
+        raise_nmi = getattr(port, "raise_nmi", None)
+        if raise_nmi is not None:
+            raise_nmi()
 
     def _eoi_broadcast(self, vector: int) -> None:
         self.ioapic.eoi(vector)
@@ -315,7 +326,7 @@ class UserspaceIrqchip:
             if mode in (DeliveryMode.FIXED, DeliveryMode.LOWEST):
                 la.accept(vector, False)
             elif mode == DeliveryMode.NMI:
-                self.counters["nmi"] += 1
+                self._nmi(la.apic_id)
             elif mode == DeliveryMode.INIT:
                 self.counters["init"] += 1
             elif mode == DeliveryMode.STARTUP:

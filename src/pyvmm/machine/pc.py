@@ -32,6 +32,7 @@ from pyvmm.devices.debug_exit import DebugExit
 from pyvmm.devices.fw_cfg import FwCfg, FwCfgKey, encode_e820
 from pyvmm.devices.i8042 import I8042
 from pyvmm.devices.pci.board import PCI_DRIVERS, PciBoard
+from pyvmm.devices.pci.msi import msi_sender_for
 from pyvmm.devices.port80 import Port80
 from pyvmm.devices.rtc import Rtc
 from pyvmm.devices.serial import SERIAL_IO_SIZE, Serial
@@ -125,9 +126,9 @@ class PcMachine:
             self.virtio.add_drive(drive)
 
         # PCI host bridge (0xcf8/0xcfc), --netdev, --device *-pci: pyvmm.devices.pci.board.
-        # MSI-X only if the interrupt controllers take MSIs (KVM: sink.signal_msi).
+        # MSI-X only if the interrupt controllers take MSIs (KVM: signal_msi; tcg: its LAPICs).
         self.pci = PciBoard(self.memory, self.mmio_bus, self.io_bus, self.irq.line, lambda: self.virtio.loop,
-                            msi_sender=getattr(sink, "signal_msi", None))
+                            msi_sender=msi_sender_for(sink))
         self.devices.append(self.pci)
         for netdev in cfg.netdevs:
             self.pci.add_netdev(netdev)

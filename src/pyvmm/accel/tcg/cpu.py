@@ -2,12 +2,14 @@
 
 The engine shares guest RAM with the device models (``mem_map_ptr`` on the
 GuestMemory host mappings) and sends port I/O and everything in the 32-bit
-MMIO hole to the machine's buses.  The compiled hooks (pvtcg.c) deliver
-exceptions and interrupts through the guest's IDT, emulate ``syscall``,
-serve the TSC and a few MSRs, and leave ``emu_start`` at the next block
-boundary when asked to; this class decides what to do when it returns:
-idle on ``hlt`` until the irqchip raises INTR, report a triple fault as a
-reset request, or report an emulation error with a register dump.
+MMIO hole (and above RAM) to the machine's buses.  The compiled hooks
+(pvtcg.c) deliver exceptions and interrupts through the guest's IDT, emulate
+``syscall``, and serve the TSC and a few MSRs; the irqchip raises INTR with
+:meth:`TcgVcpu.set_intr`, and pause/stop leave ``emu_start`` at the next
+block boundary with ``uc_emu_stop``.  This class decides what to do when
+``emu_start`` returns: idle on ``hlt`` until INTR (no CPU burnt), report a
+triple fault as a reset request, or report an emulation error with a
+register dump.
 """
 
 from __future__ import annotations
@@ -241,6 +243,15 @@ class TcgVcpu:
         if level:
             with self._cond:
                 self._cond.notify_all()
+
+    def raise_nmi(self) -> None:
+        """An NMI for this CPU (QEMU's NMI path: vector 2, blocked until the handler's IRET)."""
+        v = self._v
+        if v is None:
+            return
+        self.nat.lib.pv_raise_nmi(v)
+        with self._cond:
+            self._cond.notify_all()
 
     def kick(self) -> None:
         """Leave emu_start at the next block boundary (or wake from hlt)."""
