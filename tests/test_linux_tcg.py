@@ -73,3 +73,16 @@ def test_guest_triple_fault_no_reboot_exits_cleanly(guest) -> None:
         assert "reset" in console.stderr, console.stderr
     finally:
         console.kill()
+
+
+def test_guest_reboot_triple_no_reboot_exits_cleanly(guest) -> None:
+    """`reboot=triple` (lidt of an empty IDT, then int3) must triple-fault: --no-reboot exits 0."""
+    console = ConsoleProcess("--accel", "tcg", "--kernel", guest.kernel, "--initrd", guest.initrd,
+                             "--append", guest.cmdline + " reboot=triple quiet", "-m", "256M", "--no-reboot")
+    try:
+        console.expect(re.escape(READY), BOOT_TIMEOUT)
+        console.send("reboot -f\n")
+        assert console.wait(60) == 0
+        assert "triple fault" in console.stderr, console.stderr
+    finally:
+        console.kill()

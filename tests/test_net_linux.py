@@ -104,4 +104,5 @@ def test_linux_virtio_net_user_dhcp_http_and_tap_ping(tmp_path):
     assert "pcidev 0000:00:03.0 0x1af4 0x1041" in out and "pcidev 0000:00:04.0 0x1af4 0x1041" in out, desc
     assert "pcidev 0000:00:00.0 0x8086" in out, desc
     assert "mrg=1" in out and f"pyvmm-disk-{token}" in out and "rng=virtio_rng." in out, desc
+    assert re.search(r"PCI-MSI.*virtio\d-input", out), desc  # MSI-X through the tcg LAPICs
     assert re.search(r"pcidev 0000:00:0\w\.0 0x1af4 0x1042", out), desc

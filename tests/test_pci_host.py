@@ -270,3 +270,34 @@ def test_sizing_does_not_touch_the_bus_and_stale_windows_make_way(machine):
     # A decoding again at the same address: B holds it, so A's BAR 1 stays off the bus
     pci.cfg_write(1, 0x04, 2, 0x3)
     assert 1 not in a.mapped_bars() and b.mapped_bars()[1] == a_bar1
+
+
+def test_msi_sender_choice_and_tcg_apic_bus_delivery():
+    from pyvmm.devices.lapic import Reg as LapicReg
+    from pyvmm.devices.pci.msi import ApicBusMsi, msi_sender_for
+    from pyvmm.machine.intc import UserspaceIrqchip
+
+    class KvmLikeSink:
+        def signal_msi(self, address, data):
+            pass
+
+        def set_irq(self, gsi, level):
+            pass
+
+    kvm_sink = KvmLikeSink()
+    assert msi_sender_for(kvm_sink) == kvm_sink.signal_msi
+    assert msi_sender_for(object()) is None
+    chip = UserspaceIrqchip(2, 1_000_000_000)
+    send = msi_sender_for(chip)
+    assert isinstance(send, ApicBusMsi)
+    for lapic in chip.lapics:
+        lapic.write_reg(LapicReg.SVR, 0x1FF)
+    send(0xFEE0_1000, 0x45)  # physical destination APIC 1, fixed, vector 0x45
+    assert chip.lapics[1].irr >> 0x45 & 1 and not chip.lapics[0].irr >> 0x45 & 1
+    send(0xFEEF_F000, 0x46)  # broadcast
+    assert all(la.irr >> 0x46 & 1 for la in chip.lapics)
+    send(0xFEE0_0000, 0x147)  # lowest priority: one CPU
+    assert sum(la.irr >> 0x47 & 1 for la in chip.lapics) == 1
+    send(0xC000_0000, 0x48)  # not the APIC window
+    send(0xFEE0_0000, 0x448)  # SMI delivery mode: not supported
+    assert not any(la.irr >> 0x48 & 1 for la in chip.lapics) and send.dropped == 2

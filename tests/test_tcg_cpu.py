@@ -666,3 +666,119 @@ def test_self_nmi_ipi_is_delivered_even_with_interrupts_disabled() -> None:
     # (an IPI is asynchronous: it lands at the next block boundary, here after the first OUT)
     assert sorted(vals) == [1, 2]
     assert h.accel.irqchip.counters["nmi"] == 1
+
+
+def test_ring3_tsc_reads_stay_virtual_while_the_cpu_is_kicked() -> None:
+    """rdtsc/rdtscp in ring 3 (the vDSO clock) must never see the host's raw TSC.
+
+    unicorn's rdtsc helpers stop walking the instruction hooks as soon as a stop was
+    requested, and then return the host TSC; every kick (a DMA code invalidation, pause)
+    requests one.  Regression test for a guest CLOCK_MONOTONIC jump to the host's uptime.
+    """
+    reads = "\n".join(
+        f"""
+        {'rdtscp' if i % 2 else 'rdtsc'}
+        shl $32, %rdx
+        or %rax, %rdx
+        mov %rdx, %r{8 + i}"""
+        for i in range(8))
+    checks = "\n".join(
+        f"""
+        cmp %rbx, %r{8 + i}
+        jb bad{i}
+        mov %r{8 + i}, %rax
+        sub %rbx, %rax
+        cmp %rsi, %rax
+        ja bad{i}
+        mov %r{8 + i}, %rbx"""
+        for i in range(8))
+        
+    bads = "\n".join(f"bad{i}: mov %r{8 + i}, %rcx\n jmp report" for i in range(8))
+    src = rf"""
+    .code64
+        mov $0xc0000081, %ecx        # STAR: kernel CS 0x10, user base 0x23
+        xor %eax, %eax
+        mov $0x00230010, %edx
+        wrmsr
+        lea user_code(%rip), %rcx
+        mov $0x3202, %r11            # IF, IOPL 3 (the user code reports through ports)
+        movabs $0x70000, %rsp
+        sysretq
+    user_code:
+        rdtsc
+        shl $32, %rdx
+        or %rax, %rdx
+        mov %rdx, %rbx               # previous value
+        movabs $0x800000000, %rsi    # bound on one step: ~17 s at 2 GHz
+        mov $150000, %edi
+    loop:
+        {reads}
+        {checks}
+        dec %edi
+        jnz loop
+        xor %eax, %eax
+        out %eax, $0xe0
+        out %eax, $0xe4
+    1:  jmp 1b
+    {bads}
+    report:
+        mov $1, %eax
+        out %eax, $0xe0
+        mov %rbx, %rax
+        out %eax, $0xe0
+        shr $32, %rax
+        out %eax, $0xe0
+        mov %rcx, %rax
+        out %eax, $0xe0
+        shr $32, %rax
+        out %eax, $0xe0
+        out %eax, $0xe4
+    2:  jmp 2b
+    """
+    h = Harness()
+    code, _ = assemble(src, CODE_ADDR)
+    h.load(code)
+    st = h.long_mode_state()
+    stop = threading.Event()
+
+    def kicker() -> None:
+        while not stop.is_set():
+            h.accel.invalidate_code(0x300000, 4096)    # no code there: only the kick matters
+            time.sleep(0.0002)
+
+    t = threading.Thread(target=kicker, daemon=True)
+    t.start()
+    try:
+        vals = h.run(st, timeout=60)
+    finally:
+        stop.set()
+        t.join()
+    if vals[0] != 0:
+        prev, bad = vals[1] | vals[2] << 32, vals[3] | vals[4] << 32
+        raise AssertionError(f"guest TSC went from {prev:#x} to {bad:#x}")
+    assert vals == [0]
+
+
+def test_linux_reboot_triple_lidt_zero_then_int3_triple_faults() -> None:
+    """Linux's `reboot=triple`: lidt of a zero-length IDT at address 0, then int3."""
+    src = r"""
+    .code64
+        mov $0x32, %eax
+        out %eax, $0xe0
+        cli
+        lidt empty_idt(%rip)
+        int3
+        mov $0x33, %eax              # must never run
+        out %eax, $0xe0
+    1:  hlt
+        jmp 1b
+    .align 8
+    empty_idt: .word 0
+        .quad 0
+    """
+    h = Harness()
+    code, _ = assemble(src, CODE_ADDR)
+    h.load(code)
+    req = h.run_until_request(h.long_mode_state(), timeout=10)
+    assert req is not None and req.kind is RequestKind.RESET and "triple fault" in req.reason
+    assert h.rec.values == [0x32]

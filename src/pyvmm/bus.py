@@ -40,11 +40,10 @@ class Bus:
         self.name = name
         #: One past the highest address a range may cover (port I/O: 64 KiB; MMIO: 2^64).
         self.limit = limit if limit is not None else (IO_SPACE_SIZE if name == "io" else 1 << 64)
-        # Sorted range starts and (start, end, device, name) entries.  Public so that a vCPU loop can
-        # inline the lookup; only register()/unregister() change them, and they replace, never mutate
-        # an entry, so a concurrent reader sees either the old or the new table.
-        self.starts: list[int] = []
-        self.entries: list[tuple[int, int, BusDevice, str]] = []
+        # (sorted range starts, matching (start, end, device, name) entries), replaced as ONE tuple by
+        # register()/unregister() so that a vCPU thread looking up concurrently always sees a
+        # consistent pair.  Public so that a vCPU loop can inline the lookup.
+        self.table: tuple[list[int], list[tuple[int, int, BusDevice, str]]] = ([], [])
         self._warned: set[int] = set()
 
     def register(self, base: int, size: int, device: BusDevice, name: str | None = None) -> None:
@@ -53,25 +52,24 @@ class Bus:
         end = base + size
         if base < 0 or end > self.limit:
             raise BusError(f"{self.name}: {name} at {base:#x}+{size:#x} is outside the bus (0-{self.limit - 1:#x})")
-        for s, e, _, n in self.entries:
+        for s, e, _, n in self.table[1]:
             if base < e and s < end:
                 raise BusError(f"{self.name}: {name} at {base:#x}+{size:#x} overlaps {n} at {s:#x}-{e:#x}")
-        i = bisect.bisect(self.starts, base)
-        entries = list(self.entries)
-        entries.insert(i, (base, end, device, name or type(device).__name__))
-        self.entries = entries
-        self.starts = [s for (s, _, _, _) in entries]
+        starts, entries = self.table
+        entries = list(entries)
+        entries.insert(bisect.bisect(starts, base), (base, end, device, name or type(device).__name__))
+        self.table = ([s for (s, _, _, _) in entries], entries)
 
     def unregister(self, device: BusDevice) -> None:
-        keep = [(s, e, d, n) for (s, e, d, n) in self.entries if d is not device]
-        self.entries = keep
-        self.starts = [s for (s, _, _, _) in keep]
+        keep = [(s, e, d, n) for (s, e, d, n) in self.table[1] if d is not device]
+        self.table = ([s for (s, _, _, _) in keep], keep)
 
     def find(self, addr: int) -> tuple[int, BusDevice] | None:
         """The (range base, device) holding ``addr``, or None."""
-        i = bisect.bisect(self.starts, addr) - 1
+        starts, entries = self.table
+        i = bisect.bisect(starts, addr) - 1
         if i >= 0:
-            s, e, d, _ = self.entries[i]
+            s, e, d, _ = entries[i]
             if addr < e:
                 return s, d
         return None
@@ -98,4 +96,4 @@ class Bus:
             log.debug("%s: unassigned %s of %d bytes at %#x", self.name, what, size, addr)
 
     def ranges(self) -> list[tuple[int, int, str]]:
-        return [(s, e, n) for (s, e, _, n) in self.entries]
+        return [(s, e, n) for (s, e, _, n) in self.table[1]]

@@ -19,7 +19,7 @@ from pyvmm import __version__
 from pyvmm.accel.base import CpuConfig
 from pyvmm.devices.virtio.options import parse_drive
 from pyvmm.errors import ConfigError, PyvmmError
-from pyvmm.machine.config import DeviceSpec, MachineConfig
+from pyvmm.machine.config import DeviceSpec, MachineConfig, parse_chardev_option
 from pyvmm.memory import parse_size
 from pyvmm.net.options import parse_netdev
 from pyvmm.runstate import VmControl
@@ -57,6 +57,9 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--drive", "-drive", action="append", default=[],
                    metavar="file=PATH[,format=raw|qcow2][,readonly=on][,if=virtio][,serial=ID]",
                    help="add a virtio-blk disk (virtio-mmio)")
+    p.add_argument("--chardev", "-chardev", action="append", default=[], metavar="BACKEND,id=ID[,path=P,...]",
+                   help="a named character back-end for devices: socket,id=c0,path=P,server=on,wait=off | "
+                        "file,id=c0,path=P | stdio | pty | null; used as --device virtio-console,chardev=c0")
     p.add_argument("--netdev", "-netdev", action="append", default=[],
                    metavar="user,id=ID | tap,id=ID[,ifname=TAP]",
                    help="a host network back-end for --device virtio-net-pci,netdev=ID[,mac=MAC]")
@@ -104,6 +107,7 @@ def config_from_args(args: argparse.Namespace) -> MachineConfig:
         devices=[DeviceSpec.parse(d) for d in args.device],
         drives=[parse_drive(d) for d in args.drive],
         netdevs=[parse_netdev(n) for n in args.netdev],
+        chardevs=dict(parse_chardev_option(c) for c in args.chardev),
         mem_path=args.mem_path,
         qmp=list(args.qmp),
     )

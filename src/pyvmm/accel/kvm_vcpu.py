@@ -285,7 +285,7 @@ class VcpuRunner:
                 # Bus.find, inlined: the entry found must itself cover the port, so a bus being
                 # changed concurrently can only make us take the slow path, never call a wrong device.
                 try:
-                    s, e, dev, _ = io_bus.entries[bisect_right(io_bus.starts, port) - 1]
+                    s, e, dev, _ = (t := io_bus.table)[1][bisect_right(t[0], port) - 1]
                 except IndexError:
                     s = e = 0
                 if s <= port < e:
@@ -351,7 +351,7 @@ class VcpuRunner:
                 unpack = UNPACK.get(size)
                 if unpack is not None:
                     try:  # Bus.find, inlined (see _loop_summarized)
-                        s, e, dev, _ = io_bus.entries[bisect_right(io_bus.starts, port) - 1]
+                        s, e, dev, _ = (t := io_bus.table)[1][bisect_right(t[0], port) - 1]
                     except IndexError:
                         s = e = 0
                     if s <= port < e:
@@ -413,7 +413,7 @@ class VcpuRunner:
             return False
         bus = self.mmio_bus
         try:
-            s, e, dev, _ = bus.entries[bisect_right(bus.starts, addr) - 1]
+            s, e, dev, _ = (t := bus.table)[1][bisect_right(t[0], addr) - 1]
         except IndexError:
             s = e = 0
         if is_write:

@@ -22,6 +22,7 @@ from pyvmm.guestkit.initramfs import (
     DEFAULT_HOSTNAME,
     DEFAULT_MODULES,
     FORMAT_VERSION,
+    HVC_READY_MARKER,
     READY_MARKER,
     build_initramfs,
 )
@@ -31,6 +32,7 @@ from pyvmm.guestkit.vmlinux import pvh_entry, vmlinux_for
 __all__ = [
     "DEFAULT_CMDLINE",
     "DEFAULT_MODULES",
+    "HVC_READY_MARKER",
     "READY_MARKER",
     "GuestImages",
     "GuestKitError",

@@ -26,7 +26,7 @@ from pyvmm.guestkit.modules import ModuleTree, strip_compression
 log = logging.getLogger(__name__)
 
 # Bumped whenever the image layout or /init changes, so cached images are rebuilt.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 3  # bump when the generated /init changes: it is part of the cache key
 
 DEFAULT_MODULES: tuple[str, ...] = (
     "virtio",
@@ -41,6 +41,7 @@ DEFAULT_MODULES: tuple[str, ...] = (
 
 DEFAULT_HOSTNAME = "pyvmm"
 READY_MARKER = "pyvmm-guest: shell ready"
+HVC_READY_MARKER = "pyvmm-guest: shell ready on hvc0"
 
 
 @dataclass(frozen=True)
@@ -105,6 +106,11 @@ else
     echo "Type 'poweroff -f' (or exit the shell) to stop the machine."
     echo "{READY_MARKER}"
     export PS1='\\w \\$ '
+    if [ -c /dev/hvc0 ]; then
+        # A virtio console is present: give it a shell of its own too.
+        # (cttyhack would pick the kernel console; opening hvc0 in the new session makes it the ctty.)
+        setsid sh -c 'exec <>/dev/hvc0 >&0 2>&0; echo "{HVC_READY_MARKER}"; exec sh -l' &
+    fi
     setsid cttyhack sh -l
 fi
 sync

@@ -53,6 +53,7 @@ class MachineConfig:
     devices: list[DeviceSpec] = field(default_factory=list)
     drives: list = field(default_factory=list)  # pyvmm.devices.virtio.options.DriveSpec (--drive)
     netdevs: list = field(default_factory=list)  # pyvmm.net.options.NetdevSpec (--netdev)
+    chardevs: dict[str, str] = field(default_factory=dict)  # --chardev id -> pyvmm.chardev spec
     mem_path: str | None = None
     qmp: list[str] = field(default_factory=list)
 
@@ -72,3 +73,37 @@ def _human(size: int) -> str:
         if size >= (1 << shift) and size % (1 << shift) == 0:
             return f"{size >> shift}{unit}"
     return f"{size} bytes"
+
+
+def parse_chardev_option(text: str) -> tuple[str, str]:
+    """QEMU's ``-chardev BACKEND,id=ID[,path=P][,server=on][,wait=off]`` as (id, pyvmm chardev spec).
+
+    Devices then name it: ``--device virtio-console,chardev=ID``.
+    """
+    parts = [p for p in text.split(",") if p]
+    if not parts:
+        raise ConfigError("--chardev needs a back-end: socket, file, stdio, pty or null")
+    backend, props = parts[0], {}
+    for p in parts[1:]:
+        key, eq, value = p.partition("=")
+        if not eq:
+            raise ConfigError(f"--chardev {backend}: property {p!r} is not key=value")
+        props[key] = value
+    cid = props.pop("id", "")
+    if not cid:
+        raise ConfigError(f"--chardev {backend}: an id=NAME is required")
+    path = props.pop("path", "")
+    if backend == "socket":
+        if not path:
+            raise ConfigError(f"--chardev socket,id={cid}: path=PATH is required (unix sockets only)")
+        extra = "".join(f",{k}={v}" for k, v in props.items())
+        return cid, f"unix:{path}{extra}"
+    if backend == "file":
+        if not path:
+            raise ConfigError(f"--chardev file,id={cid}: path=PATH is required")
+        return cid, f"file:{path}"
+    if backend in ("stdio", "pty", "null"):
+        if props or path:
+            raise ConfigError(f"--chardev {backend},id={cid}: unknown properties {', '.join(props) or 'path'}")
+        return cid, backend
+    raise ConfigError(f"--chardev {backend}: unknown back-end (use socket, file, stdio, pty or null)")

@@ -156,15 +156,19 @@ class PcMachine:
             size = spec.int_prop("iosize", 0x04)
             self._add_io(base, size, DebugExit(self.control), "isa-debug-exit")
         elif spec.driver in PCI_DRIVERS:
-            label = spec.props.get("id", spec.driver)
             self.pci.add_device(spec.driver, spec.props, drives=self.config.drives,
-                                make_chardev=lambda c: parse_chardev(c, self.loop, self.control, label=label))
+                                make_chardev=lambda c: self._chardev(c, spec.props.get("id", spec.driver)))
         elif spec.driver in VIRTIO_DRIVERS:
-            self.virtio.add_device(spec.driver, spec.props, lambda chardev: parse_chardev(
-                chardev, self.loop, self.control, label=spec.props.get("id", spec.driver)))
+            self.virtio.add_device(spec.driver, spec.props,
+                                   lambda c: self._chardev(c, spec.props.get("id", spec.driver)))
         else:
             raise ConfigError(f"--device {spec.driver}: unknown device "
                               f"(known: isa-debug-exit, {', '.join(VIRTIO_DRIVERS + PCI_DRIVERS)})")
+
+    def _chardev(self, name: str, label: str):
+        """A device's ``chardev=``: the id of a --chardev, or (pyvmm shorthand) a back-end spec itself."""
+        spec = self.config.chardevs.get(name, name)
+        return parse_chardev(spec, self.loop, self.control, label=name if name in self.config.chardevs else label)
 
     # -- firmware and kernel -----------------------------------------------------------------
     def _load_firmware_and_kernel(self) -> None:

@@ -5,7 +5,7 @@ into a cache directory keyed by the source hash (``$PYVMM_CACHE_DIR`` or
 ``~/.cache/pyvmm``), then imported from there.
 
 The accelerator depends on unicorn 2.1.4's private internals, and changes
-four things in the loaded library, once per process:
+five things in the loaded library, once per process:
 
 1. ``helper_rdmsr``/``helper_wrmsr`` start with a jump to a filter that serves
    APIC_BASE, TSC, TSC_ADJUST, TSC_DEADLINE, MISC_ENABLE and
@@ -19,7 +19,10 @@ four things in the loaded library, once per process:
    page, as QEMU's dirty-page rule requires (``PYVMM_TCG_STRICT_SMC=1`` leaves
    both alone);
 4. per engine, ``uc_struct.no_exit_request`` drops the exit check unicorn
-   emits after every guest load/store (``PYVMM_TCG_EXIT_CHECKS=1`` keeps it).
+   emits after every guest load/store (``PYVMM_TCG_EXIT_CHECKS=1`` keeps it);
+5. ``helper_rdtsc``/``helper_rdtscp`` start with a jump to the virtual-TSC
+   code: unicorn's own hook walk gives up when a stop is pending and then
+   returns the host TSC (a guest clock jump to the host's uptime).
 
 Every patch site is verified byte for byte first, and :func:`selfcheck_engine`
 probes the CPU-state offsets on each new engine with real register writes.
@@ -89,6 +92,7 @@ void pv_tsc_set(struct pv_vcpu *v, uint64_t value);
 void pv_load_seg(struct pv_vcpu *v, int seg, uint32_t selector, uint64_t base, uint32_t limit, uint32_t flags);
 int pv_patch_msr(void *rdmsr_fn, int rd_len, void *wrmsr_fn, int wr_len);
 int pv_msr_patched(void);
+int pv_patch_tsc(void *rdtsc_fn, int rdtsc_len, void *rdtscp_fn, int rdtscp_len);
 int pv_patch_code(void *addr, const void *bytes, int len);
 void pv_set_intr(struct pv_vcpu *v, int level);
 void pv_raise_nmi(struct pv_vcpu *v);
@@ -130,6 +134,10 @@ _EXPECTED_CODE = {
     # Displaced prologues of the MSR helpers (position independent, no rip-relative operands).
     "helper_rdmsr_x86_64": bytes.fromhex("53488b4c24084889fb31d2be7c000000e8"),
     "helper_wrmsr_x86_64": bytes.fromhex("55488b4c24084889fdba01000000be7c000000e8"),
+    # The TSC helpers: an 18-byte displaced prologue (push r14/r13/r12; mov %rdi,%r12; push rbp/rbx;
+    # mov uc(%rdi),%r14), then the CR4.TSD test (cr[4] at +0x1c8) and the CPL test (hflags +0xb0).
+    "helper_rdtsc_x86_64": bytes.fromhex("4156415541544989fc55534c8bb7581b0000f687c801000004740df687b000000003"),
+    "helper_rdtscp_x86_64": bytes.fromhex("4156415541544989fc55534c8bb7581b0000f687c801000004740df687b000000003"),
 }
 # uc_struct.no_exit_request: when set, unicorn stops emitting a helper call after every guest
 # load and store (it only exists to stop mid-block after an invalid access); the check at the
@@ -140,6 +148,9 @@ _HARDIRQ_ANCHOR_ADDR = 0x44BF90
 _HARDIRQ_PLT_ADDR = 0x3AAFE0
 _RDMSR_PROLOGUE = 16
 _WRMSR_PROLOGUE = 19
+_TSC_PROLOGUE = 18
+# Helpers whose first bytes become a jump into pvtcg.c (a second engine in the process sees them patched).
+_INTERPOSED = ("helper_rdmsr_x86_64", "helper_wrmsr_x86_64", "helper_rdtsc_x86_64", "helper_rdtscp_x86_64")
 
 # Unicorn keeps every store to a page that the guest's page tables map executable on the slow
 # path (its notdirty_write never marks such TLB entries dirty), which makes the bzImage
@@ -253,6 +264,10 @@ def _load() -> Native:
                           ffi.cast("void *", fns["helper_wrmsr_x86_64"]), _WRMSR_PROLOGUE)
     if rc != 0:
         raise AccelError(f"could not interpose unicorn's rdmsr/wrmsr helpers (error {rc})")
+    rc = lib.pv_patch_tsc(ffi.cast("void *", fns["helper_rdtsc_x86_64"]), _TSC_PROLOGUE,
+                          ffi.cast("void *", fns["helper_rdtscp_x86_64"]), _TSC_PROLOGUE)
+    if rc != 0:
+        raise AccelError(f"could not interpose unicorn's rdtsc/rdtscp helpers (error {rc})")
     if os.environ.get("PYVMM_TCG_STRICT_SMC") != "1":
         _patch_store_fast_path(ffi, lib, fns)
     plt = fns["x86_cpu_exec_interrupt_x86_64"] - _HARDIRQ_ANCHOR_ADDR + _HARDIRQ_PLT_ADDR
@@ -292,7 +307,8 @@ def _unicorn_functions() -> dict[str, int]:
 
     names = ["x86_cpu_do_interrupt_x86_64", "do_interrupt_x86_hardirq_x86_64", "cpu_loop_exit_x86_64",
              "uc_emu_stop", "uc_reg_read", "uc_reg_write", "uc_hook_add", "qemu_get_cpu_x86_64",
-             "helper_hlt_x86_64", "helper_rdmsr_x86_64", "helper_wrmsr_x86_64", "tb_flush_x86_64",
+             "helper_hlt_x86_64", "helper_rdmsr_x86_64", "helper_wrmsr_x86_64", "helper_rdtsc_x86_64",
+             "helper_rdtscp_x86_64", "tb_flush_x86_64",
              "cpu_x86_cpuid_x86_64", "x86_cpu_exec_interrupt_x86_64", "helper_le_stq_mmu_x86_64",
              "check_exit_request_x86_64", "cpu_exit", "qemu_ram_addr_from_host_x86_64",
              "tb_invalidate_phys_range_x86_64", "tb_invalidate_phys_page_fast_x86_64"]
@@ -310,7 +326,7 @@ def _check_code(fns: dict[str, int]) -> None:
     for name, expected in _EXPECTED_CODE.items():
         base, _, off = name.partition("+")
         have = ctypes.string_at(fns[base] + (int(off, 16) if off else 0), len(expected))
-        if name in ("helper_rdmsr_x86_64", "helper_wrmsr_x86_64") and have[:2] == b"\xff\x25":
+        if name in _INTERPOSED and have[:2] == b"\xff\x25":
             continue  # already interposed by this process
         if have != expected:
             raise AccelError(f"unicorn's {name} is not the code the tcg accelerator expects "

@@ -538,6 +538,85 @@ int pv_patch_msr(void *rdmsr_fn, int rd_len, void *wrmsr_fn, int wr_len)
 
 int pv_msr_patched(void) { return pv_rdmsr_tramp != 0 && pv_wrmsr_tramp != 0; }
 
+/* --- rdtsc/rdtscp interposition ----------------------------------------------
+ * unicorn's helper_rdtsc/helper_rdtscp walk every UC_HOOK_INSN hook and stop the
+ * walk as soon as uc->stop_request is set -- also *before* reaching the rdtsc hook
+ * (the syscall hook comes first in the list).  Every kick (uc_emu_stop: a DMA
+ * code invalidation, pause) sets it, and an rdtsc executed before the next block
+ * boundary then returned the host's raw TSC: the guest clock jumped to the host
+ * uptime.  So the helpers now start with a jump to pv_rdtsc_entry, which serves
+ * the virtual TSC directly; only the CR4.TSD #GP case (CPL > 0) continues into the
+ * original helper, which raises the exception before it looks at any hook.
+ */
+#define PV_CR4 0x1c8
+#define CR4_TSD (1u << 2)
+PV_HIDDEN void *pv_rdtsc_tramp;
+PV_HIDDEN void *pv_rdtscp_tramp;
+
+PV_HIDDEN int pv_rdtsc_filter(char *env, int is_rdtscp);
+PV_HIDDEN int pv_rdtsc_filter(char *env, int is_rdtscp)
+{
+    struct pv_vcpu *v = pv_lookup(env);
+    uint64_t *regs = (uint64_t *)env;
+    uint64_t t;
+    uint32_t aux = 0;
+
+    if (!v)
+        return 0;
+    if ((*pv_u64(env, PV_CR4) & CR4_TSD) && (*pv_u32(env, PV_HFLAGS) & HF_CPL_MASK))
+        return 0;
+    /* read TSC_AUX first: unicorn's MSR accessor saves and restores RAX/RCX/RDX */
+    if (is_rdtscp)
+        aux = (uint32_t)pv_msr_read(v, MSR_TSC_AUX);
+    t = pv_tsc_now(v);
+    regs[0] = (uint32_t)t;
+    regs[2] = t >> 32;
+    if (is_rdtscp)
+        regs[1] = aux;
+    return 1;
+}
+
+__asm__(
+    ".text\n"
+    ".globl pv_rdtsc_entry\n"
+    ".hidden pv_rdtsc_entry\n"
+    ".type pv_rdtsc_entry,@function\n"
+    "pv_rdtsc_entry:\n"
+    "    push %rdi\n"
+    "    xor %esi, %esi\n"
+    "    call pv_rdtsc_filter\n"
+    "    pop %rdi\n"
+    "    test %eax, %eax\n"
+    "    jnz 1f\n"
+    "    jmp *pv_rdtsc_tramp(%rip)\n"
+    "1:  ret\n"
+    ".globl pv_rdtscp_entry\n"
+    ".hidden pv_rdtscp_entry\n"
+    ".type pv_rdtscp_entry,@function\n"
+    "pv_rdtscp_entry:\n"
+    "    push %rdi\n"
+    "    mov $1, %esi\n"
+    "    call pv_rdtsc_filter\n"
+    "    pop %rdi\n"
+    "    test %eax, %eax\n"
+    "    jnz 2f\n"
+    "    jmp *pv_rdtscp_tramp(%rip)\n"
+    "2:  ret\n");
+
+void pv_rdtsc_entry(void);
+void pv_rdtscp_entry(void);
+
+int pv_patch_tsc(void *rdtsc_fn, int rdtsc_len, void *rdtscp_fn, int rdtscp_len)
+{
+    int r;
+    if (pv_rdtsc_tramp || pv_rdtscp_tramp)
+        return 0;   /* already patched in this process */
+    r = pv_patch_one(rdtsc_fn, rdtsc_len, pv_rdtsc_entry, &pv_rdtsc_tramp);
+    if (r)
+        return r;
+    return pv_patch_one(rdtscp_fn, rdtscp_len, pv_rdtscp_entry, &pv_rdtscp_tramp);
+}
+
 /* --- set-up ------------------------------------------------------------------- */
 
 int pv_attach(struct pv_vcpu *v)
