@@ -15,7 +15,6 @@ and the other virtio-pci devices: virtio-blk-pci on an ``if=none`` drive and vir
 
 from __future__ import annotations
 
-import os
 import re
 import secrets
 import shutil
@@ -84,10 +83,7 @@ def test_linux_virtio_net_user_dhcp_http_and_tap_ping(tmp_path):
                         "--device", "virtio-rng-pci",
                         "--append", f'console=ttyS0 panic=-1 quiet pyvmm_run="{script}"')
             try:
-                # The tcg store fast path currently loses self-modifying-code detection, which breaks
-                # module loading (/work/notes/tcg-requests.md); strict SMC keeps this test about networking.
-                env = dict(os.environ, PYVMM_TCG_STRICT_SMC="1")
-                r = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, timeout=300, env=env)
+                r = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, timeout=300)
             except subprocess.TimeoutExpired as e:
                 out = (e.stdout or b"").decode(errors="replace")
                 pytest.fail(f"guest did not finish:\n{out[-4000:]}", pytrace=False)
