@@ -212,3 +212,20 @@ def test_pit_reprogramming_cancels_the_old_timer() -> None:
     pit.io_write(3, 1, 0x30)                     # switch to mode 0, no count yet
     sched.advance(5 * 1_000_000)
     assert edges == []
+
+
+def test_pit_short_mode0_count_fires_even_if_the_clock_moves_during_the_load() -> None:
+    """Linux's PIT clockevent programs one-shots down to 0xF ticks (~13 us); a clock read after the
+    load that already sees the count expired must not drop the interrupt (lost wakeup)."""
+    class TickingClock(FakeClock):
+        def __call__(self) -> int:               # every read costs 20 us of host time
+            self.now += 20_000
+            return self.now
+
+    clock = TickingClock()
+    pit, sched, edges = _pit(clock)
+    pit.io_write(3, 1, 0x30)                     # ch0, lo/hi, mode 0
+    pit.io_write(0, 1, 0x0F)
+    pit.io_write(0, 1, 0x00)                     # 15 ticks ~ 12.6 us
+    sched.advance(1_000_000)
+    assert len(edges) == 1

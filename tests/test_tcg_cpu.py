@@ -692,7 +692,7 @@ def test_ring3_tsc_reads_stay_virtual_while_the_cpu_is_kicked() -> None:
         ja bad{i}
         mov %r{8 + i}, %rbx"""
         for i in range(8))
-        
+
     bads = "\n".join(f"bad{i}: mov %r{8 + i}, %rcx\n jmp report" for i in range(8))
     src = rf"""
     .code64
@@ -782,3 +782,44 @@ def test_linux_reboot_triple_lidt_zero_then_int3_triple_faults() -> None:
     req = h.run_until_request(h.long_mode_state(), timeout=10)
     assert req is not None and req.kind is RequestKind.RESET and "triple fault" in req.reason
     assert h.rec.values == [0x32]
+
+
+def test_apic_base_global_disable_reaches_the_irqchip() -> None:
+    """Clearing IA32_APIC_BASE.EN turns the LAPIC off (reset state, PIC wired straight to INTR)."""
+    src = r"""
+    .code64
+        mov $0x1b, %ecx
+        rdmsr
+        and $~0x800, %eax            # global disable
+        wrmsr
+        out %eax, $0xe4
+    1:  pause
+        cmpl $0, flag(%rip)
+        je 1b
+        mov $0x1b, %ecx
+        rdmsr
+        or $0x800, %eax              # enable again
+        wrmsr
+        out %eax, $0xe4
+    2:  hlt
+        jmp 2b
+    .align 8
+    flag: .long 0
+    """
+    h = Harness()
+    chip = h.accel.irqchip
+    code, syms = assemble(src, CODE_ADDR)
+    h.load(code)
+    h.accel.set_boot_state(h.long_mode_state(), start_aps=False)
+    chip.lapics[0].write_reg(0xF0, 0x1FF)              # software-enabled before the guest runs
+    h.accel.start()
+    try:
+        assert h.rec.done.wait(10)
+        h.rec.done.clear()
+        assert chip.apic_global_enable[0] is False
+        assert not chip.lapics[0].software_enabled       # back in its reset state
+        h.memory.write_u32(syms["flag"], 1)
+        assert h.rec.done.wait(10)
+        assert chip.apic_global_enable[0] is True
+    finally:
+        h.accel.stop()

@@ -206,3 +206,23 @@ def test_lapic_tsc_deadline_mode() -> None:
     la.set_tsc_deadline(None)                        # writing 0 disarms
     sched.advance(5_000_000)
     assert la.irr == 0
+
+
+def test_lapic_short_oneshot_fires_even_if_the_clock_moves_during_the_write() -> None:
+    """A one-shot shorter than the host time between two clock reads must still fire.
+
+    Linux programs deltas of a few bus ticks; the TMICT write used to read the clock twice
+    and drop the timer as "already expired" -> the idle guest never woke (lost wakeup).
+    """
+    class TickingClock(FakeClock):
+        def __call__(self) -> int:             # every read costs 1 us of host time
+            self.now += 1_000
+            return self.now
+
+    clock = TickingClock()
+    la, _, clock, sched = make_lapic(clock=clock)
+    la.write_reg(Reg.TDCR, 0xB)                       # divide by 1
+    la.write_reg(Reg.LVT_TIMER, 0x40)                 # one-shot
+    la.write_reg(Reg.TMICT, 5)                        # 5 ticks at 25 MHz = 200 ns
+    sched.advance(1_000_000)
+    assert la.irr == 1 << 0x40 and la.timer_fired == 1

@@ -236,7 +236,13 @@ class Lapic:
         if self._timer_mode() == TIMER_TSC_DEADLINE:
             self._arm_timer()
 
-    def _arm_timer(self) -> None:
+    def _arm_timer(self, now: int | None = None) -> None:
+        """(Re)schedule the timer; ``now`` is the time of a TMICT write that starts a new count.
+
+        A one-shot count that already ran out is not re-armed by TDCR/LVT changes, but a fresh
+        TMICT write always schedules ``start + period`` (a deadline already past fires at once):
+        reading the clock again here would drop periods shorter than the Python overhead.
+        """
         if self._timer is not None:
             self._sched.cancel(self._timer)
             self._timer = None
@@ -246,7 +252,8 @@ class Lapic:
             return
         if self.tmict == 0:
             return
-        now = self._clock()
+        if now is None:
+            now = self._clock()
         period = self._period_ns()
         elapsed = now - self.timer_start_ns
         if self._timer_mode() == TIMER_PERIODIC:
@@ -343,7 +350,7 @@ class Lapic:
         elif reg == Reg.TMICT:
             self.tmict = value
             self.timer_start_ns = self._clock()
-            self._arm_timer()
+            self._arm_timer(now=self.timer_start_ns)
         elif reg == Reg.TDCR:
             self.tdcr = value & 0xB
             self._arm_timer()

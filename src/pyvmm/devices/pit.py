@@ -127,12 +127,14 @@ class Pit:
         self._irq0(False)
 
     # -- channel 0 interrupt -------------------------------------------------------------------
-    def _arm(self) -> None:
+    def _arm(self, now: int | None = None) -> None:
+        """Schedule channel 0's next edge; a count load passes its own time as ``now`` so that a
+        count shorter than the Python time since the load is still delivered (late, not lost)."""
         if self._timer is not None:
             self._sched.cancel(self._timer)
             self._timer = None
         ch = self.channels[0]
-        when = ch.next_irq_ns(self._clock())
+        when = ch.next_irq_ns(self._clock() if now is None else now)
         if when is not None:
             self._timer = self._sched.schedule(when, self._fire)
 
@@ -239,7 +241,7 @@ class Pit:
         if ch.index == 0:
             if ch.mode == 0:
                 self._irq0(False)
-            self._arm()
+            self._arm(now)
 
     # -- port 0x61 -----------------------------------------------------------------------------
     def speaker_device(self) -> _SpeakerPort:

@@ -278,7 +278,12 @@ class UserspaceIrqchip:
             self.lapics[index].set_tsc_deadline(deadline_ns)
 
     def set_apic_global_enable(self, index: int, enabled: bool) -> None:
+        """IA32_APIC_BASE.EN of CPU ``index``.  Disabling puts the LAPIC back in its power-up
+        state (timer stopped, IRR/ISR clear, software-disabled); the 8259 then drives INTR
+        directly (see ``_extint_path``)."""
         with self.lock:
+            if not enabled and self.apic_global_enable[index]:
+                self.lapics[index].reset()
             self.apic_global_enable[index] = enabled
             self._update(index)
 

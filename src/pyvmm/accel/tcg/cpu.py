@@ -117,6 +117,9 @@ class TcgVcpu:
         self._deadline_cb = ffi.callback("void(struct pv_vcpu *)", self._tsc_deadline_written,
                                          onerror=self._ack_error)
         v.deadline_written = self._deadline_cb
+        self._apic_base_cb = ffi.callback("void(struct pv_vcpu *)", self._apic_base_written,
+                                          onerror=self._ack_error)
+        v.apic_base_written = self._apic_base_cb
         v.tsc_hz = self.tsc_hz
         v.apic_base = 0xFEE00000 | (1 << 11) | ((1 << 8) if self.index == 0 else 0)
         lib.pv_tsc_set(v, 0)
@@ -229,6 +232,10 @@ class TcgVcpu:
             delta = deadline - v.tsc_at_epoch
             when = v.tsc_epoch_ns + max(0, delta) * 1_000_000_000 // self.tsc_hz
         self.intc.set_tsc_deadline(self.index, when)
+
+    def _apic_base_written(self, v) -> None:
+        """IA32_APIC_BASE's global-enable bit changed: the irqchip switches this CPU's LAPIC."""
+        self.intc.set_apic_global_enable(self.index, bool(v.apic_base & (1 << 11)))
 
     def _ack_error(self, exc_type, exc, tb) -> None:
         log.error("tcg: interrupt acknowledge failed: %s", exc)

@@ -71,6 +71,7 @@ struct pv_vcpu {
     char *env;
     int (*ack)(struct pv_vcpu *v);
     void (*deadline_written)(struct pv_vcpu *v);
+    void (*apic_base_written)(struct pv_vcpu *v);  /* IA32_APIC_BASE.EN changed */
     int irq_request;
     int last_exception;
     uint64_t tsc_hz;

@@ -409,8 +409,11 @@ PV_HIDDEN int pv_msr_filter(char *env, int is_write)
     case MSR_APIC_BASE:
         if (is_write) {
             /* base is fixed at 0xfee00000; BSP bit is read-only */
+            uint64_t old = v->apic_base;
             v->apic_base = (v->apic_base & 0x100) | (val & 0xc00) | 0xfee00000ull;
             v->apic_base_writes++;
+            if (((old ^ v->apic_base) & 0x800) && v->apic_base_written)
+                v->apic_base_written(v);   /* the irqchip turns this CPU's LAPIC off or on */
             return 1;
         }
         out = v->apic_base;

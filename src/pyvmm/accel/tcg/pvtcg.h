@@ -25,6 +25,7 @@ struct pv_vcpu {
     char *env;
     int (*ack)(struct pv_vcpu *v);   /* take the highest deliverable vector, or -1 */
     void (*deadline_written)(struct pv_vcpu *v);  /* IA32_TSC_DEADLINE was written */
+    void (*apic_base_written)(struct pv_vcpu *v);  /* IA32_APIC_BASE.EN changed */
     volatile int irq_request;        /* the irqchip's INTR output towards this vCPU */
     int last_exception;
     uint64_t tsc_hz;
