@@ -3,12 +3,16 @@
 ``ConsoleProcess`` runs ``python -m pyvmm run ...`` with the serial port on the
 process's stdin/stdout (the stdio back-end with pipes), keeps everything the
 guest printed, and lets a test wait for text and type commands.
+``SocketConsole`` does the same for a console a VMM (pyvmm or QEMU) serves on a
+unix socket, e.g. ``-serial unix:PATH,server=on,wait=off`` or a virtio-console
+``--chardev socket``.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import socket
 import subprocess
 import sys
 import threading
@@ -93,6 +97,68 @@ class ConsoleProcess:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+
+
+class SocketConsole:
+    """A guest console on a unix socket: everything read is kept, a test waits for text and types.
+
+    The VMM creates the socket some time after it starts, so connecting is
+    retried until ``timeout``.  A reader thread drains the socket continuously:
+    a console nobody reads would fill the VMM's output buffer and stall the guest.
+    """
+
+    def __init__(self, path: Path, timeout: float = 30.0, name: str = "the console") -> None:
+        self.name = name
+        deadline = time.monotonic() + timeout
+        while True:
+            self.sock = socket.socket(socket.AF_UNIX)
+            try:
+                self.sock.connect(str(path))
+                break
+            except OSError:
+                self.sock.close()
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+        self._data = bytearray()
+        self._lock = threading.Lock()
+        threading.Thread(target=self._reader, daemon=True).start()
+
+    def _reader(self) -> None:
+        while True:
+            try:
+                data = self.sock.recv(65536)
+            except OSError:
+                return
+            if not data:
+                return
+            with self._lock:
+                self._data += data
+
+    @property
+    def text(self) -> str:
+        """Everything received so far (decoded as a whole, so split UTF-8 sequences survive)."""
+        with self._lock:
+            return self._data.decode(errors="replace")
+
+    def wait_for(self, needle: str, timeout: float) -> None:
+        """Wait until ``needle`` (plain text) has been received at any point."""
+        deadline = time.monotonic() + timeout
+        while needle not in self.text:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no {needle!r} on {self.name} within {timeout}s; tail:\n{self.text[-1500:]}")
+            time.sleep(0.05)
+
+    def send(self, text: str) -> None:
+        self.sock.sendall(text.encode())
+
+    def close(self) -> None:
+        """Shut the socket down (which also ends the reader thread) and close it."""
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
 
 
 def wait_for_file(path: Path, timeout: float) -> None:

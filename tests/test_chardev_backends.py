@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from chardev_helpers import Collector, running_loop
 from pyvmm.chardev import (
     FileBackend,
     NullBackend,
@@ -20,40 +21,12 @@ from pyvmm.chardev import (
 )
 from pyvmm.devices.serial import Serial
 from pyvmm.errors import ConfigError, DeviceError
-from pyvmm.loop import MainLoop
 from pyvmm.runstate import VmControl
-
-
-class Collector:
-    """A receiver that holds at most ``room`` bytes in total."""
-
-    def __init__(self, room: int = 1 << 20) -> None:
-        self.room = room
-        self.data = bytearray()
-        self.cond = threading.Condition()
-
-    def can_receive(self) -> int:
-        with self.cond:
-            return max(0, self.room - len(self.data))
-
-    def receive(self, data: bytes) -> None:
-        with self.cond:
-            self.data += data
-            self.cond.notify_all()
-
-    def wait_for(self, n: int, timeout: float = 3.0) -> bytes:
-        with self.cond:
-            self.cond.wait_for(lambda: len(self.data) >= n, timeout)
-            return bytes(self.data)
 
 
 @pytest.fixture
 def loop():
-    lp = MainLoop("chardev-test")
-    lp.start_thread()
-    yield lp
-    lp.stop_thread()
-    lp.close()
+    yield from running_loop("chardev-test")
 
 
 def recv_exact(s: socket.socket, n: int, timeout: float = 3.0) -> bytes:

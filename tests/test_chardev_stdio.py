@@ -12,37 +12,14 @@ import time
 
 import pytest
 
+from chardev_helpers import Collector, running_loop
 from pyvmm.chardev import StdioBackend, parse_chardev
-from pyvmm.loop import MainLoop
 from pyvmm.runstate import RequestKind, VmControl
-
-
-class Collector:
-    def __init__(self) -> None:
-        self.data = bytearray()
-        self.cond = threading.Condition()
-
-    def can_receive(self) -> int:
-        return 4096
-
-    def receive(self, data: bytes) -> None:
-        with self.cond:
-            self.data += data
-            self.cond.notify_all()
-
-    def wait_for(self, n: int, timeout: float = 3.0) -> bytes:
-        with self.cond:
-            self.cond.wait_for(lambda: len(self.data) >= n, timeout)
-            return bytes(self.data)
 
 
 @pytest.fixture
 def loop():
-    lp = MainLoop("stdio-test")
-    lp.start_thread()
-    yield lp
-    lp.stop_thread()
-    lp.close()
+    yield from running_loop("stdio-test")
 
 
 @pytest.fixture

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from chardev_helpers import RecordingBackend
 from pyvmm.devices.serial import Serial
 from pyvmm.irq import IrqLine
 
@@ -25,30 +26,6 @@ class RecordingSink:
     def set_irq(self, gsi: int, level: bool) -> None:
         self.events.append((gsi, level))
         self.levels[gsi] = level
-
-
-class RecordingBackend:
-    """A CharBackend that keeps what the UART sends and counts accept_input calls."""
-
-    label = "test"
-
-    def __init__(self) -> None:
-        self.out = bytearray()
-        self.receiver = None
-        self.accept_calls = 0
-
-    def write(self, data: bytes) -> int:
-        self.out += data
-        return len(data)
-
-    def attach(self, receiver) -> None:
-        self.receiver = receiver
-
-    def accept_input(self) -> None:
-        self.accept_calls += 1
-
-    def close(self) -> None:
-        pass
 
 
 def make() -> tuple[Serial, RecordingSink, RecordingBackend]:

@@ -10,13 +10,13 @@ then end in a SHUTDOWN event with ``guest: true`` and exit status 0.
 from __future__ import annotations
 
 import asyncio
-import socket
 import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
+
+from guestconsole import SocketConsole
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "guests" / "qmp"))
 
@@ -28,47 +28,6 @@ WATCH_POWER_BUTTON = (
     "(exec 3<$dev; echo armed=$dev; dd bs=24 count=1 of=/dev/null <&3 2>/dev/null; echo POWER-BUTTON-SEEN; "
     "sync; poweroff -f) &\n"
 )
-
-
-class Console:
-    """The guest's COM1 over a unix socket: everything read is kept in ``text``."""
-
-    def __init__(self, path: Path, timeout: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                self.sock = socket.socket(socket.AF_UNIX)
-                self.sock.connect(str(path))
-                break
-            except OSError:
-                self.sock.close()
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
-        self.text = ""
-        self._lock = threading.Lock()
-        threading.Thread(target=self._reader, daemon=True).start()
-
-    def _reader(self) -> None:
-        while True:
-            try:
-                data = self.sock.recv(65536)
-            except OSError:
-                return
-            if not data:
-                return
-            with self._lock:
-                self.text += data.decode(errors="replace")
-
-    def wait_for(self, needle: str, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while needle not in self.text:
-            if time.monotonic() > deadline:
-                raise AssertionError(f"no {needle!r} on the console within {timeout}s; tail:\n{self.text[-1500:]}")
-            time.sleep(0.1)
-
-    def send(self, text: str) -> None:
-        self.sock.sendall(text.encode())
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +58,7 @@ def test_linux_guest_powers_off_on_system_powerdown(kind: str, linux, tmp_path: 
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise HarnessError(f"{kind} did not start: {log.read_text(errors='replace')}")
             time.sleep(0.05)
-        console = Console(serial)
+        console = SocketConsole(serial)
 
         async def body() -> None:
             c = Client()

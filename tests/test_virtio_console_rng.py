@@ -7,6 +7,7 @@ import time
 
 import pytest
 
+from chardev_helpers import RecordingBackend
 from pyvmm.chardev import parse_chardev
 from pyvmm.devices.virtio.console import PENDING_MAX, VirtioConsole
 from pyvmm.devices.virtio.mmio import Reg, VirtioMmio
@@ -43,32 +44,8 @@ def test_rng_fills_buffers(mem):
     t.close()
 
 
-class FakeBackend:
-    """A CharBackend stand-in that records output and lets the test push input."""
-
-    label = "fake"
-
-    def __init__(self) -> None:
-        self.out = bytearray()
-        self.receiver = None
-        self.resumed = 0
-
-    def write(self, data: bytes) -> int:
-        self.out += data
-        return len(data)
-
-    def attach(self, receiver) -> None:
-        self.receiver = receiver
-
-    def accept_input(self) -> None:
-        self.resumed += 1
-
-    def close(self) -> None:
-        pass
-
-
 def test_console_output_and_input(mem):
-    be = FakeBackend()
+    be = RecordingBackend()
     dev = VirtioConsole(mem, be)  # type: ignore[arg-type]
     t = VirtioMmio(dev, None)
     assert t.io_read(Reg.DEVICE_ID, 4) == 3
@@ -98,7 +75,7 @@ def test_console_output_and_input(mem):
     r3 = d.alloc(PENDING_MAX)
     rxq.add([(r3, PENDING_MAX, True)])
     d.kick(0)
-    assert be.resumed >= 1 and be.receiver.can_receive() == PENDING_MAX
+    assert be.accept_calls >= 1 and be.receiver.can_receive() == PENDING_MAX
     # emergency write through config space
     t.io_write(0x100 + 8, 4, ord("!"))
     assert be.out.endswith(b"!")
@@ -132,7 +109,7 @@ def test_console_idle_receive_buffers_do_not_spin(mem):
     loop = MainLoop("console-spin")
     loop.start_thread()
     try:
-        be = FakeBackend()
+        be = RecordingBackend()
         dev = VirtioConsole(mem, be, loop=loop)  # type: ignore[arg-type]
         t = VirtioMmio(dev, None)
         d = MmioDriver(mem, t)

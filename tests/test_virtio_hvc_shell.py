@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import re
-import socket
-import time
 
 import pytest
 
-from guestconsole import READY, ConsoleProcess, wait_for_file
+from guestconsole import READY, ConsoleProcess, SocketConsole
 
 pytestmark = pytest.mark.slow
 
@@ -23,28 +21,13 @@ def test_shell_session_on_hvc0(tmp_path) -> None:
                         "--chardev", f"socket,id=hvc,path={sock_path},server=on,wait=off",
                         "--device", "virtio-console,chardev=hvc")
     try:
-        wait_for_file(sock_path, 60)
-        hvc = socket.socket(socket.AF_UNIX)
-        hvc.connect(str(sock_path))
-        hvc.settimeout(0.2)
+        hvc = SocketConsole(sock_path, timeout=60, name="hvc0")
         vm.expect(re.escape(READY), 300)
-        received = b""
-
-        def until(pattern: bytes, timeout: float) -> None:
-            nonlocal received
-            deadline = time.monotonic() + timeout
-            while not re.search(pattern, received):
-                assert time.monotonic() < deadline, f"{pattern!r} not on hvc0; got {received[-800:]!r}"
-                try:
-                    received += hvc.recv(65536)
-                except TimeoutError:
-                    pass
-
-        until(re.escape(HVC_READY_MARKER.encode()), 60)
-        hvc.sendall(b"echo tty=$(tty) sum=$((40+2))\n")
-        until(rb"tty=/dev/hvc0 sum=42", 30)
+        hvc.wait_for(HVC_READY_MARKER, 60)
+        hvc.send("echo tty=$(tty) sum=$((40+2))\n")
+        hvc.wait_for("tty=/dev/hvc0 sum=42", 30)
         assert "tty=/dev/hvc0" not in vm.output  # the session is on hvc0, not on the serial port
-        hvc.sendall(b"poweroff -f\n")
+        hvc.send("poweroff -f\n")
         assert vm.wait(60) == 0
     finally:
         vm.kill()

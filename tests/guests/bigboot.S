@@ -40,27 +40,8 @@ hexdigit:
     cmpb $'9', %al
     jbe putc
     addb $('a' - '0' - 10), %al
-/* putc: AL = byte; clobbers BL, CX, DX */
-putc:
-    movb %al, %bl
-    movw $COM1 + 5, %dx
-    movw $20000, %cx
-1:  inb %dx, %al
-    testb $0x20, %al
-    jnz 2f
-    loop 1b
-2:  movw $COM1, %dx
-    movb %bl, %al
-    outb %al, %dx
-    ret
-
-puts:
-    lodsb
-    testb %al, %al
-    jz 1f
-    call putc
-    jmp puts
-1:  ret
+    jmp putc
+#include "rm_serial.inc"
 
 dlmsg:
     .asciz "dl=0x"

@@ -20,29 +20,13 @@ _start:
     ljmp $0, $1f              /* some loaders enter at 07c0:0000 */
 1:
     movw $msg, %si
-2:  lodsb
-    testb %al, %al
-    jz 4f
-    call putc
-    jmp 2b
-4:  movb $EXIT_VALUE, %al
+    call puts
+    movb $EXIT_VALUE, %al
     outb %al, $0xf4
 5:  hlt
     jmp 5b
 
-/* putc: AL = byte; clobbers BL, CX, DX */
-putc:
-    movb %al, %bl
-    movw $COM1 + 5, %dx
-    movw $20000, %cx
-1:  inb %dx, %al
-    testb $0x20, %al
-    jnz 2f
-    loop 1b
-2:  movw $COM1, %dx
-    movb %bl, %al
-    outb %al, %dx
-    ret
+#include "rm_serial.inc"
 
 msg:
     .asciz "Hello from real mode\n"

@@ -49,28 +49,7 @@ done:
 4:  hlt
     jmp 4b
 
-/* puts: DS:SI = NUL-terminated string */
-puts:
-    lodsb
-    testb %al, %al
-    jz 1f
-    call putc
-    jmp puts
-1:  ret
-
-/* putc: AL = byte; clobbers BL, CX, DX */
-putc:
-    movb %al, %bl
-    movw $COM1 + 5, %dx
-    movw $20000, %cx
-1:  inb %dx, %al
-    testb $0x20, %al
-    jnz 2f
-    loop 1b
-2:  movw $COM1, %dx
-    movb %bl, %al
-    outb %al, %dx
-    ret
+#include "rm_serial.inc"
 
 ready:
     .asciz "echo ready\n"

@@ -117,26 +117,7 @@ cmos_write:
     outb %al, $0x71
     ret
 
-puts:
-    lodsb
-    testb %al, %al
-    jz 1f
-    call putc
-    jmp puts
-1:  ret
-
-putc:
-    movb %al, %bl
-    movw $COM1 + 5, %dx
-    movw $20000, %cx
-1:  inb %dx, %al
-    testb $0x20, %al
-    jnz 2f
-    loop 1b
-2:  movw $COM1, %dx
-    movb %bl, %al
-    outb %al, %dx
-    ret
+#include "rm_serial.inc"
 
     .align 8
 gdt:
