@@ -36,6 +36,7 @@ import hashlib
 import importlib.util
 import logging
 import os
+import re
 import sys
 import tempfile
 import threading
@@ -51,42 +52,18 @@ UNICORN_VERSION = "2.1.4"
 _SRC_DIR = Path(__file__).resolve().parent
 _MODULE_NAME = "_pyvmm_pvtcg"
 
-_CDEF = """
-struct pv_vcpu;
-struct pv_fns {
-    void (*do_interrupt)(void *cs);
-    void (*hardirq)(void *env, int intno, int is_hw);
-    void (*loop_exit)(void *cs);
-    int (*emu_stop)(void *uc);
-    int (*reg_read)(void *uc, int regid, void *value);
-    int (*reg_write)(void *uc, int regid, const void *value);
-    int (*hook_add)(void *uc, size_t *hh, int type, void *cb, void *user, uint64_t begin, uint64_t end, ...);
-    char *(*get_cpu)(void *uc, int index);
-    void (*cpu_exit)(void *cs);
-};
-struct pv_vcpu {
-    struct pv_fns fns;
-    void *uc;
-    char *cs;
-    char *env;
-    int (*ack)(struct pv_vcpu *v);
-    void (*deadline_written)(struct pv_vcpu *v);
-    void (*apic_base_written)(struct pv_vcpu *v);  /* IA32_APIC_BASE.EN changed */
-    int irq_request;
-    int last_exception;
-    uint64_t tsc_hz;
-    uint64_t tsc_epoch_ns;
-    uint64_t tsc_at_epoch;
-    uint64_t tsc_deadline;
-    uint64_t tsc_adjust;
-    uint64_t apic_base;
-    uint64_t n_irq;
-    uint64_t n_exc;
-    uint64_t n_syscall;
-    uint64_t apic_base_writes;
-    uint64_t tsc_deadline_writes;
-    size_t hooks[8];
-};
+def _header_declarations() -> str:
+    """pvtcg.h's types as cffi declarations: the header is the one source for both sides.
+
+    cffi's parser takes no preprocessor lines or comments, and needs no ``volatile``.
+    """
+    text = (_SRC_DIR / "pvtcg.h").read_text()
+    text = re.sub(r"/\*.*?\*/", "", text, flags=re.S)
+    text = re.sub(r"^\s*#.*$", "", text, flags=re.M)
+    return text.replace("volatile ", "")
+
+
+_CDEF = _header_declarations() + """
 uint64_t pv_now_ns(void);
 uint64_t pv_tsc_now(struct pv_vcpu *v);
 void pv_tsc_set(struct pv_vcpu *v, uint64_t value);

@@ -1,4 +1,4 @@
-/* Shared between pvtcg.c and the cffi declarations in native.py (keep in sync). */
+/* Shared between pvtcg.c and native.py, which reads the types below as its cffi declarations. */
 #ifndef PYVMM_PVTCG_H
 #define PYVMM_PVTCG_H
 #include <stdint.h>
