@@ -297,12 +297,7 @@ class PcMachine:
         self.control.request_reset("host-qmp-system-reset")
 
     def system_powerdown(self) -> None:
-        from pyvmm.devices.acpi_pm import AcpiPm
-
-        pm = next((d for d in self.devices if isinstance(d, AcpiPm)), None)
-        if pm is None:
-            raise ConfigError("this machine has no ACPI power button")
-        pm.press_power_button()
+        self.acpi_pm.press_power_button()
 
     def quit(self) -> None:
         self.control.request_exit(0, "host-qmp-quit")
