@@ -81,10 +81,12 @@ class ConsoleProcess:
         self.send(f"{command}; echo {marker}\n")
         start = self._mark
         m = self.expect(r"(?m)^" + re.escape(marker) + r"\r?$", timeout)  # the output, not the typed echo
-        text = self.output[start:m.start()]
-        echo = text.find(f"echo {marker}")
-        body = text[echo + len(f"echo {marker}"):] if echo >= 0 else text
-        return body.replace("\r", "").strip("\n")
+        # The typed line comes back through the shell's line editor, which may redraw it with CRs
+        # and escape sequences: drop those, then take what follows the marker in that echo.
+        text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]|\r", "", self.output[start:m.start()])
+        echo = text.rfind(marker)
+        body = text[echo + len(marker):] if echo >= 0 else text
+        return body.strip("\n")
 
     def wait(self, timeout: float) -> int:
         try:
