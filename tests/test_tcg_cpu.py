@@ -759,6 +759,66 @@ def test_ring3_tsc_reads_stay_virtual_while_the_cpu_is_kicked() -> None:
     assert vals == [0]
 
 
+def test_syscalls_all_run_while_other_threads_kick_the_cpu() -> None:
+    """Kicks from other threads (DMA code invalidation, pause) must not make the CPU skip a syscall.
+
+    unicorn's syscall helper walks the instruction hooks and gives up as soon as a stop is
+    requested; a stop requested from another thread in that window used to skip the syscall
+    (EIP moved on, the handler never ran).  Regression test for wrong sha256 sums computed
+    by a Linux guest while its virtio-blk device was doing DMA.
+    """
+    src = r"""
+    .code64
+        mov $0xc0000081, %ecx        # STAR: kernel CS 0x10, user base 0x23
+        xor %eax, %eax
+        mov $0x00230010, %edx
+        wrmsr
+        mov $0xc0000082, %ecx        # LSTAR
+        lea syscall_entry(%rip), %rax
+        mov %rax, %rdx
+        shr $32, %rdx
+        wrmsr
+        xor %r12d, %r12d             # syscalls that reached the handler
+        lea user_code(%rip), %rcx
+        mov $0x3202, %r11            # IF, IOPL 3 (the user code reports through ports)
+        movabs $0x70000, %rsp
+        sysretq
+    syscall_entry:
+        inc %r12
+        sysretq
+    user_code:
+        mov $400000, %edi
+    loop:
+        syscall
+        dec %edi
+        jnz loop
+        mov %r12, %rax
+        out %eax, $0xe0
+        out %eax, $0xe4
+    1:  jmp 1b
+    """
+    h = Harness()
+    code, _ = assemble(src, CODE_ADDR)
+    h.load(code)
+    st = h.long_mode_state()
+    stop = threading.Event()
+
+    def kicker() -> None:
+        while not stop.is_set():
+            h.accel.invalidate_code(0x300000, 4096)    # no code there: only the kick matters
+            time.sleep(0.0001)
+
+    t = threading.Thread(target=kicker, daemon=True)
+    t.start()
+    try:
+        vals = h.run(st, timeout=60)
+    finally:
+        stop.set()
+        t.join()
+    assert vals == [400000], f"{400000 - vals[0]} of 400000 syscalls were skipped"
+    assert h.accel.vcpus[0].stats["kicks_served"] > 0
+
+
 def test_linux_reboot_triple_lidt_zero_then_int3_triple_faults() -> None:
     """Linux's `reboot=triple`: lidt of a zero-length IDT at address 0, then int3."""
     src = r"""

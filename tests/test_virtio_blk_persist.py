@@ -31,10 +31,6 @@ def _boot(image, fmt: str, script: str) -> str:
     return r.stdout
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "known tcg bug, issue 4 left open: TcgVcpu.invalidate_code kicks the vCPU with uc.emu_stop() from the "
-    "virtio iothread after every DMA write; in ~30% of boots the guest then computes a wrong sha256 over "
-    "correct data (disk and page cache verified correct; raw and qcow2 alike). Without the kick 6/6 pass."))
 @pytest.mark.parametrize("fmt", ["raw", "qcow2"])
 def test_data_survives_a_second_boot(tmp_path, fmt: str) -> None:
     image = tmp_path / f"disk.{fmt}"

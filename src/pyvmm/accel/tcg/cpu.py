@@ -5,8 +5,8 @@ GuestMemory host mappings) and sends port I/O and everything in the 32-bit
 MMIO hole (and above RAM) to the machine's buses.  The compiled hooks
 (pvtcg.c) deliver exceptions and interrupts through the guest's IDT, emulate
 ``syscall``, and serve the TSC and a few MSRs; the irqchip raises INTR with
-:meth:`TcgVcpu.set_intr`, and pause/stop leave ``emu_start`` at the next
-block boundary with ``uc_emu_stop``.  This class decides what to do when
+:meth:`TcgVcpu.set_intr`, and pause/stop/code invalidation leave ``emu_start``
+at the next block boundary through :meth:`TcgVcpu.kick`.  This class decides what to do when
 ``emu_start`` returns: idle on ``hlt`` until INTR (no CPU burnt), report a
 triple fault as a reset request, or report an emulation error with a
 register dump.
@@ -261,10 +261,16 @@ class TcgVcpu:
             self._cond.notify_all()
 
     def kick(self) -> None:
-        """Leave emu_start at the next block boundary (or wake from hlt)."""
-        uc = self.uc
-        if uc is not None:
-            uc.emu_stop()
+        """Leave emu_start at the next block boundary (or wake from hlt).
+
+        Any thread may call this.  It never calls ``uc_emu_stop`` itself: the request goes
+        through the CPU's interrupt-request word and the vCPU thread stops the engine
+        between two blocks (pvtcg.c, "kicks").  A kick that arrives between two
+        ``emu_start`` calls stays pending and ends the next one at once.
+        """
+        v = self._v
+        if v is not None:
+            self.nat.lib.pv_kick(v)
         with self._cond:
             self._cond.notify_all()
 
@@ -309,7 +315,6 @@ class TcgVcpu:
         self._quit = True
         t = self._thread
         if t is not None and t is not threading.current_thread():
-            # a kick that lands between two emu_start calls is lost: repeat until the thread ends
             while t.is_alive():
                 self.kick()
                 t.join(0.05)
@@ -394,7 +399,7 @@ class TcgVcpu:
         v = self._v
         out = dict(self.exits)
         if v is not None:
-            out.update(irqs=v.n_irq, exceptions=v.n_exc, syscalls=v.n_syscall)
+            out.update(irqs=v.n_irq, exceptions=v.n_exc, syscalls=v.n_syscall, kicks_served=v.n_kick)
         return out
 
     def dump(self) -> str:

@@ -5,7 +5,7 @@ into a cache directory keyed by the source hash (``$PYVMM_CACHE_DIR`` or
 ``~/.cache/pyvmm``), then imported from there.
 
 The accelerator depends on unicorn 2.1.4's private internals, and changes
-five things in the loaded library, once per process:
+six things in the loaded library, once per process:
 
 1. ``helper_rdmsr``/``helper_wrmsr`` start with a jump to a filter that serves
    APIC_BASE, TSC, TSC_ADJUST, TSC_DEADLINE, MISC_ENABLE and
@@ -23,6 +23,11 @@ five things in the loaded library, once per process:
 5. ``helper_rdtsc``/``helper_rdtscp`` start with a jump to the virtual-TSC
    code: unicorn's own hook walk gives up when a stop is pending and then
    returns the host TSC (a guest clock jump to the host's uptime).
+6. the PLT slot through which ``x86_cpu_exec_interrupt`` calls
+   ``do_smm_enter`` points at the kick handler: other threads stop the vCPU
+   by raising CPU_INTERRUPT_SMI, and the vCPU thread itself calls
+   ``uc_emu_stop`` between two blocks (a stop requested from another thread
+   makes unicorn skip instruction hooks, e.g. a guest ``syscall``).
 
 Every patch site is verified byte for byte first, and :func:`selfcheck_engine`
 probes the CPU-state offsets on each new engine with real register writes.
@@ -76,6 +81,8 @@ void pv_set_intr(struct pv_vcpu *v, int level);
 void pv_raise_nmi(struct pv_vcpu *v);
 int pv_nmi_pending(struct pv_vcpu *v);
 int pv_install_hardirq(void *plt_entry, void *real_fn);
+int pv_install_kick(void *plt_entry, void *real_fn);
+void pv_kick(struct pv_vcpu *v);
 int pv_install_store_invalidate(void *plt_entry, void *real_fast, void *range_fn);
 int pv_attach(struct pv_vcpu *v);
 void pv_detach(struct pv_vcpu *v);
@@ -93,6 +100,8 @@ uint32_t pv_env_u32(struct pv_vcpu *v, int off);
 ENV_EIP = 0x80
 ENV_EFLAGS = 0x88
 ENV_HFLAGS = 0xB0
+ENV_HFLAGS2 = 0xB4
+HF2_GIF = 1               # the SMI request used for kicks is only served with GIF set
 ENV_SEGS = 0xB8
 ENV_CR0 = 0x1A8
 ENV_ERROR_CODE = 0x150C
@@ -106,6 +115,8 @@ _EXPECTED_CODE = {
     # ... the HARD case: `mov $1,%edx; xor %esi,%esi; mov %r12,%rdi; andl $~0x102,0x1c(%rbp);
     # call do_interrupt_x86_hardirq@plt` (vector 0, interrupt_request at CPUState+0x1c).
     "x86_cpu_exec_interrupt_x86_64+0x106": bytes.fromhex("ba0100000031f64c89e781651cfdfeffffe8"),
+    # ... the SMI case: `andl $~0x40,0x1c(%rbp); mov %rbp,%rdi; call do_smm_enter@plt` (the kick path).
+    "x86_cpu_exec_interrupt_x86_64+0x4d": bytes.fromhex("83651cbf4889efe8"),
     "helper_hlt_x86_64": bytes.fromhex("5531d24863ee be78000000 534889fb".replace(" ", "")),
     # Its second instruction tests uc_struct.no_exit_request (offset 0x7f2).
     "check_exit_request_x86_64": bytes.fromhex("488bb77099000080bef2070000007408c3"),
@@ -124,6 +135,8 @@ UC_NO_EXIT_REQUEST_OFFSET = 0x7F2
 # x86_cpu_exec_interrupt calls do_interrupt_x86_hardirq through this PLT entry (checked below).
 _HARDIRQ_ANCHOR_ADDR = 0x44BF90
 _HARDIRQ_PLT_ADDR = 0x3AAFE0
+# ... and do_smm_enter through the rel32 call that ends the SMI bytes above.
+_SMM_CALL_OFFSET = 0x4D + 7
 _RDMSR_PROLOGUE = 16
 _WRMSR_PROLOGUE = 19
 _TSC_PROLOGUE = 18
@@ -254,6 +267,13 @@ def _load() -> Native:
     rc = lib.pv_install_hardirq(ffi.cast("void *", plt), ffi.cast("void *", fns["do_interrupt_x86_hardirq_x86_64"]))
     if rc != 0:
         raise AccelError(f"could not route unicorn's hardware interrupts to the irqchip (error {rc})")
+    call = fns["x86_cpu_exec_interrupt_x86_64"] + _SMM_CALL_OFFSET
+    smm_plt = call + 5 + int.from_bytes(ctypes.string_at(call + 1, 4), "little", signed=True)
+    if ctypes.string_at(smm_plt, 2) != b"\xff\x25":
+        raise AccelError("unicorn's PLT entry for do_smm_enter is not where expected")
+    rc = lib.pv_install_kick(ffi.cast("void *", smm_plt), ffi.cast("void *", fns["do_smm_enter_x86_64"]))
+    if rc != 0:
+        raise AccelError(f"could not install the vCPU kick path (error {rc})")
     log.debug("tcg helper loaded from %s", path)
     return Native(ffi, lib, fns)
 
@@ -289,7 +309,8 @@ def _unicorn_functions() -> dict[str, int]:
              "helper_rdtscp_x86_64", "tb_flush_x86_64",
              "cpu_x86_cpuid_x86_64", "x86_cpu_exec_interrupt_x86_64", "helper_le_stq_mmu_x86_64",
              "check_exit_request_x86_64", "cpu_exit", "qemu_ram_addr_from_host_x86_64",
-             "tb_invalidate_phys_range_x86_64", "tb_invalidate_phys_page_fast_x86_64"]
+             "tb_invalidate_phys_range_x86_64", "tb_invalidate_phys_page_fast_x86_64",
+             "do_smm_enter_x86_64"]
     out = {}
     for n in names:
         try:
@@ -347,6 +368,8 @@ def selfcheck_engine(nat: Native, uc, v) -> None:
     nat.lib.pv_load_seg(v, 2, 0x18, 0, 0xFFFFFFFF, 0x00CF9300)
     if u32(ENV_HFLAGS) & 3 != 0:
         problems.append("hflags")
+    if not u32(ENV_HFLAGS2) & HF2_GIF:
+        problems.append("hflags2 (GIF clear: kicks could not stop the vCPU)")
     for r, val in saved.items():
         uc.reg_write(r, val)
     if problems:

@@ -256,6 +256,47 @@ int pv_install_hardirq(void *plt_entry, void *real_fn)
     return pv_plt_redirect(plt_entry, real_fn, (void *)pv_hardirq_wrapper);
 }
 
+/* --- kicks: leave emu_start at the next block boundary, decided in the vCPU thread --------
+ * uc_emu_stop called from another thread sets uc->stop_request at an arbitrary point, and
+ * unicorn's instruction-hook walks (syscall, cpuid, in/out, rdtsc, memory hooks) give up as
+ * soon as they see it: a syscall that lands in that window is skipped (EIP advances, nothing
+ * runs) and the guest computes garbage.  So another thread only raises a request bit and
+ * calls cpu_exit, exactly as the irqchip does for INTR.  The bit is CPU_INTERRUPT_SMI: the
+ * machine has no SMM, x86_cpu_exec_interrupt serves it ahead of NMI and INTR whatever
+ * EFLAGS.IF is (only GIF, which no guest can clear without SVM, gates it), and it calls
+ * do_smm_enter through the PLT.  That slot points at pv_kick_wrapper, which runs in the vCPU
+ * thread between two blocks and stops the engine there with uc_emu_stop.
+ */
+#define CPU_INTERRUPT_SMI 0x0040
+
+static void (*pv_real_smm_enter)(void *cpu);
+
+static void pv_kick_wrapper(void *cpu)
+{
+    struct pv_vcpu *v = pv_lookup((char *)cpu + PV_ENV_OFF);
+    if (!v) {
+        pv_real_smm_enter(cpu);
+        return;
+    }
+    v->n_kick++;
+    v->fns.emu_stop(v->uc);
+}
+
+int pv_install_kick(void *plt_entry, void *real_fn)
+{
+    if (pv_real_smm_enter)
+        return 0;
+    pv_real_smm_enter = real_fn;
+    return pv_plt_redirect(plt_entry, real_fn, (void *)pv_kick_wrapper);
+}
+
+/* Any thread: the vCPU leaves emu_start at its next block boundary (or at once on entry). */
+void pv_kick(struct pv_vcpu *v)
+{
+    __atomic_fetch_or((int *)(v->cs + PV_CS_INTERRUPT_REQUEST), CPU_INTERRUPT_SMI, __ATOMIC_SEQ_CST);
+    v->fns.cpu_exit(v->cs);
+}
+
 /* --- stores to pages holding translated code ------------------------------------------
  * notdirty_write() runs for a store to a page whose TLB entry is "not dirty"; it drops the
  * translations overlapping the stored bytes.  QEMU then marks the entry dirty (stores go
@@ -544,10 +585,11 @@ int pv_msr_patched(void) { return pv_rdmsr_tramp != 0 && pv_wrmsr_tramp != 0; }
 /* --- rdtsc/rdtscp interposition ----------------------------------------------
  * unicorn's helper_rdtsc/helper_rdtscp walk every UC_HOOK_INSN hook and stop the
  * walk as soon as uc->stop_request is set -- also *before* reaching the rdtsc hook
- * (the syscall hook comes first in the list).  Every kick (uc_emu_stop: a DMA
- * code invalidation, pause) sets it, and an rdtsc executed before the next block
- * boundary then returned the host's raw TSC: the guest clock jumped to the host
- * uptime.  So the helpers now start with a jump to pv_rdtsc_entry, which serves
+ * (the syscall hook comes first in the list).  Any uc_emu_stop sets it, and an
+ * rdtsc executed before the next block boundary then returns the host's raw TSC:
+ * the guest clock jumps to the host uptime.  Kicks no longer stop the engine from
+ * other threads (see "kicks"), but the walk stays fragile, so the helpers start
+ * with a jump to pv_rdtsc_entry, which serves
  * the virtual TSC directly; only the CR4.TSD #GP case (CPL > 0) continues into the
  * original helper, which raises the exception before it looks at any hook.
  */
@@ -670,6 +712,10 @@ void pv_detach(struct pv_vcpu *v)
 void pv_prepare_run(struct pv_vcpu *v)
 {
     *(int *)(v->cs + PV_CS_HALTED) = 0;
+    /* the CPU clears request bits with a plain read-modify-write: re-assert a level INTR
+       that a concurrent pv_set_intr may have lost in that window */
+    if (v->irq_request)
+        __atomic_fetch_or((int *)(v->cs + PV_CS_INTERRUPT_REQUEST), CPU_INTERRUPT_HARD, __ATOMIC_SEQ_CST);
 }
 
 int pv_halted(struct pv_vcpu *v) { return *(int *)(v->cs + PV_CS_HALTED); }

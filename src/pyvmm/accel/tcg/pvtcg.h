@@ -37,6 +37,7 @@ struct pv_vcpu {
     uint64_t n_irq;
     uint64_t n_exc;
     uint64_t n_syscall;
+    uint64_t n_kick;                 /* kicks served between two blocks */
     uint64_t apic_base_writes;
     uint64_t tsc_deadline_writes;
     size_t hooks[8];
