@@ -79,8 +79,6 @@ class TcgVcpu:
         self._parked = threading.Event()
         self._dead = False                  # stopped itself after a triple fault or an error
         self.exits = {"hlt": 0, "kick": 0, "triple_fault": 0, "error": 0}
-        self._stale: list[tuple[int, int]] = []    # guest-physical ranges written behind the CPU's back
-        self._stale_lock = threading.Lock()
         self.uc: unicorn.Uc | None = None
         self._v = None
         self._ack_cb = None
@@ -131,10 +129,6 @@ class TcgVcpu:
         self._finalizer = weakref.finalize(self, lib.pv_detach, v)
         self.uc = uc
         self._v = v
-        self._ram_addr_from_host = ffi.cast("uint64_t (*)(void *, void *)",
-                                            self.nat.fns["qemu_ram_addr_from_host_x86_64"])
-        self._tb_invalidate = ffi.cast("void (*)(void *, uint64_t, uint64_t)",
-                                       self.nat.fns["tb_invalidate_phys_range_x86_64"])
         self._native_cpuid = ffi.cast("void (*)(char *, uint32_t, uint32_t, uint32_t *, uint32_t *, "
                                       "uint32_t *, uint32_t *)", self.nat.fns["cpu_x86_cpuid_x86_64"])
 
@@ -163,36 +157,25 @@ class TcgVcpu:
         """Guest RAM ``[gpa, gpa+length)`` was written by the host (device DMA, a loader).
 
         Translated code for those pages must go before the guest runs again.  The engine is
-        not thread-safe, so the range is queued and dropped by the vCPU thread itself, which
-        is kicked out of the guest to do it.
+        not thread-safe, so the range is queued (pvtcg.c, ``pv_note_written``) and the vCPU
+        is kicked: it drops the translations itself at its next block boundary, without
+        leaving ``emu_start``, or before it next enters it.
         """
-        with self._stale_lock:
-            self._stale.append((gpa, length))
-        if threading.current_thread() is not self._thread:
-            self.kick()
-
-    def _drop_stale_code(self) -> None:
-        with self._stale_lock:
-            ranges, self._stale = self._stale, []
-        uc = self.uc
-        if uc is None:
+        v = self._v
+        if v is None:
             return
-        ffi = self.nat.ffi
-        handle = ffi.cast("void *", uc._uch.value)
-        mem = self.ctx.memory
-        for gpa, length in ranges:
-            end = gpa + length
-            while gpa < end:
-                try:
-                    r = mem.region_for(gpa)
-                except Exception:
-                    break
-                chunk = min(end, r.end) - gpa
-                host = ffi.cast("void *", r.host_addr + (gpa - r.gpa))
-                ram = self._ram_addr_from_host(handle, host)
-                if ram != 0xFFFFFFFFFFFFFFFF:
-                    self._tb_invalidate(handle, ram, ram + chunk)
-                gpa += chunk
+        lib, mem = self.nat.lib, self.ctx.memory
+        end = gpa + length
+        while gpa < end:
+            try:
+                r = mem.region_for(gpa)
+            except Exception:
+                break                       # not RAM: nothing can be translated there
+            chunk = min(end, r.end) - gpa
+            lib.pv_note_written(v, r.host_addr + (gpa - r.gpa), chunk)
+            gpa += chunk
+        if threading.current_thread() is not self._thread:
+            lib.pv_kick(v, 0)
 
     # -- hooks (Python) -------------------------------------------------------------------------
     def _in(self, uc, port: int, size: int, user_data) -> int:
@@ -270,7 +253,7 @@ class TcgVcpu:
         """
         v = self._v
         if v is not None:
-            self.nat.lib.pv_kick(v)
+            self.nat.lib.pv_kick(v, 1)
         with self._cond:
             self._cond.notify_all()
 
@@ -350,8 +333,8 @@ class TcgVcpu:
     def _run_once(self) -> None:
         uc, lib, v = self.uc, self.nat.lib, self._v
         assert uc is not None
-        if self._stale:
-            self._drop_stale_code()
+        if lib.pv_drop_stale(v):
+            uc.ctl_flush_tb()               # the queue of written ranges overflowed
         lib.pv_prepare_run(v)
         rip = uc.reg_read(X.UC_X86_REG_RIP)
         try:

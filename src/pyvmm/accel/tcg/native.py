@@ -60,11 +60,12 @@ _MODULE_NAME = "_pyvmm_pvtcg"
 def _header_declarations() -> str:
     """pvtcg.h's types as cffi declarations: the header is the one source for both sides.
 
-    cffi's parser takes no preprocessor lines or comments, and needs no ``volatile``.
+    cffi's parser takes no comments and no preprocessor lines other than numeric
+    ``#define`` constants, and needs no ``volatile``.
     """
     text = (_SRC_DIR / "pvtcg.h").read_text()
     text = re.sub(r"/\*.*?\*/", "", text, flags=re.S)
-    text = re.sub(r"^\s*#.*$", "", text, flags=re.M)
+    text = re.sub(r"^\s*#(?!define [A-Z_]+ \d+\s*$).*$", "", text, flags=re.M)   # keep numeric #defines
     return text.replace("volatile ", "")
 
 
@@ -82,7 +83,9 @@ void pv_raise_nmi(struct pv_vcpu *v);
 int pv_nmi_pending(struct pv_vcpu *v);
 int pv_install_hardirq(void *plt_entry, void *real_fn);
 int pv_install_kick(void *plt_entry, void *real_fn);
-void pv_kick(struct pv_vcpu *v);
+void pv_kick(struct pv_vcpu *v, int stop);
+void pv_note_written(struct pv_vcpu *v, uint64_t host, uint64_t len);
+int pv_drop_stale(struct pv_vcpu *v);
 int pv_install_store_invalidate(void *plt_entry, void *real_fast, void *range_fn);
 int pv_attach(struct pv_vcpu *v);
 void pv_detach(struct pv_vcpu *v);
@@ -397,3 +400,6 @@ def fill_fns(nat: Native, v) -> None:
                               f["uc_hook_add"])
     v.fns.get_cpu = ffi.cast("char *(*)(void *, int)", f["qemu_get_cpu_x86_64"])
     v.fns.cpu_exit = ffi.cast("void (*)(void *)", f["cpu_exit"])
+    v.fns.ram_addr_from_host = ffi.cast("uint64_t (*)(void *, void *)", f["qemu_ram_addr_from_host_x86_64"])
+    v.fns.tb_invalidate_range = ffi.cast("void (*)(void *, uint64_t, uint64_t)",
+                                         f["tb_invalidate_phys_range_x86_64"])

@@ -271,6 +271,56 @@ int pv_install_hardirq(void *plt_entry, void *real_fn)
 
 static void (*pv_real_smm_enter)(void *cpu);
 
+static void pv_stale_lock(struct pv_vcpu *v)
+{
+    while (__atomic_exchange_n(&v->stale_lock, 1, __ATOMIC_ACQUIRE))
+        __builtin_ia32_pause();
+}
+
+static void pv_stale_unlock(struct pv_vcpu *v)
+{
+    __atomic_store_n(&v->stale_lock, 0, __ATOMIC_RELEASE);
+}
+
+/* vCPU thread, between two blocks or outside emu_start: drop translations of the queued
+   ranges.  Returns 1 if the queue had overflowed (the caller flushes every translation). */
+int pv_drop_stale(struct pv_vcpu *v)
+{
+    struct pv_stale batch[PV_STALE_MAX];
+    uint32_t n;
+    int overflow;
+
+    pv_stale_lock(v);
+    n = v->n_stale;
+    memcpy(batch, v->stale, n * sizeof(batch[0]));
+    overflow = v->stale_overflow;
+    v->n_stale = 0;
+    v->stale_overflow = 0;
+    pv_stale_unlock(v);
+    if (overflow)
+        return 1;
+    for (uint32_t i = 0; i < n; i++) {
+        uint64_t ram = v->fns.ram_addr_from_host(v->uc, (void *)(uintptr_t)batch[i].host);
+        if (ram != UINT64_MAX)
+            v->fns.tb_invalidate_range(v->uc, ram, ram + batch[i].len);
+    }
+    return 0;
+}
+
+/* Any thread: host memory [host, host+len) inside one RAM block was written.  Adjacent
+   writes (a request's data buffers) merge; a full queue turns into a flush of everything. */
+void pv_note_written(struct pv_vcpu *v, uint64_t host, uint64_t len)
+{
+    pv_stale_lock(v);
+    if (v->n_stale && v->stale[v->n_stale - 1].host + v->stale[v->n_stale - 1].len == host)
+        v->stale[v->n_stale - 1].len += len;
+    else if (v->n_stale < PV_STALE_MAX)
+        v->stale[v->n_stale++] = (struct pv_stale){host, len};
+    else
+        v->stale_overflow = 1;
+    pv_stale_unlock(v);
+}
+
 static void pv_kick_wrapper(void *cpu)
 {
     struct pv_vcpu *v = pv_lookup((char *)cpu + PV_ENV_OFF);
@@ -279,7 +329,16 @@ static void pv_kick_wrapper(void *cpu)
         return;
     }
     v->n_kick++;
-    v->fns.emu_stop(v->uc);
+    /* x86_cpu_exec_interrupt returns 1 after this call, so cpu_exec forgets its last block
+       and chains no jump into a translation dropped here */
+    if (pv_drop_stale(v)) {
+        v->stale_overflow = 1;          /* tb_flush is left to the caller of emu_start */
+        v->stop_wanted = 1;
+    }
+    if (v->stop_wanted) {
+        v->stop_wanted = 0;
+        v->fns.emu_stop(v->uc);
+    }
 }
 
 int pv_install_kick(void *plt_entry, void *real_fn)
@@ -290,9 +349,13 @@ int pv_install_kick(void *plt_entry, void *real_fn)
     return pv_plt_redirect(plt_entry, real_fn, (void *)pv_kick_wrapper);
 }
 
-/* Any thread: the vCPU leaves emu_start at its next block boundary (or at once on entry). */
-void pv_kick(struct pv_vcpu *v)
+/* Any thread: the vCPU serves the kick at its next block boundary (or at once on entry to
+   emu_start): it drops the queued stale translations and, if `stop` (or stop_wanted), leaves
+   emu_start. */
+void pv_kick(struct pv_vcpu *v, int stop)
 {
+    if (stop)
+        v->stop_wanted = 1;
     __atomic_fetch_or((int *)(v->cs + PV_CS_INTERRUPT_REQUEST), CPU_INTERRUPT_SMI, __ATOMIC_SEQ_CST);
     v->fns.cpu_exit(v->cs);
 }

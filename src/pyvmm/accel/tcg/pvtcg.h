@@ -6,6 +6,13 @@
 
 struct pv_vcpu;
 
+/* Host memory written behind the CPU's back (device DMA), waiting for its translations to go. */
+#define PV_STALE_MAX 128
+struct pv_stale {
+    uint64_t host;
+    uint64_t len;
+};
+
 struct pv_fns {
     void (*do_interrupt)(void *cs);
     void (*hardirq)(void *env, int intno, int is_hw);
@@ -16,6 +23,8 @@ struct pv_fns {
     int (*hook_add)(void *uc, size_t *hh, int type, void *cb, void *user, uint64_t begin, uint64_t end, ...);
     char *(*get_cpu)(void *uc, int index);
     void (*cpu_exit)(void *cs);
+    uint64_t (*ram_addr_from_host)(void *uc, void *host);
+    void (*tb_invalidate_range)(void *uc, uint64_t start, uint64_t end);
 };
 
 struct pv_vcpu {
@@ -40,6 +49,11 @@ struct pv_vcpu {
     uint64_t n_kick;                 /* kicks served between two blocks */
     uint64_t apic_base_writes;
     uint64_t tsc_deadline_writes;
+    volatile int stop_wanted;        /* the next kick also leaves emu_start (pause, stop) */
+    int stale_lock;
+    int stale_overflow;              /* the queue overflowed: translations of all RAM must go */
+    uint32_t n_stale;
+    struct pv_stale stale[PV_STALE_MAX];
     size_t hooks[8];
 };
 
