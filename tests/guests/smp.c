@@ -478,8 +478,11 @@ void guest_main(u32 magic, const u32 *mbi)
         if (stress_done == ncpus && stress_bad == 0)
             result |= RESULT_MODE_OK;
     }
+    /* APs may still be printing (an AP sets its bit before it takes the UART lock) */
+    lock();
     if (check_mptable(ncpus, bsp))
         result |= RESULT_MPTABLE_OK;
+    unlock();
     if (ap_fault) {
         /* A shutdown on any CPU resets the whole machine: wait for it (~5 s). */
         outb(0x70, 0);
