@@ -668,12 +668,45 @@ def test_self_nmi_ipi_is_delivered_even_with_interrupts_disabled() -> None:
     assert h.accel.irqchip.counters["nmi"] == 1
 
 
+def _run_while_kicked(src: str) -> tuple[Harness, list[int]]:
+    """Run a 64-bit guest while another thread kicks its CPU every ~100 us.
+
+    The kicks alternate between the two kinds other threads send: a DMA code
+    invalidation (served between two blocks) and a pause-style kick that leaves
+    emu_start (the run loop then enters it again).
+    """
+    h = Harness()
+    code, _ = assemble(src, CODE_ADDR)
+    h.load(code)
+    st = h.long_mode_state()
+    stop = threading.Event()
+
+    def kicker() -> None:
+        n = 0
+        while not stop.is_set():
+            if n % 2:
+                h.accel.vcpus[0].kick()
+            else:
+                h.accel.invalidate_code(0x300000, 4096)    # no code there: only the kick matters
+            n += 1
+            time.sleep(0.0001)
+
+    t = threading.Thread(target=kicker, daemon=True)
+    t.start()
+    try:
+        vals = h.run(st, timeout=60)
+    finally:
+        stop.set()
+        t.join()
+    return h, vals
+
+
 def test_ring3_tsc_reads_stay_virtual_while_the_cpu_is_kicked() -> None:
     """rdtsc/rdtscp in ring 3 (the vDSO clock) must never see the host's raw TSC.
 
     unicorn's rdtsc helpers stop walking the instruction hooks as soon as a stop was
-    requested, and then return the host TSC; every kick (a DMA code invalidation, pause)
-    requests one.  Regression test for a guest CLOCK_MONOTONIC jump to the host's uptime.
+    requested, and then return the host TSC; a pause-style kick requests one (from the
+    vCPU thread now, between two blocks).  Regression test for a guest CLOCK_MONOTONIC jump to the host's uptime.
     """
     reads = "\n".join(
         f"""
@@ -735,24 +768,7 @@ def test_ring3_tsc_reads_stay_virtual_while_the_cpu_is_kicked() -> None:
         out %eax, $0xe4
     2:  jmp 2b
     """
-    h = Harness()
-    code, _ = assemble(src, CODE_ADDR)
-    h.load(code)
-    st = h.long_mode_state()
-    stop = threading.Event()
-
-    def kicker() -> None:
-        while not stop.is_set():
-            h.accel.invalidate_code(0x300000, 4096)    # no code there: only the kick matters
-            time.sleep(0.0002)
-
-    t = threading.Thread(target=kicker, daemon=True)
-    t.start()
-    try:
-        vals = h.run(st, timeout=60)
-    finally:
-        stop.set()
-        t.join()
+    h, vals = _run_while_kicked(src)
     if vals[0] != 0:
         prev, bad = vals[1] | vals[2] << 32, vals[3] | vals[4] << 32
         raise AssertionError(f"guest TSC went from {prev:#x} to {bad:#x}")
@@ -797,26 +813,10 @@ def test_syscalls_all_run_while_other_threads_kick_the_cpu() -> None:
         out %eax, $0xe4
     1:  jmp 1b
     """
-    h = Harness()
-    code, _ = assemble(src, CODE_ADDR)
-    h.load(code)
-    st = h.long_mode_state()
-    stop = threading.Event()
-
-    def kicker() -> None:
-        while not stop.is_set():
-            h.accel.invalidate_code(0x300000, 4096)    # no code there: only the kick matters
-            time.sleep(0.0001)
-
-    t = threading.Thread(target=kicker, daemon=True)
-    t.start()
-    try:
-        vals = h.run(st, timeout=60)
-    finally:
-        stop.set()
-        t.join()
+    h, vals = _run_while_kicked(src)
     assert vals == [400000], f"{400000 - vals[0]} of 400000 syscalls were skipped"
-    assert h.accel.vcpus[0].stats["kicks_served"] > 0
+    stats = h.accel.vcpus[0].stats
+    assert stats["kicks_served"] > 0 and stats["kick"] > 0     # both kinds of kick happened
 
 
 def test_linux_reboot_triple_lidt_zero_then_int3_triple_faults() -> None:

@@ -282,23 +282,26 @@ static void pv_stale_unlock(struct pv_vcpu *v)
     __atomic_store_n(&v->stale_lock, 0, __ATOMIC_RELEASE);
 }
 
-/* vCPU thread, between two blocks or outside emu_start: drop translations of the queued
-   ranges.  Returns 1 if the queue had overflowed (the caller flushes every translation). */
+/* vCPU thread only (between two blocks, or outside emu_start): drop the translations of the
+   queued ranges.  Writers keep appending to the other buffer meanwhile.  Returns 1 if the
+   queue had overflowed (the caller then flushes every translation). */
 int pv_drop_stale(struct pv_vcpu *v)
 {
-    struct pv_stale batch[PV_STALE_MAX];
-    uint32_t n;
+    uint32_t b, n;
     int overflow;
+    struct pv_stale *batch;
 
     pv_stale_lock(v);
-    n = v->n_stale;
-    memcpy(batch, v->stale, n * sizeof(batch[0]));
+    b = v->stale_fill;
+    n = v->n_stale[b];
     overflow = v->stale_overflow;
-    v->n_stale = 0;
+    v->stale_fill = b ^ 1;
+    v->n_stale[b ^ 1] = 0;
     v->stale_overflow = 0;
     pv_stale_unlock(v);
     if (overflow)
         return 1;
+    batch = v->stale[b];
     for (uint32_t i = 0; i < n; i++) {
         uint64_t ram = v->fns.ram_addr_from_host(v->uc, (void *)(uintptr_t)batch[i].host);
         if (ram != UINT64_MAX)
@@ -308,14 +311,19 @@ int pv_drop_stale(struct pv_vcpu *v)
 }
 
 /* Any thread: host memory [host, host+len) inside one RAM block was written.  Adjacent
-   writes (a request's data buffers) merge; a full queue turns into a flush of everything. */
+   writes merge; a full queue turns into a flush of everything. */
 void pv_note_written(struct pv_vcpu *v, uint64_t host, uint64_t len)
 {
+    struct pv_stale *q;
+    uint32_t *n;
+
     pv_stale_lock(v);
-    if (v->n_stale && v->stale[v->n_stale - 1].host + v->stale[v->n_stale - 1].len == host)
-        v->stale[v->n_stale - 1].len += len;
-    else if (v->n_stale < PV_STALE_MAX)
-        v->stale[v->n_stale++] = (struct pv_stale){host, len};
+    q = v->stale[v->stale_fill];
+    n = &v->n_stale[v->stale_fill];
+    if (*n && q[*n - 1].host + q[*n - 1].len == host)
+        q[*n - 1].len += len;
+    else if (*n < PV_STALE_MAX)
+        q[(*n)++] = (struct pv_stale){host, len};
     else
         v->stale_overflow = 1;
     pv_stale_unlock(v);

@@ -7,7 +7,7 @@
 struct pv_vcpu;
 
 /* Host memory written behind the CPU's back (device DMA), waiting for its translations to go. */
-#define PV_STALE_MAX 128
+#define PV_STALE_MAX 2048             /* per buffer: a 1 MiB request of scattered pages takes 256 */
 struct pv_stale {
     uint64_t host;
     uint64_t len;
@@ -52,8 +52,9 @@ struct pv_vcpu {
     volatile int stop_wanted;        /* the next kick also leaves emu_start (pause, stop) */
     int stale_lock;
     int stale_overflow;              /* the queue overflowed: translations of all RAM must go */
-    uint32_t n_stale;
-    struct pv_stale stale[PV_STALE_MAX];
+    uint32_t stale_fill;             /* which buffer writers append to; the vCPU drains the other */
+    uint32_t n_stale[2];
+    struct pv_stale stale[2][PV_STALE_MAX];
     size_t hooks[8];
 };
 
