@@ -508,7 +508,7 @@ def test_unassigned_physical_memory_reads_all_ones() -> None:
     assert vals == [0xFFFFFFFF]
 
 
-def _code_rewrite_run(invalidate: bool) -> list[int]:
+def _code_rewrite_run(invalidate: bool, flood: bool = False) -> list[int]:
     src = r"""
     .code64
         call *%rbx
@@ -537,8 +537,16 @@ def _code_rewrite_run(invalidate: bool) -> list[int]:
         h.rec.done.clear()
         # a "device" rewrites the function behind the CPU's back
         h.load(assemble(".code64\n mov $2, %eax\n out %eax, $0xe0\n ret\n", func)[0], func)
+        if flood:
+            # while the CPU is paused (it cannot drain the queue), more separate ranges than the
+            # queue holds: it must flush all its translations before it runs again
+            h.accel.pause()
+            for i in range(3000):
+                h.accel.invalidate_code(0x400000 + i * 8192, 16)
         if invalidate:
             h.accel.invalidate_code(func, 16)
+        if flood:
+            h.accel.resume()
         h.memory.write_u32(syms["flag"], 1)
         assert h.rec.done.wait(10)
     finally:
@@ -548,6 +556,7 @@ def _code_rewrite_run(invalidate: bool) -> list[int]:
 
 def test_host_writes_to_translated_code_are_invalidated() -> None:
     assert _code_rewrite_run(invalidate=True) == [1, 2, 2]
+    assert _code_rewrite_run(invalidate=True, flood=True) == [1, 2, 2]
     # without the notification unicorn keeps running its stale translation (why the API exists)
     assert _code_rewrite_run(invalidate=False) == [1, 1, 1]
 
