@@ -18,6 +18,21 @@ from tcg_guestlib import (
     assemble,
 )
 
+# Assembly snippets for the guests that enter ring 3 with sysretq (Linux's GDT layout).
+SET_STAR = """
+        mov $0xc0000081, %ecx        # STAR: kernel CS 0x10, user base 0x23
+        xor %eax, %eax
+        mov $0x00230010, %edx
+        wrmsr
+"""
+SET_LSTAR = """
+        mov $0xc0000082, %ecx        # LSTAR = syscall_entry
+        lea syscall_entry(%rip), %rax
+        mov %rax, %rdx
+        shr $32, %rdx
+        wrmsr
+"""
+
 
 def _guest(src: str, setup=None, state: str = "long", timeout: float = 10.0) -> tuple[Harness, list[int]]:
     h = Harness()
@@ -97,15 +112,7 @@ def test_exceptions_through_the_idt_in_long_mode() -> None:
 def test_syscall_sysret_ring3_and_interrupt_stack_switch() -> None:
     src = r"""
     .code64
-        mov $0xc0000081, %ecx        # STAR: kernel CS 0x10, user base 0x23
-        xor %eax, %eax
-        mov $0x00230010, %edx
-        wrmsr
-        mov $0xc0000082, %ecx        # LSTAR
-        lea syscall_entry(%rip), %rax
-        mov %rax, %rdx
-        shr $32, %rdx
-        wrmsr
+""" + SET_STAR + SET_LSTAR + r"""
         mov $0xc0000084, %ecx        # FMASK: clear IF
         mov $0x200, %eax
         xor %edx, %edx
@@ -738,10 +745,7 @@ def test_ring3_tsc_reads_stay_virtual_while_the_cpu_is_kicked() -> None:
     bads = "\n".join(f"bad{i}: mov %r{8 + i}, %rcx\n jmp report" for i in range(8))
     src = rf"""
     .code64
-        mov $0xc0000081, %ecx        # STAR: kernel CS 0x10, user base 0x23
-        xor %eax, %eax
-        mov $0x00230010, %edx
-        wrmsr
+    {SET_STAR}
         lea user_code(%rip), %rcx
         mov $0x3202, %r11            # IF, IOPL 3 (the user code reports through ports)
         movabs $0x70000, %rsp
@@ -794,15 +798,7 @@ def test_syscalls_all_run_while_other_threads_kick_the_cpu() -> None:
     """
     src = r"""
     .code64
-        mov $0xc0000081, %ecx        # STAR: kernel CS 0x10, user base 0x23
-        xor %eax, %eax
-        mov $0x00230010, %edx
-        wrmsr
-        mov $0xc0000082, %ecx        # LSTAR
-        lea syscall_entry(%rip), %rax
-        mov %rax, %rdx
-        shr $32, %rdx
-        wrmsr
+""" + SET_STAR + SET_LSTAR + r"""
         xor %r12d, %r12d             # syscalls that reached the handler
         lea user_code(%rip), %rcx
         mov $0x3202, %r11            # IF, IOPL 3 (the user code reports through ports)
