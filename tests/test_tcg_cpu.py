@@ -9,6 +9,7 @@ import resource
 import threading
 import time
 
+from pyvmm.devices.fw_cfg import FW_CFG_BASE, FwCfg
 from pyvmm.runstate import RequestKind
 from tcg_guestlib import (
     CODE_ADDR,
@@ -566,6 +567,51 @@ def test_host_writes_to_translated_code_are_invalidated() -> None:
     assert _code_rewrite_run(invalidate=True, flood=True) == [1, 2, 2]
     # without the notification unicorn keeps running its stale translation (why the API exists)
     assert _code_rewrite_run(invalidate=False) == [1, 1, 1]
+
+
+def _fw_cfg_dma_rewrite_run(hook: bool) -> list[int]:
+    """The guest runs a function, reloads it with fw_cfg DMA (inside its own port write: the
+    vCPU thread does the DMA) and runs it again."""
+    src = r"""
+    .code64
+        call *%rbx
+        movl $0x0a002000, desc(%rip)     # control 0x0020000a (big-endian): select key 0x20, read
+        movl $0x10000000, desc+4(%rip)   # length 16
+        movl $0, desc+8(%rip)            # address 0x20000 (big-endian)
+        movl $0x00000200, desc+12(%rip)
+        xor %eax, %eax
+        mov $0x514, %dx
+        out %eax, %dx
+        lea desc(%rip), %eax
+        bswap %eax
+        mov $0x518, %dx
+        out %eax, %dx                    # the DMA happens here
+        call *%rbx
+        out %eax, $0xe4
+    1:  hlt
+        jmp 1b
+    .align 16
+    desc: .fill 16, 1, 0
+    """
+    func = 0x20000
+    h = Harness()
+    fw = FwCfg(memory=h.memory)
+    h.io_bus.register(FW_CFG_BASE, fw.io_size, fw, "fw_cfg")
+    new_code = assemble(".code64\n mov $2, %eax\n out %eax, $0xe0\n ret\n", func)[0].ljust(16, b"\x90")
+    assert fw.add_file("opt/new-code", new_code) == 0x20         # the key the guest selects
+    if hook:
+        fw.dma_hook = h.accel.invalidate_code
+    code, _ = assemble(src, CODE_ADDR)
+    h.load(code)
+    h.load(assemble(".code64\n mov $1, %eax\n out %eax, $0xe0\n ret\n", func)[0], func)
+    st = h.long_mode_state()
+    st.regs["rbx"] = func
+    return h.run(st)
+
+
+def test_dma_by_the_vcpu_thread_itself_invalidates_translated_code() -> None:
+    assert _fw_cfg_dma_rewrite_run(hook=True) == [1, 2]
+    assert _fw_cfg_dma_rewrite_run(hook=False) == [1, 1]     # the stale translation, without the hook
 
 
 def test_lapic_tsc_deadline_timer() -> None:

@@ -25,7 +25,7 @@ import ctypes
 import logging
 import struct
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from enum import IntEnum, IntFlag
 
 from pyvmm.errors import ConfigError, GuestMemoryError
@@ -143,6 +143,9 @@ class FwCfg:
         self._cur_data = b""
         self._cur_offset = 0
         self._dma_high = 0
+        #: Called with (gpa, length) after a DMA read filled guest memory.  The machine sets it
+        #: to the tcg accelerator's invalidate_code (unicorn does not see host writes); None on KVM.
+        self.dma_hook: Callable[[int, int], None] | None = None
         features = FwCfgIdFeature.TRADITIONAL | (FwCfgIdFeature.DMA if memory is not None else 0)
         self._items[FwCfgKey.SIGNATURE] = b"QEMU"
         self._items[FwCfgKey.ID] = struct.pack("<I", features)
@@ -300,3 +303,5 @@ class FwCfg:
         if length > avail:
             mem.fill(addr + avail, length - avail, 0)  # no host buffer sized by the guest
         self._cur_offset = min(off + length, len(data))
+        if self.dma_hook is not None:
+            self.dma_hook(addr, length)

@@ -196,6 +196,7 @@ class PcMachine:
         self.accel.set_boot_state(self.boot.cpu, start_aps=False)
         self.virtio.attach_accelerator(self.accel)  # ioeventfds on KVM (again after accel.reset())
         self.pci.attach_accelerator(self.accel)  # virtio-pci notify ioeventfds on KVM
+        self.fw_cfg.dma_hook = getattr(self.accel, "invalidate_code", None)  # tcg: DMA drops stale code
         if not start:  # reset while paused: stay stopped until QMP 'cont', as QEMU does
             self._set_state(RunState.PRELAUNCH)
             return

@@ -174,8 +174,9 @@ class TcgVcpu:
             chunk = min(end, r.end) - gpa
             lib.pv_note_written(v, r.host_addr + (gpa - r.gpa), chunk)
             gpa += chunk
-        if threading.current_thread() is not self._thread:
-            lib.pv_kick(v, 0)
+        # also from the vCPU thread itself (a device's DMA inside a port or MMIO hook): the
+        # translations go at the next block boundary, before the guest can branch to the data
+        lib.pv_kick(v, 0)
 
     # -- hooks (Python) -------------------------------------------------------------------------
     def _in(self, uc, port: int, size: int, user_data) -> int:
