@@ -84,6 +84,7 @@ def guest_like_load(img: Qcow2Image, model: bytearray, rng: random.Random, size:
         img.write_zeroes(off, length, unmap=bool(rng.getrandbits(1)))
         model[off:off + length] = bytes(length)
         img.discard(off, length)  # advisory: the data may stay as it is (we keep zeroes)
+    img.flush()  # clusters freed by discard/unmap may now be handed out again
     # dd bs=1M: long sequential runs of 1 MiB (and ragged) requests, some not cluster aligned.
     for start in (rng.randrange(0, size // 4) // 512 * 512, size // 3 // 512 * 512 + 3584):
         off = start

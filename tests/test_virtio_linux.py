@@ -2,7 +2,8 @@
 
 One boot exercises: a host-made ext4 image (mount, verify a host-written file, write a
 new one), a qcow2 overlay on a read-only raw backing file (mke2fs + mount + write +
-checksum in the guest, then ``qemu-img check`` on the host), a ``readonly=on`` drive
+checksum in the guest, an 8 MiB file deleted and fstrim, then ``qemu-img check`` and
+``qemu-img map`` on the host: the trimmed clusters are freed), a ``readonly=on`` drive
 (the kernel sees it read-only and writes fail), and virtio-console output.  A second
 boot runs the guest with ``console=hvc0`` and virtio-rng.
 """
@@ -10,6 +11,7 @@ boot runs the guest with ``console=hvc0`` and virtio-rng.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -57,7 +59,8 @@ def test_linux_blk_ext4_qcow2_readonly_console(tmp_path):
               "2>/dev/null && sha256sum /mnt/new && umount /mnt && "
               "mke2fs -q -F /dev/vdb && mount /dev/vdb /mnt && dd if=/dev/urandom of=/mnt/q bs=4k count=200 "
               "2>/dev/null && sync && sha256sum /mnt/q && umount /mnt && mount /dev/vdb /mnt && sha256sum /mnt/q "
-              "&& umount /mnt && echo ro=$(cat /sys/block/vdc/ro) && "
+              "&& dd if=/dev/urandom of=/mnt/big bs=64k count=128 2>/dev/null && sync && rm /mnt/big && "
+              "fstrim -v /mnt && umount /mnt && echo ro=$(cat /sys/block/vdc/ro) && "
               "(dd if=/dev/zero of=/dev/vdc bs=512 count=1 oflag=direct 2>/dev/null && echo rowrite=ok "
               "|| echo rowrite=failed) && echo features=$(cat /sys/bus/virtio/devices/virtio0/features) && "
               "echo hello-from-hvc0 > /dev/hvc0")
@@ -81,6 +84,12 @@ def test_linux_blk_ext4_qcow2_readonly_console(tmp_path):
     assert fsck.returncode == 0, fsck.stdout + fsck.stderr
     chk = subprocess.run([_tool("qemu-img"), "check", str(overlay)], capture_output=True, text=True)
     assert chk.returncode == 0 and "No errors" in chk.stdout, chk.stdout + chk.stderr
+    # the guest's fstrim after deleting an 8 MiB file freed its clusters in the overlay
+    assert re.search(r"/mnt: \d+ bytes trimmed", out), r.describe()
+    mapped = json.loads(subprocess.run([_tool("qemu-img"), "map", "--output=json", str(overlay)],
+                                       capture_output=True, text=True, check=True).stdout)
+    in_overlay = sum(e["length"] for e in mapped if e["depth"] == 0 and e["data"])
+    assert in_overlay < 6 << 20, f"{in_overlay} bytes still allocated in the overlay after fstrim"
     assert hashlib.sha256(base.read_bytes()).hexdigest() == base_before
     assert ro.read_bytes() == b"RO" * (1 << 19)
 

@@ -21,8 +21,16 @@ What this implementation does:
   a bigger place, as the file grows.  Metadata is always consistent after a
   request completes, so no dirty bit is needed and ``qemu-img check``
   passes after a clean or unclean stop (at worst a leaked cluster);
-* write-zeroes uses v3 zero clusters for whole clusters; discard is a no-op
-  (virtio-blk discard is advisory).
+* write-zeroes uses v3 zero clusters for whole clusters;
+* discard (and write-zeroes with unmap) frees whole clusters, as QEMU does:
+  the L2 entry goes first (a v3 zero cluster where a backing file would
+  otherwise show through; on a v2 image with a backing file nothing is
+  freed), then the refcount drops to 0 and the host range is punched out of
+  the file, so the image takes less space on the host.  A freed cluster is
+  handed out again only after the next flush, when the L2 update that
+  stopped referencing it is on disk: a power cut can then leak a cluster,
+  never make two guest offsets share one.  Parts of clusters are left as
+  they are (discard is advisory).
 
 Refused with a clear :class:`BlockError`: encryption, compressed clusters
 (found by scanning the L2 tables at open), external data files, extended
@@ -43,6 +51,7 @@ from enum import IntFlag
 
 from pyvmm.block.base import BlockBackend, BlockError, open_image, probe_format
 from pyvmm.block.iov import Iov, iov_len, iov_slice, iov_zero, preadv_full, pwritev_full
+from pyvmm.block.raw import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, fallocate
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +95,8 @@ class Qcow2Image:
             raise BlockError(f"{path}: {e.strerror}") from None
         self.backing: BlockBackend | None = None
         self._l2_cache: dict[int, bytearray] = {}
+        self._freed: list[int] = []         # host clusters freed since the last flush
+        self._reusable: list[int] = []      # freed before the last flush: safe to hand out again
         try:
             self._open()
         except BaseException:
@@ -255,9 +266,13 @@ class Qcow2Image:
         os.pwrite(self.fd, _U64.pack(entry), l2_off + 8 * l2_index)
 
     def _alloc_cluster(self) -> int:
-        """A new cluster at the end of the file, with refcount 1."""
-        off = self._end
-        self._end += self.cluster_size
+        """A free cluster (one discarded before the last flush, else a new one at the end of
+        the file), with refcount 1."""
+        if self._reusable:
+            off = self._reusable.pop()
+        else:
+            off = self._end
+            self._end += self.cluster_size
         self._set_refcount(off, 1)
         return off
 
@@ -377,11 +392,39 @@ class Qcow2Image:
     def flush(self) -> None:
         if not self.read_only:
             os.fdatasync(self.fd)
+            # the L2 entries that stopped referencing these clusters are on disk now
+            self._reusable.extend(self._freed)
+            self._freed.clear()
 
     def discard(self, offset: int, length: int) -> None:
         if self.read_only:
             raise self._bad("image is read-only")
-        self._check_range(offset, length)  # advisory: nothing is freed
+        self._check_range(offset, length)
+        for _pos, goff, n in self._chunks(offset, length):
+            if n == self.cluster_size:
+                self._unmap_cluster(goff)
+
+    def _unmap_cluster(self, goff: int) -> None:
+        """Drop guest cluster ``goff``'s data cluster; afterwards it reads as zeroes (or, on a
+        v2 image without a backing file, as unallocated, which also reads as zeroes)."""
+        entry = self._l2_entry(goff)
+        host = entry & OFFSET_MASK
+        if entry & L2_COMPRESSED:
+            raise self._bad("compressed clusters are not supported")
+        if host and not entry & COPIED:
+            raise self._bad("cluster is shared with a snapshot; writing it is not supported")
+        if self.backing is None:
+            new = 0
+        elif self.version >= 3:
+            new = L2_ZERO
+        else:
+            return                          # v2 has no zero clusters: the backing file would show
+        if entry != new:
+            self._set_l2_entry(goff, new)
+        if host:
+            self._set_refcount(host, 0)
+            fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, host, self.cluster_size)
+            self._freed.append(host)
 
     def write_zeroes(self, offset: int, length: int, unmap: bool) -> None:
         if self.read_only:
@@ -389,6 +432,9 @@ class Qcow2Image:
         self._check_range(offset, length)
         cs = self.cluster_size
         for _pos, goff, n in self._chunks(offset, length):
+            if unmap and n == cs and (self.version >= 3 or self.backing is None):
+                self._unmap_cluster(goff)
+                continue
             if self.version >= 3 and n == cs:
                 entry = self._l2_entry(goff)
                 host = entry & OFFSET_MASK
