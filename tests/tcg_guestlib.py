@@ -104,7 +104,7 @@ class Recorder:
 
 
 class Harness:
-    def __init__(self, mem_size: int = 32 << 20) -> None:
+    def __init__(self, mem_size: int = 32 << 20, ncpus: int = 1) -> None:
         self.memory = GuestMemory(mem_size)
         self.io_bus = Bus("io")
         self.mmio_bus = Bus("mmio")
@@ -112,7 +112,7 @@ class Harness:
         self.rec = Recorder()
         self.io_bus.register(REPORT_PORT, 8, self.rec, "recorder")
         self.accel = TcgAccelerator()
-        ctx = MachineContext(self.memory, self.io_bus, self.mmio_bus, self.control, 1, CpuConfig())
+        ctx = MachineContext(self.memory, self.io_bus, self.mmio_bus, self.control, ncpus, CpuConfig())
         self.irq = self.accel.setup(ctx)
 
     def run(self, state: CpuState, timeout: float = 10.0) -> list[int]:

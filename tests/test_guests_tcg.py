@@ -1,4 +1,4 @@
-"""The same purpose-built guests on pyvmm's tcg accelerator (single vCPU).
+"""The same purpose-built guests on pyvmm's tcg accelerator (single vCPU; SMP: test_tcg_smp.py).
 
 Both accelerators must give every guest the same verdict, so these use the
 expectations of test_guests_kvm.py.  No /dev/kvm needed.

@@ -31,6 +31,9 @@ from pyvmm.devices.pit import PIT_BASE, SPEAKER_PORT, Pit
 
 log = logging.getLogger(__name__)
 
+ICR_LEVEL_ASSERT = 1 << 14      # ICR level bit: 0 with level trigger = INIT de-assert
+ICR_TRIGGER_LEVEL = 1 << 15
+
 
 class CpuPort(Protocol):
     """The irqchip's view of one vCPU."""
@@ -333,6 +336,16 @@ class UserspaceIrqchip:
             elif mode == DeliveryMode.NMI:
                 self._nmi(la.apic_id)
             elif mode == DeliveryMode.INIT:
+                if not icr_lo & ICR_LEVEL_ASSERT and icr_lo & ICR_TRIGGER_LEVEL:
+                    continue                # INIT level de-assert: only a bus synchronisation
                 self.counters["init"] += 1
+                port = self.cpus[la.apic_id]
+                if la.apic_id != 0:         # the BSP ignores INIT (no firmware to restart it)
+                    la.reset()
+                if port is not None and hasattr(port, "init_ipi"):
+                    port.init_ipi()
             elif mode == DeliveryMode.STARTUP:
                 self.counters["sipi"] += 1
+                port = self.cpus[la.apic_id]
+                if port is not None and hasattr(port, "startup_ipi"):
+                    port.startup_ipi(vector)

@@ -5,15 +5,15 @@
 I/O APIC, local APICs), registers it on the machine's buses and returns it as
 the interrupt sink devices drive.
 
-Only one vCPU is supported for now.  SMP would follow from what is here:
-one unicorn engine and thread per vCPU (each with its own CPUState; the
-compiled helper already keeps a per-engine registry), all mapping the same
-GuestMemory; LAPIC MMIO is already routed per calling thread; the ICR path
-would turn INIT/SIPI into "park" and "set CS:IP = vector<<8 and run" for the
-target vCPU; IPIs set CPU_INTERRUPT_HARD on the target and kick it.  The hard
-part is memory-model and TB-invalidation safety across engines: a store by one
-engine to code another engine has translated is not seen by the other, so
-cross-engine code writes would need the ``invalidate_code`` path below.
+SMP (``-smp N``, up to :data:`MAX_VCPUS`) works as QEMU's single-threaded
+round-robin TCG: one unicorn engine and one thread per vCPU, all mapping the
+same GuestMemory, and :class:`~pyvmm.accel.tcg.turns.Turns` lets one engine
+run guest code at a time (unicorn's ``lock``-prefixed instructions are not
+atomic across engines).  The compiled helper shares code protection between
+the engines, so a store by one vCPU drops code another vCPU translated
+(pvtcg.c, "several engines").  Application processors start parked; the
+LAPIC's INIT and Startup IPIs park them and start them in real mode at the
+SIPI vector.  All vCPUs count the same virtual TSC.
 """
 
 from __future__ import annotations
@@ -23,12 +23,16 @@ import logging
 from pyvmm.accel.base import MachineContext
 from pyvmm.accel.tcg.cpu import CPU_MODELS, TcgVcpu
 from pyvmm.accel.tcg.cpuid import TimeBase, build_table
+from pyvmm.accel.tcg.turns import Turns
 from pyvmm.cpu_state import CpuState
 from pyvmm.errors import AccelError, ConfigError
 from pyvmm.irq import InterruptSink
 from pyvmm.machine.intc import UserspaceIrqchip
 
 log = logging.getLogger(__name__)
+
+#: vCPUs a tcg machine may have: they take turns on one host CPU at a time.
+MAX_VCPUS = 8
 
 
 class TcgAccelerator:
@@ -46,9 +50,8 @@ class TcgAccelerator:
         self._started = False
 
     def setup(self, ctx: MachineContext) -> InterruptSink:
-        if ctx.ncpus != 1:
-            raise AccelError(f"the tcg accelerator supports 1 vCPU for now (asked for {ctx.ncpus}); "
-                             "use -smp 1")
+        if not 1 <= ctx.ncpus <= MAX_VCPUS:
+            raise AccelError(f"the tcg accelerator supports 1 to {MAX_VCPUS} vCPUs (asked for {ctx.ncpus})")
         model = CPU_MODELS.get(ctx.cpu.model)
         if model is None:
             raise ConfigError(f"--cpu {ctx.cpu.model}: unknown model for tcg (known: {', '.join(CPU_MODELS)})")
@@ -59,16 +62,28 @@ class TcgAccelerator:
         chip = UserspaceIrqchip(ctx.ncpus, self.time_base.crystal_hz)
         chip.register(ctx.io_bus, ctx.mmio_bus)
         self.irqchip = chip
+        turns = Turns() if ctx.ncpus > 1 else None
         for i in range(ctx.ncpus):
-            vcpu = TcgVcpu(i, ctx, chip, None, self.time_base.tsc_hz, model)
+            vcpu = TcgVcpu(i, ctx, chip, None, self.time_base.tsc_hz, model, turns)
             vcpu.cpuid = build_table(vcpu.native_cpuid, i, ctx.ncpus, self.time_base, ctx.cpu.disable)
             chip.attach_cpu(i, vcpu)
             self.vcpus.append(vcpu)
+        if turns is not None:
+            self.vcpus[0].nat.lib.pv_set_engines_shared(1)
+        self._sync_tsc()
         return chip
+
+    def _sync_tsc(self) -> None:
+        """Every vCPU counts the boot CPU's TSC (Linux checks that APs agree with the BSP)."""
+        first = self.vcpus[0]
+        for v in self.vcpus[1:]:
+            v.copy_tsc_from(first)
 
     def set_boot_state(self, boot_cpu: CpuState, start_aps: bool) -> None:
         self._boot_state = boot_cpu
         self.vcpus[0].set_state(boot_cpu)
+        for v in self.vcpus[1:]:
+            v.wait_for_sipi()               # APs start when the guest sends INIT/SIPI
 
     def start(self) -> None:
         assert self.irqchip is not None
@@ -98,6 +113,7 @@ class TcgAccelerator:
             v.stop()
             v.resume()
             v.recreate()
+        self._sync_tsc()
         self.irqchip.reset()
         for i, v in enumerate(self.vcpus):
             self.irqchip.attach_cpu(i, v)

@@ -24,8 +24,10 @@ from unicorn import x86_const as X
 from pyvmm.accel.base import MachineContext
 from pyvmm.accel.tcg import native as nat_mod
 from pyvmm.accel.tcg.cpuid import CpuidTable
+from pyvmm.accel.tcg.turns import Turns
 from pyvmm.cpu_state import CpuState, Segment
 from pyvmm.errors import AccelError
+from pyvmm.machine.x86_boot import real_mode_state
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +66,7 @@ class TcgVcpu:
     """A vCPU.  ``intc`` is the irqchip (ack / bind_current_cpu); ``port_io`` handles IN/OUT."""
 
     def __init__(self, index: int, ctx: MachineContext, intc, cpuid: CpuidTable | None, tsc_hz: int,
-                 model: int) -> None:
+                 model: int, turns: Turns | None = None) -> None:
         self.index = index
         self.ctx = ctx
         self.intc = intc
@@ -78,6 +80,11 @@ class TcgVcpu:
         self._paused = False
         self._parked = threading.Event()
         self._dead = False                  # stopped itself after a triple fault or an error
+        self.turns = turns                  # SMP: one engine runs guest code at a time
+        self._wait_sipi = False             # an AP after power-on or INIT: parked until a SIPI
+        self._init_pending = False
+        self._sipi_vector: int | None = None
+        self._halted_last = False
         self.exits = {"hlt": 0, "kick": 0, "triple_fault": 0, "error": 0}
         self.uc: unicorn.Uc | None = None
         self._v = None
@@ -132,6 +139,11 @@ class TcgVcpu:
         self._native_cpuid = ffi.cast("void (*)(char *, uint32_t, uint32_t, uint32_t *, uint32_t *, "
                                       "uint32_t *, uint32_t *)", self.nat.fns["cpu_x86_cpuid_x86_64"])
 
+    def copy_tsc_from(self, other: TcgVcpu) -> None:
+        """Count the same virtual TSC as ``other`` (SMP: synchronized TSCs)."""
+        self._v.tsc_epoch_ns = other._v.tsc_epoch_ns
+        self._v.tsc_at_epoch = other._v.tsc_at_epoch
+
     def native_cpuid(self, leaf: int, subleaf: int) -> tuple[int, int, int, int]:
         """The CPU model's own CPUID answer (what unicorn's TCG can execute)."""
         ffi = self.nat.ffi
@@ -150,6 +162,8 @@ class TcgVcpu:
         """Power-on state: a fresh engine (also drops every translated block)."""
         self.destroy()
         self._dead = False
+        self._init_pending = False
+        self._sipi_vector = None
         self._create_engine()
 
     # -- code written by the host ---------------------------------------------------------------
@@ -317,12 +331,48 @@ class TcgVcpu:
             self._paused = False
             self._cond.notify_all()
 
+    # -- INIT and SIPI (the irqchip, under its lock, from any thread) ----------------------------
+    def wait_for_sipi(self) -> None:
+        """Power-on state of an application processor: parked until a Startup IPI."""
+        self._wait_sipi = True
+
+    def init_ipi(self) -> None:
+        """INIT: the CPU stops what it runs and waits for a SIPI (applied by its own thread)."""
+        with self._cond:
+            self._init_pending = True
+            self._sipi_vector = None        # a SIPI counts only after the INIT before it
+            self._cond.notify_all()
+        self.kick()
+
+    def startup_ipi(self, vector: int) -> None:
+        """SIPI: a CPU waiting for one starts in real mode at ``vector << 12``."""
+        with self._cond:
+            if self._wait_sipi or self._init_pending:
+                self._sipi_vector = vector
+                self._cond.notify_all()
+
+    def _apply_init_sipi(self) -> None:
+        """vCPU thread, outside emu_start, with ``_cond`` held."""
+        if self._init_pending:
+            self._init_pending = False
+            if self.index == 0:
+                log.warning("tcg: INIT to the boot CPU ignored")
+            else:
+                self._wait_sipi = True
+        if self._wait_sipi and self._sipi_vector is not None:
+            self.set_state(real_mode_state(self._sipi_vector << 8, 0, stack=(0, 0)))
+            self._sipi_vector = None
+            self._wait_sipi = False
+
     def _main(self) -> None:
         self.intc.bind_current_cpu(self.index)
         try:
             while True:
                 with self._cond:
-                    while (self._paused or self._dead) and not self._quit:
+                    while not self._quit:
+                        self._apply_init_sipi()
+                        if not (self._paused or self._dead or self._wait_sipi):
+                            break
                         self._parked.set()
                         self._cond.wait()
                     if self._quit:
@@ -332,8 +382,22 @@ class TcgVcpu:
             self._parked.set()
 
     def _run_once(self) -> None:
+        turns = self.turns
+        if turns is None:
+            self._run_slice()
+            return
+        turns.acquire(self)
+        try:
+            self._run_slice()
+        finally:
+            turns.release(self)
+        if self._halted_last:
+            self._halt_wait()
+
+    def _run_slice(self) -> None:
         uc, lib, v = self.uc, self.nat.lib, self._v
         assert uc is not None
+        self._halted_last = False
         if lib.pv_drop_stale(v):
             uc.ctl_flush_tb()               # the queue of written ranges overflowed
         lib.pv_prepare_run(v)
@@ -356,14 +420,16 @@ class TcgVcpu:
             return
         if halted:
             self.exits["hlt"] += 1
-            self._halt_wait()
+            self._halted_last = True
+            if self.turns is None:
+                self._halt_wait()           # (with turns: after handing the turn over)
         else:
             self.exits["kick"] += 1
 
     def _halt_wait(self) -> None:
         v, lib = self._v, self.nat.lib
         with self._cond:
-            while not self._quit and not self._paused:
+            while not self._quit and not self._paused and not self._init_pending:
                 if v.irq_request and lib.pv_eflags_raw(v) & IF_MASK:
                     return
                 if lib.pv_nmi_pending(v):

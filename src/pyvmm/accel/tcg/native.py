@@ -5,7 +5,7 @@ into a cache directory keyed by the source hash (``$PYVMM_CACHE_DIR`` or
 ``~/.cache/pyvmm``), then imported from there.
 
 The accelerator depends on unicorn 2.1.4's private internals, and changes
-six things in the loaded library, once per process:
+seven things in the loaded library, once per process:
 
 1. ``helper_rdmsr``/``helper_wrmsr`` start with a jump to a filter that serves
    APIC_BASE, TSC, TSC_ADJUST, TSC_DEADLINE, MISC_ENABLE and
@@ -16,8 +16,9 @@ six things in the loaded library, once per process:
 3. one conditional jump in ``notdirty_write`` so that stores to pages mapped
    executable stop taking the slow path forever, plus a wrapper (PLT slot of
    ``tb_invalidate_phys_page_fast``) that then drops every translation of the
-   page, as QEMU's dirty-page rule requires (``PYVMM_TCG_STRICT_SMC=1`` leaves
-   both alone);
+   page, as QEMU's dirty-page rule requires, and the same page in the other
+   engines of an SMP machine (``PYVMM_TCG_STRICT_SMC=1`` keeps the wrapper
+   but leaves the jump alone);
 4. per engine, ``uc_struct.no_exit_request`` drops the exit check unicorn
    emits after every guest load/store (``PYVMM_TCG_EXIT_CHECKS=1`` keeps it);
 5. ``helper_rdtsc``/``helper_rdtscp`` start with a jump to the virtual-TSC
@@ -27,7 +28,10 @@ six things in the loaded library, once per process:
    ``do_smm_enter`` points at the kick handler: other threads stop the vCPU
    by raising CPU_INTERRUPT_SMI, and the vCPU thread itself calls
    ``uc_emu_stop`` between two blocks (a stop requested from another thread
-   makes unicorn skip instruction hooks, e.g. a guest ``syscall``).
+   makes unicorn skip instruction hooks, e.g. a guest ``syscall``);
+7. the PLT slot through which translation calls ``tlb_protect_code`` points
+   at a wrapper that write-protects the page in every engine of an SMP
+   machine, so a store by one vCPU reaches code another vCPU translated.
 
 Every patch site is verified byte for byte first, and :func:`selfcheck_engine`
 probes the CPU-state offsets on each new engine with real register writes.
@@ -86,6 +90,8 @@ int pv_install_kick(void *plt_entry, void *real_fn);
 void pv_kick(struct pv_vcpu *v, int stop);
 void pv_note_written(struct pv_vcpu *v, uint64_t host, uint64_t len);
 int pv_drop_stale(struct pv_vcpu *v);
+int pv_install_cross_engine(void *protect_plt, void *real_protect, void *map_ram, void *ram_from_host);
+void pv_set_engines_shared(int shared);
 int pv_install_store_invalidate(void *plt_entry, void *real_fast, void *range_fn);
 int pv_attach(struct pv_vcpu *v);
 void pv_detach(struct pv_vcpu *v);
@@ -161,6 +167,8 @@ _SMC_EXPECTED = bytes.fromhex("48837d10ff747c4883c428")
 _SMC_PATCHED = bytes.fromhex("48837d10ffeb7c4883c428")
 # notdirty_write calls tb_invalidate_phys_page_fast through this PLT entry.
 _INVAL_FAST_PLT_ADDR = 0x3B2040
+# tb_page_add (inlined in tb_link_page) calls tlb_protect_code through this PLT entry.
+_PROTECT_PLT_ADDR = 0x3AE5B0
 
 
 @dataclass
@@ -262,8 +270,15 @@ def _load() -> Native:
                           ffi.cast("void *", fns["helper_rdtscp_x86_64"]), _TSC_PROLOGUE)
     if rc != 0:
         raise AccelError(f"could not interpose unicorn's rdtsc/rdtscp helpers (error {rc})")
-    if os.environ.get("PYVMM_TCG_STRICT_SMC") != "1":
-        _patch_store_fast_path(ffi, lib, fns)
+    _patch_store_fast_path(ffi, lib, fns, fast=os.environ.get("PYVMM_TCG_STRICT_SMC") != "1")
+    plt = fns[_SMC_ANCHOR] - _SMC_ANCHOR_ADDR + _PROTECT_PLT_ADDR
+    if ctypes.string_at(plt, 2) != b"\xff\x25":
+        raise AccelError("unicorn's PLT entry for tlb_protect_code is not where expected")
+    rc = lib.pv_install_cross_engine(ffi.cast("void *", plt), ffi.cast("void *", fns["tlb_protect_code_x86_64"]),
+                                     ffi.cast("void *", fns["qemu_map_ram_ptr_x86_64"]),
+                                     ffi.cast("void *", fns["qemu_ram_addr_from_host_x86_64"]))
+    if rc != 0:
+        raise AccelError(f"could not share code protection between tcg engines (error {rc})")
     plt = fns["x86_cpu_exec_interrupt_x86_64"] - _HARDIRQ_ANCHOR_ADDR + _HARDIRQ_PLT_ADDR
     if ctypes.string_at(plt, 2) != b"\xff\x25":
         raise AccelError("unicorn's PLT entry for do_interrupt_x86_hardirq is not where expected")
@@ -281,16 +296,18 @@ def _load() -> Native:
     return Native(ffi, lib, fns)
 
 
-def _patch_store_fast_path(ffi, lib, fns: dict[str, int]) -> None:
-    # First make the slow path drop every translation on the page (pvtcg.c explains why),
-    # and only then let the entries of executable mappings become dirty.
+def _patch_store_fast_path(ffi, lib, fns: dict[str, int], fast: bool) -> None:
+    # First make the slow path drop every translation on the page (pvtcg.c explains why; it
+    # also serves other engines of an SMP machine), and only then, if ``fast``, let the
+    # entries of executable mappings become dirty.
     plt = fns[_SMC_ANCHOR] - _SMC_ANCHOR_ADDR + _INVAL_FAST_PLT_ADDR
     rc = lib.pv_install_store_invalidate(ffi.cast("void *", plt),
                                          ffi.cast("void *", fns["tb_invalidate_phys_page_fast_x86_64"]),
                                          ffi.cast("void *", fns["tb_invalidate_phys_range_x86_64"]))
     if rc != 0:
-        raise AccelError(f"could not wrap unicorn's code-invalidation on stores (error {rc}); "
-                         "set PYVMM_TCG_STRICT_SMC=1 to run without the store fast path")
+        raise AccelError(f"could not wrap unicorn's code-invalidation on stores (error {rc})")
+    if not fast:
+        return
     site = fns[_SMC_ANCHOR] - _SMC_ANCHOR_ADDR + _SMC_SITE_ADDR
     have = ctypes.string_at(site, len(_SMC_EXPECTED))
     if have == _SMC_PATCHED:
@@ -313,7 +330,7 @@ def _unicorn_functions() -> dict[str, int]:
              "cpu_x86_cpuid_x86_64", "x86_cpu_exec_interrupt_x86_64", "helper_le_stq_mmu_x86_64",
              "check_exit_request_x86_64", "cpu_exit", "qemu_ram_addr_from_host_x86_64",
              "tb_invalidate_phys_range_x86_64", "tb_invalidate_phys_page_fast_x86_64",
-             "do_smm_enter_x86_64"]
+             "do_smm_enter_x86_64", "tlb_protect_code_x86_64", "qemu_map_ram_ptr_x86_64"]
     out = {}
     for n in names:
         try:

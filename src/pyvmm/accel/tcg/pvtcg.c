@@ -381,13 +381,69 @@ void pv_kick(struct pv_vcpu *v, int stop)
 static void (*pv_real_inval_fast)(void *uc, void *pages, uint64_t start, int len, uintptr_t ra);
 static void (*pv_inval_range)(void *uc, uint64_t start, uint64_t end);
 
+/* --- several engines (SMP): code written by one CPU, translated by another --------------
+ * Each vCPU is its own unicorn engine with its own translations and its own record of
+ * which pages hold code, and the engines take turns (one runs at a time: accel.py's run
+ * lock).  So that a store by one CPU reaches code another CPU translated, a page that gets
+ * code in any engine is write-protected (tlb_protect_code) in every engine, and the slow
+ * path that a store to a protected page takes drops that page's translations in every
+ * engine.  The other engines are not running while this happens.
+ */
+static void (*pv_real_protect)(void *uc, uint64_t ram_addr);
+static void *(*pv_map_ram)(void *uc, void *block, uint64_t ram_addr);
+static uint64_t (*pv_ram_from_host)(void *uc, void *host);
+
+static void pv_other_engines(void *uc, uint64_t ram_addr, int protect)
+{
+    void *host = 0;
+    for (int i = 0; i < PV_MAX_VCPUS; i++) {
+        struct pv_vcpu *o = pv_registry[i];
+        uint64_t ram;
+        if (!o || o->uc == uc)
+            continue;
+        if (!host)
+            host = pv_map_ram(uc, 0, ram_addr);
+        ram = pv_ram_from_host(o->uc, host);
+        if (ram == UINT64_MAX)
+            continue;
+        if (protect)
+            pv_real_protect(o->uc, ram);
+        else
+            pv_inval_range(o->uc, ram, ram + 0x1000);
+    }
+}
+
+static int pv_engines_shared;   /* more than one engine maps the same RAM */
+
+static void pv_protect_wrapper(void *uc, uint64_t ram_addr)
+{
+    pv_real_protect(uc, ram_addr);
+    if (pv_engines_shared)
+        pv_other_engines(uc, ram_addr & ~(uint64_t)0xfff, 1);
+}
+
 static void pv_inval_fast_wrapper(void *uc, void *pages, uint64_t start, int len, uintptr_t ra)
 {
     uint64_t page = start & ~(uint64_t)0xfff;
-    /* precise part first: if the running block is overwritten this does not return */
+    if (pv_engines_shared)
+        pv_other_engines(uc, page, 0);
+    /* precise part next: if the running block is overwritten this does not return */
     pv_real_inval_fast(uc, pages, start, len, ra);
     pv_inval_range(uc, page, page + 0x1000);
 }
+
+int pv_install_cross_engine(void *protect_plt, void *real_protect, void *map_ram, void *ram_from_host)
+{
+    if (pv_real_protect)
+        return 0;
+    pv_real_protect = real_protect;
+    pv_map_ram = map_ram;
+    pv_ram_from_host = ram_from_host;
+    return pv_plt_redirect(protect_plt, real_protect, (void *)pv_protect_wrapper);
+}
+
+/* Python says whether the engines of this process share guest RAM (an SMP machine). */
+void pv_set_engines_shared(int shared) { pv_engines_shared = shared; }
 
 int pv_install_store_invalidate(void *plt_entry, void *real_fast, void *range_fn)
 {
