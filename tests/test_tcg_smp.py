@@ -12,11 +12,20 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
 import re
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
+from qemu.qmp import QMPClient
 
 from conftest import debug_exit_status, run_pyvmm
+from guestconsole import SocketConsole, wait_for_file
+from pyvmm.guestkit import default_guest
 from tcg_guestlib import CODE_ADDR, Harness, assemble
 from test_guests_tcg import run_tcg
 from test_tcg_cpu import _map_apic_window
@@ -120,8 +129,6 @@ def test_smp_guest_ipis_and_concurrent_device_access(guests, mode):
 
 @pytest.mark.slow
 def test_linux_boots_with_two_cpus_and_uses_both() -> None:
-    from pyvmm.guestkit import default_guest
-
     g = default_guest()
     script = ("echo online=$(cat /sys/devices/system/cpu/online) && "
               "echo pinned=$(taskset -c 1 cut -d' ' -f39 /proc/self/stat) && "
@@ -136,3 +143,54 @@ def test_linux_boots_with_two_cpus_and_uses_both() -> None:
     assert "online=0-1" in out, r.describe()
     assert re.search(r"^pinned=1$", out, re.M), r.describe()
     assert "same=yes" in out, r.describe()
+
+
+@pytest.mark.slow
+def test_linux_two_cpus_under_qmp_stop_cont_and_reset(tmp_path) -> None:
+    """QMP on an SMP tcg machine: one host thread per vCPU in query-cpus-fast, stop/cont, and a
+    system_reset after which both CPUs come up again."""
+    g = default_guest().with_cmdline("quiet")
+    serial, qmp = tmp_path / "serial.sock", tmp_path / "qmp.sock"
+    log = tmp_path / "stderr.txt"
+    with open(log, "wb") as f:
+        proc = subprocess.Popen([sys.executable, "-m", "pyvmm", "run", "--accel", "tcg", "--smp", "2", "-m", "512M",
+                                 "--kernel", str(g.kernel), "--initrd", str(g.initrd), "--append", g.cmdline,
+                                 "--serial", f"unix:{serial},server=on,wait=off",
+                                 "--qmp", f"unix:{qmp},server=on,wait=off"],
+                                stdin=subprocess.DEVNULL, stdout=f, stderr=f)
+    try:
+        wait_for_file(qmp, 60)
+        console = SocketConsole(Path(serial))
+
+        async def body() -> None:
+            c = QMPClient("smp-test")
+            await c.connect(str(qmp))
+            console.wait_for("shell ready", 240)
+            cpus = await c.execute("query-cpus-fast")
+            tids = [cpu["thread-id"] for cpu in cpus]
+            assert len(tids) == 2 and len(set(tids)) == 2, cpus
+            assert all(os.path.exists(f"/proc/{proc.pid}/task/{t}") for t in tids), cpus
+            await c.execute("stop")
+            assert (await c.execute("query-status"))["status"] == "paused"
+            await c.execute("cont")
+            console.send("echo cpus-$(cat /sys/devices/system/cpu/online)-online\n")
+            console.wait_for("cpus-0-1-online", 60)
+            start = time.monotonic()
+            await c.execute("system_reset")
+            while console.text.count("shell ready") < 2:
+                assert time.monotonic() - start < 240, console.text[-2000:]
+                await asyncio.sleep(0.2)
+            console.send("echo again-$(cat /sys/devices/system/cpu/online)-online\n")
+            console.wait_for("again-0-1-online", 60)
+            await c.execute("quit")
+            await c.disconnect()
+
+        try:
+            asyncio.run(body())
+        except AssertionError as e:
+            raise AssertionError(f"{e}\nstderr tail:\n{log.read_text(errors='replace')[-2000:]}") from None
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -93,3 +93,7 @@ class Accelerator(Protocol):
     def cpu_dump(self, index: int = 0) -> str:
         """A QEMU-style register dump of one vCPU (for errors and 'info registers')."""
         ...
+
+    def vcpu_thread_ids(self) -> list[int | None]:
+        """The host thread id of each vCPU's thread (None before it starts), for query-cpus-fast."""
+        ...

@@ -284,6 +284,9 @@ class KvmAccelerator:
     def ncpus(self) -> int:
         return len(self.runners)
 
+    def vcpu_thread_ids(self) -> list[int | None]:
+        return [getattr(getattr(r, "thread", None), "native_id", None) for r in self.runners]
+
     def cpu_dump(self, index: int = 0) -> str:
         """QEMU-style register dump of vCPU ``index``; safe while running, paused or stopped."""
         if not 0 <= index < len(self.runners):

@@ -304,14 +304,9 @@ class PcMachine:
         self.control.request_exit(0, "host-qmp-quit")
 
     def cpus(self) -> list[CpuInfo]:
-        runners = getattr(self.accel, "runners", [])
-        by_name = {t.name: t.native_id for t in threading.enumerate()}
-        infos = []
-        for i in range(self.config.smp):
-            thread = getattr(runners[i], "thread", None) if i < len(runners) else None
-            tid = getattr(thread, "native_id", None) or by_name.get(f"vcpu{i}") or os.getpid()
-            infos.append(CpuInfo(index=i, thread_id=tid, core_id=i))
-        return infos
+        tids = self.accel.vcpu_thread_ids()
+        return [CpuInfo(index=i, thread_id=(tids[i] if i < len(tids) else None) or os.getpid(), core_id=i)
+                for i in range(self.config.smp)]
 
     def cpu_dump(self, index: int) -> str:
         return self.accel.cpu_dump(index)

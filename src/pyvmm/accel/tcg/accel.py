@@ -128,6 +128,9 @@ class TcgAccelerator:
         for v in self.vcpus:
             v.invalidate_code(gpa, length)
 
+    def vcpu_thread_ids(self) -> list[int | None]:
+        return [v.thread_id for v in self.vcpus]
+
     def cpu_dump(self, index: int = 0) -> str:
         if not 0 <= index < len(self.vcpus):
             return f"no vCPU {index}"

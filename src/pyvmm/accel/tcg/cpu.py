@@ -302,6 +302,11 @@ class TcgVcpu:
         lib.pv_clear_old_exception(v)
 
     # -- thread ---------------------------------------------------------------------------------
+    @property
+    def thread_id(self) -> int | None:
+        t = self._thread
+        return t.native_id if t is not None else None
+
     def start(self) -> None:
         if self._thread is not None:
             return
