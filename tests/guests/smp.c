@@ -141,12 +141,13 @@ static void send_ipi(u32 icr)
 
 static void mark_up(u32 id, const char *who)
 {
-    __sync_fetch_and_or(&cpus_up, 1u << id);
     lock();
     uart_puts(who);
     uart_puts(" apic_id=");
     uart_putdec(id);
     uart_puts(" up\n");
+    /* only once the line is out: the BSP may report and exit as soon as every bit is set */
+    __sync_fetch_and_or(&cpus_up, 1u << id);
     unlock();
 }
 
@@ -478,7 +479,6 @@ void guest_main(u32 magic, const u32 *mbi)
         if (stress_done == ncpus && stress_bad == 0)
             result |= RESULT_MODE_OK;
     }
-    /* APs may still be printing (an AP sets its bit before it takes the UART lock) */
     lock();
     if (check_mptable(ncpus, bsp))
         result |= RESULT_MPTABLE_OK;
