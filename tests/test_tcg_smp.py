@@ -3,6 +3,7 @@
 * a hand-assembled pair of CPUs: the BSP starts the AP with INIT/SIPI, then rewrites code
   the AP keeps running; the AP must pick the new code up (code protection shared between
   engines, pvtcg.c "several engines") -- and, with the sharing switched off, it does not;
+  the BSP's `pause` loop gives its turn to the waiting AP (pause-loop exiting);
 * the SMP test guest from ``tests/guests`` (the one the KVM tests run): APs start, restart
   after a triple fault, IPIs wake halted CPUs, a triple fault on an AP resets the machine,
   and every CPU hammers devices at once;
@@ -39,7 +40,7 @@ AP_FUNC = 0x9000                # the code the BSP rewrites, on its own page
 AP_REPORT = 0x7000              # where the AP stores what the function returned
 
 
-def _cross_cpu_code_write(shared: bool) -> list[int]:
+def _cross_cpu_code_write(shared: bool) -> tuple[list[int], dict[str, int]]:
     bsp = r"""
     .code64
         movabs $0xfee00000, %rbx
@@ -56,7 +57,7 @@ def _cross_cpu_code_write(shared: bool) -> list[int]:
     2:  movzwl 0x7000, %eax
         out %eax, $0xe0
         movl $0xc30002b8, 0x9000        # rewrite it: mov $2, %ax; ret
-        mov $30000000, %ecx             # (the AP gets many time slices meanwhile)
+        mov $3000000, %ecx              # (the AP gets many turns meanwhile)
     3:  cmpw $2, 0x7000
         je 4f
         pause
@@ -84,15 +85,18 @@ def _cross_cpu_code_write(shared: bool) -> list[int]:
     lib = h.accel.vcpus[0].nat.lib
     lib.pv_set_engines_shared(1 if shared else 0)
     try:
-        return h.run(st, timeout=60)
+        return h.run(st, timeout=60), h.accel.vcpus[0].stats
     finally:
         lib.pv_set_engines_shared(1)
 
 
 def test_code_written_by_one_cpu_reaches_code_another_cpu_translated() -> None:
-    assert _cross_cpu_code_write(shared=True) == [1, 2]
+    vals, bsp = _cross_cpu_code_write(shared=True)
+    assert vals == [1, 2]
+    # the BSP waits with `pause` while the AP waits for its turn: it gives the turn up there
+    assert bsp["pause_yields"] > 0, bsp
     # without the shared protection the AP keeps running its stale translation
-    assert _cross_cpu_code_write(shared=False) == [1, 1]
+    assert _cross_cpu_code_write(shared=False)[0] == [1, 1]
 
 
 def _smp(guests, ncpus: int, append: str = ""):

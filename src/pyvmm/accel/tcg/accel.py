@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 
 from pyvmm.accel.base import MachineContext
+from pyvmm.accel.tcg import native as nat_mod
 from pyvmm.accel.tcg.cpu import CPU_MODELS, TcgVcpu
 from pyvmm.accel.tcg.cpuid import TimeBase, build_table
 from pyvmm.accel.tcg.turns import Turns
@@ -62,14 +63,15 @@ class TcgAccelerator:
         chip = UserspaceIrqchip(ctx.ncpus, self.time_base.crystal_hz)
         chip.register(ctx.io_bus, ctx.mmio_bus)
         self.irqchip = chip
-        turns = Turns() if ctx.ncpus > 1 else None
+        lib = nat_mod.native().lib
+        turns = Turns(on_waiting=lib.pv_set_turn_waiters) if ctx.ncpus > 1 else None
         for i in range(ctx.ncpus):
             vcpu = TcgVcpu(i, ctx, chip, None, self.time_base.tsc_hz, model, turns)
             vcpu.cpuid = build_table(vcpu.native_cpuid, i, ctx.ncpus, self.time_base, ctx.cpu.disable)
             chip.attach_cpu(i, vcpu)
             self.vcpus.append(vcpu)
         if turns is not None:
-            self.vcpus[0].nat.lib.pv_set_engines_shared(1)
+            lib.pv_set_engines_shared(1)
         self._sync_tsc()
         return chip
 

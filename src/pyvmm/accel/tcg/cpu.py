@@ -454,7 +454,8 @@ class TcgVcpu:
         v = self._v
         out = dict(self.exits)
         if v is not None:
-            out.update(irqs=v.n_irq, exceptions=v.n_exc, syscalls=v.n_syscall, kicks_served=v.n_kick)
+            out.update(irqs=v.n_irq, exceptions=v.n_exc, syscalls=v.n_syscall, kicks_served=v.n_kick,
+                       pause_yields=v.n_pause_yield)
         return out
 
     def dump(self) -> str:

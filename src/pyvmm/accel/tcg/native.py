@@ -5,7 +5,7 @@ into a cache directory keyed by the source hash (``$PYVMM_CACHE_DIR`` or
 ``~/.cache/pyvmm``), then imported from there.
 
 The accelerator depends on unicorn 2.1.4's private internals, and changes
-seven things in the loaded library, once per process:
+eight things in the loaded library, once per process:
 
 1. ``helper_rdmsr``/``helper_wrmsr`` start with a jump to a filter that serves
    APIC_BASE, TSC, TSC_ADJUST, TSC_DEADLINE, MISC_ENABLE and
@@ -31,7 +31,10 @@ seven things in the loaded library, once per process:
    makes unicorn skip instruction hooks, e.g. a guest ``syscall``);
 7. the PLT slot through which translation calls ``tlb_protect_code`` points
    at a wrapper that write-protects the page in every engine of an SMP
-   machine, so a store by one vCPU reaches code another vCPU translated.
+   machine, so a store by one vCPU reaches code another vCPU translated;
+8. the PLT slot of ``cpu_svm_check_intercept_param`` (which ``helper_pause``
+   calls) points at a wrapper that makes a vCPU spinning with ``pause`` give
+   its turn up when another vCPU waits (pause-loop exiting).
 
 Every patch site is verified byte for byte first, and :func:`selfcheck_engine`
 probes the CPU-state offsets on each new engine with real register writes.
@@ -92,6 +95,8 @@ void pv_note_written(struct pv_vcpu *v, uint64_t host, uint64_t len);
 int pv_drop_stale(struct pv_vcpu *v);
 int pv_install_cross_engine(void *protect_plt, void *real_protect, void *map_ram, void *ram_from_host);
 void pv_set_engines_shared(int shared);
+int pv_install_pause_exit(void *plt_entry, void *real_fn);
+void pv_set_turn_waiters(int n);
 int pv_install_store_invalidate(void *plt_entry, void *real_fast, void *range_fn);
 int pv_attach(struct pv_vcpu *v);
 void pv_detach(struct pv_vcpu *v);
@@ -126,6 +131,8 @@ _EXPECTED_CODE = {
     "x86_cpu_exec_interrupt_x86_64+0x106": bytes.fromhex("ba0100000031f64c89e781651cfdfeffffe8"),
     # ... the SMI case: `andl $~0x40,0x1c(%rbp); mov %rbp,%rdi; call do_smm_enter@plt` (the kick path).
     "x86_cpu_exec_interrupt_x86_64+0x4d": bytes.fromhex("83651cbf4889efe8"),
+    # helper_pause: `... mov $0x77,%esi (SVM_EXIT_PAUSE) ... call cpu_svm_check_intercept_param@plt`.
+    "helper_pause_x86_64": bytes.fromhex("5531d24863eebe77000000534889fb4883ec08488b4c2418e8"),
     "helper_hlt_x86_64": bytes.fromhex("5531d24863ee be78000000 534889fb".replace(" ", "")),
     # Its second instruction tests uc_struct.no_exit_request (offset 0x7f2).
     "check_exit_request_x86_64": bytes.fromhex("488bb77099000080bef2070000007408c3"),
@@ -146,6 +153,8 @@ _HARDIRQ_ANCHOR_ADDR = 0x44BF90
 _HARDIRQ_PLT_ADDR = 0x3AAFE0
 # ... and do_smm_enter through the rel32 call that ends the SMI bytes above.
 _SMM_CALL_OFFSET = 0x4D + 7
+# ... and the rel32 call that ends helper_pause's bytes above.
+_PAUSE_CALL_OFFSET = 0x18
 _RDMSR_PROLOGUE = 16
 _WRMSR_PROLOGUE = 19
 _TSC_PROLOGUE = 18
@@ -292,6 +301,14 @@ def _load() -> Native:
     rc = lib.pv_install_kick(ffi.cast("void *", smm_plt), ffi.cast("void *", fns["do_smm_enter_x86_64"]))
     if rc != 0:
         raise AccelError(f"could not install the vCPU kick path (error {rc})")
+    call = fns["helper_pause_x86_64"] + _PAUSE_CALL_OFFSET
+    svm_plt = call + 5 + int.from_bytes(ctypes.string_at(call + 1, 4), "little", signed=True)
+    if ctypes.string_at(svm_plt, 2) != b"\xff\x25":
+        raise AccelError("unicorn's PLT entry for cpu_svm_check_intercept_param is not where expected")
+    rc = lib.pv_install_pause_exit(ffi.cast("void *", svm_plt),
+                                   ffi.cast("void *", fns["cpu_svm_check_intercept_param_x86_64"]))
+    if rc != 0:
+        raise AccelError(f"could not install pause-loop exiting (error {rc})")
     log.debug("tcg helper loaded from %s", path)
     return Native(ffi, lib, fns)
 
@@ -330,7 +347,8 @@ def _unicorn_functions() -> dict[str, int]:
              "cpu_x86_cpuid_x86_64", "x86_cpu_exec_interrupt_x86_64", "helper_le_stq_mmu_x86_64",
              "check_exit_request_x86_64", "cpu_exit", "qemu_ram_addr_from_host_x86_64",
              "tb_invalidate_phys_range_x86_64", "tb_invalidate_phys_page_fast_x86_64",
-             "do_smm_enter_x86_64", "tlb_protect_code_x86_64", "qemu_map_ram_ptr_x86_64"]
+             "do_smm_enter_x86_64", "tlb_protect_code_x86_64", "qemu_map_ram_ptr_x86_64",
+             "helper_pause_x86_64", "cpu_svm_check_intercept_param_x86_64"]
     out = {}
     for n in names:
         try:

@@ -442,6 +442,44 @@ int pv_install_cross_engine(void *protect_plt, void *real_protect, void *map_ram
     return pv_plt_redirect(protect_plt, real_protect, (void *)pv_protect_wrapper);
 }
 
+/* --- pause-loop exiting (SMP) ---------------------------------------------------------
+ * A vCPU spinning with `pause` (a lock, a wait for another CPU's IPI handler) while another
+ * vCPU waits for its turn would burn its whole time slice for nothing.  helper_pause asks
+ * cpu_svm_check_intercept_param (through the PLT) whether an SVM hypervisor intercepts
+ * PAUSE; that slot points here, and when turns.py says a vCPU is waiting, the spinning one
+ * gives its turn up at the next block boundary, as VT-x's pause-loop exiting lets a host do.
+ * Like PLE's window, only after it has had the turn for a while: a hand-over costs a trip
+ * through the Python run loop, and a CPU whose partner spins without `pause` must still
+ * make progress.
+ */
+#define SVM_EXIT_PAUSE 0x77
+#define PV_PAUSE_MIN_RUN_NS 200000
+static void (*pv_real_svm_check)(void *env, uint32_t type, uint64_t param, uintptr_t ra);
+static volatile int pv_turn_waiters;
+
+static void pv_svm_check_wrapper(void *env, uint32_t type, uint64_t param, uintptr_t ra)
+{
+    if (type == SVM_EXIT_PAUSE && pv_turn_waiters) {
+        struct pv_vcpu *v = pv_lookup((char *)env);
+        if (v && pv_host_ns() - v->run_start_ns >= PV_PAUSE_MIN_RUN_NS) {
+            v->n_pause_yield++;
+            pv_kick(v, 1);
+        }
+    }
+    pv_real_svm_check(env, type, param, ra);
+}
+
+int pv_install_pause_exit(void *plt_entry, void *real_fn)
+{
+    if (pv_real_svm_check)
+        return 0;
+    pv_real_svm_check = real_fn;
+    return pv_plt_redirect(plt_entry, real_fn, (void *)pv_svm_check_wrapper);
+}
+
+/* turns.py: how many vCPUs wait for their turn. */
+void pv_set_turn_waiters(int n) { pv_turn_waiters = n; }
+
 /* Python says whether the engines of this process share guest RAM (an SMP machine). */
 void pv_set_engines_shared(int shared) { pv_engines_shared = shared; }
 
@@ -839,6 +877,7 @@ void pv_detach(struct pv_vcpu *v)
 void pv_prepare_run(struct pv_vcpu *v)
 {
     *(int *)(v->cs + PV_CS_HALTED) = 0;
+    v->run_start_ns = pv_host_ns();
     /* the CPU clears request bits with a plain read-modify-write: re-assert a level INTR
        that a concurrent pv_set_intr may have lost in that window */
     if (v->irq_request)

@@ -47,6 +47,8 @@ struct pv_vcpu {
     uint64_t n_exc;
     uint64_t n_syscall;
     uint64_t n_kick;                 /* kicks served between two blocks */
+    uint64_t n_pause_yield;          /* turns given up at a `pause` (SMP) */
+    uint64_t run_start_ns;           /* when emu_start was last entered */
     uint64_t apic_base_writes;
     uint64_t tsc_deadline_writes;
     volatile int stop_wanted;        /* the next kick also leaves emu_start (pause, stop) */
