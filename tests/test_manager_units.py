@@ -61,7 +61,7 @@ def test_vm_command_line(tmp_path: Path):
         u = str(d.uuid)
         assert cmd[:2] == ["pyvmm", "run"]
         text = " ".join(cmd)
-        assert f"--serial unix:../{u}/serial.sock,server=on,wait=off" in text
+        assert f"--serial unix:../{u}/serial.sock,server=on,wait=on" in text
         assert f"--qmp unix:../{u}/qmp.sock,server=on,wait=off" in text
         assert "-m 96M --smp 2" in text and "--initrd /boot/i" in text and "--append=quiet" in text
         assert "--drive file=/img/a,,b.qcow2,format=qcow2,if=virtio,readonly=on" in text

@@ -456,7 +456,7 @@ class Supervisor:
         qmp = Path("..", h.uuid, qmp.name)
         serial = Path("..", h.uuid, serial.name)
         cmd = [*self.config.pyvmm_command, "--accel", d.accel, "--kernel", d.kernel, "-m", f"{d.memory_mib}M",
-               "--smp", str(d.vcpus), "--serial", f"unix:{serial},server=on,wait=off",
+               "--smp", str(d.vcpus), "--serial", f"unix:{serial},server=on,wait=on",
                "--qmp", f"unix:{qmp},server=on,wait=off"]
         if d.cmdline:
             cmd.append(f"--append={d.cmdline}")  # "=" form: a command line may start with "-"
@@ -518,8 +518,9 @@ class Supervisor:
                 await asyncio.sleep(0.01)
 
         try:
-            # The serial socket exists as soon as the machine is built, before it powers on: connecting to
-            # it first catches the guest's very first output (with wait=off, output nobody reads is lost).
+            # The serial port is a wait=on server: the VM process waits in its constructor, before the
+            # machine powers on, until we connect, so not a byte of the boot is lost.  (Polling for the
+            # socket and racing the guest lost a fast guest's first line.)  QMP comes up after that.
             await wait_for_socket(serial)
             await self._attach(h, rec, before_qmp=lambda: wait_for_socket(qmp))
         except (OSError, ManagerError) as e:
