@@ -280,37 +280,32 @@ def _load() -> Native:
     if rc != 0:
         raise AccelError(f"could not interpose unicorn's rdtsc/rdtscp helpers (error {rc})")
     _patch_store_fast_path(ffi, lib, fns, fast=os.environ.get("PYVMM_TCG_STRICT_SMC") != "1")
-    plt = fns[_SMC_ANCHOR] - _SMC_ANCHOR_ADDR + _PROTECT_PLT_ADDR
-    if ctypes.string_at(plt, 2) != b"\xff\x25":
-        raise AccelError("unicorn's PLT entry for tlb_protect_code is not where expected")
-    rc = lib.pv_install_cross_engine(ffi.cast("void *", plt), ffi.cast("void *", fns["tlb_protect_code_x86_64"]),
-                                     ffi.cast("void *", fns["qemu_map_ram_ptr_x86_64"]),
-                                     ffi.cast("void *", fns["qemu_ram_addr_from_host_x86_64"]))
-    if rc != 0:
-        raise AccelError(f"could not share code protection between tcg engines (error {rc})")
-    plt = fns["x86_cpu_exec_interrupt_x86_64"] - _HARDIRQ_ANCHOR_ADDR + _HARDIRQ_PLT_ADDR
-    if ctypes.string_at(plt, 2) != b"\xff\x25":
-        raise AccelError("unicorn's PLT entry for do_interrupt_x86_hardirq is not where expected")
-    rc = lib.pv_install_hardirq(ffi.cast("void *", plt), ffi.cast("void *", fns["do_interrupt_x86_hardirq_x86_64"]))
-    if rc != 0:
-        raise AccelError(f"could not route unicorn's hardware interrupts to the irqchip (error {rc})")
-    call = fns["x86_cpu_exec_interrupt_x86_64"] + _SMM_CALL_OFFSET
-    smm_plt = call + 5 + int.from_bytes(ctypes.string_at(call + 1, 4), "little", signed=True)
-    if ctypes.string_at(smm_plt, 2) != b"\xff\x25":
-        raise AccelError("unicorn's PLT entry for do_smm_enter is not where expected")
-    rc = lib.pv_install_kick(ffi.cast("void *", smm_plt), ffi.cast("void *", fns["do_smm_enter_x86_64"]))
-    if rc != 0:
-        raise AccelError(f"could not install the vCPU kick path (error {rc})")
-    call = fns["helper_pause_x86_64"] + _PAUSE_CALL_OFFSET
-    svm_plt = call + 5 + int.from_bytes(ctypes.string_at(call + 1, 4), "little", signed=True)
-    if ctypes.string_at(svm_plt, 2) != b"\xff\x25":
-        raise AccelError("unicorn's PLT entry for cpu_svm_check_intercept_param is not where expected")
-    rc = lib.pv_install_pause_exit(ffi.cast("void *", svm_plt),
-                                   ffi.cast("void *", fns["cpu_svm_check_intercept_param_x86_64"]))
-    if rc != 0:
-        raise AccelError(f"could not install pause-loop exiting (error {rc})")
+    # PLT slots pointed at pvtcg.c's wrappers (each slot must hold the function or its lazy stub)
+    _redirect(ffi, lib.pv_install_cross_engine, fns[_SMC_ANCHOR] - _SMC_ANCHOR_ADDR + _PROTECT_PLT_ADDR,
+              "tlb_protect_code", fns["tlb_protect_code_x86_64"], fns["qemu_map_ram_ptr_x86_64"],
+              fns["qemu_ram_addr_from_host_x86_64"])
+    _redirect(ffi, lib.pv_install_hardirq, fns["x86_cpu_exec_interrupt_x86_64"] - _HARDIRQ_ANCHOR_ADDR
+              + _HARDIRQ_PLT_ADDR, "do_interrupt_x86_hardirq", fns["do_interrupt_x86_hardirq_x86_64"])
+    _redirect(ffi, lib.pv_install_kick, _call_target(fns["x86_cpu_exec_interrupt_x86_64"] + _SMM_CALL_OFFSET),
+              "do_smm_enter", fns["do_smm_enter_x86_64"])
+    _redirect(ffi, lib.pv_install_pause_exit, _call_target(fns["helper_pause_x86_64"] + _PAUSE_CALL_OFFSET),
+              "cpu_svm_check_intercept_param", fns["cpu_svm_check_intercept_param_x86_64"])
     log.debug("tcg helper loaded from %s", path)
     return Native(ffi, lib, fns)
+
+
+def _call_target(call_addr: int) -> int:
+    """Where the ``call rel32`` at ``call_addr`` goes."""
+    return call_addr + 5 + int.from_bytes(ctypes.string_at(call_addr + 1, 4), "little", signed=True)
+
+
+def _redirect(ffi, install, plt: int, what: str, *args: int) -> None:
+    """Point the PLT entry ``plt`` (calls to ``what``) at a pvtcg.c wrapper through ``install``."""
+    if ctypes.string_at(plt, 2) != b"\xff\x25":
+        raise AccelError(f"unicorn's PLT entry for {what} is not where expected")
+    rc = install(ffi.cast("void *", plt), *(ffi.cast("void *", a) for a in args))
+    if rc != 0:
+        raise AccelError(f"could not redirect unicorn's calls to {what} (error {rc})")
 
 
 def _patch_store_fast_path(ffi, lib, fns: dict[str, int], fast: bool) -> None:
