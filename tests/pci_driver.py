@@ -11,6 +11,19 @@ from pyvmm.bus import Bus
 from pyvmm.memory import GuestMemory
 
 
+class RecordingLine:
+    """An interrupt line for the PCI host's ``irq_line`` factory: keeps its level and counts changes."""
+
+    def __init__(self, gsi: int) -> None:
+        self.gsi = gsi
+        self.level = False
+        self.changes = 0
+
+    def set_level(self, level: bool) -> None:
+        self.level = level
+        self.changes += 1
+
+
 class GuestPci:
     """Config-space and BAR accesses through the machine's port and MMIO buses."""
 

@@ -13,23 +13,14 @@ and with ``qemu-img convert -O raw``, and requires ``qemu-img check`` to be clea
 from __future__ import annotations
 
 import random
-import shutil
-import subprocess
 
 import pytest
 
 from pyvmm.block.qcow2 import Qcow2Image
+from test_block_qcow2 import qemu_img
 
 MIB = 1 << 20
 PAGE = 4096
-
-
-def qemu_img(*args: str) -> str:
-    exe = shutil.which("qemu-img")
-    assert exe, "qemu-img is missing: apt-get install qemu-utils"
-    r = subprocess.run([exe, *args], capture_output=True, text=True)
-    assert r.returncode == 0, f"qemu-img {' '.join(args)} failed: {r.stderr or r.stdout}"
-    return r.stdout
 
 
 def paged_iov(data: bytes, rng: random.Random) -> list[memoryview]:

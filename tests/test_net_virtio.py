@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from pci_driver import GuestPci, Ring, VirtioPciDriver
+from pci_driver import GuestPci, RecordingLine, Ring, VirtioPciDriver
 from pyvmm.bus import Bus
 from pyvmm.devices.pci.host import PciHost
 from pyvmm.devices.virtio.device import Status
@@ -36,15 +36,6 @@ def wait_for(cond, timeout=5.0):
     return False
 
 
-class Line:
-    def __init__(self, gsi):
-        self.gsi = gsi
-        self.level = False
-
-    def set_level(self, level):
-        self.level = level
-
-
 @pytest.fixture(params=[False, True], ids=["plain", "mrg_rxbuf"])
 def net(request):
     mrg = request.param
@@ -55,7 +46,7 @@ def net(request):
     host_sock, dev_sock = socket.socketpair()
     backend = StreamBackend(dev_sock, "test-stream")
     dev = VirtioNet(mem, backend, mac=MAC, loop=loop, queue_size=16, mrg_rxbuf=mrg)
-    host = PciHost(mem, mmio, io, lambda g: Line(g))
+    host = PciHost(mem, mmio, io, lambda g: RecordingLine(g))
     t = VirtioPci(dev, msix=False)
     slot = host.add(t)
     host.assign_resources()
@@ -188,7 +179,7 @@ def test_same_device_over_virtio_mmio():
     loop.start_thread()
     host_sock, dev_sock = socket.socketpair()
     dev = VirtioNet(mem, StreamBackend(dev_sock), mac=MAC, loop=loop, queue_size=16)
-    line = Line(20)
+    line = RecordingLine(20)
     t = VirtioMmio(dev, line)
     try:
         assert t.io_read(0x008, 4) == 1 and bytes(t.io_read(0x100 + i, 1) for i in range(6)) == MAC

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pci_driver import GuestPci
+from pci_driver import GuestPci, RecordingLine
 from pyvmm.bus import Bus
 from pyvmm.devices.pci.board import PciBoard
 from pyvmm.devices.virtio.board import MMIO_BASE
@@ -16,21 +16,12 @@ from pyvmm.memory import PCI_HOLE_START, GuestMemory
 from pyvmm.net.options import parse_netdev
 
 
-class Line:
-    def __init__(self, gsi):
-        self.gsi = gsi
-        self.level = False
-
-    def set_level(self, level):
-        self.level = level
-
-
 @pytest.fixture
 def board(tmp_path):
     mem = GuestMemory(32 << 20)
     io, mmio = Bus("io"), Bus("mmio")
     loop = MainLoop("board-test")
-    b = PciBoard(mem, mmio, io, Line, lambda: loop)
+    b = PciBoard(mem, mmio, io, RecordingLine, lambda: loop)
     yield b, io, mmio, tmp_path
     b.close()
     loop.close()

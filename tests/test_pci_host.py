@@ -6,23 +6,12 @@ import struct
 
 import pytest
 
-from pci_driver import GuestPci
+from pci_driver import GuestPci, RecordingLine
 from pyvmm.bus import Bus
 from pyvmm.devices.pci.config import BarKind, BarSpec
 from pyvmm.devices.pci.host import PciDevice, PciHost
 from pyvmm.errors import ConfigError
 from pyvmm.memory import GuestMemory
-
-
-class Line:
-    def __init__(self, gsi: int) -> None:
-        self.gsi = gsi
-        self.level = False
-        self.changes = 0
-
-    def set_level(self, level: bool) -> None:
-        self.level = level
-        self.changes += 1
 
 
 class Dev(PciDevice):
@@ -53,7 +42,7 @@ def machine():
     lines = {}
 
     def line(gsi):
-        return lines.setdefault(gsi, Line(gsi))
+        return lines.setdefault(gsi, RecordingLine(gsi))
 
     msis = []
     host = PciHost(mem, mmio, io, line, msi_sender=lambda a, d: msis.append((a, d)))

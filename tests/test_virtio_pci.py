@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from pci_driver import GuestPci, Ring, VirtioPciDriver
+from pci_driver import GuestPci, RecordingLine, Ring, VirtioPciDriver
 from pyvmm.bus import Bus
 from pyvmm.devices.pci.host import PciHost
 from pyvmm.devices.virtio.device import Status
@@ -17,22 +17,14 @@ from pyvmm.memory import GuestMemory
 VERSION_1 = 1 << 32
 
 
-class Line:
-    def __init__(self, gsi: int) -> None:
-        self.gsi = gsi
-        self.level = False
-
-    def set_level(self, level: bool) -> None:
-        self.level = level
-
-
 @pytest.fixture
 def setup():
     mem = GuestMemory(64 << 20)
     io, mmio = Bus("io"), Bus("mmio")
-    lines: dict[int, Line] = {}
+    lines: dict[int, RecordingLine] = {}
     msis: list[tuple[int, int]] = []
-    host = PciHost(mem, mmio, io, lambda g: lines.setdefault(g, Line(g)), msi_sender=lambda a, d: msis.append((a, d)))
+    host = PciHost(mem, mmio, io, lambda g: lines.setdefault(g, RecordingLine(g)),
+                   msi_sender=lambda a, d: msis.append((a, d)))
     yield mem, io, mmio, host, msis
     host.close()
     mem.close()
