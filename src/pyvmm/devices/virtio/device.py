@@ -30,6 +30,7 @@ until the driver resets it, as virtio 1.x section 2.1.2 describes.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import Callable
 from enum import IntEnum, IntFlag
@@ -209,6 +210,17 @@ class VirtioDevice:
             self.loop.call_soon_threadsafe(self._process_cb[index])
         else:
             self.process_queue(index)
+
+    def ioeventfd_reader(self, fd: int, index: int) -> Callable[[], None]:
+        """The loop callback for queue ``index``'s ioeventfd ``fd``: consume the kick, process the queue."""
+
+        def on_kick() -> None:
+            try:
+                os.eventfd_read(fd)
+            except BlockingIOError:
+                return
+            self.process_queue(index)
+        return on_kick
 
     def process_queue(self, index: int) -> None:
         """Run the handler for queue ``index`` under the device lock; ring errors -> NEEDS_RESET."""

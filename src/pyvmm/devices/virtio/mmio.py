@@ -273,16 +273,7 @@ class VirtioMmio:
         if loop is None:
             raise ValueError(f"{self.device.name}: an ioeventfd needs a loop to be read on")
         fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        dev = self.device
-
-        def on_kick() -> None:
-            try:
-                os.eventfd_read(fd)
-            except BlockingIOError:
-                return
-            dev.process_queue(queue)
-
-        loop.add_reader(fd, on_kick)
+        loop.add_reader(fd, self.device.ioeventfd_reader(fd, queue))
         self._eventfd_loop = loop
         self._eventfds[queue] = fd
         return fd

@@ -339,7 +339,7 @@ class VirtioPci(PciDevice):
             if not self._kick_fds:
                 for q in range(len(self.device.queues)):
                     fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-                    loop.add_reader(fd, self._make_kick(fd, q))
+                    loop.add_reader(fd, self.device.ioeventfd_reader(fd, q))
                     self._kick_fds.append(fd)
                 self._kick_loop = loop
             self._set_ioeventfds(self.mapped_bars().get(REGS_BAR))
@@ -349,17 +349,6 @@ class VirtioPci(PciDevice):
         with self.cfg_lock:
             self._set_ioeventfds(None)
             self._kvm_vm = None
-
-    def _make_kick(self, fd: int, queue: int):
-        dev = self.device
-
-        def on_kick() -> None:
-            try:
-                os.eventfd_read(fd)
-            except BlockingIOError:
-                return
-            dev.process_queue(queue)
-        return on_kick
 
     def _set_ioeventfds(self, base: int | None) -> None:
         vm = self._kvm_vm
