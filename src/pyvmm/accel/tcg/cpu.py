@@ -84,7 +84,6 @@ class TcgVcpu:
         self._wait_sipi = False             # an AP after power-on or INIT: parked until a SIPI
         self._init_pending = False
         self._sipi_vector: int | None = None
-        self._halted_last = False
         self.exits = {"hlt": 0, "kick": 0, "triple_fault": 0, "error": 0}
         self.uc: unicorn.Uc | None = None
         self._v = None
@@ -389,20 +388,20 @@ class TcgVcpu:
     def _run_once(self) -> None:
         turns = self.turns
         if turns is None:
-            self._run_slice()
-            return
-        turns.acquire(self)
-        try:
-            self._run_slice()
-        finally:
-            turns.release(self)
-        if self._halted_last:
+            halted = self._run_slice()
+        else:
+            turns.acquire(self)
+            try:
+                halted = self._run_slice()
+            finally:
+                turns.release(self)     # a halted vCPU does not hold the turn while it idles
+        if halted:
             self._halt_wait()
 
-    def _run_slice(self) -> None:
+    def _run_slice(self) -> bool:
+        """One ``emu_start``; True if the guest executed hlt."""
         uc, lib, v = self.uc, self.nat.lib, self._v
         assert uc is not None
-        self._halted_last = False
         if lib.pv_drop_stale(v):
             uc.ctl_flush_tb()               # the queue of written ranges overflowed
         lib.pv_prepare_run(v)
@@ -411,25 +410,20 @@ class TcgVcpu:
             uc.emu_start(rip, 0)
         except unicorn.UcError as e:
             self._fatal(f"tcg: {e} at rip={uc.reg_read(X.UC_X86_REG_RIP):#x}")
-            return
+            return False
         except Exception as e:  # a device model raised inside a hook
             log.exception("tcg: device error during guest execution")
             self._fatal(f"tcg: device error: {e}")
-            return
+            return False
         halted = lib.pv_halted(v)
         if not halted and lib.pv_old_exception(v) == EXCP_DOUBLE_FAULT:
             self.exits["triple_fault"] += 1
             log.warning("tcg: vCPU %d triple fault\n%s", self.index, self.dump())
             self._dead = True
             self.ctx.control.request_reset("triple fault")
-            return
-        if halted:
-            self.exits["hlt"] += 1
-            self._halted_last = True
-            if self.turns is None:
-                self._halt_wait()           # (with turns: after handing the turn over)
-        else:
-            self.exits["kick"] += 1
+            return False
+        self.exits["hlt" if halted else "kick"] += 1
+        return bool(halted)
 
     def _halt_wait(self) -> None:
         v, lib = self._v, self.nat.lib
