@@ -362,17 +362,22 @@ class Qcow2Image:
         for pos, goff, n in self._chunks(offset, length):
             self._write_cluster(iov_slice(iov, pos, n), goff, n)
 
-    def _write_cluster(self, part: Iov, goff: int, n: int) -> None:
-        cs = self.cluster_size
-        in_cluster = goff & (cs - 1)
-        cluster_start = goff - in_cluster
+    def _writable_entry(self, goff: int) -> tuple[int, int]:
+        """Guest cluster ``goff``'s L2 entry and host offset, refusing what cannot be changed in place."""
         entry = self._l2_entry(goff)
         host = entry & OFFSET_MASK
-        zero = self.version >= 3 and bool(entry & L2_ZERO)
         if entry & L2_COMPRESSED:
             raise self._bad("compressed clusters are not supported")
         if host and not entry & COPIED:
             raise self._bad("cluster is shared with a snapshot; writing it is not supported")
+        return entry, host
+
+    def _write_cluster(self, part: Iov, goff: int, n: int) -> None:
+        cs = self.cluster_size
+        in_cluster = goff & (cs - 1)
+        cluster_start = goff - in_cluster
+        entry, host = self._writable_entry(goff)
+        zero = self.version >= 3 and bool(entry & L2_ZERO)
         if host and not zero:
             pwritev_full(self.fd, part, host + in_cluster)
             return
@@ -404,27 +409,24 @@ class Qcow2Image:
             if n == self.cluster_size:
                 self._unmap_cluster(goff)
 
-    def _unmap_cluster(self, goff: int) -> None:
-        """Drop guest cluster ``goff``'s data cluster; afterwards it reads as zeroes (or, on a
-        v2 image without a backing file, as unallocated, which also reads as zeroes)."""
-        entry = self._l2_entry(goff)
-        host = entry & OFFSET_MASK
-        if entry & L2_COMPRESSED:
-            raise self._bad("compressed clusters are not supported")
-        if host and not entry & COPIED:
-            raise self._bad("cluster is shared with a snapshot; writing it is not supported")
+    def _unmap_cluster(self, goff: int) -> bool:
+        """Drop guest cluster ``goff``'s data cluster, so that it reads as zeroes (unallocated
+        without a backing file, a v3 zero cluster with one).  False, and nothing changed, on a
+        v2 image with a backing file: it has no zero clusters, the backing data would show."""
+        entry, host = self._writable_entry(goff)
         if self.backing is None:
             new = 0
         elif self.version >= 3:
             new = L2_ZERO
         else:
-            return                          # v2 has no zero clusters: the backing file would show
+            return False
         if entry != new:
             self._set_l2_entry(goff, new)
         if host:
             self._set_refcount(host, 0)
             fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, host, self.cluster_size)
             self._freed.append(host)
+        return True
 
     def write_zeroes(self, offset: int, length: int, unmap: bool) -> None:
         if self.read_only:
@@ -432,14 +434,10 @@ class Qcow2Image:
         self._check_range(offset, length)
         cs = self.cluster_size
         for _pos, goff, n in self._chunks(offset, length):
-            if unmap and n == cs and (self.version >= 3 or self.backing is None):
-                self._unmap_cluster(goff)
+            if unmap and n == cs and self._unmap_cluster(goff):
                 continue
             if self.version >= 3 and n == cs:
-                entry = self._l2_entry(goff)
-                host = entry & OFFSET_MASK
-                if host and not entry & COPIED:
-                    raise self._bad("cluster is shared with a snapshot; writing it is not supported")
+                entry, host = self._writable_entry(goff)
                 if entry != (host | COPIED | L2_ZERO if host else L2_ZERO):
                     self._set_l2_entry(goff, (host | COPIED | L2_ZERO) if host else L2_ZERO)
                 continue

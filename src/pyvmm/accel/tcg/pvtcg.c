@@ -383,8 +383,8 @@ static void (*pv_inval_range)(void *uc, uint64_t start, uint64_t end);
 
 /* --- several engines (SMP): code written by one CPU, translated by another --------------
  * Each vCPU is its own unicorn engine with its own translations and its own record of
- * which pages hold code, and the engines take turns (one runs at a time: accel.py's run
- * lock).  So that a store by one CPU reaches code another CPU translated, a page that gets
+ * which pages hold code, and the engines take turns (one runs at a time: turns.py's
+ * Turns).  So that a store by one CPU reaches code another CPU translated, a page that gets
  * code in any engine is write-protected (tlb_protect_code) in every engine, and the slow
  * path that a store to a protected page takes drops that page's translations in every
  * engine.  The other engines are not running while this happens.
