@@ -1,7 +1,7 @@
 """The AML encoder against hand-checked encodings and against ``iasl`` (Debian's acpica-tools).
 
 ``iasl`` compiles a small ASL program; the body of the resulting table (after
-the 36-byte header) must equal what :mod:`pyvmm.machine.aml` produces for the
+the 36-byte header) must equal what :mod:`pyvmm.x86.aml` produces for the
 same constructs, byte for byte.  If ``iasl`` is missing we try to install it
 with apt-get once; if that fails the test fails with a clear message.
 """
@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from pyvmm.errors import ConfigError
-from pyvmm.machine import aml
+from pyvmm.x86 import aml
 
 
 def find_iasl() -> str:

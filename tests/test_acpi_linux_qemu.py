@@ -28,7 +28,7 @@ import pytest
 from pyvmm.guestkit.busybox import find_busybox
 from pyvmm.guestkit.cpio import write_archive_file
 from pyvmm.guestkit.kernel import obtain_kernel
-from pyvmm.machine import acpi_tables
+from pyvmm.x86 import acpi as acpi_tables
 
 pytestmark = pytest.mark.slow
 

@@ -5,20 +5,10 @@ from __future__ import annotations
 import threading
 
 from pyvmm.bus import Bus
-from pyvmm.devices.acpi_pm import (
-    PM_SIZE,
-    PM_TIMER_HZ,
-    RESET_VALUE,
-    SCI_GSI,
-    SLP_TYP_S5,
-    AcpiPm,
-    Pm1Cnt,
-    Pm1En,
-    Pm1Sts,
-    PmReg,
-)
+from pyvmm.devices.acpi_pm import AcpiPm, Pm1Cnt, Pm1En, Pm1Sts
 from pyvmm.irq import IrqLine
 from pyvmm.runstate import RequestKind, VmControl
+from pyvmm.x86.pm_block import PM_SIZE, PM_TIMER_HZ, RESET_VALUE, SCI_GSI, SLP_TYP_S5, PmReg
 
 PM_BASE = 0x600
 

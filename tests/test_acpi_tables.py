@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from pyvmm.devices import acpi_pm
 from pyvmm.errors import ConfigError
-from pyvmm.machine import acpi_tables as t
 from pyvmm.memory import GuestMemory
+from pyvmm.x86 import acpi as t
+from pyvmm.x86 import pm_block as acpi_pm
 
 PM_BASE = 0x600
 VIRTIO = [t.AcpiMmioDevice("VR00", "LNRO0005", 0, 0xD000_0000, 0x200, 16),

@@ -9,8 +9,8 @@ import pytest
 from conftest_boot import make_bzimage, make_elf
 from pyvmm.boot import detect_format, load_kernel
 from pyvmm.errors import BootImageError
-from pyvmm.machine import layout
 from pyvmm.memory import GuestMemory
+from pyvmm.x86 import layout
 
 MiB = 1 << 20
 

@@ -11,9 +11,9 @@ import pytest
 from conftest_boot import elf_note, make_elf
 from pyvmm.boot import load_kernel
 from pyvmm.errors import BootImageError
-from pyvmm.machine import layout
-from pyvmm.machine.e820 import build_e820
 from pyvmm.memory import GuestMemory
+from pyvmm.x86 import layout
+from pyvmm.x86.e820 import build_e820
 
 MiB = 1 << 20
 KVIRT = 0xFFFFFFFF80000000  # __START_KERNEL_map

@@ -9,9 +9,9 @@ import pytest
 from conftest_boot import debian_kernel, make_bzimage
 from pyvmm.boot import load_kernel
 from pyvmm.errors import BootImageError
-from pyvmm.machine import layout
-from pyvmm.machine.e820 import build_e820
 from pyvmm.memory import GuestMemory
+from pyvmm.x86 import layout
+from pyvmm.x86.e820 import build_e820
 
 MiB = 1 << 20
 

@@ -10,8 +10,8 @@ from conftest_boot import make_elf, multiboot_header
 from pyvmm.boot import detect_format, load_kernel
 from pyvmm.boot.multiboot import split_modules
 from pyvmm.errors import BootImageError
-from pyvmm.machine.e820 import build_e820
 from pyvmm.memory import GuestMemory
+from pyvmm.x86.e820 import build_e820
 
 MiB = 1 << 20
 

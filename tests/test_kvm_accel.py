@@ -17,9 +17,9 @@ from pyvmm.accel.kvm import IDENTITY_MAP_ADDR, TSS_ADDR, KvmAccelerator
 from pyvmm.cpu_state import CR0_ET, CR0_NE, CR0_PE, CpuState, Segment
 from pyvmm.errors import ConfigError, KvmError
 from pyvmm.kvm.ioctls import MpState
-from pyvmm.machine import cpuid
 from pyvmm.memory import GuestMemory
 from pyvmm.runstate import RequestKind, VmControl
+from pyvmm.x86 import cpuid
 from test_kvm_util import RecordingDevice, assemble, buses, drain
 
 ORG = 0x1000

@@ -1,12 +1,12 @@
-"""CPUID table building (pyvmm.machine.cpuid): pure functions, no KVM needed except the last test."""
+"""CPUID table building (pyvmm.x86.cpuid): pure functions, no KVM needed except the last test."""
 
 from __future__ import annotations
 
 import pytest
 
 from pyvmm.errors import ConfigError
-from pyvmm.machine import cpuid
-from pyvmm.machine.cpuid import CpuidEntry
+from pyvmm.x86 import cpuid
+from pyvmm.x86.cpuid import CpuidEntry
 
 LEAF1_ECX = (1 << 13) | (1 << 19) | (1 << 20) | (1 << 21) | (1 << 23) | (1 << 26) | (1 << 28)
 

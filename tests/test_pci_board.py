@@ -11,9 +11,9 @@ from pyvmm.devices.virtio.board import MMIO_BASE
 from pyvmm.devices.virtio.options import parse_drive
 from pyvmm.errors import ConfigError
 from pyvmm.loop import MainLoop
-from pyvmm.machine.layout import IOAPIC_ADDR
 from pyvmm.memory import PCI_HOLE_START, GuestMemory
 from pyvmm.net.options import parse_netdev
+from pyvmm.x86.layout import IOAPIC_ADDR
 
 
 @pytest.fixture

@@ -262,9 +262,9 @@ def test_sizing_does_not_touch_the_bus_and_stale_windows_make_way(machine):
 
 
 def test_msi_sender_choice_and_tcg_apic_bus_delivery():
+    from pyvmm.devices.irqchip import UserspaceIrqchip
     from pyvmm.devices.lapic import Reg as LapicReg
     from pyvmm.devices.pci.msi import ApicBusMsi, msi_sender_for
-    from pyvmm.machine.intc import UserspaceIrqchip
 
     class KvmLikeSink:
         def signal_msi(self, address, data):

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from pyvmm.machine import layout
-from pyvmm.machine.e820 import E820Entry, E820Type, build_e820, find_top_down, in_ram
 from pyvmm.memory import GuestMemory
+from pyvmm.x86 import layout
+from pyvmm.x86.e820 import E820Entry, E820Type, build_e820, find_top_down, in_ram
 
 RAM, RES = E820Type.RAM, E820Type.RESERVED
 MiB, GiB = 1 << 20, 1 << 30

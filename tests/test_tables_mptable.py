@@ -7,9 +7,9 @@ import struct
 import pytest
 
 from pyvmm.errors import ConfigError
-from pyvmm.machine import layout
-from pyvmm.machine.mptable import write_mptable
 from pyvmm.memory import GuestMemory
+from pyvmm.x86 import layout
+from pyvmm.x86.mptable import write_mptable
 
 ENTRY_SIZES = {0: 20, 1: 8, 2: 8, 3: 8, 4: 8}
 

@@ -7,15 +7,15 @@ import struct
 import pytest
 
 from pyvmm.cpu_state import CR0_PE, CR0_PG, CR4_PAE, EFER_LMA, EFER_LME
-from pyvmm.machine import layout
-from pyvmm.machine.x86_boot import (
+from pyvmm.memory import GuestMemory
+from pyvmm.x86 import layout
+from pyvmm.x86.boot_tables import (
     identity_map_size,
     long_mode_state,
     protected_mode_state,
     real_mode_state,
     write_identity_page_tables,
 )
-from pyvmm.memory import GuestMemory
 
 GiB = 1 << 30
 ADDR_MASK = 0x000F_FFFF_FFFF_F000

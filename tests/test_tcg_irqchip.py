@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pyvmm.bus import Bus
 from pyvmm.devices.ioapic import IoApic
+from pyvmm.devices.irqchip import UserspaceIrqchip
 from pyvmm.devices.lapic import Lapic, Reg
-from pyvmm.machine.intc import UserspaceIrqchip
 from test_pic_pit import FakeClock, FakeScheduler
 
 BUS_HZ = 25_000_000

@@ -3,7 +3,7 @@
 Set-up builds a PC the way QEMU's ``-machine accel=kvm,kernel-irqchip=on``
 does: in-kernel PIC pair + IOAPIC + per-vCPU LAPIC, an in-kernel i8254 (with
 port 0x61), guest RAM as memory slots, and one vCPU per ``ncpus`` whose CPUID
-comes from :mod:`pyvmm.machine.cpuid`.  Devices get interrupts through an
+comes from :mod:`pyvmm.x86.cpuid`.  Devices get interrupts through an
 :class:`KvmIrqSink` (KVM_IRQ_LINE); everything else is port I/O and MMIO
 exits, which :class:`~pyvmm.accel.kvm_vcpu.VcpuRunner` sends to the buses.
 
@@ -30,7 +30,7 @@ from pyvmm.kvm.ioctls import Cap, MpState
 from pyvmm.kvm.system import DEFAULT_DEVICE, System
 from pyvmm.kvm.vcpu import Vcpu
 from pyvmm.kvm.vm import Vm
-from pyvmm.machine import cpuid
+from pyvmm.x86 import cpuid
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

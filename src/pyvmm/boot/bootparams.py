@@ -11,7 +11,7 @@ import ctypes
 import enum
 from collections.abc import Sequence
 
-from pyvmm.machine.e820 import E820Entry
+from pyvmm.x86.e820 import E820Entry
 
 SETUP_HEADER_OFFSET = 0x1F1
 HDRS_MAGIC = 0x53726448  # "HdrS"

@@ -13,9 +13,9 @@ import logging
 
 from pyvmm.boot.common import BootResult
 from pyvmm.errors import BootImageError
-from pyvmm.machine import layout
-from pyvmm.machine.x86_boot import real_mode_state
 from pyvmm.memory import GuestMemory
+from pyvmm.x86 import layout
+from pyvmm.x86.boot_tables import real_mode_state
 
 log = logging.getLogger(__name__)
 

@@ -15,9 +15,9 @@ from typing import Any
 
 from pyvmm.cpu_state import CpuState
 from pyvmm.errors import BootImageError
-from pyvmm.machine import layout
-from pyvmm.machine.e820 import E820Entry, in_ram
 from pyvmm.memory import GuestMemory
+from pyvmm.x86 import layout
+from pyvmm.x86.e820 import E820Entry, in_ram
 
 #: Kernel images larger than this are refused before reading (no PC kernel comes close).
 MAX_KERNEL_SIZE = 1 << 30

@@ -17,8 +17,8 @@ from pyvmm.boot.elf import is_elf, load_elf
 from pyvmm.boot.linux import is_bzimage, load_bzimage
 from pyvmm.boot.multiboot import find_header, load_multiboot
 from pyvmm.errors import BootImageError
-from pyvmm.machine.e820 import E820Entry, build_e820
 from pyvmm.memory import GuestMemory
+from pyvmm.x86.e820 import E820Entry, build_e820
 
 log = logging.getLogger(__name__)
 

@@ -39,10 +39,10 @@ from pyvmm.boot.common import (
     load_file_into,
 )
 from pyvmm.errors import BootImageError
-from pyvmm.machine import layout
-from pyvmm.machine.e820 import E820Entry, find_top_down
-from pyvmm.machine.x86_boot import long_mode_state, protected_mode_state
 from pyvmm.memory import GuestMemory
+from pyvmm.x86 import layout
+from pyvmm.x86.boot_tables import long_mode_state, protected_mode_state
+from pyvmm.x86.e820 import E820Entry, find_top_down
 
 log = logging.getLogger(__name__)
 

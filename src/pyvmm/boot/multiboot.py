@@ -32,10 +32,10 @@ from pyvmm.boot.common import (
 )
 from pyvmm.boot.elf import is_elf, parse_elf, validate_segments, write_segments
 from pyvmm.errors import BootImageError
-from pyvmm.machine import layout
-from pyvmm.machine.e820 import E820Entry, E820Type
-from pyvmm.machine.x86_boot import protected_mode_state
 from pyvmm.memory import GuestMemory
+from pyvmm.x86 import layout
+from pyvmm.x86.boot_tables import protected_mode_state
+from pyvmm.x86.e820 import E820Entry, E820Type
 
 log = logging.getLogger(__name__)
 

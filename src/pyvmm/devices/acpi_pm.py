@@ -33,39 +33,20 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from enum import IntEnum, IntFlag
+from enum import IntFlag
 
 from pyvmm.irq import IrqLine
 from pyvmm.runstate import VmControl
+from pyvmm.x86.pm_block import (
+    PM_SIZE,
+    PM_TIMER_HZ,
+    PM_TMR_32BIT,
+    RESET_VALUE,
+    SLP_TYP_S5,
+    PmReg,
+)
 
 log = logging.getLogger(__name__)
-
-
-class PmReg(IntEnum):
-    """Register offsets inside the PM block (see the module docstring)."""
-
-    PM1_STS = 0x00
-    PM1_EN = 0x02
-    PM1_CNT = 0x04
-    PM_TMR = 0x08
-    RESET = 0x0C
-
-
-#: Ports the device occupies; the machine registers ``[pm_base, pm_base + PM_SIZE)``.
-PM_SIZE = 0x10
-PM1_EVT_LEN = 4
-PM1_CNT_LEN = 2
-PM_TMR_LEN = 4
-#: The guest writes this to the reset register (FADT RESET_VALUE) to reboot.
-RESET_VALUE = 0x06
-#: SLP_TYP value that means "soft off"; the DSDT's ``\_S5`` package carries it.
-SLP_TYP_S5 = 0  # as on the PIIX4 (and QEMU), so the tables also work with that PM block
-#: The PM timer's frequency, fixed by the ACPI specification.
-PM_TIMER_HZ = 3_579_545
-#: The timer is 32 bits wide (FADT flag TMR_VAL_EXT); otherwise 24.
-PM_TMR_32BIT = True
-#: The SCI's ISA IRQ / GSI (FADT SCI_INT), level-triggered, active high.
-SCI_GSI = 9
 
 
 class Pm1Sts(IntFlag):

@@ -27,7 +27,7 @@ from pyvmm.accel.base import Accelerator, MachineContext
 from pyvmm.boot import BootResult, load_kernel
 from pyvmm.bus import Bus
 from pyvmm.chardev import parse_chardev
-from pyvmm.devices.acpi_pm import PM_SIZE, SCI_GSI, AcpiPm
+from pyvmm.devices.acpi_pm import AcpiPm
 from pyvmm.devices.debug_exit import DebugExit
 from pyvmm.devices.fw_cfg import FwCfg, FwCfgKey, encode_e820
 from pyvmm.devices.i8042 import I8042
@@ -40,15 +40,16 @@ from pyvmm.devices.virtio.board import VIRTIO_DRIVERS, VirtioMmioBoard
 from pyvmm.errors import ConfigError
 from pyvmm.irq import IrqRouter
 from pyvmm.loop import MainLoop
-from pyvmm.machine import layout
-from pyvmm.machine.acpi_tables import build_acpi
 from pyvmm.machine.config import MachineConfig
-from pyvmm.machine.e820 import build_e820
-from pyvmm.machine.mptable import write_mptable
 from pyvmm.memory import GuestMemory
 from pyvmm.monitor import ChardevInfo, CpuInfo, create_monitor
 from pyvmm.monitor.events import ShutdownCause, cause_of
 from pyvmm.runstate import Request, RequestKind, RunState, VmControl
+from pyvmm.x86 import layout
+from pyvmm.x86.acpi import build_acpi
+from pyvmm.x86.e820 import build_e820
+from pyvmm.x86.mptable import write_mptable
+from pyvmm.x86.pm_block import PM_SIZE, SCI_GSI
 
 log = logging.getLogger(__name__)
 

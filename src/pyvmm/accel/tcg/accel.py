@@ -1,7 +1,7 @@
 """The ``tcg`` accelerator: unicorn vCPUs plus the userspace irqchip.
 
 ``in_kernel_irqchip`` is False: :meth:`TcgAccelerator.setup` creates
-:class:`~pyvmm.machine.intc.UserspaceIrqchip` (PIC pair, PIT with port 0x61,
+:class:`~pyvmm.devices.irqchip.UserspaceIrqchip` (PIC pair, PIT with port 0x61,
 I/O APIC, local APICs), registers it on the machine's buses and returns it as
 the interrupt sink devices drive.
 
@@ -26,9 +26,9 @@ from pyvmm.accel.tcg.cpu import CPU_MODELS, TcgVcpu
 from pyvmm.accel.tcg.cpuid import TimeBase, build_table
 from pyvmm.accel.tcg.turns import Turns
 from pyvmm.cpu_state import CpuState
+from pyvmm.devices.irqchip import UserspaceIrqchip
 from pyvmm.errors import AccelError, ConfigError
 from pyvmm.irq import InterruptSink
-from pyvmm.machine.intc import UserspaceIrqchip
 
 log = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ from pyvmm.accel.tcg.cpuid import CpuidTable
 from pyvmm.accel.tcg.turns import Turns
 from pyvmm.cpu_state import CpuState, Segment
 from pyvmm.errors import AccelError
-from pyvmm.machine.x86_boot import real_mode_state
+from pyvmm.x86.boot_tables import real_mode_state
 
 log = logging.getLogger(__name__)
 

@@ -24,9 +24,9 @@ from pyvmm.devices.virtio.device import VirtioDevice
 from pyvmm.devices.virtio.pci import VirtioPci
 from pyvmm.errors import ConfigError, PyvmmError
 from pyvmm.loop import MainLoop
-from pyvmm.machine.acpi_tables import AcpiPciHost
 from pyvmm.memory import GuestMemory
 from pyvmm.net.options import NetdevSpec, format_mac, parse_nic, parse_slot
+from pyvmm.x86.acpi import AcpiPciHost
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ is sane (not zero, not overlapping RAM or another device, below 4 GiB for
 32-bit BARs), likewise I/O BARs with the I/O-enable bit.
 
 INTx: a device with an interrupt pin gets the GSI the DSDT's ``_PRT``
-declares (:func:`~pyvmm.machine.acpi_tables.pci_intx_gsi`); the line is
+declares (:func:`~pyvmm.x86.acpi.pci_intx_gsi`); the line is
 driven level-high while asserted and the command register's INTx-disable
 bit is clear.  MSI-X lives in :mod:`.msix`.
 
@@ -44,8 +44,8 @@ from pyvmm.devices.pci.config import (
 )
 from pyvmm.devices.pci.msix import MsiSender, MsixTable
 from pyvmm.errors import ConfigError
-from pyvmm.machine.acpi_tables import AcpiPciHost, pci_intx_gsi
 from pyvmm.memory import GuestMemory
+from pyvmm.x86.acpi import AcpiPciHost, pci_intx_gsi
 
 log = logging.getLogger(__name__)
 

@@ -31,8 +31,8 @@ from pyvmm.devices.virtio.options import DriveSpec
 from pyvmm.errors import ConfigError, PyvmmError
 from pyvmm.irq import IrqLine
 from pyvmm.loop import IOThread, MainLoop
-from pyvmm.machine.acpi_tables import AcpiMmioDevice
 from pyvmm.memory import GuestMemory
+from pyvmm.x86.acpi import AcpiMmioDevice
 
 log = logging.getLogger(__name__)
 

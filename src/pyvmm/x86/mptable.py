@@ -14,8 +14,8 @@ import ctypes
 import enum
 
 from pyvmm.errors import ConfigError
-from pyvmm.machine import layout
 from pyvmm.memory import GuestMemory
+from pyvmm.x86 import layout
 
 MP_SPEC_REV = 4  # 1.4
 LAPIC_VERSION = 0x14  # integrated APIC

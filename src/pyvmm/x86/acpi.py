@@ -15,7 +15,7 @@ where the region lies and must keep it out of the E820 RAM map.
 The layout of each table follows the ACPI 6.x specification; structures
 are ctypes records with a size check each.  Numbers that must agree with
 the device model (register offsets, SLP_TYP of S5, reset value, SCI GSI)
-are imported from :mod:`pyvmm.devices.acpi_pm`, so the two cannot drift.
+are imported from :mod:`pyvmm.x86.pm_block`, as the device model does, so the two cannot drift.
 """
 
 from __future__ import annotations
@@ -26,10 +26,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum, IntFlag
 
-from pyvmm.devices import acpi_pm
 from pyvmm.errors import ConfigError
-from pyvmm.machine import aml
 from pyvmm.memory import GuestMemory
+from pyvmm.x86 import aml, pm_block
 
 log = logging.getLogger(__name__)
 
@@ -449,7 +448,7 @@ def build_dsdt(*, ncpus: int, devices: Sequence[AcpiMmioDevice] = (), pci: AcpiP
             )),
         ))
     sb.append(extra_sb_aml)
-    slp = acpi_pm.SLP_TYP_S5
+    slp = pm_block.SLP_TYP_S5
     # Root-level names are written without "\" (the DSDT body is the root scope), as iasl does.
     body = aml.name("_S5", aml.package(slp, slp, 0, 0)) + aml.scope("_SB", *sb)
     return sdt(b"DSDT", 2, body)
@@ -494,8 +493,8 @@ def build_madt(*, ncpus: int, ioapic_id: int, ioapic_addr: int, lapic_addr: int)
     entries.append(MadtInterruptOverride(MadtType.INTERRUPT_OVERRIDE, 10, 0, 0, 2, MpsIntiFlags.CONFORMS))
     # The SCI is level-triggered; we drive it active high.
     sci_flags = MpsIntiFlags.ACTIVE_HIGH | MpsIntiFlags.LEVEL
-    entries.append(MadtInterruptOverride(MadtType.INTERRUPT_OVERRIDE, 10, 0, acpi_pm.SCI_GSI,
-                                         acpi_pm.SCI_GSI, sci_flags))
+    entries.append(MadtInterruptOverride(MadtType.INTERRUPT_OVERRIDE, 10, 0, pm_block.SCI_GSI,
+                                         pm_block.SCI_GSI, sci_flags))
     entries.append(MadtLocalApicNmi(MadtType.LOCAL_APIC_NMI, 6, 0xFF, MpsIntiFlags.CONFORMS, 1))
     body = b"".join(bytes(e) for e in entries)
     head = MadtHeader(_header(b"APIC", ctypes.sizeof(MadtHeader) + len(body), 4), lapic_addr, 1)
@@ -505,7 +504,7 @@ def build_madt(*, ncpus: int, ioapic_id: int, ioapic_addr: int, lapic_addr: int)
 def build_fadt(*, facs_gpa: int, dsdt_gpa: int, pm_base: int, has_8042: bool = True,
                has_vga: bool = False, rtc_century: int = 0) -> bytes:
     """The FADT (revision 6) describing :class:`pyvmm.devices.acpi_pm.AcpiPm` at ``pm_base``."""
-    if not 0 < pm_base <= 0xFFFF - acpi_pm.PM_SIZE:
+    if not 0 < pm_base <= 0xFFFF - pm_block.PM_SIZE:
         raise ConfigError(f"ACPI PM base {pm_base:#x} is not a valid I/O port range")
     f = Fadt()
     f.header = _header(b"FACP", ctypes.sizeof(Fadt), 6)
@@ -516,20 +515,20 @@ def build_fadt(*, facs_gpa: int, dsdt_gpa: int, pm_base: int, has_8042: bool = T
     f.x_firmware_ctrl = facs_gpa
     f.dsdt = dsdt_gpa
     f.x_dsdt = dsdt_gpa
-    f.sci_int = acpi_pm.SCI_GSI
+    f.sci_int = pm_block.SCI_GSI
     f.smi_cmd = 0  # no SMI: always in ACPI mode
-    evt = pm_base + acpi_pm.PmReg.PM1_STS
-    cnt = pm_base + acpi_pm.PmReg.PM1_CNT
-    tmr = pm_base + acpi_pm.PmReg.PM_TMR
+    evt = pm_base + pm_block.PmReg.PM1_STS
+    cnt = pm_base + pm_block.PmReg.PM1_CNT
+    tmr = pm_base + pm_block.PmReg.PM_TMR
     f.pm1a_evt_blk = evt
     f.pm1a_cnt_blk = cnt
     f.pm_tmr_blk = tmr
-    f.pm1_evt_len = acpi_pm.PM1_EVT_LEN
-    f.pm1_cnt_len = acpi_pm.PM1_CNT_LEN
-    f.pm_tmr_len = acpi_pm.PM_TMR_LEN
-    f.x_pm1a_evt_blk = io_gas(evt, acpi_pm.PM1_EVT_LEN, AccessSize.WORD)
-    f.x_pm1a_cnt_blk = io_gas(cnt, acpi_pm.PM1_CNT_LEN, AccessSize.WORD)
-    f.x_pm_tmr_blk = io_gas(tmr, acpi_pm.PM_TMR_LEN, AccessSize.DWORD)
+    f.pm1_evt_len = pm_block.PM1_EVT_LEN
+    f.pm1_cnt_len = pm_block.PM1_CNT_LEN
+    f.pm_tmr_len = pm_block.PM_TMR_LEN
+    f.x_pm1a_evt_blk = io_gas(evt, pm_block.PM1_EVT_LEN, AccessSize.WORD)
+    f.x_pm1a_cnt_blk = io_gas(cnt, pm_block.PM1_CNT_LEN, AccessSize.WORD)
+    f.x_pm_tmr_blk = io_gas(tmr, pm_block.PM_TMR_LEN, AccessSize.DWORD)
     f.p_lvl2_lat = 101  # > 100: C2 not supported
     f.p_lvl3_lat = 1001  # > 1000: C3 not supported
     f.century = rtc_century
@@ -541,11 +540,11 @@ def build_fadt(*, facs_gpa: int, dsdt_gpa: int, pm_base: int, has_8042: bool = T
     f.iapc_boot_arch = arch
     flags = FadtFlags.WBINVD | FadtFlags.PROC_C1 | FadtFlags.SLP_BUTTON | FadtFlags.FIX_RTC
     flags |= FadtFlags.RESET_REG_SUP
-    if acpi_pm.PM_TMR_32BIT:
+    if pm_block.PM_TMR_32BIT:
         flags |= FadtFlags.TMR_VAL_EXT
     f.flags = flags
-    f.reset_reg = io_gas(pm_base + acpi_pm.PmReg.RESET, 1, AccessSize.BYTE)
-    f.reset_value = acpi_pm.RESET_VALUE
+    f.reset_reg = io_gas(pm_base + pm_block.PmReg.RESET, 1, AccessSize.BYTE)
+    f.reset_value = pm_block.RESET_VALUE
     f.minor_version = 0
     return _finish(bytearray(bytes(f)))
 

@@ -19,6 +19,10 @@ tables overlap and a reader can see the whole picture at once::
     0xa0000 - 0xfffff   legacy VGA/ROM hole (reserved in E820); MP table at 0xf0000
     0x100000 -          kernel, initrd at the top of low RAM
 
+Above RAM, the 32-bit hole holds the PCI window, the virtio-mmio windows and
+the interrupt controllers; the I/O ports and GSIs of the fixed PC devices are
+listed here too, so this file is the one place that says where anything is.
+
 The boot-sector path uses only the IVT/BDA and 0x7c00 upward, so a boot
 sector of up to 64 KiB may overwrite the (unused) protected-mode tables.
 """
@@ -80,9 +84,57 @@ HIGH_MEMORY_START = 0x100000  # classic bzImage / multiboot load address (1 MiB)
 INITRD_ADDR_MAX_DEFAULT = 0x37FFFFFF  # boot protocol < 2.03 limit
 INITRD_ALIGN = PAGE_SIZE
 
-# -- interrupt controllers (for MP/ACPI tables and E820 reservations) --------------------------
-IOAPIC_ADDR = 0xFEC00000
-LAPIC_ADDR = 0xFEE00000
+# -- the 32-bit hole: PCI, device windows, interrupt controllers ------------------------------
+PCI_HOLE_START = 0xC000_0000  # RAM above this goes to HIGH_RAM_START
+HIGH_RAM_START = 0x1_0000_0000
+PCI_MEM32_BASE = 0xC000_0000  # PCI BARs (32-bit memory window), up to just below the virtio-mmio window
+PCI_MEM32_LIMIT = 0xFE9F_FFFF
+PCI_IO_BASE = 0x1000  # PCI I/O BARs
+PCI_IO_LIMIT = 0xFFFF
+VIRTIO_MMIO_BASE = 0xFEB0_0000  # virtio-mmio windows, 0x200 bytes each (as QEMU's microvm)
+VIRTIO_MMIO_SIZE = 0x200
+VIRTIO_MMIO_MAX_DEVICES = 8
+IOAPIC_ADDR = 0xFEC0_0000
+IOAPIC_SIZE = 0x1000
+LAPIC_ADDR = 0xFEE0_0000
+LAPIC_SIZE = 0x1000
+MSI_ADDRESS_BASE = 0xFEE0_0000  # MSI writes land in the LAPIC window (x86 MSI address format)
+MSI_ADDRESS_MASK = 0xFFF0_0000
+KVM_IDENTITY_MAP_ADDR = 0xFFFB_C000  # VMX needs an identity-map page and a TSS, below 4 GiB, above RAM
+KVM_TSS_ADDR = 0xFFFB_D000
+
+# -- I/O ports of the fixed PC devices ----------------------------------------------------------
+PIC_MASTER_PORT = 0x20
+PIC_SLAVE_PORT = 0xA0
+PIC_ELCR_PORT = 0x4D0
+PIT_PORT = 0x40
+SPEAKER_PORT = 0x61
+I8042_DATA_PORT = 0x60
+I8042_CMD_PORT = 0x64
+RTC_PORT = 0x70
+POST_PORT = 0x80  # port 0x80 (POST codes / I/O delay)
+COM1_PORT = 0x3F8
+COM2_PORT = 0x2F8
+COM3_PORT = 0x3E8
+COM4_PORT = 0x2E8
+PVPANIC_PORT = 0x505  # QEMU's pvpanic ISA device
+FW_CFG_PORT = 0x510  # fw_cfg selector (data at +1, DMA at +4)
+ACPI_PM_PORT = 0x600  # ACPI PM block, as PIIX4's on QEMU's pc machine
+PCI_CONFIG_ADDRESS_PORT = 0xCF8
+PCI_CONFIG_DATA_PORT = 0xCFC
+DEBUG_EXIT_PORT = 0xF4  # isa-debug-exit's default iobase, as QEMU
+
+# -- GSIs (I/O APIC pins); 0-15 are the ISA IRQs ------------------------------------------------
+PIT_GSI = 0  # routed to I/O APIC pin 2 (MADT interrupt override)
+KBD_GSI = 1
+COM2_GSI = 3
+COM1_GSI = 4
+RTC_GSI = 8
+SCI_GSI = 9  # ACPI SCI, level-triggered active-high
+AUX_GSI = 12  # PS/2 mouse
+PCI_INTX_GSIS = (16, 17, 18, 19)  # PCI INTA-D, swizzled by slot (_PRT)
+VIRTIO_MMIO_GSIS = (20, 21, 22, 23)  # virtio-mmio, round-robin, level-triggered
+IOAPIC_PINS = 24
 
 
 def align_up(value: int, align: int) -> int:

@@ -13,8 +13,8 @@ import enum
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from pyvmm.machine import layout
 from pyvmm.memory import GuestMemory
+from pyvmm.x86 import layout
 
 
 class E820Type(enum.IntEnum):

@@ -26,8 +26,8 @@ from pyvmm.cpu_state import (
     CpuState,
     Segment,
 )
-from pyvmm.machine import layout
 from pyvmm.memory import GuestMemory
+from pyvmm.x86 import layout
 
 RFLAGS_RESERVED = 0x2  # bit 1 always reads as one; IF clear
 
