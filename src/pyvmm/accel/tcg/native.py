@@ -1,8 +1,9 @@
 """The compiled part of the tcg accelerator: build, load and self-check.
 
-``pvtcg.c`` is built with cffi the first time it is needed (gcc is required)
-into a cache directory keyed by the source hash (``$PYVMM_CACHE_DIR`` or
-``~/.cache/pyvmm``), then imported from there.
+``pvtcg.c`` is compiled when pyvmm is installed (cffi, see
+:mod:`pyvmm.accel.tcg.pvtcg_build`) into the extension module
+``pyvmm.accel.tcg._pvtcg``; the runtime only imports it, and refuses an
+extension that is missing or was built from other sources.
 
 The accelerator depends on unicorn 2.1.4's private internals, and changes
 eight things in the loaded library, once per process:
@@ -44,72 +45,19 @@ Any mismatch raises :class:`AccelError` before a guest instruction runs.
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import importlib.util
+import importlib
 import logging
 import os
-import re
-import sys
-import tempfile
 import threading
 from dataclasses import dataclass
-from pathlib import Path
 from types import ModuleType
 
+from pyvmm.accel.tcg import pvtcg_build
 from pyvmm.errors import AccelError
 
 log = logging.getLogger(__name__)
 
 UNICORN_VERSION = "2.1.4"
-_SRC_DIR = Path(__file__).resolve().parent
-_MODULE_NAME = "_pyvmm_pvtcg"
-
-def _header_declarations() -> str:
-    """pvtcg.h's types as cffi declarations: the header is the one source for both sides.
-
-    cffi's parser takes no comments and no preprocessor lines other than numeric
-    ``#define`` constants, and needs no ``volatile``.
-    """
-    text = (_SRC_DIR / "pvtcg.h").read_text()
-    text = re.sub(r"/\*.*?\*/", "", text, flags=re.S)
-    text = re.sub(r"^\s*#(?!define [A-Z_]+ \d+\s*$).*$", "", text, flags=re.M)   # keep numeric #defines
-    return text.replace("volatile ", "")
-
-
-_CDEF = _header_declarations() + """
-uint64_t pv_now_ns(void);
-uint64_t pv_tsc_now(struct pv_vcpu *v);
-void pv_tsc_set(struct pv_vcpu *v, uint64_t value);
-void pv_load_seg(struct pv_vcpu *v, int seg, uint32_t selector, uint64_t base, uint32_t limit, uint32_t flags);
-int pv_patch_msr(void *rdmsr_fn, int rd_len, void *wrmsr_fn, int wr_len);
-int pv_msr_patched(void);
-int pv_patch_tsc(void *rdtsc_fn, int rdtsc_len, void *rdtscp_fn, int rdtscp_len);
-int pv_patch_code(void *addr, const void *bytes, int len);
-void pv_set_intr(struct pv_vcpu *v, int level);
-void pv_raise_nmi(struct pv_vcpu *v);
-int pv_nmi_pending(struct pv_vcpu *v);
-int pv_install_hardirq(void *plt_entry, void *real_fn);
-int pv_install_kick(void *plt_entry, void *real_fn);
-void pv_kick(struct pv_vcpu *v, int stop);
-void pv_note_written(struct pv_vcpu *v, uint64_t host, uint64_t len);
-int pv_drop_stale(struct pv_vcpu *v);
-int pv_install_cross_engine(void *protect_plt, void *real_protect, void *map_ram, void *ram_from_host);
-void pv_set_engines_shared(int shared);
-int pv_install_pause_exit(void *plt_entry, void *real_fn);
-void pv_set_turn_waiters(int n);
-int pv_install_store_invalidate(void *plt_entry, void *real_fast, void *range_fn);
-int pv_attach(struct pv_vcpu *v);
-void pv_detach(struct pv_vcpu *v);
-void pv_prepare_run(struct pv_vcpu *v);
-int pv_halted(struct pv_vcpu *v);
-int pv_old_exception(struct pv_vcpu *v);
-void pv_clear_old_exception(struct pv_vcpu *v);
-uint32_t pv_hflags(struct pv_vcpu *v);
-uint64_t pv_eflags_raw(struct pv_vcpu *v);
-uint64_t pv_env_u64(struct pv_vcpu *v, int off);
-uint32_t pv_env_u32(struct pv_vcpu *v, int off);
-"""
-
 # Offsets (must match the #defines in pvtcg.c); probed by selfcheck().
 ENV_EIP = 0x80
 ENV_EFLAGS = 0x88
@@ -190,7 +138,7 @@ class Native:
 
 
 class _Loader:
-    """Builds and loads the module once per process (a per-process cache, not guest state)."""
+    """Loads and wires the module once per process (a per-process cache, not guest state)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -207,41 +155,23 @@ _loader = _Loader()
 
 
 def native() -> Native:
-    """The compiled helper, built on first use and checked against libunicorn."""
+    """The compiled helper, loaded on first use and checked against libunicorn."""
     return _loader.get()
 
 
-def _cache_dir() -> Path:
-    base = os.environ.get("PYVMM_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "pyvmm")
-    return Path(base)
-
-
-def _source_text() -> tuple[str, str]:
-    c = (_SRC_DIR / "pvtcg.c").read_text()
-    h = (_SRC_DIR / "pvtcg.h").read_text()
-    return c, h
-
-
-def _build(target_dir: Path, tag: str) -> Path:
+def _import_extension() -> ModuleType:
+    """The compiled helper, checked to be built from the sources installed next to it."""
+    reinstall = "reinstall pyvmm (pip install . or scripts/bootstrap) to build it"
     try:
-        import cffi
-    except ImportError as e:  # pragma: no cover - dependency
-        raise AccelError("the tcg accelerator needs cffi (pip install cffi)") from e
-    c, h = _source_text()
-    ffi = cffi.FFI()
-    ffi.cdef(_CDEF)
-    ffi.set_source(_MODULE_NAME + "_" + tag, c, include_dirs=[str(_SRC_DIR)],
-                   extra_compile_args=["-O2", "-fno-strict-aliasing", "-Wno-unused-function"])
-    target_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target_dir) as tmp:
-        try:
-            out = ffi.compile(tmpdir=tmp, verbose=False)
-        except Exception as e:
-            raise AccelError(f"could not build the tcg helper (is gcc installed?): {e}") from e
-        final = target_dir / Path(out).name
-        os.replace(out, final)
-    return final
+        mod = importlib.import_module(pvtcg_build.MODULE_NAME)
+    except ImportError as e:
+        raise AccelError(f"the tcg accelerator's compiled helper {pvtcg_build.MODULE_NAME} is missing ({e}); "
+                         f"{reinstall}") from None
+    built = mod.ffi.string(mod.lib.pv_build_hash()).decode()
+    if built != pvtcg_build.source_hash():
+        raise AccelError(f"the tcg accelerator's compiled helper {pvtcg_build.MODULE_NAME} was built from "
+                         f"other sources than pvtcg.c/pvtcg.h; {reinstall}")
+    return mod
 
 
 def _load() -> Native:
@@ -249,25 +179,7 @@ def _load() -> Native:
 
     if unicorn.__version__ != UNICORN_VERSION:
         raise AccelError(f"the tcg accelerator needs unicorn=={UNICORN_VERSION}, found {unicorn.__version__}")
-    c, h = _source_text()
-    digest = hashlib.sha256((c + h + _CDEF + sys.version).encode()).hexdigest()[:16]
-    tag = digest
-    cdir = _cache_dir()
-    existing = list(cdir.glob(f"{_MODULE_NAME}_{tag}*.so")) if cdir.is_dir() else []
-    if existing:
-        path = existing[0]
-    else:
-        try:
-            path = _build(cdir, tag)
-        except OSError:
-            # an unwritable cache directory (read-only home): build into a private temp dir
-            cdir = Path(tempfile.gettempdir()) / f"pyvmm-{os.getuid()}"
-            path = _build(cdir, tag)
-    spec = importlib.util.spec_from_file_location(f"{_MODULE_NAME}_{tag}", path)
-    if spec is None or spec.loader is None:
-        raise AccelError(f"cannot load the tcg helper from {path}")
-    mod: ModuleType = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = _import_extension()
     ffi, lib = mod.ffi, mod.lib
     fns = _unicorn_functions()
     _check_code(fns)
@@ -290,7 +202,7 @@ def _load() -> Native:
               "do_smm_enter", fns["do_smm_enter_x86_64"])
     _redirect(ffi, lib.pv_install_pause_exit, _call_target(fns["helper_pause_x86_64"] + _PAUSE_CALL_OFFSET),
               "cpu_svm_check_intercept_param", fns["cpu_svm_check_intercept_param_x86_64"])
-    log.debug("tcg helper loaded from %s", path)
+    log.debug("tcg helper loaded from %s", mod.__file__)
     return Native(ffi, lib, fns)
 
 
