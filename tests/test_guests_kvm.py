@@ -10,9 +10,11 @@ back-ends are in test_guests_kvm_serial.py, bad input in test_guests_kvm_errors.
 from __future__ import annotations
 
 import datetime
+import os
 import re
-import shutil
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -284,10 +286,11 @@ def test_debug_exit_iobase_property(guests):
 
 
 def test_pyvmm_console_script(guests):
-    """The installed ``pyvmm`` entry point, not only ``python -m pyvmm``."""
-    exe = shutil.which("pyvmm")
-    assert exe, "the pyvmm console script is not on PATH (pip install -e .)"
-    proc = subprocess.run([exe, "run", "--accel", "kvm", "--device", "isa-debug-exit",
+    """The installed ``pyvmm`` entry point, not only ``python -m pyvmm``: the one next to this
+    interpreter, so the test checks the virtualenv it runs in whatever PATH holds."""
+    exe = Path(sys.executable).parent / "pyvmm"
+    assert exe.is_file() and os.access(exe, os.X_OK), f"no pyvmm console script in {exe.parent} (pip install -e .)"
+    proc = subprocess.run([str(exe), "run", "--accel", "kvm", "--device", "isa-debug-exit",
                            "--kernel", str(guests["realmode_hello"])],
                           stdin=subprocess.DEVNULL, capture_output=True, timeout=60)
     assert proc.returncode == debug_exit_status(0x2A), proc.stderr.decode(errors="replace")
