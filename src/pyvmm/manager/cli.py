@@ -139,6 +139,9 @@ def _info_lines(vm: dict, stats: dict) -> list[tuple[str, str]]:
 
 
 def cmd_vm(args: argparse.Namespace) -> int:
+    from pyvmm.manager.extra import require_manager
+
+    require_manager("pyvmm vm")
     from pyvmm.manager.client import attach_console
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request otherwise
