@@ -1,7 +1,7 @@
 # The two commands from the README.  Both prepare what they need first (scripts/bootstrap).
 PY := .venv/bin/python
 
-.PHONY: run test lint bootstrap
+.PHONY: run test lint typecheck bootstrap
 
 bootstrap:
 	@scripts/bootstrap
@@ -10,7 +10,15 @@ bootstrap:
 run: bootstrap
 	$(PY) -m pyvmm run $(ARGS)
 
-# Lint, then the whole test suite on the real /dev/kvm and real guests.
+# Lint, type-check, then the whole test suite on the real /dev/kvm and real guests.
 test: bootstrap
 	$(PY) -m ruff check src tests bench
+	$(MAKE) --no-print-directory typecheck
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: bootstrap
+	$(PY) -m ruff check src tests bench
+
+# mypy over src/ (configuration in pyproject.toml), so the Protocols and layer interfaces are checked.
+typecheck: bootstrap
+	$(PY) -m mypy

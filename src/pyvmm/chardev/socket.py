@@ -45,6 +45,7 @@ class UnixSocketBackend(CharBackendBase):
         if server:
             self._listen(watch=not wait)
             if wait:
+                assert self._listener is not None   # set by _listen
                 log.info("%s: waiting for connection on unix:%s,server=on", label, path)
                 self._listener.setblocking(True)
                 try:

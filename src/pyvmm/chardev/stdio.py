@@ -34,6 +34,7 @@ import signal
 import termios
 import threading
 from collections.abc import Callable
+from typing import Any
 
 from pyvmm.chardev.base import CharBackendBase, write_blocking
 from pyvmm.loop import MainLoop
@@ -55,7 +56,7 @@ _RESTORE_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 
 def raw_attributes(attrs: list, allow_signals: bool) -> list:
     """QEMU's stdio terminal settings derived from the current ``termios`` attributes."""
-    new = [list(a) if isinstance(a, list) else a for a in attrs]
+    new: list[Any] = [list(a) if isinstance(a, list) else a for a in attrs]
     iflag, oflag, cflag, lflag = 0, 1, 2, 3
     new[iflag] &= ~(termios.IGNBRK | termios.BRKINT | termios.PARMRK | termios.ISTRIP
                     | termios.INLCR | termios.IGNCR | termios.ICRNL | termios.IXON)

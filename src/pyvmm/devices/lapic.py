@@ -116,7 +116,7 @@ class Lapic:
         self.esr = 0
         self.icr_lo = 0
         self.icr_hi = 0
-        self.lvt = {r: LVT_MASKED for r in _LVT_REGS}
+        self.lvt: dict[int, int] = {r: LVT_MASKED for r in _LVT_REGS}
         if self.apic_id == 0:
             # As firmware leaves it: the BSP's LINT0 takes the 8259 (ExtINT), LINT1 is NMI.
             self.lvt[Reg.LVT_LINT0] = DeliveryMode.EXTINT << 8

@@ -207,7 +207,7 @@ class Serial:
         self._rx.clear()
         self.ier = 0
         self.lcr = 0
-        self.mcr = Mcr.OUT2
+        self.mcr: int = Mcr.OUT2
         self.lsr_errors = 0       # OE/PE/FE/BI, cleared by reading LSR
         self.msr = _MSR_DCD | _MSR_DSR | _MSR_CTS
         self.scr = 0

@@ -11,6 +11,7 @@ import json
 import logging
 import shlex
 import sys
+from typing import Any
 
 from pyvmm.errors import PyvmmError
 from pyvmm.guestkit import default_guest
@@ -29,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.WARNING if args.quiet else logging.INFO, format="%(name)s: %(message)s", stream=sys.stderr
     )
-    kwargs = {}
+    kwargs: dict[str, Any] = {}
     if args.modules is not None:
         kwargs["modules"] = [m for m in args.modules.split(",") if m]
     try:

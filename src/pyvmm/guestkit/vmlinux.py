@@ -24,6 +24,7 @@ import struct
 import subprocess
 import zlib
 from pathlib import Path
+from typing import BinaryIO
 
 from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
@@ -131,17 +132,22 @@ def _zstd(payload: bytes) -> bytes:
 
 def pvh_entry(vmlinux: Path | bytes) -> int | None:
     """The 32-bit PVH entry point from the ELF notes, or None if the kernel has none."""
-    try:
-        stream = io.BytesIO(vmlinux) if isinstance(vmlinux, bytes) else open(vmlinux, "rb")  # noqa: SIM115
-    except OSError as exc:
-        raise GuestKitError(f"cannot read {vmlinux}: {exc.strerror}") from exc
+    stream: BinaryIO
+    if isinstance(vmlinux, bytes):
+        stream = io.BytesIO(vmlinux)
+    else:
+        try:
+            stream = open(vmlinux, "rb")  # noqa: SIM115
+        except OSError as exc:
+            raise GuestKitError(f"cannot read {vmlinux}: {exc.strerror}") from exc
     with stream:
         try:
             elf = ELFFile(stream)
             for seg in elf.iter_segments():
                 if seg["p_type"] != "PT_NOTE":
                     continue
-                for note in seg.iter_notes():
+                # a PT_NOTE segment is a NoteSegment; pyelftools types iter_segments() as plain Segments
+                for note in seg.iter_notes():  # type: ignore[attr-defined]
                     if note["n_name"] == "Xen" and note["n_type"] == XEN_ELFNOTE_PHYS32_ENTRY:
                         desc = note["n_descdata"]
                         raw = desc.encode("latin-1") if isinstance(desc, str) else bytes(desc)

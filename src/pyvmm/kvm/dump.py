@@ -12,7 +12,7 @@ from pyvmm.cpu_state import CR0_PE, CR0_PG, EFER_LMA, GPR_NAMES, CpuState, Segme
 from pyvmm.kvm import abi
 
 SEGMENT_NAMES = ("es", "cs", "ss", "ds", "fs", "gs")
-_REG_NAMES = frozenset(name for name, _ in abi.KvmRegs._fields_)
+_REG_NAMES = frozenset(name for name, *_ in abi.KvmRegs._fields_)
 
 
 def segment_from_kvm(s: abi.KvmSegment) -> Segment:
@@ -27,7 +27,7 @@ def segment_to_kvm(seg: Segment, out: abi.KvmSegment) -> None:
 
 
 def regs_to_dict(r: abi.KvmRegs) -> dict[str, int]:
-    return {name: getattr(r, name) for name, _ in abi.KvmRegs._fields_}
+    return {name: getattr(r, name) for name, *_ in abi.KvmRegs._fields_}
 
 
 def apply_cpu_state(state: CpuState, regs: abi.KvmRegs, sregs: abi.KvmSregs) -> None:

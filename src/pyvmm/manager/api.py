@@ -11,7 +11,7 @@ REST and are left out of the OpenAPI document: the console is a WebSocket at
 from __future__ import annotations
 
 import logging
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import FastAPI, Query, Request, WebSocket
 from fastapi import Path as PathParam
@@ -29,7 +29,7 @@ from pyvmm.manager.web import static_dir, xterm_dir
 log = logging.getLogger(__name__)
 
 API = "/api/v1"
-ERRORS = {404: {"model": ErrorBody, "description": "no such VM"},
+ERRORS: dict[int | str, dict[str, Any]] = {404: {"model": ErrorBody, "description": "no such VM"},
           409: {"model": ErrorBody, "description": "the VM is in the wrong state for this operation"}}
 VmName = Annotated[str, PathParam(description="the VM's name or uuid", max_length=200)]
 

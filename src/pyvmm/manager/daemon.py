@@ -137,6 +137,7 @@ async def serve(args: argparse.Namespace) -> None:
     servers.append((_Server(uvicorn.Config(app, lifespan="off", log_level=level, ws="websockets-sansio")), usock))
     log.info("listening on unix:%s", sock_path)
     if tsock is not None:
+        assert token is not None    # loaded above: tsock exists only with --listen
         tls = {"ssl_certfile": args.tls_cert, "ssl_keyfile": args.tls_key} if args.tls_cert else {}
         servers.append((_Server(uvicorn.Config(TokenAuth(app, token), lifespan="off", log_level=level,
                                                ws="websockets-sansio", **tls)), tsock))

@@ -15,6 +15,7 @@ carries on.  Everything here runs on the daemon's asyncio loop.
 from __future__ import annotations
 
 import asyncio
+import builtins
 import contextlib
 import grp
 import logging
@@ -30,7 +31,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from qemu.qmp import QMPClient
 
@@ -279,10 +280,10 @@ class Supervisor:
         for h in self.vms.values():
             if h.name == name:
                 return h
-        h = self.vms.get(name)
-        if h is None:
+        by_uuid = self.vms.get(name)
+        if by_uuid is None:
             raise not_found(name)
-        return h
+        return by_uuid
 
     def define(self, din: VmDefinitionIn) -> VmHandle:
         if any(h.name == din.name for h in self.vms.values()):
@@ -426,7 +427,7 @@ class Supervisor:
                                   state=h.state, reason=h.reason))
 
     @staticmethod
-    def _resolve_user(user: str | None) -> tuple[int, int, list[int]] | None:
+    def _resolve_user(user: str | None) -> tuple[int, int, builtins.list[int]] | None:
         if user is None or os.geteuid() != 0:
             return None
         try:
@@ -448,7 +449,7 @@ class Supervisor:
             with contextlib.suppress(FileNotFoundError):
                 p.unlink()
 
-    def command_for(self, h: VmHandle, qmp: Path, serial: Path) -> list[str]:
+    def command_for(self, h: VmHandle, qmp: Path, serial: Path) -> builtins.list[str]:  # list: the method above
         """The VM's command line.  Socket paths are given relative to the VM's working directory (its
         run directory) and through the uuid's directory, so they fit AF_UNIX's 108 bytes however deep
         the state directory is, and the uuid appears on the command line to identify the process."""
@@ -603,7 +604,8 @@ class Supervisor:
             elif name == "RESUME":
                 self._set_state(h, VmState.RUNNING, "running")
             elif name == "SHUTDOWN":
-                h.last_shutdown_cause = str(ev.get("data", {}).get("reason", ""))
+                # qemu.qmp types a Message's values as object; an event's "data" is a JSON object
+                h.last_shutdown_cause = str(cast(dict[str, Any], ev.get("data", {})).get("reason", ""))
                 self._set_state(h, VmState.SHUTTING_DOWN, h.last_shutdown_cause)
             elif name == "RESET":
                 self._publish(h, "reset")

@@ -53,8 +53,11 @@ class Session(Protocol):
 
 
 class CommandContext(Protocol):
-    machine: MachineControl
-    session: Session
+    @property
+    def machine(self) -> MachineControl: ...
+
+    @property
+    def session(self) -> Session: ...
 
     def broadcast(self, event: dict[str, Any]) -> None:
         """Send an event to every negotiated client."""

@@ -224,7 +224,8 @@ def for_vcpu(entries: list[CpuidEntry], apic_id: int, ncpus: int) -> list[CpuidE
             continue  # "no more caches"
         sharing = (1 << core_bits) - 1 if (e.eax >> 5) & 7 == last_level and ncpus > 1 else 0
         e.eax = (e.eax & 0x3FFF) | (sharing << 14) | (((1 << core_bits) - 1) << 26)
-    basic_max = (find(out, 0).eax if find(out, 0) else 0)
+    leaf0 = find(out, 0)
+    basic_max = leaf0.eax if leaf0 else 0
     for leaf in (0xB, 0x1F):
         if leaf == 0x1F and basic_max < 0x1F:
             continue

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import threading
 import weakref
+from typing import Any
 
 import unicorn
 from unicorn import x86_const as X
@@ -86,7 +87,7 @@ class TcgVcpu:
         self._sipi_vector: int | None = None
         self.exits = {"hlt": 0, "kick": 0, "triple_fault": 0, "error": 0}
         self.uc: unicorn.Uc | None = None
-        self._v = None
+        self._v: Any = None                 # the cffi ``struct pv_vcpu *`` (untyped)
         self._ack_cb = None
         self._keep: list[object] = []
         self._create_engine()
@@ -403,7 +404,8 @@ class TcgVcpu:
         uc, lib, v = self.uc, self.nat.lib, self._v
         assert uc is not None
         if lib.pv_drop_stale(v):
-            uc.ctl_flush_tb()               # the queue of written ranges overflowed
+            # the queue of written ranges overflowed (the ignore: mypy takes unicorn.Uc for the Python 2 class)
+            uc.ctl_flush_tb()  # type: ignore[attr-defined]
         lib.pv_prepare_run(v)
         rip = uc.reg_read(X.UC_X86_REG_RIP)
         try:

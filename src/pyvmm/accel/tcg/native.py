@@ -51,6 +51,7 @@ import os
 import threading
 from dataclasses import dataclass
 from types import ModuleType
+from typing import Any
 
 from pyvmm.accel.tcg import pvtcg_build
 from pyvmm.errors import AccelError
@@ -132,8 +133,8 @@ _PROTECT_PLT_ADDR = 0x3AE5B0
 class Native:
     """The loaded module plus the libunicorn function pointers it is wired to."""
 
-    ffi: object
-    lib: object
+    ffi: Any     # cffi.FFI and the compiled module's lib: their attributes exist only at run time
+    lib: Any
     fns: dict[str, int]
 
 

@@ -32,7 +32,7 @@ from enum import IntEnum
 
 from pyvmm.block.iov import iov_from_bytes, iov_to_bytes
 from pyvmm.devices.virtio.device import DeviceId, Status, VirtioDevice
-from pyvmm.devices.virtio.queue import Virtqueue
+from pyvmm.devices.virtio.queue import DescChain, Virtqueue
 from pyvmm.loop import MainLoop
 from pyvmm.memory import GuestMemory
 from pyvmm.net.base import MAX_FRAME, NetBackend
@@ -174,7 +174,7 @@ class VirtioNet(VirtioDevice):
         """Spread ``frame`` over as many chains as needed; False if the ring ran out (frame kept)."""
         # Count what is available first, so a frame is never half-delivered.
         avail = (queue.memory.read_u16(queue.avail_addr + 2) - queue.last_avail_idx) & 0xFFFF
-        chains = []
+        chains: list[DescChain] = []
         total = 0
         try:
             while total < len(frame) and len(chains) < avail:
