@@ -1,7 +1,7 @@
 """Shared fixtures: the purpose-built test guests, and running ``pyvmm`` / QEMU on them.
 
 Guests are compiled once per test session into a temporary directory with the
-system gcc/binutils (see tests/guests/build.py).  A missing toolchain, a
+system gcc/binutils (see tests/support/guests/build.py).  A missing toolchain, a
 missing /dev/kvm or a missing QEMU is a test failure with a clear message,
 never a skip: these tests exist to catch exactly such breakage.
 """
@@ -24,8 +24,8 @@ import pytest
 
 
 def _load_guest_build():
-    """Import tests/guests/build.py under a unique name (``build`` is also a PyPI package)."""
-    path = Path(__file__).resolve().parent / "guests" / "build.py"
+    """Import tests/support/guests/build.py under a unique name (``build`` is also a PyPI package)."""
+    path = Path(__file__).resolve().parent / "support" / "guests" / "build.py"
     spec = importlib.util.spec_from_file_location("pyvmm_test_guest_build", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses need the module registered

@@ -1,0 +1,1 @@
+"""Shared test drivers and guests: imported by unit and system tests, holds no tests itself."""

@@ -1,0 +1,75 @@
+"""PciBoard: the machine-side glue (devices from --device/--netdev/--drive, windows, firmware setup, reset)."""
+
+from __future__ import annotations
+
+import pytest
+
+from pyvmm.bus import Bus
+from pyvmm.devices.pci.board import PciBoard
+from pyvmm.devices.virtio.board import MMIO_BASE
+from pyvmm.devices.virtio.options import parse_drive
+from pyvmm.errors import ConfigError
+from pyvmm.loop import MainLoop
+from pyvmm.memory import PCI_HOLE_START, GuestMemory
+from pyvmm.net.options import parse_netdev
+from pyvmm.x86.layout import IOAPIC_ADDR
+from support.pci_driver import GuestPci, RecordingLine
+
+
+@pytest.fixture
+def board(tmp_path):
+    mem = GuestMemory(32 << 20)
+    io, mmio = Bus("io"), Bus("mmio")
+    loop = MainLoop("board-test")
+    b = PciBoard(mem, mmio, io, RecordingLine, lambda: loop)
+    yield b, io, mmio, tmp_path
+    b.close()
+    loop.close()
+    mem.close()
+
+
+def test_windows_avoid_ram_virtio_mmio_and_ioapic(board):
+    b, io, mmio, tmp = board
+    w = b.acpi()
+    assert w.mem32_base >= PCI_HOLE_START and w.mem32_limit < MMIO_BASE < IOAPIC_ADDR
+    assert w.intx_gsis == (16, 17, 18, 19)  # 20-23 belong to virtio-mmio
+
+
+def test_devices_from_options(board):
+    b, io, mmio, tmp = board
+    disk = tmp / "d.raw"
+    disk.write_bytes(bytes(1 << 16))
+    drives = [parse_drive(f"file={disk},format=raw,if=none,id=d0"), parse_drive(f"file={disk},format=raw,id=mm")]
+    b.add_device("virtio-rng-pci", {"addr": "5"})
+    b.add_device("virtio-blk-pci", {"drive": "d0"}, drives=drives)
+    b.add_device("virtio-console-pci", {}, make_chardev=lambda spec: None)
+    with pytest.raises(ConfigError, match="if=none"):
+        b.add_device("virtio-blk-pci", {"drive": "mm"}, drives=drives)
+    with pytest.raises(ConfigError, match="already used"):
+        b.add_device("virtio-blk-pci", {"drive": "d0"}, drives=drives)
+    with pytest.raises(ConfigError, match="no --drive"):
+        b.add_device("virtio-blk-pci", {"drive": "zz"}, drives=drives)
+    with pytest.raises(ConfigError):
+        b.add_device("virtio-blk-pci", {"file": str(tmp / "missing.raw"), "format": "raw"})
+    with pytest.raises(ConfigError, match="unknown property"):
+        b.add_device("virtio-rng-pci", {"speed": "1"})
+    with pytest.raises(ConfigError, match="already used"):
+        b.add_device("virtio-rng-pci", {"addr": "5"})
+    with pytest.raises(ConfigError, match="no --netdev"):
+        b.add_device("virtio-net-pci", {"netdev": "n0"})
+    b.add_netdev(parse_netdev("tap,id=n0"))
+    with pytest.raises(ConfigError, match="used twice"):
+        b.add_netdev(parse_netdev("user,id=n0"))
+    pci = GuestPci(io, mmio)
+    found = pci.enumerate()
+    assert found[5] == (0x1AF4, 0x1044)
+    assert sorted(found.values()) == sorted([(0x8086, 0x29C0), (0x1AF4, 0x1044), (0x1AF4, 0x1042), (0x1AF4, 0x1043)])
+    # firmware setup: every function decodes its BARs; machine reset clears; setup again restores
+    b.firmware_setup()
+    for slot in found:
+        if slot:
+            assert pci.cfg_read(slot, 0x04, 2) & 2 and pci.cfg_read(slot, 0x20) & ~0xF
+    b.reset()
+    assert all(pci.cfg_read(s, 0x20) == 0 for s in found if s)
+    b.firmware_setup()
+    assert all(pci.cfg_read(s, 0x20) & ~0xF for s in found if s)
