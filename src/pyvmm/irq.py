@@ -9,6 +9,7 @@ userspace PIC/IOAPIC model on tcg.  A device never knows which.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from typing import Protocol
 
 
@@ -74,3 +75,58 @@ class IrqRouter:
         if gsi not in self._lines:
             self._lines[gsi] = IrqLine(self, gsi)
         return self._lines[gsi]
+
+
+class CpuPort(Protocol):
+    """A userspace interrupt controller's view of one software vCPU (tcg)."""
+
+    def set_intr(self, level: bool) -> None:
+        """INTR is asserted (an interrupt is ready to be taken) or not."""
+        ...
+
+    def raise_nmi(self) -> None:
+        """Deliver an NMI (edge; the CPU masks further NMIs until its IRET)."""
+        ...
+
+    def init_ipi(self) -> None:
+        """An INIT IPI reached this CPU: it parks until a Startup IPI."""
+        ...
+
+    def startup_ipi(self, vector: int) -> None:
+        """A Startup IPI: start in real mode at ``vector << 12``."""
+        ...
+
+
+class CpuInterruptController(InterruptSink, Protocol):
+    """What a software CPU needs of interrupt controllers living in userspace.
+
+    The machine builder creates them (:class:`pyvmm.devices.irqchip.UserspaceIrqchip`)
+    and hands them to an accelerator without in-kernel ones, so the accelerator
+    never imports a device model.
+    """
+
+    def attach_cpu(self, index: int, port: CpuPort) -> None: ...
+
+    def bind_current_cpu(self, index: int) -> None:
+        """Called on each vCPU thread, so its LAPIC accesses reach its own LAPIC."""
+        ...
+
+    def ack(self, index: int) -> int:
+        """CPU ``index`` takes the pending interrupt: returns its vector."""
+        ...
+
+    def set_tsc_deadline(self, index: int, deadline_ns: int | None) -> None: ...
+
+    def set_apic_global_enable(self, index: int, enabled: bool) -> None: ...
+
+    def start(self) -> None:
+        """Start the timers."""
+        ...
+
+    def stop(self) -> None: ...
+
+    def reset(self) -> None: ...
+
+
+#: ``factory(ncpus, lapic_bus_hz)``: the builder's way to give an accelerator userspace interrupt controllers.
+IrqchipFactory = Callable[[int, int], CpuInterruptController]

@@ -18,9 +18,7 @@ from dataclasses import dataclass
 
 from pyvmm.errors import GuestMemoryError, PyvmmError
 
-#: Where the 32-bit PCI/MMIO hole starts; RAM beyond this goes above 4 GiB.
-PCI_HOLE_START = 0xC000_0000
-HIGH_RAM_START = 0x1_0000_0000
+FOUR_GIB = 1 << 32
 #: x86-64 physical addresses have at most 52 bits.
 MAX_GUEST_PHYS = 1 << 52
 
@@ -67,25 +65,35 @@ def parse_size(text: str) -> int:
 
 
 class GuestMemory:
-    """Bounds-checked guest-physical memory."""
+    """Bounds-checked guest-physical memory.
 
-    def __init__(self, size: int, mem_path: str | None = None) -> None:
+    ``split=(low_limit, high_base)`` leaves a hole for devices: RAM past ``low_limit``
+    continues at ``high_base`` (the platform's address map says where,
+    :func:`pyvmm.x86.layout.pc_memory`).  Without it, RAM is one block from 0.
+    """
+
+    def __init__(self, size: int, mem_path: str | None = None, *, split: tuple[int, int] | None = None) -> None:
         if size < (1 << 20):
             raise PyvmmError(f"memory size {size} is too small: at least 1 MiB is needed")
         if size % 4096:
             raise PyvmmError(f"memory size {size} is not a multiple of 4 KiB")
-        if size + (HIGH_RAM_START - PCI_HOLE_START) > MAX_GUEST_PHYS:
+        low_limit, high_base = split if split is not None else (size, size)
+        if not 0 < low_limit <= high_base:
+            raise PyvmmError(f"memory split {low_limit:#x}/{high_base:#x}: the hole must start above 0 "
+                             "and end after it")
+        if size + (high_base - low_limit) > MAX_GUEST_PHYS:
             raise PyvmmError(f"memory size {size >> 20} MiB is more than an x86 guest can address "
                              f"({MAX_GUEST_PHYS >> 40} TiB of physical address space)")
         self.ram_size = size
         self.mem_path = mem_path
         self.regions: list[RamRegion] = []
-        low = min(size, PCI_HOLE_START)
+        low = min(size, low_limit)
         self._add_region(0, low)
         if size > low:
-            self._add_region(HIGH_RAM_START, size - low)
-        self.below_4g = low
-        self.above_4g = size - low
+            self._add_region(high_base, size - low)
+        #: RAM below and above the 4 GiB line (CMOS, E820 and the boot loaders need them).
+        self.below_4g = sum(max(0, min(r.end, FOUR_GIB) - r.gpa) for r in self.regions)
+        self.above_4g = size - self.below_4g
 
     # -- construction -------------------------------------------------------------------------
     def _add_region(self, gpa: int, size: int) -> None:

@@ -30,6 +30,7 @@ from pyvmm.cpu_state import (
     CpuState,
     Segment,
 )
+from pyvmm.devices.irqchip import UserspaceIrqchip
 from pyvmm.memory import GuestMemory
 from pyvmm.runstate import VmControl
 
@@ -112,8 +113,14 @@ class Harness:
         self.rec = Recorder()
         self.io_bus.register(REPORT_PORT, 8, self.rec, "recorder")
         self.accel = TcgAccelerator()
-        ctx = MachineContext(self.memory, self.io_bus, self.mmio_bus, self.control, ncpus, CpuConfig())
+        ctx = MachineContext(self.memory, self.io_bus, self.mmio_bus, self.control, ncpus, CpuConfig(),
+                             irqchip_factory=self._irqchip)
         self.irq = self.accel.setup(ctx)
+
+    def _irqchip(self, ncpus: int, lapic_bus_hz: int) -> UserspaceIrqchip:
+        chip = UserspaceIrqchip(ncpus, lapic_bus_hz)
+        chip.register(self.io_bus, self.mmio_bus)
+        return chip
 
     def run(self, state: CpuState, timeout: float = 10.0) -> list[int]:
         self.accel.set_boot_state(state, start_aps=False)

@@ -215,7 +215,7 @@ def test_initrd_above_4g_when_allowed(tmp_path):
     with open(initrd, "wb") as f:
         f.write(b"HIGH")
         f.truncate(16 * MiB)
-    mem = GuestMemory(4096 * MiB + 512 * MiB)
+    mem = layout.pc_memory(4096 * MiB + 512 * MiB)
     try:
         path = write(tmp_path, "bz", make_bzimage(initrd_addr_max=0x1FFFFFF, xloadflags=0x3))
         r = load_kernel(path, mem, initrd=str(initrd))

@@ -141,6 +141,42 @@ def test_reset_recreates_the_vm_and_keeps_the_irq_sink(machine: Machine) -> None
     assert old_vm_fd >= 0
 
 
+KICK_PORT = 0x5F0
+KICK_GUEST = f"""
+    mov dx, {KICK_PORT}
+    mov al, 7
+    out dx, al
+    mov dx, {PORT}
+    mov al, 1
+    out dx, al
+1:  jmp 1b
+"""
+
+
+def test_ioeventfd_capability_survives_reset(machine: Machine) -> None:
+    """Registered once through the capability, an ioeventfd is made again on the VM a reset builds."""
+    import os
+
+    machine.mem.write(ORG, assemble(KICK_GUEST, ORG))
+    machine.acc.setup(machine.ctx)
+    caps = machine.acc.capabilities()
+    assert caps.ioeventfd is not None and caps.irqfd is not None and caps.msi is not None
+    assert caps.dma_written is None
+    fd = os.eventfd(0, os.EFD_NONBLOCK)
+    try:
+        caps.ioeventfd.register_ioeventfd(fd, KICK_PORT, 1, pio=True)
+        for round_ in (1, 2):
+            machine.acc.set_boot_state(CpuState(regs={"rip": ORG}), start_aps=False)
+            machine.acc.start()
+            assert wait_for(lambda n=round_: len(machine.values()) == n)
+            assert os.eventfd_read(fd) == 1, f"round {round_}: the OUT signalled the eventfd"
+            machine.acc.reset()
+        caps.ioeventfd.unregister_ioeventfd(fd, KICK_PORT, 1, pio=True)
+        assert machine.acc.fast_paths.registered == (0, 0)
+    finally:
+        os.close(fd)
+
+
 def test_device_request_stops_the_vcpu_at_once(smp_machine: Machine) -> None:
     """After a device posts a reset request from an OUT, not one more guest instruction runs."""
     m = smp_machine

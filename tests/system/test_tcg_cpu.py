@@ -9,8 +9,9 @@ import resource
 import threading
 import time
 
-from pyvmm.devices.fw_cfg import FW_CFG_BASE, FwCfg
+from pyvmm.devices.fw_cfg import FwCfg
 from pyvmm.runstate import RequestKind
+from pyvmm.x86 import layout
 from support.tcg_guestlib import (
     CODE_ADDR,
     IDT_ADDR,
@@ -596,7 +597,7 @@ def _fw_cfg_dma_rewrite_run(hook: bool) -> list[int]:
     func = 0x20000
     h = Harness()
     fw = FwCfg(memory=h.memory)
-    h.io_bus.register(FW_CFG_BASE, fw.io_size, fw, "fw_cfg")
+    h.io_bus.register(layout.FW_CFG_PORT, fw.io_size, fw, "fw_cfg")
     new_code = assemble(".code64\n mov $2, %eax\n out %eax, $0xe0\n ret\n", func)[0].ljust(16, b"\x90")
     assert fw.add_file("opt/new-code", new_code) == 0x20         # the key the guest selects
     if hook:

@@ -2,7 +2,11 @@
 
 An accelerator owns the virtual CPUs and, where it has them, in-kernel
 interrupt controllers and timers.  It is given the machine's guest memory,
-buses and life-cycle mailbox, and nothing else: devices never see it.
+buses and life-cycle mailbox, and nothing else: devices never see it.  What it
+can do for devices (ioeventfd, irqfd, MSI, DMA notes) it offers as narrow
+interfaces, :class:`~pyvmm.capabilities.AccelCapabilities`, which the builder
+hands on.  An accelerator without in-kernel interrupt controllers asks the
+builder for userspace ones through :attr:`MachineContext.irqchip_factory`.
 """
 
 from __future__ import annotations
@@ -11,8 +15,9 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from pyvmm.bus import Bus
+from pyvmm.capabilities import AccelCapabilities
 from pyvmm.cpu_state import CpuState
-from pyvmm.irq import InterruptSink
+from pyvmm.irq import InterruptSink, IrqchipFactory
 from pyvmm.memory import GuestMemory
 from pyvmm.runstate import VmControl
 
@@ -57,6 +62,8 @@ class MachineContext:
     control: VmControl
     ncpus: int
     cpu: CpuConfig
+    #: Userspace interrupt controllers, for an accelerator without in-kernel ones (tcg).
+    irqchip_factory: IrqchipFactory | None = None
 
 
 class Accelerator(Protocol):
@@ -66,6 +73,10 @@ class Accelerator(Protocol):
 
     def setup(self, ctx: MachineContext) -> InterruptSink:
         """Create the VM, map guest memory and interrupt controllers; return the IRQ sink for devices."""
+        ...
+
+    def capabilities(self) -> AccelCapabilities:
+        """The fast paths devices may use (after :meth:`setup`); they survive :meth:`reset`."""
         ...
 
     def set_boot_state(self, boot_cpu: CpuState, start_aps: bool) -> None:

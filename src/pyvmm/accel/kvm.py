@@ -9,8 +9,10 @@ exits, which :class:`~pyvmm.accel.kvm_vcpu.VcpuRunner` sends to the buses.
 
 Reset throws the VM away and builds a fresh one: the kernel has no "reset
 VM" operation, and recreating it is the simplest way to get every in-kernel
-device back to power-on state.  The IRQ sink object survives (it follows the
-current VM), so devices keep their lines.
+device back to power-on state.  The IRQ sink and the fast paths
+(:class:`KvmFastPaths`: ioeventfds, irqfds) survive it: they follow the current
+VM, and the fast paths register again on the new VM whatever devices had
+registered, so devices never learn that the VM was replaced.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import TypeVar
 
 from pyvmm.accel.base import CpuConfig, MachineContext
 from pyvmm.accel.kvm_vcpu import VcpuRunner, install_kick_handler
+from pyvmm.capabilities import AccelCapabilities
 from pyvmm.cpu_state import CpuState
 from pyvmm.errors import AccelError, ConfigError, KvmError
 from pyvmm.kvm import abi, fastrun
@@ -30,15 +33,14 @@ from pyvmm.kvm.ioctls import Cap, MpState
 from pyvmm.kvm.system import DEFAULT_DEVICE, System
 from pyvmm.kvm.vcpu import Vcpu
 from pyvmm.kvm.vm import Vm
-from pyvmm.x86 import cpuid
+from pyvmm.x86 import cpuid, layout
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-#: One page for the EPT identity map and three for the real-mode TSS, just below the BIOS
-#: flash window, below 4 GiB and above any RAM (RAM stops at the PCI hole, 0xC0000000).
-IDENTITY_MAP_ADDR = 0xFFFBC000
-TSS_ADDR = 0xFFFBD000
+#: One page for the EPT identity map and three for the real-mode TSS (see :mod:`pyvmm.x86.layout`).
+IDENTITY_MAP_ADDR = layout.KVM_IDENTITY_MAP_ADDR
+TSS_ADDR = layout.KVM_TSS_ADDR
 
 # MSRs loaded into every vCPU at boot (values as a PC firmware would leave them).
 MSR_IA32_SYSENTER_CS = 0x174
@@ -124,6 +126,69 @@ class KvmIrqSink:
                 self._vm.signal_msi(address, data)
 
 
+class KvmFastPaths:
+    """KVM_IOEVENTFD and KVM_IRQFD on whichever VM is current: the ioeventfd and irqfd capabilities.
+
+    Devices register once; a registration is kept and made again on each new VM
+    (reset replaces the VM).  A registration the kernel refuses raises
+    :class:`~pyvmm.errors.KvmError` and is not kept, so the device can fall back.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._vm: Vm | None = None
+        self._ioeventfds: dict[tuple[int, int, int, bool, int | None], None] = {}
+        self._irqfds: dict[tuple[int, int], int | None] = {}
+
+    def attach(self, vm: Vm | None) -> None:
+        """Follow ``vm`` (None: no VM) and register on it everything registered so far."""
+        with self._lock:
+            self._vm = vm
+            if vm is None:
+                return
+            for fd, addr, length, pio, datamatch in self._ioeventfds:
+                vm.ioeventfd(fd, addr, length, pio, datamatch)
+            for (fd, gsi), resample_fd in self._irqfds.items():
+                vm.irqfd(fd, gsi, resample_fd=resample_fd)
+
+    def register_ioeventfd(self, fd: int, addr: int, length: int, *, pio: bool,
+                           datamatch: int | None = None) -> None:
+        with self._lock:
+            if self._vm is not None:
+                self._vm.ioeventfd(fd, addr, length, pio, datamatch)
+            self._ioeventfds[(fd, addr, length, pio, datamatch)] = None
+
+    def unregister_ioeventfd(self, fd: int, addr: int, length: int, *, pio: bool,
+                             datamatch: int | None = None) -> None:
+        with self._lock:
+            key = (fd, addr, length, pio, datamatch)
+            if key not in self._ioeventfds:
+                return
+            del self._ioeventfds[key]
+            if self._vm is not None:
+                self._vm.ioeventfd(fd, addr, length, pio, datamatch, deassign=True)
+
+    def register_irqfd(self, fd: int, gsi: int, *, resample_fd: int | None = None) -> None:
+        with self._lock:
+            if self._vm is not None:
+                self._vm.irqfd(fd, gsi, resample_fd=resample_fd)
+            self._irqfds[(fd, gsi)] = resample_fd
+
+    def unregister_irqfd(self, fd: int, gsi: int) -> None:
+        with self._lock:
+            if (fd, gsi) not in self._irqfds:
+                return
+            del self._irqfds[(fd, gsi)]
+            if self._vm is not None:
+                self._vm.irqfd(fd, gsi, deassign=True)
+
+    @property
+    def registered(self) -> tuple[int, int]:
+        """(ioeventfds, irqfds) currently registered."""
+        with self._lock:
+            return len(self._ioeventfds), len(self._irqfds)
+
+
 class KvmAccelerator:
     """The Accelerator protocol (see :mod:`pyvmm.accel.base`) on top of /dev/kvm."""
 
@@ -135,6 +200,7 @@ class KvmAccelerator:
         self.vm: Vm | None = None
         self.runners: list[VcpuRunner] = []
         self.sink = KvmIrqSink()
+        self.fast_paths = KvmFastPaths()
         self._ctx: MachineContext | None = None
         self._base_cpuid: list[cpuid.CpuidEntry] = []
         #: The CPUID table given to each vCPU (KVM_SET_CPUID2), for inspection.
@@ -187,15 +253,21 @@ class KvmAccelerator:
             self._load_msrs(vcpu)
             self.runners.append(VcpuRunner(vcpu, ctx.io_bus, ctx.mmio_bus, ctx.control))
         self.sink.attach(vm)
+        self.fast_paths.attach(vm)
 
     def _teardown_vm(self) -> None:
         self.sink.attach(None)
+        self.fast_paths.attach(None)
         for r in self.runners:
             r.vcpu.close()
         self.runners = []
         if self.vm is not None:
             self.vm.close()
             self.vm = None
+
+    def capabilities(self) -> AccelCapabilities:
+        """ioeventfd, irqfd and MSI in the kernel; no DMA observer is needed (the CPU runs guest code natively)."""
+        return AccelCapabilities(ioeventfd=self.fast_paths, irqfd=self.fast_paths, msi=self.sink.signal_msi)
 
     def set_boot_state(self, boot_cpu: CpuState, start_aps: bool) -> None:
         """Load the BSP (and with ``start_aps`` every AP) with ``boot_cpu``; other APs wait for INIT/SIPI."""

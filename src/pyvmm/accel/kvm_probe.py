@@ -15,9 +15,10 @@ from pyvmm.errors import KvmError
 from pyvmm.kvm.ioctls import ExitReason
 from pyvmm.kvm.system import System
 from pyvmm.memory import GuestMemory
+from pyvmm.x86 import layout
 
 CODE_GPA = 0x1000
-TSS_ADDR = 0xFFFBD000
+TSS_ADDR = layout.KVM_TSS_ADDR
 
 
 def _loop_code(iterations: int) -> bytes:

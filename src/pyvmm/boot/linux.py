@@ -34,7 +34,7 @@ from pyvmm.boot.common import (
     load_file_into,
 )
 from pyvmm.errors import BootImageError
-from pyvmm.memory import HIGH_RAM_START, GuestMemory
+from pyvmm.memory import GuestMemory
 from pyvmm.x86 import layout
 from pyvmm.x86.boot_tables import long_mode_state, protected_mode_state
 from pyvmm.x86.e820 import E820Entry, find_top_down, in_ram
@@ -149,7 +149,7 @@ def load_bzimage(path: str, data: bytes, memory: GuestMemory, *, cmdline: str, i
         found = find_top_down(e820, initrd_size, limit=limit, floor=layout.HIGH_MEMORY_START,
                               align=layout.INITRD_ALIGN, avoid=avoid)
         if found is None and xlf & XLoadFlags.CAN_BE_LOADED_ABOVE_4G and memory.above_4g:
-            found = find_top_down(e820, initrd_size, limit=1 << 64, floor=HIGH_RAM_START,
+            found = find_top_down(e820, initrd_size, limit=1 << 64, floor=layout.HIGH_RAM_START,
                                   align=layout.INITRD_ALIGN)
         if found is None:
             raise BootImageError(f"initrd {initrd}: {initrd_size >> 20} MiB does not fit in guest RAM "

@@ -33,7 +33,6 @@ from pyvmm.memory import GuestMemory
 
 log = logging.getLogger(__name__)
 
-FW_CFG_BASE = 0x510
 FW_CFG_IO_SIZE = 2
 FW_CFG_IO_SIZE_DMA = 12
 DMA_OFFSET = 4

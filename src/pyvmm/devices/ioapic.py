@@ -12,8 +12,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-IOAPIC_BASE = 0xFEC00000
-IOAPIC_SIZE = 0x1000
 NUM_PINS = 24
 VERSION = 0x11
 

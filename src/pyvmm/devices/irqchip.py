@@ -21,30 +21,19 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import Protocol
 
 from pyvmm.bus import Bus
-from pyvmm.devices.ioapic import IOAPIC_BASE, IOAPIC_SIZE, IoApic
-from pyvmm.devices.lapic import LAPIC_BASE, LAPIC_SIZE, DeliveryMode, Lapic
-from pyvmm.devices.pic import ELCR_BASE, MASTER_BASE, SLAVE_BASE, PicPair
-from pyvmm.devices.pit import PIT_BASE, SPEAKER_PORT, Pit
+from pyvmm.devices.ioapic import IoApic
+from pyvmm.devices.lapic import DeliveryMode, Lapic
+from pyvmm.devices.pic import PicPair
+from pyvmm.devices.pit import Pit
+from pyvmm.irq import CpuPort
+from pyvmm.x86 import layout
 
 log = logging.getLogger(__name__)
 
 ICR_LEVEL_ASSERT = 1 << 14      # ICR level bit: 0 with level trigger = INIT de-assert
 ICR_TRIGGER_LEVEL = 1 << 15
-
-
-class CpuPort(Protocol):
-    """The irqchip's view of one vCPU."""
-
-    def set_intr(self, level: bool) -> None:
-        """INTR is asserted (an interrupt is ready to be taken) or not."""
-        ...
-
-    def raise_nmi(self) -> None:
-        """Deliver an NMI (edge; the CPU masks further NMIs until its IRET)."""
-        ...
 
 
 class _Timer:
@@ -159,9 +148,8 @@ class _LapicWindow:
 
 
 class UserspaceIrqchip:
-    """PIC pair, PIT, I/O APIC and LAPICs behind one lock, as one InterruptSink."""
-
-    in_kernel_irqchip = False
+    """PIC pair, PIT, I/O APIC and LAPICs behind one lock: the devices' InterruptSink, the
+    software vCPUs' :class:`~pyvmm.irq.CpuInterruptController`, and the machine's MSI sink."""
 
     def __init__(self, ncpus: int, lapic_bus_hz: int) -> None:
         if not 1 <= ncpus <= 255:
@@ -177,20 +165,20 @@ class UserspaceIrqchip:
                              eoi_broadcast=self._eoi_broadcast, send_ipi=self._send_ipi)
                        for i in range(ncpus)]
         self.apic_global_enable = [True] * ncpus
-        self.counters = {"nmi": 0, "init": 0, "sipi": 0}
+        self.counters = {"nmi": 0, "init": 0, "sipi": 0, "msi": 0, "msi_dropped": 0}
         self.pit = Pit(lambda level: self.set_irq(0, level), self.timers)
 
     # -- wiring --------------------------------------------------------------------------------
     def register(self, io_bus: Bus, mmio_bus: Bus) -> None:
         """Put the models on the machine's buses."""
         lk = self.lock
-        io_bus.register(MASTER_BASE, 2, _Locked(self.pic.chip_device(True), lk), "pic-master")
-        io_bus.register(SLAVE_BASE, 2, _Locked(self.pic.chip_device(False), lk), "pic-slave")
-        io_bus.register(ELCR_BASE, 2, _Locked(self.pic.elcr_device(), lk), "elcr")
-        io_bus.register(PIT_BASE, 4, _Locked(self.pit, lk), "pit")
-        io_bus.register(SPEAKER_PORT, 1, _Locked(self.pit.speaker_device(), lk), "port61")
-        mmio_bus.register(IOAPIC_BASE, IOAPIC_SIZE, _Locked(self.ioapic, lk), "ioapic")
-        mmio_bus.register(LAPIC_BASE, LAPIC_SIZE, _LapicWindow(self), "lapic")
+        io_bus.register(layout.PIC_MASTER_PORT, 2, _Locked(self.pic.chip_device(True), lk), "pic-master")
+        io_bus.register(layout.PIC_SLAVE_PORT, 2, _Locked(self.pic.chip_device(False), lk), "pic-slave")
+        io_bus.register(layout.PIC_ELCR_PORT, 2, _Locked(self.pic.elcr_device(), lk), "elcr")
+        io_bus.register(layout.PIT_PORT, 4, _Locked(self.pit, lk), "pit")
+        io_bus.register(layout.SPEAKER_PORT, 1, _Locked(self.pit.speaker_device(), lk), "port61")
+        mmio_bus.register(layout.IOAPIC_ADDR, layout.IOAPIC_SIZE, _Locked(self.ioapic, lk), "ioapic")
+        mmio_bus.register(layout.LAPIC_ADDR, layout.LAPIC_SIZE, _LapicWindow(self), "lapic")
 
     def attach_cpu(self, index: int, port: CpuPort) -> None:
         with self.lock:
@@ -291,6 +279,31 @@ class UserspaceIrqchip:
             self._update(index)
 
     # -- APIC bus ------------------------------------------------------------------------------
+    def deliver_msi(self, address: int, data: int) -> None:
+        """One MSI, as the APIC bus delivers it (the :class:`~pyvmm.capabilities.MsiSink` on tcg).
+
+        x86 format: the address is in the LAPIC window (0xFEExxxxx) with the destination in
+        bits 19:12 and logical destination mode in bit 2; the data holds the vector in bits 7:0
+        and the delivery mode in bits 10:8.  Fixed and lowest-priority messages are delivered;
+        any other (guest-chosen) address or mode is counted and dropped.
+        """
+        if address & layout.MSI_ADDRESS_MASK != layout.MSI_ADDRESS_BASE or address >> 32:
+            self.counters["msi_dropped"] += 1
+            log.debug("MSI to %#x (not the APIC window) dropped", address)
+            return
+        mode = (data >> 8) & 7
+        if mode not in (DeliveryMode.FIXED, DeliveryMode.LOWEST):
+            self.counters["msi_dropped"] += 1
+            log.debug("MSI delivery mode %d not supported; dropped", mode)
+            return
+        with self.lock:
+            self.counters["msi"] += 1
+            targets = self._targets((address >> 12) & 0xFF, bool(address & 0x4))
+            if mode == DeliveryMode.LOWEST:
+                targets = targets[:1]
+            for lapic in targets:
+                lapic.accept(data & 0xFF, False)
+
     def _targets(self, dest: int, logical: bool) -> list[Lapic]:
         return [la for la in self.lapics if la.match_destination(dest, logical)]
 
@@ -309,9 +322,8 @@ class UserspaceIrqchip:
     def _nmi(self, index: int) -> None:
         self.counters["nmi"] += 1
         port = self.cpus[index]
-        raise_nmi = getattr(port, "raise_nmi", None)
-        if raise_nmi is not None:
-            raise_nmi()
+        if port is not None:
+            port.raise_nmi()
 
     def _eoi_broadcast(self, vector: int) -> None:
         self.ioapic.eoi(vector)
@@ -342,10 +354,10 @@ class UserspaceIrqchip:
                 port = self.cpus[la.apic_id]
                 if la.apic_id != 0:         # the BSP ignores INIT (no firmware to restart it)
                     la.reset()
-                if port is not None and hasattr(port, "init_ipi"):
+                if port is not None:
                     port.init_ipi()
             elif mode == DeliveryMode.STARTUP:
                 self.counters["sipi"] += 1
                 port = self.cpus[la.apic_id]
-                if port is not None and hasattr(port, "startup_ipi"):
+                if port is not None:
                     port.startup_ipi(vector)

@@ -19,8 +19,6 @@ from enum import IntEnum
 
 from pyvmm.devices.pit import Scheduler
 
-LAPIC_BASE = 0xFEE00000
-LAPIC_SIZE = 0x1000
 NS = 1_000_000_000
 VERSION = 0x00050014          # integrated APIC, 6 LVT entries
 

@@ -16,9 +16,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-MASTER_BASE = 0x20
-SLAVE_BASE = 0xA0
-ELCR_BASE = 0x4D0
 CASCADE_IRQ = 2
 # Bits of the ELCR that may be set: IRQ0/1/2 (master) and IRQ8/13 (slave) are always edge.
 ELCR_MASK = (0xF8, 0xDE)

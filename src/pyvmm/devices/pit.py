@@ -19,8 +19,6 @@ from typing import Protocol
 
 PIT_HZ = 1_193_182
 NS = 1_000_000_000
-PIT_BASE = 0x40
-SPEAKER_PORT = 0x61
 
 
 class Scheduler(Protocol):

@@ -42,7 +42,6 @@ from pyvmm.loop import MainLoop, TimerHandle
 
 log = logging.getLogger(__name__)
 
-RTC_BASE = 0x70
 RTC_IO_SIZE = 2
 RTC_IRQ = 8
 CMOS_SIZE = 128

@@ -44,9 +44,7 @@ from pyvmm.irq import IrqLine
 
 log = logging.getLogger(__name__)
 
-COM1_BASE = 0x3F8
 COM1_IRQ = 4
-COM2_BASE = 0x2F8
 COM2_IRQ = 3
 SERIAL_IO_SIZE = 8
 

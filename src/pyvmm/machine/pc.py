@@ -4,7 +4,8 @@ Order of assembly (mirrors QEMU's ``pc_init1`` in spirit):
 
 1. guest RAM (:mod:`pyvmm.memory`) and the two buses;
 2. the accelerator, which maps RAM and provides interrupt controllers, in the
-   kernel (KVM) or in userspace (tcg);
+   kernel (KVM), or asks this builder for userspace ones (tcg); its
+   capabilities (ioeventfd, irqfd, MSI, DMA observer) go to the devices;
 3. legacy devices on the port bus, wired to interrupt lines;
 4. firmware tables (E820, MP table, ACPI, fw_cfg) and the kernel, written into RAM;
 5. vCPU threads, then the main thread waits on the life-cycle mailbox.
@@ -31,17 +32,16 @@ from pyvmm.devices.acpi_pm import AcpiPm
 from pyvmm.devices.debug_exit import DebugExit
 from pyvmm.devices.fw_cfg import FwCfg, FwCfgKey, encode_e820
 from pyvmm.devices.i8042 import I8042
+from pyvmm.devices.irqchip import UserspaceIrqchip
 from pyvmm.devices.pci.board import PCI_DRIVERS, PciBoard
-from pyvmm.devices.pci.msi import msi_sender_for
 from pyvmm.devices.port80 import Port80
 from pyvmm.devices.rtc import Rtc
 from pyvmm.devices.serial import SERIAL_IO_SIZE, Serial
 from pyvmm.devices.virtio.board import VIRTIO_DRIVERS, VirtioMmioBoard
 from pyvmm.errors import ConfigError
-from pyvmm.irq import IrqRouter
+from pyvmm.irq import CpuInterruptController, IrqRouter
 from pyvmm.loop import MainLoop
 from pyvmm.machine.config import MachineConfig
-from pyvmm.memory import GuestMemory
 from pyvmm.monitor import ChardevInfo, CpuInfo, create_monitor
 from pyvmm.monitor.events import ShutdownCause, cause_of
 from pyvmm.runstate import Request, RequestKind, RunState, VmControl
@@ -49,16 +49,9 @@ from pyvmm.x86 import layout
 from pyvmm.x86.acpi import build_acpi
 from pyvmm.x86.e820 import build_e820
 from pyvmm.x86.mptable import write_mptable
-from pyvmm.x86.pm_block import PM_SIZE, SCI_GSI
+from pyvmm.x86.pm_block import PM_SIZE
 
 log = logging.getLogger(__name__)
-
-COM1_BASE, COM1_IRQ = 0x3F8, 4
-I8042_DATA, I8042_CMD = 0x60, 0x64
-RTC_BASE, RTC_IRQ = 0x70, 8
-FW_CFG_BASE = 0x510
-ACPI_PM_BASE = 0x600  # as PIIX4's PM block on QEMU's pc machine
-KBD_IRQ, AUX_IRQ = 1, 12
 
 
 @dataclass
@@ -77,13 +70,14 @@ class PcMachine:
         self.accel_name = accel_name
         self.accel_reason = accel_reason
         self.control = control or VmControl()
-        self.memory = GuestMemory(config.memory, config.mem_path)
+        self.memory = layout.pc_memory(config.memory, config.mem_path)
         self.io_bus = Bus("io")
         self.mmio_bus = Bus("mmio")
         self.irq = IrqRouter()
         self.loop = MainLoop()
         self.accel: Accelerator = select.create(accel_name)
         self.devices: list[object] = []
+        self.irqchip: UserspaceIrqchip | None = None  # interrupt controllers in userspace (tcg)
         self.boot: BootResult | None = None
         self._state_lock = threading.Lock()
         self.state = RunState.PRELAUNCH
@@ -96,29 +90,32 @@ class PcMachine:
     # -- assembly -----------------------------------------------------------------------------
     def _build(self) -> None:
         cfg = self.config
-        ctx = MachineContext(self.memory, self.io_bus, self.mmio_bus, self.control, cfg.smp, cfg.cpu)
-        sink = self.accel.setup(ctx)
-        self.irq.attach(sink)
+        ctx = MachineContext(self.memory, self.io_bus, self.mmio_bus, self.control, cfg.smp, cfg.cpu,
+                             irqchip_factory=self._userspace_irqchip)
+        self.irq.attach(self.accel.setup(ctx))
+        caps = self.accel.capabilities()
+        msi = caps.msi or (self.irqchip.deliver_msi if self.irqchip is not None else None)
 
         self.serial_backend = parse_chardev(cfg.serial, self.loop, self.control, label="serial0")
-        self.serial = Serial(self.irq.line(COM1_IRQ), self.serial_backend, name="serial0")
-        self._add_io(COM1_BASE, SERIAL_IO_SIZE, self.serial, "serial0")
+        self.serial = Serial(self.irq.line(layout.COM1_GSI), self.serial_backend, name="serial0")
+        self._add_io(layout.COM1_PORT, SERIAL_IO_SIZE, self.serial, "serial0")
 
-        self.i8042 = I8042(self.control, irq_kbd=self.irq.line(KBD_IRQ), irq_aux=self.irq.line(AUX_IRQ))
-        self._add_io(I8042_DATA, 1, self.i8042.data_port, "i8042-data")
-        self._add_io(I8042_CMD, 1, self.i8042.cmd_port, "i8042-cmd")
+        self.i8042 = I8042(self.control, irq_kbd=self.irq.line(layout.KBD_GSI), irq_aux=self.irq.line(layout.AUX_GSI))
+        self._add_io(layout.I8042_DATA_PORT, 1, self.i8042.data_port, "i8042-data")
+        self._add_io(layout.I8042_CMD_PORT, 1, self.i8042.cmd_port, "i8042-cmd")
         self.devices.append(self.i8042)
 
         self.rtc = Rtc(below_4g=self.memory.below_4g, above_4g=self.memory.above_4g, ncpus=cfg.smp,
-                       irq=self.irq.line(RTC_IRQ), loop=self.loop)
-        self._add_io(RTC_BASE, 2, self.rtc, "rtc")
-        self._add_io(0x80, 1, Port80(), "port80")
+                       irq=self.irq.line(layout.RTC_GSI), loop=self.loop)
+        self._add_io(layout.RTC_PORT, 2, self.rtc, "rtc")
+        self._add_io(layout.POST_PORT, 1, Port80(), "port80")
 
         self.fw_cfg = FwCfg(memory=self.memory)
-        self._add_io(FW_CFG_BASE, self.fw_cfg.io_size, self.fw_cfg, "fw_cfg")
+        self.fw_cfg.dma_hook = caps.dma_written  # tcg: DMA drops stale translated code
+        self._add_io(layout.FW_CFG_PORT, self.fw_cfg.io_size, self.fw_cfg, "fw_cfg")
 
-        self.acpi_pm = AcpiPm(self.control, self.irq.line(SCI_GSI))
-        self._add_io(ACPI_PM_BASE, PM_SIZE, self.acpi_pm, "acpi-pm")
+        self.acpi_pm = AcpiPm(self.control, self.irq.line(layout.SCI_GSI))
+        self._add_io(layout.ACPI_PM_PORT, PM_SIZE, self.acpi_pm, "acpi-pm")
 
         # virtio-mmio (--drive, --device virtio-rng/virtio-console): pyvmm.devices.virtio.board
         self.virtio = VirtioMmioBoard(self.memory, self.mmio_bus, self.irq.line)
@@ -127,9 +124,9 @@ class PcMachine:
             self.virtio.add_drive(drive)
 
         # PCI host bridge (0xcf8/0xcfc), --netdev, --device *-pci: pyvmm.devices.pci.board.
-        # MSI-X only if the interrupt controllers take MSIs (KVM: signal_msi; tcg: its LAPICs).
+        # MSI-X only if the interrupt controllers take MSIs (KVM: KVM_SIGNAL_MSI; tcg: the APIC bus).
         self.pci = PciBoard(self.memory, self.mmio_bus, self.io_bus, self.irq.line, lambda: self.virtio.loop,
-                            msi_sender=msi_sender_for(sink))
+                            msi_sender=msi)
         self.devices.append(self.pci)
         for netdev in cfg.netdevs:
             self.pci.add_netdev(netdev)
@@ -137,6 +134,8 @@ class PcMachine:
         for spec in cfg.devices:
             self._add_device(spec)
         self.pci.check_unused()
+        self.virtio.attach_capabilities(caps)  # once: the accelerator keeps them across its resets
+        self.pci.attach_capabilities(caps)
 
         self.e820 = build_e820(self.memory, reserved=[(layout.IOAPIC_ADDR, 0x1000), (layout.LAPIC_ADDR, 0x1000)])
         fw = self.fw_cfg
@@ -145,6 +144,13 @@ class PcMachine:
         fw.add_u16(FwCfgKey.MAX_CPUS, cfg.smp)
         fw.set_cmdline(cfg.append)
         fw.add_file("etc/e820", encode_e820([(e.addr, e.size, int(e.type)) for e in self.e820]))
+
+    def _userspace_irqchip(self, ncpus: int, lapic_bus_hz: int) -> CpuInterruptController:
+        """The accelerator's ``irqchip_factory``: PIC pair, PIT, I/O APIC and LAPICs, on the buses."""
+        chip = UserspaceIrqchip(ncpus, lapic_bus_hz)
+        chip.register(self.io_bus, self.mmio_bus)
+        self.irqchip = chip
+        return chip
 
     def _add_io(self, base: int, size: int, device: object, name: str) -> None:
         self.io_bus.register(base, size, device, name)  # type: ignore[arg-type]
@@ -178,7 +184,7 @@ class PcMachine:
             raise ConfigError("no kernel given: use --kernel FILE")
         write_mptable(self.memory, cfg.smp)
         self.pci.firmware_setup()  # BARs assigned and decoding on, as a BIOS leaves them
-        rsdp = build_acpi(self.memory, ncpus=cfg.smp, pm_base=ACPI_PM_BASE, devices=self.virtio.acpi_devices(),
+        rsdp = build_acpi(self.memory, ncpus=cfg.smp, pm_base=layout.ACPI_PM_PORT, devices=self.virtio.acpi_devices(),
                           pci=self.pci.acpi())
         self.boot = load_kernel(cfg.kernel, self.memory, cmdline=cfg.append, initrd=cfg.initrd, e820=self.e820,
                                 acpi_rsdp=rsdp)
@@ -195,9 +201,6 @@ class PcMachine:
         self._load_firmware_and_kernel()
         assert self.boot is not None
         self.accel.set_boot_state(self.boot.cpu, start_aps=False)
-        self.virtio.attach_accelerator(self.accel)  # ioeventfds on KVM (again after accel.reset())
-        self.pci.attach_accelerator(self.accel)  # virtio-pci notify ioeventfds on KVM
-        self.fw_cfg.dma_hook = getattr(self.accel, "invalidate_code", None)  # tcg: DMA drops stale code
         if not start:  # reset while paused: stay stopped until QMP 'cont', as QEMU does
             self._set_state(RunState.PRELAUNCH)
             return

@@ -28,7 +28,7 @@ from enum import IntEnum, IntFlag
 
 from pyvmm.errors import ConfigError
 from pyvmm.memory import GuestMemory
-from pyvmm.x86 import aml, pm_block
+from pyvmm.x86 import aml, layout, pm_block
 
 log = logging.getLogger(__name__)
 
@@ -558,8 +558,8 @@ def build_facs() -> bytes:
 
 
 def build_tables(*, ncpus: int, pm_base: int, base_gpa: int = DEFAULT_BASE_GPA,
-                 max_size: int = DEFAULT_MAX_SIZE, ioapic_addr: int = 0xFEC0_0000,
-                 lapic_addr: int = 0xFEE0_0000, ioapic_id: int | None = None,
+                 max_size: int = DEFAULT_MAX_SIZE, ioapic_addr: int = layout.IOAPIC_ADDR,
+                 lapic_addr: int = layout.LAPIC_ADDR, ioapic_id: int | None = None,
                  devices: Sequence[AcpiMmioDevice] = (), pci: AcpiPciHost | None = None,
                  extra_sb_aml: bytes = b"", has_8042: bool = True, has_vga: bool = False,
                  rtc_century: int = 0) -> AcpiImage:
@@ -604,8 +604,8 @@ def build_tables(*, ncpus: int, pm_base: int, base_gpa: int = DEFAULT_BASE_GPA,
 
 
 def build_acpi(memory: GuestMemory, *, ncpus: int, pm_base: int, base_gpa: int = DEFAULT_BASE_GPA,
-               max_size: int = DEFAULT_MAX_SIZE, ioapic_addr: int = 0xFEC0_0000,
-               lapic_addr: int = 0xFEE0_0000, ioapic_id: int | None = None,
+               max_size: int = DEFAULT_MAX_SIZE, ioapic_addr: int = layout.IOAPIC_ADDR,
+               lapic_addr: int = layout.LAPIC_ADDR, ioapic_id: int | None = None,
                devices: Sequence[AcpiMmioDevice] = (), pci: AcpiPciHost | None = None,
                extra_sb_aml: bytes = b"", has_8042: bool = True, has_vga: bool = False,
                rtc_century: int = 0) -> int:

@@ -29,10 +29,7 @@ sector of up to 64 KiB may overwrite the (unused) protected-mode tables.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from pyvmm.memory import GuestMemory
+from pyvmm.memory import GuestMemory
 
 PAGE_SIZE = 0x1000
 MIB = 1 << 20
@@ -144,6 +141,11 @@ def align_up(value: int, align: int) -> int:
 
 def align_down(value: int, align: int) -> int:
     return value // align * align
+
+
+def pc_memory(size: int, mem_path: str | None = None) -> GuestMemory:
+    """Guest RAM as a PC lays it out: up to :data:`PCI_HOLE_START`, the rest from :data:`HIGH_RAM_START`."""
+    return GuestMemory(size, mem_path, split=(PCI_HOLE_START, HIGH_RAM_START))
 
 
 def write_bios_data_area(memory: GuestMemory) -> None:

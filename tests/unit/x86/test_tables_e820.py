@@ -26,7 +26,7 @@ def test_small_memory_map():
 
 
 def test_large_memory_splits_around_pci_hole():
-    mem = GuestMemory(4 * GiB + 512 * MiB)  # lazily allocated: cheap
+    mem = layout.pc_memory(4 * GiB + 512 * MiB)  # lazily allocated: cheap
     try:
         e = build_e820(mem, reserved=[(layout.IOAPIC_ADDR, 0x1000), (layout.LAPIC_ADDR, 0x1000)])
         assert triples(e) == [

@@ -74,7 +74,7 @@ def test_long_mode_state_and_tables():
 
 
 def test_identity_map_covers_high_ram():
-    mem = GuestMemory(4 * GiB + (512 << 20))
+    mem = layout.pc_memory(4 * GiB + (512 << 20))
     try:
         assert identity_map_size(mem) == 6 * GiB
         cr3 = write_identity_page_tables(mem)

@@ -1,9 +1,11 @@
 """The ``tcg`` accelerator: unicorn vCPUs plus the userspace irqchip.
 
-``in_kernel_irqchip`` is False: :meth:`TcgAccelerator.setup` creates
-:class:`~pyvmm.devices.irqchip.UserspaceIrqchip` (PIC pair, PIT with port 0x61,
-I/O APIC, local APICs), registers it on the machine's buses and returns it as
-the interrupt sink devices drive.
+The interrupt controllers live in userspace: :meth:`TcgAccelerator.setup`
+asks the builder's :attr:`~pyvmm.accel.base.MachineContext.irqchip_factory`
+for them (the PIC pair, PIT, I/O APIC and local APICs of
+:mod:`pyvmm.devices.irqchip`, already on the buses), attaches its vCPUs and
+returns them as the interrupt sink devices drive.  Its only capability is the
+DMA observer: a device write to guest RAM drops translated code.
 
 SMP (``-smp N``, up to :data:`MAX_VCPUS`) works as QEMU's single-threaded
 round-robin TCG: one unicorn engine and one thread per vCPU, all mapping the
@@ -25,10 +27,10 @@ from pyvmm.accel.tcg import native as nat_mod
 from pyvmm.accel.tcg.cpu import CPU_MODELS, TcgVcpu
 from pyvmm.accel.tcg.cpuid import TimeBase, build_table
 from pyvmm.accel.tcg.turns import Turns
+from pyvmm.capabilities import AccelCapabilities
 from pyvmm.cpu_state import CpuState
-from pyvmm.devices.irqchip import UserspaceIrqchip
 from pyvmm.errors import AccelError, ConfigError
-from pyvmm.irq import InterruptSink
+from pyvmm.irq import CpuInterruptController, InterruptSink
 
 log = logging.getLogger(__name__)
 
@@ -40,12 +42,11 @@ class TcgAccelerator:
     """Software CPU emulation with unicorn (QEMU's TCG)."""
 
     name = "tcg"
-    in_kernel_irqchip = False
 
     def __init__(self, time_base: TimeBase | None = None) -> None:
         self.time_base = time_base or TimeBase()
         self.ctx: MachineContext | None = None
-        self.irqchip: UserspaceIrqchip | None = None
+        self.irqchip: CpuInterruptController | None = None
         self.vcpus: list[TcgVcpu] = []
         self._boot_state: CpuState | None = None
         self._started = False
@@ -59,9 +60,10 @@ class TcgAccelerator:
         if ctx.cpu.enable:
             raise ConfigError(f"--cpu: tcg cannot add features ({', '.join(ctx.cpu.enable)}); "
                               "it offers what unicorn emulates")
+        if ctx.irqchip_factory is None:
+            raise AccelError("the tcg accelerator needs userspace interrupt controllers (no irqchip_factory)")
         self.ctx = ctx
-        chip = UserspaceIrqchip(ctx.ncpus, self.time_base.crystal_hz)
-        chip.register(ctx.io_bus, ctx.mmio_bus)
+        chip = ctx.irqchip_factory(ctx.ncpus, self.time_base.crystal_hz)
         self.irqchip = chip
         lib = nat_mod.native().lib
         turns = Turns(on_waiting=lib.pv_set_turn_waiters) if ctx.ncpus > 1 else None
@@ -74,6 +76,9 @@ class TcgAccelerator:
             lib.pv_set_engines_shared(1)
         self._sync_tsc()
         return chip
+
+    def capabilities(self) -> AccelCapabilities:
+        return AccelCapabilities(dma_written=self.invalidate_code)
 
     def _sync_tsc(self) -> None:
         """Every vCPU counts the boot CPU's TSC (Linux checks that APs agree with the BSP)."""

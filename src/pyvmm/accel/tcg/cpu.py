@@ -28,6 +28,7 @@ from pyvmm.accel.tcg.cpuid import CpuidTable
 from pyvmm.accel.tcg.turns import Turns
 from pyvmm.cpu_state import CpuState, Segment
 from pyvmm.errors import AccelError
+from pyvmm.x86 import layout
 from pyvmm.x86.boot_tables import real_mode_state
 
 log = logging.getLogger(__name__)
@@ -126,7 +127,7 @@ class TcgVcpu:
                                           onerror=self._ack_error)
         v.apic_base_written = self._apic_base_cb
         v.tsc_hz = self.tsc_hz
-        v.apic_base = 0xFEE00000 | (1 << 11) | ((1 << 8) if self.index == 0 else 0)
+        v.apic_base = layout.LAPIC_ADDR | (1 << 11) | ((1 << 8) if self.index == 0 else 0)
         lib.pv_tsc_set(v, 0)
         rc = lib.pv_attach(v)
         if rc != 0:

@@ -18,6 +18,7 @@ import logging
 from collections.abc import Callable
 
 from pyvmm.bus import Bus
+from pyvmm.capabilities import AccelCapabilities
 from pyvmm.devices.pci.host import DEFAULT_WINDOWS, LevelLine, PciHost
 from pyvmm.devices.pci.msix import MsiSender
 from pyvmm.devices.virtio.device import VirtioDevice
@@ -46,7 +47,6 @@ class PciBoard:
         self.netdevs: dict[str, NetdevSpec] = {}
         self._used_netdevs: set[str] = set()
         self._used_drives: set[str] = set()
-        self._kvm_vm: object | None = None
 
     # -- configuration ----------------------------------------------------------------------------------
     def add_netdev(self, spec: NetdevSpec) -> None:
@@ -158,21 +158,21 @@ class PciBoard:
         """Assign BARs and enable decoding (before each boot; reset clears them)."""
         self.host.assign_resources()
 
-    def attach_accelerator(self, accel: object) -> None:
-        """On KVM: notify writes of virtio-pci devices go to ioeventfds (again after each VM reset)."""
-        vm = getattr(accel, "vm", None)
-        if vm is None or not hasattr(vm, "ioeventfd") or vm is self._kvm_vm:
-            return
+    def attach_capabilities(self, caps: AccelCapabilities) -> None:
+        """Use the accelerator's fast paths (once, after the devices are added).
+
+        Notify writes of virtio-pci devices go to ioeventfds where the accelerator has them;
+        where it needs to hear of DMA (tcg), every virtio device tells it what it wrote.
+        """
         for dev in self.host.devices.values():
-            if isinstance(dev, VirtioPci):
-                dev.attach_ioeventfds(vm, self._loop())
-        self._kvm_vm = vm
+            if not isinstance(dev, VirtioPci):
+                continue
+            if caps.dma_written is not None:
+                dev.device.set_dma_hook(caps.dma_written)
+            if caps.ioeventfd is not None:
+                dev.attach_ioeventfds(caps.ioeventfd, self._loop())
 
     def reset(self) -> None:
-        for dev in self.host.devices.values():  # the VM is about to be replaced: deregister first
-            if isinstance(dev, VirtioPci):
-                dev.detach_ioeventfds()
-        self._kvm_vm = None
         self.host.reset()
 
     def close(self) -> None:

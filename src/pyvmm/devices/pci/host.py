@@ -45,18 +45,20 @@ from pyvmm.devices.pci.config import (
 from pyvmm.devices.pci.msix import MsiSender, MsixTable
 from pyvmm.errors import ConfigError
 from pyvmm.memory import GuestMemory
+from pyvmm.x86 import layout
 from pyvmm.x86.acpi import AcpiPciHost, pci_intx_gsi
 
 log = logging.getLogger(__name__)
 
-CONFIG_ADDRESS_PORT = 0xCF8
-CONFIG_DATA_PORT = 0xCFC
+CONFIG_ADDRESS_PORT = layout.PCI_CONFIG_ADDRESS_PORT
+CONFIG_DATA_PORT = layout.PCI_CONFIG_DATA_PORT
 ENABLE_BIT = 1 << 31
 FOUR_GIB = 1 << 32
 
 #: Default PCI windows: 32-bit MMIO below the virtio-mmio/IOAPIC area, I/O ports above 0x1000.
-DEFAULT_WINDOWS = AcpiPciHost(mem32_base=0xC000_0000, mem32_limit=0xFE9F_FFFF, io_base=0x1000,
-                              io_limit=0xFFFF, slots=32, intx_gsis=(16, 17, 18, 19))
+DEFAULT_WINDOWS = AcpiPciHost(mem32_base=layout.PCI_MEM32_BASE, mem32_limit=layout.PCI_MEM32_LIMIT,
+                              io_base=layout.PCI_IO_BASE, io_limit=layout.PCI_IO_LIMIT, slots=32,
+                              intx_gsis=layout.PCI_INTX_GSIS)
 
 
 class LevelLine(Protocol):

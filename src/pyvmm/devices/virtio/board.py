@@ -11,8 +11,8 @@ kernel ORs them).  The guest finds them through ACPI
 (``LNRO0005``), so no kernel command-line options are needed.
 
 All virtio back-ends run on one iothread (``virtio-io``) created on first
-use; character back-ends keep using the machine's main loop.  On KVM,
-:meth:`VirtioMmioBoard.attach_accelerator` registers an ioeventfd per queue
+use; character back-ends keep using the machine's main loop.  Where the
+accelerator has them (KVM), :meth:`VirtioMmioBoard.attach_capabilities` registers an ioeventfd per queue
 (``QueueNotify`` write with ``datamatch = queue``), so a kick signals the
 iothread without a userspace exit.  Interrupts use the machine's IrqLine
 (KVM_IRQ_LINE / the userspace IOAPIC).
@@ -25,6 +25,7 @@ import threading
 from collections.abc import Callable
 
 from pyvmm.bus import Bus
+from pyvmm.capabilities import AccelCapabilities
 from pyvmm.devices.virtio.device import VirtioDevice
 from pyvmm.devices.virtio.mmio import MMIO_SIZE, NOTIFY_OFFSET, EventfdIrqLine, VirtioMmio
 from pyvmm.devices.virtio.options import DriveSpec
@@ -32,13 +33,14 @@ from pyvmm.errors import ConfigError, PyvmmError
 from pyvmm.irq import IrqLine
 from pyvmm.loop import IOThread, MainLoop
 from pyvmm.memory import GuestMemory
+from pyvmm.x86 import layout
 from pyvmm.x86.acpi import AcpiMmioDevice
 
 log = logging.getLogger(__name__)
 
-MMIO_BASE = 0xFEB0_0000
-MMIO_GSIS = (20, 21, 22, 23)
-MAX_DEVICES = 8
+MMIO_BASE = layout.VIRTIO_MMIO_BASE
+MMIO_GSIS = layout.VIRTIO_MMIO_GSIS
+MAX_DEVICES = layout.VIRTIO_MMIO_MAX_DEVICES
 
 RNG_DRIVERS = ("virtio-rng", "virtio-rng-device")
 CONSOLE_DRIVERS = ("virtio-console", "virtconsole", "virtio-console-device")
@@ -89,7 +91,6 @@ class VirtioMmioBoard:
         self.gsis = gsis
         self.transports: list[tuple[VirtioMmio, int, int]] = []  # (transport, base, gsi)
         self._iothread: IOThread | None = None
-        self._kvm_vm: object | None = None
         self._irqfd_lines: dict[int, EventfdIrqLine] = {}
         self._wired: dict[int, WiredOr] = {}
         self._sources: list[_OrInput] = []  # per transport: its input of the GSI's wired OR
@@ -160,28 +161,26 @@ class VirtioMmioBoard:
                 for i, (_t, base, gsi) in enumerate(self.transports)]
 
     # -- accelerator fast paths -------------------------------------------------------------------
-    def attach_accelerator(self, accel: object) -> None:
-        """Register ioeventfds and irqfds with a KVM VM (again after each accelerator reset).
+    def attach_capabilities(self, caps: AccelCapabilities) -> None:
+        """Use the accelerator's fast paths (once, after the devices are added).
 
-        On tcg (an accelerator with ``invalidate_code``) every device gets it as its DMA
-        hook; kicks arrive as MMIO exits and interrupts go through the machine's IrqLine.
-        If the kernel refuses an irqfd (no resample support), that device keeps its IrqLine
-        (KVM_IRQ_LINE).
+        With an ioeventfd capability each queue's kick signals an eventfd; with irqfd each
+        device raises its GSI through an eventfd (the kernel ORs the shared lines).  If the
+        kernel refuses an irqfd (no resample support), that device keeps its IrqLine.  A DMA
+        observer (tcg) hears of every device write to guest RAM.
         """
-        invalidate = getattr(accel, "invalidate_code", None)
-        if invalidate is not None:  # tcg: DMA writes must drop translated code
-            for t, _, _ in self.transports:
-                t.device.set_dma_hook(invalidate)
-        vm = getattr(accel, "vm", None)
-        if vm is None or not hasattr(vm, "ioeventfd") or vm is self._kvm_vm:
-            return
         for i, (t, base, gsi) in enumerate(self.transports):
-            for q in range(len(t.device.queues)):
-                fd = t.notify_eventfd(q, self.loop)
-                vm.ioeventfd(fd, base + NOTIFY_OFFSET, 4, pio=False, datamatch=q)
+            if caps.dma_written is not None:
+                t.device.set_dma_hook(caps.dma_written)
+            if caps.ioeventfd is not None:
+                for q in range(len(t.device.queues)):
+                    fd = t.notify_eventfd(q, self.loop)
+                    caps.ioeventfd.register_ioeventfd(fd, base + NOTIFY_OFFSET, 4, pio=False, datamatch=q)
+            if caps.irqfd is None:
+                continue
             line = self._irqfd_lines.get(i) or EventfdIrqLine(self.loop)
             try:
-                vm.irqfd(line.irqfd, gsi, resample_fd=line.resample_fd)
+                caps.irqfd.register_irqfd(line.irqfd, gsi, resample_fd=line.resample_fd)
             except PyvmmError as e:
                 log.info("virtio: no irqfd for gsi %d (%s); using KVM_IRQ_LINE", gsi, e)
                 if i not in self._irqfd_lines:
@@ -190,8 +189,6 @@ class VirtioMmioBoard:
                 continue
             self._irqfd_lines[i] = line
             t.set_irq_line(line)
-        self._kvm_vm = vm
-        log.debug("virtio: ioeventfds and irqfds registered for %d devices", len(self.transports))
 
     # -- life cycle -------------------------------------------------------------------------------
     def reset(self) -> None:

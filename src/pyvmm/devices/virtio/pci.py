@@ -30,6 +30,7 @@ import os
 import struct
 import threading
 
+from pyvmm.capabilities import IoEventFds
 from pyvmm.devices.pci.config import BarKind, BarSpec, CapId, Reg, access_ok
 from pyvmm.devices.pci.host import PciDevice
 from pyvmm.devices.pci.msix import NO_VECTOR
@@ -134,7 +135,7 @@ class VirtioPci(PciDevice):
         self.queue_select = 0
         self.config_vector = NO_VECTOR
         self.queue_vectors = [NO_VECTOR] * nq
-        self._kvm_vm = None
+        self._ioeventfds: IoEventFds | None = None
         self._kick_fds: list[int] = []
         self._kick_loop: MainLoop | None = None
         self._ioeventfd_base: int | None = None
@@ -325,17 +326,16 @@ class VirtioPci(PciDevice):
         c = self._pci_cfg
         return self.config.get(c + 4, 1), self.config.get(c + 8, 4), self.config.get(c + 12, 4)
 
-    # -- KVM ioeventfd fast path ------------------------------------------------------------------------------
-    def attach_ioeventfds(self, vm, loop: MainLoop) -> None:
+    # -- ioeventfd fast path -----------------------------------------------------------------------------------
+    def attach_ioeventfds(self, ioeventfds: IoEventFds, loop: MainLoop) -> None:
         """Let notify writes signal eventfds read on ``loop`` instead of exiting to userspace.
 
-        ``vm`` has ``ioeventfd(fd, addr, length, pio, datamatch=None, deassign=False)`` (pyvmm.kvm.vm.Vm).
         One eventfd per queue is registered for 2-byte writes to that queue's notify address,
         and moved whenever BAR 4 moves.  Other accesses still exit and take the normal path.
         """
         with self.cfg_lock:
             self._set_ioeventfds(None)
-            self._kvm_vm = vm
+            self._ioeventfds = ioeventfds
             if not self._kick_fds:
                 for q in range(len(self.device.queues)):
                     fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
@@ -344,22 +344,20 @@ class VirtioPci(PciDevice):
                 self._kick_loop = loop
             self._set_ioeventfds(self.mapped_bars().get(REGS_BAR))
 
-    def detach_ioeventfds(self) -> None:
-        """Deregister from the VM (before it goes away, e.g. on machine reset); the eventfds stay."""
-        with self.cfg_lock:
-            self._set_ioeventfds(None)
-            self._kvm_vm = None
-
     def _set_ioeventfds(self, base: int | None) -> None:
-        vm = self._kvm_vm
-        if vm is None or base == self._ioeventfd_base:
+        fast = self._ioeventfds
+        if fast is None or base == self._ioeventfd_base:
             return
         for deassign, at in ((True, self._ioeventfd_base), (False, base)):
             if at is None:
                 continue
             try:
                 for q, fd in enumerate(self._kick_fds):
-                    vm.ioeventfd(fd, at + NOTIFY_OFFSET + NOTIFY_MULTIPLIER * q, 2, pio=False, deassign=deassign)
+                    addr = at + NOTIFY_OFFSET + NOTIFY_MULTIPLIER * q
+                    if deassign:
+                        fast.unregister_ioeventfd(fd, addr, 2, pio=False)
+                    else:
+                        fast.register_ioeventfd(fd, addr, 2, pio=False)
             except PyvmmError as e:
                 log.info("%s: ioeventfd %s at %#x failed (%s); notifications exit to userspace",
                          self.name, "removal" if deassign else "registration", at, e)

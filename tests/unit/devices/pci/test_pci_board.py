@@ -6,12 +6,12 @@ import pytest
 
 from pyvmm.bus import Bus
 from pyvmm.devices.pci.board import PciBoard
-from pyvmm.devices.virtio.board import MMIO_BASE
 from pyvmm.devices.virtio.options import parse_drive
 from pyvmm.errors import ConfigError
 from pyvmm.loop import MainLoop
-from pyvmm.memory import PCI_HOLE_START, GuestMemory
+from pyvmm.memory import GuestMemory
 from pyvmm.net.options import parse_netdev
+from pyvmm.x86 import layout
 from pyvmm.x86.layout import IOAPIC_ADDR
 from support.pci_driver import GuestPci, RecordingLine
 
@@ -31,7 +31,7 @@ def board(tmp_path):
 def test_windows_avoid_ram_virtio_mmio_and_ioapic(board):
     b, io, mmio, tmp = board
     w = b.acpi()
-    assert w.mem32_base >= PCI_HOLE_START and w.mem32_limit < MMIO_BASE < IOAPIC_ADDR
+    assert w.mem32_base >= layout.PCI_HOLE_START and w.mem32_limit < layout.VIRTIO_MMIO_BASE < IOAPIC_ADDR
     assert w.intx_gsis == (16, 17, 18, 19)  # 20-23 belong to virtio-mmio
 
 
