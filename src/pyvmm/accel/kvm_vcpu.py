@@ -40,12 +40,14 @@ from bisect import bisect_right
 from collections.abc import Callable
 from typing import Any
 
+from pyvmm.accel import kvm_exits
+from pyvmm.accel.kvm_exits import ExitAction, ExitContext, handle_exit
 from pyvmm.bus import Bus
 from pyvmm.errors import AccelError, KvmError
 from pyvmm.kvm import abi, fastrun
 from pyvmm.kvm.dump import format_kvm_registers
 from pyvmm.kvm.fastrun import RunCall
-from pyvmm.kvm.ioctls import ExitReason, InternalError, Ioctl, SystemEvent
+from pyvmm.kvm.ioctls import ExitReason, Ioctl
 from pyvmm.kvm.syscall import get_errno
 from pyvmm.kvm.vcpu import Vcpu
 from pyvmm.runstate import VmControl
@@ -55,27 +57,16 @@ log = logging.getLogger(__name__)
 #: The signal used to kick vCPU threads out of KVM_RUN (QEMU uses SIGUSR1 for the same job).
 KICK_SIGNAL = signal.SIGUSR1
 
-_EXIT_OFF = abi.KVM_RUN_EXIT_OFFSET
-_EXIT_REASON_OFF = abi.KVM_RUN_EXIT_REASON_OFFSET
-_MMIO_DATA_OFF = _EXIT_OFF + abi.KvmRunMmio.data.offset
+_EXIT_OFF = kvm_exits.EXIT_OFF
+_EXIT_REASON_OFF = kvm_exits.EXIT_REASON_OFF
 # exit_reason, then (skipping to the exit union) kvm_run.io: direction, size, port, count, data_offset.
 _EXIT_HEAD = struct.Struct(f"<I{_EXIT_OFF - _EXIT_REASON_OFF - 4}xBBHIQ")
 assert _EXIT_HEAD.size == _EXIT_OFF - _EXIT_REASON_OFF + ctypes.sizeof(abi.KvmRunIo)
-# kvm_run.io: direction, size, port, count, data_offset.
-_PIO_HEAD = struct.Struct("<BBHIQ")
-assert _PIO_HEAD.size == ctypes.sizeof(abi.KvmRunIo)
-#: Where KVM puts port I/O data (KVM_PIO_PAGE_OFFSET pages into the vCPU mapping); the compiled
-#: helper pre-decodes an access only if ``data_offset`` is exactly this.
-_PIO_DATA_OFF = 4096
-# kvm_run.mmio: phys_addr, data[8], len, is_write.
-_MMIO_HEAD = struct.Struct("<Q8sIB")
-assert _MMIO_HEAD.size == abi.KvmRunMmio.is_write.offset + 1
-# Keyed by access size in bytes: a size missing here is a malformed exit.
-_UNPACK: dict[int, Any] = {1: struct.Struct("<B").unpack_from, 2: struct.Struct("<H").unpack_from,
-                           4: struct.Struct("<I").unpack_from}
-_PACK: dict[int, Any] = {1: struct.Struct("<B").pack_into, 2: struct.Struct("<H").pack_into,
-                         4: struct.Struct("<I").pack_into}
-_MASK = {1: 0xFF, 2: 0xFFFF, 4: 0xFFFFFFFF}
+#: Where KVM puts port I/O data; the compiled helper pre-decodes an access only if ``data_offset`` is this.
+_PIO_DATA_OFF = kvm_exits.PIO_DATA_OFF
+_UNPACK, _PACK, _MASK = kvm_exits.UNPACK, kvm_exits.PACK, kvm_exits.MASK
+_EXIT_IO = int(ExitReason.IO)
+_EXIT_MMIO = int(ExitReason.MMIO)
 
 
 def _kick_handler(signum: int, frame: object) -> None:
@@ -120,14 +111,13 @@ class VcpuRunner:
         self.thread: threading.Thread | None = None
         self.ident: int | None = None
         self.last_exit: int | None = None
-        self.error_dump: str | None = None
         self._cond = threading.Condition()
         self._pause_req = False
         self._stop_req = False
         self._calls: list[tuple[Callable[[], Any], list[Any]]] = []
         self.parked = False
         self.running = False  # True while the loop is active on some thread
-        self._dispatch = self._dispatch_table()
+        self._ctx = ExitContext(self.index, io_bus, mmio_bus, control, dump=self.dump_state)
 
     # -- control from other threads ----------------------------------------------------------------
     def start(self) -> None:
@@ -214,7 +204,7 @@ class VcpuRunner:
             self._loop()
         except Exception as e:  # device bugs must not vanish with the thread
             log.exception("vCPU %d: unhandled error while handling an exit", self.index)
-            self._fail(f"vCPU {self.index}: internal error: {type(e).__name__}: {e}")
+            self._ctx.fail(f"vCPU {self.index}: internal error: {type(e).__name__}: {e}")
         finally:
             with self._cond:
                 self.running = False
@@ -366,69 +356,20 @@ class VcpuRunner:
                 return
 
     def _handle_exit(self, reason: int) -> bool:
-        """Handle one exit decoded from ``kvm_run``; False ends the loop."""
-        if reason == ExitReason.IO:
-            return self._pio_exit()
-        if reason == ExitReason.MMIO:
-            return self._mmio_exit()
-        self.last_exit = reason
-        return self._dispatch.get(reason, self._unexpected_exit)(reason)
-
-    def _pio_exit(self) -> bool:
-        """KVM_EXIT_IO, including string I/O (``count`` items) and unassigned ports."""
-        mm = self.vcpu.run_mmap
-        out, size, port, count, off = _PIO_HEAD.unpack_from(mm, _EXIT_OFF)
-        unpack = _UNPACK.get(size)
-        if unpack is None or off + size * count > len(mm):
-            self._fail(f"vCPU {self.index}: malformed I/O exit (port {port:#x} size {size} "
-                       f"count {count} offset {off:#x})")
-            return False
-        bus = self.io_bus
-        hit = bus.find(port)
-        if out:
-            if hit is None:
-                for i in range(count):
-                    bus.write(port, size, unpack(mm, off + i * size)[0])
-            else:
-                write, rel = hit[1].io_write, port - hit[0]
-                for i in range(count):
-                    write(rel, size, unpack(mm, off + i * size)[0])
-        else:
-            pack = _PACK[size]
-            if hit is None:
-                for i in range(count):
-                    pack(mm, off + i * size, bus.read(port, size))
-            else:
-                read, rel, mask = hit[1].io_read, port - hit[0], _MASK[size]
-                for i in range(count):
-                    pack(mm, off + i * size, read(rel, size) & mask)
-        return True
-
-    def _mmio_exit(self) -> bool:
-        """KVM_EXIT_MMIO: 1..8 bytes at ``phys_addr``; reads are answered in ``mmio.data``."""
-        mm = self.vcpu.run_mmap
-        addr, data, n, is_write = _MMIO_HEAD.unpack_from(mm, _EXIT_OFF)
-        if not 1 <= n <= 8:
-            self._fail(f"vCPU {self.index}: malformed MMIO exit (len {n} at {addr:#x})")
-            return False
-        bus = self.mmio_bus
-        try:
-            s, e, dev, _ = (t := bus.table)[1][bisect_right(t[0], addr) - 1]
-        except IndexError:
-            s = e = 0
-        if is_write:
-            value = int.from_bytes(data[:n], "little")
-            if s <= addr < e:
-                dev.io_write(addr - s, n, value)
-            else:
-                bus.write(addr, n, value)
-        else:
-            if s <= addr < e:
-                value = dev.io_read(addr - s, n) & ((1 << (8 * n)) - 1)
-            else:
-                value = bus.read(addr, n)
-            mm[_MMIO_DATA_OFF:_MMIO_DATA_OFF + n] = value.to_bytes(n, "little")
-        return True
+        """Handle one exit decoded from ``kvm_run`` (see :mod:`pyvmm.accel.kvm_exits`); False ends the loop."""
+        if reason != _EXIT_IO and reason != _EXIT_MMIO:
+            self.last_exit = reason
+        action = handle_exit(reason, self.vcpu.run_mmap, self._ctx)
+        if action is ExitAction.CONTINUE:
+            return True
+        if action is ExitAction.INTERRUPTED:
+            run = self.vcpu.run
+            assert run is not None
+            run.immediate_exit = 0
+            return self._service()
+        if action is ExitAction.HALT:
+            return self._on_hlt()
+        return False
 
     def _request_queue(self) -> list[Any]:
         """The life-cycle mailbox's pending list, peeked without its lock after device accesses.
@@ -460,30 +401,7 @@ class VcpuRunner:
             self.parked = False
         return False
 
-    # -- slow-path exits ---------------------------------------------------------------------------
-    def _dispatch_table(self) -> dict[int, Callable[[int], bool]]:
-        return {
-            ExitReason.HLT: self._on_hlt,
-            ExitReason.SHUTDOWN: self._on_shutdown,
-            ExitReason.SYSTEM_EVENT: self._on_system_event,
-            ExitReason.FAIL_ENTRY: self._on_fail_entry,
-            ExitReason.INTERNAL_ERROR: self._on_internal_error,
-            ExitReason.INTR: self._on_intr,
-            ExitReason.IRQ_WINDOW_OPEN: self._on_ignore,
-            ExitReason.NMI: self._on_ignore,
-            ExitReason.HYPERCALL: self._on_hypercall,
-        }
-
-    def _on_intr(self, reason: int) -> bool:
-        run = self.vcpu.run
-        assert run is not None
-        run.immediate_exit = 0
-        return self._service()
-
-    def _on_ignore(self, reason: int) -> bool:
-        return True
-
-    def _on_hlt(self, reason: int) -> bool:
+    def _on_hlt(self) -> bool:
         if self.halt_action == "stop":
             return False
         # No in-kernel irqchip, hence nothing can wake the vCPU but a request: idle politely.
@@ -491,81 +409,13 @@ class VcpuRunner:
             self._cond.wait(0.01)
         return self._service()
 
-    def _on_shutdown(self, reason: int) -> bool:
-        log.info("vCPU %d: shutdown (triple fault)\n%s", self.index, self._safe_dump())
-        self.control.request_reset("triple fault")
-        return False
-
-    def _on_system_event(self, reason: int) -> bool:
-        run = self.vcpu.run
-        assert run is not None
-        kind = run.u.system_event.type
-        if kind == SystemEvent.SHUTDOWN:
-            self.control.request_poweroff("guest requested power-off")
-        elif kind == SystemEvent.RESET:
-            self.control.request_reset("guest requested reset")
-        elif kind == SystemEvent.CRASH:
-            self._fail(f"vCPU {self.index}: guest crashed (system event)")
-        else:
-            log.debug("vCPU %d: ignoring system event %d", self.index, kind)
-            return True
-        return False
-
-    def _on_fail_entry(self, reason: int) -> bool:
-        run = self.vcpu.run
-        assert run is not None
-        hw = run.u.fail_entry.hardware_entry_failure_reason
-        self._fail(f"vCPU {self.index}: KVM entry failed, hardware error {hw:#x}")
-        return False
-
-    def _on_internal_error(self, reason: int) -> bool:
-        run = self.vcpu.run
-        assert run is not None
-        internal = run.u.internal
-        sub = internal.suberror
-        try:
-            what = InternalError(sub).name.lower().replace("_", " ")
-        except ValueError:
-            what = f"suberror {sub}"
-        detail = ""
-        ndata = min(internal.ndata, 16)
-        if sub == InternalError.EMULATION and ndata >= 3 and internal.data[0] & 1:
-            raw = bytes(internal)[16:32]  # emulation_failure: insn_size, then up to 15 instruction bytes
-            n = min(raw[0], 15)
-            detail = " (instruction bytes: " + " ".join(f"{b:02x}" for b in raw[1:1 + n]) + ")"
-        elif ndata:
-            detail = " (data: " + " ".join(f"{internal.data[i]:#x}" for i in range(ndata)) + ")"
-        self._fail(f"vCPU {self.index}: KVM internal error: {what}{detail}")
-        return False
-
-    def _on_hypercall(self, reason: int) -> bool:
-        run = self.vcpu.run
-        assert run is not None
-        run.u.hypercall.ret = (-1000) & 0xFFFFFFFFFFFFFFFF  # -KVM_ENOSYS
-        return True
-
-    def _unexpected_exit(self, reason: int) -> bool:
-        try:
-            name = ExitReason(reason).name
-        except ValueError:
-            name = str(reason)
-        self._fail(f"vCPU {self.index}: unexpected KVM exit reason {name}")
-        return False
-
     # -- errors ------------------------------------------------------------------------------------
-    def _safe_dump(self) -> str:
-        try:
-            return self.dump_state()
-        except Exception as e:  # the dump is diagnostics; never let it hide the original error
-            return f"(register dump unavailable: {e})"
+    @property
+    def error_dump(self) -> str | None:
+        """The register dump taken with the last fatal error, if any."""
+        return self._ctx.error_dump
 
     def dump_state(self) -> str:
         """QEMU-style register dump; call on the vCPU thread or while it is parked/stopped."""
         vcpu = self.vcpu
         return f"CPU#{self.index}\n" + format_kvm_registers(vcpu.get_regs(), vcpu.get_sregs())
-
-    def _fail(self, reason: str) -> None:
-        text = self._safe_dump()
-        self.error_dump = text
-        log.error("%s\n%s", reason, text)
-        self.control.request_error(reason)
