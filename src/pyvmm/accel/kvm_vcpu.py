@@ -30,6 +30,7 @@ QEMU stops the current vCPU.
 from __future__ import annotations
 
 import ctypes
+import enum
 import errno
 import logging
 import os
@@ -67,6 +68,33 @@ _PIO_DATA_OFF = kvm_exits.PIO_DATA_OFF
 _UNPACK, _PACK, _MASK = kvm_exits.UNPACK, kvm_exits.PACK, kvm_exits.MASK
 _EXIT_IO = int(ExitReason.IO)
 _EXIT_MMIO = int(ExitReason.MMIO)
+
+
+class VcpuRunState(enum.Enum):
+    """Where a vCPU thread is, as Firecracker's vCPU state machine; only the vCPU thread moves it,
+    except :meth:`VcpuRunner.start`, which moves a stopped runner to RUNNING before its thread starts.
+
+    Requests from other threads (pause, resume, stop, calls) are flags the thread acts on when it
+    leaves KVM_RUN; the state says what it did about them.
+    """
+
+    CREATED = "created"  # never run
+    RUNNING = "running"  # the loop is active: in KVM_RUN or handling an exit
+    PAUSED = "paused"    # parked outside KVM_RUN on a pause request, serving calls until resumed or stopped
+    HELD = "held"        # parked after a device posted a life-cycle request, until the machine stops it
+    STOPPED = "stopped"  # the loop has ended; start() or run() may run it again
+
+
+#: The transitions :meth:`VcpuRunner._set_state` allows.
+_TRANSITIONS: dict[VcpuRunState, frozenset[VcpuRunState]] = {
+    VcpuRunState.CREATED: frozenset({VcpuRunState.RUNNING}),
+    VcpuRunState.RUNNING: frozenset({VcpuRunState.PAUSED, VcpuRunState.HELD, VcpuRunState.STOPPED}),
+    VcpuRunState.PAUSED: frozenset({VcpuRunState.RUNNING, VcpuRunState.STOPPED}),
+    VcpuRunState.HELD: frozenset({VcpuRunState.STOPPED}),
+    VcpuRunState.STOPPED: frozenset({VcpuRunState.RUNNING}),
+}
+_PARKED = frozenset({VcpuRunState.PAUSED, VcpuRunState.HELD})
+_ACTIVE = frozenset({VcpuRunState.RUNNING, VcpuRunState.PAUSED, VcpuRunState.HELD})
 
 
 def _kick_handler(signum: int, frame: object) -> None:
@@ -115,18 +143,40 @@ class VcpuRunner:
         self._pause_req = False
         self._stop_req = False
         self._calls: list[tuple[Callable[[], Any], list[Any]]] = []
-        self.parked = False
-        self.running = False  # True while the loop is active on some thread
+        self._state = VcpuRunState.CREATED
         self._ctx = ExitContext(self.index, io_bus, mmio_bus, control, dump=self.dump_state)
 
     # -- control from other threads ----------------------------------------------------------------
+    # -- the run state -----------------------------------------------------------------------------
+    @property
+    def state(self) -> VcpuRunState:
+        return self._state
+
+    @property
+    def parked(self) -> bool:
+        """Out of KVM_RUN and waiting (paused, or held after a device's request)."""
+        return self._state in _PARKED
+
+    @property
+    def running(self) -> bool:
+        """The loop is active on some thread (running, paused or held)."""
+        return self._state in _ACTIVE
+
+    def _set_state(self, new: VcpuRunState) -> None:
+        """Move to ``new`` (with ``_cond`` held) and wake the waiters; an unlisted transition is a bug."""
+        old = self._state
+        if new not in _TRANSITIONS[old]:
+            raise AccelError(f"vCPU {self.index}: run state cannot go from {old.value} to {new.value}")
+        self._state = new
+        self._cond.notify_all()
+
     def start(self) -> None:
-        if self.thread is not None and self.thread.is_alive():
-            raise AccelError(f"vCPU {self.index} is already running")
         with self._cond:
+            if self.running or (self.thread is not None and self.thread.is_alive()):
+                raise AccelError(f"vCPU {self.index} is already running")
             self._stop_req = False
-            self.running = True
-        self.thread = threading.Thread(target=self.run, name=f"vcpu{self.index}", daemon=True)
+            self._set_state(VcpuRunState.RUNNING)
+        self.thread = threading.Thread(target=self._thread_main, name=f"vcpu{self.index}", daemon=True)
         self.thread.start()
 
     def kick(self) -> None:
@@ -196,10 +246,13 @@ class VcpuRunner:
 
     # -- the thread --------------------------------------------------------------------------------
     def run(self) -> None:
-        """The thread body (callable directly for single-threaded use, e.g. benchmarks)."""
-        self.ident = threading.get_ident()
+        """Run the loop on this thread until it ends (single-threaded use, e.g. tests and benchmarks)."""
         with self._cond:
-            self.running = True
+            self._set_state(VcpuRunState.RUNNING)
+        self._thread_main()
+
+    def _thread_main(self) -> None:
+        self.ident = threading.get_ident()
         try:
             self._loop()
         except Exception as e:  # device bugs must not vanish with the thread
@@ -207,13 +260,11 @@ class VcpuRunner:
             self._ctx.fail(f"vCPU {self.index}: internal error: {type(e).__name__}: {e}")
         finally:
             with self._cond:
-                self.running = False
-                self.parked = False
-                calls, self._calls = self._calls, []
-                self._cond.notify_all()
-            for fn, box in calls:
-                self._serve(fn, box)
-            self.ident = None
+                # Calls still queued are served before STOPPED shows, so that a caller woken by
+                # STOPPED knows its call was not run and runs it itself, never twice.
+                self._serve_calls()
+                self.ident = None
+                self._set_state(VcpuRunState.STOPPED)
 
     def _serve(self, fn: Callable[[], Any], box: list[Any]) -> None:
         try:
@@ -221,24 +272,26 @@ class VcpuRunner:
         except Exception as e:
             box.append((False, e))
 
+    def _serve_calls(self) -> None:
+        """Run the queued calls (with ``_cond`` held)."""
+        while self._calls:
+            fn, box = self._calls.pop(0)
+            self._serve(fn, box)
+            self._cond.notify_all()
+
     def _service(self) -> bool:
         """Handle requests after a kick; returns False when the loop must end."""
         with self._cond:
             while True:
-                while self._calls:
-                    fn, box = self._calls.pop(0)
-                    self._serve(fn, box)
-                    self._cond.notify_all()
+                self._serve_calls()
                 if self._stop_req:
                     return False
                 if not self._pause_req:
-                    if self.parked:
-                        self.parked = False
-                        self._cond.notify_all()
+                    if self._state is VcpuRunState.PAUSED:
+                        self._set_state(VcpuRunState.RUNNING)
                     return True
-                if not self.parked:
-                    self.parked = True
-                    self._cond.notify_all()
+                if self._state is VcpuRunState.RUNNING:
+                    self._set_state(VcpuRunState.PAUSED)
                 self._cond.wait()
 
     def _loop(self) -> None:
@@ -390,15 +443,10 @@ class VcpuRunner:
         """
         log.debug("vCPU %d: holding after a life-cycle request from a device", self.index)
         with self._cond:
-            self.parked = True
-            self._cond.notify_all()
+            self._set_state(VcpuRunState.HELD)
             while not self._stop_req:
-                while self._calls:
-                    fn, box = self._calls.pop(0)
-                    self._serve(fn, box)
-                    self._cond.notify_all()
+                self._serve_calls()
                 self._cond.wait()
-            self.parked = False
         return False
 
     def _on_hlt(self) -> bool:
