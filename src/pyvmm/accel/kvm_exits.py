@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pyvmm.bus import Bus
-from pyvmm.kvm import abi
+from pyvmm.kvm import abi, fastrun
 from pyvmm.kvm.ioctls import ExitReason, InternalError, SystemEvent
 from pyvmm.runstate import VmControl
 
@@ -42,7 +42,7 @@ EXIT_REASON_OFF = abi.KVM_RUN_EXIT_REASON_OFFSET
 #: The size of ``struct kvm_run``: port data must lie past it, inside the mapping.
 KVM_RUN_SIZE = ctypes.sizeof(abi.KvmRun)
 #: Where KVM puts port I/O data (KVM_PIO_PAGE_OFFSET pages into the vCPU mapping).
-PIO_DATA_OFF = 4096
+PIO_DATA_OFF = fastrun.PIO_DATA_OFF
 MMIO_DATA_OFF = EXIT_OFF + abi.KvmRunMmio.data.offset
 _REASON = struct.Struct("<I")
 # kvm_run.io: direction, size, port, count, data_offset.

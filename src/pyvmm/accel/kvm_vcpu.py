@@ -11,15 +11,22 @@ not interrupt anything.  The kicker sets its request flag *before* the
 ``immediate_exit`` byte, and the vCPU thread clears the byte *before* reading
 the flags, so no request is lost.
 
-Hot path.  Port I/O is what most exits are, so a single port access is
-handled inline in the loop with everything bound to locals and the bus lookup
-(``Bus.find``) inlined as a bisect.  With the compiled helper
-(:mod:`pyvmm.kvm.fastrun`) KVM_RUN returns that access already decoded in one
-integer (port, size, direction, value); with the ctypes fallback one
-precompiled ``struct`` unpack reads the exit reason together with
-``kvm_run.io``.  Everything else (string I/O, MMIO, unassigned ports, other
-exit reasons) goes through :meth:`VcpuRunner._handle_exit` and a dispatch
-table built once per runner.
+One loop.  Each turn runs one :class:`~pyvmm.kvm.fastrun.RunStep`, chosen when
+the runner is built: the compiled helper (:mod:`pyvmm.kvm.fastrun`) or its
+Python twin over the ctypes call.  Either returns the exit summarized in one
+integer, with a single port access already decoded (port, size, direction,
+value), so the loop body is the same for both.
+
+Hot path.  Port I/O is what most exits are, so a single port access to an
+assigned port is handled inline in the loop with everything bound to locals
+and the bus lookup (``Bus.find``) inlined as a bisect.  Everything else
+(string I/O, MMIO, unassigned ports, other exit reasons) goes to the exit
+handlers of :mod:`pyvmm.accel.kvm_exits`, plain functions of the ``kvm_run``
+contents that return an action; the runner carries the action out.
+
+Run state.  :class:`VcpuRunState` says where the thread is; other threads
+post requests (pause, resume, stop, calls) and kick, and the thread moves its
+state when it acts on them.
 
 Life-cycle requests.  When a device posts a request (reset, power-off,
 exit, error) during an access, the vCPU that made the access does not
@@ -35,7 +42,6 @@ import errno
 import logging
 import os
 import signal
-import struct
 import threading
 from bisect import bisect_right
 from collections.abc import Callable
@@ -45,11 +51,10 @@ from pyvmm.accel import kvm_exits
 from pyvmm.accel.kvm_exits import ExitAction, ExitContext, handle_exit
 from pyvmm.bus import Bus
 from pyvmm.errors import AccelError, KvmError
-from pyvmm.kvm import abi, fastrun
+from pyvmm.kvm import fastrun
 from pyvmm.kvm.dump import format_kvm_registers
-from pyvmm.kvm.fastrun import RunCall
-from pyvmm.kvm.ioctls import ExitReason, Ioctl
-from pyvmm.kvm.syscall import get_errno
+from pyvmm.kvm.fastrun import RunCall, RunStep
+from pyvmm.kvm.ioctls import ExitReason
 from pyvmm.kvm.vcpu import Vcpu
 from pyvmm.runstate import VmControl
 
@@ -58,14 +63,8 @@ log = logging.getLogger(__name__)
 #: The signal used to kick vCPU threads out of KVM_RUN (QEMU uses SIGUSR1 for the same job).
 KICK_SIGNAL = signal.SIGUSR1
 
-_EXIT_OFF = kvm_exits.EXIT_OFF
-_EXIT_REASON_OFF = kvm_exits.EXIT_REASON_OFF
-# exit_reason, then (skipping to the exit union) kvm_run.io: direction, size, port, count, data_offset.
-_EXIT_HEAD = struct.Struct(f"<I{_EXIT_OFF - _EXIT_REASON_OFF - 4}xBBHIQ")
-assert _EXIT_HEAD.size == _EXIT_OFF - _EXIT_REASON_OFF + ctypes.sizeof(abi.KvmRunIo)
-#: Where KVM puts port I/O data; the compiled helper pre-decodes an access only if ``data_offset`` is this.
-_PIO_DATA_OFF = kvm_exits.PIO_DATA_OFF
-_UNPACK, _PACK, _MASK = kvm_exits.UNPACK, kvm_exits.PACK, kvm_exits.MASK
+_PIO_DATA_OFF = fastrun.PIO_DATA_OFF
+_PACK, _MASK = kvm_exits.PACK, kvm_exits.MASK
 _EXIT_IO = int(ExitReason.IO)
 _EXIT_MMIO = int(ExitReason.MMIO)
 
@@ -129,8 +128,13 @@ class VcpuRunner:
     def __init__(self, vcpu: Vcpu, io_bus: Bus, mmio_bus: Bus, control: VmControl,
                  halt_action: str = "idle", run_call: RunCall | None = None) -> None:
         self.vcpu = vcpu
-        #: How KVM_RUN is called (compiled helper if available, else ctypes).
-        self.run_call = run_call or fastrun.run_call()
+        self._run_call = run_call or fastrun.run_call()
+        run = vcpu.run
+        if run is None:
+            raise AccelError(f"vCPU {vcpu.index} is closed")
+        self._mm = vcpu.run_mmap
+        #: KVM_RUN once plus the exit summary: the one place the compiled helper and ctypes differ.
+        self._step: RunStep = fastrun.run_step(self._run_call, vcpu.fd, self._mm, ctypes.addressof(run))
         self.index = vcpu.index
         self.io_bus = io_bus
         self.mmio_bus = mmio_bus
@@ -146,7 +150,11 @@ class VcpuRunner:
         self._state = VcpuRunState.CREATED
         self._ctx = ExitContext(self.index, io_bus, mmio_bus, control, dump=self.dump_state)
 
-    # -- control from other threads ----------------------------------------------------------------
+    @property
+    def run_call(self) -> RunCall:
+        """How KVM_RUN is called (compiled helper if available, else ctypes); fixed at construction."""
+        return self._run_call
+
     # -- the run state -----------------------------------------------------------------------------
     @property
     def state(self) -> VcpuRunState:
@@ -170,6 +178,7 @@ class VcpuRunner:
         self._state = new
         self._cond.notify_all()
 
+    # -- control from other threads ----------------------------------------------------------------
     def start(self) -> None:
         with self._cond:
             if self.running or (self.thread is not None and self.thread.is_alive()):
@@ -295,34 +304,24 @@ class VcpuRunner:
                 self._cond.wait()
 
     def _loop(self) -> None:
+        """KVM_RUN until something ends the loop (a stop request, a life-cycle request, HLT with "stop")."""
         if not self._service():
             return
-        if self.run_call.run is not None:
-            self._loop_summarized()
-        else:
-            self._loop_plain()
-
-    def _loop_summarized(self) -> None:
-        """The loop with the compiled helper, which hands back single port accesses pre-decoded."""
-        vcpu = self.vcpu
-        mm = vcpu.run_mmap
-        run = vcpu.run
-        assert run is not None and self.run_call.run is not None
-        fd = vcpu.fd
-        krun = self.run_call.run
-        run_addr = ctypes.addressof(run)
-        PIO = _PIO_DATA_OFF
-        assert PIO + 4 <= len(mm)
+        mm = self._mm
+        run = self.vcpu.run
+        assert run is not None
+        run_once, (a0, a1, a2) = self._step.fn, self._step.args
         io_bus = self.io_bus
-        PACK, MASK = _PACK, _MASK
+        PIO, PACK, MASK = _PIO_DATA_OFF, _PACK, _MASK
         handle = self._handle_exit
         service = self._service
         hold = self._hold_for_request
         requests = self._request_queue()
-        EXIT_IO = int(ExitReason.IO)
+        EXIT_IO = _EXIT_IO
         OTHER_EXIT = fastrun.OTHER_EXIT
+        exit_reason = kvm_exits.exit_reason
         while True:
-            r = krun(fd, run_addr, PIO)
+            r = run_once(a0, a1, a2)
             if r > 0x7F:  # fastrun.SIMPLE_PIO: one port access, already decoded
                 port = (r >> 12) & 0xFFFF
                 # Bus.find, inlined: the entry found must itself cover the port, so a bus being
@@ -340,7 +339,7 @@ class VcpuRunner:
                     if requests and not hold():
                         return
                     continue
-                r = EXIT_IO  # unassigned port: the general path logs it
+                r = EXIT_IO  # unassigned port: the general handler answers it
             elif r < 0:
                 if r != -errno.EINTR and r != -errno.EAGAIN:
                     raise KvmError(f"KVM_RUN on vCPU {self.index} failed: {os.strerror(-r)}")
@@ -350,69 +349,15 @@ class VcpuRunner:
                     return
                 continue
             elif r == OTHER_EXIT:  # an exit reason too large for the summary
-                r = run.exit_reason
+                r = exit_reason(mm)
             if not handle(r) or (requests and not hold()):
-                return
-
-    def _loop_plain(self) -> None:
-        """The loop with the ctypes call: exits decoded from ``kvm_run`` in Python.
-
-        A single port access is still handled inline (one unpack reads the exit
-        reason together with ``kvm_run.io``); everything else goes through
-        :meth:`_handle_exit`.
-        """
-        vcpu = self.vcpu
-        mm = vcpu.run_mmap
-        run = vcpu.run
-        assert run is not None
-        fd = vcpu.fd
-        ioctl = self.run_call.fn
-        negative_errno = self.run_call.negative_errno
-        KVM_RUN = int(Ioctl.RUN)
-        head = _EXIT_HEAD.unpack_from
-        io_bus = self.io_bus
-        UNPACK, PACK, MASK = _UNPACK, _PACK, _MASK
-        limit = len(mm) - 4
-        handle = self._handle_exit
-        service = self._service
-        hold = self._hold_for_request
-        requests = self._request_queue()
-        EXIT_IO = int(ExitReason.IO)
-        while True:
-            r = ioctl(fd, KVM_RUN, 0)
-            if r < 0:
-                err = -r if negative_errno else get_errno()
-                if err != errno.EINTR and err != errno.EAGAIN:
-                    raise KvmError(f"KVM_RUN on vCPU {self.index} failed: {os.strerror(err)}")
-                run.immediate_exit = 0
-                if not service():
-                    self.last_exit = ExitReason.INTR
-                    return
-                continue
-            reason, out, size, port, count, off = head(mm, _EXIT_REASON_OFF)
-            if reason == EXIT_IO and count == 1 and off <= limit:
-                unpack = UNPACK.get(size)
-                if unpack is not None:
-                    try:  # Bus.find, inlined (see _loop_summarized)
-                        s, e, dev, _ = (t := io_bus.table)[1][bisect_right(t[0], port) - 1]
-                    except IndexError:
-                        s = e = 0
-                    if s <= port < e:
-                        if out:
-                            dev.io_write(port - s, size, unpack(mm, off)[0])
-                        else:
-                            PACK[size](mm, off, dev.io_read(port - s, size) & MASK[size])
-                        if requests and not hold():
-                            return
-                        continue
-            if not handle(reason) or (requests and not hold()):
                 return
 
     def _handle_exit(self, reason: int) -> bool:
         """Handle one exit decoded from ``kvm_run`` (see :mod:`pyvmm.accel.kvm_exits`); False ends the loop."""
         if reason != _EXIT_IO and reason != _EXIT_MMIO:
             self.last_exit = reason
-        action = handle_exit(reason, self.vcpu.run_mmap, self._ctx)
+        action = handle_exit(reason, self._mm, self._ctx)
         if action is ExitAction.CONTINUE:
             return True
         if action is ExitAction.INTERRUPTED:
