@@ -94,10 +94,11 @@ class RawGuest:
         self.io_bus, self.mmio_bus = buses()
         self.control = VmControl()
 
-    def runner(self, halt_action: str = "stop"):
+    def runner(self, halt_action: str = "stop", run_call=None):
         from pyvmm.accel.kvm_vcpu import VcpuRunner
 
-        return VcpuRunner(self.vcpu, self.io_bus, self.mmio_bus, self.control, halt_action=halt_action)
+        return VcpuRunner(self.vcpu, self.io_bus, self.mmio_bus, self.control, halt_action=halt_action,
+                          run_call=run_call)
 
     def close(self) -> None:
         self.vm.close()

@@ -63,8 +63,7 @@ def test_port_io_out_and_in_reach_the_device_then_hlt(call: str) -> None:
     with RawGuest(code, ORG) as g:
         dev = RecordingDevice(read_value=0xA5C3)
         g.io_bus.register(0x510, 4, dev, "test")
-        r = g.runner()
-        r.run_call = run_call(call)
+        r = g.runner(run_call=run_call(call))
         r.run()
         assert r.last_exit == ExitReason.HLT
         assert dev.writes == [(0, 1, 0x5A), (0, 2, 0x1234), (0, 4, 0xDEADBEEF), (2, 1, 0xC3),
@@ -99,8 +98,7 @@ def test_string_io_rep_outsb_and_rep_insw(call: str) -> None:
         in_dev.io_read = lambda off, size: next(values)  # type: ignore[method-assign]
         g.io_bus.register(0x510, 1, out_dev, "out")
         g.io_bus.register(0x512, 2, in_dev, "in")
-        r = g.runner()
-        r.run_call = run_call(call)
+        r = g.runner(run_call=run_call(call))
         r.run()
         assert r.last_exit == ExitReason.HLT
         assert bytes(v for _, _, v in out_dev.writes) == b"hello"
@@ -128,8 +126,7 @@ def test_mmio_exit_to_unmapped_address(call: str) -> None:
         port = RecordingDevice()
         g.mmio_bus.register(0x100000, 0x10, dev, "mmio-test")
         g.io_bus.register(0x510, 1, port, "port")
-        r = g.runner()
-        r.run_call = run_call(call)
+        r = g.runner(run_call=run_call(call))
         r.run()
         assert r.last_exit == ExitReason.HLT
         assert dev.writes == [(0, 2, 0xBEEF), (3, 1, 7)]
@@ -154,8 +151,7 @@ def test_kick_stops_a_spinning_guest_and_pause_parks_it(call: str) -> None:
     with RawGuest(code, ORG) as g:
         dev = RecordingDevice()
         g.io_bus.register(0x510, 1, dev, "test")
-        r = g.runner()
-        r.run_call = run_call(call)
+        r = g.runner(run_call=run_call(call))
         r.start()
         deadline = time.monotonic() + 5
         while not dev.writes and time.monotonic() < deadline:
@@ -194,8 +190,7 @@ def test_triple_fault_requests_reset(call: str) -> None:
           .long 0
     """, ORG, bits=32)
     with RawGuest(code, ORG, state=flat32_state(ORG)) as g:
-        r = g.runner()
-        r.run_call = run_call(call)
+        r = g.runner(run_call=run_call(call))
         r.run()
         assert r.last_exit == ExitReason.SHUTDOWN
         reqs = drain(g.control)
@@ -213,8 +208,7 @@ def test_emulation_failure_requests_error_with_register_dump(call: str,
         hlt
     """, ORG)
     with RawGuest(code, ORG) as g, caplog.at_level(logging.ERROR, logger="pyvmm.accel.kvm_vcpu"):
-        r = g.runner()
-        r.run_call = run_call(call)
+        r = g.runner(run_call=run_call(call))
         r.run()
         assert r.last_exit == ExitReason.INTERNAL_ERROR
         reqs = drain(g.control)

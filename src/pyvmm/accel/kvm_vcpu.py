@@ -11,15 +11,22 @@ not interrupt anything.  The kicker sets its request flag *before* the
 ``immediate_exit`` byte, and the vCPU thread clears the byte *before* reading
 the flags, so no request is lost.
 
-Hot path.  Port I/O is what most exits are, so a single port access is
-handled inline in the loop with everything bound to locals and the bus lookup
-(``Bus.find``) inlined as a bisect.  With the compiled helper
-(:mod:`pyvmm.kvm.fastrun`) KVM_RUN returns that access already decoded in one
-integer (port, size, direction, value); with the ctypes fallback one
-precompiled ``struct`` unpack reads the exit reason together with
-``kvm_run.io``.  Everything else (string I/O, MMIO, unassigned ports, other
-exit reasons) goes through :meth:`VcpuRunner._handle_exit` and a dispatch
-table built once per runner.
+One loop.  Each turn runs one :class:`~pyvmm.kvm.fastrun.RunStep`, chosen when
+the runner is built: the compiled helper (:mod:`pyvmm.kvm.fastrun`) or its
+Python twin over the ctypes call.  Either returns the exit summarized in one
+integer, with a single port access already decoded (port, size, direction,
+value), so the loop body is the same for both.
+
+Hot path.  Port I/O is what most exits are, so a single port access to an
+assigned port is handled inline in the loop with everything bound to locals
+and the bus lookup (``Bus.find``) inlined as a bisect.  Everything else
+(string I/O, MMIO, unassigned ports, other exit reasons) goes to the exit
+handlers of :mod:`pyvmm.accel.kvm_exits`, plain functions of the ``kvm_run``
+contents that return an action; the runner carries the action out.
+
+Run state.  :class:`VcpuRunState` says where the thread is; other threads
+post requests (pause, resume, stop, calls) and kick, and the thread moves its
+state when it acts on them.
 
 Life-cycle requests.  When a device posts a request (reset, power-off,
 exit, error) during an access, the vCPU that made the access does not
@@ -30,23 +37,24 @@ QEMU stops the current vCPU.
 from __future__ import annotations
 
 import ctypes
+import enum
 import errno
 import logging
 import os
 import signal
-import struct
 import threading
 from bisect import bisect_right
 from collections.abc import Callable
 from typing import Any
 
+from pyvmm.accel import kvm_exits
+from pyvmm.accel.kvm_exits import ExitAction, ExitContext, handle_exit
 from pyvmm.bus import Bus
 from pyvmm.errors import AccelError, KvmError
-from pyvmm.kvm import abi, fastrun
+from pyvmm.kvm import fastrun
 from pyvmm.kvm.dump import format_kvm_registers
-from pyvmm.kvm.fastrun import RunCall
-from pyvmm.kvm.ioctls import ExitReason, InternalError, Ioctl, SystemEvent
-from pyvmm.kvm.syscall import get_errno
+from pyvmm.kvm.fastrun import RunCall, RunStep
+from pyvmm.kvm.ioctls import ExitReason
 from pyvmm.kvm.vcpu import Vcpu
 from pyvmm.runstate import VmControl
 
@@ -55,27 +63,37 @@ log = logging.getLogger(__name__)
 #: The signal used to kick vCPU threads out of KVM_RUN (QEMU uses SIGUSR1 for the same job).
 KICK_SIGNAL = signal.SIGUSR1
 
-_EXIT_OFF = abi.KVM_RUN_EXIT_OFFSET
-_EXIT_REASON_OFF = abi.KVM_RUN_EXIT_REASON_OFFSET
-_MMIO_DATA_OFF = _EXIT_OFF + abi.KvmRunMmio.data.offset
-# exit_reason, then (skipping to the exit union) kvm_run.io: direction, size, port, count, data_offset.
-_EXIT_HEAD = struct.Struct(f"<I{_EXIT_OFF - _EXIT_REASON_OFF - 4}xBBHIQ")
-assert _EXIT_HEAD.size == _EXIT_OFF - _EXIT_REASON_OFF + ctypes.sizeof(abi.KvmRunIo)
-# kvm_run.io: direction, size, port, count, data_offset.
-_PIO_HEAD = struct.Struct("<BBHIQ")
-assert _PIO_HEAD.size == ctypes.sizeof(abi.KvmRunIo)
-#: Where KVM puts port I/O data (KVM_PIO_PAGE_OFFSET pages into the vCPU mapping); the compiled
-#: helper pre-decodes an access only if ``data_offset`` is exactly this.
-_PIO_DATA_OFF = 4096
-# kvm_run.mmio: phys_addr, data[8], len, is_write.
-_MMIO_HEAD = struct.Struct("<Q8sIB")
-assert _MMIO_HEAD.size == abi.KvmRunMmio.is_write.offset + 1
-# Keyed by access size in bytes: a size missing here is a malformed exit.
-_UNPACK: dict[int, Any] = {1: struct.Struct("<B").unpack_from, 2: struct.Struct("<H").unpack_from,
-                           4: struct.Struct("<I").unpack_from}
-_PACK: dict[int, Any] = {1: struct.Struct("<B").pack_into, 2: struct.Struct("<H").pack_into,
-                         4: struct.Struct("<I").pack_into}
-_MASK = {1: 0xFF, 2: 0xFFFF, 4: 0xFFFFFFFF}
+_PIO_DATA_OFF = fastrun.PIO_DATA_OFF
+_PACK, _MASK = kvm_exits.PACK, kvm_exits.MASK
+_EXIT_IO = int(ExitReason.IO)
+_EXIT_MMIO = int(ExitReason.MMIO)
+
+
+class VcpuRunState(enum.Enum):
+    """Where a vCPU thread is, as Firecracker's vCPU state machine; only the vCPU thread moves it,
+    except :meth:`VcpuRunner.start`, which moves a stopped runner to RUNNING before its thread starts.
+
+    Requests from other threads (pause, resume, stop, calls) are flags the thread acts on when it
+    leaves KVM_RUN; the state says what it did about them.
+    """
+
+    CREATED = "created"  # never run
+    RUNNING = "running"  # the loop is active: in KVM_RUN or handling an exit
+    PAUSED = "paused"    # parked outside KVM_RUN on a pause request, serving calls until resumed or stopped
+    HELD = "held"        # parked after a device posted a life-cycle request, until the machine stops it
+    STOPPED = "stopped"  # the loop has ended; start() or run() may run it again
+
+
+#: The transitions :meth:`VcpuRunner._set_state` allows.
+_TRANSITIONS: dict[VcpuRunState, frozenset[VcpuRunState]] = {
+    VcpuRunState.CREATED: frozenset({VcpuRunState.RUNNING}),
+    VcpuRunState.RUNNING: frozenset({VcpuRunState.PAUSED, VcpuRunState.HELD, VcpuRunState.STOPPED}),
+    VcpuRunState.PAUSED: frozenset({VcpuRunState.RUNNING, VcpuRunState.STOPPED}),
+    VcpuRunState.HELD: frozenset({VcpuRunState.STOPPED}),
+    VcpuRunState.STOPPED: frozenset({VcpuRunState.RUNNING}),
+}
+_PARKED = frozenset({VcpuRunState.PAUSED, VcpuRunState.HELD})
+_ACTIVE = frozenset({VcpuRunState.RUNNING, VcpuRunState.PAUSED, VcpuRunState.HELD})
 
 
 def _kick_handler(signum: int, frame: object) -> None:
@@ -110,8 +128,13 @@ class VcpuRunner:
     def __init__(self, vcpu: Vcpu, io_bus: Bus, mmio_bus: Bus, control: VmControl,
                  halt_action: str = "idle", run_call: RunCall | None = None) -> None:
         self.vcpu = vcpu
-        #: How KVM_RUN is called (compiled helper if available, else ctypes).
-        self.run_call = run_call or fastrun.run_call()
+        self._run_call = run_call or fastrun.run_call()
+        run = vcpu.run
+        if run is None:
+            raise AccelError(f"vCPU {vcpu.index} is closed")
+        self._mm = vcpu.run_mmap
+        #: KVM_RUN once plus the exit summary: the one place the compiled helper and ctypes differ.
+        self._step: RunStep = fastrun.run_step(self._run_call, vcpu.fd, self._mm, ctypes.addressof(run))
         self.index = vcpu.index
         self.io_bus = io_bus
         self.mmio_bus = mmio_bus
@@ -120,23 +143,49 @@ class VcpuRunner:
         self.thread: threading.Thread | None = None
         self.ident: int | None = None
         self.last_exit: int | None = None
-        self.error_dump: str | None = None
         self._cond = threading.Condition()
         self._pause_req = False
         self._stop_req = False
         self._calls: list[tuple[Callable[[], Any], list[Any]]] = []
-        self.parked = False
-        self.running = False  # True while the loop is active on some thread
-        self._dispatch = self._dispatch_table()
+        self._state = VcpuRunState.CREATED
+        self._ctx = ExitContext(self.index, io_bus, mmio_bus, control, dump=self.dump_state)
+
+    @property
+    def run_call(self) -> RunCall:
+        """How KVM_RUN is called (compiled helper if available, else ctypes); fixed at construction."""
+        return self._run_call
+
+    # -- the run state -----------------------------------------------------------------------------
+    @property
+    def state(self) -> VcpuRunState:
+        return self._state
+
+    @property
+    def parked(self) -> bool:
+        """Out of KVM_RUN and waiting (paused, or held after a device's request)."""
+        return self._state in _PARKED
+
+    @property
+    def running(self) -> bool:
+        """The loop is active on some thread (running, paused or held)."""
+        return self._state in _ACTIVE
+
+    def _set_state(self, new: VcpuRunState) -> None:
+        """Move to ``new`` (with ``_cond`` held) and wake the waiters; an unlisted transition is a bug."""
+        old = self._state
+        if new not in _TRANSITIONS[old]:
+            raise AccelError(f"vCPU {self.index}: run state cannot go from {old.value} to {new.value}")
+        self._state = new
+        self._cond.notify_all()
 
     # -- control from other threads ----------------------------------------------------------------
     def start(self) -> None:
-        if self.thread is not None and self.thread.is_alive():
-            raise AccelError(f"vCPU {self.index} is already running")
         with self._cond:
+            if self.running or (self.thread is not None and self.thread.is_alive()):
+                raise AccelError(f"vCPU {self.index} is already running")
             self._stop_req = False
-            self.running = True
-        self.thread = threading.Thread(target=self.run, name=f"vcpu{self.index}", daemon=True)
+            self._set_state(VcpuRunState.RUNNING)
+        self.thread = threading.Thread(target=self._thread_main, name=f"vcpu{self.index}", daemon=True)
         self.thread.start()
 
     def kick(self) -> None:
@@ -206,24 +255,25 @@ class VcpuRunner:
 
     # -- the thread --------------------------------------------------------------------------------
     def run(self) -> None:
-        """The thread body (callable directly for single-threaded use, e.g. benchmarks)."""
-        self.ident = threading.get_ident()
+        """Run the loop on this thread until it ends (single-threaded use, e.g. tests and benchmarks)."""
         with self._cond:
-            self.running = True
+            self._set_state(VcpuRunState.RUNNING)
+        self._thread_main()
+
+    def _thread_main(self) -> None:
+        self.ident = threading.get_ident()
         try:
             self._loop()
         except Exception as e:  # device bugs must not vanish with the thread
             log.exception("vCPU %d: unhandled error while handling an exit", self.index)
-            self._fail(f"vCPU {self.index}: internal error: {type(e).__name__}: {e}")
+            self._ctx.fail(f"vCPU {self.index}: internal error: {type(e).__name__}: {e}")
         finally:
             with self._cond:
-                self.running = False
-                self.parked = False
-                calls, self._calls = self._calls, []
-                self._cond.notify_all()
-            for fn, box in calls:
-                self._serve(fn, box)
-            self.ident = None
+                # Calls still queued are served before STOPPED shows, so that a caller woken by
+                # STOPPED knows its call was not run and runs it itself, never twice.
+                self._serve_calls()
+                self.ident = None
+                self._set_state(VcpuRunState.STOPPED)
 
     def _serve(self, fn: Callable[[], Any], box: list[Any]) -> None:
         try:
@@ -231,55 +281,47 @@ class VcpuRunner:
         except Exception as e:
             box.append((False, e))
 
+    def _serve_calls(self) -> None:
+        """Run the queued calls (with ``_cond`` held)."""
+        while self._calls:
+            fn, box = self._calls.pop(0)
+            self._serve(fn, box)
+            self._cond.notify_all()
+
     def _service(self) -> bool:
         """Handle requests after a kick; returns False when the loop must end."""
         with self._cond:
             while True:
-                while self._calls:
-                    fn, box = self._calls.pop(0)
-                    self._serve(fn, box)
-                    self._cond.notify_all()
+                self._serve_calls()
                 if self._stop_req:
                     return False
                 if not self._pause_req:
-                    if self.parked:
-                        self.parked = False
-                        self._cond.notify_all()
+                    if self._state is VcpuRunState.PAUSED:
+                        self._set_state(VcpuRunState.RUNNING)
                     return True
-                if not self.parked:
-                    self.parked = True
-                    self._cond.notify_all()
+                if self._state is VcpuRunState.RUNNING:
+                    self._set_state(VcpuRunState.PAUSED)
                 self._cond.wait()
 
     def _loop(self) -> None:
+        """KVM_RUN until something ends the loop (a stop request, a life-cycle request, HLT with "stop")."""
         if not self._service():
             return
-        if self.run_call.run is not None:
-            self._loop_summarized()
-        else:
-            self._loop_plain()
-
-    def _loop_summarized(self) -> None:
-        """The loop with the compiled helper, which hands back single port accesses pre-decoded."""
-        vcpu = self.vcpu
-        mm = vcpu.run_mmap
-        run = vcpu.run
-        assert run is not None and self.run_call.run is not None
-        fd = vcpu.fd
-        krun = self.run_call.run
-        run_addr = ctypes.addressof(run)
-        PIO = _PIO_DATA_OFF
-        assert PIO + 4 <= len(mm)
+        mm = self._mm
+        run = self.vcpu.run
+        assert run is not None
+        run_once, (a0, a1, a2) = self._step.fn, self._step.args
         io_bus = self.io_bus
-        PACK, MASK = _PACK, _MASK
+        PIO, PACK, MASK = _PIO_DATA_OFF, _PACK, _MASK
         handle = self._handle_exit
         service = self._service
         hold = self._hold_for_request
         requests = self._request_queue()
-        EXIT_IO = int(ExitReason.IO)
+        EXIT_IO = _EXIT_IO
         OTHER_EXIT = fastrun.OTHER_EXIT
+        exit_reason = kvm_exits.exit_reason
         while True:
-            r = krun(fd, run_addr, PIO)
+            r = run_once(a0, a1, a2)
             if r > 0x7F:  # fastrun.SIMPLE_PIO: one port access, already decoded
                 port = (r >> 12) & 0xFFFF
                 # Bus.find, inlined: the entry found must itself cover the port, so a bus being
@@ -297,7 +339,7 @@ class VcpuRunner:
                     if requests and not hold():
                         return
                     continue
-                r = EXIT_IO  # unassigned port: the general path logs it
+                r = EXIT_IO  # unassigned port: the general handler answers it
             elif r < 0:
                 if r != -errno.EINTR and r != -errno.EAGAIN:
                     raise KvmError(f"KVM_RUN on vCPU {self.index} failed: {os.strerror(-r)}")
@@ -307,128 +349,25 @@ class VcpuRunner:
                     return
                 continue
             elif r == OTHER_EXIT:  # an exit reason too large for the summary
-                r = run.exit_reason
+                r = exit_reason(mm)
             if not handle(r) or (requests and not hold()):
                 return
 
-    def _loop_plain(self) -> None:
-        """The loop with the ctypes call: exits decoded from ``kvm_run`` in Python.
-
-        A single port access is still handled inline (one unpack reads the exit
-        reason together with ``kvm_run.io``); everything else goes through
-        :meth:`_handle_exit`.
-        """
-        vcpu = self.vcpu
-        mm = vcpu.run_mmap
-        run = vcpu.run
-        assert run is not None
-        fd = vcpu.fd
-        ioctl = self.run_call.fn
-        negative_errno = self.run_call.negative_errno
-        KVM_RUN = int(Ioctl.RUN)
-        head = _EXIT_HEAD.unpack_from
-        io_bus = self.io_bus
-        UNPACK, PACK, MASK = _UNPACK, _PACK, _MASK
-        limit = len(mm) - 4
-        handle = self._handle_exit
-        service = self._service
-        hold = self._hold_for_request
-        requests = self._request_queue()
-        EXIT_IO = int(ExitReason.IO)
-        while True:
-            r = ioctl(fd, KVM_RUN, 0)
-            if r < 0:
-                err = -r if negative_errno else get_errno()
-                if err != errno.EINTR and err != errno.EAGAIN:
-                    raise KvmError(f"KVM_RUN on vCPU {self.index} failed: {os.strerror(err)}")
-                run.immediate_exit = 0
-                if not service():
-                    self.last_exit = ExitReason.INTR
-                    return
-                continue
-            reason, out, size, port, count, off = head(mm, _EXIT_REASON_OFF)
-            if reason == EXIT_IO and count == 1 and off <= limit:
-                unpack = UNPACK.get(size)
-                if unpack is not None:
-                    try:  # Bus.find, inlined (see _loop_summarized)
-                        s, e, dev, _ = (t := io_bus.table)[1][bisect_right(t[0], port) - 1]
-                    except IndexError:
-                        s = e = 0
-                    if s <= port < e:
-                        if out:
-                            dev.io_write(port - s, size, unpack(mm, off)[0])
-                        else:
-                            PACK[size](mm, off, dev.io_read(port - s, size) & MASK[size])
-                        if requests and not hold():
-                            return
-                        continue
-            if not handle(reason) or (requests and not hold()):
-                return
-
     def _handle_exit(self, reason: int) -> bool:
-        """Handle one exit decoded from ``kvm_run``; False ends the loop."""
-        if reason == ExitReason.IO:
-            return self._pio_exit()
-        if reason == ExitReason.MMIO:
-            return self._mmio_exit()
-        self.last_exit = reason
-        return self._dispatch.get(reason, self._unexpected_exit)(reason)
-
-    def _pio_exit(self) -> bool:
-        """KVM_EXIT_IO, including string I/O (``count`` items) and unassigned ports."""
-        mm = self.vcpu.run_mmap
-        out, size, port, count, off = _PIO_HEAD.unpack_from(mm, _EXIT_OFF)
-        unpack = _UNPACK.get(size)
-        if unpack is None or off + size * count > len(mm):
-            self._fail(f"vCPU {self.index}: malformed I/O exit (port {port:#x} size {size} "
-                       f"count {count} offset {off:#x})")
-            return False
-        bus = self.io_bus
-        hit = bus.find(port)
-        if out:
-            if hit is None:
-                for i in range(count):
-                    bus.write(port, size, unpack(mm, off + i * size)[0])
-            else:
-                write, rel = hit[1].io_write, port - hit[0]
-                for i in range(count):
-                    write(rel, size, unpack(mm, off + i * size)[0])
-        else:
-            pack = _PACK[size]
-            if hit is None:
-                for i in range(count):
-                    pack(mm, off + i * size, bus.read(port, size))
-            else:
-                read, rel, mask = hit[1].io_read, port - hit[0], _MASK[size]
-                for i in range(count):
-                    pack(mm, off + i * size, read(rel, size) & mask)
-        return True
-
-    def _mmio_exit(self) -> bool:
-        """KVM_EXIT_MMIO: 1..8 bytes at ``phys_addr``; reads are answered in ``mmio.data``."""
-        mm = self.vcpu.run_mmap
-        addr, data, n, is_write = _MMIO_HEAD.unpack_from(mm, _EXIT_OFF)
-        if not 1 <= n <= 8:
-            self._fail(f"vCPU {self.index}: malformed MMIO exit (len {n} at {addr:#x})")
-            return False
-        bus = self.mmio_bus
-        try:
-            s, e, dev, _ = (t := bus.table)[1][bisect_right(t[0], addr) - 1]
-        except IndexError:
-            s = e = 0
-        if is_write:
-            value = int.from_bytes(data[:n], "little")
-            if s <= addr < e:
-                dev.io_write(addr - s, n, value)
-            else:
-                bus.write(addr, n, value)
-        else:
-            if s <= addr < e:
-                value = dev.io_read(addr - s, n) & ((1 << (8 * n)) - 1)
-            else:
-                value = bus.read(addr, n)
-            mm[_MMIO_DATA_OFF:_MMIO_DATA_OFF + n] = value.to_bytes(n, "little")
-        return True
+        """Handle one exit decoded from ``kvm_run`` (see :mod:`pyvmm.accel.kvm_exits`); False ends the loop."""
+        if reason != _EXIT_IO and reason != _EXIT_MMIO:
+            self.last_exit = reason
+        action = handle_exit(reason, self._mm, self._ctx)
+        if action is ExitAction.CONTINUE:
+            return True
+        if action is ExitAction.INTERRUPTED:
+            run = self.vcpu.run
+            assert run is not None
+            run.immediate_exit = 0
+            return self._service()
+        if action is ExitAction.HALT:
+            return self._on_hlt()
+        return False
 
     def _request_queue(self) -> list[Any]:
         """The life-cycle mailbox's pending list, peeked without its lock after device accesses.
@@ -449,41 +388,13 @@ class VcpuRunner:
         """
         log.debug("vCPU %d: holding after a life-cycle request from a device", self.index)
         with self._cond:
-            self.parked = True
-            self._cond.notify_all()
+            self._set_state(VcpuRunState.HELD)
             while not self._stop_req:
-                while self._calls:
-                    fn, box = self._calls.pop(0)
-                    self._serve(fn, box)
-                    self._cond.notify_all()
+                self._serve_calls()
                 self._cond.wait()
-            self.parked = False
         return False
 
-    # -- slow-path exits ---------------------------------------------------------------------------
-    def _dispatch_table(self) -> dict[int, Callable[[int], bool]]:
-        return {
-            ExitReason.HLT: self._on_hlt,
-            ExitReason.SHUTDOWN: self._on_shutdown,
-            ExitReason.SYSTEM_EVENT: self._on_system_event,
-            ExitReason.FAIL_ENTRY: self._on_fail_entry,
-            ExitReason.INTERNAL_ERROR: self._on_internal_error,
-            ExitReason.INTR: self._on_intr,
-            ExitReason.IRQ_WINDOW_OPEN: self._on_ignore,
-            ExitReason.NMI: self._on_ignore,
-            ExitReason.HYPERCALL: self._on_hypercall,
-        }
-
-    def _on_intr(self, reason: int) -> bool:
-        run = self.vcpu.run
-        assert run is not None
-        run.immediate_exit = 0
-        return self._service()
-
-    def _on_ignore(self, reason: int) -> bool:
-        return True
-
-    def _on_hlt(self, reason: int) -> bool:
+    def _on_hlt(self) -> bool:
         if self.halt_action == "stop":
             return False
         # No in-kernel irqchip, hence nothing can wake the vCPU but a request: idle politely.
@@ -491,81 +402,13 @@ class VcpuRunner:
             self._cond.wait(0.01)
         return self._service()
 
-    def _on_shutdown(self, reason: int) -> bool:
-        log.info("vCPU %d: shutdown (triple fault)\n%s", self.index, self._safe_dump())
-        self.control.request_reset("triple fault")
-        return False
-
-    def _on_system_event(self, reason: int) -> bool:
-        run = self.vcpu.run
-        assert run is not None
-        kind = run.u.system_event.type
-        if kind == SystemEvent.SHUTDOWN:
-            self.control.request_poweroff("guest requested power-off")
-        elif kind == SystemEvent.RESET:
-            self.control.request_reset("guest requested reset")
-        elif kind == SystemEvent.CRASH:
-            self._fail(f"vCPU {self.index}: guest crashed (system event)")
-        else:
-            log.debug("vCPU %d: ignoring system event %d", self.index, kind)
-            return True
-        return False
-
-    def _on_fail_entry(self, reason: int) -> bool:
-        run = self.vcpu.run
-        assert run is not None
-        hw = run.u.fail_entry.hardware_entry_failure_reason
-        self._fail(f"vCPU {self.index}: KVM entry failed, hardware error {hw:#x}")
-        return False
-
-    def _on_internal_error(self, reason: int) -> bool:
-        run = self.vcpu.run
-        assert run is not None
-        internal = run.u.internal
-        sub = internal.suberror
-        try:
-            what = InternalError(sub).name.lower().replace("_", " ")
-        except ValueError:
-            what = f"suberror {sub}"
-        detail = ""
-        ndata = min(internal.ndata, 16)
-        if sub == InternalError.EMULATION and ndata >= 3 and internal.data[0] & 1:
-            raw = bytes(internal)[16:32]  # emulation_failure: insn_size, then up to 15 instruction bytes
-            n = min(raw[0], 15)
-            detail = " (instruction bytes: " + " ".join(f"{b:02x}" for b in raw[1:1 + n]) + ")"
-        elif ndata:
-            detail = " (data: " + " ".join(f"{internal.data[i]:#x}" for i in range(ndata)) + ")"
-        self._fail(f"vCPU {self.index}: KVM internal error: {what}{detail}")
-        return False
-
-    def _on_hypercall(self, reason: int) -> bool:
-        run = self.vcpu.run
-        assert run is not None
-        run.u.hypercall.ret = (-1000) & 0xFFFFFFFFFFFFFFFF  # -KVM_ENOSYS
-        return True
-
-    def _unexpected_exit(self, reason: int) -> bool:
-        try:
-            name = ExitReason(reason).name
-        except ValueError:
-            name = str(reason)
-        self._fail(f"vCPU {self.index}: unexpected KVM exit reason {name}")
-        return False
-
     # -- errors ------------------------------------------------------------------------------------
-    def _safe_dump(self) -> str:
-        try:
-            return self.dump_state()
-        except Exception as e:  # the dump is diagnostics; never let it hide the original error
-            return f"(register dump unavailable: {e})"
+    @property
+    def error_dump(self) -> str | None:
+        """The register dump taken with the last fatal error, if any."""
+        return self._ctx.error_dump
 
     def dump_state(self) -> str:
         """QEMU-style register dump; call on the vCPU thread or while it is parked/stopped."""
         vcpu = self.vcpu
         return f"CPU#{self.index}\n" + format_kvm_registers(vcpu.get_regs(), vcpu.get_sregs())
-
-    def _fail(self, reason: str) -> None:
-        text = self._safe_dump()
-        self.error_dump = text
-        log.error("%s\n%s", reason, text)
-        self.control.request_error(reason)

@@ -7,6 +7,10 @@ host, about 1 microsecond less per exit (see ``bench/exits.py``).
 
 The helper also summarizes the exit in its return value for the commonest
 case, a single port access, so the loop need not decode ``kvm_run`` itself.
+:func:`run_step` hides which call is used: it returns a :class:`RunStep`
+whose ``fn(*args)`` runs KVM_RUN once and returns that summary, either the
+compiled ``pv_run`` itself or its Python twin over the ctypes call.  The vCPU
+loop has one body for both.
 
 The helper is compiled when pyvmm is installed (cffi, see
 :mod:`pyvmm.kvm.kvmrun_build`) into the extension module ``pyvmm.kvm._kvmrun``;
@@ -19,16 +23,20 @@ the vCPU loop relies on.
 
 from __future__ import annotations
 
+import ctypes
 import importlib
 import logging
 import os
+import struct
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from pyvmm.errors import KvmError
-from pyvmm.kvm import kvmrun_build
-from pyvmm.kvm.syscall import kvm_run_ioctl
+from pyvmm.kvm import abi, kvmrun_build
+from pyvmm.kvm.ioctls import ExitReason, Ioctl
+from pyvmm.kvm.syscall import get_errno, kvm_run_ioctl
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +64,69 @@ class RunCall:
 
 
 _FALLBACK = RunCall(kvm_run_ioctl, False, False)
+
+#: Where KVM puts port I/O data (KVM_PIO_PAGE_OFFSET pages into the vCPU mapping); a single port
+#: access is summarized only if its ``data_offset`` is exactly this.
+PIO_DATA_OFF = 4096
+_EXIT_OFF = abi.KVM_RUN_EXIT_OFFSET
+_EXIT_REASON_OFF = abi.KVM_RUN_EXIT_REASON_OFFSET
+# exit_reason, then (skipping to the exit union) kvm_run.io: direction, size, port, count, data_offset.
+_EXIT_HEAD = struct.Struct(f"<I{_EXIT_OFF - _EXIT_REASON_OFF - 4}xBBHIQ")
+assert _EXIT_HEAD.size == _EXIT_OFF - _EXIT_REASON_OFF + ctypes.sizeof(abi.KvmRunIo)
+_PIO_VALUE = {1: struct.Struct("<B").unpack_from, 2: struct.Struct("<H").unpack_from,
+              4: struct.Struct("<I").unpack_from}
+
+
+@dataclass(frozen=True)
+class RunStep:
+    """KVM_RUN once on one vCPU: ``fn(*args)`` returns the exit summary.
+
+    The summary is ``pv_run``'s (see :mod:`pyvmm.kvm.kvmrun_build`): ``-errno``; or
+    :data:`SIMPLE_PIO` set for one port access (count 1, size 1/2/4, data at
+    :data:`PIO_DATA_OFF`) with the direction in :data:`PIO_OUT`, the size in bits
+    9-11, the port in bits 12-27 and the value written in bits 28 and up; or the
+    exit reason, :data:`OTHER_EXIT` for reasons that do not fit, which the caller
+    reads from ``kvm_run``.
+    """
+
+    fn: Callable[[int, int, int], int]
+    args: tuple[int, int, int]
+    compiled: bool
+
+
+def run_step(call: RunCall, fd: int, run_map: Any, run_addr: int) -> RunStep:
+    """The KVM_RUN step for the vCPU ``fd`` whose ``kvm_run`` is ``run_map`` (mapped at ``run_addr``)."""
+    if len(run_map) < PIO_DATA_OFF + 4:
+        raise KvmError(f"the kvm_run mapping ({len(run_map)} bytes) has no port I/O data page")
+    if call.run is not None:
+        return RunStep(call.run, (fd, run_addr, PIO_DATA_OFF), True)
+    return RunStep(_ctypes_step(call, run_map), (fd, int(Ioctl.RUN), PIO_DATA_OFF), False)
+
+
+def _ctypes_step(call: RunCall, mm: Any) -> Callable[[int, int, int], int]:
+    """``pv_run`` in Python over ``call.fn``: the same summary, decoded from ``mm``."""
+    ioctl, negative_errno = call.fn, call.negative_errno
+    head = _EXIT_HEAD.unpack_from
+    value = _PIO_VALUE
+    reason_off = _EXIT_REASON_OFF
+    EXIT_IO = int(ExitReason.IO)
+    IN, OUT = SIMPLE_PIO | EXIT_IO, PIO_OUT | SIMPLE_PIO | EXIT_IO
+
+    def step(fd: int, request: int, pio_off: int) -> int:
+        r = ioctl(fd, request, 0)
+        if r < 0:
+            return r if negative_errno else -get_errno()
+        reason, out, size, port, count, off = head(mm, reason_off)
+        if reason == EXIT_IO and count == 1 and off == pio_off:
+            if out:
+                unpack = value.get(size)
+                if unpack is not None:
+                    return (unpack(mm, off)[0] << 28) | (port << 12) | (size << 9) | OUT
+            elif size in value:
+                return (port << 12) | (size << 9) | IN
+            return reason
+        return reason if reason < OTHER_EXIT else OTHER_EXIT
+    return step
 
 
 class _Loader:
