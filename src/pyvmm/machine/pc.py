@@ -34,6 +34,7 @@ from pyvmm.devices.i8042 import I8042
 from pyvmm.devices.pci.board import PCI_DRIVERS, PciBoard
 from pyvmm.devices.pci.msi import msi_sender_for
 from pyvmm.devices.port80 import Port80
+from pyvmm.devices.pvpanic import PVPANIC_IO_SIZE, PvPanic
 from pyvmm.devices.rtc import Rtc
 from pyvmm.devices.serial import SERIAL_IO_SIZE, Serial
 from pyvmm.devices.virtio.board import VIRTIO_DRIVERS, VirtioMmioBoard
@@ -46,7 +47,7 @@ from pyvmm.monitor import ChardevInfo, CpuInfo, create_monitor
 from pyvmm.monitor.events import ShutdownCause, cause_of
 from pyvmm.runstate import Request, RequestKind, RunState, VmControl
 from pyvmm.x86 import layout
-from pyvmm.x86.acpi import build_acpi
+from pyvmm.x86.acpi import build_acpi, device_nodes
 from pyvmm.x86.e820 import build_e820
 from pyvmm.x86.mptable import write_mptable
 from pyvmm.x86.pm_block import PM_SIZE, SCI_GSI
@@ -156,6 +157,11 @@ class PcMachine:
             base = spec.int_prop("iobase", 0xF4)
             size = spec.int_prop("iosize", 0x04)
             self._add_io(base, size, DebugExit(self.control), "isa-debug-exit")
+        # -- pvpanic: interim wiring until the device registry (pyvmm.qdev) takes it over. --
+        elif spec.driver == "pvpanic":
+            dev = PvPanic.from_props(self.control, spec.props)
+            self._add_io(dev.ioport, PVPANIC_IO_SIZE, dev, "pvpanic")
+        # -- end pvpanic --
         elif spec.driver in PCI_DRIVERS:
             self.pci.add_device(spec.driver, spec.props, drives=self.config.drives,
                                 make_chardev=lambda c: self._chardev(c, spec.props.get("id", spec.driver)))
@@ -164,7 +170,7 @@ class PcMachine:
                                    lambda c: self._chardev(c, spec.props.get("id", spec.driver)))
         else:
             raise ConfigError(f"--device {spec.driver}: unknown device "
-                              f"(known: isa-debug-exit, {', '.join(VIRTIO_DRIVERS + PCI_DRIVERS)})")
+                              f"(known: isa-debug-exit, pvpanic, {', '.join(VIRTIO_DRIVERS + PCI_DRIVERS)})")
 
     def _chardev(self, name: str, label: str):
         """A device's ``chardev=``: the id of a --chardev, or (pyvmm shorthand) a back-end spec itself."""
@@ -179,7 +185,7 @@ class PcMachine:
         write_mptable(self.memory, cfg.smp)
         self.pci.firmware_setup()  # BARs assigned and decoding on, as a BIOS leaves them
         rsdp = build_acpi(self.memory, ncpus=cfg.smp, pm_base=ACPI_PM_BASE, devices=self.virtio.acpi_devices(),
-                          pci=self.pci.acpi())
+                          pci=self.pci.acpi(), device_aml=device_nodes(self.devices))
         self.boot = load_kernel(cfg.kernel, self.memory, cmdline=cfg.append, initrd=cfg.initrd, e820=self.e820,
                                 acpi_rsdp=rsdp)
         log.info("loaded %s kernel %s (entry %#x)", self.boot.kind, cfg.kernel, self.boot.entry)
