@@ -124,6 +124,7 @@ class VcpuRunner:
         self._cond = threading.Condition()
         self._pause_req = False
         self._stop_req = False
+        self._resumes = 0  # counts resume() calls: a vCPU held after a request runs on after one
         self._calls: list[tuple[Callable[[], Any], list[Any]]] = []
         self.parked = False
         self.running = False  # True while the loop is active on some thread
@@ -166,6 +167,7 @@ class VcpuRunner:
     def resume(self) -> None:
         with self._cond:
             self._pause_req = False
+            self._resumes += 1
             self._cond.notify_all()
 
     def request_stop(self) -> None:
@@ -444,18 +446,26 @@ class VcpuRunner:
     def _hold_for_request(self) -> bool:
         """A device on this thread posted a life-cycle request: stay out of the guest until stopped.
 
-        The machine acts on every request by stopping (or resetting) the accelerator, so the
+        The machine acts on most requests by stopping (or resetting) the accelerator, so the
         vCPU parks here until :meth:`request_stop`; pause() treats it as parked meanwhile.
+        A request the machine answers by pausing instead (a guest panic under
+        ``-action panic=pause``) ends the hold at the next resume: the vCPU then runs on
+        (returns True), as QEMU's does after ``cont``.
         """
         log.debug("vCPU %d: holding after a life-cycle request from a device", self.index)
         with self._cond:
             self.parked = True
             self._cond.notify_all()
+            resumes = self._resumes
             while not self._stop_req:
                 while self._calls:
                     fn, box = self._calls.pop(0)
                     self._serve(fn, box)
                     self._cond.notify_all()
+                if self._resumes != resumes and not self._pause_req:
+                    self.parked = False
+                    self._cond.notify_all()
+                    return True
                 self._cond.wait()
             self.parked = False
         return False

@@ -79,6 +79,10 @@ class PvPanic:
                 values[key] = int(text, 0)
             except ValueError:
                 raise ConfigError(f"--device {DRIVER}: {key}={text!r} is not a number") from None
+        if not 0 <= values["ioport"] <= 0xFFFF:
+            raise ConfigError(f"--device {DRIVER}: ioport={props['ioport']} is not a 16-bit port")
+        if not 0 <= values["events"] <= 0xFF:
+            raise ConfigError(f"--device {DRIVER}: events={props['events']} does not fit in 8 bits")
         return cls(control, ioport=values["ioport"], events=values["events"])
 
     # -- the port ---------------------------------------------------------------------------------

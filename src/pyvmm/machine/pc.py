@@ -45,7 +45,7 @@ from pyvmm.machine.config import MachineConfig
 from pyvmm.memory import GuestMemory
 from pyvmm.monitor import ChardevInfo, CpuInfo, create_monitor
 from pyvmm.monitor.events import ShutdownCause, cause_of
-from pyvmm.runstate import Request, RequestKind, RunState, VmControl
+from pyvmm.runstate import PanicAction, Request, RequestKind, RunState, VmControl
 from pyvmm.x86 import layout
 from pyvmm.x86.acpi import build_acpi, device_nodes
 from pyvmm.x86.e820 import build_e820
@@ -78,6 +78,7 @@ class PcMachine:
         self.accel_name = accel_name
         self.accel_reason = accel_reason
         self.control = control or VmControl()
+        self.control.panic_action = config.panic_action
         self.memory = GuestMemory(config.memory, config.mem_path)
         self.io_bus = Bus("io")
         self.mmio_bus = Bus("mmio")
@@ -220,7 +221,7 @@ class PcMachine:
             if reset is not None:
                 reset()
         self.accel.reset()
-        self._power_on(start=self.state is not RunState.PAUSED)
+        self._power_on(start=self.state not in (RunState.PAUSED, RunState.GUEST_PANICKED))
 
     def pause(self) -> None:
         if self.state is RunState.RUNNING:
@@ -228,7 +229,7 @@ class PcMachine:
             self._set_state(RunState.PAUSED)
 
     def resume(self) -> None:
-        if self.state is RunState.PAUSED:
+        if self.state in (RunState.PAUSED, RunState.GUEST_PANICKED):  # QEMU's cont leaves guest-panicked too
             self.accel.resume()
             self._set_state(RunState.RUNNING)
         elif self.state is RunState.PRELAUNCH and self.boot is not None:  # reset while paused
@@ -264,6 +265,14 @@ class PcMachine:
         if req.kind is RequestKind.EXIT:
             self._set_state(RunState.SHUTDOWN, req.reason)
             return RunResult(req.status, req.reason)
+        if req.kind is RequestKind.PANIC:  # the GUEST_PANICKED report went out when the device posted this
+            if self.control.panic_action is PanicAction.PAUSE:
+                if self.state is RunState.RUNNING:
+                    self.accel.pause()
+                    self._set_state(RunState.GUEST_PANICKED, req.reason)
+                return None
+            self._set_state(RunState.SHUTDOWN, req.reason)  # shutdown / exit-failure: a guest-panic SHUTDOWN
+            return RunResult(req.status, "guest panicked")
         self._set_state(RunState.INTERNAL_ERROR, req.reason)
         return RunResult(req.status or 1, req.reason)
 
@@ -288,6 +297,7 @@ class PcMachine:
             return
         self.state_listeners.append(self._monitor_on_state)
         self.reset_listeners.append(self.monitor.on_reset)
+        self.control.panic_listeners.append(self.monitor.on_guest_panic)
         self.monitor.start()
         self.monitor.wait_for_clients()
 
