@@ -117,6 +117,13 @@ class VmControl:
                 self._cond.wait(timeout)
             return self.queue.pop(0) if self.queue else None
 
+    def take_guest_requests(self) -> list[Request]:
+        """Remove and return the queued requests that came from the guest side (not ``host-*`` reasons)."""
+        with self._cond:
+            taken = [r for r in self.queue if not r.reason.startswith("host-")]
+            self.queue[:] = [r for r in self.queue if r.reason.startswith("host-")]
+            return taken
+
     def pending(self) -> bool:
         with self._cond:
             return bool(self.queue)

@@ -92,6 +92,7 @@ class PcMachine:
         self.state_listeners: list[Callable[[RunState, str], None]] = []
         self.reset_listeners: list[Callable[[str], None]] = []  # callback(reason), at each machine reset
         self.last_request: Request | None = None  # the life-cycle request being handled (for listeners)
+        self._after_panic: list[Request] = []  # guest requests held back while paused by a guest panic
         self._build()
         self.monitor = create_monitor(self, config.qmp)  # --qmp (QMP); started in run()
 
@@ -213,6 +214,7 @@ class PcMachine:
 
     def _reset(self, reason: str) -> None:
         log.info("machine reset: %s", reason)
+        self._after_panic = []
         for cb in list(self.reset_listeners):
             cb(reason)
         self.accel.stop()
@@ -232,6 +234,9 @@ class PcMachine:
         if self.state in (RunState.PAUSED, RunState.GUEST_PANICKED):  # QEMU's cont leaves guest-panicked too
             self.accel.resume()
             self._set_state(RunState.RUNNING)
+            held, self._after_panic = self._after_panic, []
+            for req in held:
+                self.control.post(req)
         elif self.state is RunState.PRELAUNCH and self.boot is not None:  # reset while paused
             self.accel.start()
             self._set_state(RunState.RUNNING)
@@ -269,6 +274,10 @@ class PcMachine:
             if self.control.panic_action is PanicAction.PAUSE:
                 if self.state is RunState.RUNNING:
                     self.accel.pause()
+                    # QEMU stops the reporting vCPU at its write; ours may have run on a little (Linux
+                    # with panic=-1 asks for a reboot right after its report).  What it asked for
+                    # meanwhile waits for 'cont', so the VM stays stopped in guest-panicked.
+                    self._after_panic = self.control.take_guest_requests()
                     self._set_state(RunState.GUEST_PANICKED, req.reason)
                 return None
             self._set_state(RunState.SHUTDOWN, req.reason)  # shutdown / exit-failure: a guest-panic SHUTDOWN

@@ -7,7 +7,7 @@ import pytest
 from pyvmm.errors import ConfigError
 from pyvmm.machine.config import MachineConfig, parse_action_option
 from pyvmm.monitor.events import StateTracker, guest_panic_event
-from pyvmm.runstate import GuestPanic, PanicAction, RunState
+from pyvmm.runstate import GuestPanic, PanicAction, Request, RequestKind, RunState, VmControl
 
 
 def _names(events: list[dict]) -> list[str]:
@@ -52,3 +52,13 @@ def test_action_option() -> None:
                      ("watchdog=reset", "not supported"), ("colour=red", "unknown action"), ("panic", "key=value")]:
         with pytest.raises(ConfigError, match=msg):
             parse_action_option(bad, MachineConfig())
+
+
+def test_take_guest_requests_leaves_the_hosts() -> None:
+    control = VmControl()
+    control.request_reset("i8042 reset")
+    control.request_exit(0, "host-qmp-quit")
+    control.request_poweroff("ACPI S5")
+    taken = control.take_guest_requests()
+    assert [r.kind for r in taken] == [RequestKind.RESET, RequestKind.POWEROFF]
+    assert control.queue == [Request(RequestKind.EXIT, "host-qmp-quit", 0)]

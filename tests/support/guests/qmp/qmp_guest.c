@@ -16,7 +16,8 @@
  *                          ticks the guest reads the pvpanic port (0x505, the
  *                          supported-events bitmap), then writes "panic_value=V"
  *                          (default 1, PANICKED) to it and prints "PVPANIC SENT";
- *                          then it keeps ticking, if the VMM lets it.
+ *                          then it keeps ticking, if the VMM lets it (with
+ *                          reset_after=N as well it resets right after its report).
  *
  * The ACPI registers are found the way an OS finds them: RSDP in the EBDA or
  * the BIOS area -> RSDT -> FADT (PM1a event/control blocks, PM timer, SMI_CMD)
@@ -292,10 +293,10 @@ void qmp_guest_main(u32 magic, u32 mbi)
             puts("tick ");
             putdec(n++);
             puts("\n");
-            if (reset_n && n >= reset_n)
-                keyboard_reset();
             if (panic_n && n == panic_n)
                 pvpanic_report(panic_v ? panic_v : 1u);
+            if (reset_n && n >= reset_n)
+                keyboard_reset();
         }
         if (inw(a.evt) & PM1_PWRBTN) {
             outw(a.evt, PM1_PWRBTN);
