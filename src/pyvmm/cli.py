@@ -19,7 +19,7 @@ from pyvmm import __version__
 from pyvmm.accel.base import CpuConfig
 from pyvmm.devices.virtio.options import parse_drive
 from pyvmm.errors import ConfigError, PyvmmError
-from pyvmm.machine.config import DeviceSpec, MachineConfig, parse_chardev_option
+from pyvmm.machine.config import DeviceSpec, MachineConfig, parse_action_option, parse_chardev_option
 from pyvmm.memory import parse_size
 from pyvmm.net.options import parse_netdev
 from pyvmm.runstate import VmControl
@@ -51,6 +51,8 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--serial", "-serial", default="stdio", metavar="SPEC",
                    help="COM1 back-end: stdio, file:PATH, unix:PATH[,server=on,wait=off], pty, null")
     p.add_argument("--no-reboot", "-no-reboot", action="store_true", help="exit instead of rebooting")
+    p.add_argument("--action", "-action", action="append", default=[], metavar="panic=pause|shutdown|exit-failure|none",
+                   help="what the VM does on a guest event, as QEMU's -action (panic=, reboot=)")
     p.add_argument("--nographic", "-nographic", action="store_true", help="accepted for QEMU compatibility")
     p.add_argument("--device", "-device", action="append", default=[], metavar="DRIVER[,prop=value]",
                    help="add a device, e.g. isa-debug-exit,iobase=0xf4,iosize=0x04")
@@ -111,6 +113,8 @@ def config_from_args(args: argparse.Namespace) -> MachineConfig:
         mem_path=args.mem_path,
         qmp=list(args.qmp),
     )
+    for action in args.action:
+        parse_action_option(action, cfg)
     cfg.validate()
     return cfg
 

@@ -89,7 +89,7 @@ _TRANSITIONS: dict[VcpuRunState, frozenset[VcpuRunState]] = {
     VcpuRunState.CREATED: frozenset({VcpuRunState.RUNNING}),
     VcpuRunState.RUNNING: frozenset({VcpuRunState.PAUSED, VcpuRunState.HELD, VcpuRunState.STOPPED}),
     VcpuRunState.PAUSED: frozenset({VcpuRunState.RUNNING, VcpuRunState.STOPPED}),
-    VcpuRunState.HELD: frozenset({VcpuRunState.STOPPED}),
+    VcpuRunState.HELD: frozenset({VcpuRunState.RUNNING, VcpuRunState.STOPPED}),
     VcpuRunState.STOPPED: frozenset({VcpuRunState.RUNNING}),
 }
 _PARKED = frozenset({VcpuRunState.PAUSED, VcpuRunState.HELD})
@@ -146,6 +146,7 @@ class VcpuRunner:
         self._cond = threading.Condition()
         self._pause_req = False
         self._stop_req = False
+        self._resumes = 0  # counts resume() calls: a vCPU held after a request runs on after one
         self._calls: list[tuple[Callable[[], Any], list[Any]]] = []
         self._state = VcpuRunState.CREATED
         self._ctx = ExitContext(self.index, io_bus, mmio_bus, control, dump=self.dump_state)
@@ -215,6 +216,7 @@ class VcpuRunner:
     def resume(self) -> None:
         with self._cond:
             self._pause_req = False
+            self._resumes += 1
             self._cond.notify_all()
 
     def request_stop(self) -> None:
@@ -383,14 +385,21 @@ class VcpuRunner:
     def _hold_for_request(self) -> bool:
         """A device on this thread posted a life-cycle request: stay out of the guest until stopped.
 
-        The machine acts on every request by stopping (or resetting) the accelerator, so the
+        The machine acts on most requests by stopping (or resetting) the accelerator, so the
         vCPU parks here until :meth:`request_stop`; pause() treats it as parked meanwhile.
+        A request the machine answers by pausing instead (a guest panic under
+        ``-action panic=pause``) ends the hold at the next resume: the vCPU then runs on
+        (returns True), as QEMU's does after ``cont``.
         """
         log.debug("vCPU %d: holding after a life-cycle request from a device", self.index)
         with self._cond:
             self._set_state(VcpuRunState.HELD)
+            resumes = self._resumes
             while not self._stop_req:
                 self._serve_calls()
+                if self._resumes != resumes and not self._pause_req:
+                    self._set_state(VcpuRunState.RUNNING)  # paused with the request held, then resumed
+                    return True
                 self._cond.wait()
         return False
 

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from pyvmm.accel.base import CpuConfig
 from pyvmm.errors import ConfigError
+from pyvmm.runstate import PanicAction
 
 MAX_SMP = 254  # APIC ids 0..253, with the I/O APIC at id N (MP table, MADT)
 
@@ -56,6 +57,7 @@ class MachineConfig:
     chardevs: dict[str, str] = field(default_factory=dict)  # --chardev id -> pyvmm.chardev spec
     mem_path: str | None = None
     qmp: list[str] = field(default_factory=list)
+    panic_action: PanicAction = PanicAction.SHUTDOWN  # -action panic=
 
     def validate(self) -> None:
         if not 1 <= self.smp <= MAX_SMP:
@@ -73,6 +75,28 @@ def _human(size: int) -> str:
         if size >= (1 << shift) and size % (1 << shift) == 0:
             return f"{size >> shift}{unit}"
     return f"{size} bytes"
+
+
+def parse_action_option(text: str, cfg: MachineConfig) -> None:
+    """QEMU's ``-action KEY=VALUE[,...]``: ``panic=``, ``reboot=`` and ``shutdown=poweroff`` are honoured."""
+    for item in (p for p in text.split(",") if p):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise ConfigError(f"-action {text}: {item!r} is not key=value")
+        if key == "panic":
+            try:
+                cfg.panic_action = PanicAction(value)
+            except ValueError:
+                raise ConfigError(f"-action panic={value}: must be pause, shutdown, exit-failure or none") from None
+        elif key == "reboot" and value in ("reset", "shutdown"):
+            cfg.no_reboot = value == "shutdown"
+        elif key == "shutdown" and value == "poweroff":
+            pass
+        elif key in ("reboot", "shutdown", "watchdog"):
+            raise ConfigError(f"-action {key}={value}: not supported by pyvmm "
+                              f"(supported: panic=..., reboot=reset|shutdown, shutdown=poweroff)")
+        else:
+            raise ConfigError(f"-action: unknown action {key!r} (known: panic, reboot, shutdown, watchdog)")
 
 
 def parse_chardev_option(text: str) -> tuple[str, str]:

@@ -35,6 +35,7 @@ from pyvmm.devices.i8042 import I8042
 from pyvmm.devices.irqchip import UserspaceIrqchip
 from pyvmm.devices.pci.board import PCI_DRIVERS, PciBoard
 from pyvmm.devices.port80 import Port80
+from pyvmm.devices.pvpanic import PVPANIC_IO_SIZE, PvPanic
 from pyvmm.devices.rtc import Rtc
 from pyvmm.devices.serial import SERIAL_IO_SIZE, Serial
 from pyvmm.devices.virtio.board import VIRTIO_DRIVERS, VirtioMmioBoard
@@ -44,9 +45,9 @@ from pyvmm.loop import MainLoop
 from pyvmm.machine.config import MachineConfig
 from pyvmm.monitor import ChardevInfo, CpuInfo, create_monitor
 from pyvmm.monitor.events import ShutdownCause, cause_of
-from pyvmm.runstate import Request, RequestKind, RunState, VmControl
+from pyvmm.runstate import PanicAction, Request, RequestKind, RunState, VmControl
 from pyvmm.x86 import layout
-from pyvmm.x86.acpi import build_acpi
+from pyvmm.x86.acpi import build_acpi, device_nodes
 from pyvmm.x86.e820 import build_e820
 from pyvmm.x86.mptable import write_mptable
 from pyvmm.x86.pm_block import PM_SIZE
@@ -70,6 +71,7 @@ class PcMachine:
         self.accel_name = accel_name
         self.accel_reason = accel_reason
         self.control = control or VmControl()
+        self.control.panic_action = config.panic_action
         self.memory = layout.pc_memory(config.memory, config.mem_path)
         self.io_bus = Bus("io")
         self.mmio_bus = Bus("mmio")
@@ -84,6 +86,7 @@ class PcMachine:
         self.state_listeners: list[Callable[[RunState, str], None]] = []
         self.reset_listeners: list[Callable[[str], None]] = []  # callback(reason), at each machine reset
         self.last_request: Request | None = None  # the life-cycle request being handled (for listeners)
+        self._after_panic: list[Request] = []  # guest requests held back while paused by a guest panic
         self._build()
         self.monitor = create_monitor(self, config.qmp)  # --qmp (QMP); started in run()
 
@@ -162,6 +165,11 @@ class PcMachine:
             base = spec.int_prop("iobase", 0xF4)
             size = spec.int_prop("iosize", 0x04)
             self._add_io(base, size, DebugExit(self.control), "isa-debug-exit")
+        # -- pvpanic: interim wiring until the device registry (pyvmm.qdev) takes it over. --
+        elif spec.driver == "pvpanic":
+            dev = PvPanic.from_props(self.control, spec.props)
+            self._add_io(dev.ioport, PVPANIC_IO_SIZE, dev, "pvpanic")
+        # -- end pvpanic --
         elif spec.driver in PCI_DRIVERS:
             self.pci.add_device(spec.driver, spec.props, drives=self.config.drives,
                                 make_chardev=lambda c: self._chardev(c, spec.props.get("id", spec.driver)))
@@ -170,7 +178,7 @@ class PcMachine:
                                    lambda c: self._chardev(c, spec.props.get("id", spec.driver)))
         else:
             raise ConfigError(f"--device {spec.driver}: unknown device "
-                              f"(known: isa-debug-exit, {', '.join(VIRTIO_DRIVERS + PCI_DRIVERS)})")
+                              f"(known: isa-debug-exit, pvpanic, {', '.join(VIRTIO_DRIVERS + PCI_DRIVERS)})")
 
     def _chardev(self, name: str, label: str):
         """A device's ``chardev=``: the id of a --chardev, or (pyvmm shorthand) a back-end spec itself."""
@@ -185,7 +193,7 @@ class PcMachine:
         write_mptable(self.memory, cfg.smp)
         self.pci.firmware_setup()  # BARs assigned and decoding on, as a BIOS leaves them
         rsdp = build_acpi(self.memory, ncpus=cfg.smp, pm_base=layout.ACPI_PM_PORT, devices=self.virtio.acpi_devices(),
-                          pci=self.pci.acpi())
+                          pci=self.pci.acpi(), device_aml=device_nodes(self.devices))
         self.boot = load_kernel(cfg.kernel, self.memory, cmdline=cfg.append, initrd=cfg.initrd, e820=self.e820,
                                 acpi_rsdp=rsdp)
         log.info("loaded %s kernel %s (entry %#x)", self.boot.kind, cfg.kernel, self.boot.entry)
@@ -209,6 +217,7 @@ class PcMachine:
 
     def _reset(self, reason: str) -> None:
         log.info("machine reset: %s", reason)
+        self._after_panic = []
         for cb in list(self.reset_listeners):
             cb(reason)
         self.accel.stop()
@@ -217,7 +226,7 @@ class PcMachine:
             if reset is not None:
                 reset()
         self.accel.reset()
-        self._power_on(start=self.state is not RunState.PAUSED)
+        self._power_on(start=self.state not in (RunState.PAUSED, RunState.GUEST_PANICKED))
 
     def pause(self) -> None:
         if self.state is RunState.RUNNING:
@@ -225,9 +234,12 @@ class PcMachine:
             self._set_state(RunState.PAUSED)
 
     def resume(self) -> None:
-        if self.state is RunState.PAUSED:
+        if self.state in (RunState.PAUSED, RunState.GUEST_PANICKED):  # QEMU's cont leaves guest-panicked too
             self.accel.resume()
             self._set_state(RunState.RUNNING)
+            held, self._after_panic = self._after_panic, []
+            for req in held:
+                self.control.post(req)
         elif self.state is RunState.PRELAUNCH and self.boot is not None:  # reset while paused
             self.accel.start()
             self._set_state(RunState.RUNNING)
@@ -261,6 +273,18 @@ class PcMachine:
         if req.kind is RequestKind.EXIT:
             self._set_state(RunState.SHUTDOWN, req.reason)
             return RunResult(req.status, req.reason)
+        if req.kind is RequestKind.PANIC:  # the GUEST_PANICKED report went out when the device posted this
+            if self.control.panic_action is PanicAction.PAUSE:
+                if self.state is RunState.RUNNING:
+                    self.accel.pause()
+                    # QEMU stops the reporting vCPU at its write; ours may have run on a little (Linux
+                    # with panic=-1 asks for a reboot right after its report).  What it asked for
+                    # meanwhile waits for 'cont', so the VM stays stopped in guest-panicked.
+                    self._after_panic = self.control.take_guest_requests()
+                    self._set_state(RunState.GUEST_PANICKED, req.reason)
+                return None
+            self._set_state(RunState.SHUTDOWN, req.reason)  # shutdown / exit-failure: a guest-panic SHUTDOWN
+            return RunResult(req.status, "guest panicked")
         self._set_state(RunState.INTERNAL_ERROR, req.reason)
         return RunResult(req.status or 1, req.reason)
 
@@ -285,6 +309,7 @@ class PcMachine:
             return
         self.state_listeners.append(self._monitor_on_state)
         self.reset_listeners.append(self.monitor.on_reset)
+        self.control.panic_listeners.append(self.monitor.on_guest_panic)
         self.monitor.start()
         self.monitor.wait_for_clients()
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-from pyvmm.runstate import RunState
+from pyvmm.runstate import GuestPanic, RunState
 
 
 @dataclass(frozen=True)
@@ -84,3 +84,7 @@ class MachineObserver(Protocol):
     def on_state(self, state: RunState, reason: str) -> None: ...
 
     def on_reset(self, reason: str) -> None: ...
+
+    def on_guest_panic(self, report: GuestPanic) -> None:
+        """The guest reported a panic (pvpanic); sent before the state change the panic action makes."""
+        ...

@@ -5,6 +5,9 @@ An event is ``{"event": NAME, "data": {...}, "timestamp": {"seconds": S,
 carry no ``data`` member, as in QEMU).  SHUTDOWN and RESET say who asked
 (``guest``) and why (``reason``, one of QEMU's ``ShutdownCause`` names); the
 machine's request reasons are free text, so :func:`cause_of` maps them.
+GUEST_PANICKED and GUEST_CRASHLOADED carry the ``action`` that follows the
+guest's report (``pause``, ``poweroff`` or ``run``), as QEMU's do; a pvpanic
+report has no ``info``.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import enum
 import time
 from typing import Any
 
-from pyvmm.runstate import RunState
+from pyvmm.runstate import GuestPanic, RunState
 
 
 class Event(enum.StrEnum):
@@ -22,6 +25,8 @@ class Event(enum.StrEnum):
     RESET = "RESET"
     STOP = "STOP"
     RESUME = "RESUME"
+    GUEST_PANICKED = "GUEST_PANICKED"
+    GUEST_CRASHLOADED = "GUEST_CRASHLOADED"
 
 
 class ShutdownCause(enum.StrEnum):
@@ -78,10 +83,16 @@ def reset_event(cause: ShutdownCause) -> dict[str, Any]:
     return make_event(Event.RESET, {"guest": cause.guest, "reason": str(cause)})
 
 
+def guest_panic_event(report: GuestPanic) -> dict[str, Any]:
+    name = Event.GUEST_CRASHLOADED if report.crashloaded else Event.GUEST_PANICKED
+    return make_event(name, {"action": report.action})
+
+
 class StateTracker:
     """Turns the machine's run-state changes into the events QEMU sends for them.
 
-    ``RUNNING`` after ``PAUSED``/``PRELAUNCH`` is RESUME, ``PAUSED`` is STOP,
+    ``RUNNING`` after ``PAUSED``/``PRELAUNCH`` is RESUME, ``PAUSED`` and
+    ``GUEST_PANICKED`` (a panic with ``-action panic=pause``) are STOP,
     ``SHUTDOWN`` is SHUTDOWN with the mapped cause, ``INTERNAL_ERROR`` is a
     STOP (QEMU stops the VM; pyvmm then exits, reported as a host-error
     SHUTDOWN).  A ``RUNNING -> RUNNING`` notification (the machine coming back
@@ -95,8 +106,9 @@ class StateTracker:
         prev, self.last = self.last, state
         if state is RunState.RUNNING:
             return [make_event(Event.RESUME)] if prev is not RunState.RUNNING else []
-        if state is RunState.PAUSED:
-            return [make_event(Event.STOP)] if prev is not RunState.PAUSED else []
+        if state in (RunState.PAUSED, RunState.GUEST_PANICKED):
+            stopped = (RunState.PAUSED, RunState.GUEST_PANICKED)
+            return [make_event(Event.STOP)] if prev not in stopped else []
         if state is RunState.SHUTDOWN:
             if prev is RunState.SHUTDOWN:
                 return []

@@ -34,9 +34,9 @@ from pyvmm.errors import ConfigError, DeviceError, PyvmmError
 from pyvmm.monitor import commands
 from pyvmm.monitor.control import ChardevInfo, MachineControl
 from pyvmm.monitor.errors import QmpError
-from pyvmm.monitor.events import ShutdownCause, StateTracker, cause_of, reset_event
+from pyvmm.monitor.events import ShutdownCause, StateTracker, cause_of, guest_panic_event, reset_event
 from pyvmm.monitor.jsonstream import JsonStream, Message, ParseError
-from pyvmm.runstate import RunState
+from pyvmm.runstate import GuestPanic, RunState
 
 log = logging.getLogger(__name__)
 
@@ -286,6 +286,9 @@ class MonitorServer:
 
     def on_reset(self, reason: str) -> None:
         self._post(lambda: self.broadcast(reset_event(cause_of(reason, ShutdownCause.GUEST_RESET))))
+
+    def on_guest_panic(self, report: GuestPanic) -> None:
+        self._post(lambda: self.broadcast(guest_panic_event(report)))
 
     def _post(self, fn: Callable[[], None]) -> None:
         loop = self._loop

@@ -4,7 +4,10 @@ With these a stock guest kernel finds its CPUs and interrupt controllers
 (MADT), the power-management registers of :mod:`pyvmm.devices.acpi_pm`
 (FADT), how to power off (``\\_S5`` in the DSDT) and reboot (FADT reset
 register), and the devices the machine describes in the DSDT (virtio-mmio
-transports, optionally a PCI host bridge).
+transports, optionally a PCI host bridge).  Any other device describes
+itself: an object with an ``acpi_aml()`` method (:class:`AcpiDescribed`)
+returns its own DSDT node, which the machine hands over in ``device_aml``
+(see :func:`device_nodes`) and the DSDT places under ``\\_SB``.
 
 All tables are packed into one region of guest RAM starting at ``base_gpa``:
 the RSDP first (16-byte aligned, so Linux's scan of 0xe0000-0xfffff finds
@@ -22,9 +25,10 @@ from __future__ import annotations
 
 import ctypes
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum, IntFlag
+from typing import Protocol, runtime_checkable
 
 from pyvmm.errors import ConfigError
 from pyvmm.memory import GuestMemory
@@ -366,6 +370,37 @@ def pci_intx_gsi(host: AcpiPciHost, slot: int, pin: int) -> int:
     return host.intx_gsis[(slot + pin) % 4]
 
 
+@runtime_checkable
+class AcpiDescribed(Protocol):
+    """A device that writes its own DSDT description."""
+
+    def acpi_aml(self) -> bytes:
+        """The device's AML term(s) for ``\\_SB`` (normally one ``Device()``), encoded with :mod:`aml`."""
+        ...
+
+
+def device_nodes(devices: Iterable[object]) -> list[bytes]:
+    """The DSDT nodes of those ``devices`` that describe themselves, in order, each once."""
+    out: list[bytes] = []
+    seen: set[int] = set()
+    for dev in devices:
+        if id(dev) in seen or not isinstance(dev, AcpiDescribed):
+            continue
+        seen.add(id(dev))
+        out.append(dev.acpi_aml())
+    return out
+
+
+def _aml_device_name(node: bytes) -> str | None:
+    """The NameSeg of a top-level ``Device()`` term (for duplicate checks), None for other terms."""
+    if len(node) < 3 or node[0] != aml.Op.EXT_PREFIX or node[1] != aml.ExtOp.DEVICE:
+        return None
+    lead = node[2] >> 6
+    pos = 3 + lead
+    seg = node[pos:pos + 4]
+    return seg.decode("ascii") if len(seg) == 4 and seg.isascii() and seg[:1] not in b"\\^./" else None
+
+
 @dataclass
 class AcpiImage:
     """The tables laid out for one region of guest memory."""
@@ -424,8 +459,11 @@ def _check_name(name: str) -> None:
 
 # -- the tables ---------------------------------------------------------------------------------
 def build_dsdt(*, ncpus: int, devices: Sequence[AcpiMmioDevice] = (), pci: AcpiPciHost | None = None,
-               extra_sb_aml: bytes = b"") -> bytes:
-    """The DSDT: processors, ``\\_S5``, the machine's devices (under ``\\_SB``)."""
+               extra_sb_aml: bytes = b"", device_aml: Sequence[bytes] = ()) -> bytes:
+    """The DSDT: processors, ``\\_S5``, the machine's devices (under ``\\_SB``).
+
+    ``device_aml`` are the nodes self-describing devices wrote (:func:`device_nodes`).
+    """
     sb: list[bytes] = []
     for i in range(ncpus):
         # Processor devices tie the MADT's processor UIDs to the namespace.
@@ -447,6 +485,13 @@ def build_dsdt(*, ncpus: int, devices: Sequence[AcpiMmioDevice] = (), pci: AcpiP
                 aml.interrupt([dev.gsi], level=dev.level),
             )),
         ))
+    for node in device_aml:
+        name = _aml_device_name(node)
+        if name is not None:
+            if name in seen:
+                raise ConfigError(f"ACPI device name {name} is used twice")
+            seen.add(name)
+        sb.append(node)
     sb.append(extra_sb_aml)
     slp = pm_block.SLP_TYP_S5
     # Root-level names are written without "\" (the DSDT body is the root scope), as iasl does.
@@ -562,7 +607,7 @@ def build_tables(*, ncpus: int, pm_base: int, base_gpa: int = DEFAULT_BASE_GPA,
                  lapic_addr: int = layout.LAPIC_ADDR, ioapic_id: int | None = None,
                  devices: Sequence[AcpiMmioDevice] = (), pci: AcpiPciHost | None = None,
                  extra_sb_aml: bytes = b"", has_8042: bool = True, has_vga: bool = False,
-                 rtc_century: int = 0) -> AcpiImage:
+                 rtc_century: int = 0, device_aml: Sequence[bytes] = ()) -> AcpiImage:
     """Lay out all tables for a region at ``base_gpa`` (no guest memory touched)."""
     if not 1 <= ncpus <= 255:
         raise ConfigError(f"ACPI: {ncpus} CPUs requested; the MADT's xAPIC entries allow 1-255")
@@ -580,7 +625,7 @@ def build_tables(*, ncpus: int, pm_base: int, base_gpa: int = DEFAULT_BASE_GPA,
     rsdp_gpa = img.place("RSDP", bytes(ctypes.sizeof(Rsdp)), 16)  # filled in at the end
     facs_gpa = img.place("FACS", build_facs(), 64)
     dsdt_gpa = img.place("DSDT", build_dsdt(ncpus=ncpus, devices=devices, pci=pci,
-                                            extra_sb_aml=extra_sb_aml), 16)
+                                            extra_sb_aml=extra_sb_aml, device_aml=device_aml), 16)
     fadt_gpa = img.place("FACP", build_fadt(facs_gpa=facs_gpa, dsdt_gpa=dsdt_gpa, pm_base=pm_base,
                                             has_8042=has_8042, has_vga=has_vga,
                                             rtc_century=rtc_century), 16)
@@ -608,7 +653,7 @@ def build_acpi(memory: GuestMemory, *, ncpus: int, pm_base: int, base_gpa: int =
                lapic_addr: int = layout.LAPIC_ADDR, ioapic_id: int | None = None,
                devices: Sequence[AcpiMmioDevice] = (), pci: AcpiPciHost | None = None,
                extra_sb_aml: bytes = b"", has_8042: bool = True, has_vga: bool = False,
-               rtc_century: int = 0) -> int:
+               rtc_century: int = 0, device_aml: Sequence[bytes] = ()) -> int:
     """Build the tables and write them into guest memory at ``base_gpa``; returns the RSDP's address.
 
     The whole ``[base_gpa, base_gpa + max_size)`` range must be kept out of the
@@ -617,7 +662,7 @@ def build_acpi(memory: GuestMemory, *, ncpus: int, pm_base: int, base_gpa: int =
     img = build_tables(ncpus=ncpus, pm_base=pm_base, base_gpa=base_gpa, max_size=max_size,
                        ioapic_addr=ioapic_addr, lapic_addr=lapic_addr, ioapic_id=ioapic_id,
                        devices=devices, pci=pci, extra_sb_aml=extra_sb_aml, has_8042=has_8042,
-                       has_vga=has_vga, rtc_century=rtc_century)
+                       has_vga=has_vga, rtc_century=rtc_century, device_aml=device_aml)
     memory.fill(base_gpa, max_size, 0)
     memory.write(base_gpa, img.data)
     log.debug("ACPI tables: %d bytes at %#x, RSDP at %#x", img.size, base_gpa, img.rsdp_gpa)

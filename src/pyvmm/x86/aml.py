@@ -60,6 +60,8 @@ class Op(IntEnum):
 class ExtOp(IntEnum):
     """Second byte of two-byte opcodes (after :attr:`Op.EXT_PREFIX`)."""
 
+    OP_REGION = 0x80
+    FIELD = 0x81
     DEVICE = 0x82
 
 
@@ -223,6 +225,61 @@ def method(path: str, nargs: int, *terms: bytes, serialized: bool = False, sync_
     flags = nargs | (0x08 if serialized else 0) | (sync_level << 4)
     body = name_string(path) + bytes([flags]) + _terms(terms)
     return bytes([Op.METHOD]) + pkg_length(len(body)) + body
+
+
+class RegionSpace(IntEnum):
+    """``OperationRegion`` address spaces (RegionSpace byte)."""
+
+    SYSTEM_MEMORY = 0x00
+    SYSTEM_IO = 0x01
+    PCI_CONFIG = 0x02
+
+
+class FieldAccess(IntEnum):
+    """``Field`` AccessType (FieldFlags bits 0-3)."""
+
+    ANY = 0
+    BYTE = 1
+    WORD = 2
+    DWORD = 3
+    QWORD = 4
+
+
+def op_region(path: str, space: RegionSpace, offset: int, length: int) -> bytes:
+    """``OperationRegion(path, space, offset, length)``."""
+    return (bytes([Op.EXT_PREFIX, ExtOp.OP_REGION]) + name_string(path) + bytes([space])
+            + integer(offset) + integer(length))
+
+
+def _field_length(bits: int) -> bytes:
+    """A field unit's width in bits, in PkgLength form (the value itself, no length bytes counted)."""
+    if not 0 < bits < 1 << 28:
+        raise ConfigError(f"AML: field width {bits} bits is out of range")
+    if bits <= 0x3F:
+        return bytes([bits])
+    for extra in (1, 2, 3):
+        if bits < 1 << (4 + 8 * extra):
+            out = [(extra << 6) | (bits & 0x0F)]
+            rest = bits >> 4
+            for _ in range(extra):
+                out.append(rest & 0xFF)
+                rest >>= 8
+            return bytes(out)
+    raise ConfigError(f"AML: field width {bits} bits is out of range")  # pragma: no cover
+
+
+def field(region: str, units: Iterable[tuple[str, int]], *, access: FieldAccess = FieldAccess.BYTE,
+          lock: bool = False, preserve: bool = True) -> bytes:
+    """``Field(region, access, Lock|NoLock, Preserve|WriteAsOnes|WriteAsZeros) { NAME, bits, ... }``.
+
+    ``units`` are ``(name, width in bits)`` pairs, laid out from bit 0 of the region.
+    Only ``Preserve`` (0) and ``WriteAsZeros`` (2) are offered for the update rule.
+    """
+    flags = int(access) | (0x10 if lock else 0) | (0 if preserve else 0x40)
+    body = name_string(region) + bytes([flags])
+    for unit, bits in units:
+        body += name_seg(unit) + _field_length(bits)
+    return bytes([Op.EXT_PREFIX, ExtOp.FIELD]) + pkg_length(len(body)) + body
 
 
 # -- statements and operands -------------------------------------------------------------------

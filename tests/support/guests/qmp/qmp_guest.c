@@ -12,6 +12,12 @@
  *   "GUEST RESET"          with "reset_after=N" on the multiboot command line:
  *                          after N ticks the guest resets the machine itself
  *                          through the keyboard controller (0xFE to port 0x64).
+ *   "PVPANIC EVENTS=N"     with "panic_after=N" on the command line: after N
+ *                          ticks the guest reads the pvpanic port (0x505, the
+ *                          supported-events bitmap), then writes "panic_value=V"
+ *                          (default 1, PANICKED) to it and prints "PVPANIC SENT";
+ *                          then it keeps ticking, if the VMM lets it (with
+ *                          reset_after=N as well it resets right after its report).
  *
  * The ACPI registers are found the way an OS finds them: RSDP in the EBDA or
  * the BIOS area -> RSDT -> FADT (PM1a event/control blocks, PM timer, SMI_CMD)
@@ -216,22 +222,35 @@ static void delay(void)
 #define MB_BOOTLOADER_MAGIC 0x2BADB002u
 #define MB_INFO_CMDLINE (1u << 2)
 
-/* N from "reset_after=N" on the multiboot command line, or 0. */
-static u32 reset_after(u32 magic, u32 mbi)
+/* N from "KEY=N" on the multiboot command line (KEY includes the '='), or 0. */
+static u32 cmdline_num(u32 magic, u32 mbi, const char *key)
 {
     if (magic != MB_BOOTLOADER_MAGIC || !(rd32(mbi) & MB_INFO_CMDLINE))
         return 0;
-    static const char key[] = "reset_after=";
+    u32 klen = 0;
+    while (key[klen])
+        klen++;
     u32 p = rd32(mbi + 16);
     for (u32 i = 0; i < 4096 && rd8(p + i); i++) {
-        if (!sig_is(p + i, key, sizeof(key) - 1))
+        if (!sig_is(p + i, key, klen))
             continue;
         u32 n = 0;
-        for (u32 q = p + i + sizeof(key) - 1; rd8(q) >= '0' && rd8(q) <= '9' && n < 100000u; q++)
+        for (u32 q = p + i + klen; rd8(q) >= '0' && rd8(q) <= '9' && n < 100000u; q++)
             n = n * 10u + (rd8(q) - '0');
         return n;
     }
     return 0;
+}
+
+#define PVPANIC_PORT 0x505
+
+static void pvpanic_report(u32 value)
+{
+    puts("PVPANIC EVENTS=");
+    putdec(inb(PVPANIC_PORT));
+    puts("\n");
+    outb(PVPANIC_PORT, (u8)value);
+    puts("PVPANIC SENT\n");
 }
 
 static void keyboard_reset(void)
@@ -247,7 +266,9 @@ static void keyboard_reset(void)
 void qmp_guest_main(u32 magic, u32 mbi)
 {
     struct acpi a;
-    u32 reset_n = reset_after(magic, mbi);
+    u32 reset_n = cmdline_num(magic, mbi, "reset_after=");
+    u32 panic_n = cmdline_num(magic, mbi, "panic_after=");
+    u32 panic_v = cmdline_num(magic, mbi, "panic_value=");
     puts("QMPGUEST BOOT\n");
     if (!acpi_init(&a)) {
         /* No PM timer to keep time with: tick every so many polls of the UART instead. */
@@ -272,6 +293,8 @@ void qmp_guest_main(u32 magic, u32 mbi)
             puts("tick ");
             putdec(n++);
             puts("\n");
+            if (panic_n && n == panic_n)
+                pvpanic_report(panic_v ? panic_v : 1u);
             if (reset_n && n >= reset_n)
                 keyboard_reset();
         }
