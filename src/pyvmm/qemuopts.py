@@ -84,7 +84,7 @@ class Opts:
     def pop(self, key: str, default: Value = None) -> Value:
         return self.values.pop(key, default)
 
-    def str(self, key: str, default: str | None = None) -> str | None:
+    def get_str(self, key: str, default: str | None = None) -> str | None:
         """A string value; a JSON non-string is refused as QEMU's visitor refuses it."""
         if key not in self.values:
             return default
@@ -93,17 +93,17 @@ class Opts:
             raise self.error(f"Invalid parameter type for '{key}', expected: string")
         return value
 
-    def bool(self, key: str, default: bool = False) -> bool:
+    def get_bool(self, key: str, default: bool = False) -> bool:
         if key not in self.values:
             return default
         return parse_bool(self.values[key], key, self)
 
-    def int(self, key: str, default: int | None = None) -> int | None:
+    def get_int(self, key: str, default: int | None = None) -> int | None:
         if key not in self.values:
             return default
         return parse_int(self.values[key], key, self)
 
-    def size(self, key: str, default: int | None = None, *, default_suffix: str = "") -> int | None:
+    def get_size(self, key: str, default: int | None = None, *, default_suffix: str = "") -> int | None:
         if key not in self.values:
             return default
         return parse_size(self.values[key], key, self, default_suffix=default_suffix)

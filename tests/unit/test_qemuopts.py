@@ -83,7 +83,7 @@ def test_bad_booleans(text):
 def test_bool_error_names_the_option():
     opts = parse(MSG, "timestamp=1")
     with pytest.raises(ConfigError, match=r"^-msg timestamp=1: Parameter 'timestamp' expects 'on' or 'off'$"):
-        opts.bool("timestamp")
+        opts.get_bool("timestamp")
 
 
 @pytest.mark.parametrize("text,value", [("10", 10), ("0x1f", 31), ("010", 8), ("-3", -3), (244, 244)])
@@ -114,7 +114,7 @@ def test_json_keeps_types():
     opts = parse(DEVICE, '{"driver":"isa-debug-exit","iobase":244,"flag":true,"x":1.5}')
     assert opts.from_json
     assert opts.values == {"driver": "isa-debug-exit", "iobase": 244, "flag": True, "x": 1.5}
-    assert opts.int("iobase") == 244 and opts.bool("flag") is True
+    assert opts.get_int("iobase") == 244 and opts.get_bool("flag") is True
 
 
 def test_json_only_where_the_option_takes_it():
@@ -137,10 +137,10 @@ def test_json_errors_name_the_option(text, msg):
 def test_typed_accessors_refuse_wrong_json_types():
     opts = parse(DEVICE, '{"driver":"x","id":3,"iobase":"0xf4"}')
     with pytest.raises(ConfigError, match="expected: string"):
-        opts.str("id")
+        opts.get_str("id")
     with pytest.raises(ConfigError, match="expects an identifier"):
         opts.check_id()
-    assert opts.int("iobase") == 0xF4  # strings still parse as QemuOpts values would
+    assert opts.get_int("iobase") == 0xF4  # strings still parse as QemuOpts values would
 
 
 @pytest.mark.parametrize("ident,ok", [("r0", True), ("a.b-c_d", True), ("1bad", False), ("", False),
