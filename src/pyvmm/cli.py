@@ -16,10 +16,9 @@ import signal
 import sys
 
 from pyvmm import __version__
-from pyvmm.accel.base import CpuConfig
+from pyvmm.config import CpuConfig, DeviceSpec, MachineConfig, SmpConfig, parse_chardev_option
 from pyvmm.devices.virtio.options import parse_drive
 from pyvmm.errors import ConfigError, PyvmmError
-from pyvmm.machine.config import DeviceSpec, MachineConfig, parse_chardev_option
 from pyvmm.memory import parse_size
 from pyvmm.net.options import parse_netdev
 from pyvmm.runstate import VmControl
@@ -91,15 +90,12 @@ def _parse_int(text: str, what: str) -> int:
 
 
 def config_from_args(args: argparse.Namespace) -> MachineConfig:
-    smp_text = args.smp.split(",")[0]
-    if smp_text.startswith("cpus="):
-        smp_text = smp_text[5:]
     cfg = MachineConfig(
         kernel=args.kernel,
         initrd=args.initrd,
         append=args.append or "",
         memory=parse_size(args.memory),
-        smp=_parse_int(smp_text, "--smp"),
+        topology=SmpConfig.parse(args.smp),
         accel=args.accel,
         cpu=CpuConfig.parse(args.cpu),
         serial=args.serial,

@@ -27,6 +27,7 @@ from pyvmm.accel.base import Accelerator, MachineContext
 from pyvmm.boot import BootResult, load_kernel
 from pyvmm.bus import Bus
 from pyvmm.chardev import parse_chardev
+from pyvmm.config import MachineConfig
 from pyvmm.devices.acpi_pm import AcpiPm
 from pyvmm.devices.debug_exit import DebugExit
 from pyvmm.devices.fw_cfg import FwCfg, FwCfgKey, encode_e820
@@ -40,7 +41,6 @@ from pyvmm.devices.virtio.board import VIRTIO_DRIVERS, VirtioMmioBoard
 from pyvmm.errors import ConfigError
 from pyvmm.irq import IrqRouter
 from pyvmm.loop import MainLoop
-from pyvmm.machine.config import MachineConfig
 from pyvmm.memory import GuestMemory
 from pyvmm.monitor import ChardevInfo, CpuInfo, create_monitor
 from pyvmm.monitor.events import ShutdownCause, cause_of
