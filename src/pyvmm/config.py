@@ -9,6 +9,9 @@ Bottom floor: imports only :mod:`pyvmm.errors` and :mod:`pyvmm.qemuopts`.
 
 from __future__ import annotations
 
+import calendar
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from pyvmm.errors import ConfigError
@@ -254,6 +257,24 @@ class MachineConfig:
     def smp(self) -> int:
         """vCPUs present at start (``-smp cpus=``)."""
         return self.topology.cpus
+
+    def rtc_clock(self) -> Callable[[], float]:
+        """The RTC's time source for ``-rtc base=``: seconds since the epoch, read as UTC by the RTC."""
+        if self.rtc_base == "utc":
+            return time.time
+        if self.rtc_base == "localtime":
+            return lambda: time.time() + time.localtime().tm_gmtoff
+        for fmt in ("%Y-%m-%dT%H:%M:%S", "%Y-%m-%d"):
+            try:
+                start = calendar.timegm(time.strptime(self.rtc_base, fmt))
+                break
+            except ValueError:
+                continue
+        else:
+            raise ConfigError(f"-rtc base={self.rtc_base}: invalid datetime format "
+                              "(valid formats: '2006-06-17T16:01:21' or '2006-06-17')")
+        offset = start - time.time()
+        return lambda: time.time() + offset
 
     def validate(self) -> None:
         if self.machine not in MACHINE_TYPES:
