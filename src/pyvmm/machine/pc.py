@@ -110,7 +110,7 @@ class PcMachine:
         self.devices.append(self.i8042)
 
         self.rtc = Rtc(below_4g=self.memory.below_4g, above_4g=self.memory.above_4g, ncpus=cfg.smp,
-                       irq=self.irq.line(RTC_IRQ), loop=self.loop)
+                       irq=self.irq.line(RTC_IRQ), loop=self.loop, clock=cfg.rtc_clock())  # -rtc base=
         self._add_io(RTC_BASE, 2, self.rtc, "rtc")
         self._add_io(0x80, 1, Port80(), "port80")
 
@@ -179,7 +179,7 @@ class PcMachine:
         write_mptable(self.memory, cfg.smp)
         self.pci.firmware_setup()  # BARs assigned and decoding on, as a BIOS leaves them
         rsdp = build_acpi(self.memory, ncpus=cfg.smp, pm_base=ACPI_PM_BASE, devices=self.virtio.acpi_devices(),
-                          pci=self.pci.acpi())
+                          pci=self.pci.acpi()) if cfg.acpi else None  # -no-acpi: no tables
         self.boot = load_kernel(cfg.kernel, self.memory, cmdline=cfg.append, initrd=cfg.initrd, e820=self.e820,
                                 acpi_rsdp=rsdp)
         log.info("loaded %s kernel %s (entry %#x)", self.boot.kind, cfg.kernel, self.boot.entry)
@@ -233,7 +233,7 @@ class PcMachine:
         self.loop.start_thread()
         try:
             self._start_monitor()
-            self._power_on()
+            self._power_on(start=not self.config.start_paused)  # -S: wait in prelaunch for QMP 'cont'
             while True:
                 req = self.control.wait()
                 if req is None:
