@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pyvmm import __version__
+from pyvmm.chardev.parse import parse_spec
 from pyvmm.config import (
     CHARDEV_SYNTAX,
     DEVICE_SYNTAX,
@@ -39,7 +40,7 @@ from pyvmm.config import (
 from pyvmm.devices.virtio.options import parse_drive
 from pyvmm.errors import ConfigError, PyvmmError
 from pyvmm.net.options import parse_netdev
-from pyvmm.qemuopts import OptionSyntax, Opts, parse, parse_size
+from pyvmm.qemuopts import OptionSyntax, Opts, escape, parse, parse_size
 from pyvmm.runstate import VmControl
 
 log = logging.getLogger("pyvmm")
@@ -192,7 +193,8 @@ def run_help() -> str:
 _PC_PROPS_OFF_ONLY = {  # QEMU machine properties pyvmm honours only in their "off" setting
     "usb": "it has no USB", "vmport": "it has no VMware port", "hpet": "it has no HPET", "graphics": "it has no "
     "display", "dump-guest-core": "it writes no core dumps of guest memory", "smm": "it has no SMM",
-    "sata": "it has no SATA", "pit": "the PIT is always present"}
+    "sata": "it has no SATA"}
+_PC_PROPS_ON_ONLY = {"pit": "its PIT is always present"}  # ... and only in their "on" setting
 MACHINE_SYNTAX = OptionSyntax("machine", implied="type")
 ACCEL_SYNTAX = OptionSyntax("accel", implied="accel")
 MEMORY_SYNTAX = OptionSyntax("m", implied="size", keys=("size", "slots", "maxmem"))
@@ -260,6 +262,9 @@ def _machine(args: RunArgs, cfg: MachineConfig, accels: list[str]) -> None:
         elif key in _PC_PROPS_OFF_ONLY:
             if opts.get_bool(key):
                 raise _cannot(opts, f"{key}=on ({_PC_PROPS_OFF_ONLY[key]})")
+        elif key in _PC_PROPS_ON_ONLY:
+            if not opts.get_bool(key):
+                raise _cannot(opts, f"{key}=off ({_PC_PROPS_ON_ONLY[key]})")
         else:
             raise opts.error(f"Property '{mtype}-machine.{key}' not found")
 
@@ -561,6 +566,10 @@ def configure(args: RunArgs) -> tuple[MachineConfig, ProcessOptions]:
         cfg.acpi = False
     cfg.devices = _devices(args)
     cfg.drives = [parse_drive(d) for d in args.all("drive")]
+    for drive in cfg.drives:  # QEMU opens every -drive at start, if=none ones too
+        if not os.path.exists(drive.file):
+            raise ConfigError(f"-drive file={escape(drive.file)}: Could not open '{drive.file}': "
+                              "no such file")
     cfg.netdevs = [parse_netdev(n) for n in args.all("netdev")]
     cfg.chardevs = _chardevs(args)
     cfg.qmp = _monitors(args, cfg.chardevs)
@@ -573,6 +582,10 @@ def configure(args: RunArgs) -> tuple[MachineConfig, ProcessOptions]:
         raise ConfigError(f"-serial {serials[1]}: pyvmm cannot honour a second serial port (it has COM1 only)")
     if serials:
         cfg.serial = serials[0]
+        try:
+            parse_spec(cfg.serial)
+        except ConfigError as e:
+            raise ConfigError(f"-serial {cfg.serial}: {e}") from None
     elif args.has("nodefaults") or proc.daemonize:
         cfg.serial = "none"  # QEMU's -nodefaults: no serial port; -daemonize: not the terminal
     if proc.daemonize and cfg.serial.startswith(("stdio", "mon:stdio")):

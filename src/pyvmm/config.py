@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from pyvmm.errors import ConfigError
-from pyvmm.qemuopts import OptionSyntax, Opts, Value, parse, parse_int
+from pyvmm.qemuopts import OptionSyntax, Opts, Value, escape, parse, parse_int
 
 MAX_SMP = 254  # APIC ids 0..253, with the I/O APIC at id N (MP table, MADT)
 MACHINE_TYPES = ("pc", "none")
@@ -145,6 +145,7 @@ class DeviceSpec:
     props: dict[str, Value] = field(default_factory=dict)
     id: str | None = None
     text: str = ""  # the option argument, for error messages
+    typed: bool = False  # JSON syntax: values keep their JSON types and must have the right one
 
     @classmethod
     def parse(cls, text: str) -> DeviceSpec:
@@ -157,12 +158,15 @@ class DeviceSpec:
             raise opts.error("Parameter 'driver' is missing")
         ident = opts.check_id() if not opts.from_json else _json_id(opts)
         props = {k: v for k, v in opts.values.items() if k != "driver"}
-        return cls(driver, props, ident, opts.text)
+        return cls(driver, props, ident, opts.text, opts.from_json)
 
     def int_prop(self, key: str, default: int) -> int:
         if key not in self.props:
             return default
-        return parse_int(self.props[key], key, Opts("device", self.text or self.driver, self.props))
+        opts = Opts("device", self.text or self.driver, self.props, from_json=self.typed)
+        if self.typed and not isinstance(self.props[key], int):  # JSON: "0xf4" is a string, not a number
+            raise opts.error(f"Parameter '{key}' expects integer")
+        return parse_int(self.props[key], key, opts)
 
 
 def _json_id(opts: Opts) -> str | None:
@@ -203,12 +207,12 @@ def chardev_from_opts(opts: Opts) -> tuple[str, str]:
             if key not in ("server", "wait"):
                 raise opts.error(f"Invalid parameter '{key}'")
         extra = "".join(f",{k}={'on' if opts.get_bool(k) else 'off'}" for k in props)
-        return cid, f"unix:{path}{extra}"
+        return cid, f"unix:{escape(path)}{extra}"
     if backend == "file":
         if not path:
             raise opts.error("path=PATH is required")
         opts.check_keys(("backend", "id", "path"))
-        return cid, f"file:{path}"
+        return cid, f"file:{escape(path)}"
     if backend in ("stdio", "pty", "null"):
         if props or path:
             raise opts.error(f"Invalid parameter '{next(iter(props), 'path')}'")

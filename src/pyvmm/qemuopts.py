@@ -144,6 +144,22 @@ def _value(text: str, pos: int) -> tuple[str, int]:
     return "".join(out), pos
 
 
+def split_escaped(text: str) -> list[str]:
+    """``text`` split at single commas, ``,,`` read as a literal comma (QEMU's legacy chardev syntax)."""
+    parts, pos = [], 0
+    while True:
+        value, pos = _value(text, pos)
+        parts.append(value)
+        if pos >= len(text):
+            return parts
+        pos += 1
+
+
+def escape(value: str) -> str:
+    """``value`` with each comma doubled, to stand inside a comma-separated option argument."""
+    return value.replace(",", ",,")
+
+
 def split_opts(text: str, implied: str | None = None) -> list[tuple[str, str, bool]]:
     """QemuOpts tokens of ``text`` as (key, value, was_flag) in order.
 
@@ -301,5 +317,5 @@ def format_opts(values: Mapping[str, Value]) -> str:
     return ",".join(parts)
 
 
-__all__ = ["OptionSyntax", "Opts", "Value", "format_opts", "parse", "parse_bool", "parse_int", "parse_json",
-           "parse_size", "split_opts"]
+__all__ = ["OptionSyntax", "Opts", "Value", "escape", "format_opts", "parse", "parse_bool", "parse_int", "parse_json",
+           "parse_size", "split_escaped", "split_opts"]

@@ -55,6 +55,8 @@ def test_device_spec_qemuopts_and_json():
     j = DeviceSpec.parse('{"driver":"isa-debug-exit","iobase":244,"id":"dbg"}')
     assert (j.driver, j.id, j.props["iobase"]) == ("isa-debug-exit", "dbg", 244)
     assert j.int_prop("iobase", 0) == 244
+    with pytest.raises(ConfigError, match="Parameter 'iobase' expects integer"):  # as QEMU's JSON visitor
+        DeviceSpec.parse('{"driver":"isa-debug-exit","iobase":"0xf4"}').int_prop("iobase", 0)
 
 
 def test_device_spec_errors():
@@ -70,7 +72,7 @@ def test_device_spec_errors():
 
 def test_chardev_option():
     assert parse_chardev_option("socket,id=c0,path=/tmp/a,,b,server=on,wait=off") == \
-        ("c0", "unix:/tmp/a,b,server=on,wait=off")
+        ("c0", "unix:/tmp/a,,b,server=on,wait=off")  # ,, stays escaped in the spec
     assert parse_chardev_option("socket,id=c0,path=/tmp/s,server,nowait") == ("c0", "unix:/tmp/s,server=on,wait=off")
     assert parse_chardev_option("file,id=f,path=/tmp/x") == ("f", "file:/tmp/x")
     assert parse_chardev_option("null,id=n") == ("n", "null")
