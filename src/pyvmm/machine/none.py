@@ -85,5 +85,11 @@ class NoneMachine:
     def chardevs(self) -> list[ChardevInfo]:
         return []
 
+    def guest_name(self) -> str | None:
+        return self.config.name
+
+    def guest_uuid(self) -> str | None:
+        return self.config.uuid
+
 
 __all__ = ["NoneMachine"]

@@ -315,5 +315,11 @@ class PcMachine:
     def chardevs(self) -> list[ChardevInfo]:
         return [ChardevInfo("serial0", self.config.serial)]
 
+    def guest_name(self) -> str | None:
+        return self.config.name  # -name
+
+    def guest_uuid(self) -> str | None:
+        return self.config.uuid  # -uuid
+
 
 __all__ = ["PcMachine", "RunResult", "layout"]
