@@ -318,6 +318,8 @@ def _memory(args: RunArgs) -> int:
     size = opts.get("size")
     if isinstance(size, str) and size.strip().startswith("-"):
         raise opts.error(f"Parameter 'size' expects a non-negative size, not {size!r}")
+    if isinstance(size, str) and re.fullmatch(r"\s*[\d.]+[KMGTkmgt][Bb]\s*", size):
+        size = size.strip()[:-1]  # pyvmm extension kept from its first parser: 128MB (QEMU: 128M only)
     return parse_size(size, "size", opts, default_suffix="M")
 
 
