@@ -93,6 +93,7 @@ def test_json_device_and_netdev():
     (["-machine", "none", "-kernel", "k"], "-kernel: -machine none has no guest"),
     (["-machine", "none", "-smp", "2"], "-smp 2: Invalid SMP CPUs 2"),
     (["-device", "a,id=x", "-device", "b,id=x"], "-device b,id=x: Duplicate ID 'x' for device"),
+    (["-device", '{"driver":"virtio-blk-pci","file":"x","readonly":true}'], '-device {"driver":"virtio-blk-pci"'),
     (["-drive", "file=/nonexistent/a,,b.img,if=none,id=d"], "-drive file=/nonexistent/a,,b.img: Could not open"),
 ])
 def test_errors_are_one_line_naming_the_option(argv, start):
