@@ -152,7 +152,7 @@ PYVMM_CANNOT: list[Row] = [
     R("-smp", "255"),  # QEMU's pc takes 255 vCPUs; pyvmm's APIC ids stop at 253
     R("-smp", "0"),  # QEMU 7.2: deprecated, "considered invalid", still accepted
     # typed JSON values reach only drivers whose builder reads them (until the device registry)
-    R("-netdev", "user,id=n0", "-device", '{"driver":"virtio-net-pci","netdev":"n0","addr":5}', names="-device"),
+    R("-netdev", "user,id=n0", "-device", '{"driver":"virtio-net-pci","netdev":"n0","addr":40}', names="-device"),
 ]
 
 
