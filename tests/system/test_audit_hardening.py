@@ -74,8 +74,9 @@ def boot_sector(tmp_path_factory):
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["-m", "nan"], "invalid size 'nan'"),
-    (["-m", "99999999T"], "more than an x86 guest can address"),
+    (["-m", "nan"], "-m nan: Parameter 'size' expects a size"),  # QEMU's words (qemuopts)
+    (["-m", "99999999T"], "-m 99999999T: Parameter 'size': 99999999T is too large"),
+    (["-m", "9999999T"], "more than an x86 guest can address"),
     (["--kernel", "/dev/null"], "kernel /dev/null: not a regular file"),
     (["--device", "isa-debug-exit,iosize=0"], "empty range for isa-debug-exit"),
     (["--device", "isa-debug-exit,iobase=0x3f8"], "overlaps serial0"),

@@ -18,8 +18,11 @@ def test_parse_netdev():
     assert (s.kind, s.id) == ("user", "n0")
     t = parse_netdev("tap,id=n1,ifname=tap0,script=no,downscript=no")
     assert (t.kind, t.id, t.ifname) == ("tap", "n1", "tap0")
+    j = parse_netdev('{"type":"tap","id":"n2","ifname":"tap1"}')  # QEMU's JSON form
+    assert (j.kind, j.id, j.ifname) == ("tap", "n2", "tap1")
     for bad in ("", "bridge,id=x", "user", "user,id=", "user,id=1x", "tap,id=a,ifname=waytoolonginterfacename",
-                "tap,id=a,script=/etc/qemu-ifup", "user,id=a,foo=1", "user,id=a,id=b", "tap,id=a,ifname"):
+                "tap,id=a,script=/etc/qemu-ifup", "user,id=a,foo=1", "user,id=a,id=b", "tap,id=a,ifname",
+                '{"type":"user","id":"a","passt":1}', '{"type":"user",'):
         with pytest.raises(ConfigError):
             parse_netdev(bad)
 

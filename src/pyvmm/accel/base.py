@@ -11,45 +11,16 @@ builder for userspace ones through :attr:`MachineContext.irqchip_factory`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 from pyvmm.bus import Bus
 from pyvmm.capabilities import AccelCapabilities
+from pyvmm.config import CpuConfig
 from pyvmm.cpu_state import CpuState
 from pyvmm.irq import InterruptSink, IrqchipFactory
 from pyvmm.memory import GuestMemory
 from pyvmm.runstate import VmControl
-
-
-@dataclass
-class CpuConfig:
-    """``--cpu`` model and feature edits, e.g. ``host,-cx16,+x2apic``."""
-
-    model: str = "host"
-    enable: list[str] = field(default_factory=list)
-    disable: list[str] = field(default_factory=list)
-
-    @classmethod
-    def parse(cls, text: str) -> CpuConfig:
-        from pyvmm.errors import ConfigError
-
-        parts = [p.strip() for p in text.split(",") if p.strip()]
-        if not parts:
-            raise ConfigError("--cpu needs a model name, e.g. 'host'")
-        cfg = cls(model=parts[0])
-        for p in parts[1:]:
-            if p.startswith("-"):
-                cfg.disable.append(p[1:])
-            elif p.startswith("+"):
-                cfg.enable.append(p[1:])
-            elif p.endswith("=off"):
-                cfg.disable.append(p[:-4])
-            elif p.endswith("=on"):
-                cfg.enable.append(p[:-3])
-            else:
-                raise ConfigError(f"--cpu: cannot parse feature {p!r} (use +feat or -feat)")
-        return cfg
 
 
 @dataclass
@@ -108,3 +79,6 @@ class Accelerator(Protocol):
     def vcpu_thread_ids(self) -> list[int | None]:
         """The host thread id of each vCPU's thread (None before it starts), for query-cpus-fast."""
         ...
+
+
+__all__ = ["Accelerator", "CpuConfig", "MachineContext"]

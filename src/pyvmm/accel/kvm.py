@@ -22,9 +22,10 @@ import threading
 from collections.abc import Callable
 from typing import TypeVar
 
-from pyvmm.accel.base import CpuConfig, MachineContext
+from pyvmm.accel.base import MachineContext
 from pyvmm.accel.kvm_vcpu import VcpuRunner, install_kick_handler
 from pyvmm.capabilities import AccelCapabilities
+from pyvmm.config import CpuConfig
 from pyvmm.cpu_state import CpuState
 from pyvmm.errors import AccelError, ConfigError, KvmError
 from pyvmm.kvm import abi, fastrun

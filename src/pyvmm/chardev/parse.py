@@ -4,7 +4,7 @@ Accepted spellings (a subset of QEMU's)::
 
     stdio[,signal=on|off]          mon:stdio is taken as stdio (no monitor multiplexing)
     file:PATH[,append=on|off]
-    unix:PATH[,server=on|off][,wait=on|off]   also the old ``server`` / ``nowait`` flags
+    unix:PATH[,server=on|off][,wait=on|off]   also the old ``server`` / ``nowait`` flags; ``,,`` in PATH
     pty
     null
     none                           no device at all: returns None
@@ -23,6 +23,7 @@ from pyvmm.chardev.socket import UnixSocketBackend
 from pyvmm.chardev.stdio import StdioBackend
 from pyvmm.errors import ConfigError
 from pyvmm.loop import MainLoop
+from pyvmm.qemuopts import split_escaped
 from pyvmm.runstate import VmControl
 
 log = logging.getLogger(__name__)
@@ -56,44 +57,55 @@ def _parse_options(spec: str, parts: list[str], allowed: dict[str, str]) -> dict
     return opts
 
 
-def parse_chardev(spec: str, loop: MainLoop, control: VmControl | None, label: str = "serial0", *,
-                  on_quit: Callable[[], None] | None = None) -> CharBackend | None:
-    """Build the back-end for ``spec``; ``none`` gives None.  Bad specs raise one-line ConfigError."""
+def parse_spec(spec: str) -> tuple[str, str, dict[str, bool]]:
+    """Check a back-end spec without opening anything: (kind, path, options).
+
+    ``,,`` is a literal comma in a path, as in QEMU's legacy ``unix:PATH,...`` syntax.
+    Bad specs raise a one-line ConfigError.
+    """
     s = spec.strip()
     if not s:
         raise ConfigError("empty chardev spec (use stdio, file:PATH, unix:PATH,server=on, pty, null or none)")
     if s.startswith("mon:"):
-        log.info("%s: %r: no monitor multiplexing; using %s", label, s, s[4:])
         s = s[4:]
-    head, *parts = s.split(",")
+    head, *parts = split_escaped(s)
     kind, colon, path = head.partition(":")
     if kind in ("none", "null", "pty", "stdio") and colon:
         raise ConfigError(f"chardev {spec!r}: {kind} takes no path")
-    if kind == "none":
-        _parse_options(spec, parts, {})
-        return None
-    if kind == "null":
-        _parse_options(spec, parts, {})
-        return NullBackend(label)
-    if kind == "pty":
-        _parse_options(spec, parts, {})
-        return PtyBackend(loop, label)
+    if kind in ("none", "null", "pty"):
+        return kind, "", _parse_options(spec, parts, {})
     if kind == "stdio":
-        opts = _parse_options(spec, parts, {"signal": ""})
-        return StdioBackend(loop, label, on_quit=on_quit, control=control,
-                            allow_signals=opts.get("signal", True))
+        return kind, "", _parse_options(spec, parts, {"signal": ""})
     if kind == "file":
         if not path:
             raise ConfigError(f"chardev {spec!r}: file: needs a path, e.g. file:serial.log")
-        opts = _parse_options(spec, parts, {"append": ""})
-        return FileBackend(path, label, append=opts.get("append", False))
+        return kind, path, _parse_options(spec, parts, {"append": ""})
     if kind == "unix":
         if not path:
             raise ConfigError(f"chardev {spec!r}: unix: needs a path, e.g. unix:/tmp/console.sock,server=on")
         opts = _parse_options(spec, parts, {"server": "server=on", "wait": "", "nowait": "wait=off"})
-        server = opts.get("server", False)
-        if "wait" in opts and not server:
+        if "wait" in opts and not opts.get("server", False):
             raise ConfigError(f"chardev {spec!r}: wait= only applies with server=on")
-        return UnixSocketBackend(loop, path, label, server=server, wait=opts.get("wait", True))
+        return kind, path, opts
     raise ConfigError(f"unknown chardev {spec!r} (use stdio, file:PATH, unix:PATH,server=on,wait=off,"
                       " pty, null or none)")
+
+
+def parse_chardev(spec: str, loop: MainLoop, control: VmControl | None, label: str = "serial0", *,
+                  on_quit: Callable[[], None] | None = None) -> CharBackend | None:
+    """Build the back-end for ``spec``; ``none`` gives None.  Bad specs raise one-line ConfigError."""
+    kind, path, opts = parse_spec(spec)
+    if spec.strip().startswith("mon:"):
+        log.info("%s: %r: no monitor multiplexing; using %s", label, spec, spec.strip()[4:])
+    if kind == "none":
+        return None
+    if kind == "null":
+        return NullBackend(label)
+    if kind == "pty":
+        return PtyBackend(loop, label)
+    if kind == "stdio":
+        return StdioBackend(loop, label, on_quit=on_quit, control=control,
+                            allow_signals=opts.get("signal", True))
+    if kind == "file":
+        return FileBackend(path, label, append=opts.get("append", False))
+    return UnixSocketBackend(loop, path, label, server=opts.get("server", False), wait=opts.get("wait", True))

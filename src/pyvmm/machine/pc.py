@@ -26,8 +26,9 @@ from dataclasses import dataclass
 from pyvmm.accel import select
 from pyvmm.accel.base import Accelerator, MachineContext
 from pyvmm.boot import BootResult, load_kernel
-from pyvmm.bus import Bus
+from pyvmm.bus import Bus, BusError
 from pyvmm.chardev import parse_chardev
+from pyvmm.config import MachineConfig
 from pyvmm.devices.acpi_pm import AcpiPm
 from pyvmm.devices.debug_exit import DebugExit
 from pyvmm.devices.fw_cfg import FwCfg, FwCfgKey, encode_e820
@@ -42,7 +43,6 @@ from pyvmm.devices.virtio.board import VIRTIO_DRIVERS, VirtioMmioBoard
 from pyvmm.errors import ConfigError
 from pyvmm.irq import CpuInterruptController, IrqRouter
 from pyvmm.loop import MainLoop
-from pyvmm.machine.config import MachineConfig
 from pyvmm.monitor import ChardevInfo, CpuInfo, create_monitor
 from pyvmm.monitor.events import ShutdownCause, cause_of
 from pyvmm.runstate import PanicAction, Request, RequestKind, RunState, VmControl
@@ -109,7 +109,7 @@ class PcMachine:
         self.devices.append(self.i8042)
 
         self.rtc = Rtc(below_4g=self.memory.below_4g, above_4g=self.memory.above_4g, ncpus=cfg.smp,
-                       irq=self.irq.line(layout.RTC_GSI), loop=self.loop)
+                       irq=self.irq.line(layout.RTC_GSI), loop=self.loop, clock=cfg.rtc_clock())  # -rtc base=
         self._add_io(layout.RTC_PORT, 2, self.rtc, "rtc")
         self._add_io(layout.POST_PORT, 1, Port80(), "port80")
 
@@ -135,7 +135,10 @@ class PcMachine:
             self.pci.add_netdev(netdev)
 
         for spec in cfg.devices:
-            self._add_device(spec)
+            try:
+                self._add_device(spec)
+            except BusError as e:  # e.g. two devices on one port
+                raise ConfigError(f"-device {spec.driver}: {e}") from None
         self.pci.check_unused()
         self.virtio.attach_capabilities(caps)  # once: the accelerator keeps them across its resets
         self.pci.attach_capabilities(caps)
@@ -193,7 +196,7 @@ class PcMachine:
         write_mptable(self.memory, cfg.smp)
         self.pci.firmware_setup()  # BARs assigned and decoding on, as a BIOS leaves them
         rsdp = build_acpi(self.memory, ncpus=cfg.smp, pm_base=layout.ACPI_PM_PORT, devices=self.virtio.acpi_devices(),
-                          pci=self.pci.acpi(), device_aml=device_nodes(self.devices))
+                          pci=self.pci.acpi(), device_aml=device_nodes(self.devices)) if cfg.acpi else None  # -no-acpi
         self.boot = load_kernel(cfg.kernel, self.memory, cmdline=cfg.append, initrd=cfg.initrd, e820=self.e820,
                                 acpi_rsdp=rsdp)
         log.info("loaded %s kernel %s (entry %#x)", self.boot.kind, cfg.kernel, self.boot.entry)
@@ -248,7 +251,7 @@ class PcMachine:
         self.loop.start_thread()
         try:
             self._start_monitor()
-            self._power_on()
+            self._power_on(start=not self.config.start_paused)  # -S: wait in prelaunch for QMP 'cont'
             while True:
                 req = self.control.wait()
                 if req is None:
@@ -342,6 +345,12 @@ class PcMachine:
 
     def chardevs(self) -> list[ChardevInfo]:
         return [ChardevInfo("serial0", self.config.serial)]
+
+    def guest_name(self) -> str | None:
+        return self.config.name  # -name
+
+    def guest_uuid(self) -> str | None:
+        return self.config.uuid  # -uuid
 
 
 __all__ = ["PcMachine", "RunResult", "layout"]

@@ -139,6 +139,15 @@ def _query_chardev(ctx: CommandContext, args: Mapping[str, Any]) -> list:
     return [{"label": d.label, "filename": d.filename, "frontend-open": d.frontend_open} for d in devs]
 
 
+def _query_name(ctx: CommandContext, args: Mapping[str, Any]) -> dict:
+    name = ctx.machine.guest_name()
+    return {} if name is None else {"name": name}
+
+
+def _query_uuid(ctx: CommandContext, args: Mapping[str, Any]) -> dict:
+    return {"UUID": ctx.machine.guest_uuid() or "00000000-0000-0000-0000-000000000000"}
+
+
 def _stop(ctx: CommandContext, args: Mapping[str, Any]) -> dict:
     ctx.machine.pause()
     return {}
@@ -180,6 +189,8 @@ COMMANDS: dict[str, Command] = {c.name: c for c in (
     Command("query-cpus-fast", _query_cpus_fast),
     Command("query-block", _query_block),
     Command("query-chardev", _query_chardev),
+    Command("query-name", _query_name),
+    Command("query-uuid", _query_uuid),
     Command("stop", _stop),
     Command("cont", _cont),
     Command("system_reset", _system_reset),

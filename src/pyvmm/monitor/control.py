@@ -77,6 +77,14 @@ class MachineControl(Protocol):
 
     def chardevs(self) -> list[ChardevInfo]: ...
 
+    def guest_name(self) -> str | None:
+        """``-name guest=`` (QMP ``query-name``), None when not given."""
+        ...
+
+    def guest_uuid(self) -> str | None:
+        """``-uuid`` in lower case (QMP ``query-uuid``), None when not given."""
+        ...
+
 
 class MachineObserver(Protocol):
     """What the machine tells a monitor; called from any thread, must not block."""

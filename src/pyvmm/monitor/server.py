@@ -36,6 +36,7 @@ from pyvmm.monitor.control import ChardevInfo, MachineControl
 from pyvmm.monitor.errors import QmpError
 from pyvmm.monitor.events import ShutdownCause, StateTracker, cause_of, guest_panic_event, reset_event
 from pyvmm.monitor.jsonstream import JsonStream, Message, ParseError
+from pyvmm.qemuopts import split_escaped
 from pyvmm.runstate import GuestPanic, RunState
 
 log = logging.getLogger(__name__)
@@ -62,7 +63,7 @@ class MonitorSpec:
 
     @classmethod
     def parse(cls, text: str) -> MonitorSpec:
-        head, *opts = text.split(",")
+        head, *opts = split_escaped(text)  # ",," is a comma in PATH, as QEMU reads it
         server, wait = False, True
         for opt in opts:
             key, _, value = opt.partition("=")

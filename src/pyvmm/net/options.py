@@ -15,6 +15,7 @@ import re
 from dataclasses import dataclass
 
 from pyvmm.errors import ConfigError
+from pyvmm.qemuopts import parse_json, split_opts
 
 NETDEV_KINDS = ("user", "tap")
 _BOOL = {"on": True, "yes": True, "true": True, "off": False, "no": False, "false": False}
@@ -46,29 +47,34 @@ class NicSpec:
     id: str = ""
 
 
-def _props(what: str, parts: list[str], allowed: tuple[str, ...]) -> dict[str, str]:
-    props: dict[str, str] = {}
-    for part in parts:
-        if "=" not in part:
-            raise ConfigError(f"{what}: {part!r} is not key=value")
-        key, value = (s.strip() for s in part.split("=", 1))
-        if key not in allowed:
-            raise ConfigError(f"{what}: unknown property {key!r} (known: {', '.join(allowed)})")
-        if key in props:
-            raise ConfigError(f"{what}: {key} given twice")
-        props[key] = value
-    return props
-
-
 def parse_netdev(text: str) -> NetdevSpec:
-    """Parse a ``--netdev`` value."""
-    parts = [p for p in text.split(",") if p.strip()]
-    if not parts:
+    """Parse a ``--netdev`` value: QemuOpts (``user,id=n0``) or JSON (``{"type":"user","id":"n0"}``)."""
+    if text.startswith("{"):
+        items = list(parse_json("netdev", text).items())
+    else:
+        items = []
+        for key, value, flag in split_opts(text, "type"):
+            if flag:
+                raise ConfigError(f"--netdev {text}: {key if value == 'on' else 'no' + key!r} is not key=value")
+            items.append((key, value))
+    kind = next((v for k, v in items if k == "type"), "")
+    if not kind:
         raise ConfigError("--netdev needs a type (user or tap)")
-    kind = parts[0].strip()
-    if kind not in NETDEV_KINDS:
+    if not isinstance(kind, str) or kind not in NETDEV_KINDS:
         raise ConfigError(f"--netdev {kind}: unsupported type (supported: {', '.join(NETDEV_KINDS)})")
-    props = _props(f"--netdev {kind}", parts[1:], _KEYS[kind])
+    props: dict[str, str] = {}
+    for key, value in items:
+        if key == "type":
+            continue
+        if key not in _KEYS[kind]:
+            raise ConfigError(f"--netdev {kind}: unknown property {key!r} (known: {', '.join(_KEYS[kind])})")
+        if key in props:
+            raise ConfigError(f"--netdev {kind}: {key} given twice")
+        if isinstance(value, bool):
+            value = "on" if value else "off"
+        if not isinstance(value, str):
+            raise ConfigError(f"--netdev {kind}: Invalid parameter type for '{key}', expected: string")
+        props[key] = value
     ident = props.get("id", "")
     if not _ID_RE.match(ident):
         raise ConfigError(f"--netdev {kind}: id= is required (a letter, then letters, digits, _ . -)")

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from pyvmm.cli import config_from_args, parse_run_args
+from pyvmm.config import MachineConfig
 from pyvmm.errors import ConfigError
-from pyvmm.machine.config import MachineConfig, parse_action_option
 from pyvmm.monitor.events import StateTracker, guest_panic_event
 from pyvmm.runstate import GuestPanic, PanicAction, Request, RequestKind, RunState, VmControl
 
@@ -39,19 +40,23 @@ def test_reported_actions_are_qemus(action: PanicAction, reported: str) -> None:
     assert action.reported == reported
 
 
+def _config(*argv: str) -> MachineConfig:
+    return config_from_args(parse_run_args(["-kernel", "k", *argv]))
+
+
 def test_action_option() -> None:
-    cfg = MachineConfig()
-    assert cfg.panic_action is PanicAction.SHUTDOWN  # QEMU's default
-    parse_action_option("panic=pause", cfg)
-    assert cfg.panic_action is PanicAction.PAUSE
-    parse_action_option("panic=none,reboot=shutdown,shutdown=poweroff", cfg)
+    assert _config().panic_action is PanicAction.SHUTDOWN  # QEMU's default
+    assert _config("-action", "panic=pause").panic_action is PanicAction.PAUSE
+    cfg = _config("-action", "panic=none,reboot=shutdown,shutdown=poweroff")
     assert cfg.panic_action is PanicAction.NONE and cfg.no_reboot
-    parse_action_option("reboot=reset", cfg)
-    assert not cfg.no_reboot
-    for bad, msg in [("panic=explode", "panic=explode"), ("shutdown=pause", "not supported"),
-                     ("watchdog=reset", "not supported"), ("colour=red", "unknown action"), ("panic", "key=value")]:
-        with pytest.raises(ConfigError, match=msg):
-            parse_action_option(bad, MachineConfig())
+    cfg = _config("-action", "panic=pause", "-action", "panic=exit-failure")  # later keys win, as QEMU's
+    assert cfg.panic_action is PanicAction.EXIT_FAILURE and not cfg.no_reboot
+    for bad, msg in [("panic=explode", "panic"), ("shutdown=pause", "cannot honour"),
+                     ("watchdog=reset", "cannot honour"), ("colour=red", "Invalid parameter 'colour'"),
+                     ("panic", "panic")]:
+        with pytest.raises(ConfigError, match=msg) as e:
+            _config("-action", bad)
+        assert str(e.value).startswith("-action"), "the error names the option"
 
 
 def test_take_guest_requests_leaves_the_hosts() -> None:

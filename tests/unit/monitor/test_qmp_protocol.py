@@ -163,6 +163,12 @@ class FakeMachine:
     def chardevs(self) -> list[ChardevInfo]:
         return [ChardevInfo("serial0", "stdio")]
 
+    def guest_name(self) -> str | None:
+        return None
+
+    def guest_uuid(self) -> str | None:
+        return None
+
 
 @pytest.fixture
 def served(tmp_path: Path):

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pyvmm.errors import ConfigError
+from pyvmm.qemuopts import split_opts
 
 _BOOL = {"on": True, "yes": True, "true": True, "1": True, "off": False, "no": False, "false": False, "0": False}
 FORMATS = ("raw", "qcow2")
@@ -30,32 +31,15 @@ class DriveSpec:
     id: str = ""
 
 
-def _split(text: str) -> list[str]:
-    """Split on commas; QEMU's ",," escapes a literal comma (in file names)."""
-    parts, cur, i = [], [], 0
-    while i < len(text):
-        c = text[i]
-        if c == "," and text[i + 1:i + 2] == ",":
-            cur.append(",")
-            i += 2
-            continue
-        if c == ",":
-            parts.append("".join(cur))
-            cur = []
-        else:
-            cur.append(c)
-        i += 1
-    parts.append("".join(cur))
-    return [p for p in parts if p]
-
-
 def parse_drive(text: str) -> DriveSpec:
-    """Parse a ``--drive`` value; raises ConfigError with one line naming the problem."""
+    """Parse a ``--drive`` value (QemuOpts syntax, ``,,`` for a comma in a file name).
+
+    Raises ConfigError with one line naming the problem.
+    """
     props: dict[str, str] = {}
-    for part in _split(text):
-        if "=" not in part:
-            raise ConfigError(f"--drive {text}: {part!r} is not key=value")
-        key, value = (s.strip() for s in part.split("=", 1))
+    for key, value, flag in split_opts(text):
+        if flag and key not in _KEYS:  # QemuOpts reads "x" as x=on and "nox" as x=off
+            raise ConfigError(f"--drive {text}: {key if value == 'on' else 'no' + key!r} is not key=value")
         if key not in _KEYS:
             raise ConfigError(f"--drive: unknown property {key!r} (known: {', '.join(_KEYS)})")
         if key in props:
