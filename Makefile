@@ -1,7 +1,7 @@
 # The two commands from the README.  Both prepare what they need first (scripts/bootstrap).
 PY := .venv/bin/python
 
-.PHONY: run test lint typecheck bootstrap
+.PHONY: run test test-fast lint typecheck bootstrap
 
 bootstrap:
 	@scripts/bootstrap
@@ -15,6 +15,10 @@ test: bootstrap
 	$(PY) -m ruff check src tests bench
 	$(MAKE) --no-print-directory typecheck
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The unit tests only (no guest boots, no VMM processes): under a minute.
+test-fast: bootstrap
+	$(PY) -m pytest -q tests/unit $(PYTEST_ARGS)
 
 lint: bootstrap
 	$(PY) -m ruff check src tests bench
