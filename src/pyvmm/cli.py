@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
-import json
 import logging
 import os
 import re
@@ -461,7 +460,7 @@ def _devices(args: RunArgs) -> list[DeviceSpec]:
         if opts.help or opts.get("driver") in ("help", "?"):
             raise _Exit(0, _device_help())
         spec = DeviceSpec.from_opts(opts)
-        _check_board_values(spec, opts)
+        _check_device(spec, opts)
         if spec.id is not None:
             if spec.id in ids:
                 raise opts.error(f"Duplicate ID '{spec.id}' for device")
@@ -470,26 +469,27 @@ def _devices(args: RunArgs) -> list[DeviceSpec]:
     return specs
 
 
-#: Drivers whose builders read JSON-typed property values (DeviceSpec.int_prop).
-_TYPED_DRIVERS = ("isa-debug-exit",)
+def _check_device(spec: DeviceSpec, opts: Opts) -> None:
+    """The driver and its properties, checked against the device registry before anything starts."""
+    from pyvmm.devices import device_registry
 
-
-def _check_board_values(spec: DeviceSpec, opts: Opts) -> None:
-    """Until the typed device registry lands, the virtio/PCI builders read property values as
-    QemuOpts strings: a JSON number or boolean for them is refused in one line, not crashed on."""
-    if not spec.typed or spec.driver in _TYPED_DRIVERS:
-        return
-    for key, value in spec.props.items():
-        if not isinstance(value, str):
-            raise _cannot(opts, f"a JSON {json.dumps(value)} for '{spec.driver}.{key}' yet "
-                                f"(its builder takes strings: use the QemuOpts form {key}=...)")
+    try:
+        device_registry().lookup(spec.driver).resolve(spec.props, typed=spec.typed, ident=spec.id)
+    except ConfigError as e:
+        raise opts.error(str(e)) from None
 
 
 def _device_help() -> str:
-    from pyvmm.devices.pci.board import PCI_DRIVERS
-    from pyvmm.devices.virtio.board import VIRTIO_DRIVERS
+    """``-device help``: each driver as QEMU lists it, grouped by bus."""
+    from pyvmm.devices import device_registry
 
-    return "\n".join(f'name "{d}"' for d in ("isa-debug-exit", *VIRTIO_DRIVERS, *PCI_DRIVERS))
+    reg = device_registry()
+    lines = []
+    for name in reg.names():
+        t = reg.lookup(name)
+        alias = f', alias "{name}" for "{t.name}"' if name != t.name else ""
+        lines.append(f'name "{name}", bus {t.bus.value}{alias}, desc "{t.description}"')
+    return "\n".join(lines)
 
 
 def _chardevs(args: RunArgs) -> dict[str, str]:

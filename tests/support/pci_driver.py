@@ -189,3 +189,17 @@ class VirtioPciDriver:
         self.common_write(0x16, 2, index)
         off = self.common_read(0x1E, 2)
         self.pci.mmio.write(self.regions[2] + off * self.notify_mult, 2, index)
+
+
+def pc_devices(config, pci_board, io, mmio, *, memory=None, control=None, loop=None):
+    """The PC's device wiring (pyvmm.machine.pc_devices) over a given PCI board, with no accelerator:
+    virtio-mmio windows on ``mmio``, interrupt lines that record, port I/O on ``io``."""
+    from pyvmm.devices.virtio.board import VirtioMmioBoard
+    from pyvmm.machine.pc_devices import PcDevices
+    from pyvmm.runstate import VmControl
+
+    memory = memory or pci_board.memory
+    virtio = VirtioMmioBoard(memory, mmio, RecordingLine)
+    return PcDevices(config, memory=memory, control=control or VmControl(), main_loop=loop or virtio.loop,
+                     irq_line=RecordingLine, add_io=lambda base, size, dev, name: io.register(base, size, dev, name),
+                     virtio=virtio, pci=pci_board)

@@ -124,6 +124,20 @@ TABLE: list[Row] = [
     R("-device", "virtio-blk-pci,drive=nope"), R("-device", "frobnicator"),
     A("-device", "pvpanic"), A("-device", "pvpanic,ioport=0x506,events=1"), R("-device", "pvpanic,iobase=0x505"),
     R("-device", "pvpanic", "-device", "pvpanic"),
+    # typed properties from the device registry, as QEMU's qdev reads them
+    A("-netdev", "user,id=n0", "-device", '{"driver":"virtio-net-pci","netdev":"n0","addr":40}'),
+    A("-device", '{"driver":"virtio-rng-pci","addr":"06.0"}'), A("-device", "virtio-rng-pci,addr=1f"),
+    R("-device", "virtio-rng-pci,addr=zz"), R("-device", "virtio-rng-pci,addr=20"),
+    A("-device", '{"driver":"pvpanic","ioport":1286,"events":1}'), R("-device", "pvpanic,ioport=70000"),
+    R("-device", "pvpanic,events=256"), R("-device", '{"driver":"pvpanic","events":"1"}'),
+    R("-device", "isa-debug-exit,iobase=0x1ffffffff"),
+    A("-device", "isa-serial,chardev=c0", "-chardev", "null,id=c0"), R("-device", "isa-serial,chardev=nope"),
+    R("-device", "isa-serial,index=4"), R("-device", "isa-serial,irq=16"),
+    A("-netdev", "user,id=n0", "-device", "virtio-net-pci,netdev=n0,mac=52:54:00:12:34:56"),
+    R("-netdev", "user,id=n0", "-device", "virtio-net-pci,netdev=n0,mac=52:54:00:12"),
+    R("-netdev", "user,id=n0", "-device", '{"driver":"virtio-net-pci","netdev":"n0","mrg_rxbuf":"on"}'),
+    A("-drive", "file=a,,b.img,format=raw,if=none,id=d0", "-device", "virtio-blk-pci,drive=d0,serial=abc"),
+    R("-device", "virtio-blk-pci,drive=nope,serial=abc"),
     # -- -action ----------------------------------------------------------------------------------
     A("-action", "panic=pause"), A("-action", "panic=none,reboot=shutdown"), A("-action", "shutdown=poweroff"),
     A("-action", "panic=pause", "-action", "panic=exit-failure"),
@@ -157,8 +171,6 @@ PYVMM_CANNOT: list[Row] = [
     R("-blockdev", '{"driver":"null-co","node-name":"n0"}'),
     R("-smp", "255"),  # QEMU's pc takes 255 vCPUs; pyvmm's APIC ids stop at 253
     R("-smp", "0"),  # QEMU 7.2: deprecated, "considered invalid", still accepted
-    # typed JSON values reach only drivers whose builder reads them (until the device registry)
-    R("-netdev", "user,id=n0", "-device", '{"driver":"virtio-net-pci","netdev":"n0","addr":40}', names="-device"),
 ]
 
 

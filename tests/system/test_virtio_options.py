@@ -48,7 +48,7 @@ def _run(*args):
 @pytest.mark.parametrize("args,msg", [
     (("--drive", "file=/nonexistent.img,format=raw"), "no such file"),
     (("--drive", "format=raw"), "file= is required"),
-    (("--device", "virtio-rng,foo=1"), "unknown property foo"),
+    (("--device", "virtio-rng,foo=1"), "Property 'virtio-rng-device.foo' not found"),
     (("--device", "virtio-rng",) * 9, "too many virtio-mmio devices"),
 ])
 def test_cli_errors_are_one_line(args, msg):
@@ -61,18 +61,23 @@ def test_cli_errors_are_one_line(args, msg):
 
 def test_if_none_drive_is_left_alone(tmp_path):
     from pyvmm.bus import Bus
-    from pyvmm.devices.virtio.board import VirtioMmioBoard
-    from pyvmm.irq import IrqRouter
+    from pyvmm.config import MachineConfig
+    from pyvmm.devices.pci.board import PciBoard
     from pyvmm.memory import GuestMemory
+    from support.pci_driver import RecordingLine, pc_devices
 
     img = tmp_path / "d.img"
     img.write_bytes(bytes(1 << 20))
     spec = parse_drive(f"file={img},format=raw,if=none,id=d0")
     assert spec.interface == "none" and spec.id == "d0"
     mem = GuestMemory(4 << 20)
-    board = VirtioMmioBoard(mem, Bus("mmio"), IrqRouter().line)
+    io, mmio = Bus("io"), Bus("mmio")
+    pci = PciBoard(mem, mmio, io, RecordingLine, lambda: devs.virtio.loop)
+    devs = pc_devices(MachineConfig(drives=[spec]), pci, io, mmio)
     try:
-        assert board.add_drive(spec) is None and board.transports == []
+        devs.add_drives()
+        assert devs.virtio.transports == [] and len(devs.manager.tree) == 0
     finally:
-        board.close()
+        devs.virtio.close()
+        pci.close()
         mem.close()

@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import logging
 
+from pyvmm.qdev import BusKind, DeviceContext, DeviceProps, DeviceType, Prop, PropType
 from pyvmm.runstate import VmControl
+from pyvmm.x86 import layout
 
 log = logging.getLogger(__name__)
 
-DEBUG_EXIT_BASE = 0xF4
 DEBUG_EXIT_IO_SIZE = 4
 
 
@@ -39,3 +40,15 @@ class DebugExit:
 
     def reset(self) -> None:
         pass
+
+
+def _create(ctx: DeviceContext, props: DeviceProps) -> DebugExit:
+    dev = DebugExit(ctx.control)
+    ctx.add_io(props.get_int("iobase"), props.get_int("iosize"), dev, props.name("isa-debug-exit"))
+    return dev
+
+
+DEVICE_TYPES = [DeviceType(
+    "isa-debug-exit", BusKind.ISA, _create,
+    (Prop("iobase", PropType.UINT32, layout.DEBUG_EXIT_PORT), Prop("iosize", PropType.UINT32, DEBUG_EXIT_IO_SIZE)),
+    "a guest write ends the VMM with status (value << 1) | 1")]

@@ -30,13 +30,14 @@ import enum
 import logging
 
 from pyvmm.errors import ConfigError
+from pyvmm.qdev import BusKind, DeviceContext, DeviceProps, DeviceType, Prop, PropType
 from pyvmm.runstate import VmControl
-from pyvmm.x86 import aml
+from pyvmm.x86 import aml, layout
 
 log = logging.getLogger(__name__)
 
 DRIVER = "pvpanic"
-PVPANIC_IOPORT = 0x505
+PVPANIC_IOPORT = layout.PVPANIC_PORT
 PVPANIC_IO_SIZE = 1
 ACPI_NAME = "PEVT"
 ACPI_HID = "QEMU0001"
@@ -65,25 +66,6 @@ class PvPanic:
         self.events = events
         self.writes = 0
         self._unknown_logged = False
-
-    @classmethod
-    def from_props(cls, control: VmControl, props: dict[str, str]) -> PvPanic:
-        """Build from ``-device pvpanic[,ioport=N][,events=N]`` properties (QEMU's names)."""
-        values = {"ioport": PVPANIC_IOPORT, "events": int(DEFAULT_EVENTS)}
-        for key, text in props.items():
-            if key == "id":
-                continue
-            if key not in values:
-                raise ConfigError(f"--device {DRIVER}: property '{key}' not found (known: ioport, events)")
-            try:
-                values[key] = int(text, 0)
-            except ValueError:
-                raise ConfigError(f"--device {DRIVER}: {key}={text!r} is not a number") from None
-        if not 0 <= values["ioport"] <= 0xFFFF:
-            raise ConfigError(f"--device {DRIVER}: ioport={props['ioport']} is not a 16-bit port")
-        if not 0 <= values["events"] <= 0xFF:
-            raise ConfigError(f"--device {DRIVER}: events={props['events']} does not fit in 8 bits")
-        return cls(control, ioport=values["ioport"], events=values["events"])
 
     # -- the port ---------------------------------------------------------------------------------
     def io_read(self, offset: int, size: int) -> int:
@@ -120,3 +102,16 @@ class PvPanic:
             a.method("RDPT", 0, a.store(a.ref("PEPT"), a.local(0)), a.ret(a.local(0))),
             a.method("WRPT", 1, a.store(a.arg(0), a.ref("PEPT"))),
         )
+
+
+# -- its registry entry (pyvmm.qdev) ----------------------------------------------------------------
+def _create(ctx: DeviceContext, props: DeviceProps) -> PvPanic:
+    dev = PvPanic(ctx.control, ioport=props.get_int("ioport"), events=props.get_int("events"))
+    ctx.add_io(dev.ioport, PVPANIC_IO_SIZE, dev, props.name(DRIVER))
+    return dev
+
+
+DEVICE_TYPES = [DeviceType(
+    DRIVER, BusKind.ISA, _create,
+    (Prop("ioport", PropType.UINT16, PVPANIC_IOPORT), Prop("events", PropType.UINT8, int(DEFAULT_EVENTS))),
+    "reports guest panics (ACPI QEMU0001)")]

@@ -40,7 +40,10 @@ from collections import deque
 from enum import IntEnum
 
 from pyvmm.chardev.base import CharBackend
+from pyvmm.errors import ConfigError
 from pyvmm.irq import IrqLine
+from pyvmm.qdev import BusKind, DeviceContext, DeviceProps, DeviceType, Prop, PropType
+from pyvmm.x86 import layout
 
 log = logging.getLogger(__name__)
 
@@ -215,6 +218,11 @@ class Serial:
         self.trigger = 1
         self.thr_pending = False  # THR-empty interrupt latched
         self._level = False
+
+    def close(self) -> None:
+        """Close the back-end (the machine's shutdown)."""
+        if self._backend is not None:
+            self._backend.close()
 
     def reset(self) -> None:
         """Machine reset: back to power-on register values, FIFOs empty, IRQ low."""
@@ -426,3 +434,39 @@ class Serial:
     def rx_count(self) -> int:
         with self._lock:
             return len(self._rx)
+
+
+# -- its registry entry (pyvmm.qdev): QEMU's isa-serial --------------------------------------------
+#: COM1-COM4: (port, GSI) by index, as the PC and QEMU place them.
+COM_PORTS = ((layout.COM1_PORT, layout.COM1_GSI), (layout.COM2_PORT, layout.COM2_GSI),
+             (layout.COM3_PORT, layout.COM1_GSI), (layout.COM4_PORT, layout.COM2_GSI))
+
+
+def _create(ctx: DeviceContext, props: DeviceProps) -> Serial:
+    index = props.get("index")
+    if index is None:
+        index = ctx.count("isa-serial")
+    if index >= len(COM_PORTS):
+        raise ConfigError(f"Max. supported number of ISA serial ports is {len(COM_PORTS)}.")
+    port, gsi = COM_PORTS[index]
+    iobase = props.get("iobase")
+    irq = props.get("irq")
+    if irq is not None and irq >= 16:
+        raise ConfigError("Maximum value for \"irq\" is: 15")
+    chardev = props.get_str("chardev")
+    backend = ctx.chardev(chardev) if chardev is not None else None
+    name = props.name(f"serial{index}")
+    dev = Serial(ctx.irq_line(gsi if irq is None else irq), backend, name=name)
+    try:
+        ctx.add_io(port if iobase is None else iobase, SERIAL_IO_SIZE, dev, name)
+    except Exception:
+        dev.close()
+        raise
+    return dev
+
+
+DEVICE_TYPES = [DeviceType(
+    "isa-serial", BusKind.ISA, _create,
+    (Prop("index", PropType.UINT32), Prop("iobase", PropType.UINT32), Prop("irq", PropType.UINT32),
+     Prop("chardev", PropType.STR, None, "ID of a chardev to use as a backend")),
+    "16550A UART (COM1-COM4)")]

@@ -6,7 +6,8 @@ Order of assembly (mirrors QEMU's ``pc_init1`` in spirit):
 2. the accelerator, which maps RAM and provides interrupt controllers, in the
    kernel (KVM), or asks this builder for userspace ones (tcg); its
    capabilities (ioeventfd, irqfd, MSI, DMA observer) go to the devices;
-3. legacy devices on the port bus, wired to interrupt lines;
+3. legacy devices on the port bus, wired to interrupt lines; then, through the device
+   registry (:mod:`pyvmm.qdev`, :mod:`.pc_devices`), the serial port, disks and ``-device``s;
 4. firmware tables (E820, MP table, ACPI, fw_cfg) and the kernel, written into RAM;
 5. vCPU threads, then the main thread waits on the life-cycle mailbox.
 
@@ -27,22 +28,19 @@ from pyvmm.accel import select
 from pyvmm.accel.base import Accelerator, MachineContext
 from pyvmm.boot import BootResult, load_kernel
 from pyvmm.bus import Bus, BusError
-from pyvmm.chardev import parse_chardev
 from pyvmm.config import MachineConfig
 from pyvmm.devices.acpi_pm import AcpiPm
-from pyvmm.devices.debug_exit import DebugExit
 from pyvmm.devices.fw_cfg import FwCfg, FwCfgKey, encode_e820
 from pyvmm.devices.i8042 import I8042
 from pyvmm.devices.irqchip import UserspaceIrqchip
-from pyvmm.devices.pci.board import PCI_DRIVERS, PciBoard
+from pyvmm.devices.pci.board import PciBoard
 from pyvmm.devices.port80 import Port80
-from pyvmm.devices.pvpanic import PVPANIC_IO_SIZE, PvPanic
 from pyvmm.devices.rtc import Rtc
-from pyvmm.devices.serial import SERIAL_IO_SIZE, Serial
-from pyvmm.devices.virtio.board import VIRTIO_DRIVERS, VirtioMmioBoard
+from pyvmm.devices.virtio.board import VirtioMmioBoard
 from pyvmm.errors import ConfigError
 from pyvmm.irq import CpuInterruptController, IrqRouter
 from pyvmm.loop import MainLoop
+from pyvmm.machine.pc_devices import PcDevices
 from pyvmm.monitor import ChardevInfo, CpuInfo, create_monitor
 from pyvmm.monitor.events import ShutdownCause, cause_of
 from pyvmm.runstate import PanicAction, Request, RequestKind, RunState, VmControl
@@ -99,10 +97,6 @@ class PcMachine:
         caps = self.accel.capabilities()
         msi = caps.msi or (self.irqchip.deliver_msi if self.irqchip is not None else None)
 
-        self.serial_backend = parse_chardev(cfg.serial, self.loop, self.control, label="serial0")
-        self.serial = Serial(self.irq.line(layout.COM1_GSI), self.serial_backend, name="serial0")
-        self._add_io(layout.COM1_PORT, SERIAL_IO_SIZE, self.serial, "serial0")
-
         self.i8042 = I8042(self.control, irq_kbd=self.irq.line(layout.KBD_GSI), irq_aux=self.irq.line(layout.AUX_GSI))
         self._add_io(layout.I8042_DATA_PORT, 1, self.i8042.data_port, "i8042-data")
         self._add_io(layout.I8042_CMD_PORT, 1, self.i8042.cmd_port, "i8042-cmd")
@@ -120,28 +114,31 @@ class PcMachine:
         self.acpi_pm = AcpiPm(self.control, self.irq.line(layout.SCI_GSI))
         self._add_io(layout.ACPI_PM_PORT, PM_SIZE, self.acpi_pm, "acpi-pm")
 
-        # virtio-mmio (--drive, --device virtio-rng/virtio-console): pyvmm.devices.virtio.board
+        # The two virtio transports' boards: virtio-mmio windows and the PCI host bridge (0xcf8/0xcfc).
+        # MSI-X only if the interrupt controllers take MSIs (KVM: KVM_SIGNAL_MSI; tcg: the APIC bus).
         self.virtio = VirtioMmioBoard(self.memory, self.mmio_bus, self.irq.line)
         self.devices.append(self.virtio)
-        for drive in cfg.drives:
-            self.virtio.add_drive(drive)
-
-        # PCI host bridge (0xcf8/0xcfc), --netdev, --device *-pci: pyvmm.devices.pci.board.
-        # MSI-X only if the interrupt controllers take MSIs (KVM: KVM_SIGNAL_MSI; tcg: the APIC bus).
         self.pci = PciBoard(self.memory, self.mmio_bus, self.io_bus, self.irq.line, lambda: self.virtio.loop,
                             msi_sender=msi)
         self.devices.append(self.pci)
-        for netdev in cfg.netdevs:
-            self.pci.add_netdev(netdev)
 
+        # Everything users can name goes through the device registry (pyvmm.qdev): the -serial
+        # port, -drive if=virtio disks, then each -device in order.
+        self.qdev = PcDevices(cfg, memory=self.memory, control=self.control, main_loop=self.loop,
+                              irq_line=self.irq.line, add_io=self._add_io, virtio=self.virtio, pci=self.pci)
+        self.serial = self.qdev.add_serial(cfg.serial).obj
+        self.qdev.add_drives()
         for spec in cfg.devices:
             try:
-                self._add_device(spec)
+                self.qdev.add_user_device(spec)
             except BusError as e:  # e.g. two devices on one port
-                raise ConfigError(f"-device {spec.driver}: {e}") from None
-        self.pci.check_unused()
+                raise ConfigError(f"-device {spec.text or spec.driver}: {e}") from None
+        self.qdev.check_unused()
         self.virtio.attach_capabilities(caps)  # once: the accelerator keeps them across its resets
         self.pci.attach_capabilities(caps)
+        for driver, dev in (("i8042", self.i8042), ("mc146818rtc", self.rtc), ("fw_cfg_io", self.fw_cfg),
+                            ("PIIX4_PM", self.acpi_pm)):
+            self.qdev.manager.add_builtin(driver, dev)  # so the device tree lists every device
 
         self.e820 = build_e820(self.memory, reserved=[(layout.IOAPIC_ADDR, 0x1000), (layout.LAPIC_ADDR, 0x1000)])
         fw = self.fw_cfg
@@ -162,31 +159,6 @@ class PcMachine:
         self.io_bus.register(base, size, device, name)  # type: ignore[arg-type]
         if device not in self.devices:
             self.devices.append(device)
-
-    def _add_device(self, spec) -> None:
-        if spec.driver == "isa-debug-exit":
-            base = spec.int_prop("iobase", 0xF4)
-            size = spec.int_prop("iosize", 0x04)
-            self._add_io(base, size, DebugExit(self.control), "isa-debug-exit")
-        # -- pvpanic: interim wiring until the device registry (pyvmm.qdev) takes it over. --
-        elif spec.driver == "pvpanic":
-            dev = PvPanic.from_props(self.control, spec.props)
-            self._add_io(dev.ioport, PVPANIC_IO_SIZE, dev, "pvpanic")
-        # -- end pvpanic --
-        elif spec.driver in PCI_DRIVERS:
-            self.pci.add_device(spec.driver, spec.props, drives=self.config.drives,
-                                make_chardev=lambda c: self._chardev(c, spec.props.get("id", spec.driver)))
-        elif spec.driver in VIRTIO_DRIVERS:
-            self.virtio.add_device(spec.driver, spec.props,
-                                   lambda c: self._chardev(c, spec.props.get("id", spec.driver)))
-        else:
-            raise ConfigError(f"--device {spec.driver}: unknown device "
-                              f"(known: isa-debug-exit, pvpanic, {', '.join(VIRTIO_DRIVERS + PCI_DRIVERS)})")
-
-    def _chardev(self, name: str, label: str):
-        """A device's ``chardev=``: the id of a --chardev, or (pyvmm shorthand) a back-end spec itself."""
-        spec = self.config.chardevs.get(name, name)
-        return parse_chardev(spec, self.loop, self.control, label=name if name in self.config.chardevs else label)
 
     # -- firmware and kernel -----------------------------------------------------------------
     def _load_firmware_and_kernel(self) -> None:
@@ -299,8 +271,9 @@ class PcMachine:
             if self.monitor is not None:
                 self.monitor.close()  # after the SHUTDOWN event went out
             self.loop.stop()
-            if self.serial_backend is not None:
-                self.serial_backend.close()
+            for dev in self.qdev.manager.tree if getattr(self, "qdev", None) is not None else ():
+                if dev.driver == "isa-serial":
+                    dev.obj.close()  # type: ignore[attr-defined]
             if getattr(self, "pci", None) is not None:
                 self.pci.close()
             if getattr(self, "virtio", None) is not None:

@@ -23,7 +23,6 @@ _ID_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,31}$")
 _IFNAME_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,15}$")
 _MAC_RE = re.compile(r"^[0-9A-Fa-f]{2}([:-][0-9A-Fa-f]{2}){5}$")
 _KEYS = {"user": ("id", "passt"), "tap": ("id", "ifname", "script", "downscript", "vnet_hdr")}
-_NIC_KEYS = ("netdev", "mac", "mrg_rxbuf", "addr", "id")
 
 
 @dataclass
@@ -34,17 +33,6 @@ class NetdevSpec:
     id: str
     ifname: str = ""
     passt: str = ""
-
-
-@dataclass
-class NicSpec:
-    """A virtio-net-pci device: which netdev it uses and its MAC address."""
-
-    netdev: str
-    mac: bytes
-    mrg_rxbuf: bool = False
-    slot: int | None = None
-    id: str = ""
 
 
 def parse_netdev(text: str) -> NetdevSpec:
@@ -110,33 +98,3 @@ def format_mac(mac: bytes) -> str:
 def random_mac() -> bytes:
     """A random locally administered unicast address in QEMU's 52:54:00 prefix."""
     return bytes((0x52, 0x54, 0x00)) + os.urandom(3)
-
-
-def parse_nic(driver: str, props: dict[str, str]) -> NicSpec:
-    """The properties of ``--device virtio-net-pci,...``."""
-    what = f"--device {driver}"
-    unknown = sorted(set(props) - set(_NIC_KEYS))
-    if unknown:
-        raise ConfigError(f"{what}: unknown property {unknown[0]!r} (known: {', '.join(_NIC_KEYS)})")
-    netdev = props.get("netdev", "")
-    if not netdev:
-        raise ConfigError(f"{what}: netdev= is required")
-    mac = parse_mac(props["mac"]) if "mac" in props else random_mac()
-    mrg = props.get("mrg_rxbuf", "off").lower()
-    if mrg not in _BOOL:
-        raise ConfigError(f"{what}: mrg_rxbuf={mrg} is not on/off")
-    return NicSpec(netdev, mac, _BOOL[mrg], parse_slot(what, props.get("addr")), props.get("id", ""))
-
-
-def parse_slot(what: str, text: str | None) -> int | None:
-    """QEMU's ``addr=`` (``5``, ``0x5``, ``05.0``) -> slot number, function 0 only."""
-    if text is None:
-        return None
-    slot_text, _, fn = text.partition(".")
-    try:
-        slot = int(slot_text, 16) if "." in text else int(slot_text, 0)
-    except ValueError:
-        raise ConfigError(f"{what}: addr={text!r} is not a slot number") from None
-    if fn not in ("", "0") or not 1 <= slot < 32:
-        raise ConfigError(f"{what}: addr={text} must be a slot 1-31 (function 0)")
-    return slot

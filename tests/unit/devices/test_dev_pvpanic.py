@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from pyvmm.bus import Bus
+from pyvmm.devices import device_registry
 from pyvmm.devices.pvpanic import PVPANIC_IOPORT, PvPanic, PvPanicEvent
 from pyvmm.errors import ConfigError
 from pyvmm.runstate import GuestPanic, PanicAction, RequestKind, VmControl
@@ -112,14 +113,17 @@ def test_unknown_bits_are_ignored_and_writes_act_whatever_events_says() -> None:
 
 
 def test_properties_are_checked() -> None:
-    control = VmControl()
-    dev = PvPanic.from_props(control, {"ioport": "0x600", "events": "1", "id": "pp"})
-    assert (dev.ioport, dev.events) == (0x600, 1)
-    assert PvPanic.from_props(control, {}).ioport == PVPANIC_IOPORT
-    for props, msg in [({"ioport": "70000"}, "16-bit"), ({"events": "256"}, "8 bits"),
-                       ({"iobase": "1"}, "'iobase' not found"), ({"ioport": "x"}, "not a number")]:
+    t = device_registry().lookup("pvpanic")
+    p = t.resolve({"ioport": "0x600", "events": "1", "id": "pp"}, ident="pp")
+    assert (p.get_int("ioport"), p.get_int("events"), p.id) == (0x600, 1, "pp")
+    assert t.resolve({}).get_int("ioport") == PVPANIC_IOPORT
+    assert t.resolve({"ioport": 0x506}, typed=True).get_int("ioport") == 0x506
+    for props, msg in [({"ioport": "70000"}, "expects uint16_t"), ({"events": "256"}, "expects uint8_t"),
+                       ({"iobase": "1"}, "Property 'pvpanic.iobase' not found"), ({"ioport": "x"}, "expects integer")]:
         with pytest.raises(ConfigError, match=msg):
-            PvPanic.from_props(control, props)
+            t.resolve(props)
+    with pytest.raises(ConfigError, match="expected: integer"):
+        t.resolve({"ioport": "0x506"}, typed=True)  # JSON: a string is not a number
 
 
 # -- ACPI ------------------------------------------------------------------------------------------

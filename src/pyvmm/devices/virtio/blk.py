@@ -28,6 +28,7 @@ from pyvmm.devices.virtio.device import DeviceId, VirtioDevice
 from pyvmm.devices.virtio.queue import MAX_CHAIN_BYTES, DescChain, Virtqueue
 from pyvmm.loop import MainLoop
 from pyvmm.memory import GuestMemory
+from pyvmm.qdev import DeviceContext, DeviceProps, Prop, PropType, VirtioType
 
 log = logging.getLogger(__name__)
 
@@ -199,3 +200,44 @@ class VirtioBlk(VirtioDevice):
     def close(self) -> None:
         with self.lock:
             self.backend.close()
+
+
+# -- its registry entry (pyvmm.qdev): virtio-blk-pci, virtio-blk-device ---------------------------
+_FORMATS = (None, "raw", "qcow2")
+
+
+def _create(ctx: DeviceContext, props: DeviceProps) -> VirtioBlk:
+    from pyvmm.block import open_image
+    from pyvmm.errors import ConfigError, PyvmmError
+
+    drive_id, path = props.get_str("drive"), props.get_str("file")
+    if drive_id is not None:
+        if path is not None or props.is_set("format"):
+            raise ConfigError("drive= names a -drive; file= and format= go without it")
+        drive = ctx.drive(drive_id)
+        path, fmt, read_only = drive.file, drive.format, drive.readonly or props.get_bool("readonly")
+        serial = props.get_str("serial") or drive.serial
+    elif path is not None:  # pyvmm's shorthand: the image on the device itself
+        fmt, read_only, serial = props.get_str("format"), props.get_bool("readonly"), props.get_str("serial") or ""
+        if fmt not in _FORMATS:
+            raise ConfigError(f"format={fmt} is not supported (raw or qcow2)")
+    else:
+        raise ConfigError("drive=ID or file=PATH is required")
+    if fmt is None:
+        log.warning("%s: no format given, probing (give format=raw or format=qcow2)", path)
+    try:
+        image = open_image(path, fmt, read_only=read_only)
+    except PyvmmError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    return VirtioBlk(ctx.memory, image, serial=serial, read_only=read_only, name=props.name("virtio-blk"),
+                     loop=ctx.iothread)
+
+
+DEVICE_TYPES = [VirtioType(
+    "virtio-blk", _create,
+    (Prop("drive", PropType.STR, None, "ID of a -drive to use as a backend"),
+     Prop("serial", PropType.STR),
+     Prop("file", PropType.STR, None, "pyvmm: an image file, instead of drive="),
+     Prop("format", PropType.STR, None, "pyvmm: with file=, raw or qcow2 (probed when absent)"),
+     Prop("readonly", PropType.BOOL, None, "pyvmm: present the disk read-only")),
+    "a disk")]

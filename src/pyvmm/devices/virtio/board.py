@@ -1,4 +1,4 @@
-"""Placing virtio-mmio devices on the PC machine: windows, interrupts, iothread, ACPI, KVM fast paths.
+"""Placing virtio-mmio transports on the PC machine: windows, interrupts, iothread, ACPI, KVM fast paths.
 
 Windows are 0x200 bytes each from :data:`MMIO_BASE` (in the 32-bit hole just
 below the I/O APIC, as QEMU's microvm places them), at most :data:`MAX_DEVICES`.
@@ -28,7 +28,6 @@ from pyvmm.bus import Bus
 from pyvmm.capabilities import AccelCapabilities
 from pyvmm.devices.virtio.device import VirtioDevice
 from pyvmm.devices.virtio.mmio import MMIO_SIZE, NOTIFY_OFFSET, EventfdIrqLine, VirtioMmio
-from pyvmm.devices.virtio.options import DriveSpec
 from pyvmm.errors import ConfigError, PyvmmError
 from pyvmm.irq import IrqLine
 from pyvmm.loop import IOThread, MainLoop
@@ -41,10 +40,6 @@ log = logging.getLogger(__name__)
 MMIO_BASE = layout.VIRTIO_MMIO_BASE
 MMIO_GSIS = layout.VIRTIO_MMIO_GSIS
 MAX_DEVICES = layout.VIRTIO_MMIO_MAX_DEVICES
-
-RNG_DRIVERS = ("virtio-rng", "virtio-rng-device")
-CONSOLE_DRIVERS = ("virtio-console", "virtconsole", "virtio-console-device")
-VIRTIO_DRIVERS = RNG_DRIVERS + CONSOLE_DRIVERS
 
 
 class WiredOr:
@@ -118,43 +113,6 @@ class VirtioMmioBoard:
         log.debug("%s at %#x gsi %d", device.name, base, gsi)
         return t
 
-    def add_drive(self, spec: DriveSpec) -> VirtioMmio | None:
-        """A virtio-mmio disk for ``if=virtio``; None for ``if=none`` (left to a ``drive=`` device)."""
-        from pyvmm.block import open_image
-        from pyvmm.devices.virtio.blk import VirtioBlk
-
-        if spec.interface != "virtio":
-            return None
-        if spec.format is None:
-            log.warning("--drive %s: no format given, probing (give format=raw or format=qcow2)", spec.file)
-        try:
-            image = open_image(spec.file, spec.format, read_only=spec.readonly)
-        except PyvmmError as e:
-            raise ConfigError(f"--drive: {e}") from None
-        n = sum(1 for t, _, _ in self.transports if t.device.device_id == 2)
-        dev = VirtioBlk(self.memory, image, serial=spec.serial, read_only=spec.readonly,
-                        name=spec.id or f"virtio-blk{n}", loop=self.loop)
-        return self.add(dev)
-
-    def add_device(self, driver: str, props: dict[str, str], make_chardev: Callable[[str], object]) -> VirtioMmio:
-        """``--device virtio-rng`` / ``--device virtio-console[,chardev=SPEC]``.
-
-        ``make_chardev(spec)`` turns the chardev value into a CharBackend (the machine's
-        parse_chardev on its main loop, or a lookup of a ``--chardev`` id).
-        """
-        if driver in RNG_DRIVERS:
-            from pyvmm.devices.virtio.rng import VirtioRng
-
-            _no_props(driver, props, ())
-            return self.add(VirtioRng(self.memory, loop=self.loop))
-        if driver in CONSOLE_DRIVERS:
-            from pyvmm.devices.virtio.console import VirtioConsole
-
-            _no_props(driver, props, ("chardev", "id", "name"))
-            backend = make_chardev(props.get("chardev", "null"))
-            return self.add(VirtioConsole(self.memory, backend, loop=self.loop))  # type: ignore[arg-type]
-        raise ConfigError(f"--device {driver}: not a virtio device")
-
     def acpi_devices(self) -> list[AcpiMmioDevice]:
         return [AcpiMmioDevice(f"VR{i:02X}", "LNRO0005", uid=i, mmio_base=base, mmio_size=MMIO_SIZE,
                                gsi=gsi, level=True)
@@ -209,9 +167,3 @@ class VirtioMmioBoard:
             line.close()
         self._irqfd_lines.clear()
 
-
-def _no_props(driver: str, props: dict[str, str], allowed: tuple[str, ...]) -> None:
-    extra = sorted(set(props) - set(allowed))
-    if extra:
-        raise ConfigError(f"--device {driver}: unknown propert{'y' if len(extra) == 1 else 'ies'} "
-                          f"{', '.join(extra)}")

@@ -29,6 +29,7 @@ from pyvmm.devices.virtio.device import DeviceId, Status, VirtioDevice
 from pyvmm.devices.virtio.queue import Virtqueue
 from pyvmm.loop import MainLoop
 from pyvmm.memory import GuestMemory
+from pyvmm.qdev import DeviceContext, DeviceProps, Prop, PropType, VirtioType
 
 log = logging.getLogger(__name__)
 
@@ -132,3 +133,14 @@ class VirtioConsole(VirtioDevice):
     def close(self) -> None:
         if self.backend is not None:
             self.backend.close()
+
+
+# -- its registry entry (pyvmm.qdev): virtio-console-pci, virtio-console-device -------------------
+def _create(ctx: DeviceContext, props: DeviceProps) -> VirtioConsole:
+    backend = ctx.chardev(props.get_str("chardev") or "null")
+    return VirtioConsole(ctx.memory, backend, name=props.name("virtio-console"), loop=ctx.iothread)
+
+
+DEVICE_TYPES = [VirtioType(
+    "virtio-console", _create, (Prop("chardev", PropType.STR, None, "ID of a chardev to use as a backend"),),
+    "one console port (hvc0), without multiport", aliases={"virtio-console": "device", "virtconsole": "device"})]

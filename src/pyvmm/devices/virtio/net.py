@@ -36,6 +36,8 @@ from pyvmm.devices.virtio.queue import DescChain, Virtqueue
 from pyvmm.loop import MainLoop
 from pyvmm.memory import GuestMemory
 from pyvmm.net.base import MAX_FRAME, NetBackend
+from pyvmm.net.options import format_mac, random_mac
+from pyvmm.qdev import DeviceContext, DeviceProps, Prop, PropType, VirtioType
 
 log = logging.getLogger(__name__)
 
@@ -209,3 +211,32 @@ class VirtioNet(VirtioDevice):
 
     def close(self) -> None:
         self.backend.close()
+
+
+# -- its registry entry (pyvmm.qdev): virtio-net-pci, virtio-net-device ---------------------------
+def _create(ctx: DeviceContext, props: DeviceProps) -> VirtioNet:
+    from pyvmm.errors import ConfigError
+
+    netdev = props.get_str("netdev")
+    if netdev is None:
+        raise ConfigError("netdev= is required (pyvmm has no NIC without a -netdev)")
+    mac = props.get("mac") or random_mac()
+    if mac[0] & 1:
+        raise ConfigError(f"mac={format_mac(mac)}: a multicast address cannot be a NIC address")
+    name = props.name("virtio-net")
+    backend = ctx.netdev(netdev)
+    log.info("%s: mac %s on netdev %s", name, format_mac(mac), netdev)
+    try:
+        return VirtioNet(ctx.memory, backend, mac=mac, name=name, loop=ctx.iothread,
+                         mrg_rxbuf=props.get_bool("mrg_rxbuf"))
+    except Exception:
+        backend.close()
+        raise
+
+
+DEVICE_TYPES = [VirtioType(
+    "virtio-net", _create,
+    (Prop("netdev", PropType.STR, None, "ID of a netdev to use as a backend"),
+     Prop("mac", PropType.MACADDR, None, "Ethernet 6-byte MAC Address, example: 52:54:00:12:34:56"),
+     Prop("mrg_rxbuf", PropType.BOOL, False)),
+    "a network card")]

@@ -19,6 +19,7 @@ from pyvmm.devices.virtio.device import DeviceId, VirtioDevice
 from pyvmm.devices.virtio.queue import Virtqueue
 from pyvmm.loop import MainLoop
 from pyvmm.memory import GuestMemory
+from pyvmm.qdev import DeviceContext, DeviceProps, VirtioType
 
 MAX_BYTES_PER_REQUEST = 64 << 10
 
@@ -48,3 +49,12 @@ class VirtioRng(VirtioDevice):
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+
+
+# -- its registry entry (pyvmm.qdev): virtio-rng-pci, virtio-rng-device ---------------------------
+def _create(ctx: DeviceContext, props: DeviceProps) -> VirtioRng:
+    return VirtioRng(ctx.memory, name=props.name("virtio-rng"), loop=ctx.iothread)
+
+
+DEVICE_TYPES = [VirtioType("virtio-rng", _create, (), "entropy from the host's /dev/urandom",
+                           aliases={"virtio-rng": "device"})]

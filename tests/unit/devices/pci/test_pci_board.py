@@ -1,19 +1,18 @@
-"""PciBoard: the machine-side glue (devices from --device/--netdev/--drive, windows, firmware setup, reset)."""
+"""PciBoard: the machine-side glue (virtio-pci transports, windows, firmware setup, reset)."""
 
 from __future__ import annotations
 
 import pytest
 
 from pyvmm.bus import Bus
+from pyvmm.config import DeviceSpec, MachineConfig
 from pyvmm.devices.pci.board import PciBoard
 from pyvmm.devices.virtio.options import parse_drive
-from pyvmm.errors import ConfigError
 from pyvmm.loop import MainLoop
 from pyvmm.memory import GuestMemory
-from pyvmm.net.options import parse_netdev
 from pyvmm.x86 import layout
 from pyvmm.x86.layout import IOAPIC_ADDR
-from support.pci_driver import GuestPci, RecordingLine
+from support.pci_driver import GuestPci, RecordingLine, pc_devices
 
 
 @pytest.fixture
@@ -36,30 +35,15 @@ def test_windows_avoid_ram_virtio_mmio_and_ioapic(board):
 
 
 def test_devices_from_options(board):
+    """-device *-pci options, through the device registry, end up in the right slots of this board."""
     b, io, mmio, tmp = board
     disk = tmp / "d.raw"
     disk.write_bytes(bytes(1 << 16))
-    drives = [parse_drive(f"file={disk},format=raw,if=none,id=d0"), parse_drive(f"file={disk},format=raw,id=mm")]
-    b.add_device("virtio-rng-pci", {"addr": "5"})
-    b.add_device("virtio-blk-pci", {"drive": "d0"}, drives=drives)
-    b.add_device("virtio-console-pci", {}, make_chardev=lambda spec: None)
-    with pytest.raises(ConfigError, match="if=none"):
-        b.add_device("virtio-blk-pci", {"drive": "mm"}, drives=drives)
-    with pytest.raises(ConfigError, match="already used"):
-        b.add_device("virtio-blk-pci", {"drive": "d0"}, drives=drives)
-    with pytest.raises(ConfigError, match="no --drive"):
-        b.add_device("virtio-blk-pci", {"drive": "zz"}, drives=drives)
-    with pytest.raises(ConfigError):
-        b.add_device("virtio-blk-pci", {"file": str(tmp / "missing.raw"), "format": "raw"})
-    with pytest.raises(ConfigError, match="unknown property"):
-        b.add_device("virtio-rng-pci", {"speed": "1"})
-    with pytest.raises(ConfigError, match="already used"):
-        b.add_device("virtio-rng-pci", {"addr": "5"})
-    with pytest.raises(ConfigError, match="no --netdev"):
-        b.add_device("virtio-net-pci", {"netdev": "n0"})
-    b.add_netdev(parse_netdev("tap,id=n0"))
-    with pytest.raises(ConfigError, match="used twice"):
-        b.add_netdev(parse_netdev("user,id=n0"))
+    cfg = MachineConfig(drives=[parse_drive(f"file={disk},format=raw,if=none,id=d0")])
+    devs = pc_devices(cfg, b, io, mmio)
+    for text in ("virtio-rng-pci,addr=5", "virtio-blk-pci,drive=d0", "virtio-console-pci"):
+        devs.add_user_device(DeviceSpec.parse(text))
+    devs.virtio.close()
     pci = GuestPci(io, mmio)
     found = pci.enumerate()
     assert found[5] == (0x1AF4, 0x1044)
