@@ -480,15 +480,20 @@ def _check_device(spec: DeviceSpec, opts: Opts) -> None:
 
 
 def _device_help() -> str:
-    """``-device help``: each driver as QEMU lists it, grouped by bus."""
+    """``-device help``: one line per driver, as QEMU lists them (aliases on the driver's line)."""
     from pyvmm.devices import device_registry
 
     reg = device_registry()
-    lines = []
+    aliases: dict[str, list[str]] = {}
     for name in reg.names():
-        t = reg.lookup(name)
-        alias = f', alias "{name}" for "{t.name}"' if name != t.name else ""
-        lines.append(f'name "{name}", bus {t.bus.value}{alias}, desc "{t.description}"')
+        target = reg.lookup(name).name
+        if target != name:
+            aliases.setdefault(target, []).append(name)
+    lines = []
+    for t in reg.types():
+        if t.user_creatable:
+            alias = "".join(f', alias "{a}"' for a in aliases.get(t.name, ()))
+            lines.append(f'name "{t.name}", bus {t.bus.value}{alias}, desc "{t.description}"')
     return "\n".join(lines)
 
 

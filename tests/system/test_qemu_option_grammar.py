@@ -134,8 +134,9 @@ TABLE: list[Row] = [
     A("-device", "isa-serial,chardev=c0", "-chardev", "null,id=c0"), R("-device", "isa-serial,chardev=nope"),
     R("-device", "isa-serial,index=4"), R("-device", "isa-serial,irq=16"),
     A("-netdev", "user,id=n0", "-device", "virtio-net-pci,netdev=n0,mac=52:54:00:12:34:56"),
-    R("-netdev", "user,id=n0", "-device", "virtio-net-pci,netdev=n0,mac=52:54:00:12"),
-    R("-netdev", "user,id=n0", "-device", '{"driver":"virtio-net-pci","netdev":"n0","mrg_rxbuf":"on"}'),
+    R("-netdev", "user,id=n0", "-device", "virtio-net-pci,netdev=n0,mac=52:54:00:12", names="-device"),
+    R("-netdev", "user,id=n0", "-device", '{"driver":"virtio-net-pci","netdev":"n0","mrg_rxbuf":"on"}',
+      names="-device"),
     A("-drive", "file=a,,b.img,format=raw,if=none,id=d0", "-device", "virtio-blk-pci,drive=d0,serial=abc"),
     R("-device", "virtio-blk-pci,drive=nope,serial=abc"),
     # -- -action ----------------------------------------------------------------------------------

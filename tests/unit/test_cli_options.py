@@ -92,7 +92,8 @@ def test_json_device_and_netdev():
     (["-daemonize", "-serial", "stdio"], "-daemonize: -serial stdio"),
     (["-machine", "none", "-kernel", "k"], "-kernel: -machine none has no guest"),
     (["-machine", "none", "-smp", "2"], "-smp 2: Invalid SMP CPUs 2"),
-    (["-device", "pvpanic,id=x", "-device", "virtio-rng-pci,id=x"], "-device virtio-rng-pci,id=x: Duplicate ID 'x' for device"),
+    (["-device", "pvpanic,id=x", "-device", "virtio-rng-pci,id=x"],
+     "-device virtio-rng-pci,id=x: Duplicate ID 'x' for device"),
     (["-device", '{"driver":"virtio-blk-pci","file":"x","readonly":"on"}'], '-device {"driver":"virtio-blk-pci"'),
     (["-drive", "file=/nonexistent/a,,b.img,if=none,id=d"], "-drive file=/nonexistent/a,,b.img: Could not open"),
 ])
