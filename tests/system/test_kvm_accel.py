@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable, Iterator
 
 import pytest
-from test_kvm_util import RecordingDevice, assemble, buses, drain
+from test_kvm_util import assemble, buses
 
 from pyvmm.accel.base import CpuConfig, MachineContext
 from pyvmm.accel.kvm import IDENTITY_MAP_ADDR, TSS_ADDR, KvmAccelerator
@@ -21,6 +21,7 @@ from pyvmm.kvm.ioctls import MpState
 from pyvmm.memory import GuestMemory
 from pyvmm.runstate import RequestKind, VmControl
 from pyvmm.x86 import cpuid
+from support.recording import RecordingDevice, drain
 
 ORG = 0x1000
 PORT = 0x510

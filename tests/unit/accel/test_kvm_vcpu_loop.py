@@ -25,6 +25,7 @@ from pyvmm.kvm import abi, fastrun
 from pyvmm.kvm.fastrun import RunCall
 from pyvmm.kvm.ioctls import ExitReason
 from pyvmm.runstate import RequestKind, VmControl
+from support.recording import RecordingDevice, drain
 
 PIO = fastrun.PIO_DATA_OFF
 Exit = Callable[[abi.KvmRun], None]
@@ -82,23 +83,6 @@ class ScriptedVcpu:
         self.run_mmap.close()
 
 
-class Recorder:
-    def __init__(self, read_value: int = 0, on_write: Callable[[], None] | None = None) -> None:
-        self.reads: list[tuple[int, int]] = []
-        self.writes: list[tuple[int, int, int]] = []
-        self.read_value = read_value
-        self.on_write = on_write
-
-    def io_read(self, offset: int, size: int) -> int:
-        self.reads.append((offset, size))
-        return self.read_value
-
-    def io_write(self, offset: int, size: int, value: int) -> None:
-        self.writes.append((offset, size, value))
-        if self.on_write is not None:
-            self.on_write()
-
-
 def runner(script: Iterator[Exit], io_bus: Bus | None = None, control: VmControl | None = None
            ) -> tuple[VcpuRunner, ScriptedVcpu]:
     vcpu = ScriptedVcpu(script)
@@ -122,11 +106,9 @@ def wait_for(pred: Callable[[], bool], timeout: float = 5.0) -> bool:
     return True
 
 
-def drain(control: VmControl) -> list[tuple[RequestKind, str]]:
-    out = []
-    while (q := control.wait(0)) is not None:
-        out.append((q.kind, q.reason))
-    return out
+def pending(control: VmControl) -> list[tuple[RequestKind, str]]:
+    """(kind, reason) of each request the loop queued."""
+    return [(q.kind, q.reason) for q in drain(control)]
 
 
 @pytest.fixture(autouse=True)
@@ -136,7 +118,7 @@ def _kick_handler() -> None:
 
 def test_port_fast_path_and_general_path_in_one_loop() -> None:
     bus = Bus("io")
-    dev = Recorder(read_value=0x7_89AB_CDEF)
+    dev = RecordingDevice(read_value=0x7_89AB_CDEF)
     bus.register(0x510, 4, dev, "dev")
     script = iter([io(1, 1, 0x510, 0x5A), io(1, 4, 0x511, 0xDEADBEEF), io(0, 2, 0x512),
                    io(0, 4, 0x600), io(1, 2, 0x513, 0x1234, count=1, data_offset=PIO + 2),
@@ -161,11 +143,11 @@ def test_port_fast_path_and_general_path_in_one_loop() -> None:
 ])
 def test_malformed_port_exit_ends_the_loop_with_an_error(exit_: Exit, what: str) -> None:
     bus = Bus("io")
-    dev = Recorder(read_value=0xFFFFFFFF)
+    dev = RecordingDevice(read_value=0xFFFFFFFF)
     bus.register(0x510, 4, dev, "dev")
     r, vcpu = runner(iter([exit_]), bus)
     r.run()
-    reqs = drain(r.control)
+    reqs = pending(r.control)
     assert len(reqs) == 1 and reqs[0][0] == RequestKind.ERROR and what in reqs[0][1]
     assert dev.reads == [] and dev.writes == []
     assert vcpu.run is not None and vcpu.run.immediate_exit == 0 and vcpu.run.exit_reason == ExitReason.IO
@@ -178,13 +160,13 @@ def test_exit_reason_too_large_for_the_summary_is_read_from_kvm_run() -> None:
     r, vcpu = runner(iter([reason(0x1234)]))
     r.run()
     assert r.last_exit == 0x1234
-    assert drain(r.control) == [(RequestKind.ERROR, "vCPU 0: unexpected KVM exit reason 4660")]
+    assert pending(r.control) == [(RequestKind.ERROR, "vCPU 0: unexpected KVM exit reason 4660")]
     vcpu.close()
 
 
 def test_pause_resume_stop_and_restart_move_through_the_states() -> None:
     bus = Bus("io")
-    dev = Recorder()
+    dev = RecordingDevice()
     bus.register(0x80, 1, dev, "post")
     r, vcpu = runner(spin(0x80), bus)
     r.start()
@@ -207,14 +189,14 @@ def test_pause_resume_stop_and_restart_move_through_the_states() -> None:
     r.request_stop()
     r.join(5)
     assert r.state is VcpuRunState.STOPPED and not r.thread.is_alive()  # type: ignore[union-attr]
-    assert drain(r.control) == []
+    assert pending(r.control) == []
     vcpu.close()
 
 
 def test_a_device_request_holds_the_vcpu_until_stopped() -> None:
     bus = Bus("io")
     control = VmControl()
-    dev = Recorder(on_write=lambda: control.request_exit(3, "debug exit"))
+    dev = RecordingDevice(on_write=lambda *_: control.request_exit(3, "debug exit"))
     bus.register(0x501, 1, dev, "debug-exit")
     r, vcpu = runner(iter([io(1, 1, 0x501, 1), io(1, 1, 0x501, 2)]), bus, control)
     r.start()
@@ -228,7 +210,7 @@ def test_a_device_request_holds_the_vcpu_until_stopped() -> None:
     r.request_stop()
     r.join(5)
     assert r.state is VcpuRunState.STOPPED
-    assert drain(control) == [(RequestKind.EXIT, "debug exit")]
+    assert pending(control) == [(RequestKind.EXIT, "debug exit")]
     vcpu.close()
 
 
