@@ -1,11 +1,13 @@
-"""Bus devices and request queues for the accelerator tests: what the guest did, recorded.
+"""Test doubles that record what the code under test did: bus devices, interrupt sinks, request queues.
 
-Used by the unit tests that script ``kvm_run`` (tests/unit/accel) and by the
-system tests on the real /dev/kvm (tests/system/test_kvm_*.py).
+RecordingDevice and drain serve the unit tests that script ``kvm_run``
+(tests/unit/accel) and the system tests on the real /dev/kvm
+(tests/system/test_kvm_*.py); RecordingSink serves the device models' tests.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 
 from pyvmm.runstate import Request, VmControl
@@ -37,6 +39,26 @@ class RecordingDevice:
         self.writes.append((offset, size, value))
         if self.on_write is not None:
             self.on_write(offset, size, value)
+
+
+class RecordingSink:
+    """An interrupt sink (what an ``IrqLine`` drives) remembering every level change, like a trace of
+    KVM_IRQ_LINE calls: ``events`` in order, ``levels`` the last level per GSI.  Thread-safe."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[int, bool]] = []
+        self.levels: dict[int, bool] = {}
+        self.lock = threading.Lock()
+
+    def set_irq(self, gsi: int, level: bool) -> None:
+        with self.lock:
+            self.events.append((gsi, level))
+            self.levels[gsi] = level
+
+    def rising_edges(self, gsi: int) -> int:
+        """How many times ``gsi`` was raised."""
+        with self.lock:
+            return sum(1 for g, lv in self.events if g == gsi and lv)
 
 
 def drain(control: VmControl) -> list[Request]:
