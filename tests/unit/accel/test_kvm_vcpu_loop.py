@@ -26,6 +26,7 @@ from pyvmm.kvm.fastrun import RunCall
 from pyvmm.kvm.ioctls import ExitReason
 from pyvmm.runstate import RequestKind, VmControl
 from support.recording import RecordingDevice, drain
+from support.waiting import wait_until
 
 PIO = fastrun.PIO_DATA_OFF
 Exit = Callable[[abi.KvmRun], None]
@@ -97,15 +98,6 @@ def spin(port: int) -> Iterator[Exit]:
         time.sleep(0.0005)  # let other threads have the GIL
 
 
-def wait_for(pred: Callable[[], bool], timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.002)
-    return True
-
-
 def pending(control: VmControl) -> list[tuple[RequestKind, str]]:
     """(kind, reason) of each request the loop queued."""
     return [(q.kind, q.reason) for q in drain(control)]
@@ -170,7 +162,7 @@ def test_pause_resume_stop_and_restart_move_through_the_states() -> None:
     bus.register(0x80, 1, dev, "post")
     r, vcpu = runner(spin(0x80), bus)
     r.start()
-    assert wait_for(lambda: len(dev.writes) > 3)
+    assert wait_until(lambda: len(dev.writes) > 3)
     assert r.state is VcpuRunState.RUNNING and r.running and not r.parked
     r.request_pause()
     assert r.wait_parked(5) and r.state is VcpuRunState.PAUSED
@@ -179,13 +171,13 @@ def test_pause_resume_stop_and_restart_move_through_the_states() -> None:
     time.sleep(0.02)
     assert len(dev.writes) == n, "a paused vCPU ran the guest"
     r.resume()
-    assert wait_for(lambda: r.state is VcpuRunState.RUNNING and len(dev.writes) > n)
+    assert wait_until(lambda: r.state is VcpuRunState.RUNNING and len(dev.writes) > n)
     assert r.call(lambda: threading.current_thread().name) == "vcpu0"  # served by the vCPU thread
     r.request_stop()
     r.join(5)
     assert r.state is VcpuRunState.STOPPED and r.last_exit == ExitReason.INTR
     r.start()  # STOPPED -> RUNNING again
-    assert wait_for(lambda: len(dev.writes) > n + 3)
+    assert wait_until(lambda: len(dev.writes) > n + 3)
     r.request_stop()
     r.join(5)
     assert r.state is VcpuRunState.STOPPED and not r.thread.is_alive()  # type: ignore[union-attr]
@@ -200,7 +192,7 @@ def test_a_device_request_holds_the_vcpu_until_stopped() -> None:
     bus.register(0x501, 1, dev, "debug-exit")
     r, vcpu = runner(iter([io(1, 1, 0x501, 1), io(1, 1, 0x501, 2)]), bus, control)
     r.start()
-    assert wait_for(lambda: r.state is VcpuRunState.HELD)
+    assert wait_until(lambda: r.state is VcpuRunState.HELD)
     assert r.parked and r.running and r.wait_parked(1)
     time.sleep(0.02)
     assert dev.writes == [(0, 1, 1)], "a held vCPU re-entered the guest"
@@ -252,13 +244,13 @@ def test_a_call_queued_as_the_loop_ends_runs_exactly_once() -> None:
     def last_exit(run: abi.KvmRun) -> None:
         caller = threading.Thread(target=lambda: results.append(r.call(fn)), name="caller")
         caller.start()
-        assert wait_for(lambda: bool(r._calls))
+        assert wait_until(lambda: bool(r._calls))
         run.immediate_exit = 0  # the kick arrives after this exit: the loop ends on HLT first
         run.exit_reason = ExitReason.HLT
 
     r, vcpu = runner(iter([last_exit]))
     r.run()
-    assert wait_for(lambda: bool(results))
+    assert wait_until(lambda: bool(results))
     assert results == ["done"] and runs == [threading.current_thread().name]
     vcpu.close()
 
