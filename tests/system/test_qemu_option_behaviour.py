@@ -13,7 +13,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from support.guestconsole import connect_unix
 from support.vmms import vmm_command
 
 DEBUG_EXIT = "isa-debug-exit,iobase=0xf4,iosize=0x04"
@@ -53,18 +53,8 @@ def work() -> Iterator[Path]:
 
 class Qmp:
     def __init__(self, path: Path, timeout: float = 30) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                self.sock = socket.socket(socket.AF_UNIX)
-                self.sock.settimeout(timeout)
-                self.sock.connect(str(path))
-                break
-            except OSError:
-                self.sock.close()
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
+        self.sock = connect_unix(path, timeout)
+        self.sock.settimeout(timeout)
         self.f = self.sock.makefile("rwb")
         assert "QMP" in json.loads(self.f.readline())
         self.execute("qmp_capabilities")
