@@ -12,7 +12,6 @@ import contextlib
 import importlib.util
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -21,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from support.vmms import qemu_binary
 
 
 def _load_guest_build():
@@ -166,9 +167,6 @@ def assert_one_error_line(r: RunResult, *needles: str) -> None:
         assert needle.lower() in errors[0].lower(), f"{needle!r} not named in: {errors[0]}"
 
 
-QEMU = "qemu-system-x86_64"
-
-
 def run_qemu(*args: str | os.PathLike, timeout: float = 60,
              send_after: tuple[bytes, bytes] | None = None) -> RunResult:
     """Run QEMU with TCG, serial on stdout and isa-debug-exit.
@@ -176,9 +174,7 @@ def run_qemu(*args: str | os.PathLike, timeout: float = 60,
     ``send_after=(prompt, data)`` writes ``data`` to the guest's UART once
     ``prompt`` appeared on its output (QEMU's firmware would otherwise see it first).
     """
-    if shutil.which(QEMU) is None:
-        pytest.fail(f"{QEMU} not found: install the qemu-system-x86 package", pytrace=False)
-    cmd = [QEMU, "-accel", "tcg", "-nographic", "-display", "none", "-monitor", "none",
+    cmd = [qemu_binary(), "-accel", "tcg", "-nographic", "-display", "none", "-monitor", "none",
            "-serial", "stdio", "-device", "isa-debug-exit,iobase=0xf4,iosize=0x04", *map(str, args)]
     proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     out = b""

@@ -23,6 +23,22 @@ PROMPT = "~ # "
 READY = "pyvmm-guest: shell ready"
 
 
+def connect_unix(path: Path, timeout: float = 30.0) -> socket.socket:
+    """A connected unix stream socket to ``path``, retried until ``timeout``: a VMM creates its
+    sockets some time after it starts.  The last error is raised when time runs out."""
+    deadline = time.monotonic() + timeout
+    while True:
+        sock = socket.socket(socket.AF_UNIX)
+        try:
+            sock.connect(str(path))
+            return sock
+        except OSError:
+            sock.close()
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
 class ConsoleProcess:
     def __init__(self, *args: str | os.PathLike, env: dict[str, str] | None = None) -> None:
         cmd = [sys.executable, "-m", "pyvmm", "run", *map(str, args)]
@@ -111,17 +127,7 @@ class SocketConsole:
 
     def __init__(self, path: Path, timeout: float = 30.0, name: str = "the console") -> None:
         self.name = name
-        deadline = time.monotonic() + timeout
-        while True:
-            self.sock = socket.socket(socket.AF_UNIX)
-            try:
-                self.sock.connect(str(path))
-                break
-            except OSError:
-                self.sock.close()
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
+        self.sock = connect_unix(path, timeout)
         self._data = bytearray()
         self._lock = threading.Lock()
         threading.Thread(target=self._reader, daemon=True).start()

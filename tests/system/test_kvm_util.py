@@ -13,7 +13,7 @@ from pathlib import Path
 
 from pyvmm.bus import Bus
 from pyvmm.memory import GuestMemory
-from pyvmm.runstate import Request, VmControl
+from pyvmm.runstate import VmControl
 
 
 def assemble(source: str, org: int, bits: int = 16) -> bytes:
@@ -31,34 +31,6 @@ def assemble(source: str, org: int, bits: int = 16) -> bytes:
         subprocess.run(["ld", "-m", arch[1], f"-Ttext=0x{org:x}", "--oformat", "binary", "-e", "_start",
                         "-o", str(p / "g.bin"), str(p / "g.o")], check=True, capture_output=True, text=True)
         return (p / "g.bin").read_bytes()
-
-
-class RecordingDevice:
-    """A bus device that records writes and answers reads from a queue (or a constant)."""
-
-    def __init__(self, read_value: int = 0) -> None:
-        self.writes: list[tuple[int, int, int]] = []
-        self.reads: list[tuple[int, int]] = []
-        self.read_value = read_value
-        self.on_write = None
-
-    def io_read(self, offset: int, size: int) -> int:
-        self.reads.append((offset, size))
-        return self.read_value
-
-    def io_write(self, offset: int, size: int, value: int) -> None:
-        self.writes.append((offset, size, value))
-        if self.on_write is not None:
-            self.on_write(offset, size, value)
-
-
-def drain(control: VmControl) -> list[Request]:
-    out = []
-    while True:
-        r = control.wait(0)
-        if r is None:
-            return out
-        out.append(r)
 
 
 def small_memory(size: int = 2 << 20) -> GuestMemory:

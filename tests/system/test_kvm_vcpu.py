@@ -13,13 +13,14 @@ import threading
 import time
 
 import pytest
-from test_kvm_util import RawGuest, RecordingDevice, assemble, drain
+from test_kvm_util import RawGuest, assemble
 
 from pyvmm.accel.kvm_vcpu import install_kick_handler
 from pyvmm.cpu_state import CR0_ET, CR0_NE, CR0_PE, CpuState, Segment
 from pyvmm.kvm import fastrun
 from pyvmm.kvm.ioctls import ExitReason
 from pyvmm.runstate import RequestKind
+from support.recording import RecordingDevice, drain
 
 ORG = 0x1000
 CALLS = ["compiled", "ctypes"]  # the exit loop with the compiled helper and with plain ctypes

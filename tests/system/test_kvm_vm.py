@@ -6,7 +6,7 @@ import os
 import time
 
 import pytest
-from test_kvm_util import RecordingDevice, assemble
+from test_kvm_util import assemble
 
 from pyvmm.accel.kvm_vcpu import VcpuRunner, install_kick_handler
 from pyvmm.bus import Bus
@@ -17,6 +17,7 @@ from pyvmm.kvm.system import System
 from pyvmm.kvm.vm import IrqchipRoute, MsiRoute, Vm
 from pyvmm.memory import GuestMemory
 from pyvmm.runstate import VmControl
+from support.recording import RecordingDevice
 
 ORG = 0x1000
 

@@ -13,15 +13,18 @@ import asyncio
 import re
 import subprocess
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "support" / "guests" / "qmp"))
 
-from harness import Client, Vmm, build_guest  # noqa: E402
+from harness import Vmm, build_guest, connected, run_async  # noqa: E402
 
 PANIC_AFTER = 10  # ticks (1 s): time for the client to negotiate before the guest reports
+
+StartVm = Callable[..., Vmm]
 
 
 @pytest.fixture(scope="module")
@@ -29,14 +32,29 @@ def guest(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_guest(tmp_path_factory.mktemp("qmp-guest"))
 
 
-def _vm(kind: str, guest: Path, tmp_path: Path, action: str | None, value: int = 1) -> Vmm:
+@pytest.fixture
+def start_vm(guest: Path, tmp_path: Path) -> Iterator[StartVm]:
+    """``start_vm(kind, *args, wait_for_client=True)``: the guest running on ``kind`` with ``args``,
+    killed when the test ends.  wait=on (the default): the guest starts only once the client is
+    connected, so no event is missed."""
+    vms: list[Vmm] = []
+
+    def start(kind: str, *args: str, wait_for_client: bool = True) -> Vmm:
+        vm = Vmm(kind, guest, tmp_path, wait_for_client=wait_for_client, extra_args=args)
+        vms.append(vm)
+        vm.start()
+        return vm
+
+    yield start
+    for vm in vms:
+        vm.kill()
+
+
+def _panic_vm(start_vm: StartVm, kind: str, action: str | None, value: int = 1) -> Vmm:
     args = ["-device", "pvpanic", "-append", f"panic_after={PANIC_AFTER} panic_value={value}"]
     if action is not None:
         args += ["-action", f"panic={action}"]
-    # wait=on: the guest starts only once the client is connected, so no event is missed.
-    vm = Vmm(kind, guest, tmp_path, wait_for_client=True, extra_args=tuple(args))
-    vm.start()
-    return vm
+    return start_vm(kind, *args)
 
 
 def _strip(events: list[dict]) -> list[tuple[str, dict | None]]:
@@ -54,34 +72,29 @@ def _events_read(vm: Vmm) -> int:
 
 @pytest.mark.parametrize("kind", ["pyvmm", "qemu"])
 @pytest.mark.parametrize(("action", "status"), [(None, 0), ("shutdown", 0), ("exit-failure", 1)])
-def test_panic_shuts_the_vm_down(kind: str, action: str | None, status: int, guest: Path, tmp_path: Path) -> None:
+def test_panic_shuts_the_vm_down(kind: str, action: str | None, status: int, start_vm: StartVm) -> None:
     """The default (shutdown) and exit-failure: GUEST_PANICKED {poweroff}, then a guest-panic SHUTDOWN."""
-    vm = _vm(kind, guest, tmp_path, action)
-    try:
-        async def body() -> list[dict]:
-            c = Client()
-            await c.connect(vm.qmp_path)
-            await c.wait_event("SHUTDOWN", timeout=30)
-            await c.close()
-            return c.events
+    vm = _panic_vm(start_vm, kind, action)
 
-        events = asyncio.run(asyncio.wait_for(body(), 60))
-        assert _strip(events) == [("GUEST_PANICKED", {"action": "poweroff"}),
-                                  ("SHUTDOWN", {"guest": True, "reason": "guest-panic"})]
-        assert vm.wait_exit(15) == status
-        assert _events_read(vm) == 3
-    finally:
-        vm.kill()
+    async def body() -> list[dict]:
+        async with connected(vm) as c:
+            await c.wait_event("SHUTDOWN", timeout=30)
+        return c.events
+
+    events = run_async(body())
+    assert _strip(events) == [("GUEST_PANICKED", {"action": "poweroff"}),
+                              ("SHUTDOWN", {"guest": True, "reason": "guest-panic"})]
+    assert vm.wait_exit(15) == status
+    assert _events_read(vm) == 3
 
 
 @pytest.mark.parametrize("kind", ["pyvmm", "qemu"])
-def test_panic_pause_then_cont(kind: str, guest: Path, tmp_path: Path) -> None:
+def test_panic_pause_then_cont(kind: str, start_vm: StartVm) -> None:
     """panic=pause: GUEST_PANICKED {pause}, STOP, status guest-panicked; cont runs the guest on."""
-    vm = _vm(kind, guest, tmp_path, "pause")
-    try:
-        async def body() -> None:
-            c = Client()
-            await c.connect(vm.qmp_path)
+    vm = _panic_vm(start_vm, kind, "pause")
+
+    async def body() -> None:
+        async with connected(vm) as c:
             await c.wait_event("STOP", timeout=30)
             assert _strip(c.events) == [("GUEST_PANICKED", {"action": "pause"}), ("STOP", None)]
             st = await c.execute("query-status")
@@ -97,27 +110,21 @@ def test_panic_pause_then_cont(kind: str, guest: Path, tmp_path: Path) -> None:
             await c.execute("quit")
             await c.wait_event("SHUTDOWN")
             assert _strip(c.events)[-1] == ("SHUTDOWN", {"guest": False, "reason": "host-qmp-quit"})
-            await c.close()
 
-        asyncio.run(asyncio.wait_for(body(), 60))
-        assert vm.wait_exit(15) == 0
-        assert "PVPANIC SENT" in vm.serial()
-    finally:
-        vm.kill()
+    run_async(body())
+    assert vm.wait_exit(15) == 0
+    assert "PVPANIC SENT" in vm.serial()
 
 
 @pytest.mark.parametrize("kind", ["pyvmm", "qemu"])
-def test_panic_pause_holds_what_the_guest_does_next(kind: str, guest: Path, tmp_path: Path) -> None:
+def test_panic_pause_holds_what_the_guest_does_next(kind: str, start_vm: StartVm) -> None:
     """The guest resets right after its report: under panic=pause that reset waits for cont (QEMU
     stops the reporting vCPU at its write), then happens."""
-    vm = Vmm(kind, guest, tmp_path, wait_for_client=True,
-             extra_args=("-device", "pvpanic", "-action", "panic=pause", "-append",
-                         f"panic_after={PANIC_AFTER} reset_after={PANIC_AFTER}"))
-    vm.start()
-    try:
-        async def body() -> None:
-            c = Client()
-            await c.connect(vm.qmp_path)
+    vm = start_vm(kind, "-device", "pvpanic", "-action", "panic=pause", "-append",
+                  f"panic_after={PANIC_AFTER} reset_after={PANIC_AFTER}")
+
+    async def body() -> None:
+        async with connected(vm) as c:
             await c.wait_event("STOP", timeout=30)
             await asyncio.sleep(1.0)
             assert _strip(c.events) == [("GUEST_PANICKED", {"action": "pause"}), ("STOP", None)]
@@ -129,12 +136,9 @@ def test_panic_pause_holds_what_the_guest_does_next(kind: str, guest: Path, tmp_
             await asyncio.to_thread(vm.wait_serial, lambda t: t.count("QMPGUEST BOOT") == 2, 15, "the reboot")
             await c.execute("quit")
             await c.wait_event("SHUTDOWN")
-            await c.close()
 
-        asyncio.run(asyncio.wait_for(body(), 60))
-        assert vm.wait_exit(15) == 0
-    finally:
-        vm.kill()
+    run_async(body())
+    assert vm.wait_exit(15) == 0
 
 
 @pytest.mark.parametrize("kind", ["pyvmm", "qemu"])
@@ -142,14 +146,12 @@ def test_panic_pause_holds_what_the_guest_does_next(kind: str, guest: Path, tmp_
     ("none", 1, ("GUEST_PANICKED", {"action": "run"})),
     (None, 2, ("GUEST_CRASHLOADED", {"action": "run"})),
 ])
-def test_report_without_stopping(kind: str, action: str | None, value: int, event: tuple, guest: Path,
-                                 tmp_path: Path) -> None:
+def test_report_without_stopping(kind: str, action: str | None, value: int, event: tuple, start_vm: StartVm) -> None:
     """panic=none, and a CRASH_LOADED report under any action: the event only, the guest runs on."""
-    vm = _vm(kind, guest, tmp_path, action, value)
-    try:
-        async def body() -> None:
-            c = Client()
-            await c.connect(vm.qmp_path)
+    vm = _panic_vm(start_vm, kind, action, value)
+
+    async def body() -> None:
+        async with connected(vm) as c:
             await c.wait_event(event[0], timeout=30)
             await asyncio.to_thread(vm.wait_serial, lambda t: "PVPANIC SENT" in t, 10, "the guest going on")
             await asyncio.to_thread(vm.wait_ticks, 3, 15)
@@ -158,25 +160,18 @@ def test_report_without_stopping(kind: str, action: str | None, value: int, even
             assert _strip(c.events) == [event]
             await c.execute("quit")
             await c.wait_event("SHUTDOWN")
-            await c.close()
 
-        asyncio.run(asyncio.wait_for(body(), 60))
-        assert vm.wait_exit(15) == 0
-    finally:
-        vm.kill()
+    run_async(body())
+    assert vm.wait_exit(15) == 0
 
 
 @pytest.mark.parametrize("kind", ["pyvmm", "qemu"])
-def test_events_property_masks_the_read(kind: str, guest: Path, tmp_path: Path) -> None:
-    vm = Vmm(kind, guest, tmp_path, wait_for_client=False,
-             extra_args=("-device", "pvpanic,events=1", "-append", f"panic_after={PANIC_AFTER} panic_value=4"))
-    vm.start()
-    try:
-        vm.wait_serial(lambda t: "PVPANIC SENT" in t, 30, "the report")  # 4: an unknown event, ignored
-        vm.wait_ticks(2, 10)
-        assert _events_read(vm) == 1
-    finally:
-        vm.kill()
+def test_events_property_masks_the_read(kind: str, start_vm: StartVm) -> None:
+    vm = start_vm(kind, "-device", "pvpanic,events=1", "-append", f"panic_after={PANIC_AFTER} panic_value=4",
+                  wait_for_client=False)
+    vm.wait_serial(lambda t: "PVPANIC SENT" in t, 30, "the report")  # 4: an unknown event, ignored
+    vm.wait_ticks(2, 10)
+    assert _events_read(vm) == 1
 
 
 @pytest.mark.parametrize("kind", ["pyvmm", "qemu"])

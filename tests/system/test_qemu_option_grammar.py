@@ -24,7 +24,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -33,7 +32,8 @@ from pathlib import Path
 
 import pytest
 
-QEMU = "qemu-system-x86_64"
+from support.vmms import PYVMM, qemu_binary
+
 ACCEPT, REFUSE = "accept", "refuse"
 TIMEOUT = 30.0  # per VMM, generous: the rows run in parallel on a shared machine
 WORKERS = 4
@@ -286,14 +286,9 @@ def run_vmm(prefix: list[str], row_args: tuple[str, ...], kernel: Path) -> tuple
         shutil.rmtree(work, ignore_errors=True)
 
 
-PYVMM = [sys.executable, "-m", "pyvmm", "run"]
-
-
 @pytest.fixture(scope="module")
 def outcomes(guests) -> dict[tuple[str, ...], dict[str, tuple[Outcome, list[str]]]]:
-    qemu = shutil.which(QEMU)
-    if qemu is None:
-        pytest.fail(f"{QEMU} not found: install the qemu-system-x86 package", pytrace=False)
+    qemu = qemu_binary()
     kernel = guests["multiboot_info"]
     rows = list(dict.fromkeys(r.args for r in TABLE + PYVMM_CANNOT + PYVMM_EXTENSIONS))
     jobs = [(args, who, prefix) for args in rows for who, prefix in (("pyvmm", PYVMM), ("qemu", [qemu]))]

@@ -20,7 +20,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "support" / "guests" / "qmp"))
 
-from harness import TICK_RE, Client, RawQmp, Vmm, build_guest  # noqa: E402
+from harness import TICK_RE, Client, RawQmp, Vmm, build_guest, run_async  # noqa: E402
 
 REQUIRED_COMMANDS = {"qmp_capabilities", "query-status", "query-version", "query-commands", "query-cpus-fast",
                      "query-block", "query-chardev", "stop", "cont", "system_reset", "system_powerdown", "quit",
@@ -41,10 +41,6 @@ def vmm(request: pytest.FixtureRequest, guest: Path, tmp_path: Path):
         yield vm
     finally:
         vm.kill()
-
-
-def run(coro):
-    return asyncio.run(asyncio.wait_for(coro, 60))
 
 
 async def _connect(vm: Vmm, name: str = "test") -> Client:
@@ -82,7 +78,7 @@ def test_greeting_and_queries(vmm: Vmm) -> None:
         assert ("RIP=" in regs or "EIP=" in regs) and "EFER=" in regs and "CR0=" in regs  # 32-bit guest: EIP
         await c.close()
 
-    run(body())
+    run_async(body())
 
 
 def test_pause_and_resume(vmm: Vmm) -> None:
@@ -110,7 +106,7 @@ def test_pause_and_resume(vmm: Vmm) -> None:
         assert vmm.boots() == 1
         await c.close()
 
-    run(body())
+    run_async(body())
 
 
 def test_system_reset(vmm: Vmm) -> None:
@@ -128,7 +124,7 @@ def test_system_reset(vmm: Vmm) -> None:
         assert (await c.execute("query-status"))["status"] == "running"
         await c.close()
 
-    run(body())
+    run_async(body())
 
 
 def test_system_reset_while_paused_stays_stopped_until_cont(vmm: Vmm) -> None:
@@ -151,7 +147,7 @@ def test_system_reset_while_paused_stays_stopped_until_cont(vmm: Vmm) -> None:
         assert (await c.execute("query-status"))["status"] == "running"
         await c.close()
 
-    run(body())
+    run_async(body())
 
 
 def test_system_powerdown_shuts_the_guest_down_cleanly(vmm: Vmm) -> None:
@@ -165,7 +161,7 @@ def test_system_powerdown_shuts_the_guest_down_cleanly(vmm: Vmm) -> None:
         assert ev["data"] == {"guest": True, "reason": "guest-shutdown"}
         await c.close()
 
-    run(body())
+    run_async(body())
     assert vmm.wait_exit(15) == 0
     text = vmm.serial()
     assert "POWER BUTTON\nS5\n" in text and "S5 FAILED" not in text
@@ -182,7 +178,7 @@ def test_quit(vmm: Vmm, paused: bool) -> None:
         assert ev["data"] == {"guest": False, "reason": "host-qmp-quit"}
         await c.close()
 
-    run(body())
+    run_async(body())
     assert vmm.wait_exit(10) == 0
 
 
@@ -209,7 +205,7 @@ def test_events_reach_every_negotiated_client(vmm: Vmm) -> None:
         assert raw.try_recv(0.3) is None
         raw.close()
 
-    run(body())
+    run_async(body())
 
 
 def test_command_errors(vmm: Vmm) -> None:
@@ -316,7 +312,7 @@ def test_wait_on_holds_the_guest_until_a_client_connects(kind: str, guest: Path,
             await c.wait_event("SHUTDOWN")
             await c.close()
 
-        run(body())
+        run_async(body())
         assert vm.wait_exit(10) == 0
     finally:
         vm.kill()
@@ -342,7 +338,7 @@ def test_guest_reset_and_no_reboot(kind: str, guest: Path, tmp_path: Path) -> No
         vm.workdir.mkdir()
         vm.start()
         try:
-            run(body(vm, no_reboot))
+            run_async(body(vm, no_reboot))
             assert vm.wait_exit(15) == 0
             assert "GUEST RESET" in vm.serial()
         finally:

@@ -20,35 +20,12 @@ from pyvmm.accel.kvm_exits import ExitAction, ExitContext, handle_exit
 from pyvmm.bus import Bus
 from pyvmm.kvm import abi
 from pyvmm.kvm.ioctls import ExitReason, InternalError, SystemEvent
-from pyvmm.runstate import Request, RequestKind, VmControl
+from pyvmm.runstate import RequestKind, VmControl
+from support.recording import RecordingDevice, drain
 
 MAP_SIZE = 3 * 4096
 PIO = kvm_exits.PIO_DATA_OFF
 DUMP = "CPU#0\nRAX=0000000000000000 RIP=0000000000001000"
-
-
-class Recorder:
-    """A bus device recording accesses; reads answer from ``values`` (cycled) or ``read_value``."""
-
-    def __init__(self, read_value: int = 0, values: list[int] | None = None) -> None:
-        self.reads: list[tuple[int, int]] = []
-        self.writes: list[tuple[int, int, int]] = []
-        self.read_value = read_value
-        self.values = list(values or [])
-
-    def io_read(self, offset: int, size: int) -> int:
-        self.reads.append((offset, size))
-        return self.values.pop(0) if self.values else self.read_value
-
-    def io_write(self, offset: int, size: int, value: int) -> None:
-        self.writes.append((offset, size, value))
-
-
-def drain(control: VmControl) -> list[Request]:
-    out = []
-    while (r := control.wait(0)) is not None:
-        out.append(r)
-    return out
 
 
 def make_ctx(dump: object = DUMP) -> ExitContext:
@@ -104,7 +81,7 @@ def assert_one_error(ctx: ExitContext, *needles: str) -> str:
                                                      (4, b"\xef\xbe\xad\xde", 0xDEADBEEF)])
 def test_pio_out_reaches_the_device_at_its_offset(size: int, data: bytes, value: int) -> None:
     ctx = make_ctx()
-    dev = Recorder()
+    dev = RecordingDevice()
     ctx.io_bus.register(0x510, 4, dev, "dev")
     buf = pio(1, size, 0x512, data=data)
     assert handle_exit(ExitReason.IO, buf, ctx) is ExitAction.CONTINUE
@@ -116,7 +93,7 @@ def test_pio_out_reaches_the_device_at_its_offset(size: int, data: bytes, value:
                                               (4, b"\xc3\xa5\x5a\x3c")])
 def test_pio_in_is_masked_to_the_access_size(size: int, expect: bytes) -> None:
     ctx = make_ctx()
-    dev = Recorder(read_value=0x7E3C5AA5C3)  # wider than any access: the handler masks it
+    dev = RecordingDevice(read_value=0x7E3C5AA5C3)  # wider than any access: the handler masks it
     ctx.io_bus.register(0x60, 1, dev, "dev")
     buf = pio(0, size, 0x60)
     assert handle_exit(ExitReason.IO, buf, ctx) is ExitAction.CONTINUE
@@ -127,7 +104,7 @@ def test_pio_in_is_masked_to_the_access_size(size: int, expect: bytes) -> None:
 
 def test_string_out_writes_every_item_in_order() -> None:
     ctx = make_ctx()
-    dev = Recorder()
+    dev = RecordingDevice()
     ctx.io_bus.register(0x3F8, 8, dev, "com1")
     buf = pio(1, 1, 0x3F8, count=5, data=b"hello")
     assert handle_exit(ExitReason.IO, buf, ctx) is ExitAction.CONTINUE
@@ -139,7 +116,7 @@ def test_string_out_writes_every_item_in_order() -> None:
 
 def test_string_in_fills_every_item() -> None:
     ctx = make_ctx()
-    dev = Recorder(values=[0x11111111, 0x2222, 0x33])
+    dev = RecordingDevice(values=[0x11111111, 0x2222, 0x33])
     ctx.io_bus.register(0x1F0, 8, dev, "ide")
     buf = pio(0, 2, 0x1F0, count=3)
     assert handle_exit(ExitReason.IO, buf, ctx) is ExitAction.CONTINUE
@@ -149,7 +126,7 @@ def test_string_in_fills_every_item() -> None:
 
 def test_unassigned_port_reads_all_ones_and_drops_writes() -> None:
     ctx = make_ctx()
-    dev = Recorder()
+    dev = RecordingDevice()
     ctx.io_bus.register(0x510, 1, dev, "elsewhere")
     buf = pio(0, 4, 0x600, count=2)
     assert handle_exit(ExitReason.IO, buf, ctx) is ExitAction.CONTINUE
@@ -178,7 +155,7 @@ def test_malformed_pio_exit_is_an_error_and_touches_nothing(direction: int, size
                                                             data_offset: int, what: str,
                                                             caplog: pytest.LogCaptureFixture) -> None:
     ctx = make_ctx()
-    dev = Recorder(read_value=0xFFFFFFFF)
+    dev = RecordingDevice(read_value=0xFFFFFFFF)
     ctx.io_bus.register(0x510, 4, dev, "dev")
     buf = pio(direction, size, 0x510, count=count, data_offset=data_offset)
     before = bytes(buf)
@@ -192,7 +169,7 @@ def test_malformed_pio_exit_is_an_error_and_touches_nothing(direction: int, size
 
 def test_pio_data_anywhere_in_the_mapping_past_kvm_run_is_accepted() -> None:
     ctx = make_ctx()
-    dev = Recorder(read_value=0xAB)
+    dev = RecordingDevice(read_value=0xAB)
     ctx.io_bus.register(0x80, 1, dev, "post")
     for off in (kvm_exits.KVM_RUN_SIZE, MAP_SIZE - 1):
         buf = pio(0, 1, 0x80, data_offset=off)
@@ -205,7 +182,7 @@ def test_pio_data_anywhere_in_the_mapping_past_kvm_run_is_accepted() -> None:
 @pytest.mark.parametrize("length", [1, 2, 3, 4, 8])
 def test_mmio_write_delivers_the_little_endian_value(length: int) -> None:
     ctx = make_ctx()
-    dev = Recorder()
+    dev = RecordingDevice()
     ctx.mmio_bus.register(0xFED00000, 0x1000, dev, "hpet")
     data = bytes(range(0x11, 0x19))
     buf = mmio(0xFED00010, length, True, data)
@@ -216,7 +193,7 @@ def test_mmio_write_delivers_the_little_endian_value(length: int) -> None:
 @pytest.mark.parametrize("length", [1, 2, 4, 8])
 def test_mmio_read_answers_in_mmio_data(length: int) -> None:
     ctx = make_ctx()
-    dev = Recorder(read_value=0x1_8877665544332211)  # one bit wider than 8 bytes: masked
+    dev = RecordingDevice(read_value=0x1_8877665544332211)  # one bit wider than 8 bytes: masked
     ctx.mmio_bus.register(0xFEC00000, 0x20, dev, "ioapic")
     buf = mmio(0xFEC00004, length, False)
     assert handle_exit(ExitReason.MMIO, buf, ctx) is ExitAction.CONTINUE
@@ -227,7 +204,7 @@ def test_mmio_read_answers_in_mmio_data(length: int) -> None:
 
 def test_unassigned_mmio_reads_all_ones_and_drops_writes() -> None:
     ctx = make_ctx()
-    dev = Recorder()
+    dev = RecordingDevice()
     ctx.mmio_bus.register(0x1000, 0x10, dev, "dev")
     buf = mmio(0x1010, 4, False)
     assert handle_exit(ExitReason.MMIO, buf, ctx) is ExitAction.CONTINUE
@@ -243,7 +220,7 @@ def test_unassigned_mmio_reads_all_ones_and_drops_writes() -> None:
 @pytest.mark.parametrize("is_write", [False, True])
 def test_malformed_mmio_length_is_an_error_and_touches_nothing(length: int, is_write: bool) -> None:
     ctx = make_ctx()
-    dev = Recorder(read_value=0x55)
+    dev = RecordingDevice(read_value=0x55)
     ctx.mmio_bus.register(0x1000, 0x10, dev, "dev")
     buf = mmio(0x1000, length, is_write, b"\xaa" * 8)
     before = bytes(buf)

@@ -25,6 +25,8 @@ from pyvmm.kvm import abi, fastrun
 from pyvmm.kvm.fastrun import RunCall
 from pyvmm.kvm.ioctls import ExitReason
 from pyvmm.runstate import RequestKind, VmControl
+from support.recording import RecordingDevice, drain
+from support.waiting import wait_until
 
 PIO = fastrun.PIO_DATA_OFF
 Exit = Callable[[abi.KvmRun], None]
@@ -82,23 +84,6 @@ class ScriptedVcpu:
         self.run_mmap.close()
 
 
-class Recorder:
-    def __init__(self, read_value: int = 0, on_write: Callable[[], None] | None = None) -> None:
-        self.reads: list[tuple[int, int]] = []
-        self.writes: list[tuple[int, int, int]] = []
-        self.read_value = read_value
-        self.on_write = on_write
-
-    def io_read(self, offset: int, size: int) -> int:
-        self.reads.append((offset, size))
-        return self.read_value
-
-    def io_write(self, offset: int, size: int, value: int) -> None:
-        self.writes.append((offset, size, value))
-        if self.on_write is not None:
-            self.on_write()
-
-
 def runner(script: Iterator[Exit], io_bus: Bus | None = None, control: VmControl | None = None
            ) -> tuple[VcpuRunner, ScriptedVcpu]:
     vcpu = ScriptedVcpu(script)
@@ -113,20 +98,9 @@ def spin(port: int) -> Iterator[Exit]:
         time.sleep(0.0005)  # let other threads have the GIL
 
 
-def wait_for(pred: Callable[[], bool], timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.002)
-    return True
-
-
-def drain(control: VmControl) -> list[tuple[RequestKind, str]]:
-    out = []
-    while (q := control.wait(0)) is not None:
-        out.append((q.kind, q.reason))
-    return out
+def pending(control: VmControl) -> list[tuple[RequestKind, str]]:
+    """(kind, reason) of each request the loop queued."""
+    return [(q.kind, q.reason) for q in drain(control)]
 
 
 @pytest.fixture(autouse=True)
@@ -136,7 +110,7 @@ def _kick_handler() -> None:
 
 def test_port_fast_path_and_general_path_in_one_loop() -> None:
     bus = Bus("io")
-    dev = Recorder(read_value=0x7_89AB_CDEF)
+    dev = RecordingDevice(read_value=0x7_89AB_CDEF)
     bus.register(0x510, 4, dev, "dev")
     script = iter([io(1, 1, 0x510, 0x5A), io(1, 4, 0x511, 0xDEADBEEF), io(0, 2, 0x512),
                    io(0, 4, 0x600), io(1, 2, 0x513, 0x1234, count=1, data_offset=PIO + 2),
@@ -161,11 +135,11 @@ def test_port_fast_path_and_general_path_in_one_loop() -> None:
 ])
 def test_malformed_port_exit_ends_the_loop_with_an_error(exit_: Exit, what: str) -> None:
     bus = Bus("io")
-    dev = Recorder(read_value=0xFFFFFFFF)
+    dev = RecordingDevice(read_value=0xFFFFFFFF)
     bus.register(0x510, 4, dev, "dev")
     r, vcpu = runner(iter([exit_]), bus)
     r.run()
-    reqs = drain(r.control)
+    reqs = pending(r.control)
     assert len(reqs) == 1 and reqs[0][0] == RequestKind.ERROR and what in reqs[0][1]
     assert dev.reads == [] and dev.writes == []
     assert vcpu.run is not None and vcpu.run.immediate_exit == 0 and vcpu.run.exit_reason == ExitReason.IO
@@ -178,17 +152,17 @@ def test_exit_reason_too_large_for_the_summary_is_read_from_kvm_run() -> None:
     r, vcpu = runner(iter([reason(0x1234)]))
     r.run()
     assert r.last_exit == 0x1234
-    assert drain(r.control) == [(RequestKind.ERROR, "vCPU 0: unexpected KVM exit reason 4660")]
+    assert pending(r.control) == [(RequestKind.ERROR, "vCPU 0: unexpected KVM exit reason 4660")]
     vcpu.close()
 
 
 def test_pause_resume_stop_and_restart_move_through_the_states() -> None:
     bus = Bus("io")
-    dev = Recorder()
+    dev = RecordingDevice()
     bus.register(0x80, 1, dev, "post")
     r, vcpu = runner(spin(0x80), bus)
     r.start()
-    assert wait_for(lambda: len(dev.writes) > 3)
+    assert wait_until(lambda: len(dev.writes) > 3)
     assert r.state is VcpuRunState.RUNNING and r.running and not r.parked
     r.request_pause()
     assert r.wait_parked(5) and r.state is VcpuRunState.PAUSED
@@ -197,28 +171,28 @@ def test_pause_resume_stop_and_restart_move_through_the_states() -> None:
     time.sleep(0.02)
     assert len(dev.writes) == n, "a paused vCPU ran the guest"
     r.resume()
-    assert wait_for(lambda: r.state is VcpuRunState.RUNNING and len(dev.writes) > n)
+    assert wait_until(lambda: r.state is VcpuRunState.RUNNING and len(dev.writes) > n)
     assert r.call(lambda: threading.current_thread().name) == "vcpu0"  # served by the vCPU thread
     r.request_stop()
     r.join(5)
     assert r.state is VcpuRunState.STOPPED and r.last_exit == ExitReason.INTR
     r.start()  # STOPPED -> RUNNING again
-    assert wait_for(lambda: len(dev.writes) > n + 3)
+    assert wait_until(lambda: len(dev.writes) > n + 3)
     r.request_stop()
     r.join(5)
     assert r.state is VcpuRunState.STOPPED and not r.thread.is_alive()  # type: ignore[union-attr]
-    assert drain(r.control) == []
+    assert pending(r.control) == []
     vcpu.close()
 
 
 def test_a_device_request_holds_the_vcpu_until_stopped() -> None:
     bus = Bus("io")
     control = VmControl()
-    dev = Recorder(on_write=lambda: control.request_exit(3, "debug exit"))
+    dev = RecordingDevice(on_write=lambda *_: control.request_exit(3, "debug exit"))
     bus.register(0x501, 1, dev, "debug-exit")
     r, vcpu = runner(iter([io(1, 1, 0x501, 1), io(1, 1, 0x501, 2)]), bus, control)
     r.start()
-    assert wait_for(lambda: r.state is VcpuRunState.HELD)
+    assert wait_until(lambda: r.state is VcpuRunState.HELD)
     assert r.parked and r.running and r.wait_parked(1)
     time.sleep(0.02)
     assert dev.writes == [(0, 1, 1)], "a held vCPU re-entered the guest"
@@ -228,7 +202,7 @@ def test_a_device_request_holds_the_vcpu_until_stopped() -> None:
     r.request_stop()
     r.join(5)
     assert r.state is VcpuRunState.STOPPED
-    assert drain(control) == [(RequestKind.EXIT, "debug exit")]
+    assert pending(control) == [(RequestKind.EXIT, "debug exit")]
     vcpu.close()
 
 
@@ -270,13 +244,13 @@ def test_a_call_queued_as_the_loop_ends_runs_exactly_once() -> None:
     def last_exit(run: abi.KvmRun) -> None:
         caller = threading.Thread(target=lambda: results.append(r.call(fn)), name="caller")
         caller.start()
-        assert wait_for(lambda: bool(r._calls))
+        assert wait_until(lambda: bool(r._calls))
         run.immediate_exit = 0  # the kick arrives after this exit: the loop ends on HLT first
         run.exit_reason = ExitReason.HLT
 
     r, vcpu = runner(iter([last_exit]))
     r.run()
-    assert wait_for(lambda: bool(results))
+    assert wait_until(lambda: bool(results))
     assert results == ["done"] and runs == [threading.current_thread().name]
     vcpu.close()
 

@@ -22,6 +22,7 @@ from pyvmm.devices.serial import Serial
 from pyvmm.errors import ConfigError, DeviceError
 from pyvmm.runstate import VmControl
 from support.chardev_helpers import Collector, running_loop
+from support.waiting import wait_until
 
 
 @pytest.fixture
@@ -38,15 +39,6 @@ def recv_exact(s: socket.socket, n: int, timeout: float = 3.0) -> bytes:
             break
         buf += chunk
     return buf
-
-
-def wait_until(pred, timeout: float = 3.0) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if pred():
-            return True
-        time.sleep(0.005)
-    return pred()
 
 
 # -- unix socket ---------------------------------------------------------------------------------

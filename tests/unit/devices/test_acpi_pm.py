@@ -9,20 +9,9 @@ from pyvmm.devices.acpi_pm import AcpiPm, Pm1Cnt, Pm1En, Pm1Sts
 from pyvmm.irq import IrqLine
 from pyvmm.runstate import RequestKind, VmControl
 from pyvmm.x86.pm_block import PM_SIZE, PM_TIMER_HZ, RESET_VALUE, SCI_GSI, SLP_TYP_S5, PmReg
+from support.recording import RecordingSink
 
 PM_BASE = 0x600
-
-
-class RecordingSink:
-    """An interrupt sink that remembers every level change, like a trace of KVM_IRQ_LINE calls."""
-
-    def __init__(self) -> None:
-        self.events: list[tuple[int, bool]] = []
-        self.lock = threading.Lock()
-
-    def set_irq(self, gsi: int, level: bool) -> None:
-        with self.lock:
-            self.events.append((gsi, level))
 
 
 class FakeClock:

@@ -5,21 +5,9 @@ from __future__ import annotations
 from pyvmm.devices.i8042 import I8042
 from pyvmm.irq import IrqLine
 from pyvmm.runstate import RequestKind, VmControl
+from support.recording import RecordingSink
 
 OBF, SYS, AUX_OBF = 0x01, 0x04, 0x20
-
-
-class RecordingSink:
-    def __init__(self) -> None:
-        self.events: list[tuple[int, bool]] = []
-        self.levels: dict[int, bool] = {}
-
-    def set_irq(self, gsi: int, level: bool) -> None:
-        self.events.append((gsi, level))
-        self.levels[gsi] = level
-
-    def rising_edges(self, gsi: int) -> int:
-        return sum(1 for g, lv in self.events if g == gsi and lv)
 
 
 def make() -> tuple[I8042, RecordingSink, VmControl]:

@@ -9,8 +9,6 @@ with the device handed in through the generic ``device_aml`` path.
 from __future__ import annotations
 
 import re
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -22,34 +20,7 @@ from pyvmm.errors import ConfigError
 from pyvmm.runstate import GuestPanic, PanicAction, RequestKind, VmControl
 from pyvmm.x86 import acpi
 from pyvmm.x86 import aml as aml_mod
-
-
-def find_iasl() -> str:
-    path = shutil.which("iasl")
-    if path is None:
-        pytest.fail("iasl not found: scripts/bootstrap installs acpica-tools")
-    return path
-
-
-def compile_asl(tmp_path: Path, body: str) -> bytes:
-    """Compile ``body`` inside an SSDT; returns the AML after the 36-byte table header."""
-    src = tmp_path / "t.asl"
-    src.write_text('DefinitionBlock ("t.aml", "SSDT", 2, "PYVMM ", "TEST", 1)\n{\n' + body + "\n}\n")
-    out = subprocess.run([find_iasl(), "-p", str(tmp_path / "t"), str(src)], capture_output=True, text=True,
-                         timeout=60)
-    assert out.returncode == 0, f"iasl failed:\n{out.stdout}\n{out.stderr}"
-    return (tmp_path / "t.aml").read_bytes()[36:]
-
-
-def iasl_disassemble(tmp_path: Path, name: str, blob: bytes) -> str:
-    path = tmp_path / f"{name}.dat"
-    path.write_bytes(blob)
-    out = subprocess.run([find_iasl(), "-d", str(path)], capture_output=True, text=True, timeout=60, cwd=tmp_path)
-    text = out.stdout + out.stderr
-    assert out.returncode == 0, f"iasl -d {name} failed:\n{text}"
-    for bad in ("Error", "Warning", "Incorrect checksum", "Invalid"):
-        assert bad not in text, f"iasl -d {name} reports {bad!r}:\n{text}"
-    return (tmp_path / f"{name}.dsl").read_text()
+from support.iasl import compile_asl, compile_dsl, iasl_disassemble
 
 
 def _wired(action: PanicAction = PanicAction.SHUTDOWN, **kw) -> tuple[Bus, PvPanic, VmControl, list[GuestPanic]]:
@@ -192,10 +163,7 @@ def test_dsdt_carries_the_node_through_the_generic_path(tmp_path: Path) -> None:
     assert "Method (RDPT, 0, NotSerialized)" in body and "Method (WRPT, 1, NotSerialized)" in body
     assert "Scope (_SB)" in dsl
     # and iasl compiles the disassembly back to the same bytes
-    out = subprocess.run([find_iasl(), "-p", str(tmp_path / "re"), str(tmp_path / "dsdt.dsl")],
-                         capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0, out.stdout + out.stderr
-    assert (tmp_path / "re.aml").read_bytes()[36:] == img.tables["DSDT"][1][36:]
+    assert compile_dsl(tmp_path, tmp_path / "dsdt.dsl")[36:] == img.tables["DSDT"][1][36:]
 
 
 def test_duplicate_self_described_names_are_refused() -> None:

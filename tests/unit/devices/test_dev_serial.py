@@ -5,6 +5,7 @@ from __future__ import annotations
 from pyvmm.devices.serial import Serial
 from pyvmm.irq import IrqLine
 from support.chardev_helpers import RecordingBackend
+from support.recording import RecordingSink
 
 RBR = THR = DLL = 0
 IER = DLM = 1
@@ -14,18 +15,6 @@ MCR = 4
 LSR = 5
 MSR = 6
 SCR = 7
-
-
-class RecordingSink:
-    """Interrupt sink that remembers every level change per GSI."""
-
-    def __init__(self) -> None:
-        self.events: list[tuple[int, bool]] = []
-        self.levels: dict[int, bool] = {}
-
-    def set_irq(self, gsi: int, level: bool) -> None:
-        self.events.append((gsi, level))
-        self.levels[gsi] = level
 
 
 def make() -> tuple[Serial, RecordingSink, RecordingBackend]:

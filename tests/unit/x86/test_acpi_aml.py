@@ -2,41 +2,19 @@
 
 ``iasl`` compiles a small ASL program; the body of the resulting table (after
 the 36-byte header) must equal what :mod:`pyvmm.x86.aml` produces for the
-same constructs, byte for byte.  If ``iasl`` is missing we try to install it
-with apt-get once; if that fails the test fails with a clear message.
+same constructs, byte for byte.  A missing ``iasl`` fails the test (scripts/bootstrap
+installs it).
 """
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 
 from pyvmm.errors import ConfigError
 from pyvmm.x86 import aml
-
-
-def find_iasl() -> str:
-    """Path of ``iasl``, installing acpica-tools if needed; fails the test if impossible."""
-    path = shutil.which("iasl")
-    if path is None:
-        subprocess.run(["apt-get", "install", "-y", "acpica-tools"], capture_output=True, timeout=300)
-        path = shutil.which("iasl")
-    if path is None:
-        pytest.fail("iasl not found and `apt-get install acpica-tools` did not provide it")
-    return path
-
-
-def compile_asl(tmp_path: Path, body: str) -> bytes:
-    """Compile ``body`` inside an SSDT definition block; returns the AML after the table header."""
-    src = tmp_path / "t.asl"
-    src.write_text('DefinitionBlock ("t.aml", "SSDT", 2, "PYVMM ", "TEST", 1)\n{\n' + body + "\n}\n")
-    out = subprocess.run([find_iasl(), "-p", str(tmp_path / "t"), str(src)], capture_output=True,
-                         text=True, timeout=60)
-    assert out.returncode == 0, f"iasl failed:\n{out.stdout}\n{out.stderr}"
-    return (tmp_path / "t.aml").read_bytes()[36:]
+from support.iasl import compile_asl
 
 
 # -- hand-checked encodings --------------------------------------------------------------------

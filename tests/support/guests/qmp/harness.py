@@ -10,6 +10,7 @@ the process exit status.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -18,7 +19,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -210,6 +211,22 @@ class Client:
             pass  # the VMM went away first (quit, power-off)
         if self._task is not None:
             self._task.cancel()
+
+
+def run_async(coro: Coroutine[Any, Any, Any], timeout: float = 60) -> Any:
+    """Run a test's async body to its end, failing it after ``timeout`` seconds."""
+    return asyncio.run(asyncio.wait_for(coro, timeout))
+
+
+@contextlib.asynccontextmanager
+async def connected(vm: Vmm, name: str = "test") -> AsyncIterator[Client]:
+    """A ``Client`` connected to ``vm``'s first QMP socket, closed on the way out."""
+    c = Client(name)
+    await c.connect(vm.qmp_path)
+    try:
+        yield c
+    finally:
+        await c.close()
 
 
 class RawQmp:

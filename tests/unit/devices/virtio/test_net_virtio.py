@@ -21,19 +21,11 @@ from pyvmm.loop import MainLoop
 from pyvmm.memory import GuestMemory
 from pyvmm.net.user import StreamBackend
 from support.pci_driver import GuestPci, RecordingLine, Ring, VirtioPciDriver
+from support.waiting import wait_until
 
 VERSION_1 = 1 << 32
 MAC = bytes.fromhex("525400123456")
 RXBUF, TXBUF = 0x100000, 0x200000
-
-
-def wait_for(cond, timeout=5.0):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if cond():
-            return True
-        time.sleep(0.005)
-    return False
 
 
 @pytest.fixture(params=[False, True], ids=["plain", "mrg_rxbuf"])
@@ -95,11 +87,11 @@ def test_transmit_strips_header(net):
     tx.add([(TXBUF, 32, False), (TXBUF + 0x1000, 40, False)])
     drv.kick(1)
     assert _recv_on_host(host_sock) == frame
-    assert wait_for(lambda: tx.used_idx() == 1)
+    assert wait_until(lambda: tx.used_idx() == 1)
     # a chain shorter than the header is returned, not sent
     tx.add([(TXBUF, 4, False)])
     drv.kick(1)
-    assert wait_for(lambda: tx.used_idx() == 2) and dev.stats["tx_dropped"] == 1
+    assert wait_until(lambda: tx.used_idx() == 2) and dev.stats["tx_dropped"] == 1
 
 
 def test_receive_waits_for_buffers_and_adds_header(net):
@@ -112,7 +104,7 @@ def test_receive_waits_for_buffers_and_adds_header(net):
     for i in range(3):
         rx.add([(RXBUF + i * 0x1000, 1526, True)])
     drv.kick(0)
-    assert wait_for(lambda: rx.used_idx() == 3)
+    assert wait_until(lambda: rx.used_idx() == 3)
     for i, f in enumerate(frames):
         head, n = rx.used_elem(i)
         assert n == 12 + len(f)
@@ -129,18 +121,18 @@ def test_receive_oversized_frame(net):
         rx.add([(RXBUF + i * 0x1000, 1526, True)])
     drv.kick(0)
     if mrg:
-        assert wait_for(lambda: rx.used_idx() == 2)
+        assert wait_until(lambda: rx.used_idx() == 2)
         (h0, n0), (h1, n1) = rx.used_elem(0), rx.used_elem(1)
         assert n0 + n1 == 12 + len(big)
         first = mem.read(RXBUF + h0 * 0x1000, n0)
         assert struct.unpack_from("<H", first, 10)[0] == 2
         assert first[12:] + mem.read(RXBUF + h1 * 0x1000, n1) == big
     else:
-        assert wait_for(lambda: rx.used_idx() == 1)
+        assert wait_until(lambda: rx.used_idx() == 1)
         assert rx.used_elem(0)[1] == 0 and dev.stats["rx_dropped"] == 1
     # a normal frame after it still arrives
     _send_from_host(host_sock, b"\x01" * 60)
-    assert wait_for(lambda: rx.used_idx() == (3 if mrg else 2))
+    assert wait_until(lambda: rx.used_idx() == (3 if mrg else 2))
 
 
 def test_bad_rx_ring_needs_reset_not_crash(net):
@@ -151,11 +143,11 @@ def test_bad_rx_ring_needs_reset_not_crash(net):
     mem.write_u16(rx.avail + 2, 1)
     _send_from_host(host_sock, b"\x02" * 60)
     drv.kick(0)
-    assert wait_for(lambda: dev.status & Status.NEEDS_RESET)
+    assert wait_until(lambda: dev.status & Status.NEEDS_RESET)
     # host keeps sending; nothing breaks; reset brings the device back
     _send_from_host(host_sock, b"\x03" * 60)
     drv.common_write(0x14, 1, 0)
-    assert wait_for(lambda: dev.status == 0)
+    assert wait_until(lambda: dev.status == 0)
 
 
 def test_host_closes_socket(net):
@@ -167,7 +159,7 @@ def test_host_closes_socket(net):
     mem.write(TXBUF, bytes(12) + b"x" * 60)
     tx.add([(TXBUF, 72, False)])
     drv.kick(1)
-    assert wait_for(lambda: tx.used_idx() == 1)
+    assert wait_until(lambda: tx.used_idx() == 1)
 
 
 def test_same_device_over_virtio_mmio():
@@ -201,7 +193,7 @@ def test_same_device_over_virtio_mmio():
         rx.add([(RXBUF, 1526, True)])
         t.io_write(0x050, 4, 0)
         _send_from_host(host_sock, b"\x05" * 70)
-        assert wait_for(lambda: rx.used_idx() == 1) and line.level
+        assert wait_until(lambda: rx.used_idx() == 1) and line.level
         assert mem.read(RXBUF + 12, 70) == b"\x05" * 70
         mem.write(TXBUF, bytes(12) + b"\x06" * 64)
         tx.add([(TXBUF, 76, False)])

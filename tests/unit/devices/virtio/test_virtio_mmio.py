@@ -10,14 +10,7 @@ from pyvmm.devices.virtio.mmio import MAGIC, Reg, VirtioMmio
 from pyvmm.devices.virtio.rng import VirtioRng
 from pyvmm.irq import IrqLine
 from pyvmm.memory import GuestMemory
-
-
-class RecordingSink:
-    def __init__(self) -> None:
-        self.events: list[tuple[int, bool]] = []
-
-    def set_irq(self, gsi: int, level: bool) -> None:
-        self.events.append((gsi, level))
+from support.recording import RecordingSink
 
 
 @pytest.fixture
