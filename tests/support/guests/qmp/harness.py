@@ -23,7 +23,7 @@ from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
-from qemu.qmp import QMPClient
+from qemu.qmp import ConnectError, QMPClient
 
 SRC = Path(__file__).resolve().parent
 QEMU = "qemu-system-x86_64"
@@ -179,8 +179,18 @@ class Client:
         self.events: list[dict[str, Any]] = []
         self._task: asyncio.Task | None = None
 
-    async def connect(self, path: Path) -> None:
-        await self.qmp.connect(str(path))
+    async def connect(self, path: Path, timeout: float = 10.0) -> None:
+        """Connect, retrying while the socket file exists but nothing listens yet (a VMM binds
+        the socket a moment before it listens; under load that moment is long enough to hit)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                await self.qmp.connect(str(path))
+                break
+            except ConnectError as e:
+                if not isinstance(e.exc, ConnectionRefusedError) or time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.05)
         self._task = asyncio.create_task(self._collect())
 
     async def _collect(self) -> None:
