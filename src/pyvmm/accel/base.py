@@ -21,6 +21,7 @@ from pyvmm.cpu_state import CpuState
 from pyvmm.irq import InterruptSink, IrqchipFactory
 from pyvmm.memory import GuestMemory
 from pyvmm.runstate import VmControl
+from pyvmm.x86.topology import CpuTopology
 
 
 @dataclass
@@ -35,6 +36,15 @@ class MachineContext:
     cpu: CpuConfig
     #: Userspace interrupt controllers, for an accelerator without in-kernel ones (tcg).
     irqchip_factory: IrqchipFactory | None = None
+    #: ``-smp`` topology (APIC ids, CPUID topology leaves); None means ``ncpus`` cores in one package.
+    topology: CpuTopology | None = None
+
+    @property
+    def topo(self) -> CpuTopology:
+        topo = self.topology or CpuTopology.flat(self.ncpus)
+        if topo.cpus != self.ncpus:
+            raise ValueError(f"topology {topo} does not have {self.ncpus} vCPUs")
+        return topo
 
 
 class Accelerator(Protocol):

@@ -245,9 +245,10 @@ class KvmAccelerator:
         vm.map_memory(ctx.memory)
         self.runners = []
         self.cpuid_tables = []
-        for i in range(ctx.ncpus):
-            vcpu = vm.create_vcpu(i)
-            table = cpuid.for_vcpu(self._base_cpuid, i, ctx.ncpus)
+        topo = ctx.topo
+        for apic_id in topo.apic_ids:
+            vcpu = vm.create_vcpu(apic_id)  # KVM's vCPU id is its initial (x2)APIC id
+            table = cpuid.for_vcpu(self._base_cpuid, apic_id, topo)
             vcpu.set_cpuid(to_kvm(table))
             self.cpuid_tables.append(table)
             vcpu.setup_lint()

@@ -20,7 +20,7 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from pyvmm.bus import Bus
 from pyvmm.devices.ioapic import IoApic
@@ -151,17 +151,24 @@ class UserspaceIrqchip:
     """PIC pair, PIT, I/O APIC and LAPICs behind one lock: the devices' InterruptSink, the
     software vCPUs' :class:`~pyvmm.irq.CpuInterruptController`, and the machine's MSI sink."""
 
-    def __init__(self, ncpus: int, lapic_bus_hz: int) -> None:
+    def __init__(self, ncpus: int, lapic_bus_hz: int, *, apic_ids: Sequence[int] | None = None,
+                 ioapic_id: int | None = None) -> None:
+        """``apic_ids`` are the LAPIC ids of vCPUs 0.. ``ncpus``-1 (default: their indexes);
+        the I/O APIC's id defaults to the first id after them."""
         if not 1 <= ncpus <= 255:
             raise ValueError(f"ncpus {ncpus} out of range")
+        ids = list(range(ncpus)) if apic_ids is None else list(apic_ids)
+        if len(ids) != ncpus or len(set(ids)) != ncpus or ids[0] != 0 or not all(0 <= a < 0xFF for a in ids):
+            raise ValueError(f"APIC ids {ids} for {ncpus} CPUs: need distinct ids below 255, the BSP's 0")
+        self._index_of = {a: i for i, a in enumerate(ids)}
         self.lock = threading.RLock()
         self.timers = TimerQueue(self.lock)
         self._tls = threading.local()
         self.cpus: list[CpuPort | None] = [None] * ncpus
         self._intr = [False] * ncpus
         self.pic = PicPair(self._pic_output)
-        self.ioapic = IoApic(ncpus, self._ioapic_deliver)
-        self.lapics = [Lapic(i, lapic_bus_hz, self.timers, on_change=self._make_update(i),
+        self.ioapic = IoApic(max(ids) + 1 if ioapic_id is None else ioapic_id, self._ioapic_deliver)
+        self.lapics = [Lapic(ids[i], lapic_bus_hz, self.timers, on_change=self._make_update(i),
                              eoi_broadcast=self._eoi_broadcast, send_ipi=self._send_ipi)
                        for i in range(ncpus)]
         self.apic_global_enable = [True] * ncpus
@@ -315,9 +322,9 @@ class UserspaceIrqchip:
             if mode in (DeliveryMode.FIXED, DeliveryMode.LOWEST):
                 la.accept(vector, level)
             elif mode == DeliveryMode.EXTINT:
-                self._update(la.apic_id)
+                self._update(self._index_of[la.apic_id])
             elif mode == DeliveryMode.NMI:
-                self._nmi(la.apic_id)
+                self._nmi(self._index_of[la.apic_id])
 
     def _nmi(self, index: int) -> None:
         self.counters["nmi"] += 1
@@ -346,18 +353,18 @@ class UserspaceIrqchip:
             if mode in (DeliveryMode.FIXED, DeliveryMode.LOWEST):
                 la.accept(vector, False)
             elif mode == DeliveryMode.NMI:
-                self._nmi(la.apic_id)
+                self._nmi(self._index_of[la.apic_id])
             elif mode == DeliveryMode.INIT:
                 if not icr_lo & ICR_LEVEL_ASSERT and icr_lo & ICR_TRIGGER_LEVEL:
                     continue                # INIT level de-assert: only a bus synchronisation
                 self.counters["init"] += 1
-                port = self.cpus[la.apic_id]
+                port = self.cpus[self._index_of[la.apic_id]]
                 if la.apic_id != 0:         # the BSP ignores INIT (no firmware to restart it)
                     la.reset()
                 if port is not None:
                     port.init_ipi()
             elif mode == DeliveryMode.STARTUP:
                 self.counters["sipi"] += 1
-                port = self.cpus[la.apic_id]
+                port = self.cpus[self._index_of[la.apic_id]]
                 if port is not None:
                     port.startup_ipi(vector)

@@ -49,6 +49,7 @@ from pyvmm.x86.acpi import build_acpi, device_nodes
 from pyvmm.x86.e820 import build_e820
 from pyvmm.x86.mptable import write_mptable
 from pyvmm.x86.pm_block import PM_SIZE
+from pyvmm.x86.topology import CpuTopology
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,8 @@ class PcMachine:
                  control: VmControl | None = None) -> None:
         config.validate()
         self.config = config
+        #: ``-smp``: the vCPUs' APIC ids, for CPUID (in the accelerator), the irqchip, MADT and MP table.
+        self.topology = CpuTopology.from_smp(config.topology)
         self.accel_name = accel_name
         self.accel_reason = accel_reason
         self.control = control or VmControl()
@@ -92,7 +95,7 @@ class PcMachine:
     def _build(self) -> None:
         cfg = self.config
         ctx = MachineContext(self.memory, self.io_bus, self.mmio_bus, self.control, cfg.smp, cfg.cpu,
-                             irqchip_factory=self._userspace_irqchip)
+                             irqchip_factory=self._userspace_irqchip, topology=self.topology)
         self.irq.attach(self.accel.setup(ctx))
         caps = self.accel.capabilities()
         msi = caps.msi or (self.irqchip.deliver_msi if self.irqchip is not None else None)
@@ -144,13 +147,14 @@ class PcMachine:
         fw = self.fw_cfg
         fw.add_u64(FwCfgKey.RAM_SIZE, self.memory.ram_size)
         fw.add_u16(FwCfgKey.NB_CPUS, cfg.smp)
-        fw.add_u16(FwCfgKey.MAX_CPUS, cfg.smp)
+        fw.add_u16(FwCfgKey.MAX_CPUS, self.topology.apic_id_limit)  # as QEMU: one past the highest APIC id
         fw.set_cmdline(cfg.append)
         fw.add_file("etc/e820", encode_e820([(e.addr, e.size, int(e.type)) for e in self.e820]))
 
     def _userspace_irqchip(self, ncpus: int, lapic_bus_hz: int) -> CpuInterruptController:
         """The accelerator's ``irqchip_factory``: PIC pair, PIT, I/O APIC and LAPICs, on the buses."""
-        chip = UserspaceIrqchip(ncpus, lapic_bus_hz)
+        chip = UserspaceIrqchip(ncpus, lapic_bus_hz, apic_ids=self.topology.apic_ids,
+                                ioapic_id=self.topology.apic_id_limit)
         chip.register(self.io_bus, self.mmio_bus)
         self.irqchip = chip
         return chip
@@ -165,10 +169,13 @@ class PcMachine:
         cfg = self.config
         if not cfg.kernel:
             raise ConfigError("no kernel given: use --kernel FILE")
-        write_mptable(self.memory, cfg.smp)
+        topo = self.topology
+        write_mptable(self.memory, cfg.smp, apic_ids=topo.apic_ids, ioapic_id=topo.apic_id_limit)
         self.pci.firmware_setup()  # BARs assigned and decoding on, as a BIOS leaves them
         rsdp = build_acpi(self.memory, ncpus=cfg.smp, pm_base=layout.ACPI_PM_PORT, devices=self.virtio.acpi_devices(),
-                          pci=self.pci.acpi(), device_aml=device_nodes(self.devices)) if cfg.acpi else None  # -no-acpi
+                          pci=self.pci.acpi(), device_aml=device_nodes(self.devices), apic_ids=topo.apic_ids,
+                          hotplug_apic_ids=topo.hotplug_apic_ids, ioapic_id=topo.apic_id_limit,
+                          ) if cfg.acpi else None  # -no-acpi
         self.boot = load_kernel(cfg.kernel, self.memory, cmdline=cfg.append, initrd=cfg.initrd, e820=self.e820,
                                 acpi_rsdp=rsdp)
         log.info("loaded %s kernel %s (entry %#x)", self.boot.kind, cfg.kernel, self.boot.entry)
@@ -310,8 +317,12 @@ class PcMachine:
 
     def cpus(self) -> list[CpuInfo]:
         tids = self.accel.vcpu_thread_ids()
-        return [CpuInfo(index=i, thread_id=(tids[i] if i < len(tids) else None) or os.getpid(), core_id=i)
-                for i in range(self.config.smp)]
+        out = []
+        for i in range(self.config.smp):
+            socket, _die, core, thread = self.topology.ids(i)
+            out.append(CpuInfo(index=i, thread_id=(tids[i] if i < len(tids) else None) or os.getpid(),
+                               socket_id=socket, core_id=core, thread_in_core=thread))
+        return out
 
     def cpu_dump(self, index: int) -> str:
         return self.accel.cpu_dump(index)

@@ -528,11 +528,20 @@ def _pci_host_aml(pci: AcpiPciHost) -> bytes:
     )
 
 
-def build_madt(*, ncpus: int, ioapic_id: int, ioapic_addr: int, lapic_addr: int) -> bytes:
-    """The MADT: one enabled local APIC per CPU, the I/O APIC, ISA overrides and LINT1 NMI."""
+def build_madt(*, ncpus: int, ioapic_id: int, ioapic_addr: int, lapic_addr: int,
+               apic_ids: Sequence[int] | None = None, hotplug_apic_ids: Sequence[int] = ()) -> bytes:
+    """The MADT: a local APIC per CPU, the I/O APIC, ISA overrides and LINT1 NMI.
+
+    CPU ``i`` (processor UID ``i``) has APIC id ``apic_ids[i]`` (default ``i``)
+    and is enabled; the possible but absent CPUs of ``hotplug_apic_ids`` follow,
+    not enabled, as QEMU lists the CPUs up to ``-smp maxcpus=``.
+    """
+    ids = list(range(ncpus)) if apic_ids is None else list(apic_ids)
+    if len(ids) != ncpus:
+        raise ConfigError(f"MADT: {len(ids)} APIC ids for {ncpus} CPUs")
     entries: list[ctypes.Structure] = []
-    for i in range(ncpus):
-        entries.append(MadtLocalApic(MadtType.LOCAL_APIC, 8, i, i, 1))
+    for uid, apic_id in enumerate([*ids, *hotplug_apic_ids]):
+        entries.append(MadtLocalApic(MadtType.LOCAL_APIC, 8, uid, apic_id, 1 if uid < ncpus else 0))
     entries.append(MadtIoApic(MadtType.IO_APIC, 12, ioapic_id, 0, ioapic_addr, 0))
     # The PIT's IRQ0 arrives on pin 2 (as in the MP table).
     entries.append(MadtInterruptOverride(MadtType.INTERRUPT_OVERRIDE, 10, 0, 0, 2, MpsIntiFlags.CONFORMS))
@@ -607,14 +616,21 @@ def build_tables(*, ncpus: int, pm_base: int, base_gpa: int = DEFAULT_BASE_GPA,
                  lapic_addr: int = layout.LAPIC_ADDR, ioapic_id: int | None = None,
                  devices: Sequence[AcpiMmioDevice] = (), pci: AcpiPciHost | None = None,
                  extra_sb_aml: bytes = b"", has_8042: bool = True, has_vga: bool = False,
-                 rtc_century: int = 0, device_aml: Sequence[bytes] = ()) -> AcpiImage:
-    """Lay out all tables for a region at ``base_gpa`` (no guest memory touched)."""
-    if not 1 <= ncpus <= 255:
+                 rtc_century: int = 0, device_aml: Sequence[bytes] = (),
+                 apic_ids: Sequence[int] | None = None, hotplug_apic_ids: Sequence[int] = ()) -> AcpiImage:
+    """Lay out all tables for a region at ``base_gpa`` (no guest memory touched).
+
+    ``apic_ids``/``hotplug_apic_ids``: the CPUs' APIC ids, as :func:`build_madt` takes them.
+    """
+    if not 1 <= ncpus <= 255 or ncpus + len(hotplug_apic_ids) > 255:
         raise ConfigError(f"ACPI: {ncpus} CPUs requested; the MADT's xAPIC entries allow 1-255")
+    all_ids = [*(range(ncpus) if apic_ids is None else apic_ids), *hotplug_apic_ids]
+    if len(set(all_ids)) != len(all_ids) or not all(0 <= a < 0xFF for a in all_ids):
+        raise ConfigError(f"ACPI: APIC ids {all_ids} must be distinct xAPIC ids below 255")
     if base_gpa % 16 or base_gpa < 0 or base_gpa + max_size > 0x1_0000_0000:
         raise ConfigError(f"ACPI table base {base_gpa:#x} must be 16-byte aligned and below 4 GiB")
     if ioapic_id is None:
-        ioapic_id = ncpus  # as in the MP table: the first id after the CPUs
+        ioapic_id = max(all_ids) + 1  # as in the MP table: the first id after the CPUs
     if not 0 <= ioapic_id <= 0xFF:
         raise ConfigError(f"I/O APIC id {ioapic_id} does not fit in 8 bits")
     for dev in devices:
@@ -630,7 +646,8 @@ def build_tables(*, ncpus: int, pm_base: int, base_gpa: int = DEFAULT_BASE_GPA,
                                             has_8042=has_8042, has_vga=has_vga,
                                             rtc_century=rtc_century), 16)
     madt_gpa = img.place("APIC", build_madt(ncpus=ncpus, ioapic_id=ioapic_id, ioapic_addr=ioapic_addr,
-                                            lapic_addr=lapic_addr), 16)
+                                            lapic_addr=lapic_addr, apic_ids=apic_ids,
+                                            hotplug_apic_ids=hotplug_apic_ids), 16)
     pointers = [fadt_gpa, madt_gpa]
     xsdt_gpa = img.place("XSDT", sdt(b"XSDT", 1, b"".join(p.to_bytes(8, "little") for p in pointers)), 16)
     rsdt_gpa = img.place("RSDT", sdt(b"RSDT", 1, b"".join(p.to_bytes(4, "little") for p in pointers)), 16)
@@ -653,7 +670,8 @@ def build_acpi(memory: GuestMemory, *, ncpus: int, pm_base: int, base_gpa: int =
                lapic_addr: int = layout.LAPIC_ADDR, ioapic_id: int | None = None,
                devices: Sequence[AcpiMmioDevice] = (), pci: AcpiPciHost | None = None,
                extra_sb_aml: bytes = b"", has_8042: bool = True, has_vga: bool = False,
-               rtc_century: int = 0, device_aml: Sequence[bytes] = ()) -> int:
+               rtc_century: int = 0, device_aml: Sequence[bytes] = (),
+               apic_ids: Sequence[int] | None = None, hotplug_apic_ids: Sequence[int] = ()) -> int:
     """Build the tables and write them into guest memory at ``base_gpa``; returns the RSDP's address.
 
     The whole ``[base_gpa, base_gpa + max_size)`` range must be kept out of the
@@ -662,7 +680,8 @@ def build_acpi(memory: GuestMemory, *, ncpus: int, pm_base: int, base_gpa: int =
     img = build_tables(ncpus=ncpus, pm_base=pm_base, base_gpa=base_gpa, max_size=max_size,
                        ioapic_addr=ioapic_addr, lapic_addr=lapic_addr, ioapic_id=ioapic_id,
                        devices=devices, pci=pci, extra_sb_aml=extra_sb_aml, has_8042=has_8042,
-                       has_vga=has_vga, rtc_century=rtc_century, device_aml=device_aml)
+                       has_vga=has_vga, rtc_century=rtc_century, device_aml=device_aml,
+                       apic_ids=apic_ids, hotplug_apic_ids=hotplug_apic_ids)
     memory.fill(base_gpa, max_size, 0)
     memory.write(base_gpa, img.data)
     log.debug("ACPI tables: %d bytes at %#x, RSDP at %#x", img.size, base_gpa, img.rsdp_gpa)

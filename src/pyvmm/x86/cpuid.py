@@ -8,21 +8,26 @@ KVM_GET_SUPPORTED_CPUID, or a fixed model for tcg), then:
   feature the back-end cannot offer is dropped with a warning, as QEMU does);
 * :func:`add_hypervisor_leaves` sets the hypervisor bit and the KVM
   paravirtual signature leaves (0x40000000 "KVMKVMKVM");
-* :func:`for_vcpu` specializes the table for one vCPU: its APIC id in leaf 1
-  and the x2APIC topology leaves 0xB/0x1F, with a topology of ``ncpus``
-  single-threaded cores in one package, which is what the guest's scheduler
-  and its SMP bring-up code read.
+* :func:`for_vcpu` specializes the table for one vCPU of a
+  :class:`~pyvmm.x86.topology.CpuTopology` (``-smp``): its APIC id and the
+  package's logical processor count in leaf 1, cores per package and cache
+  sharing in leaf 4, and the x2APIC topology leaves 0xB/0x1F, which is what the
+  guest's scheduler and its SMP bring-up code read.
 
-Nothing here touches an accelerator, so the tcg back-end reuses all of it.
+This is the one CPUID model of pyvmm: KVM starts from KVM_GET_SUPPORTED_CPUID,
+tcg from :func:`emulated_base_table` (what its software CPU model executes,
+trimmed to what pyvmm's tcg emulates around it), and both go through the same
+three steps.  Nothing here touches an accelerator.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
 
 from pyvmm.errors import ConfigError
+from pyvmm.x86.topology import CpuTopology
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +37,10 @@ FLAG_SIGNIFICANT_INDEX = 1
 KVM_SIGNATURE = b"KVMKVMKVM\0\0\0"
 KVM_CPUID_SIGNATURE = 0x40000000
 KVM_CPUID_FEATURES = 0x40000001
+#: The signature tcg shows in leaf 0x40000000 (no paravirtual interface behind it).
+PYVMM_TCG_SIGNATURE = b"PyvmmTCGPyvm"
+
+Regs = tuple[int, int, int, int]
 
 
 @dataclass
@@ -90,6 +99,7 @@ FEATURES: dict[str, FeatureBit] = {
     **_bits(0xD, 1, "eax", {"xsaveopt": 0, "xsavec": 1, "xgetbv1": 2, "xsaves": 3}),
     **_bits(0x80000001, 0, "ecx", {"lahf_lm": 0, "abm": 5, "lzcnt": 5, "sse4a": 6, "3dnowprefetch": 8}),
     **_bits(0x80000001, 0, "edx", {"syscall": 11, "nx": 20, "xd": 20, "pdpe1gb": 26, "rdtscp": 27, "lm": 29}),
+    **_bits(0x80000007, 0, "edx", {"invtsc": 8}),
 }
 
 #: Disabling a feature also disables features that cannot work without it (as Linux's cpuid-deps).
@@ -182,17 +192,25 @@ def apply_feature_edits(entries: list[CpuidEntry], enable: Iterable[str], disabl
 
 
 # -- hypervisor leaves ------------------------------------------------------------------------------
-def add_hypervisor_leaves(entries: list[CpuidEntry], kvm_features: int | None = None) -> list[CpuidEntry]:
-    """Set CPUID.1:ECX.hypervisor and make 0x40000000 read "KVMKVMKVM" (max leaf 0x40000001).
+def add_hypervisor_leaves(entries: list[CpuidEntry], kvm_features: int | None = None, *,
+                          signature: bytes = KVM_SIGNATURE) -> list[CpuidEntry]:
+    """Set CPUID.1:ECX.hypervisor and make 0x40000000 read ``signature``.
 
-    ``kvm_features`` (leaf 0x40000001 EAX) defaults to whatever the table
-    already has; pass 0 to advertise the signature without paravirt features.
+    With the KVM signature the hypervisor range reaches 0x40000001, whose EAX
+    (``kvm_features``) defaults to whatever the table already has; pass 0 to
+    advertise the signature without paravirt features.  Any other signature
+    (tcg's :data:`PYVMM_TCG_SIGNATURE`) offers leaf 0x40000000 alone.
     """
+    if len(signature) != 12:
+        raise ValueError(f"hypervisor signature {signature!r} is not 12 bytes")
     out = copy_table(entries)
     _ensure(out, 1).set_bit("ecx", 31, True)
     sig = _ensure(out, KVM_CPUID_SIGNATURE)
+    sig.ebx, sig.ecx, sig.edx = (int.from_bytes(signature[i:i + 4], "little") for i in (0, 4, 8))
+    if signature != KVM_SIGNATURE:
+        sig.eax = KVM_CPUID_SIGNATURE
+        return [e for e in out if not KVM_CPUID_SIGNATURE < e.function < 0x40000100]
     sig.eax = max(sig.eax, KVM_CPUID_FEATURES)
-    sig.ebx, sig.ecx, sig.edx = (int.from_bytes(KVM_SIGNATURE[i:i + 4], "little") for i in (0, 4, 8))
     feat = _ensure(out, KVM_CPUID_FEATURES)
     if kvm_features is not None:
         feat.eax = kvm_features
@@ -200,48 +218,224 @@ def add_hypervisor_leaves(entries: list[CpuidEntry], kvm_features: int | None = 
 
 
 # -- per-vCPU topology ----------------------------------------------------------------------------
-def _width(n: int) -> int:
-    """Bits needed to number ``n`` items (x2APIC id shift width)."""
-    return max(n - 1, 0).bit_length()
+def _fill_basic_range(out: list[CpuidEntry], new_max: int) -> None:
+    """Raise the highest basic leaf to ``new_max``, answering zeros for leaves the table lacks."""
+    leaf0 = _ensure(out, 0)
+    old_max = leaf0.eax
+    if old_max >= new_max:
+        return
+    leaf0.eax = new_max
+    for leaf in range(old_max + 1, new_max):
+        if find(out, leaf) is None:
+            out.append(CpuidEntry(leaf))
 
 
-def for_vcpu(entries: list[CpuidEntry], apic_id: int, ncpus: int) -> list[CpuidEntry]:
-    """A copy of ``entries`` for the vCPU with ``apic_id``, in a package of ``ncpus`` 1-thread cores."""
-    if not 1 <= ncpus <= 255 or not 0 <= apic_id < 256:
-        raise ConfigError(f"unsupported vCPU topology: apic id {apic_id} of {ncpus}")
+def _topology_leaf(leaf: int, apic_id: int, levels: list[tuple[int, int, int]]) -> list[CpuidEntry]:
+    """Leaf 0xB/0x1F sub-leaves: one per (shift to the next level, logical processors, level type)."""
+    out = [CpuidEntry(leaf, sub, FLAG_SIGNIFICANT_INDEX, shift, count, (typ << 8) | sub, apic_id)
+           for sub, (shift, count, typ) in enumerate(levels)]
+    out.append(CpuidEntry(leaf, len(levels), FLAG_SIGNIFICANT_INDEX, 0, 0, len(levels), apic_id))
+    return out
+
+
+LEVEL_SMT, LEVEL_CORE, LEVEL_DIE = 1, 2, 5
+
+
+def for_vcpu(entries: list[CpuidEntry], apic_id: int, topology: CpuTopology | int) -> list[CpuidEntry]:
+    """A copy of ``entries`` for the vCPU with ``apic_id`` in ``topology``.
+
+    An int ``topology`` means that many single-threaded cores in one package.
+    Leaf 0x1F (which has a die level) is written when the table reaches it or
+    the topology has more than one die per package; the basic range is raised
+    to 0xB (0x1F) when needed, as QEMU does.
+    """
+    topo = CpuTopology.flat(topology) if isinstance(topology, int) else topology
+    if apic_id not in topo.apic_ids and apic_id not in topo.hotplug_apic_ids:
+        raise ConfigError(f"unsupported vCPU topology: apic id {apic_id} is not in {topo}")
     out = copy_table(entries)
-    core_bits = _width(ncpus)
+    per_core = topo.threads
+    per_die = topo.cores * topo.threads
+    per_pkg = topo.dies * per_die
     leaf1 = _ensure(out, 1)
     # EBX[31:24] initial APIC id, EBX[23:16] logical processors per package; HTT says [23:16] is valid.
-    leaf1.ebx = (leaf1.ebx & 0x0000FFFF) | ((apic_id & 0xFF) << 24) | ((1 << core_bits if ncpus > 1 else 1) << 16)
-    leaf1.set_bit("edx", 28, ncpus > 1)
-    # Leaf 4 (deterministic cache parameters): EAX[31:26] cores per package - 1,
-    # EAX[25:14] logical processors sharing this cache - 1 (the last level is shared by all).
-    leaf4 = [e for e in out if e.function == 4]
-    last_level = max((e.eax >> 5) & 7 for e in leaf4) if leaf4 else 0
-    for e in leaf4:
-        if e.eax & 0x1F == 0:
-            continue  # "no more caches"
-        sharing = (1 << core_bits) - 1 if (e.eax >> 5) & 7 == last_level and ncpus > 1 else 0
-        e.eax = (e.eax & 0x3FFF) | (sharing << 14) | (((1 << core_bits) - 1) << 26)
-    leaf0 = find(out, 0)
-    basic_max = leaf0.eax if leaf0 else 0
-    for leaf in (0xB, 0x1F):
-        if leaf == 0x1F and basic_max < 0x1F:
+    leaf1.ebx = (leaf1.ebx & 0x0000FFFF) | ((apic_id & 0xFF) << 24) | ((per_pkg if per_pkg > 1 else 1) << 16)
+    leaf1.set_bit("edx", 28, per_pkg > 1)
+    # Leaf 4 (deterministic cache parameters): EAX[31:26] addressable core ids per package - 1,
+    # EAX[25:14] addressable ids sharing this cache - 1: a core's threads share L1 and L2, a die's L3.
+    core_ids = 1 << (topo.pkg_offset - topo.core_offset)
+    for e in out:
+        if e.function != 4 or e.eax & 0x1F == 0:  # type 0: "no more caches"
             continue
-        out = [e for e in out if e.function != leaf]
-        levels = [(0, 1, 1), (core_bits, ncpus, 2)]  # (shift, logical processors at this level, type)
-        for sub, (shift, count, typ) in enumerate(levels):
-            out.append(CpuidEntry(leaf, sub, FLAG_SIGNIFICANT_INDEX, shift, count, (typ << 8) | sub, apic_id))
-        out.append(CpuidEntry(leaf, len(levels), FLAG_SIGNIFICANT_INDEX, 0, 0, len(levels), apic_id))
-    if basic_max < 0xB:
-        _ensure(out, 0).eax = 0xB  # make the topology leaf reachable
+        level = (e.eax >> 5) & 7
+        sharing = (1 << (topo.smt_width if level <= 2 else topo.die_offset)) - 1
+        e.eax = (e.eax & 0x3FFF) | (sharing << 14) | ((core_ids - 1) << 26)
+    if _ensure(out, 0).eax < 0xB:
+        _fill_basic_range(out, 0xB)  # make the topology leaf reachable
+    if topo.dies > 1:
+        _fill_basic_range(out, 0x1F)
+    basic_max = _ensure(out, 0).eax
+    out = [e for e in out if e.function not in (0xB, 0x1F)]
+    out += _topology_leaf(0xB, apic_id, [(topo.core_offset, per_core, LEVEL_SMT),
+                                         (topo.pkg_offset, per_pkg, LEVEL_CORE)])
+    if basic_max >= 0x1F:
+        levels = [(topo.core_offset, per_core, LEVEL_SMT), (topo.die_offset, per_die, LEVEL_CORE)]
+        if topo.dies > 1:
+            levels.append((topo.pkg_offset, per_pkg, LEVEL_DIE))
+        out += _topology_leaf(0x1F, apic_id, levels)
     ext = find(out, 0x80000008)
     if ext is not None:
-        # AMD: ECX[7:0] cores - 1, ECX[15:12] APIC id bits for the core number.
-        ext.ecx = (ext.ecx & ~0xF0FF) | ((ncpus - 1) & 0xFF) | (core_bits << 12)
+        # AMD: ECX[7:0] logical processors per package - 1, ECX[15:12] APIC id bits below the package.
+        ext.ecx = (ext.ecx & ~0xF0FF) | ((per_pkg - 1) & 0xFF) | (topo.pkg_offset << 12)
     amd_topo = find(out, 0x8000001E)
     if amd_topo is not None:
+        # AMD: EAX extended APIC id, EBX[15:8] threads per core - 1, EBX[7:0] core id, ECX[7:0] node id.
         amd_topo.eax = apic_id
-        amd_topo.ebx = (amd_topo.ebx & ~0xFF) | (apic_id & 0xFF)
+        amd_topo.ebx = (amd_topo.ebx & ~0xFFFF) | ((per_core - 1) << 8) | ((apic_id >> topo.core_offset) & 0xFF)
+        amd_topo.ecx = (amd_topo.ecx & ~0x7FF) | ((apic_id >> topo.pkg_offset) & 0xFF)
     return out
+
+
+# -- a software CPU's table ---------------------------------------------------------------------
+@dataclass(frozen=True)
+class TimeBase:
+    """Frequencies the guest is told: TSC = crystal * ratio; LAPIC timer input = crystal."""
+
+    crystal_hz: int = 25_000_000
+    tsc_ratio: int = 80
+
+    @property
+    def tsc_hz(self) -> int:
+        return self.crystal_hz * self.tsc_ratio
+
+
+VENDOR_INTEL = (0x756E6547, 0x6C65746E, 0x49656E69)  # "GenuineIntel" as ebx, ecx, edx
+
+# leaf 1 ECX: drop DTES64(2), MONITOR(3), DS_CPL(4), VMX(5), SMX(6), EIST(7), TM2(8), FMA(12),
+# PDCM(15), PCID(17), DCA(18), x2APIC(21), XSAVE(26), OSXSAVE(27), AVX(28), F16C(29).
+_ECX1_REMOVE = ((1 << 2) | (1 << 3) | (1 << 4) | (1 << 5) | (1 << 6) | (1 << 7) | (1 << 8) | (1 << 12)
+                | (1 << 15) | (1 << 17) | (1 << 18) | (1 << 21) | (1 << 26) | (1 << 27) | (1 << 28) | (1 << 29))
+_ECX1_TSC_DEADLINE = 1 << 24      # the LAPIC timer's TSC-deadline mode is emulated
+# leaf 1 EDX: drop DS(21), ACPI(22), HTT(28, set by for_vcpu), TM(29), PBE(31).
+_EDX1_REMOVE = (1 << 21) | (1 << 22) | (1 << 28) | (1 << 29) | (1 << 31)
+_EDX1_APIC = 1 << 9
+# leaf 7.0 EBX: keep FSGSBASE(0), BMI1(3), SMEP(7), BMI2(8), ERMS(9), ADX(19), SMAP(20), CLFLUSHOPT(23),
+# SHA(29) when the model has them; drop SGX, HLE, AVX2, INVPCID, RTM, PQM, MPX, AVX512*, RDSEED, PT.
+_EBX7_KEEP = (1 << 0) | (1 << 3) | (1 << 7) | (1 << 8) | (1 << 9) | (1 << 19) | (1 << 20) | (1 << 23) | (1 << 29)
+# TSC_ADJUST is served by the MSR filter; with invariant TSC it tells Linux the TSC needs no
+# clocksource watchdog (which would compare it with a tick count a slow emulated CPU loses
+# ticks from, and demote it to the port-I/O PM timer).
+_EBX7_TSC_ADJUST = 1 << 1
+_ECX7_KEEP = (1 << 2) | (1 << 22)  # UMIP, RDPID
+_EDX7_ARCH_CAPABILITIES = 1 << 29
+_ECX81_KEEP = (1 << 0) | (1 << 5) | (1 << 8)  # LAHF_LM, ABM, 3DNOWPREFETCH
+_EDX81_KEEP = (1 << 11) | (1 << 20) | (1 << 26) | (1 << 27) | (1 << 29)  # SYSCALL, NX, PDPE1GB, RDTSCP, LM
+
+
+def emulated_base_table(native: Callable[[int, int], Regs], time_base: TimeBase) -> list[CpuidEntry]:
+    """The starting table of a software CPU (tcg), from its model's own ``native(leaf, subleaf)``.
+
+    What the model executes, minus what the emulation around it does not
+    provide (AVX and XSAVE state, x2APIC, MONITOR/MWAIT, PCID/INVPCID, 5-level
+    paging, virtualization extensions, performance monitoring), plus what a PC
+    guest needs to run without special kernel options:
+
+    * the APIC bit, since the userspace irqchip provides a local APIC;
+    * leaf 0x15/0x16 with the TSC and crystal (= APIC timer) frequencies of
+      ``time_base``, so Linux knows both without calibrating against the PIT;
+    * the invariant-TSC and TSC_ADJUST bits, since the TSC is derived from host
+      monotonic time (together they also spare the TSC Linux's clocksource watchdog);
+    * ARCH_CAPABILITIES, whose MSR reports the CPU as not vulnerable to
+      Meltdown-class bugs, so Linux does not turn on page table isolation,
+      which is very slow under emulation.
+
+    Topology (leaves 1, 4, 0xB) is left to :func:`for_vcpu`, the hypervisor
+    leaves to :func:`add_hypervisor_leaves`.
+    """
+    sig = FLAG_SIGNIFICANT_INDEX
+    out: list[CpuidEntry] = []
+
+    def put(function: int, regs: Regs, index: int = 0, flags: int = 0) -> None:
+        out.append(CpuidEntry(function, index, flags, *regs))
+
+    max_basic_native = native(0, 0)[0]
+    max_basic = max(0x16, max_basic_native)
+    put(0, (max_basic, *VENDOR_INTEL))
+    a, b, c, d = native(1, 0)
+    c = (c & ~_ECX1_REMOVE) | _ECX1_TSC_DEADLINE
+    d = (d & ~_EDX1_REMOVE) | _EDX1_APIC
+    b = (b & 0xFFFF00FF) | (8 << 8)            # CLFLUSH line size 64 bytes
+    put(1, (a, b, c, d))
+    for sub in range(8):
+        regs = native(4, sub)
+        if regs[0] & 0x1F == 0:
+            put(4, (0, 0, 0, 0), sub, sig)
+            break
+        put(4, (regs[0] & 0x3FF, regs[1], regs[2], regs[3]), sub, sig)  # sharing: for_vcpu
+    put(5, (0, 0, 0, 0))                       # no MONITOR/MWAIT
+    put(6, (0x4, 0, 0, 0))                     # ARAT: the APIC timer keeps running in idle
+    _a7, b7, c7, _d7 = native(7, 0) if max_basic_native >= 7 else (0, 0, 0, 0)
+    put(7, (0, (b7 & _EBX7_KEEP) | _EBX7_TSC_ADJUST, c7 & _ECX7_KEEP, _EDX7_ARCH_CAPABILITIES), 0, sig)
+    put(0xA, (0, 0, 0, 0))                     # no architectural PMU
+    put(0xD, (0, 0, 0, 0), 0, sig)             # no XSAVE
+    put(0x15, (1, time_base.tsc_ratio, time_base.crystal_hz, 0))
+    mhz = time_base.tsc_hz // 1_000_000
+    put(0x16, (mhz, mhz, time_base.crystal_hz // 1_000_000, 0))
+    for leaf in range(2, max_basic + 1):
+        if find(out, leaf) is None and leaf not in (0xB, 0x1F):
+            put(leaf, native(leaf, 0) if leaf <= max_basic_native and leaf in (2, 3) else (0, 0, 0, 0))
+
+    max_ext = max(0x80000008, native(0x80000000, 0)[0])
+    put(0x80000000, (max_ext, 0, 0, 0))
+    a, b, c, d = native(0x80000001, 0)
+    put(0x80000001, (a, b, c & _ECX81_KEEP, d & _EDX81_KEEP))
+    for leaf in (0x80000002, 0x80000003, 0x80000004):
+        put(leaf, native(leaf, 0))              # the brand string
+    put(0x80000005, (0, 0, 0, 0))
+    put(0x80000006, native(0x80000006, 0))
+    put(0x80000007, (0, 0, 0, 1 << 8))          # invariant TSC
+    a = native(0x80000008, 0)[0]
+    put(0x80000008, (a or 0x3028, 0, 0, 0))     # address sizes
+    for leaf in range(0x80000009, max_ext + 1):
+        put(leaf, (0, 0, 0, 0))
+    return out
+
+
+@dataclass
+class CpuidTable:
+    """A CPUID table indexed for a software CPU's CPUID instruction, answered as hardware does."""
+
+    entries: list[CpuidEntry] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._exact: dict[tuple[int, int], Regs] = {}
+        self._any: dict[int, Regs] = {}
+        for e in self.entries:
+            regs = (e.eax, e.ebx, e.ecx, e.edx)
+            if e.flags & FLAG_SIGNIFICANT_INDEX:
+                self._exact.setdefault((e.function, e.index), regs)
+            else:
+                self._any.setdefault(e.function, regs)
+        self._indexed = {f for f, _ in self._exact}
+        self.max_basic = self._any.get(0, (0, 0, 0, 0))[0]
+        self.max_ext = self._any.get(0x80000000, (0, 0, 0, 0))[0]
+
+    def _leaf(self, leaf: int, subleaf: int) -> Regs | None:
+        hit = self._exact.get((leaf, subleaf)) or self._any.get(leaf)
+        if hit is not None:
+            return hit
+        if leaf in self._indexed:
+            if leaf in (0xB, 0x1F):  # past the last level: ECX echoes the sub-leaf, EDX the x2APIC id
+                return (0, 0, subleaf & 0xFF, self._exact.get((leaf, 0), (0, 0, 0, 0))[3])
+            return (0, 0, 0, 0)
+        return None
+
+    def lookup(self, leaf: int, subleaf: int) -> Regs:
+        in_range = (leaf <= self.max_basic if leaf < 0x40000000 else
+                    leaf <= self.max_ext if leaf >= 0x80000000 else True)
+        hit = self._leaf(leaf, subleaf) if in_range else None
+        if hit is not None:
+            return hit
+        if not in_range and not 0x40000000 <= leaf < 0x80000000:
+            # Intel: an input above the highest basic or extended leaf answers the highest basic leaf
+            return self._leaf(self.max_basic, subleaf) or (0, 0, 0, 0)
+        return (0, 0, 0, 0)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import enum
+from collections.abc import Sequence
 
 from pyvmm.errors import ConfigError
 from pyvmm.memory import GuestMemory
@@ -155,15 +156,28 @@ def isa_irq_pin(irq: int) -> int:
 
 
 def build_mptable(ncpus: int, addr: int = layout.MPTABLE_START, *, ioapic_addr: int = layout.IOAPIC_ADDR,
-                  lapic_addr: int = layout.LAPIC_ADDR) -> bytes:
-    """The floating pointer followed by the configuration table, for placement at ``addr``."""
+                  lapic_addr: int = layout.LAPIC_ADDR, apic_ids: Sequence[int] | None = None,
+                  ioapic_id: int | None = None) -> bytes:
+    """The floating pointer followed by the configuration table, for placement at ``addr``.
+
+    CPU ``i`` has local APIC id ``apic_ids[i]`` (default ``i``); CPU 0 is the boot CPU
+    and the I/O APIC takes ``ioapic_id`` (default: the first id after the highest).  Only present CPUs are
+    listed (the MP table has no notion of hot-pluggable ones).
+    """
     if not 1 <= ncpus <= MAX_CPUS:
         raise ConfigError(f"MP table: {ncpus} CPUs requested, between 1 and {MAX_CPUS} are supported")
-    ioapic_id = ncpus
+    ids = list(range(ncpus)) if apic_ids is None else list(apic_ids)
+    if len(ids) != ncpus or len(set(ids)) != ncpus or not all(0 <= a < MAX_CPUS for a in ids):
+        raise ConfigError(f"MP table: APIC ids {ids} for {ncpus} CPUs must be distinct and below {MAX_CPUS}")
+    if ioapic_id is None:
+        ioapic_id = max(ids) + 1
+    if ioapic_id in ids or not 0 <= ioapic_id < 0xFF:
+        raise ConfigError(f"MP table: I/O APIC id {ioapic_id} is taken or not an APIC id")
     entries: list[ctypes.Structure] = []
-    for i in range(ncpus):
+    for i, apic_id in enumerate(ids):
         flags = CPU_FLAG_ENABLED | (CPU_FLAG_BSP if i == 0 else 0)
-        entries.append(MpProcessor(MpEntryType.PROCESSOR, i, LAPIC_VERSION, flags, CPU_SIGNATURE, CPU_FEATURES))
+        entries.append(MpProcessor(MpEntryType.PROCESSOR, apic_id, LAPIC_VERSION, flags, CPU_SIGNATURE,
+                                   CPU_FEATURES))
     entries.append(MpBus(MpEntryType.BUS, 0, b"ISA   "))
     entries.append(MpIoApic(MpEntryType.IOAPIC, ioapic_id, IOAPIC_VERSION, 1, ioapic_addr))
     # The 8259 output reaches the I/O APIC on pin 0 (used by OSes that route the timer through it).
@@ -191,7 +205,8 @@ def build_mptable(ncpus: int, addr: int = layout.MPTABLE_START, *, ioapic_addr: 
 
 
 def write_mptable(memory: GuestMemory, ncpus: int, *, addr: int = layout.MPTABLE_START,
-                  ioapic_addr: int = layout.IOAPIC_ADDR, lapic_addr: int = layout.LAPIC_ADDR) -> int:
+                  ioapic_addr: int = layout.IOAPIC_ADDR, lapic_addr: int = layout.LAPIC_ADDR,
+                  apic_ids: Sequence[int] | None = None, ioapic_id: int | None = None) -> int:
     """Write the MP tables for ``ncpus`` CPUs at ``addr``; returns the floating pointer's address.
 
     ``addr`` must be 16-byte aligned and inside a region an OS scans (the
@@ -199,6 +214,7 @@ def write_mptable(memory: GuestMemory, ncpus: int, *, addr: int = layout.MPTABLE
     """
     if addr % 16:
         raise ConfigError(f"MP floating pointer address {addr:#x} is not 16-byte aligned")
-    table = build_mptable(ncpus, addr, ioapic_addr=ioapic_addr, lapic_addr=lapic_addr)
+    table = build_mptable(ncpus, addr, ioapic_addr=ioapic_addr, lapic_addr=lapic_addr, apic_ids=apic_ids,
+                          ioapic_id=ioapic_id)
     memory.write(addr, table)
     return addr

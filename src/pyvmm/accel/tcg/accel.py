@@ -25,17 +25,31 @@ import logging
 from pyvmm.accel.base import MachineContext
 from pyvmm.accel.tcg import native as nat_mod
 from pyvmm.accel.tcg.cpu import CPU_MODELS, TcgVcpu
-from pyvmm.accel.tcg.cpuid import TimeBase, build_table
 from pyvmm.accel.tcg.turns import Turns
 from pyvmm.capabilities import AccelCapabilities
+from pyvmm.config import CpuConfig
 from pyvmm.cpu_state import CpuState
 from pyvmm.errors import AccelError, ConfigError
 from pyvmm.irq import CpuInterruptController, InterruptSink
+from pyvmm.x86 import cpuid
+from pyvmm.x86.cpuid import TimeBase
 
 log = logging.getLogger(__name__)
 
 #: vCPUs a tcg machine may have: they take turns on one host CPU at a time.
 MAX_VCPUS = 8
+
+
+def build_base_cpuid(native, time_base: TimeBase, cfg: CpuConfig) -> list[cpuid.CpuidEntry]:
+    """The table every tcg vCPU starts from: unicorn's model through :mod:`pyvmm.x86.cpuid`.
+
+    ``+feat`` can only turn on what the emulated table already offers (anything
+    else is dropped with a warning, as on KVM); the hypervisor leaf names
+    pyvmm's tcg and offers no paravirtual interface.
+    """
+    table = cpuid.emulated_base_table(native, time_base)
+    table = cpuid.add_hypervisor_leaves(table, signature=cpuid.PYVMM_TCG_SIGNATURE)
+    return cpuid.apply_feature_edits(table, cfg.enable, cfg.disable, supported=table)
 
 
 class TcgAccelerator:
@@ -57,9 +71,7 @@ class TcgAccelerator:
         model = CPU_MODELS.get(ctx.cpu.model)
         if model is None:
             raise ConfigError(f"--cpu {ctx.cpu.model}: unknown model for tcg (known: {', '.join(CPU_MODELS)})")
-        if ctx.cpu.enable:
-            raise ConfigError(f"--cpu: tcg cannot add features ({', '.join(ctx.cpu.enable)}); "
-                              "it offers what unicorn emulates")
+        topo = ctx.topo
         if ctx.irqchip_factory is None:
             raise AccelError("the tcg accelerator needs userspace interrupt controllers (no irqchip_factory)")
         self.ctx = ctx
@@ -67,9 +79,12 @@ class TcgAccelerator:
         self.irqchip = chip
         lib = nat_mod.native().lib
         turns = Turns(on_waiting=lib.pv_set_turn_waiters) if ctx.ncpus > 1 else None
-        for i in range(ctx.ncpus):
+        base: list[cpuid.CpuidEntry] | None = None
+        for i, apic_id in enumerate(topo.apic_ids):
             vcpu = TcgVcpu(i, ctx, chip, None, self.time_base.tsc_hz, model, turns)
-            vcpu.cpuid = build_table(vcpu.native_cpuid, i, ctx.ncpus, self.time_base, ctx.cpu.disable)
+            if base is None:
+                base = build_base_cpuid(vcpu.native_cpuid, self.time_base, ctx.cpu)
+            vcpu.cpuid = cpuid.CpuidTable(cpuid.for_vcpu(base, apic_id, topo))
             chip.attach_cpu(i, vcpu)
             self.vcpus.append(vcpu)
         if turns is not None:

@@ -24,12 +24,12 @@ from unicorn import x86_const as X
 
 from pyvmm.accel.base import MachineContext
 from pyvmm.accel.tcg import native as nat_mod
-from pyvmm.accel.tcg.cpuid import CpuidTable
 from pyvmm.accel.tcg.turns import Turns
 from pyvmm.cpu_state import CpuState, Segment
 from pyvmm.errors import AccelError
 from pyvmm.x86 import layout
 from pyvmm.x86.boot_tables import real_mode_state
+from pyvmm.x86.cpuid import CpuidTable
 
 log = logging.getLogger(__name__)
 
