@@ -299,7 +299,7 @@ def test_pyvmm_console_script(guests):
 
 def _cpuid_leaves(serial: str) -> dict[str, list[int]]:
     return {m.group(1): [int(x, 16) for x in m.group(2).split()]
-            for m in re.finditer(r"^cpuid_([0-9a-f]+)=(.*)$", serial, re.M)}
+            for m in re.finditer(r"^cpuid_([0-9a-f.]+)=(.*)$", serial, re.M)}
 
 
 def test_cpuid_hypervisor_leaves(guests):
@@ -323,6 +323,38 @@ def test_cpu_feature_edits_reach_the_guest(guests):
     assert e["80000001"][3] == b["80000001"][3] & ~(1 << 20), edit.describe()
     for leaf in ("0", "7", "80000000", "40000000"):
         assert e[leaf] == b[leaf], leaf
+
+
+@pytest.mark.parametrize(("smp", "smt_shift", "threads", "pkg_shift", "per_pkg"), [
+    ("4", 0, 1, 2, 4),                               # -smp N: N cores in one package
+    ("4,sockets=2,cores=2,threads=1", 0, 1, 1, 2),
+    ("8,sockets=1,cores=2,threads=4", 2, 4, 3, 8),
+    ("6,sockets=2,cores=3", 0, 1, 2, 3),             # 3 cores take 2 bits
+])
+def test_smp_topology_reaches_cpuid(guests, smp, smt_shift, threads, pkg_shift, per_pkg):
+    """The boot CPU's leaf 0xB (SMT, then core level: shift to the next level, logical
+    processors), leaf 1's per-package count and HTT, and leaf 4's core ids follow -smp."""
+    r = run_pyvmm_kvm("--smp", smp, "--kernel", guests["cpuid"])
+    assert r.returncode == debug_exit_status(1), r.describe()
+    leaves = _cpuid_leaves(r.serial)
+    assert leaves["b.0"] == [smt_shift, threads, 0x100, 0], r.describe()
+    assert leaves["b.1"] == [pkg_shift, per_pkg, 0x201, 0], r.describe()
+    assert leaves["b.2"][:3] == [0, 0, 2], r.describe()
+    assert (leaves["1"][1] >> 16) & 0xFF == per_pkg and leaves["1"][3] & (1 << 28), r.describe()
+    if leaves["4.0"][0] & 0x1F:  # an Intel-style cache leaf (AMD hosts answer leaf 4 with zeros)
+        assert leaves["4.0"][0] >> 26 == (1 << (pkg_shift - smt_shift)) - 1, r.describe()
+
+
+def test_smp_sparse_apic_ids_start_and_are_listed(guests):
+    """2 packages of 3 cores: package 1 starts at APIC id 4; with maxcpus=6, 4 CPUs are present.
+    The APs start (INIT/SIPI to all) with those ids, and the MP table lists exactly them."""
+    r = run_pyvmm_kvm("--smp", "4,sockets=2,cores=3,maxcpus=6", "--kernel", guests["smp"], timeout=90)
+    out = r.serial
+    for apic_id in (1, 2, 4):
+        assert f"AP apic_id={apic_id} up" in out, r.describe()
+    assert "apic_id=3 " not in out, r.describe()
+    assert reported(out, "mp_apic_ids") == "0x17", r.describe()
+    assert reported(out, "cpus_up") == "0x17", r.describe()
 
 
 # -- interrupts --------------------------------------------------------------------------------
