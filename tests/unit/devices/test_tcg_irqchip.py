@@ -227,3 +227,46 @@ def test_lapic_short_oneshot_fires_even_if_the_clock_moves_during_the_write() ->
     la.write_reg(Reg.TMICT, 5)                        # 5 ticks at 25 MHz = 200 ns
     sched.advance(1_000_000)
     assert la.irr == 1 << 0x40 and la.timer_fired == 1
+
+
+class ApPort:
+    """A vCPU as the APIC bus sees it: INIT, SIPI, NMI and INTR recorded."""
+
+    def __init__(self) -> None:
+        self.events: list[str] = []
+
+    def set_intr(self, level: bool) -> None:
+        pass
+
+    def raise_nmi(self) -> None:
+        self.events.append("nmi")
+
+    def init_ipi(self) -> None:
+        self.events.append("init")
+
+    def startup_ipi(self, vector: int) -> None:
+        self.events.append(f"sipi {vector:#x}")
+
+
+def test_irqchip_with_sparse_apic_ids_routes_ipis_by_id_to_the_right_vcpu() -> None:
+    """-smp 4,sockets=2,cores=3,maxcpus=6: vCPUs 0-3 have APIC ids 0, 1, 2, 4."""
+    chip = UserspaceIrqchip(4, BUS_HZ, apic_ids=[0, 1, 2, 4], ioapic_id=7)
+    io, mmio = Bus("io"), Bus("mmio")
+    chip.register(io, mmio)
+    ports = [ApPort() for _ in range(4)]
+    for i, p in enumerate(ports):
+        chip.attach_cpu(i, p)
+    chip.bind_current_cpu(3)
+    assert mmio.read(0xFEE00020, 4) == 4 << 24          # vCPU 3 reads APIC id 4
+    chip.bind_current_cpu(0)
+    mmio.write(0xFEE00310, 4, 4 << 24)                  # ICR high: destination APIC id 4
+    mmio.write(0xFEE00300, 4, 0x4500)                   # INIT
+    mmio.write(0xFEE00300, 4, 0x4608)                   # SIPI, vector 8
+    mmio.write(0xFEE00300, 4, 0x4400)                   # NMI
+    assert ports[3].events == ["init", "sipi 0x8", "nmi"]
+    assert ports[1].events == ports[2].events == []
+    mmio.write(0xFEE00310, 4, 3 << 24)                  # APIC id 3: nobody
+    mmio.write(0xFEE00300, 4, 0x4400)
+    assert all(p.events[-1:] != ["nmi"] for p in ports[:3]) and len(ports[3].events) == 3
+    mmio.write(0xFEC00000, 4, 0)                        # I/O APIC id register
+    assert mmio.read(0xFEC00010, 4) >> 24 == 7
