@@ -14,7 +14,6 @@ import subprocess
 import pytest
 
 from pyvmm.block import BlockError, open_image
-from pyvmm.block.lock import PERM_ALL, ImageLock, Perm
 from support.locks import locked_bytes
 
 QEMU_IMG = shutil.which("qemu-img")
@@ -139,6 +138,8 @@ def test_locking_off_takes_and_checks_nothing(tmp_path):
 
 
 def test_a_failed_set_perm_keeps_what_was_held(tmp_path):
+    from pyvmm.block.lock import PERM_ALL, ImageLock, Perm
+
     path = _raw(tmp_path / "d.img")
     other = open_image(path, "raw", read_only=True)
     fd = open(path, "rb")

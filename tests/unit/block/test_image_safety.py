@@ -17,9 +17,9 @@ import subprocess
 import pytest
 
 from pyvmm.block import BlockError, open_image
-from pyvmm.block.base import MAX_BACKING_DEPTH
 
 QEMU_IMG = shutil.which("qemu-img")
+MAX_BACKING_DEPTH = 64  # pyvmm.block.base.MAX_BACKING_DEPTH
 
 
 def _img(*args: str) -> None:
@@ -229,3 +229,9 @@ def test_a_refused_open_writes_nothing(tmp_path):
     finally:
         holder.close()
     assert open(path, "rb").read() == before
+
+
+def test_the_depth_bound_is_pyvmms():
+    from pyvmm.block.base import MAX_BACKING_DEPTH as bound
+
+    assert bound == MAX_BACKING_DEPTH
