@@ -29,3 +29,16 @@ def locked_bytes(path: str | os.PathLike, pid: int | None = None) -> set[int]:
             stop = start if end == "EOF" else int(end)
             out.update(range(start, min(stop, start + 1000) + 1))
     return out
+
+
+def lock_lines(path: str | os.PathLike) -> list[tuple[int, int]]:
+    """(start, end) of each lock line on ``path``: one per open file description and range run."""
+    st = os.stat(path)
+    want = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    out = []
+    with open("/proc/locks") as f:
+        for line in f:
+            fields = line.split()
+            if "->" not in fields and fields[5] == want:
+                out.append((int(fields[6]), -1 if fields[7] == "EOF" else int(fields[7])))
+    return out
