@@ -244,3 +244,16 @@ def test_overlap_check_agrees_with_qemu(tmp_path: Path) -> None:
     for path in (theirs, ours):
         assert "corrupt: true" in _img("info", str(path)).stdout, path
     assert theirs.read_bytes() == ours.read_bytes()  # the same bytes: nothing but the corrupt bit changed
+
+
+def test_a_failed_start_leaves_the_image_as_it_was(images) -> None:
+    """pyvmm opens the disk, then a later option fails: the qcow2 header (autoclear bits) is untouched.
+    (No QEMU comparison: QEMU clears autoclear bits it does not know at open.)"""
+    image = images["qcow2"]
+    with open(image, "r+b") as f:
+        f.seek(88)
+        f.write(struct.pack(">Q", 1))  # the bitmaps autoclear bit
+    before = _digest(image)
+    r = _refused("pyvmm", ["-drive", _drive(image, "qcow2", ",if=virtio"), "-device", "virtio-blk-pci,drive=nosuch"])
+    assert "nosuch" in _error_line(r)
+    assert _digest(image) == before
