@@ -228,7 +228,8 @@ def _create(ctx: DeviceContext, props: DeviceProps) -> VirtioBlk:
     try:  # a probed raw image warns as QEMU does (pyvmm.block.raw), and is locked as QEMU locks it
         image = open_image(path, fmt, read_only=read_only, locking=locking, share_rw=props.get_bool("share-rw"))
     except PyvmmError as e:
-        raise ConfigError(f"{path}: {e}") from None
+        msg = str(e)
+        raise ConfigError(msg if msg.startswith(path) or "[" + path + "]" in msg else f"{path}: {msg}") from None
     return VirtioBlk(ctx.memory, image, serial=serial, read_only=read_only, name=props.name("virtio-blk"),
                      loop=ctx.iothread)
 
