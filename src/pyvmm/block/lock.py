@@ -14,7 +14,7 @@ OFD locks; ``on`` falls back to process-wide POSIX locks there, with QEMU's warn
 
 Which permissions a virtio-blk device asks for, per format, mirrors QEMU 7.2's defaults
 (``blkconf_apply_backend_options`` for the device, ``bdrv_default_perms`` for the format layer),
-checked against QEMU's own locks in /proc/locks by tests/system/test_image_locking.py.
+checked against QEMU's own locks in /proc/locks by tests/system/test_image_locking_qemu.py.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Byte 100+N: permission N held; byte 200+N: permission N not shared (0 consistent read, 1 write,
 3 resize).  The expected sets are the ones QEMU 7.2 takes for a virtio-blk with the same options;
-tests/system/test_image_locking.py checks them against a running QEMU.
+tests/system/test_image_locking_qemu.py checks them against a running QEMU.
 """
 
 from __future__ import annotations
