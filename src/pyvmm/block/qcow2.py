@@ -49,8 +49,16 @@ import os
 import struct
 from enum import IntFlag
 
-from pyvmm.block.base import BlockBackend, BlockError, open_image, probe_format
+from pyvmm.block.base import (
+    MAX_BACKING_DEPTH,
+    BlockBackend,
+    BlockError,
+    check_image_file,
+    open_image_perms,
+    probe_format,
+)
 from pyvmm.block.iov import Iov, iov_len, iov_slice, iov_zero, preadv_full, pwritev_full
+from pyvmm.block.lock import ImageLock, Perm, backing_perms, device_perms, metadata_perms
 from pyvmm.block.raw import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, fallocate
 
 log = logging.getLogger(__name__)
@@ -86,7 +94,8 @@ class Incompat(IntFlag):
 class Qcow2Image:
     """A qcow2 image file (see the module docstring for what is supported)."""
 
-    def __init__(self, path: str, read_only: bool = False) -> None:
+    def __init__(self, path: str, read_only: bool = False, *, perms: tuple[Perm, Perm] | None = None,
+                 locking: str = "auto", chain: tuple[tuple[int, int], ...] = ()) -> None:
         self.path = path
         self.read_only = read_only
         try:
@@ -97,7 +106,18 @@ class Qcow2Image:
         self._l2_cache: dict[int, bytearray] = {}
         self._freed: list[int] = []         # host clusters freed since the last flush
         self._reusable: list[int] = []      # freed before the last flush: safe to hand out again
+        self._perms = perms or device_perms(read_only, False)
+        self._chain = chain
+        self._touched = False               # nothing written to the file yet (see _before_write)
         try:
+            st = os.fstat(self.fd)
+            ident = (st.st_dev, st.st_ino)
+            if ident in chain:
+                raise BlockError(f"{path}: backing chain loop: the image is its own backing file "
+                                 "(directly or through others)")
+            self._chain = (*chain, ident)
+            self.lock = ImageLock(self.fd, path, locking)
+            self.lock.set_perm(*metadata_perms(*self._perms, writable=not read_only))
             self._open()
         except BaseException:
             self.close()
@@ -116,7 +136,7 @@ class Qcow2Image:
     def _open(self) -> None:
         raw = self._pread(_HDR_V2.size + _HDR_V3.size, 0)
         (magic, self.version, backing_off, backing_len, self.cluster_bits, self.size, crypt, self.l1_size,
-         self.l1_offset, self.rt_offset, self.rt_clusters, self.nb_snapshots, _snap_off) = _HDR_V2.unpack_from(raw)
+         self.l1_offset, self.rt_offset, self.rt_clusters, self.nb_snapshots, self.snap_off) = _HDR_V2.unpack_from(raw)
         if magic != QCOW2_MAGIC:
             raise self._bad("not a qcow2 image (bad magic)")
         if self.version not in (2, 3):
@@ -170,21 +190,47 @@ class Qcow2Image:
         self.rt = [e for (e,) in struct.iter_unpack(">Q", rt)]
         self._check_tables()
         self._end = -(-os.fstat(self.fd).st_size // cs) * cs
+        # Metadata clusters, for the overlap checks (QEMU's overlap-check=cached): L2 tables and
+        # refcount blocks by host offset; the header, L1 and refcount tables are ranges.
+        self._l2_tables = {e & OFFSET_MASK for e in self.l1 if e & OFFSET_MASK}
+        self._refblocks = {e & OFFSET_MASK for e in self.rt if e & OFFSET_MASK}
+        self._corrupt = False
 
         if backing_off:
-            if backing_len == 0 or backing_len > 1023:
-                raise self._bad(f"bad backing file name length {backing_len}")
-            name = self._pread(backing_len, backing_off).decode("utf-8", "replace")
-            bpath = name if os.path.isabs(name) else os.path.join(os.path.dirname(os.path.abspath(self.path)), name)
-            if not os.path.exists(bpath):
-                raise self._bad(f"backing file {name} not found")
+            self._open_backing(backing_off, backing_len, backing_fmt)
+        # Nothing is written here: the autoclear bits are cleared by the first write (_before_write),
+        # so an image opened by a VM that then fails to start is left exactly as it was.
+
+    def _open_backing(self, backing_off: int, backing_len: int, backing_fmt: str | None) -> None:
+        """Open the backing file read-only, locked shared; refuse loops, directories, missing
+        files and over-deep chains with one line."""
+        if backing_len == 0 or backing_len > 1023:
+            raise self._bad(f"bad backing file name length {backing_len}")
+        name = self._pread(backing_len, backing_off).decode("utf-8", "replace")
+        if "\0" in name:
+            raise self._bad("backing file name contains a NUL byte")
+        bpath = name if os.path.isabs(name) else os.path.join(os.path.dirname(os.path.abspath(self.path)), name)
+        if len(self._chain) >= MAX_BACKING_DEPTH:
+            raise self._bad(f"backing chain is deeper than {MAX_BACKING_DEPTH} images")
+        if not os.path.lexists(bpath):
+            raise self._bad(f"backing file {name} not found")
+        try:
+            check_image_file(bpath)
             fmt = backing_fmt or probe_format(bpath)
             if fmt not in ("raw", "qcow2"):
-                raise self._bad(f"backing file format {fmt!r} is not supported")
-            self.backing = open_image(bpath, fmt, read_only=True)
+                raise BlockError(f"format {fmt!r} is not supported")
+            self.backing = open_image_perms(bpath, fmt, True, backing_perms(*self._perms), chain=self._chain)
+        except BlockError as e:
+            msg = str(e)
+            raise self._bad(f"backing file {name}: {msg.removeprefix(bpath + ': ')}") from None
 
-        if not self.read_only and self.autoclear:
-            # We do not maintain whatever these bits vouch for (e.g. bitmaps): clear them, as the spec asks.
+    def _before_write(self) -> None:
+        """Called before the first change to the file: clear the autoclear bits.  We do not
+        maintain whatever they vouch for (e.g. bitmaps), so the spec asks us to clear them."""
+        if self._touched:
+            return
+        self._touched = True
+        if self.autoclear:
             os.pwrite(self.fd, _U64.pack(0), 88)
             self.autoclear = 0
 
@@ -226,6 +272,48 @@ class Qcow2Image:
                     raise self._bad(f"L2 table at {l2_off:#x} has an unaligned cluster offset")
         self._l2_cache.clear()
 
+    # -- overlap checks ----------------------------------------------------------------------------
+    def _metadata_at(self, host: int, length: int, allowed: str | None = None) -> str | None:
+        """Which metadata (other than ``allowed``) the host range [host, host+length) overlaps."""
+        cs = self.cluster_size
+        end = host + length
+
+        def hits(start: int, size: int) -> bool:
+            return start < end and host < start + size
+
+        kinds = []
+        if hits(0, cs):
+            kinds.append("qcow2 header")
+        if hits(self.l1_offset, max(8 * self.l1_size, 1)):
+            kinds.append("active L1 table")
+        if hits(self.rt_offset, self.rt_clusters * cs):
+            kinds.append("refcount table")
+        if self.nb_snapshots and hits(self.snap_off & ~(cs - 1), cs):
+            kinds.append("snapshot table")
+        for c in range(host & ~(cs - 1), end, cs):
+            if c in self._l2_tables:
+                kinds.append("active L2 table")
+            if c in self._refblocks:
+                kinds.append("refcount block")
+        return next((k for k in kinds if k != allowed), None)
+
+    def _check_overlap(self, host: int, length: int, what: str, allowed: str | None = None) -> None:
+        """Refuse to write ``what`` over metadata (other than ``allowed``): the image is corrupt.
+        As QEMU does, it is then marked corrupt (v3) and takes no more writes."""
+        if self._corrupt:
+            raise self._bad("image is marked corrupt; further writes are refused (run qemu-img check -r all)")
+        kind = self._metadata_at(host, length, allowed)
+        if kind is None:
+            return
+        self._corrupt = True
+        log.error("%s: qcow2: Marking image as corrupt: Preventing invalid write of %s on metadata "
+                  "(overlaps with %s at %#x); further writes are refused", self.path, what, kind, host)
+        if self.version >= 3:
+            self.incompat |= Incompat.CORRUPT
+            os.pwrite(self.fd, _U64.pack(self.incompat), 72)
+            os.fdatasync(self.fd)
+        raise self._bad(f"write of {what} at {host:#x} would overwrite the {kind}; image marked corrupt")
+
     # -- metadata helpers -------------------------------------------------------------------------
     def _l2_table(self, l2_off: int) -> bytearray:
         table = self._l2_cache.get(l2_off)
@@ -257,10 +345,13 @@ class Qcow2Image:
         if not l2_off:
             l2_off = self._alloc_cluster()
             os.pwrite(self.fd, bytes(self.cluster_size), l2_off)
+            self._l2_tables.add(l2_off)
             self.l1[l1_index] = l2_off | COPIED
             os.pwrite(self.fd, _U64.pack(l2_off | COPIED), self.l1_offset + 8 * l1_index)
         elif not self.l1[l1_index] & COPIED:
             raise self._bad("L2 table is shared with a snapshot; writing it is not supported")
+        else:
+            self._check_overlap(l2_off, self.cluster_size, "an L2 table", allowed="active L2 table")
         table = self._l2_table(l2_off)
         _U64.pack_into(table, 8 * l2_index, entry)
         os.pwrite(self.fd, _U64.pack(entry), l2_off + 8 * l2_index)
@@ -273,6 +364,7 @@ class Qcow2Image:
         else:
             off = self._end
             self._end += self.cluster_size
+        self._check_overlap(off, self.cluster_size, "a new cluster")
         self._set_refcount(off, 1)
         return off
 
@@ -285,10 +377,14 @@ class Qcow2Image:
         if not rb_off:
             rb_off = self._end
             self._end += self.cluster_size
+            self._check_overlap(rb_off, self.cluster_size, "a new refcount block")
             os.pwrite(self.fd, bytes(self.cluster_size), rb_off)
+            self._refblocks.add(rb_off)
             self.rt[rt_index] = rb_off
             os.pwrite(self.fd, _U64.pack(rb_off), self.rt_offset + 8 * rt_index)
             self._set_refcount(rb_off, 1)  # the new block usually describes itself
+        else:
+            self._check_overlap(rb_off, self.cluster_size, "a refcount block", allowed="refcount block")
         width = self.refcount_bytes
         os.pwrite(self.fd, value.to_bytes(width, "big"), rb_off + width * rb_index)
 
@@ -300,6 +396,7 @@ class Qcow2Image:
         # Room for the refcount blocks that describe the new table itself, too.
         new_off = self._end
         self._end += new_clusters * cs
+        self._check_overlap(new_off, new_clusters * cs, "a new refcount table")
         self.rt.extend([0] * (new_clusters * cs // 8 - len(self.rt)))
         os.pwrite(self.fd, b"".join(_U64.pack(e) for e in self.rt), new_off)
         os.fdatasync(self.fd)
@@ -359,6 +456,7 @@ class Qcow2Image:
             raise self._bad("image is read-only")
         length = iov_len(iov)
         self._check_range(offset, length)
+        self._before_write()
         for pos, goff, n in self._chunks(offset, length):
             self._write_cluster(iov_slice(iov, pos, n), goff, n)
 
@@ -379,6 +477,7 @@ class Qcow2Image:
         entry, host = self._writable_entry(goff)
         zero = self.version >= 3 and bool(entry & L2_ZERO)
         if host and not zero:
+            self._check_overlap(host, cs, "guest data")
             pwritev_full(self.fd, part, host + in_cluster)
             return
         # A fresh cluster (or a preallocated zero cluster): fill what the write leaves out.
@@ -391,6 +490,8 @@ class Qcow2Image:
                 self._read_backing([memoryview(tail)], goff + n)
         if not host:
             host = self._alloc_cluster()
+        else:
+            self._check_overlap(host, cs, "guest data")
         pwritev_full(self.fd, [memoryview(head), *part, memoryview(tail)], host)
         self._set_l2_entry(goff, host | COPIED)
 
@@ -405,6 +506,7 @@ class Qcow2Image:
         if self.read_only:
             raise self._bad("image is read-only")
         self._check_range(offset, length)
+        self._before_write()
         for _pos, goff, n in self._chunks(offset, length):
             if n == self.cluster_size:
                 self._unmap_cluster(goff)
@@ -420,6 +522,8 @@ class Qcow2Image:
             new = L2_ZERO
         else:
             return False
+        if host:
+            self._check_overlap(host, self.cluster_size, "a discard")
         if entry != new:
             self._set_l2_entry(goff, new)
         if host:
@@ -432,6 +536,7 @@ class Qcow2Image:
         if self.read_only:
             raise self._bad("image is read-only")
         self._check_range(offset, length)
+        self._before_write()
         cs = self.cluster_size
         for _pos, goff, n in self._chunks(offset, length):
             if unmap and n == cs and self._unmap_cluster(goff):

@@ -15,8 +15,9 @@ import functools
 import logging
 import os
 
-from pyvmm.block.base import BlockError
-from pyvmm.block.iov import Iov, preadv_full, pwritev_full, write_zeroes_fd
+from pyvmm.block.base import PROBE_BYTES, BlockError, probe_buffer
+from pyvmm.block.iov import Iov, iov_len, iov_slice, iov_to_bytes, preadv_full, pwritev_full, write_zeroes_fd
+from pyvmm.block.lock import ImageLock, Perm, device_perms, filter_perms
 
 log = logging.getLogger(__name__)
 
@@ -46,16 +47,35 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> bool:
 
 
 class RawImage:
-    """A raw disk image file."""
+    """A raw disk image file, locked as QEMU's file-posix driver locks it.
 
-    def __init__(self, path: str, read_only: bool = False) -> None:
+    ``probed``: the format was guessed, not given.  Then, as QEMU's raw driver does, a write
+    that would make sector 0 look like another image format (a qcow2 header naming a host file
+    as its backing file, say) is refused, and the guest cannot turn its disk into something the
+    next probe would trust.
+    """
+
+    def __init__(self, path: str, read_only: bool = False, *, perms: tuple[Perm, Perm] | None = None,
+                 locking: str = "auto", probed: bool = False) -> None:
         self.path = path
         self.read_only = read_only
+        self.probed = probed
         try:
             self.fd = os.open(path, (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC)
         except OSError as e:
             raise BlockError(f"{path}: {e.strerror}") from None
+        try:
+            self.lock = ImageLock(self.fd, path, locking)
+            self.lock.set_perm(*filter_perms(*(perms or device_perms(read_only, False))))
+        except BaseException:
+            self.close()
+            raise
         self.size = os.lseek(self.fd, 0, os.SEEK_END)  # st_size is 0 for block devices
+        if probed and not read_only:
+            log.warning("Image format was not specified for '%s' and probing guessed raw. "
+                        "Automatically detecting the format is dangerous for raw images, write operations "
+                        "on block 0 will be restricted. Specify the 'raw' format explicitly to remove the "
+                        "restrictions.", path)
 
     def readv(self, iov: Iov, offset: int) -> None:
         preadv_full(self.fd, iov, offset)
@@ -63,7 +83,19 @@ class RawImage:
     def writev(self, iov: Iov, offset: int) -> None:
         if self.read_only:
             raise BlockError(f"{self.path}: image is read-only")
+        if self.probed and offset < PROBE_BYTES:
+            self._check_sector0(iov, offset)
         pwritev_full(self.fd, iov, offset)
+
+    def _check_sector0(self, iov: Iov, offset: int) -> None:
+        """Refuse a write after which sector 0 would probe as another format."""
+        n = min(iov_len(iov), PROBE_BYTES - offset)
+        head = bytearray(os.pread(self.fd, PROBE_BYTES, 0).ljust(PROBE_BYTES, b"\0"))
+        head[offset:offset + n] = iov_to_bytes(iov_slice(iov, 0, n))
+        fmt = probe_buffer(bytes(head))
+        if fmt is not None:
+            raise BlockError(f"{self.path}: write to sector 0 refused: the probed raw image would then probe "
+                             f"as {fmt} (give format=raw to allow it)")
 
     def flush(self) -> None:
         if not self.read_only:

@@ -24,6 +24,7 @@ def wiring(tmp_path):
     pci = PciBoard(mem, mmio, io, RecordingLine, lambda: made[0].virtio.loop)
     disk = tmp_path / "d.raw"
     disk.write_bytes(bytes(1 << 16))
+    (tmp_path / "d.raw2").write_bytes(bytes(1 << 16))  # a second image: one image takes one writer
     made: list = []
 
     def build(*drives: str, netdevs: tuple[str, ...] = ()):
@@ -65,7 +66,7 @@ def test_isa_devices_land_on_their_ports_and_in_the_tree(wiring):
 
 
 def test_virtio_devices_on_both_transports(wiring):
-    devs, io, mmio = wiring("file={disk},format=raw,if=none,id=d0", "file={disk},format=raw",
+    devs, io, mmio = wiring("file={disk},format=raw,if=none,id=d0", "file={disk}2,format=raw",
                             netdevs=("tap,id=n0",))
     devs.add_drives()  # the if=virtio drive: a virtio-blk on virtio-mmio
     add(devs, "virtio-rng-pci,addr=5")
@@ -94,7 +95,7 @@ def test_virtio_devices_on_both_transports(wiring):
     ("frobnicator", "'frobnicator' is not a valid device model name"),
 ])
 def test_device_errors_are_one_line_naming_the_option(wiring, text, message):
-    devs, _, _ = wiring("file={disk},format=raw,if=none,id=d0", "file={disk},format=raw", netdevs=("tap,id=n0",))
+    devs, _, _ = wiring("file={disk},format=raw,if=none,id=d0", "file={disk}2,format=raw", netdevs=("tap,id=n0",))
     devs.add_drives()
     with pytest.raises(ConfigError, match=message) as e:
         add(devs, text)

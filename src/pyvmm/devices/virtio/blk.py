@@ -217,18 +217,19 @@ def _create(ctx: DeviceContext, props: DeviceProps) -> VirtioBlk:
         drive = ctx.drive(drive_id)
         path, fmt, read_only = drive.file, drive.format, drive.readonly or props.get_bool("readonly")
         serial = props.get_str("serial") or drive.serial
+        locking = drive.locking
     elif path is not None:  # pyvmm's shorthand: the image on the device itself
         fmt, read_only, serial = props.get_str("format"), props.get_bool("readonly"), props.get_str("serial") or ""
+        locking = "auto"
         if fmt not in _FORMATS:
             raise ConfigError(f"format={fmt} is not supported (raw or qcow2)")
     else:
         raise ConfigError("drive=ID or file=PATH is required")
-    if fmt is None:
-        log.warning("%s: no format given, probing (give format=raw or format=qcow2)", path)
-    try:
-        image = open_image(path, fmt, read_only=read_only)
+    try:  # a probed raw image warns as QEMU does (pyvmm.block.raw), and is locked as QEMU locks it
+        image = open_image(path, fmt, read_only=read_only, locking=locking, share_rw=props.get_bool("share-rw"))
     except PyvmmError as e:
-        raise ConfigError(f"{path}: {e}") from None
+        msg = str(e)
+        raise ConfigError(msg if msg.startswith(path) or "[" + path + "]" in msg else f"{path}: {msg}") from None
     return VirtioBlk(ctx.memory, image, serial=serial, read_only=read_only, name=props.name("virtio-blk"),
                      loop=ctx.iothread)
 
@@ -239,5 +240,6 @@ DEVICE_TYPES = [VirtioType(
      Prop("serial", PropType.STR),
      Prop("file", PropType.STR, None, "pyvmm: an image file, instead of drive="),
      Prop("format", PropType.STR, None, "pyvmm: with file=, raw or qcow2 (probed when absent)"),
-     Prop("readonly", PropType.BOOL, None, "pyvmm: present the disk read-only")),
+     Prop("readonly", PropType.BOOL, None, "pyvmm: present the disk read-only"),
+     Prop("share-rw", PropType.BOOL, False, "let other users (this VM's or another process's) write the image")),
     "a disk")]

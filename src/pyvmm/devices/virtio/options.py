@@ -16,7 +16,12 @@ FORMATS = ("raw", "qcow2")
 INTERFACES = ("virtio", "none")  # none: only a back-end, for --device virtio-blk-pci,drive=ID
 #: ``cache=`` is accepted for QEMU compatibility and ignored: images always use the host page
 #: cache, and a guest FLUSH becomes fdatasync.
-_KEYS = ("file", "format", "readonly", "if", "serial", "id", "media", "cache")
+#: ``file.locking=`` is the image lock mode (on/off/auto, see pyvmm.block.lock), as QEMU's
+#: file-posix option reached through -drive; QEMU refuses a bare ``locking=`` (and ``share-rw=``,
+#: a device property) in -drive, and so does pyvmm.
+_KEYS = ("file", "format", "readonly", "if", "serial", "id", "media", "cache", "file.locking")
+_FORMAT_OPTIONS = ("locking", "share-rw")
+LOCKING = ("on", "off", "auto")
 
 
 @dataclass
@@ -29,6 +34,7 @@ class DriveSpec:
     interface: str = "virtio"
     serial: str = ""
     id: str = ""
+    locking: str = "auto"  # file.locking=
 
 
 def parse_drive(text: str) -> DriveSpec:
@@ -40,6 +46,9 @@ def parse_drive(text: str) -> DriveSpec:
     for key, value, flag in split_opts(text):
         if flag and key not in _KEYS:  # QemuOpts reads "x" as x=on and "nox" as x=off
             raise ConfigError(f"--drive {text}: {key if value == 'on' else 'no' + key!r} is not key=value")
+        if key in _FORMAT_OPTIONS:
+            fmt_name = dict(p[:2] for p in split_opts(text)).get("format", "raw")
+            raise ConfigError(f"--drive {text}: Block format '{fmt_name}' does not support the option '{key}'")
         if key not in _KEYS:
             raise ConfigError(f"--drive: unknown property {key!r} (known: {', '.join(_KEYS)})")
         if key in props:
@@ -62,8 +71,12 @@ def parse_drive(text: str) -> DriveSpec:
     media = props.get("media", "disk")
     if media != "disk":
         raise ConfigError(f"--drive {file}: media={media} is not supported (disk)")
+    locking = props.get("file.locking", "auto")
+    if locking not in LOCKING:
+        raise ConfigError(f"--drive {file}: file.locking={locking}: invalid parameter value: {locking} "
+                          "(on, off or auto)")
     serial = props.get("serial", "")
     if len(serial) > 20 or not serial.isascii():
         raise ConfigError(f"--drive {file}: serial must be at most 20 ASCII characters")
     return DriveSpec(file=file, format=fmt, readonly=_BOOL[ro_text], interface=iface, serial=serial,
-                     id=props.get("id", ""))
+                     id=props.get("id", ""), locking=locking)
