@@ -43,6 +43,7 @@ from pyvmm.loop import MainLoop
 from pyvmm.machine.pc_devices import PcDevices
 from pyvmm.monitor import ChardevInfo, CpuInfo, create_monitor
 from pyvmm.monitor.events import ShutdownCause, cause_of
+from pyvmm.ratelimit import guest_log
 from pyvmm.runstate import PanicAction, Request, RequestKind, RunState, VmControl
 from pyvmm.x86 import layout
 from pyvmm.x86.acpi import build_acpi, device_nodes
@@ -191,7 +192,7 @@ class PcMachine:
         self._set_state(RunState.RUNNING)
 
     def _reset(self, reason: str) -> None:
-        log.info("machine reset: %s", reason)
+        guest_log(log, logging.INFO, "machine reset: %s", reason)
         self._after_panic = []
         for cb in list(self.reset_listeners):
             cb(reason)
