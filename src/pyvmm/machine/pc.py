@@ -170,9 +170,20 @@ class PcMachine:
         self.pci.firmware_setup()  # BARs assigned and decoding on, as a BIOS leaves them
         rsdp = build_acpi(self.memory, ncpus=cfg.smp, pm_base=layout.ACPI_PM_PORT, devices=self.virtio.acpi_devices(),
                           pci=self.pci.acpi(), device_aml=device_nodes(self.devices)) if cfg.acpi else None  # -no-acpi
-        self.boot = load_kernel(cfg.kernel, self.memory, cmdline=cfg.append, initrd=cfg.initrd, e820=self.e820,
-                                acpi_rsdp=rsdp)
-        log.info("loaded %s kernel %s (entry %#x)", self.boot.kind, cfg.kernel, self.boot.entry)
+        # The first load is reported; a reload on every guest reset is not (a guest in a reset
+        # loop would otherwise write two lines per reset to the log, without limit).
+        reload = self.boot is not None
+        boot_log = logging.getLogger("pyvmm.boot")
+        saved = boot_log.level
+        if reload:
+            boot_log.setLevel(logging.WARNING)
+        try:
+            self.boot = load_kernel(cfg.kernel, self.memory, cmdline=cfg.append, initrd=cfg.initrd, e820=self.e820,
+                                    acpi_rsdp=rsdp)
+        finally:
+            boot_log.setLevel(saved)
+        log.log(logging.DEBUG if reload else logging.INFO, "loaded %s kernel %s (entry %#x)", self.boot.kind,
+                cfg.kernel, self.boot.entry)
 
     # -- life cycle ---------------------------------------------------------------------------
     def _set_state(self, state: RunState, reason: str = "") -> None:
