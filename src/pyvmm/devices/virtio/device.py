@@ -24,7 +24,10 @@ Threads and locks (the rule):
 
 A guest that corrupts a ring puts the device into NEEDS_RESET (status bit
 0x40 plus a configuration-change interrupt) and the device stops processing
-until the driver resets it, as virtio 1.x section 2.1.2 describes.
+until the driver resets it, as virtio 1.x section 2.1.2 describes.  A handler
+or activation that fails for any other reason (a back-end error, a bug) does
+the same: one log line through the shared guest-log limit
+(:mod:`pyvmm.ratelimit`), the traceback only at debug level.
 """
 
 from __future__ import annotations
