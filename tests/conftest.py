@@ -91,6 +91,15 @@ class Guests:
             pytest.fail(f"building test guest {name!r} failed: {exc}", pytrace=False)
 
 
+@pytest.fixture(autouse=True)
+def _guest_log_budget() -> Iterator[None]:
+    """Each test starts with the full budget of guest-triggered log lines (pyvmm.ratelimit)."""
+    from pyvmm.ratelimit import GUEST_LOG
+
+    GUEST_LOG.reset()
+    yield
+
+
 @pytest.fixture(scope="session")
 def guests(tmp_path_factory: pytest.TempPathFactory) -> Guests:
     try:

@@ -86,7 +86,7 @@ OPTIONS: tuple[Option, ...] = (
            "a virtio-blk disk (if=virtio: virtio-mmio; if=none: for -device virtio-blk-pci,drive=ID)"),
     Option(("chardev",), "BACKEND,id=ID[,path=P,...]", "a named character back-end: socket, file, stdio, pty, null"),
     Option(("netdev",), "user|tap,id=ID[,...] | JSON", "a host network back-end for -device virtio-net-pci"),
-    Option(("mem-path",), "PATH", "back guest RAM with a file or hugetlbfs"),
+    Option(("mem-path",), "PATH", "back guest RAM with a file or hugetlbfs, allocated at start (as -mem-prealloc)"),
     Option(("qmp",), "unix:PATH,server=on[,wait=off]", "serve the QEMU Machine Protocol"),
     Option(("mon",), "[chardev=]ID,mode=control", "a QMP monitor on a -chardev socket"),
     Option(("monitor",), "none", "only 'none' (pyvmm has no human monitor; use -qmp)"),
@@ -622,7 +622,9 @@ def configure(args: RunArgs) -> tuple[MachineConfig, ProcessOptions]:
         if not os.path.exists(drive.file):
             raise ConfigError(f"-drive file={escape(drive.file)}: Could not open '{drive.file}': "
                               "no such file")
+    _unique_ids("drive", args.all("drive"), [d.id for d in cfg.drives])
     cfg.netdevs = [parse_netdev(n) for n in args.all("netdev")]
+    _unique_ids("netdev", args.all("netdev"), [n.id for n in cfg.netdevs])
     cfg.chardevs = _chardevs(args)
     cfg.qmp = _monitors(args, cfg.chardevs)
     _refused_backends(args)
@@ -642,12 +644,53 @@ def configure(args: RunArgs) -> tuple[MachineConfig, ProcessOptions]:
         cfg.serial = "none"  # QEMU's -nodefaults: no serial port; -daemonize: not the terminal
     if proc.daemonize and cfg.serial.startswith(("stdio", "mon:stdio")):
         raise ConfigError(f"-daemonize: -serial {cfg.serial} cannot be used with -daemonize (it needs the terminal)")
+    _check_socket_paths(cfg)
     if cfg.machine == "none":
         for name in ("kernel", "initrd", "append", "device", "drive", "netdev"):
             if args.has(name):
                 raise ConfigError(f"-{name}: -machine none has no guest (no kernel, no buses)")
     cfg.validate()
     return cfg, proc
+
+
+def _unique_ids(option: str, texts: list[str], ids: list[str | None]) -> None:
+    """QEMU's "Duplicate ID" refusal, up front (before any back-end is opened)."""
+    seen: set[str] = set()
+    for text, ident in zip(texts, ids, strict=True):
+        if not ident:
+            continue
+        if ident in seen:
+            raise ConfigError(f"-{option} {text}: Duplicate ID '{ident}' for {option}")
+        seen.add(ident)
+
+
+def _check_socket_paths(cfg: MachineConfig) -> None:
+    """Each listening Unix socket path is used once (-qmp, -chardev socket, -serial unix:, -mon).
+
+    QEMU lets a second listener unlink and steal the path of the first, which then can never be
+    reached; pyvmm refuses the configuration instead.
+    """
+    from pyvmm.monitor.server import MonitorSpec
+
+    listeners: list[tuple[str, str]] = []  # (path, the option that listens there)
+    for text in cfg.qmp:
+        spec = MonitorSpec.parse(text)
+        if spec.kind == "unix":
+            listeners.append((spec.path, f"-qmp {text}"))
+    for cid, text in cfg.chardevs.items():
+        kind, path, opts = parse_spec(text)
+        if kind == "unix" and opts.get("server", False):
+            listeners.append((path, f"-chardev id={cid}"))
+    if cfg.serial:
+        kind, path, opts = parse_spec(cfg.serial)
+        if kind == "unix" and opts.get("server", False):
+            listeners.append((path, f"-serial {cfg.serial}"))
+    seen: dict[str, str] = {}
+    for path, where in listeners:
+        key = os.path.abspath(path)
+        if key in seen:
+            raise ConfigError(f"{where}: socket path {path} is already used by {seen[key]}")
+        seen[key] = where
 
 
 # -- running ----------------------------------------------------------------------------------------

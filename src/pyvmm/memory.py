@@ -86,6 +86,7 @@ class GuestMemory:
                              f"({MAX_GUEST_PHYS >> 40} TiB of physical address space)")
         self.ram_size = size
         self.mem_path = mem_path
+        self._file_offset = 0  # where the next region starts in a --mem-path file
         self.regions: list[RamRegion] = []
         low = min(size, low_limit)
         self._add_region(0, low)
@@ -122,14 +123,28 @@ class GuestMemory:
             if os.path.isdir(path):
                 # QEMU semantics: a directory (e.g. a hugetlbfs mount) gets an unlinked temp file.
                 fd = os.open(path, os.O_TMPFILE | os.O_RDWR, 0o600)
+                offset = 0
             else:
                 fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+                # One file holds every region, one after the other (low RAM, then high RAM).
+                offset = self._file_offset
             try:
-                if os.fstat(fd).st_size < size:
-                    os.ftruncate(fd, size)
-                if os.fstat(fd).st_size < size:  # e.g. a /proc or /sys file that ignores ftruncate
-                    raise PyvmmError(f"--mem-path {path}: cannot grow the file to {size} bytes")
-                return mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+                end = offset + size
+                if os.fstat(fd).st_size < end:
+                    os.ftruncate(fd, end)
+                if os.fstat(fd).st_size < end:  # e.g. a /proc or /sys file that ignores ftruncate
+                    raise PyvmmError(f"--mem-path {path}: cannot grow the file to {end} bytes")
+                # Back every page now, as -mem-prealloc does: a file system without room would
+                # otherwise kill the VMM with SIGBUS on the guest's first touch of a missing page.
+                try:
+                    os.posix_fallocate(fd, offset, size)
+                except OSError as e:
+                    raise PyvmmError(f"--mem-path {path}: cannot back {size >> 20} MiB of guest RAM: "
+                                     f"{e.strerror}") from None
+                mapping = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE,
+                                    offset=offset)
+                self._file_offset = end
+                return mapping
             finally:
                 os.close(fd)
         except OSError as e:

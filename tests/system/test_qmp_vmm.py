@@ -182,6 +182,34 @@ def test_quit(vmm: Vmm, paused: bool) -> None:
     assert vmm.wait_exit(10) == 0
 
 
+def test_quit_is_prompt_and_clean_while_another_client_has_unread_replies(vmm: Vmm) -> None:
+    stuck = RawQmp(vmm.qmp_path)
+    stuck.recv()
+    stuck.execute("qmp_capabilities")
+    stuck.sock.setblocking(False)
+    flood, sent, deadline = b'{"execute": "query-status"}\n' * 500, 0, time.monotonic() + 2.0
+    while time.monotonic() < deadline:  # until both directions' socket buffers are full
+        try:
+            sent += stuck.sock.send(flood)
+        except BlockingIOError:
+            time.sleep(0.05)
+    assert sent > 100_000
+    quitter = RawQmp(vmm.qmp_paths[1])  # QEMU serves one client per socket
+    quitter.recv()
+    quitter.execute("qmp_capabilities")
+    t0 = time.monotonic()
+    quitter.send(b'{"execute": "quit", "id": 1}\n')
+    reply, _ = quitter.reply_to(1)
+    assert reply["return"] == {}
+    assert vmm.wait_exit(10) == 0
+    took = time.monotonic() - t0
+    assert took < 1.5, f"{vmm.kind} took {took:.1f}s to quit"
+    err = vmm.stderr()
+    assert "Traceback" not in err and "Exception" not in err, err[-2000:]
+    stuck.close()
+    quitter.close()
+
+
 def test_events_reach_every_negotiated_client(vmm: Vmm) -> None:
     async def body() -> None:
         a = await _connect(vmm, "a")

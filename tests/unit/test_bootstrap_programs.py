@@ -57,6 +57,8 @@ PROGRAMS: dict[str, str] = {
     "npm": "npm",
     "passt": "passt",
     "ip": "iproute2",
+    "mount": BASE,           # mount (essential)
+    "umount": BASE,          # mount (essential)
     "truncate": BASE,        # coreutils
     "true": BASE,            # coreutils
     "sh": BASE,              # dash

@@ -30,6 +30,7 @@ from typing import Any
 from pyvmm.bus import Bus
 from pyvmm.kvm import abi, fastrun
 from pyvmm.kvm.ioctls import ExitReason, InternalError, SystemEvent
+from pyvmm.ratelimit import guest_log
 from pyvmm.runstate import VmControl
 
 log = logging.getLogger(__name__)
@@ -183,7 +184,7 @@ def ignore_exit(mm: RunBuffer, ctx: ExitContext) -> ExitAction:
 
 def shutdown_exit(mm: RunBuffer, ctx: ExitContext) -> ExitAction:
     """KVM_EXIT_SHUTDOWN (a triple fault): the PC resets, as QEMU does."""
-    log.info("vCPU %d: shutdown (triple fault)\n%s", ctx.index, ctx.safe_dump())
+    guest_log(log, logging.INFO, "vCPU %d: shutdown (triple fault)\n%s", ctx.index, ctx.safe_dump())
     ctx.control.request_reset("triple fault")
     return ExitAction.STOP
 

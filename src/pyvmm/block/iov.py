@@ -9,6 +9,7 @@ and guest memory with no intermediate buffer.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 
 #: Linux's UIO_MAXIOV: at most this many buffers per preadv/pwritev call.
 IOV_MAX = 1024
@@ -61,6 +62,33 @@ def iov_from_bytes(iov: Iov, data: bytes) -> int:
         n = min(len(v), len(data) - done)
         v[:n] = data[done:done + n]
         done += n
+    return done
+
+
+def iov_pieces(iov: Iov, max_bytes: int) -> Iterator[memoryview]:
+    """The bytes of ``iov`` as views of at most ``max_bytes`` each, in order (no copy)."""
+    for v in iov:
+        for off in range(0, len(v), max_bytes):
+            yield v[off:off + max_bytes]
+
+
+def readv_bounded(fd: int, iov: Iov) -> int:
+    """``readv`` into all buffers, at most :data:`IOV_MAX` per call; stops at a short read.
+
+    Returns the bytes read.  For devices and pipes (no offset), e.g. ``/dev/urandom``.
+    """
+    total = iov_len(iov)
+    done = 0
+    while done < total:
+        part = iov_slice(iov, done, total - done)[:IOV_MAX]
+        want = iov_len(part)
+        try:
+            n = os.readv(fd, part)
+        except InterruptedError:
+            continue
+        done += n
+        if n < want:
+            break
     return done
 
 

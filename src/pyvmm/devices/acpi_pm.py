@@ -36,6 +36,7 @@ from collections.abc import Callable
 from enum import IntFlag
 
 from pyvmm.irq import IrqLine
+from pyvmm.ratelimit import guest_log
 from pyvmm.runstate import VmControl
 from pyvmm.x86.pm_block import (
     PM_SIZE,
@@ -210,7 +211,7 @@ class AcpiPm:
                 self._sleep((merged & Pm1Cnt.SLP_TYP) >> _SLP_TYP_SHIFT)
         elif reg == PmReg.RESET:
             if value & 0xFF == RESET_VALUE:
-                log.info("ACPI reset register written: resetting")
+                guest_log(log, logging.INFO, "ACPI reset register written: resetting")
                 self._control.request_reset("ACPI reset")
             else:
                 log.debug("acpi-pm: reset register written with %#x, ignored", value)

@@ -39,6 +39,7 @@ from collections.abc import Callable
 from enum import IntEnum
 
 from pyvmm.irq import IrqLine
+from pyvmm.ratelimit import guest_log
 from pyvmm.runstate import VmControl
 
 log = logging.getLogger(__name__)
@@ -357,7 +358,7 @@ class I8042:
             self._aux_reply(Reply.RESEND)  # no mouse attached
 
     def _reset_line(self, reason: str) -> None:
-        log.info("%s", reason)
+        guest_log(log, logging.INFO, "%s", reason)
         self._control.request_reset("i8042 reset")
 
     # -- keyboard ----------------------------------------------------------------------------

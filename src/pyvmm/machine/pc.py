@@ -43,6 +43,7 @@ from pyvmm.loop import MainLoop
 from pyvmm.machine.pc_devices import PcDevices
 from pyvmm.monitor import ChardevInfo, CpuInfo, create_monitor
 from pyvmm.monitor.events import ShutdownCause, cause_of
+from pyvmm.ratelimit import guest_log
 from pyvmm.runstate import PanicAction, Request, RequestKind, RunState, VmControl
 from pyvmm.x86 import layout
 from pyvmm.x86.acpi import build_acpi, device_nodes
@@ -176,9 +177,20 @@ class PcMachine:
                           pci=self.pci.acpi(), device_aml=device_nodes(self.devices), apic_ids=topo.apic_ids,
                           hotplug_apic_ids=topo.hotplug_apic_ids, ioapic_id=topo.apic_id_limit,
                           ) if cfg.acpi else None  # -no-acpi
-        self.boot = load_kernel(cfg.kernel, self.memory, cmdline=cfg.append, initrd=cfg.initrd, e820=self.e820,
-                                acpi_rsdp=rsdp)
-        log.info("loaded %s kernel %s (entry %#x)", self.boot.kind, cfg.kernel, self.boot.entry)
+        # The first load is reported; a reload on every guest reset is not (a guest in a reset
+        # loop would otherwise write two lines per reset to the log, without limit).
+        reload = self.boot is not None
+        boot_log = logging.getLogger("pyvmm.boot")
+        saved = boot_log.level
+        if reload:
+            boot_log.setLevel(logging.WARNING)
+        try:
+            self.boot = load_kernel(cfg.kernel, self.memory, cmdline=cfg.append, initrd=cfg.initrd, e820=self.e820,
+                                    acpi_rsdp=rsdp)
+        finally:
+            boot_log.setLevel(saved)
+        log.log(logging.DEBUG if reload else logging.INFO, "loaded %s kernel %s (entry %#x)", self.boot.kind,
+                cfg.kernel, self.boot.entry)
 
     # -- life cycle ---------------------------------------------------------------------------
     def _set_state(self, state: RunState, reason: str = "") -> None:
@@ -198,7 +210,7 @@ class PcMachine:
         self._set_state(RunState.RUNNING)
 
     def _reset(self, reason: str) -> None:
-        log.info("machine reset: %s", reason)
+        guest_log(log, logging.INFO, "machine reset: %s", reason)
         self._after_panic = []
         for cb in list(self.reset_listeners):
             cb(reason)

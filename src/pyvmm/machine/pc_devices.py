@@ -179,6 +179,6 @@ def _netdevs_by_id(netdevs: list[NetdevSpec]) -> dict[str, NetdevSpec]:
     out: dict[str, NetdevSpec] = {}
     for spec in netdevs:
         if spec.id in out:
-            raise ConfigError(f"--netdev id={spec.id} is used twice")
+            raise ConfigError(f"-netdev id={spec.id}: Duplicate ID '{spec.id}' for netdev")
         out[spec.id] = spec
     return out

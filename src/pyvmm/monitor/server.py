@@ -45,8 +45,10 @@ log = logging.getLogger(__name__)
 READ_CHUNK = 64 * 1024
 #: A client whose unread output exceeds this is disconnected.
 MAX_OUTPUT_BACKLOG = 16 << 20
-#: How long shutdown waits for clients to take their last messages.
-FLUSH_TIMEOUT = 2.0
+#: How long shutdown waits, at most, for clients to take their last messages.  Output waits
+#: only for a client that is not reading (the kernel's socket buffer is full): it is cut off
+#: after this, so one stuck client never delays ``quit``.
+FLUSH_TIMEOUT = 0.5
 #: Members a command message may have (QEMU also knows exec-oob, which needs the oob capability).
 _MESSAGE_MEMBERS = frozenset({"execute", "arguments", "id"})
 
@@ -128,6 +130,7 @@ class _Session:
     label: str
     negotiated: bool = False
     closed: bool = False
+    task: asyncio.Task[None] | None = None
 
     def send(self, msg: Mapping[str, Any]) -> None:
         if self.closed or self.writer.is_closing():
@@ -141,6 +144,11 @@ class _Session:
     def close(self) -> None:
         self.closed = True
         self.writer.close()
+
+    def abort(self) -> None:
+        """Drop the connection and whatever output it has not taken."""
+        self.closed = True
+        self.writer.transport.abort()
 
 
 @dataclass(eq=False)
@@ -254,16 +262,26 @@ class MonitorServer:
             self._servers.append(srv)
 
     async def _aclose(self) -> None:
+        """Flush every client at once for at most FLUSH_TIMEOUT, cut off the rest, end their tasks."""
         for srv in self._servers:
             srv.close()
         sessions = list(self._sessions)
-        for s in sessions:
+
+        async def flush(s: _Session) -> None:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(s.writer.drain(), FLUSH_TIMEOUT)
-            s.close()
+                await s.writer.drain()
+
+        if sessions:
+            await asyncio.wait([asyncio.ensure_future(flush(s)) for s in sessions], timeout=FLUSH_TIMEOUT)
         for s in sessions:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(s.writer.wait_closed(), FLUSH_TIMEOUT)
+            if s.writer.transport.get_write_buffer_size():
+                log.debug("qmp %s: client did not take its last replies; dropping them", s.label)
+                s.abort()  # a client that is not reading: closing would wait for it
+            else:
+                s.close()
+        tasks = [s.task for s in sessions if s.task is not None and not s.task.done()]
+        if tasks:  # each session's task sees its connection end and returns by itself
+            await asyncio.wait(tasks, timeout=FLUSH_TIMEOUT)
 
     def _close_sockets(self) -> None:
         for sock in self._socks:
@@ -308,7 +326,7 @@ class MonitorServer:
         return [ChardevInfo(f"compat_monitor{i}", spec.describe()) for i, spec in enumerate(self.specs)]
 
     async def _serve(self, index: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        session = _Session(writer, f"compat_monitor{index}")
+        session = _Session(writer, f"compat_monitor{index}", task=asyncio.current_task())
         self._sessions.add(session)
         self._connected[index].set()
         log.debug("qmp %s: client connected", session.label)
@@ -324,6 +342,10 @@ class MonitorServer:
                 await writer.drain()
         except (ConnectionError, OSError) as e:
             log.debug("qmp %s: connection error: %s", session.label, e)
+        except asyncio.CancelledError:
+            # The monitor is stopping.  End normally: asyncio's stream server reports a
+            # cancelled client task as an "Exception in callback" traceback (Python 3.11).
+            log.debug("qmp %s: closed by monitor shutdown", session.label)
         finally:
             self._sessions.discard(session)
             session.close()

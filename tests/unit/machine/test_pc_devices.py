@@ -115,5 +115,5 @@ def test_a_backend_serves_one_device(wiring):
 def test_duplicate_drive_and_netdev_ids_are_refused(wiring):
     with pytest.raises(ConfigError, match="Duplicate ID 'd0' for drive"):
         wiring("file={disk},format=raw,if=none,id=d0", "file={disk},format=raw,if=none,id=d0")
-    with pytest.raises(ConfigError, match="id=n0 is used twice"):
+    with pytest.raises(ConfigError, match="Duplicate ID .n0. for netdev"):
         wiring(netdevs=("tap,id=n0", "user,id=n0"))

@@ -27,6 +27,7 @@ from pyvmm.accel.tcg import native as nat_mod
 from pyvmm.accel.tcg.turns import Turns
 from pyvmm.cpu_state import CpuState, Segment
 from pyvmm.errors import AccelError
+from pyvmm.ratelimit import guest_log
 from pyvmm.x86 import layout
 from pyvmm.x86.boot_tables import real_mode_state
 from pyvmm.x86.cpuid import CpuidTable
@@ -362,7 +363,7 @@ class TcgVcpu:
         if self._init_pending:
             self._init_pending = False
             if self.index == 0:
-                log.warning("tcg: INIT to the boot CPU ignored")
+                guest_log(log, logging.WARNING, "tcg: INIT to the boot CPU ignored")
             else:
                 self._wait_sipi = True
         if self._wait_sipi and self._sipi_vector is not None:
@@ -421,7 +422,7 @@ class TcgVcpu:
         halted = lib.pv_halted(v)
         if not halted and lib.pv_old_exception(v) == EXCP_DOUBLE_FAULT:
             self.exits["triple_fault"] += 1
-            log.warning("tcg: vCPU %d triple fault\n%s", self.index, self.dump())
+            guest_log(log, logging.WARNING, "tcg: vCPU %d triple fault\n%s", self.index, self.dump())
             self._dead = True
             self.ctx.control.request_reset("triple fault")
             return False

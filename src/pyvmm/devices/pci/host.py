@@ -45,6 +45,7 @@ from pyvmm.devices.pci.config import (
 from pyvmm.devices.pci.msix import MsiSender, MsixTable
 from pyvmm.errors import ConfigError
 from pyvmm.memory import GuestMemory
+from pyvmm.ratelimit import guest_log
 from pyvmm.x86 import layout
 from pyvmm.x86.acpi import AcpiPciHost, pci_intx_gsi
 
@@ -398,7 +399,7 @@ class PciHost:
             try:
                 bus.register(base, spec.size, window, f"pci-{device.name}-bar{index}")  # type: ignore[arg-type]
             except BusError as e:
-                log.warning("%s: BAR %d not decoded: %s", device.name, index, e)
+                guest_log(log, logging.WARNING, "%s: BAR %d not decoded: %s", device.name, index, e)
                 return False
             self._windows[window] = (spec.is_io, base, base + spec.size)
         log.debug("%s: BAR %d at %#x+%#x", device.name, index, base, spec.size)

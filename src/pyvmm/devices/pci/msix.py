@@ -26,6 +26,7 @@ import threading
 from collections.abc import Callable
 
 from pyvmm.devices.pci.config import CapId, ConfigSpace
+from pyvmm.ratelimit import guest_log
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +145,8 @@ class MsixTable:
         try:
             self.sender(addr, data)
         except Exception as e:  # a refused MSI must not kill the device thread
-            log.warning("MSI-X vector %d (addr %#x data %#x) not delivered: %s", vector, addr, data, e)
+            guest_log(log, logging.WARNING, "MSI-X vector %d (addr %#x data %#x) not delivered: %s", vector, addr,
+                      data, e)
 
     def notify(self, vector: int) -> bool:
         """Fire ``vector``; False if MSI-X is disabled or the vector is invalid (caller may use INTx)."""

@@ -29,6 +29,7 @@ from pyvmm.devices.virtio.queue import MAX_CHAIN_BYTES, DescChain, Virtqueue
 from pyvmm.loop import MainLoop
 from pyvmm.memory import GuestMemory
 from pyvmm.qdev import DeviceContext, DeviceProps, Prop, PropType, VirtioType
+from pyvmm.ratelimit import guest_log
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +93,6 @@ class VirtioBlk(VirtioDevice):
         else:
             features |= (1 << BlkFeature.DISCARD) | (1 << BlkFeature.WRITE_ZEROES)
         super().__init__(memory, name=name, queue_sizes=[queue_size], features=features, loop=loop)
-        self._errors_logged = 0
 
     def config_bytes(self) -> bytes:
         return struct.pack(
@@ -193,9 +193,7 @@ class VirtioBlk(VirtioDevice):
         return sector + length // SECTOR_SIZE <= self.capacity
 
     def _log_error(self, msg: str) -> None:
-        if self._errors_logged < 16:
-            self._errors_logged += 1
-            log.warning("%s: %s", self.name, msg)
+        guest_log(log, logging.WARNING, "%s: %s", self.name, msg)
 
     def close(self) -> None:
         with self.lock:

@@ -2,7 +2,8 @@
 
 Queue 0 (receiveq) holds device-writable buffers for input to the guest;
 queue 1 (transmitq) carries guest output.  Output chains are sent to the
-:class:`~pyvmm.chardev.CharBackend` as they arrive.  Input arrives from the
+:class:`~pyvmm.chardev.CharBackend` as they arrive, in pieces of
+:data:`TX_PIECE` bytes (never one host copy of a whole chain).  Input arrives from the
 back-end on the main-loop thread through :meth:`receive`; bytes that find no
 receive buffer wait in a small bounded buffer, and ``can_receive`` reports
 the room left there so the back-end pauses reading (back-pressure) instead
@@ -23,7 +24,7 @@ import logging
 import struct
 from enum import IntEnum
 
-from pyvmm.block.iov import iov_from_bytes, iov_to_bytes
+from pyvmm.block.iov import iov_from_bytes, iov_pieces
 from pyvmm.chardev import CharBackend
 from pyvmm.devices.virtio.device import DeviceId, Status, VirtioDevice
 from pyvmm.devices.virtio.queue import Virtqueue
@@ -35,6 +36,8 @@ log = logging.getLogger(__name__)
 
 RX_QUEUE, TX_QUEUE = 0, 1
 PENDING_MAX = 4096
+#: Guest output goes to the back-end in copies of at most this many bytes.
+TX_PIECE = 64 << 10
 EMERG_WR_OFFSET = 8
 
 
@@ -74,18 +77,31 @@ class VirtioConsole(VirtioDevice):
         pushed = False
         while (chain := queue.pop()) is not None:
             try:
-                data = iov_to_bytes(chain.readable)
+                self._send(chain.readable)
             finally:
                 chain.release()
-            if data and self.backend is not None:
-                try:
-                    self.backend.write(data)
-                except OSError as e:  # a dead peer drops output; it must not break the device
-                    log.debug("%s: output dropped: %s", self.name, e)
             queue.push(chain.head, 0)
             pushed = True
         if pushed:
             self.notify_used(queue)
+
+    def _send(self, iov: list[memoryview]) -> None:
+        """Guest output to the back-end in pieces of :data:`TX_PIECE` bytes.
+
+        A chain may describe up to 256 MiB; copying it whole would cost the host that much
+        memory (twice, for a join).  Pieces keep the copy small and the back-end bounds
+        what it queues for a slow peer.
+        """
+        if self.backend is None:
+            return
+        for piece in iov_pieces(iov, TX_PIECE):
+            try:
+                self.backend.write(bytes(piece))
+            except OSError as e:  # a dead peer drops output; it must not break the device
+                log.debug("%s: output dropped: %s", self.name, e)
+                return
+            finally:
+                piece.release()
 
     # -- host -> guest (CharReceiver, main-loop thread) --------------------------------------------
     def can_receive(self) -> int:

@@ -24,7 +24,10 @@ Threads and locks (the rule):
 
 A guest that corrupts a ring puts the device into NEEDS_RESET (status bit
 0x40 plus a configuration-change interrupt) and the device stops processing
-until the driver resets it, as virtio 1.x section 2.1.2 describes.
+until the driver resets it, as virtio 1.x section 2.1.2 describes.  A handler
+or activation that fails for any other reason (a back-end error, a bug) does
+the same: one log line through the shared guest-log limit
+(:mod:`pyvmm.ratelimit`), the traceback only at debug level.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from typing import Protocol
 from pyvmm.devices.virtio.queue import Virtqueue, VirtqueueError
 from pyvmm.loop import MainLoop
 from pyvmm.memory import GuestMemory
+from pyvmm.ratelimit import guest_log
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +75,12 @@ class Feature(IntEnum):
 
 _DRIVER_OK, _NEEDS_RESET = int(Status.DRIVER_OK), int(Status.NEEDS_RESET)  # plain ints for the hot path
 COMMON_FEATURES = (1 << Feature.VERSION_1) | (1 << Feature.EVENT_IDX) | (1 << Feature.INDIRECT_DESC)
+
+
+def _describe(e: BaseException) -> str:
+    """One line for an unexpected exception: its type and first line of text."""
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
 
 
 class VirtioInterrupt(Protocol):
@@ -156,13 +166,18 @@ class VirtioDevice:
             if new & Status.FEATURES_OK:
                 problem = self.check_features()
                 if problem:
-                    log.warning("%s: refusing features %#x: %s", self.name, self.driver_features, problem)
+                    guest_log(log, logging.WARNING, "%s: refusing features %#x: %s", self.name, self.driver_features,
+                              problem)
                     value &= ~int(Status.FEATURES_OK)
             # NEEDS_RESET is the device's to set; keep it if it is set, and the driver cannot set it.
             value = (value & ~int(Status.NEEDS_RESET)) | (self.status & Status.NEEDS_RESET)
             self.status = value
             if new & Status.DRIVER_OK and self.status & Status.FEATURES_OK:
-                self.activate()
+                try:
+                    self.activate()
+                except Exception as e:  # e.g. a back-end that cannot start: the driver sees NEEDS_RESET
+                    log.debug("%s: activation failed", self.name, exc_info=True)
+                    self.needs_reset(f"activation failed: {_describe(e)}")
 
     def check_features(self) -> str:
         """Why the driver's feature set is unacceptable, or ``""``."""
@@ -248,9 +263,9 @@ class VirtioDevice:
                         self.loop.call_soon_threadsafe(self._process_cb[index])
             except VirtqueueError as e:
                 self.needs_reset(str(e))
-            except Exception as e:  # a back-end bug must not wedge the guest silently
-                log.exception("%s: queue %d handler failed", self.name, index)
-                self.needs_reset(f"internal error in queue {index} handler: {e}")
+            except Exception as e:  # a back-end failure: one line and NEEDS_RESET, never a traceback
+                log.debug("%s: queue %d handler failed", self.name, index, exc_info=True)
+                self.needs_reset(f"queue {index} handler failed: {_describe(e)}")
 
     def drains(self, queue: Virtqueue) -> bool:
         """Whether :meth:`handle_queue` consumes every available buffer of ``queue``.
@@ -279,7 +294,7 @@ class VirtioDevice:
         with self.lock:
             if self.status & Status.NEEDS_RESET:
                 return
-            log.warning("%s: device needs reset: %s", self.name, reason)
+            guest_log(log, logging.WARNING, "%s: device needs reset: %s", self.name, reason)
             self.broken_reason = reason
             self.status |= Status.NEEDS_RESET
             if self.status & Status.DRIVER_OK:

@@ -147,17 +147,17 @@ class VirtioNet(VirtioDevice):
                 break
             if not frame:
                 continue
-            if not queue.has_pending():
-                self._rx_pending = frame
-                self.backend.set_read_interest(False)  # until the guest posts buffers
-                break
             if mergeable:
                 done = self._receive_mergeable(queue, frame)
                 if not done:
                     break
             else:
+                # One read of the available index: the guest may rewrite it at any time.
                 chain = queue.pop()
-                assert chain is not None
+                if chain is None:
+                    self._rx_pending = frame
+                    self.backend.set_read_interest(False)  # until the guest posts buffers
+                    break
                 try:
                     if chain.write_len >= len(frame):
                         n = iov_from_bytes(chain.writable, frame[:10] + _NUM_BUFFERS.pack(1) + frame[12:])
@@ -174,8 +174,9 @@ class VirtioNet(VirtioDevice):
 
     def _receive_mergeable(self, queue: Virtqueue, frame: bytes) -> bool:
         """Spread ``frame`` over as many chains as needed; False if the ring ran out (frame kept)."""
-        # Count what is available first, so a frame is never half-delivered.
-        avail = (queue.memory.read_u16(queue.avail_addr + 2) - queue.last_avail_idx) & 0xFFFF
+        # Count what is available first, so a frame is never half-delivered.  The count is
+        # advisory (the guest may rewrite the index): pop() returning None ends the loop too.
+        avail = queue.available()
         chains: list[DescChain] = []
         total = 0
         try:
@@ -187,7 +188,7 @@ class VirtioNet(VirtioDevice):
                 total += chain.write_len
             if total < len(frame):
                 # Give the popped chains back untouched: rewind the available index.
-                queue.last_avail_idx = (queue.last_avail_idx - len(chains)) & 0xFFFF
+                queue.unpop(len(chains))
                 if len(chains) >= queue.size:  # the whole ring cannot hold it: never will
                     self.stats["rx_dropped"] += 1
                     return True

@@ -9,7 +9,11 @@ them is treated as hostile:
 * the available index may run at most ``size`` entries ahead of what the
   device has consumed, and every head/next index must be below the table size;
 * a chain visits at most ``size`` descriptors (so a loop ends), an indirect
-  table at most ``len / 16``, and an indirect table may not hold another;
+  table at most ``len / 16`` (and no more than :data:`MAX_INDIRECT_DESCS` or
+  the queue size), and an indirect table may not hold another;
+* the available index is read once per pop: a guest that rewrites it between
+  two reads (e.g. :meth:`Virtqueue.available` and :meth:`Virtqueue.pop`) gets
+  "nothing available" or NEEDS_RESET, never an inconsistent chain;
 * device-writable descriptors may only follow device-readable ones;
 * the sum of the lengths in a chain is capped (:data:`MAX_CHAIN_BYTES`);
 * every buffer becomes a :meth:`GuestMemory.view`, which refuses ranges that
@@ -37,6 +41,9 @@ from pyvmm.memory import GuestMemory
 MAX_CHAIN_BYTES = 256 << 20
 #: Largest queue size virtio allows for split rings.
 MAX_QUEUE_SIZE = 32768
+#: Most descriptors one indirect table may hold (QEMU's VIRTQUEUE_MAX_SIZE; Linux's IOV_MAX), unless
+#: the queue itself is larger.  Bounds the host objects one request can make.
+MAX_INDIRECT_DESCS = 1024
 
 DESC_SIZE = 16
 _DESC = struct.Struct("<QIHH")
@@ -174,6 +181,27 @@ class Virtqueue:
         except GuestMemoryError as e:
             raise VirtqueueError(f"queue {self.index}: {e}") from None
 
+    def available(self) -> int:
+        """How many chains the driver has made available and not popped yet (0 to ``size``).
+
+        Advisory: the guest may change the index right after this read, so :meth:`pop` can
+        still return None.  An index more than ``size`` ahead raises VirtqueueError.
+        """
+        if not self.ready:
+            return 0
+        try:
+            pending = (self._avail_idx() - self.last_avail_idx) & 0xFFFF
+        except GuestMemoryError as e:
+            raise VirtqueueError(f"queue {self.index}: {e}") from None
+        if pending > self.size:
+            raise VirtqueueError(f"queue {self.index}: available index is {pending} entries ahead "
+                                 f"of {self.last_avail_idx} (queue size {self.size})")
+        return pending
+
+    def unpop(self, count: int) -> None:
+        """Give back the last ``count`` popped chains (not pushed): the next pops return them again."""
+        self.last_avail_idx = (self.last_avail_idx - count) & 0xFFFF
+
     def pop(self) -> DescChain | None:
         """The next available chain, or None if the ring is empty.  Raises VirtqueueError."""
         if not self.ready:
@@ -236,7 +264,7 @@ class Virtqueue:
                     if length == 0 or length % DESC_SIZE:
                         raise VirtqueueError(f"queue {self.index}: indirect table length {length} is not a "
                                              f"positive multiple of {DESC_SIZE}")
-                    if length // DESC_SIZE > MAX_QUEUE_SIZE:
+                    if length // DESC_SIZE > max(MAX_INDIRECT_DESCS, n):
                         raise VirtqueueError(f"queue {self.index}: indirect table of {length // DESC_SIZE} "
                                              "descriptors is too long")
                     if not mem.contains(addr, length):

@@ -3,7 +3,7 @@
 One queue of device-writable buffers; each is filled from the host kernel's
 CSPRNG by ``readv`` on ``/dev/urandom`` straight into guest memory (the
 same source as ``os.urandom``/``getrandom``; never blocks once the host pool
-is initialised).  At most :data:`MAX_BYTES_PER_REQUEST` per buffer chain, so
+is initialised), at most IOV_MAX buffers per call.  At most :data:`MAX_BYTES_PER_REQUEST` per buffer chain, so
 a guest cannot make one request monopolise the iothread.
 
 Threading: :meth:`handle_queue` runs with the device lock held on the
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 
-from pyvmm.block.iov import iov_slice
+from pyvmm.block.iov import iov_slice, readv_bounded
 from pyvmm.devices.virtio.device import DeviceId, VirtioDevice
 from pyvmm.devices.virtio.queue import Virtqueue
 from pyvmm.loop import MainLoop
@@ -37,7 +37,7 @@ class VirtioRng(VirtioDevice):
         while (chain := queue.pop()) is not None:
             try:
                 n = min(chain.write_len, MAX_BYTES_PER_REQUEST)
-                got = os.readv(self._fd, iov_slice(chain.writable, 0, n)) if n else 0
+                got = readv_bounded(self._fd, iov_slice(chain.writable, 0, n)) if n else 0
             finally:
                 chain.release()
             queue.push(chain.head, got)
