@@ -44,6 +44,8 @@ from pyvmm.machine.pc_devices import PcDevices
 from pyvmm.monitor import ChardevInfo, CpuInfo, create_monitor
 from pyvmm.monitor.events import ShutdownCause, cause_of
 from pyvmm.runstate import PanicAction, Request, RequestKind, RunState, VmControl
+from pyvmm.sandbox import SandboxConfig
+from pyvmm.sandbox import install as install_sandbox
 from pyvmm.x86 import layout
 from pyvmm.x86.acpi import build_acpi, device_nodes
 from pyvmm.x86.e820 import build_e820
@@ -63,9 +65,10 @@ class PcMachine:
     """A PC built from a config.  ``run()`` returns the process exit status."""
 
     def __init__(self, config: MachineConfig, *, accel_name: str, accel_reason: str = "",
-                 control: VmControl | None = None) -> None:
+                 control: VmControl | None = None, sandbox: SandboxConfig | None = None) -> None:
         config.validate()
         self.config = config
+        self.sandbox = sandbox or SandboxConfig()  # -sandbox: installed in run(), once set up
         self.accel_name = accel_name
         self.accel_reason = accel_reason
         self.control = control or VmControl()
@@ -222,7 +225,10 @@ class PcMachine:
     def run(self) -> RunResult:
         self.loop.start_thread()
         try:
-            self._start_monitor()
+            self._start_monitor()  # listening: the sandbox allows no new listeners
+            install_sandbox(self.sandbox)
+            if self.monitor is not None:
+                self.monitor.wait_for_clients()
             self._power_on(start=not self.config.start_paused)  # -S: wait in prelaunch for QMP 'cont'
             while True:
                 req = self.control.wait()
@@ -287,7 +293,6 @@ class PcMachine:
         self.reset_listeners.append(self.monitor.on_reset)
         self.control.panic_listeners.append(self.monitor.on_guest_panic)
         self.monitor.start()
-        self.monitor.wait_for_clients()
 
     def _monitor_on_state(self, state: RunState, reason: str) -> None:
         assert self.monitor is not None
