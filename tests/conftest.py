@@ -118,8 +118,13 @@ def kvm() -> None:
 
 def run_pyvmm(*args: str | os.PathLike, input: bytes | None = None, timeout: float = 60,
               subcommand: str = "run") -> RunResult:
-    """Run ``python -m pyvmm run ARGS``; stdin is /dev/null unless ``input`` is given."""
-    cmd = [sys.executable, "-m", "pyvmm", subcommand, *map(str, args)]
+    """Run ``python -m pyvmm run ARGS``; stdin is /dev/null unless ``input`` is given.
+
+    With ``PYVMM_TEST_SANDBOX=1`` in the environment every ``run`` gets ``-sandbox on`` first: a
+    whole test file then runs its guests under the seccomp sandbox.
+    """
+    sandbox = ["-sandbox", "on"] if subcommand == "run" and os.environ.get("PYVMM_TEST_SANDBOX") == "1" else []
+    cmd = [sys.executable, "-m", "pyvmm", subcommand, *sandbox, *map(str, args)]
     try:
         proc = subprocess.run(cmd, input=input, stdin=None if input is not None else subprocess.DEVNULL,
                               capture_output=True, timeout=timeout)
