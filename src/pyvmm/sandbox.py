@@ -164,6 +164,7 @@ def build_filter(cfg: SandboxConfig) -> Any:
     sc = _import_seccomp()
     f = sc.SyscallFilter(defaction=sc.KILL_PROCESS)
     f.set_attr(sc.Attr.CTL_TSYNC, 1)
+    f.set_attr(sc.Attr.ACT_BADARCH, sc.KILL_PROCESS)  # e.g. x32 or i386 system calls
 
     def add(action: Any, name: str, *args: Any) -> None:
         try:
