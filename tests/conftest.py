@@ -145,7 +145,8 @@ def run_pyvmm_kvm(*args: str | os.PathLike, **kw) -> RunResult:
 @contextlib.contextmanager
 def pyvmm_process(*args: str | os.PathLike) -> Iterator[subprocess.Popen]:
     """``python -m pyvmm run ARGS`` in the background (stdout/stderr piped), killed on exit."""
-    cmd = [sys.executable, "-m", "pyvmm", "run", *map(str, args)]
+    sandbox = ["-sandbox", "on"] if os.environ.get("PYVMM_TEST_SANDBOX") == "1" else []
+    cmd = [sys.executable, "-m", "pyvmm", "run", *sandbox, *map(str, args)]
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         yield proc
