@@ -19,6 +19,7 @@ import errno
 import logging
 import os
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -214,12 +215,23 @@ def build_filter(cfg: SandboxConfig) -> Any:
     return f
 
 
-def install(cfg: SandboxConfig) -> None:
-    """Load the filter for every thread of this process; from here on it cannot be undone."""
+def prepare(cfg: SandboxConfig) -> Callable[[], None]:
+    """Build the filter now (a few milliseconds); the returned function loads it for every
+    thread of this process, after which it cannot be undone.  Nothing to do when off."""
     if not cfg.enabled:
-        return
-    build_filter(cfg).load()
-    log.debug("sandbox: seccomp filter installed (allowing: %s)", ", ".join(sorted(cfg.allow)) or "nothing extra")
+        return lambda: None
+    f = build_filter(cfg)
+
+    def load() -> None:
+        f.load()
+        log.debug("sandbox: seccomp filter installed (allowing: %s)", ", ".join(sorted(cfg.allow)) or "nothing extra")
+
+    return load
+
+
+def install(cfg: SandboxConfig) -> None:
+    """Build and load the filter at once."""
+    prepare(cfg)()
 
 
 # -- the test-only hook ----------------------------------------------------------------------
@@ -237,7 +249,7 @@ def attempt(call: str, path: str = "") -> str:
     Returns what happened when the call was not refused by killing the process.
     """
     if call == "execve":
-        os.execv("/bin/true", ["/bin/true"])
+        os.execvp("true", ["true"])
     if call == "listen":
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:

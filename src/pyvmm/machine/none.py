@@ -15,7 +15,7 @@ from pyvmm.machine.pc import RunResult
 from pyvmm.monitor import ChardevInfo, CpuInfo, create_monitor
 from pyvmm.runstate import RequestKind, RunState, VmControl
 from pyvmm.sandbox import SandboxConfig
-from pyvmm.sandbox import install as install_sandbox
+from pyvmm.sandbox import prepare as prepare_sandbox
 
 
 class NoneMachine:
@@ -40,10 +40,11 @@ class NoneMachine:
 
     def run(self) -> RunResult:
         try:
+            load_sandbox = prepare_sandbox(self.sandbox)  # built before clients can connect
             if self.monitor is not None:
                 self.state_listeners.append(self.monitor.on_state)
                 self.monitor.start()
-            install_sandbox(self.sandbox)  # -sandbox: after the monitor listens
+            load_sandbox()  # -sandbox: after the monitor listens
             if self.monitor is not None:
                 self.monitor.wait_for_clients()
             self._set_state(RunState.PRELAUNCH if self.config.start_paused else RunState.RUNNING)

@@ -45,7 +45,7 @@ from pyvmm.monitor import ChardevInfo, CpuInfo, create_monitor
 from pyvmm.monitor.events import ShutdownCause, cause_of
 from pyvmm.runstate import PanicAction, Request, RequestKind, RunState, VmControl
 from pyvmm.sandbox import SandboxConfig
-from pyvmm.sandbox import install as install_sandbox
+from pyvmm.sandbox import prepare as prepare_sandbox
 from pyvmm.x86 import layout
 from pyvmm.x86.acpi import build_acpi, device_nodes
 from pyvmm.x86.e820 import build_e820
@@ -225,8 +225,9 @@ class PcMachine:
     def run(self) -> RunResult:
         self.loop.start_thread()
         try:
+            load_sandbox = prepare_sandbox(self.sandbox)
             self._start_monitor()  # listening: the sandbox allows no new listeners
-            install_sandbox(self.sandbox)
+            load_sandbox()
             if self.monitor is not None:
                 self.monitor.wait_for_clients()
             self._power_on(start=not self.config.start_paused)  # -S: wait in prelaunch for QMP 'cont'
