@@ -127,8 +127,13 @@ def kvm() -> None:
 
 def run_pyvmm(*args: str | os.PathLike, input: bytes | None = None, timeout: float = 60,
               subcommand: str = "run") -> RunResult:
-    """Run ``python -m pyvmm run ARGS``; stdin is /dev/null unless ``input`` is given."""
-    cmd = [sys.executable, "-m", "pyvmm", subcommand, *map(str, args)]
+    """Run ``python -m pyvmm run ARGS``; stdin is /dev/null unless ``input`` is given.
+
+    With ``PYVMM_TEST_SANDBOX=1`` in the environment every ``run`` gets ``-sandbox on`` first: a
+    whole test file then runs its guests under the seccomp sandbox.
+    """
+    sandbox = ["-sandbox", "on"] if subcommand == "run" and os.environ.get("PYVMM_TEST_SANDBOX") == "1" else []
+    cmd = [sys.executable, "-m", "pyvmm", subcommand, *sandbox, *map(str, args)]
     try:
         proc = subprocess.run(cmd, input=input, stdin=None if input is not None else subprocess.DEVNULL,
                               capture_output=True, timeout=timeout)
@@ -149,7 +154,8 @@ def run_pyvmm_kvm(*args: str | os.PathLike, **kw) -> RunResult:
 @contextlib.contextmanager
 def pyvmm_process(*args: str | os.PathLike) -> Iterator[subprocess.Popen]:
     """``python -m pyvmm run ARGS`` in the background (stdout/stderr piped), killed on exit."""
-    cmd = [sys.executable, "-m", "pyvmm", "run", *map(str, args)]
+    sandbox = ["-sandbox", "on"] if os.environ.get("PYVMM_TEST_SANDBOX") == "1" else []
+    cmd = [sys.executable, "-m", "pyvmm", "run", *sandbox, *map(str, args)]
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         yield proc

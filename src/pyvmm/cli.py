@@ -42,6 +42,8 @@ from pyvmm.errors import ConfigError, PyvmmError
 from pyvmm.net.options import parse_netdev
 from pyvmm.qemuopts import OptionSyntax, Opts, escape, parse, parse_size
 from pyvmm.runstate import PanicAction, VmControl
+from pyvmm.sandbox import SandboxConfig, parse_sandbox
+from pyvmm.sandbox import available as sandbox_available
 
 log = logging.getLogger("pyvmm")
 
@@ -102,6 +104,9 @@ OPTIONS: tuple[Option, ...] = (
     Option(("rtc",), "base=utc|localtime|DATE[,clock=host][,driftfix=none]", "the RTC's start time"),
     Option(("daemonize",), "", "detach once the VM is set up"),
     Option(("pidfile",), "FILE", "write the process id to FILE (locked while running)"),
+    Option(("sandbox",), "on|off[,obsolete=allow|deny][,elevateprivileges=allow|deny|children]"
+                         "[,spawn=allow|deny][,resourcecontrol=allow|deny]",
+           "a seccomp allow-list of system calls once the VM is set up (docs/sandbox.md)"),
     Option(("object",), "TYPE,id=ID[,...] | JSON", "refused: pyvmm has no user-creatable objects"),
     Option(("blockdev",), "JSON | driver=...", "refused: use -drive"),
     Option(("audiodev",), "none,id=ID | JSON", "an audio back-end; only 'none' (pyvmm has no sound devices)"),
@@ -583,6 +588,7 @@ class ProcessOptions:
     daemonize: bool = False
     pidfile: str | None = None
     process_name: str | None = None
+    sandbox: SandboxConfig = field(default_factory=SandboxConfig)
 
 
 def config_from_args(args: RunArgs) -> MachineConfig:
@@ -631,6 +637,10 @@ def configure(args: RunArgs) -> tuple[MachineConfig, ProcessOptions]:
     cfg.mem_path = args.last("mem-path")
     proc.daemonize = args.has("daemonize")
     proc.pidfile = args.last("pidfile")
+    proc.sandbox = parse_sandbox(args.all("sandbox"))
+    if proc.sandbox.enabled and not sandbox_available():
+        raise ConfigError("-sandbox on: libseccomp's Python bindings are missing "
+                          "(Debian: apt-get install python3-seccomp; then scripts/bootstrap)")
     serials = args.all("serial")
     if len(serials) > 1:
         raise ConfigError(f"-serial {serials[1]}: pyvmm cannot honour a second serial port (it has COM1 only)")
@@ -765,12 +775,12 @@ def _daemonize() -> Callable[[], None]:
     os.setsid()
     if os.fork():
         os._exit(0)
+    null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)  # now: -sandbox forbids opening it for writing later
 
     def ready() -> None:
         nonlocal wfd
         if wfd < 0:
             return
-        null = os.open(os.devnull, os.O_RDWR)
         for target in (0, 1, 2):
             os.dup2(null, target)
         os.close(null)
@@ -794,10 +804,11 @@ def cmd_run(args: RunArgs) -> int:
         _set_process_name(proc.process_name)
     ready = _daemonize() if proc.daemonize else None
     with _pidfile(proc.pidfile):
-        return _run_machine(cfg, args, ready)
+        return _run_machine(cfg, args, ready, proc.sandbox)
 
 
-def _run_machine(cfg: MachineConfig, args: RunArgs, ready: Callable[[], None] | None) -> int:
+def _run_machine(cfg: MachineConfig, args: RunArgs, ready: Callable[[], None] | None,
+                 sandbox: SandboxConfig | None = None) -> int:
     from pyvmm.accel import select
 
     control = VmControl()
@@ -805,7 +816,7 @@ def _run_machine(cfg: MachineConfig, args: RunArgs, ready: Callable[[], None] | 
         from pyvmm.machine.none import NoneMachine
 
         _exit_on_signals(control)
-        empty = NoneMachine(cfg, control=control)
+        empty = NoneMachine(cfg, control=control, sandbox=sandbox)
         if ready is not None:
             empty.state_listeners.append(lambda _s, _r: ready())
         return empty.run().status
@@ -827,7 +838,8 @@ def _run_machine(cfg: MachineConfig, args: RunArgs, ready: Callable[[], None] | 
     from pyvmm.machine.pc import PcMachine
 
     _exit_on_signals(control)  # before the machine: its stdio back-end then leaves these signals to us
-    machine = PcMachine(cfg, accel_name=choice.name, accel_reason=choice.reason, control=control)
+    machine = PcMachine(cfg, accel_name=choice.name, accel_reason=choice.reason, control=control,
+                        sandbox=sandbox)
     if ready is not None:
         machine.state_listeners.append(lambda _s, _r: ready())  # set up: the parent may exit
     result = machine.run()

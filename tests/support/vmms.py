@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 
@@ -23,4 +24,7 @@ def qemu_binary() -> str:
 
 def vmm_command(kind: str) -> list[str]:
     """The command line, up to its options, of ``kind`` ("pyvmm" or "qemu")."""
-    return list(PYVMM) if kind == "pyvmm" else [qemu_binary()]
+    if kind != "pyvmm":
+        return [qemu_binary()]
+    # PYVMM_TEST_SANDBOX=1: pyvmm runs under -sandbox on (see conftest.run_pyvmm)
+    return [*PYVMM, "-sandbox", "on"] if os.environ.get("PYVMM_TEST_SANDBOX") == "1" else list(PYVMM)

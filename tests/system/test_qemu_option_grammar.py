@@ -158,6 +158,16 @@ TABLE: list[Row] = [
     R("-blockdev", '{"driver":"null-co"}'),
     A("-serial", "null"), A("-serial", "none"), R("-serial", "bogus"),
     A("-append", "console=ttyS0 x=1"),
+    # -- -sandbox (seccomp): sub-options are checked only when it is on --------------------------
+    A("-sandbox", "on"), A("-sandbox", "off"), A("-sandbox", "enable=on"), A("-sandbox", "yes"),
+    A("-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"),
+    A("-sandbox", "on,obsolete=allow"), A("-sandbox", "on,elevateprivileges=children"),
+    A("-sandbox", "on,spawn=allow,resourcecontrol=allow,elevateprivileges=allow"),
+    A("-sandbox", "off,spawn=maybe"), A("-sandbox", "enable=on,id=sb0"), A("-sandbox", "on", "-sandbox", "off"),
+    A("-sandbox", "on,obsolete=allow,obsolete=deny"),
+    R("-sandbox"), R("-sandbox", "bogus"), R("-sandbox", "on,spawn=maybe"), R("-sandbox", "on,obsolete=maybe"),
+    R("-sandbox", "on,elevateprivileges=maybe"), R("-sandbox", "on,resourcecontrol=children"),
+    R("-sandbox", "on,foo=bar"), R("-sandbox", "on", "-sandbox", "bogus"),
 ]
 
 #: QEMU honours these; pyvmm cannot, and says so in one line naming the option.

@@ -9,7 +9,6 @@ to writing zero bytes), through libc's ``fallocate``.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import functools
 import logging
@@ -28,7 +27,9 @@ FALLOC_FL_ZERO_RANGE = 0x10
 
 @functools.cache
 def _libc_fallocate():
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    # The process's own symbols (libc among them): find_library() would run ldconfig in a child
+    # process, which -sandbox on forbids once the VM runs (the first discard comes late).
+    libc = ctypes.CDLL(None, use_errno=True)
     fn = libc.fallocate
     fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
     fn.restype = ctypes.c_int

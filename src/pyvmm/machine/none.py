@@ -14,14 +14,18 @@ from pyvmm.config import MachineConfig
 from pyvmm.machine.pc import RunResult
 from pyvmm.monitor import ChardevInfo, CpuInfo, create_monitor
 from pyvmm.runstate import RequestKind, RunState, VmControl
+from pyvmm.sandbox import SandboxConfig
+from pyvmm.sandbox import prepare as prepare_sandbox
 
 
 class NoneMachine:
     """An empty machine: implements :class:`~pyvmm.monitor.MachineControl` for the monitor."""
 
-    def __init__(self, config: MachineConfig, *, control: VmControl | None = None) -> None:
+    def __init__(self, config: MachineConfig, *, control: VmControl | None = None,
+                 sandbox: SandboxConfig | None = None) -> None:
         config.validate()
         self.config = config
+        self.sandbox = sandbox or SandboxConfig()
         self.control = control or VmControl()
         self._lock = threading.Lock()
         self.state = RunState.PRELAUNCH
@@ -36,9 +40,12 @@ class NoneMachine:
 
     def run(self) -> RunResult:
         try:
+            load_sandbox = prepare_sandbox(self.sandbox)  # built before clients can connect
             if self.monitor is not None:
                 self.state_listeners.append(self.monitor.on_state)
                 self.monitor.start()
+            load_sandbox()  # -sandbox: after the monitor listens
+            if self.monitor is not None:
                 self.monitor.wait_for_clients()
             self._set_state(RunState.PRELAUNCH if self.config.start_paused else RunState.RUNNING)
             while True:

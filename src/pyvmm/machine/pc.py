@@ -45,6 +45,8 @@ from pyvmm.monitor import ChardevInfo, CpuInfo, create_monitor
 from pyvmm.monitor.events import ShutdownCause, cause_of
 from pyvmm.ratelimit import guest_log
 from pyvmm.runstate import PanicAction, Request, RequestKind, RunState, VmControl
+from pyvmm.sandbox import SandboxConfig
+from pyvmm.sandbox import prepare as prepare_sandbox
 from pyvmm.x86 import layout
 from pyvmm.x86.acpi import build_acpi, device_nodes
 from pyvmm.x86.e820 import build_e820
@@ -65,11 +67,12 @@ class PcMachine:
     """A PC built from a config.  ``run()`` returns the process exit status."""
 
     def __init__(self, config: MachineConfig, *, accel_name: str, accel_reason: str = "",
-                 control: VmControl | None = None) -> None:
+                 control: VmControl | None = None, sandbox: SandboxConfig | None = None) -> None:
         config.validate()
         self.config = config
         #: ``-smp``: the vCPUs' APIC ids, for CPUID (in the accelerator), the irqchip, MADT and MP table.
         self.topology = CpuTopology.from_smp(config.topology)
+        self.sandbox = sandbox or SandboxConfig()  # -sandbox: installed in run(), once set up
         self.accel_name = accel_name
         self.accel_reason = accel_reason
         self.control = control or VmControl()
@@ -241,7 +244,11 @@ class PcMachine:
     def run(self) -> RunResult:
         self.loop.start_thread()
         try:
-            self._start_monitor()
+            load_sandbox = prepare_sandbox(self.sandbox)
+            self._start_monitor()  # listening: the sandbox allows no new listeners
+            load_sandbox()
+            if self.monitor is not None:
+                self.monitor.wait_for_clients()
             self._power_on(start=not self.config.start_paused)  # -S: wait in prelaunch for QMP 'cont'
             while True:
                 req = self.control.wait()
@@ -306,7 +313,6 @@ class PcMachine:
         self.reset_listeners.append(self.monitor.on_reset)
         self.control.panic_listeners.append(self.monitor.on_guest_panic)
         self.monitor.start()
-        self.monitor.wait_for_clients()
 
     def _monitor_on_state(self, state: RunState, reason: str) -> None:
         assert self.monitor is not None

@@ -79,6 +79,8 @@ class ManagerConfig:
     vm_user: str | None = None
     start_timeout: float = 20.0
     stats_interval: float = 1.0
+    #: VM processes run under ``-sandbox on`` (a seccomp allow-list once set up; docs/sandbox.md).
+    sandbox: bool = True
 
     @property
     def run_dir(self) -> Path:
@@ -459,6 +461,8 @@ class Supervisor:
         cmd = [*self.config.pyvmm_command, "--accel", d.accel, "--kernel", d.kernel, "-m", f"{d.memory_mib}M",
                "--smp", str(d.vcpus), "--serial", f"unix:{serial},server=on,wait=on",
                "--qmp", f"unix:{qmp},server=on,wait=off"]
+        if self.config.sandbox:
+            cmd += ["--sandbox", "on"]
         if d.cmdline:
             cmd.append(f"--append={d.cmdline}")  # "=" form: a command line may start with "-"
         if d.initrd:

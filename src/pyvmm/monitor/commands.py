@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from pyvmm import __version__
+from pyvmm import __version__, sandbox
 from pyvmm.monitor import hmp
 from pyvmm.monitor.control import ChardevInfo, MachineControl
 from pyvmm.monitor.errors import QmpError, command_not_found
@@ -199,6 +199,19 @@ COMMANDS: dict[str, Command] = {c.name: c for c in (
     Command("human-monitor-command", _human_monitor_command,
             (Param("command-line", "string", required=True), Param("cpu-index", "int"))),
 )}
+
+
+def _x_test_syscall(ctx: CommandContext, args: Mapping[str, Any]) -> dict:
+    """Test-only (``PYVMM_TEST_HOOKS=1``): make a system call that ``-sandbox on`` forbids."""
+    try:
+        return {"result": sandbox.attempt(args["call"], args.get("path", ""))}
+    except (OSError, ValueError) as e:
+        raise QmpError(f"{args['call']}: {e}") from None
+
+
+if sandbox.test_hooks_enabled():
+    COMMANDS["x-pyvmm-test-syscall"] = Command("x-pyvmm-test-syscall", _x_test_syscall,
+                                               (Param("call", "string", required=True), Param("path", "string")))
 
 #: The only command a client may send before negotiating capabilities.
 NEGOTIATION_COMMAND = "qmp_capabilities"

@@ -68,6 +68,7 @@ def test_vm_command_line(tmp_path: Path):
         assert ("--netdev tap,id=net0,ifname=tap7 --device virtio-net-pci,netdev=net0,mac=52:54:00:00:00:07"
                 in text)
         assert "--netdev user,id=net1 --device virtio-net-pci,netdev=net1" in text
+        assert "--sandbox on" in text  # the manager's VMs run under the seccomp sandbox
     finally:
         sup.store.close()
 
