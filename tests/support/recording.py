@@ -2,7 +2,8 @@
 
 RecordingDevice and drain serve the unit tests that script ``kvm_run``
 (tests/unit/accel) and the system tests on the real /dev/kvm
-(tests/system/test_kvm_*.py); RecordingSink serves the device models' tests.
+(tests/system/test_kvm_*.py); RecordingSink serves the device models' tests, CountingBackend
+those that feed a character back-end.
 """
 
 from __future__ import annotations
@@ -59,6 +60,30 @@ class RecordingSink:
         """How many times ``gsi`` was raised."""
         with self.lock:
             return sum(1 for g, lv in self.events if g == gsi and lv)
+
+
+class CountingBackend:
+    """A character back-end that counts what the device writes (total, largest write) and keeps none of it."""
+
+    label = "count"
+
+    def __init__(self) -> None:
+        self.bytes = 0
+        self.largest = 0
+
+    def write(self, data: bytes) -> int:
+        self.bytes += len(data)
+        self.largest = max(self.largest, len(data))
+        return len(data)
+
+    def attach(self, receiver) -> None:
+        pass
+
+    def accept_input(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def drain(control: VmControl) -> list[Request]:

@@ -14,6 +14,7 @@ from pyvmm.devices.serial import Serial
 from pyvmm.irq import IrqLine
 from pyvmm.memory import GuestMemory
 from pyvmm.runstate import VmControl
+from support.recording import CountingBackend
 
 
 class Sink:
@@ -24,26 +25,6 @@ class Sink:
         self.levels[gsi] = level
 
 
-class Backend:
-    label = "fuzz"
-
-    def __init__(self) -> None:
-        self.out = bytearray()
-
-    def write(self, data: bytes) -> int:
-        self.out += data
-        return len(data)
-
-    def attach(self, receiver) -> None:
-        pass
-
-    def accept_input(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
 port_op = st.tuples(st.sampled_from(["r", "w", "rx"]), st.integers(0, 7), st.integers(0, 255))
 
 
@@ -51,7 +32,7 @@ port_op = st.tuples(st.sampled_from(["r", "w", "rx"]), st.integers(0, 7), st.int
 @given(st.lists(port_op, max_size=60))
 def test_serial_irq_line_always_matches_pending_state(ops):
     sink = Sink()
-    u = Serial(IrqLine(sink, 4), Backend())
+    u = Serial(IrqLine(sink, 4), CountingBackend())
     for kind, off, val in ops:
         if kind == "r":
             assert 0 <= u.io_read(off, 1) <= 0xFF

@@ -20,6 +20,7 @@ from pyvmm.devices.virtio.net import VirtioNet
 from pyvmm.devices.virtio.rng import VirtioRng
 from pyvmm.memory import GuestMemory
 from pyvmm.ratelimit import BURST
+from support.recording import CountingBackend
 
 LOGGER = "pyvmm.devices.virtio"
 
@@ -30,30 +31,6 @@ def _records(caplog, level=logging.WARNING):
 
 def _no_traceback(records):
     return all(r.exc_info is None and r.exc_text is None for r in records)
-
-
-class CountingBackend:
-    """A chardev that counts the bytes written and keeps none of them."""
-
-    label = "count"
-
-    def __init__(self) -> None:
-        self.bytes = 0
-        self.largest = 0
-
-    def write(self, data: bytes) -> int:
-        self.bytes += len(data)
-        self.largest = max(self.largest, len(data))
-        return len(data)
-
-    def attach(self, receiver) -> None:
-        pass
-
-    def accept_input(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
 
 
 # -- bounded host cost -------------------------------------------------------------------------------
