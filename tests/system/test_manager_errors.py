@@ -89,12 +89,19 @@ def test_wrong_state_and_vanished_kernel(daemon, manager_guest, tmp_path):  # no
         assert h.get("/api/v1/vms/vm1").json()["state"] == "shutoff"
         assert daemon.vm_pids() == []
 
-        # A kernel that exists but is no kernel: the VM process fails and its error is reported.
+        # A file that is no kernel: refused when it is defined, in one line.
         junk = tmp_path / "junk"
         junk.write_bytes(b"\0" * 4096)
+        r = h.post("/api/v1/vms", json=guest_definition("junk", junk))
+        assert r.status_code == 400 and r.json()["detail"] == (
+            f"kernel {junk}: unrecognised image format (not a Linux bzImage, ELF, multiboot kernel or boot sector)")
+        # One that looks like a kernel but is broken: the VM process fails, and its error line is the reason.
+        junk.write_bytes(b"\x7fELF" + b"\0" * 4096)
         assert h.post("/api/v1/vms", json=guest_definition("junk", junk)).status_code == 201
         r = h.post("/api/v1/vms/junk/start")
-        assert r.status_code == 409 and "failed to start" in r.json()["detail"]
+        assert r.status_code == 409, r.text
+        assert r.json()["detail"].startswith(f"VM junk failed to start: kernel {junk}: corrupt ELF file"), r.text
+        assert "|" not in r.json()["detail"] and "serial0" not in r.json()["detail"]
         assert h.get("/api/v1/vms/junk").json()["state"] == "shutoff"
 
         # A disk image that vanished: refused before any process is started.

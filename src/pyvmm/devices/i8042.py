@@ -131,6 +131,9 @@ KEYS: dict[str, tuple[bytes, bytes, bytes]] = {
     "enter": (b"\x1c", b"\x5a", b"\x5a"),
 }
 
+#: QEMU's key names (QMP ``send-key`` qcodes) of the keys above.
+QCODES: dict[str, str] = {"ctrl": "ctrl", "alt": "alt", "delete": "delete", "kp_decimal": "kp_delete", "ret": "enter"}
+
 #: Scancode-set number as reported by command 0xF0 0x00 when translation is on.
 _XLATED_SET_ID = {1: 0x43, 2: 0x41, 3: 0x3F}
 

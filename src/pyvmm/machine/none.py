@@ -98,5 +98,13 @@ class NoneMachine:
     def guest_uuid(self) -> str | None:
         return self.config.uuid
 
+    def key_names(self) -> frozenset[str]:
+        from pyvmm.devices.i8042 import QCODES
+
+        return frozenset(QCODES)
+
+    def send_keys(self, qcodes: list[str]) -> None:
+        pass  # no keyboard: the keys go nowhere, as on QEMU's -machine none
+
 
 __all__ = ["NoneMachine"]

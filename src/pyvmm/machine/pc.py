@@ -354,5 +354,16 @@ class PcMachine:
     def guest_uuid(self) -> str | None:
         return self.config.uuid  # -uuid
 
+    def key_names(self) -> frozenset[str]:
+        from pyvmm.devices.i8042 import QCODES
+
+        return frozenset(QCODES)
+
+    def send_keys(self, qcodes: list[str]) -> None:
+        from pyvmm.devices.i8042 import QCODES
+
+        keys = [QCODES[q] for q in qcodes]
+        self.i8042.inject_keys([(k, True) for k in keys] + [(k, False) for k in reversed(keys)])
+
 
 __all__ = ["PcMachine", "RunResult", "layout"]

@@ -10,6 +10,7 @@ REST and are left out of the OpenAPI document: the console is a WebSocket at
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Annotated, Any
 
@@ -22,7 +23,18 @@ from starlette.routing import Match
 
 from pyvmm import __version__
 from pyvmm.manager import console
-from pyvmm.manager.models import ActionResult, ErrorBody, Scrollback, VmDefinitionIn, VmInfo, VmStatsReport
+from pyvmm.manager.models import (
+    ActionResult,
+    ErrorBody,
+    Event,
+    KeysIn,
+    Scrollback,
+    VmDefinition,
+    VmDefinitionIn,
+    VmInfo,
+    VmLog,
+    VmStatsReport,
+)
 from pyvmm.manager.supervisor import ManagerError, Supervisor
 from pyvmm.manager.web import static_dir, xterm_dir
 
@@ -74,12 +86,28 @@ def create_app(sup: Supervisor) -> FastAPI:
               responses={400: {"model": ErrorBody, "description": "a file named in the definition is missing"},
                          409: {"model": ErrorBody, "description": "the name or uuid is taken"}})
     async def define(body: VmDefinitionIn) -> VmInfo:
-        """Define a VM (stored; not started)."""
+        """Define a VM (stored; not started).  Without a kernel it gets the guest kit's default guest."""
+        if body.kernel is None:
+            body = await asyncio.to_thread(sup.with_default_guest, body)
         return sup.define(body).info()
 
     @app.get(API + "/vms/{name}", tags=["vms"], responses={404: ERRORS[404]})
     async def get_vm(name: VmName) -> VmInfo:
         return sup.get(name).info()
+
+    @app.put(API + "/vms/{name}", tags=["vms"],
+             responses={**ERRORS, 400: {"model": ErrorBody, "description": "a file named in the definition is "
+                                                                           "missing or of the wrong kind"}})
+    async def update(name: VmName, body: VmDefinitionIn) -> VmInfo:
+        """Replace a shut-off VM's definition (its uuid stays; the name may change)."""
+        if body.kernel is None:
+            body = await asyncio.to_thread(sup.with_default_guest, body)
+        return sup.update(name, body).info()
+
+    @app.get(API + "/vms/{name}/definition", tags=["vms"], responses={404: ERRORS[404]})
+    async def definition(name: VmName) -> VmDefinition:
+        """The stored definition, as POST /vms takes it back."""
+        return sup.get(name).definition
 
     @app.delete(API + "/vms/{name}", status_code=204, tags=["vms"], responses=ERRORS)
     async def undefine(name: VmName) -> Response:
@@ -120,10 +148,26 @@ def create_app(sup: Supervisor) -> FastAPI:
         """Reset the machine (QMP system_reset)."""
         return _result(await sup.reboot(name), "reset")
 
+    @app.post(API + "/vms/{name}/send-key", tags=["life cycle"], responses=ERRORS)
+    async def send_key(name: VmName, body: KeysIn) -> ActionResult:
+        """Press keys together on the VM's PS/2 keyboard (QMP send-key), e.g. ctrl alt delete."""
+        return _result(await sup.send_key(name, body.keys), "sent " + "-".join(body.keys))
+
     @app.get(API + "/vms/{name}/stats", tags=["vms"], responses={404: ERRORS[404]})
     async def stats(name: VmName) -> VmStatsReport:
         """CPU time and RSS of the VM process: the latest sample and up to 300 earlier ones (1 per second)."""
         return sup.stats(name)
+
+    @app.get(API + "/vms/{name}/log", tags=["vms"], responses={404: ERRORS[404]})
+    async def vm_log(name: VmName) -> VmLog:
+        """The end (64 KiB) of the VM process's log: why it failed to start, which accelerator it chose..."""
+        path, text = sup.vm_log(name)
+        return VmLog(text=text, path=str(path))
+
+    @app.get(API + "/vms/{name}/events", tags=["vms"], responses={404: ERRORS[404]})
+    async def vm_events(name: VmName) -> list[Event]:
+        """The VM's last 200 events (state changes, resets, definition changes), oldest first."""
+        return sup.events_of(name)
 
     @app.get(API + "/vms/{name}/console/scrollback", tags=["vms"], responses={404: ERRORS[404]})
     async def scrollback(name: VmName) -> Scrollback:

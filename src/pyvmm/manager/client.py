@@ -6,6 +6,7 @@ message, so the CLI prints one clear line.
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import os
 import select
@@ -95,6 +96,21 @@ class Client:
 
     def stats(self, name: str) -> dict:
         return self.request("GET", f"/vms/{_seg(name)}/stats")
+
+    def definition(self, name: str) -> dict:
+        return self.request("GET", f"/vms/{_seg(name)}/definition")
+
+    def update(self, name: str, definition: dict) -> dict:
+        return self.request("PUT", f"/vms/{_seg(name)}", json=definition)
+
+    def events(self, name: str) -> builtins.list[dict]:
+        return self.request("GET", f"/vms/{_seg(name)}/events")
+
+    def log(self, name: str) -> dict:
+        return self.request("GET", f"/vms/{_seg(name)}/log")
+
+    def send_key(self, name: str, keys: builtins.list[str]) -> dict:
+        return self.request("POST", f"/vms/{_seg(name)}/send-key", json={"keys": keys})
 
     # -- console ---------------------------------------------------------------------------
     def open_console(self, name: str) -> ClientConnection:

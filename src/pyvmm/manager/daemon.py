@@ -85,6 +85,25 @@ def tcp_listener(spec: str) -> socket.socket:
     return sock
 
 
+def listen_url(sock: socket.socket, scheme: str) -> str:
+    """The address a browser on this host opens for a TCP listener (a wildcard address names this host)."""
+    host, port = sock.getsockname()[:2]
+    if host in ("0.0.0.0", "::"):
+        host = socket.gethostname()
+    elif ":" in host:
+        host = f"[{host}]"
+    return f"{scheme}://{host}:{port}"
+
+
+class _LogFormat(logging.Formatter):
+    """``pyvmmd: message`` for the daemon's own lines, ``pyvmmd: library: message`` for its libraries'."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        own = record.name == log.name or record.name.startswith("pyvmm.manager")
+        return f"pyvmmd: {text}" if own else f"pyvmmd: {record.name}: {text}"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pyvmmd", description="The pyvmm manager daemon.")
     p.add_argument("--state-dir", type=Path, default=None, help="definitions, VM run files and the socket "
@@ -116,9 +135,10 @@ async def serve(args: argparse.Namespace) -> None:
     except BlockingIOError:
         raise SystemExit(f"pyvmmd: another daemon uses {state_dir}") from None
     token = None
+    token_path = args.token_file or state_dir / "token"
     if args.listen:
         try:
-            token = load_or_create_token(args.token_file or state_dir / "token")
+            token = load_or_create_token(token_path)
         except ValueError as e:
             raise SystemExit(f"pyvmmd: {e}") from None
     # Bind before touching any VM, so a daemon that cannot serve (port taken, ...) changes nothing.
@@ -135,13 +155,17 @@ async def serve(args: argparse.Namespace) -> None:
     level = "debug" if args.verbose > 1 else "warning"
     servers: list[tuple[_Server, socket.socket]] = []
     servers.append((_Server(uvicorn.Config(app, lifespan="off", log_level=level, ws="websockets-sansio")), usock))
-    log.info("listening on unix:%s", sock_path)
+    log.info("listening on unix:%s (CLI: export PYVMMD_SOCKET=%s)", sock_path, sock_path)
     if tsock is not None:
         assert token is not None    # loaded above: tsock exists only with --listen
         tls = {"ssl_certfile": args.tls_cert, "ssl_keyfile": args.tls_key} if args.tls_cert else {}
         servers.append((_Server(uvicorn.Config(TokenAuth(app, token), lifespan="off", log_level=level,
                                                ws="websockets-sansio", **tls)), tsock))
-        log.info("listening on %s://%s (token required)", "https" if tls else "http", args.listen)
+        base = listen_url(tsock, "https" if tls else "http")
+        log.info("listening on %s (token required; it is in %s)", base, token_path)
+        log.info("web UI: %s/#token=%s", base, token)
+    else:
+        log.info("no web UI: it is served over TCP only (add --listen 127.0.0.1:8080)")
     loop = asyncio.get_running_loop()
 
     def stop() -> None:
@@ -161,8 +185,9 @@ async def serve(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose > 1 else logging.INFO,
-                        format="pyvmmd: %(name)s: %(message)s", stream=sys.stderr)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_LogFormat("%(message)s"))
+    logging.basicConfig(level=logging.DEBUG if args.verbose > 1 else logging.INFO, handlers=[handler])
     logging.getLogger("qemu.qmp").setLevel(logging.WARNING)  # every VM exit would log an end-of-file
     if args.tls_cert and not args.tls_key:
         print("pyvmmd: --tls-cert needs --tls-key", file=sys.stderr)

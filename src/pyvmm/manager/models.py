@@ -2,8 +2,11 @@
 
 Definitions are validated here once, at the API boundary, so the store and the
 supervisor only ever see well-formed data.  Checks that need the file system
-(the kernel exists) live in :func:`check_files`, called by the API before a
-definition is stored, so a bad definition leaves nothing behind.
+(the kernel exists and is a kernel, the disks are in their stated format) live
+in :func:`check_files`, called before a definition is stored, so a bad
+definition leaves nothing behind.  A definition without a kernel gets the guest
+kit's default guest (kernel, initramfs, command line) when it is defined, as
+``pyvmm run`` without ``-kernel`` boots it.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ MAX_MEMORY_MIB = 1 << 20  # 1 TiB
 MAX_VCPUS = 255
 MAX_CMDLINE = 4096
 MAX_PATH = 4096
+#: ``pyvmm run``'s default RAM size.
+DEFAULT_MEMORY_MIB = 512
 
 PathStr = Annotated[str, Field(min_length=1, max_length=MAX_PATH, pattern=r"^/[^\x00]*$",
                                description="an absolute path on the daemon's host")]
@@ -77,8 +82,11 @@ class VmDefinitionIn(BaseModel):
     name: str = Field(pattern=NAME_PATTERN, description="unique name: letters, digits, '_', '.', '-'")
     uuid: uuidlib.UUID | None = Field(default=None, description="assigned by the daemon when omitted")
     vcpus: int = Field(default=1, ge=1, le=MAX_VCPUS)
-    memory_mib: int = Field(default=128, ge=2, le=MAX_MEMORY_MIB, description="guest RAM in MiB")
-    kernel: PathStr = Field(description="absolute path of the kernel image on the daemon's host")
+    memory_mib: int = Field(default=DEFAULT_MEMORY_MIB, ge=2, le=MAX_MEMORY_MIB,
+                            description="guest RAM in MiB (default 512, as pyvmm run)")
+    kernel: PathStr | None = Field(default=None, description="absolute path of the kernel image on the daemon's "
+                                   "host; omitted: the guest kit's default guest (kernel, initramfs and "
+                                   "command line), as pyvmm run uses without -kernel")
     initrd: PathStr | None = None
     cmdline: str = Field(default="", max_length=MAX_CMDLINE, pattern=r"^[^\x00-\x1f\x7f]*$",
                          description="kernel command line (no control characters)")
@@ -91,9 +99,10 @@ class VmDefinitionIn(BaseModel):
 
 
 class VmDefinition(VmDefinitionIn):
-    """A stored definition: the uuid is always set."""
+    """A stored definition: the uuid and the kernel are always set."""
 
     uuid: uuidlib.UUID
+    kernel: PathStr
 
 
 class VmInfo(BaseModel):
@@ -103,7 +112,10 @@ class VmInfo(BaseModel):
     uuid: str
     state: VmState
     reason: str = ""
-    pid: int | None = None
+    id: int | None = Field(default=None, description="the daemon's number for a running VM (virsh's Id)")
+    pid: int | None = Field(default=None, description="the VM process's host pid")
+    accelerator: str | None = Field(default=None, description="the accelerator the running VM uses (kvm or tcg)")
+    accelerator_reason: str = Field(default="", description="why the VM process chose it")
     definition: VmDefinition
 
 
@@ -127,7 +139,7 @@ class Event(BaseModel):
 
     seq: int
     timestamp: float
-    name: str = Field(description="state, defined, undefined or reset")
+    name: str = Field(description="state, defined, updated, undefined, reset or key")
     vm: str = Field(description="the VM's name")
     uuid: str
     state: VmState
@@ -142,6 +154,19 @@ class ActionResult(BaseModel):
     vm: VmInfo
 
 
+class VmLog(BaseModel):
+    text: str = Field(description="the end of the VM process's log (its stdout and stderr)")
+    path: str = Field(description="the log file on the daemon's host")
+
+
+class KeysIn(BaseModel):
+    """Keys to press together, by QEMU's names (QMP send-key qcodes), e.g. ctrl, alt, delete."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    keys: list[Annotated[str, Field(pattern=r"^[a-z0-9_]{1,20}$")]] = Field(min_length=1, max_length=8)
+
+
 class ErrorBody(BaseModel):
     detail: str
 
@@ -150,8 +175,32 @@ class Scrollback(BaseModel):
     text: str = Field(description="the last 256 KiB of serial output, decoded as UTF-8 (invalid bytes replaced)")
 
 
+def kernel_format(path: str) -> str:
+    """The boot loaders' name for the kernel file's format (``unknown`` when no loader takes it)."""
+    from pyvmm.boot.detect import detect_format
+    from pyvmm.x86.layout import BOOT_SECTOR_MAX
+
+    with open(path, "rb") as f:
+        head = f.read(BOOT_SECTOR_MAX + 1)  # every loader's header is in here; longer is no boot sector
+    return detect_format(head)
+
+
+def disk_format_problem(path: str, declared: str) -> str | None:
+    """Why the image at ``path`` is not in the ``declared`` format (None if it is)."""
+    from pyvmm.block.base import PROBE_BYTES, probe_buffer
+
+    with open(path, "rb") as f:
+        probed = probe_buffer(f.read(PROBE_BYTES)) or "raw"
+    if probed == declared:
+        return None
+    if probed not in ("raw", "qcow2"):
+        return f"is a {probed} image, which pyvmm cannot open (raw or qcow2)"
+    return f"is a {probed} image, not {declared} (give format={probed})"
+
+
 def check_files(d: VmDefinitionIn) -> None:
-    """Refuse a definition whose files are missing or unreadable (raises ValueError naming the file)."""
+    """Refuse a definition whose files are missing, unreadable or of the wrong kind (raises ValueError
+    naming the file)."""
     for what, path in (("kernel", d.kernel), ("initrd", d.initrd)):
         if path is None:
             continue
@@ -159,6 +208,14 @@ def check_files(d: VmDefinitionIn) -> None:
             raise ValueError(f"{what} {path}: no such file")
         if not os.access(path, os.R_OK):
             raise ValueError(f"{what} {path}: not readable")
+    if d.kernel is not None and kernel_format(d.kernel) == "unknown":
+        raise ValueError(f"kernel {d.kernel}: unrecognised image format (not a Linux bzImage, ELF, multiboot "
+                         "kernel or boot sector)")
     for i, disk in enumerate(d.disks):
         if not os.path.isfile(disk.path):
             raise ValueError(f"disks[{i}] {disk.path}: no such file")
+        if not os.access(disk.path, os.R_OK):
+            raise ValueError(f"disks[{i}] {disk.path}: not readable")
+        problem = disk_format_problem(disk.path, disk.format)
+        if problem:
+            raise ValueError(f"disks[{i}] {disk.path}: {problem}")

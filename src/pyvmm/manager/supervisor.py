@@ -21,6 +21,8 @@ import grp
 import logging
 import os
 import pwd
+import random
+import re
 import signal
 import stat
 import subprocess
@@ -53,6 +55,9 @@ log = logging.getLogger(__name__)
 SCROLLBACK_BYTES = 256 * 1024
 STATS_HISTORY = 300
 SUBSCRIBER_QUEUE = 1024
+EVENT_HISTORY = 200
+#: The line ``pyvmm run`` logs once it has chosen its accelerator.
+ACCEL_LINE = re.compile(r"^pyvmm: (?:\S+ )?accelerator: (kvm|tcg) \((.*)\)$", re.M)
 
 
 class ManagerError(Exception):
@@ -133,6 +138,10 @@ class VmHandle:
         self.destroying = False
         self.last_shutdown_cause = ""
         self.exited = asyncio.Event()
+        self.id: int | None = None
+        self.accelerator: str | None = None
+        self.accelerator_reason = ""
+        self.events: deque[Event] = deque(maxlen=EVENT_HISTORY)
 
     @property
     def name(self) -> str:
@@ -147,7 +156,8 @@ class VmHandle:
         return self.pid is not None
 
     def info(self) -> VmInfo:
-        return VmInfo(name=self.name, uuid=self.uuid, state=self.state, reason=self.reason, pid=self.pid,
+        return VmInfo(name=self.name, uuid=self.uuid, state=self.state, reason=self.reason, id=self.id,
+                      pid=self.pid, accelerator=self.accelerator, accelerator_reason=self.accelerator_reason,
                       definition=self.definition)
 
     def add_output(self, data: bytes) -> None:
@@ -166,7 +176,30 @@ ALLOWED: dict[str, tuple[VmState, ...]] = {
     "resume": (VmState.PAUSED,),
     "reboot": (VmState.RUNNING, VmState.SHUTTING_DOWN),
     "undefine": (VmState.SHUTOFF, VmState.CRASHED),
+    "edit": (VmState.SHUTOFF, VmState.CRASHED),
+    "send-key": (VmState.RUNNING, VmState.SHUTTING_DOWN),
 }
+
+
+def random_mac() -> str:
+    """A MAC in QEMU's and libvirt's locally administered 52:54:00 range."""
+    return "52:54:00:" + ":".join(f"{random.randrange(256):02x}" for _ in range(3))
+
+
+def failure_line(log_tail: str) -> str:
+    """The one line of a VM process's log that says why it failed: its last ``error:`` line, else its last line."""
+    lines = [ln.strip() for ln in log_tail.splitlines() if ln.strip()]
+    for line in reversed(lines):
+        _, sep, rest = line.partition("error: ")
+        if sep:
+            return rest
+    return lines[-1] if lines else "no output"
+
+
+def accelerator_from_log(text: str) -> tuple[str, str] | None:
+    """(name, reason) from the VM process's ``accelerator: NAME (REASON)`` line."""
+    m = ACCEL_LINE.search(text)
+    return (m.group(1), m.group(2)) if m else None
 
 
 def clean_environment() -> dict[str, str]:
@@ -226,6 +259,7 @@ class Supervisor:
         self._seq = 0
         self._tasks: list[asyncio.Task] = []
         self._timers: set[asyncio.Task] = set()
+        self._next_id = 1
         self._run_as = self._resolve_user(config.vm_user)
         if self._run_as is not None:
             # The VM user must reach its own run directory (chowned to it in _spawn), and nothing else:
@@ -287,14 +321,40 @@ class Supervisor:
             raise not_found(name)
         return by_uuid
 
-    def define(self, din: VmDefinitionIn) -> VmHandle:
-        if any(h.name == din.name for h in self.vms.values()):
-            raise ManagerError(409, f"a VM named {din.name!r} already exists")
+    @staticmethod
+    def with_default_guest(din: VmDefinitionIn) -> VmDefinitionIn:
+        """``din`` with the guest kit's default guest filled in when it names no kernel (blocking: the
+        first call may fetch the kernel and build the initramfs; run it in a thread)."""
+        if din.kernel is not None:
+            return din
+        from pyvmm.guestkit import GuestKitError, default_guest
+
+        try:
+            guest = default_guest()
+        except GuestKitError as e:
+            raise ManagerError(400, f"no kernel given, and the guest kit's default guest is unavailable: {e}") \
+                from None
+        return din.model_copy(update={"kernel": str(guest.kernel), "initrd": din.initrd or str(guest.initrd),
+                                      "cmdline": din.cmdline or guest.cmdline})
+
+    @staticmethod
+    def _checked(din: VmDefinitionIn, uuid: uuidlib.UUID) -> VmDefinition:
+        """The stored form of ``din``: files checked, NICs given MACs (as libvirt does, so they stay put)."""
+        if din.kernel is None:
+            raise ManagerError(400, "kernel: required (the daemon fills in the default guest)")
         try:
             check_files(din)
         except ValueError as e:
             raise ManagerError(400, str(e)) from None
-        d = VmDefinition.model_validate({**din.model_dump(), "uuid": din.uuid or uuidlib.uuid4()})
+        data = din.model_dump()
+        for net in data["networks"]:
+            net["mac"] = net["mac"] or random_mac()
+        return VmDefinition.model_validate({**data, "uuid": uuid})
+
+    def define(self, din: VmDefinitionIn) -> VmHandle:
+        if any(h.name == din.name for h in self.vms.values()):
+            raise ManagerError(409, f"a VM named {din.name!r} already exists")
+        d = self._checked(din, din.uuid or uuidlib.uuid4())
         if str(d.uuid) in self.vms:
             raise ManagerError(409, f"a VM with uuid {d.uuid} already exists")
         try:
@@ -305,6 +365,32 @@ class Supervisor:
         self.vms[str(d.uuid)] = h
         self._publish(h, "defined")
         return h
+
+    def update(self, name: str, din: VmDefinitionIn) -> VmHandle:
+        """Replace a shut-off VM's definition (``edit``, ``attach-disk``...); the uuid stays."""
+        h = self.get(name)
+        self._require(h, "edit")
+        if din.uuid is not None and din.uuid != h.definition.uuid:
+            raise ManagerError(409, f"VM {h.name}: the uuid cannot be changed (it is {h.uuid})")
+        if din.name != h.name and any(o.name == din.name for o in self.vms.values()):
+            raise ManagerError(409, f"a VM named {din.name!r} already exists")
+        d = self._checked(din, h.definition.uuid)
+        try:
+            self.store.update(d)
+        except StoreError as e:
+            raise ManagerError(409, str(e)) from None
+        h.definition = d
+        self._publish(h, "updated")
+        return h
+
+    def vm_log(self, name: str, limit: int = 64 << 10) -> tuple[Path, str]:
+        """The VM process's log file and its last ``limit`` bytes."""
+        h = self.get(name)
+        path = self._vm_dir(h.uuid) / "vm.log"
+        return path, _read_tail(path, limit)
+
+    def events_of(self, name: str) -> builtins.list[Event]:
+        return builtins.list(self.get(name).events)
 
     def undefine(self, name: str) -> None:
         h = self.get(name)
@@ -393,6 +479,15 @@ class Supervisor:
                 self._publish(h, "reset")
         return h
 
+    async def send_key(self, name: str, keys: builtins.list[str]) -> VmHandle:
+        """Press ``keys`` (QEMU key names) together on the VM's keyboard (QMP send-key)."""
+        h = self.get(name)
+        async with h.lock:
+            self._require(h, "send-key")
+            await self._qmp(h, "send-key", {"keys": [{"type": "qcode", "data": k} for k in keys]})
+            self._publish(h, "key")
+        return h
+
     def stats(self, name: str) -> VmStatsReport:
         h = self.get(name)
         hist = list(h.history)
@@ -425,8 +520,10 @@ class Supervisor:
 
     def _publish(self, h: VmHandle, name: str) -> None:
         self._seq += 1
-        self.events.publish(Event(seq=self._seq, timestamp=time.time(), name=name, vm=h.name, uuid=h.uuid,
-                                  state=h.state, reason=h.reason))
+        ev = Event(seq=self._seq, timestamp=time.time(), name=name, vm=h.name, uuid=h.uuid, state=h.state,
+                   reason=h.reason)
+        h.events.append(ev)
+        self.events.publish(ev)
 
     @staticmethod
     def _resolve_user(user: str | None) -> tuple[int, int, builtins.list[int]] | None:
@@ -515,9 +612,7 @@ class Supervisor:
         async def wait_for_socket(path: Path) -> None:
             while not path.exists():
                 if proc.poll() is not None:
-                    tail = _read_tail(logf).strip().splitlines()[-3:]
-                    raise ManagerError(409, f"the VM process exited with status {proc.returncode}: "
-                                            + " | ".join(tail))
+                    raise ManagerError(409, failure_line(_read_tail(logf)))
                 if time.monotonic() > deadline:
                     raise ManagerError(409, f"no {path.name} after {self.config.start_timeout:.0f}s")
                 await asyncio.sleep(0.01)
@@ -530,12 +625,22 @@ class Supervisor:
             await self._attach(h, rec, before_qmp=lambda: wait_for_socket(qmp))
         except (OSError, ManagerError) as e:
             await self._detach(h)
+            # A process that failed at once may close its sockets before it exits: give it a moment, so
+            # the reason is its own error line rather than "connection refused".
+            for _ in range(50):
+                if proc.poll() is not None:
+                    break
+                await asyncio.sleep(0.02)
+            exited = proc.returncode not in (None, 0)
             self._kill_pid(proc.pid)
             proc.wait()
             self.store.clear_runtime(h.uuid)
             h.proc = None
             h.pid = None
-            h.reason = e.message if isinstance(e, ManagerError) else f"cannot connect to the VM process: {e}"
+            if exited:
+                h.reason = failure_line(_read_tail(logf))
+            else:
+                h.reason = e.message if isinstance(e, ManagerError) else f"cannot connect to the VM process: {e}"
             raise ManagerError(409, f"VM {h.name} failed to start: {h.reason}") from None
 
     async def _attach(self, h: VmHandle, rec: RuntimeRecord,
@@ -564,6 +669,9 @@ class Supervisor:
         finally:
             os.close(dirfd)
         h.qmp = client
+        h.id, self._next_id = self._next_id, self._next_id + 1
+        accel = accelerator_from_log(_read_tail(Path(rec.log_path), 1 << 20) if rec.log_path else "")
+        h.accelerator, h.accelerator_reason = accel if accel else (None, "")
         if status.get("running"):
             self._set_state(h, VmState.RUNNING, "")
         elif status.get("status") == "shutdown":
@@ -636,7 +744,8 @@ class Supervisor:
         await self._detach(h)
         self.store.clear_runtime(h.uuid)
         self._cleanup_files(h.uuid)
-        h.pid, h.proc, h.paths = None, None, None
+        h.pid, h.proc, h.paths, h.id = None, None, None, None
+        h.accelerator, h.accelerator_reason = None, ""
         self._set_state(h, state, reason)
         h.exited.set()
 

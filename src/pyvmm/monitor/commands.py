@@ -177,6 +177,28 @@ def _quit(ctx: CommandContext, args: Mapping[str, Any]) -> dict:
     return {}
 
 
+def _send_key(ctx: CommandContext, args: Mapping[str, Any]) -> dict:
+    """QEMU's send-key: ``keys`` is a list of ``{"type": "qcode", "data": NAME}``, pressed together.
+    ``hold-time`` is accepted; the keys are released at once (the guest sees the same key sequence)."""
+    known = ctx.machine.key_names()
+    qcodes = []
+    for i, key in enumerate(args["keys"]):
+        if not isinstance(key, dict):
+            raise QmpError(f"Invalid parameter type for 'keys[{i}]', expected: object")
+        if "type" not in key:
+            raise QmpError("Parameter 'type' is missing")
+        if key["type"] == "number":
+            raise QmpError("pyvmm's send-key takes key names (type qcode) only")
+        if key["type"] != "qcode":
+            raise QmpError(f"Parameter 'type' does not accept value '{key['type']}'")
+        data = key.get("data")
+        if not isinstance(data, str) or data not in known:
+            raise QmpError(f"Parameter 'data' does not accept value '{data}'")
+        qcodes.append(data)
+    ctx.machine.send_keys(qcodes)
+    return {}
+
+
 def _human_monitor_command(ctx: CommandContext, args: Mapping[str, Any]) -> str:
     return hmp.execute(args["command-line"], ctx.machine, args.get("cpu-index", 0), ctx.monitor_chardevs())
 
@@ -196,6 +218,7 @@ COMMANDS: dict[str, Command] = {c.name: c for c in (
     Command("system_reset", _system_reset),
     Command("system_powerdown", _system_powerdown),
     Command("quit", _quit),
+    Command("send-key", _send_key, (Param("keys", "array", required=True), Param("hold-time", "int"))),
     Command("human-monitor-command", _human_monitor_command,
             (Param("command-line", "string", required=True), Param("cpu-index", "int"))),
 )}

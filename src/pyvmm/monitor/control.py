@@ -85,6 +85,14 @@ class MachineControl(Protocol):
         """``-uuid`` in lower case (QMP ``query-uuid``), None when not given."""
         ...
 
+    def key_names(self) -> frozenset[str]:
+        """The QEMU key names (qcodes) :meth:`send_keys` can type."""
+        ...
+
+    def send_keys(self, qcodes: list[str]) -> None:
+        """Press the keys in order, then release them in reverse order (QMP ``send-key``)."""
+        ...
+
 
 class MachineObserver(Protocol):
     """What the machine tells a monitor; called from any thread, must not block."""

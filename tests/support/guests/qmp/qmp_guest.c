@@ -12,6 +12,8 @@
  *   "GUEST RESET"          with "reset_after=N" on the multiboot command line:
  *                          after N ticks the guest resets the machine itself
  *                          through the keyboard controller (0xFE to port 0x64).
+ *   "KEY 0x000000NN"       with "keys=1" on the command line: each byte the
+ *                          keyboard controller delivers (scancodes of QMP send-key).
  *   "PVPANIC EVENTS=N"     with "panic_after=N" on the command line: after N
  *                          ticks the guest reads the pvpanic port (0x505, the
  *                          supported-events bitmap), then writes "panic_value=V"
@@ -269,6 +271,7 @@ void qmp_guest_main(u32 magic, u32 mbi)
     u32 reset_n = cmdline_num(magic, mbi, "reset_after=");
     u32 panic_n = cmdline_num(magic, mbi, "panic_after=");
     u32 panic_v = cmdline_num(magic, mbi, "panic_value=");
+    u32 keys = cmdline_num(magic, mbi, "keys=");
     puts("QMPGUEST BOOT\n");
     if (!acpi_init(&a)) {
         /* No PM timer to keep time with: tick every so many polls of the UART instead. */
@@ -297,6 +300,11 @@ void qmp_guest_main(u32 magic, u32 mbi)
                 pvpanic_report(panic_v ? panic_v : 1u);
             if (reset_n && n >= reset_n)
                 keyboard_reset();
+        }
+        if (keys && (inb(0x64) & 0x01)) {
+            puts("KEY ");
+            puthex(inb(0x60));
+            puts("\n");
         }
         if (inw(a.evt) & PM1_PWRBTN) {
             outw(a.evt, PM1_PWRBTN);
