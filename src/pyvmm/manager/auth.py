@@ -42,9 +42,10 @@ def load_or_create_token(path: Path) -> str:
 class TokenAuth:
     """ASGI middleware: refuse requests without the right token (401, or a 1008 close for WebSockets)."""
 
-    def __init__(self, app, token: str) -> None:
+    def __init__(self, app, token: str, hint: str = "") -> None:
         self.app = app
         self._token = token.encode()
+        self._hint = hint  # where the token is, for the 401 message
 
     def _presented(self, scope) -> bytes | None:
         for key, value in scope.get("headers", []):
@@ -70,7 +71,8 @@ class TokenAuth:
             await receive()  # websocket.connect
             await send({"type": "websocket.close", "code": 1008, "reason": "token required"})
             return
-        body = json.dumps({"detail": "a valid token is required (Authorization: Bearer TOKEN)"}).encode()
+        detail = "a valid token is required (Authorization: Bearer TOKEN)" + (f"; {self._hint}" if self._hint else "")
+        body = json.dumps({"detail": detail}).encode()
         await send({"type": "http.response.start", "status": 401,
                     "headers": [(b"content-type", b"application/json"), (b"www-authenticate", b"Bearer"),
                                 (b"content-length", str(len(body)).encode())]})

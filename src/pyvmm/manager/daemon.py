@@ -159,8 +159,9 @@ async def serve(args: argparse.Namespace) -> None:
     if tsock is not None:
         assert token is not None    # loaded above: tsock exists only with --listen
         tls = {"ssl_certfile": args.tls_cert, "ssl_keyfile": args.tls_key} if args.tls_cert else {}
-        servers.append((_Server(uvicorn.Config(TokenAuth(app, token), lifespan="off", log_level=level,
-                                               ws="websockets-sansio", **tls)), tsock))
+        guarded = TokenAuth(app, token, hint=f"the token is in {token_path}")
+        servers.append((_Server(uvicorn.Config(guarded, lifespan="off", log_level=level, ws="websockets-sansio",
+                                               **tls)), tsock))
         base = listen_url(tsock, "https" if tls else "http")
         log.info("listening on %s (token required; it is in %s)", base, token_path)
         log.info("web UI: %s/#token=%s", base, token)
