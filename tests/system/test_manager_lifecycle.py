@@ -159,7 +159,7 @@ def test_cli(daemon, manager_guest):  # noqa: F811
     listed = json.loads(r.stdout)
     assert [v["name"] for v in listed] == ["clivm"] and listed[0]["state"] == "running"
     r = _pyvmm(daemon, "info", "clivm")
-    assert re.search(r"State:\s+running", r.stdout) and re.search(r"Memory:\s+64 MiB", r.stdout), r.stdout
+    assert re.search(r"State:\s+running", r.stdout) and re.search(r"Max memory:\s+64 MiB", r.stdout), r.stdout
 
     # console: output arrives, Ctrl-] detaches with status 0
     env = {**os.environ, "PYVMMD_SOCKET": str(daemon.socket)}

@@ -148,7 +148,8 @@ def create_app(sup: Supervisor) -> FastAPI:
         """Reset the machine (QMP system_reset)."""
         return _result(await sup.reboot(name), "reset")
 
-    @app.post(API + "/vms/{name}/send-key", tags=["life cycle"], responses=ERRORS)
+    @app.post(API + "/vms/{name}/send-key", tags=["life cycle"],
+              responses={**ERRORS, 400: {"model": ErrorBody, "description": "the body is not JSON"}})
     async def send_key(name: VmName, body: KeysIn) -> ActionResult:
         """Press keys together on the VM's PS/2 keyboard (QMP send-key), e.g. ctrl alt delete."""
         return _result(await sup.send_key(name, body.keys), "sent " + "-".join(body.keys))

@@ -246,6 +246,19 @@ def _read_tail(path: Path, limit: int = 64 << 10) -> str:
         return f.read(limit).decode(errors="replace")
 
 
+async def _connect_unix(path: str, timeout: float = 2.0) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """Connect to a unix socket, retrying while it is bound but not yet listening (a VM process binds its
+    socket file a moment before it listens; on a loaded host that moment is long enough to hit)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return await asyncio.open_unix_connection(path)
+        except ConnectionRefusedError:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.02)
+
+
 class Supervisor:
     """Owns all VM handles; every public coroutine is one API operation."""
 
@@ -651,7 +664,7 @@ class Supervisor:
         dirfd = os.open(os.path.dirname(rec.qmp_path), os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             qmp_path, serial_path = (_short_path(p, dirfd) for p in (rec.qmp_path, rec.serial_path))
-            reader, writer = await asyncio.open_unix_connection(serial_path)
+            reader, writer = await _connect_unix(serial_path)
             h.serial_writer = writer
             h.tasks = [asyncio.create_task(self._serial_reader(h, reader), name=f"serial-{h.name}")]
             if before_qmp is not None:
