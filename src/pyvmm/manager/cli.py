@@ -231,8 +231,9 @@ def info_lines(vm: dict, stats: dict) -> list[tuple[str, str]]:
         accel = vm["accelerator"] + (f" ({vm['accelerator_reason']})" if vm.get("accelerator_reason") else "")
     else:
         accel = f"{d['accel']} (chosen when it starts)" if d["accel"] == "auto" else d["accel"]
+    reason = vm.get("reason") if vm.get("reason") not in ("", vm["state"]) else "-"
     rows = [("Id", str(vm["id"]) if vm.get("id") is not None else "-"), ("Name", vm["name"]),
-            ("UUID", vm["uuid"]), ("State", vm["state"]), ("Reason", vm.get("reason") or "-"),
+            ("UUID", vm["uuid"]), ("State", vm["state"]), ("Reason", reason),
             ("CPU(s)", str(d["vcpus"])),
             ("CPU time", f"{cur['cpu_time_s']:.1f}s" if cur else "-"),
             ("CPU use", f"{cur['cpu_percent']:.1f}%" if cur else "-"),

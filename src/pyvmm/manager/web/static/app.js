@@ -259,7 +259,7 @@ function renderDetail() {
 
   const dl = $("facts");
   dl.replaceChildren();
-  fact(dl, "State", vm.state + (vm.reason ? ` (${vm.reason})` : ""), "state");
+  fact(dl, "State", vm.state + (vm.reason && vm.reason !== vm.state ? ` (${vm.reason})` : ""), "state");
   fact(dl, "Accelerator", accelText(vm), "accelerator");
   fact(dl, "vCPUs", String(d.vcpus), "vcpus");
   fact(dl, "Memory", `${d.memory_mib} MiB`, "memory");
