@@ -727,7 +727,8 @@ class Supervisor:
                 if h.state != VmState.SHUTTING_DOWN:
                     self._set_state(h, VmState.PAUSED, "paused")
             elif name == "RESUME":
-                self._set_state(h, VmState.RUNNING, "running")
+                if h.state != VmState.RUNNING:  # a resume this daemon asked for has set the state already
+                    self._set_state(h, VmState.RUNNING, "resumed")
             elif name == "SHUTDOWN":
                 # qemu.qmp types a Message's values as object; an event's "data" is a JSON object
                 h.last_shutdown_cause = str(cast(dict[str, Any], ev.get("data", {})).get("reason", ""))
