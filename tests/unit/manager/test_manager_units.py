@@ -108,3 +108,52 @@ def test_cli_definition_and_table(tmp_path: Path):
     assert d["disks"] == [{"path": os.path.abspath("d.img"), "format": "qcow2", "readonly": True}]
     out = table([["1", "vm", "running"]], ["Id", "Name", "State"])
     assert out.splitlines()[0].split() == ["Id", "Name", "State"] and "running" in out
+
+
+def test_failure_line_and_accelerator_line():
+    from pyvmm.manager.supervisor import accelerator_from_log, failure_line
+
+    log = ("pyvmm: accelerator: kvm (requested with --accel kvm)\npyvmm: serial0: client connected on x\n"
+           "pyvmm: error: kernel /k: corrupt ELF file\n")
+    assert failure_line(log) == "kernel /k: corrupt ELF file"
+    assert failure_line("one\ntwo\n\n") == "two" and failure_line("") == "no output"
+    assert accelerator_from_log(log) == ("kvm", "requested with --accel kvm")
+    assert accelerator_from_log("pyvmm: serial0: x\n") is None
+
+
+def test_kernel_and_disk_format_checks(tmp_path: Path):
+    from pyvmm.manager.models import check_files, disk_format_problem, kernel_format
+
+    k = tmp_path / "k"
+    k.write_bytes(b"\x7fELF" + b"\0" * 100)
+    assert kernel_format(str(k)) == "elf"
+    k.write_text("hello\n")
+    assert kernel_format(str(k)) == "unknown"
+    with pytest.raises(ValueError, match="unrecognised image format"):
+        check_files(VmDefinitionIn(name="x", kernel=str(k)))
+    big = tmp_path / "big"
+    big.write_bytes(b"\0" * 510 + b"\x55\xaa" + b"\0" * (1 << 17))  # the signature, but too big for a boot sector
+    assert kernel_format(str(big)) == "unknown"
+    disk = tmp_path / "d"
+    disk.write_bytes(b"QFI\xfb\0\0\0\3" + b"\0" * 504)
+    assert disk_format_problem(str(disk), "qcow2") is None
+    assert disk_format_problem(str(disk), "raw") == "is a qcow2 image, not raw (give format=qcow2)"
+    disk.write_bytes(b"KDMV" + b"\0" * 508)
+    assert disk_format_problem(str(disk), "raw") == "is a vmdk image, which pyvmm cannot open (raw or qcow2)"
+
+
+def test_cli_json_anywhere_and_nic_options():
+    from pyvmm.cli import build_parser
+    from pyvmm.errors import ConfigError
+    from pyvmm.manager.cli import parse_nic
+
+    p = build_parser()
+    assert p.parse_args(["vm", "list", "--json"]).json is True
+    assert p.parse_args(["vm", "--json", "list"]).json is True
+    assert p.parse_args(["vm", "list"]).json is False
+    assert parse_nic("tap,tap=tap0,mac=52:54:00:00:00:01") == {"type": "tap", "tap": "tap0",
+                                                               "mac": "52:54:00:00:00:01"}
+    with pytest.raises(ConfigError, match="unknown option 'tap=x'"):
+        parse_nic("user,tap=x")
+    d = definition_from_args(p.parse_args(["vm", "define", "n", "--nic", "user", "--no-autostart"]))
+    assert d == {"name": "n", "networks": [{"type": "user"}], "autostart": False}

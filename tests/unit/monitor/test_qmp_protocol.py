@@ -169,6 +169,12 @@ class FakeMachine:
     def guest_uuid(self) -> str | None:
         return None
 
+    def key_names(self) -> frozenset[str]:
+        return frozenset({"ctrl", "alt", "delete"})
+
+    def send_keys(self, qcodes: list[str]) -> None:
+        self.calls.append("keys " + "-".join(qcodes))
+
 
 @pytest.fixture
 def served(tmp_path: Path):
@@ -222,6 +228,33 @@ def test_raw_protocol(served) -> None:
     assert json.loads(f.readline())["error"]["desc"] == "Invalid CPU index"
     s.sendall(b'{"execute": "query-status"}\n')
     assert json.loads(f.readline())["return"]["status"] == "running"
+    s.close()
+
+
+def test_send_key_checks_every_key_before_typing(served) -> None:
+    machine, _, path = served
+    s, f = _raw(path)
+    f.readline()
+    s.sendall(b'{"execute": "qmp_capabilities"}\n')
+    f.readline()
+
+    def send_key(args: dict) -> dict:
+        s.sendall(json.dumps({"execute": "send-key", "arguments": args}).encode() + b"\n")
+        return json.loads(f.readline())
+
+    cad = [{"type": "qcode", "data": k} for k in ("ctrl", "alt", "delete")]
+    assert send_key({"keys": cad, "hold-time": 50}) == {"return": {}}
+    assert machine.calls == ["keys ctrl-alt-delete"]
+    for args, desc in (({"keys": [*cad[:2], {"type": "qcode", "data": "nosuch"}]},
+                        "Parameter 'data' does not accept value 'nosuch'"),
+                       ({"keys": [{"data": "ctrl"}]}, "Parameter 'type' is missing"),
+                       ({"keys": [{"type": "number", "data": 29}]},
+                        "pyvmm's send-key takes key names (type qcode) only"),
+                       ({"keys": [{"type": "scan", "data": 29}]}, "Parameter 'type' does not accept value 'scan'"),
+                       ({"keys": ["ctrl"]}, "Invalid parameter type for 'keys[0]', expected: object"),
+                       ({}, "Parameter 'keys' is missing")):
+        assert send_key(args)["error"]["desc"] == desc, args
+    assert machine.calls == ["keys ctrl-alt-delete"]  # nothing typed by a refused command
     s.close()
 
 
