@@ -258,6 +258,8 @@ class MachineConfig:
     acpi: bool = True  # -no-acpi clears it
     rtc_base: str = "utc"  # -rtc base=utc|localtime|YYYY-MM-DD[THH:MM:SS]
     boot: BootConfig = field(default_factory=BootConfig)
+    no_shutdown: bool = False  # -no-shutdown: a guest power-off stops the vCPUs; the process stays
+    debug_threads: bool = False  # -name debug-threads=on: vCPU threads are named "CPU N/KVM" or "CPU N/TCG"
 
     @property
     def smp(self) -> int:
