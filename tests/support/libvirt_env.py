@@ -94,7 +94,7 @@ class LibvirtEnv:
                   (d["cache"], "/var/cache"), (self.passwd, "/etc/passwd"), (self.group, "/etc/group")]
         script = "set -e; mount --make-rprivate /; "
         script += "".join(f"mount --bind {shlex.quote(str(src))} {dst}; " for src, dst in mounts)
-        script += "mkdir -p /run/libvirt; virtlogd -d; libvirtd -d"
+        script += "mkdir -p /run/libvirt /run/lock; virtlogd -d; libvirtd -d"  # /var/lock is /run/lock
         proc = subprocess.run(["unshare", "-m", "sh", "-c", script], capture_output=True, text=True, timeout=timeout)
         if proc.returncode != 0:
             pytest.fail(f"starting libvirtd failed ({proc.returncode}): {proc.stderr.strip()}", pytrace=False)
@@ -128,6 +128,9 @@ class LibvirtEnv:
         if not self._started:
             return
         self._started = False
+        for pidfile in (self.dirs["run"] / "libvirt" / "qemu").glob("*.pid"):  # domains left running
+            with contextlib.suppress(OSError, ValueError):
+                os.kill(int(pidfile.read_text().split()[0]), signal.SIGKILL)
         for name in ("libvirtd", "virtlogd"):
             pid = self.pid(name)
             if pid is None:
@@ -191,6 +194,7 @@ class PtyProcess:
                 os._exit(127)
         self.buf = ""
         self.mark = 0
+        self.eof = False
 
     def _read(self, timeout: float) -> bool:
         r, _, _ = select.select([self.fd], [], [], timeout)
@@ -215,6 +219,8 @@ class PtyProcess:
                 return m
             left = deadline - time.monotonic()
             if left <= 0 or not self._read(min(left, 0.5)):
+                if left > 0:
+                    self.eof = True
                 m = rx.search(self.buf, self.mark)
                 if m:
                     self.mark = m.end()
