@@ -217,7 +217,7 @@ BOOT_SYNTAX = OptionSyntax("boot", implied="order",
 RTC_SYNTAX = OptionSyntax("rtc", keys=("base", "clock", "driftfix"))
 ACTION_SYNTAX = OptionSyntax("action", keys=("reboot", "shutdown", "panic", "watchdog"))
 DISPLAY_SYNTAX = OptionSyntax("display", implied="type")
-MON_SYNTAX = OptionSyntax("mon", implied="chardev", keys=("chardev", "mode", "pretty"))
+MON_SYNTAX = OptionSyntax("mon", implied="chardev", keys=("chardev", "mode", "pretty", "id"))
 BLOCKDEV_SYNTAX = OptionSyntax("blockdev", json=True)
 AUDIODEV_SYNTAX = OptionSyntax("audiodev", implied="driver", json=True)
 #: QEMU 7.2's display types; pyvmm honours only none.
@@ -235,8 +235,8 @@ def qemuopts_syntaxes() -> list[OptionSyntax]:
     machine_keys = ("type", "accel", "acpi", *_PC_PROPS_OFF_ONLY, *_PC_PROPS_ON_ONLY)
     return [OptionSyntax("machine", "type", machine_keys), ACCEL_SYNTAX, MEMORY_SYNTAX, SMP_SYNTAX, NAME_SYNTAX,
             MSG_SYNTAX, BOOT_SYNTAX, RTC_SYNTAX, ACTION_SYNTAX, DISPLAY_SYNTAX, MON_SYNTAX, CHARDEV_SYNTAX,
-            DEVICE_SYNTAX, OptionSyntax("netdev", keys=None), compat_options.OBJECT_SYNTAX, AUDIODEV_SYNTAX, SANDBOX_SYNTAX,
-            compat_options.OVERCOMMIT_SYNTAX, OptionSyntax("drive", keys=None)]
+            DEVICE_SYNTAX, OptionSyntax("netdev", keys=None), compat_options.OBJECT_SYNTAX, AUDIODEV_SYNTAX,
+            SANDBOX_SYNTAX, compat_options.OVERCOMMIT_SYNTAX, OptionSyntax("drive", keys=None)]
 
 
 def _merged(args: RunArgs, name: str, syntax: OptionSyntax) -> Opts | None:
@@ -548,7 +548,7 @@ def _monitors(args: RunArgs, chardevs: dict[str, str]) -> list[str]:
         if opts.get_bool("pretty"):
             raise _cannot(opts, "pretty=on")
         spec = chardevs.pop(cid)
-        if not spec.startswith("unix:") or "server=on" not in spec:
+        if not spec.startswith(("unix:", "fd:")) or "server=on" not in spec:
             raise _cannot(opts, f"a monitor on chardev '{cid}' (only a listening socket: server=on)")
         qmp.append(spec)
     return qmp

@@ -201,6 +201,17 @@ def chardev_from_opts(opts: Opts) -> tuple[str, str]:
         raise opts.error("an id=NAME is required")
     opts.check_id()
     path = props.pop("path", "")
+    if backend == "socket" and "fd" in props:  # a listening socket the parent bound (libvirt's monitor)
+        fd = props.pop("fd")
+        if path or not str(fd).isdigit():
+            raise opts.error("fd= takes a file descriptor number, and no path=")
+        for key in props:
+            if key not in ("server", "wait"):
+                raise opts.error(f"Invalid parameter '{key}'")
+        if not opts.get_bool("server", False):
+            raise opts.error("fd=: pyvmm takes only a listening socket (server=on)")
+        wait = "on" if opts.get_bool("wait", True) else "off"
+        return cid, f"fd:{fd},server=on,wait={wait}"
     if backend == "socket":
         if not path:
             raise opts.error("path=PATH is required (unix sockets only)")

@@ -79,10 +79,10 @@ class LibvirtEnv:
         (self.dirs["log"] / "libvirt" / "qemu").mkdir(parents=True, exist_ok=True)
         self.passwd = base / "passwd"
         self.group = base / "group"
-        self.passwd.write_text(_with_entry(Path("/etc/passwd").read_text(),
-                                           "libvirt-qemu:x:64055:64055:Libvirt Qemu,,,:/var/lib/libvirt:/usr/sbin/nologin"))
-        self.group.write_text(_with_entry(Path("/etc/group").read_text(), "libvirt-qemu:x:64055:")
-                              + "kvm:x:64056:\n" * ("\nkvm:" not in "\n" + Path("/etc/group").read_text()))
+        qemu_user = "libvirt-qemu:x:64055:64055:Libvirt Qemu,,,:/var/lib/libvirt:/usr/sbin/nologin"
+        self.passwd.write_text(_with_entry(Path("/etc/passwd").read_text(), qemu_user))
+        self.group.write_text(_with_entry(_with_entry(Path("/etc/group").read_text(), "libvirt-qemu:x:64055:"),
+                                          "kvm:x:64056:"))
         self.socket = self.dirs["run"] / "libvirt" / "libvirt-sock"
         self.uri = f"qemu:///system?socket={self.socket}"
         self._started = False

@@ -47,6 +47,7 @@ from pyvmm.ratelimit import guest_log
 from pyvmm.runstate import PanicAction, Request, RequestKind, RunState, VmControl
 from pyvmm.sandbox import SandboxConfig
 from pyvmm.sandbox import prepare as prepare_sandbox
+from pyvmm.threadnames import name_vcpu_threads
 from pyvmm.x86 import layout
 from pyvmm.x86.acpi import build_acpi, device_nodes
 from pyvmm.x86.e820 import build_e820
@@ -133,7 +134,9 @@ class PcMachine:
         # port, -drive if=virtio disks, then each -device in order.
         self.qdev = PcDevices(cfg, memory=self.memory, control=self.control, main_loop=self.loop,
                               irq_line=self.irq.line, add_io=self._add_io, virtio=self.virtio, pci=self.pci)
-        self.serial = self.qdev.add_serial(cfg.serial).obj
+        # -serial none with a -device isa-serial (libvirt's way): that device is COM1, as on QEMU.
+        user_serial = cfg.serial == "none" and any(spec.driver == "isa-serial" for spec in cfg.devices)
+        self.serial = None if user_serial else self.qdev.add_serial(cfg.serial).obj
         self.qdev.add_drives()
         for spec in cfg.devices:
             try:
@@ -202,15 +205,23 @@ class PcMachine:
         for cb in list(self.state_listeners):
             cb(state, reason)
 
-    def _power_on(self, start: bool = True) -> None:
+    def _power_on(self, start: bool = True, notify: bool = True) -> None:
         self._load_firmware_and_kernel()
         assert self.boot is not None
         self.accel.set_boot_state(self.boot.cpu, start_aps=False)
-        if not start:  # reset while paused: stay stopped until QMP 'cont', as QEMU does
-            self._set_state(RunState.PRELAUNCH)
+        if not start:  # -S, or a reset while stopped: vCPU threads exist but stay parked until QMP 'cont'
+            self.accel.pause()
+            self._start_vcpus()
+            if notify:
+                self._set_state(RunState.PRELAUNCH)
             return
-        self.accel.start()
+        self._start_vcpus()
         self._set_state(RunState.RUNNING)
+
+    def _start_vcpus(self) -> None:
+        self.accel.start()
+        if self.config.debug_threads:  # -name debug-threads=on
+            name_vcpu_threads(self.accel.vcpu_thread_ids(), self.accel_name)
 
     def _reset(self, reason: str) -> None:
         guest_log(log, logging.INFO, "machine reset: %s", reason)
@@ -223,7 +234,7 @@ class PcMachine:
             if reset is not None:
                 reset()
         self.accel.reset()
-        self._power_on(start=self.state not in (RunState.PAUSED, RunState.GUEST_PANICKED))
+        self._power_on(start=self.state not in (RunState.PAUSED, RunState.GUEST_PANICKED, RunState.SHUTDOWN))
 
     def pause(self) -> None:
         if self.state is RunState.RUNNING:
@@ -237,19 +248,25 @@ class PcMachine:
             held, self._after_panic = self._after_panic, []
             for req in held:
                 self.control.post(req)
-        elif self.state is RunState.PRELAUNCH and self.boot is not None:  # reset while paused
-            self.accel.start()
+        elif self.state is RunState.PRELAUNCH and self.boot is not None:  # -S, or reset while stopped
+            self._start_vcpus()
+            self.accel.resume()
             self._set_state(RunState.RUNNING)
 
     def run(self) -> RunResult:
         self.loop.start_thread()
         try:
             load_sandbox = prepare_sandbox(self.sandbox)
+            # The machine is complete (kernel loaded, vCPU threads created and parked) before the
+            # monitor answers, as QEMU's is: query-cpus-fast under -S gives the real vCPU threads.
+            self._power_on(start=False, notify=False)
             self._start_monitor()  # listening: the sandbox allows no new listeners
             load_sandbox()
+            self._set_state(RunState.PRELAUNCH)
             if self.monitor is not None:
                 self.monitor.wait_for_clients()
-            self._power_on(start=not self.config.start_paused)  # -S: wait in prelaunch for QMP 'cont'
+            if not self.config.start_paused:  # -S: wait in prelaunch for QMP 'cont'
+                self.resume()
             while True:
                 req = self.control.wait()
                 if req is None:
@@ -264,11 +281,15 @@ class PcMachine:
         self.last_request = req
         if req.kind is RequestKind.RESET:
             if self.config.no_reboot:
+                if self.config.no_shutdown:
+                    return self._stay_shut_down(req.reason)
                 self._set_state(RunState.SHUTDOWN, req.reason)
                 return RunResult(0, f"{req.reason} (--no-reboot)")
             self._reset(req.reason)
             return None
         if req.kind is RequestKind.POWEROFF:
+            if self.config.no_shutdown:
+                return self._stay_shut_down(req.reason)
             self._set_state(RunState.SHUTDOWN, req.reason)
             return RunResult(0, req.reason)
         if req.kind is RequestKind.EXIT:
@@ -288,6 +309,14 @@ class PcMachine:
             return RunResult(req.status, "guest panicked")
         self._set_state(RunState.INTERNAL_ERROR, req.reason)
         return RunResult(req.status or 1, req.reason)
+
+    def _stay_shut_down(self, reason: str) -> RunResult | None:
+        """-no-shutdown: the guest powered off; vCPUs stop, the process stays (QMP system_reset + cont)."""
+        if self.state is not RunState.SHUTDOWN:
+            self.accel.pause()
+            log.info("guest powered off (%s); -no-shutdown: waiting for system_reset or quit", reason)
+            self._set_state(RunState.SHUTDOWN, reason)
+        return None
 
     def shutdown(self) -> None:
         """Stop vCPUs and back-ends; safe to call more than once."""
@@ -346,7 +375,19 @@ class PcMachine:
         return self.accel.cpu_dump(index)
 
     def chardevs(self) -> list[ChardevInfo]:
-        return [ChardevInfo("serial0", self.config.serial)]
+        return [ChardevInfo(label, filename) for label, filename in self.qdev.chardev_filenames()]
+
+    def accelerator(self) -> str:
+        """The accelerator the vCPUs run on (QMP query-kvm)."""
+        return self.accel_name
+
+    def qom_devices(self) -> list[tuple[str, str, list[tuple[str, str]]]]:
+        """(QOM path, driver, [(property, QOM type)]) of every device, for QMP qom-list."""
+        out = []
+        for dev in self.qdev.manager.tree:
+            props = [(p.name, p.type.qemu_type) for p in dev.type.props] if dev.type is not None else []
+            out.append((dev.path, dev.driver, props))
+        return out
 
     def guest_name(self) -> str | None:
         return self.config.name  # -name

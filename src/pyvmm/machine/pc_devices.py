@@ -46,6 +46,7 @@ class PcDevices:
         self.virtio = virtio
         self.pci = pci
         self._builtin_chardevs: dict[str, str] = {}
+        self._chardevs: list[tuple[str, str, Any]] = []  # (label, spec, back-end) in creation order
         self._drives = _drives_by_id(config.drives)
         self._netdevs = _netdevs_by_id(config.netdevs)
         self._used: set[tuple[str, str]] = set()  # ("drive"|"netdev", id)
@@ -117,7 +118,19 @@ class PcDevices:
         else:  # a -chardev id, or (pyvmm's shorthand) a back-end spec itself
             spec = self._config.chardevs.get(ident, ident)
             label = ident if ident in self._config.chardevs else "chardev"
-        return parse_chardev(spec, self._main_loop, self._control, label=label)
+        backend = parse_chardev(spec, self._main_loop, self._control, label=label)
+        if backend is not None:
+            self._chardevs.append((label, spec, backend))
+        return backend
+
+    def chardev_filenames(self) -> list[tuple[str, str]]:
+        """(label, filename) of each back-end in use, as QMP query-chardev names them (pty:/dev/pts/N)."""
+        out = []
+        for label, spec, backend in self._chardevs:
+            path = getattr(backend, "path", None)
+            kind = spec.split(":", 1)[0].split(",", 1)[0]
+            out.append((label, f"pty:{path}" if kind == "pty" and path else spec))
+        return out
 
     def drive(self, ident: str) -> DriveSpec:
         drive = self._drives.get(ident)

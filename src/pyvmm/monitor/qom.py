@@ -16,7 +16,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from pyvmm.monitor import schema
 from pyvmm.monitor.errors import ErrorClass, QmpError
 
 if TYPE_CHECKING:
