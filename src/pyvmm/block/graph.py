@@ -204,11 +204,13 @@ class BlockGraph:
             fnode = Node(fopts)
             opts = NodeOptions("qcow2", auto_node_name(), file=fopts.node_name, discard=True, cache_no_flush=True,
                                backing=base.name, backing_set=True, text=text, option="drive")
-            node = Node(opts, file=fnode, backing=base, temporary=True)
+            node = Node(opts, file=fnode, backing=base, temporary=True, read_only=base.read_only)
             fnode.parents.append((node, "file"))
             base.parents.append((node, "backing"))
             # The original is opened read-only underneath, through the overlay's header.
-            node.image = Qcow2Image(tmp, read_only=False, perms=device_perms(False, False), locking=locking)
+            # (a readonly=on drive keeps a read-only overlay, as in QEMU)
+            node.image = Qcow2Image(tmp, read_only=node.read_only, perms=device_perms(node.read_only, False),
+                                    locking=locking)
         except PyvmmError as e:
             raise ConfigError(f"-drive {text}: {e}") from None
         finally:
