@@ -6,7 +6,7 @@ back-end, for a device option that names it (``--device virtio-blk-pci,drive=NAM
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pyvmm.errors import ConfigError
 from pyvmm.qemuopts import split_opts
@@ -36,7 +36,7 @@ class DriveSpec:
     id: str = ""
     locking: str = "auto"  # file.locking=
     snapshot: bool = False  # snapshot=on (or -snapshot): a temporary overlay takes the guest's writes
-    text: str = ""  # the option's argument, for error messages
+    text: str = field(default="", compare=False)  # the option's argument, for error messages
 
 
 def parse_drive(text: str) -> DriveSpec:
