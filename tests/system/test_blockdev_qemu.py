@@ -262,3 +262,38 @@ def test_query_named_block_nodes_json_is_plain(tmp_path: Path) -> None:
     nodes = info.query_named_block_nodes(g)
     assert json.loads(json.dumps(nodes)) == nodes
     g.close()
+
+
+LOCK_CASES = {
+    "libvirt-disk": lambda img, raw: ["-blockdev", STORAGE % img, "-blockdev", FORMAT, "-device", DEVICE],
+    "nodes-without-device": lambda img, raw: ["-blockdev", STORAGE % img, "-blockdev", FORMAT],
+    "read-only-nodes": lambda img, raw: ["-blockdev", (STORAGE % img).replace('"auto-read-only":true',
+                                                                              '"read-only":true'),
+                                         "-blockdev", FORMAT.replace('"read-only":false', '"read-only":true'),
+                                         "-device", DEVICE],
+    "raw-share-rw": lambda img, raw: ["-blockdev", f"driver=file,filename={raw},node-name=s", "-blockdev",
+                                      "driver=raw,file=s,node-name=f", "-device", "virtio-blk-pci,drive=f,share-rw=on"],
+    "snapshot-on": lambda img, raw: ["-drive", f"file={raw},format=raw,if=none,id=d0,snapshot=on",
+                                     "-device", "virtio-blk-pci,drive=d0"],
+}
+
+
+@pytest.mark.parametrize("case", sorted(LOCK_CASES))
+def test_nodes_lock_their_images_as_qemu_does(tmp_path: Path, linux, case: str) -> None:
+    """The lock bytes (QEMU's permission protocol, read from /proc/locks) each VMM holds on the
+    images, once it answers QMP with the machine built (-S)."""
+    from support.locks import locked_bytes
+
+    seen = {}
+    for kind in KINDS:
+        img, raw = tmp_path / f"{kind}.qcow2", tmp_path / f"{kind}.raw"
+        _qemu_img("create", "-q", "-f", "qcow2", str(img), "1M")
+        raw.write_bytes(bytes(1 << 20))
+        vm = Vm(kind, linux, tmp_path / kind, "-S", *LOCK_CASES[case](img, raw))
+        try:
+            (status,) = asyncio.run(_qmp(vm, ["query-status"]))
+            assert status["status"] == "prelaunch", vm.fail(str(status))
+            seen[kind] = (sorted(locked_bytes(img)), sorted(locked_bytes(raw)))
+        finally:
+            vm.close()
+    assert seen["pyvmm"] == seen["qemu"]
