@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pyvmm import __version__
+from pyvmm.block.blockdev import parse_blockdev
 from pyvmm.chardev.parse import parse_spec
 from pyvmm.config import (
     CHARDEV_SYNTAX,
@@ -108,7 +109,9 @@ OPTIONS: tuple[Option, ...] = (
                          "[,spawn=allow|deny][,resourcecontrol=allow|deny]",
            "a seccomp allow-list of system calls once the VM is set up (docs/sandbox.md)"),
     Option(("object",), "TYPE,id=ID[,...] | JSON", "refused: pyvmm has no user-creatable objects"),
-    Option(("blockdev",), "JSON | driver=...", "refused: use -drive"),
+    Option(("blockdev",), "JSON | driver=file|raw|qcow2,node-name=N[,...]",
+           "a block node (QEMU's grammar), for -device virtio-blk-pci,drive=N"),
+    Option(("snapshot",), "", "every -drive gets a temporary overlay: the images are never written"),
     Option(("audiodev",), "none,id=ID | JSON", "an audio back-end; only 'none' (pyvmm has no sound devices)"),
     Option(("verbose", "v"), "", "more log output (-vv for debug)"),
     Option(("quiet", "q"), "", "only errors on stderr"),
@@ -550,11 +553,6 @@ def _refused_backends(args: RunArgs) -> None:
             raise opts.error("Parameter 'id' is missing")
         opts.check_id()
         raise _cannot(opts, f"-object {qom_type} (pyvmm has no user-creatable objects)")
-    for text in args.all("blockdev"):
-        opts = parse(BLOCKDEV_SYNTAX, text)
-        if "driver" not in opts:
-            raise opts.error("Parameter 'driver' is missing")
-        raise _cannot(opts, "-blockdev (use -drive file=...,if=none,id=ID)")
     ids: set[str] = set()
     for text in args.all("audiodev"):
         opts = parse(AUDIODEV_SYNTAX, text)
@@ -624,6 +622,10 @@ def configure(args: RunArgs) -> tuple[MachineConfig, ProcessOptions]:
         cfg.acpi = False
     cfg.devices = _devices(args)
     cfg.drives = [parse_drive(d) for d in args.all("drive")]
+    if args.has("snapshot"):  # QEMU's -snapshot: snapshot=on for every -drive
+        for drive in cfg.drives:
+            drive.snapshot = True
+    cfg.blockdevs = [node for text in args.all("blockdev") for node in parse_blockdev(text)]
     for drive in cfg.drives:  # QEMU opens every -drive at start, if=none ones too
         if not os.path.exists(drive.file):
             raise ConfigError(f"-drive file={escape(drive.file)}: Could not open '{drive.file}': "
@@ -656,7 +658,7 @@ def configure(args: RunArgs) -> tuple[MachineConfig, ProcessOptions]:
         raise ConfigError(f"-daemonize: -serial {cfg.serial} cannot be used with -daemonize (it needs the terminal)")
     _check_socket_paths(cfg)
     if cfg.machine == "none":
-        for name in ("kernel", "initrd", "append", "device", "drive", "netdev"):
+        for name in ("kernel", "initrd", "append", "device", "drive", "netdev", "blockdev"):
             if args.has(name):
                 raise ConfigError(f"-{name}: -machine none has no guest (no kernel, no buses)")
     cfg.validate()

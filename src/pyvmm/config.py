@@ -246,6 +246,7 @@ class MachineConfig:
     no_reboot: bool = False
     devices: list[DeviceSpec] = field(default_factory=list)
     drives: list = field(default_factory=list)  # pyvmm.devices.virtio.options.DriveSpec (-drive)
+    blockdevs: list = field(default_factory=list)  # pyvmm.block.blockdev.NodeOptions (-blockdev), in order
     netdevs: list = field(default_factory=list)  # pyvmm.net.options.NetdevSpec (-netdev)
     chardevs: dict[str, str] = field(default_factory=dict)  # -chardev id -> pyvmm.chardev spec
     mem_path: str | None = None

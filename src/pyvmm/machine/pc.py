@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 from pyvmm.accel import select
 from pyvmm.accel.base import Accelerator, MachineContext
+from pyvmm.block.graph import BlockGraph
 from pyvmm.boot import BootResult, load_kernel
 from pyvmm.bus import Bus, BusError
 from pyvmm.config import MachineConfig
@@ -304,6 +305,8 @@ class PcMachine:
                 self.pci.close()
             if getattr(self, "virtio", None) is not None:
                 self.virtio.close()
+            if getattr(self, "qdev", None) is not None:
+                self.qdev.block.close()
 
     # -- QMP monitor: pyvmm.monitor.MachineControl ----------------------------------------------
     def _start_monitor(self) -> None:
@@ -358,6 +361,9 @@ class PcMachine:
         from pyvmm.devices.i8042 import QCODES
 
         return frozenset(QCODES)
+
+    def block_graph(self) -> BlockGraph:
+        return self.qdev.block
 
     def send_keys(self, qcodes: list[str]) -> None:
         from pyvmm.devices.i8042 import QCODES
