@@ -59,6 +59,8 @@ PROGRAMS: dict[str, str] = {
     "ip": "iproute2",
     "mount": BASE,           # mount (essential)
     "umount": BASE,          # mount (essential)
+    "unshare": BASE,         # util-linux (essential)
+    "nsenter": BASE,         # util-linux (essential)
     "truncate": BASE,        # coreutils
     "true": BASE,            # coreutils
     "sh": BASE,              # dash
