@@ -2,8 +2,8 @@
 
 Guest RAM is one or more host mappings (anonymous, or a file / hugetlbfs for
 ``--mem-path``, or the memory back-end ``-machine memory-backend=ID`` names: a memfd or a
-file that another process, a vhost-user back-end, can map too) laid out as on a PC: RAM below the 32-bit PCI hole, and the
-rest above 4 GiB.  Every host access to guest memory goes through
+file that another process, a vhost-user back-end, can map too) laid out as on a PC: RAM
+below the 32-bit PCI hole, and the rest above 4 GiB.  Every host access to guest memory goes through
 :class:`GuestMemory`, whose methods check that the whole guest-physical range
 lies inside one RAM region.  A guest-supplied address outside RAM raises
 :class:`GuestMemoryError`; it never turns into a host read or write elsewhere.

@@ -6,6 +6,7 @@ with share=on is visible to anyone who maps the same file (what a vhost-user bac
 
 from __future__ import annotations
 
+import json
 import mmap
 import os
 
@@ -34,8 +35,9 @@ def test_machine_ram_comes_from_the_backend(extra):
 
 
 def test_json_object_and_file_backend(tmp_path):
-    c = cfg("-object", '{"qom-type":"memory-backend-file","id":"m1","size":16777216,"mem-path":"%s",'
-            '"share":true}' % tmp_path, "-machine", "memory-backend=m1")
+    obj = json.dumps({"qom-type": "memory-backend-file", "id": "m1", "size": 16 << 20, "mem-path": str(tmp_path),
+                      "share": True})
+    c = cfg("-object", obj, "-machine", "memory-backend=m1")
     assert c.memory_backend == RamBackend("m1", "file", 16 << 20, share=True, mem_path=str(tmp_path))
 
 
