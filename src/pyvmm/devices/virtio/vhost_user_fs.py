@@ -32,7 +32,7 @@ from collections.abc import Callable
 
 from pyvmm.block.iov import iov_from_bytes, iov_to_bytes
 from pyvmm.devices.virtio.device import COMMON_FEATURES, DeviceId, Feature, VirtioDevice
-from pyvmm.devices.virtio.queue import Virtqueue, VirtqueueError
+from pyvmm.devices.virtio.queue import DESC_SIZE, MAX_INDIRECT_DESCS, DescFlags, Virtqueue
 from pyvmm.errors import ConfigError, GuestMemoryError
 from pyvmm.loop import MainLoop
 from pyvmm.memory import GuestMemory
@@ -51,6 +51,9 @@ MAX_REQUEST_QUEUES = 32
 _FUSE_IN_HEADER = struct.Struct("<IIQ")  # len, opcode, unique (then nodeid, uid, gid, pid...)
 _FUSE_OUT_HEADER = struct.Struct("<IiQ")  # len, error, unique
 _FUSE_FORGET, _FUSE_BATCH_FORGET = 2, 42  # no reply expected
+_DESC = struct.Struct("<QIHH")  # addr, len, flags, next
+_U32 = struct.Struct("<I")
+_NEXT, _WRITE, _INDIRECT = int(DescFlags.NEXT), int(DescFlags.WRITE), int(DescFlags.INDIRECT)
 
 
 class VhostUserFs(VirtioDevice):
@@ -169,23 +172,53 @@ class VhostUserFs(VirtioDevice):
         return on_call
 
     def _report_written(self, index: int) -> None:
-        """Tell the DMA observer (tcg) which guest buffers the back end filled since the last call."""
+        """Tell the DMA observer (tcg) which guest buffers the back end filled since the last call.
+
+        Only the used elements new since the last call are looked at, and of their chains only
+        the device-writable descriptors, read straight from the rings with every index and
+        length bounded (a chain the guest rewrote meanwhile reports garbage ranges, which the
+        observer clips to RAM; it never loops: at most ``size`` steps per table).
+        """
+        hook = self._dma_hook
+        if hook is None:
+            return
         with self.lock:
             q = self.queues[index]
             if not q.ready:
                 return
+            mem, n = self.memory, q.size
             try:
-                used = self.memory.read_u16(q.used_addr + 2)
+                used = mem.read_u16(q.used_addr + 2)
+                seen, self._seen_used[index] = self._seen_used[index], used
+                count = min((used - seen) & 0xFFFF, n)
+                if not count:
+                    return
+                table = mem.read(q.desc_addr, DESC_SIZE * n)
+                ring = mem.read(q.used_addr + 4, 8 * n)
+                for k in range(count):
+                    head = _U32.unpack_from(ring, 8 * ((seen + k) % n))[0]
+                    if head < n:
+                        self._report_chain(table, n, head, hook)
             except GuestMemoryError:
                 return
-            seen, self._seen_used[index] = self._seen_used[index], used
-            for k in range(min((used - seen) & 0xFFFF, q.size)):
-                try:
-                    head = self.memory.read_u32(q.used_addr + 4 + 8 * ((seen + k) % q.size))
-                    if head < q.size:
-                        q._walk(head).release()  # the walk collects the written ranges, release reports them
-                except (VirtqueueError, GuestMemoryError):
-                    continue  # a chain the guest already rewrote: nothing to report for it
+
+    def _report_chain(self, table: bytes, n: int, idx: int, hook: Callable[[int, int], None]) -> None:
+        for _ in range(n):
+            addr, length, flags, nxt = _DESC.unpack_from(table, DESC_SIZE * idx)
+            if flags & _INDIRECT:
+                count = min(length // DESC_SIZE, MAX_INDIRECT_DESCS)
+                if count:
+                    indirect = self.memory.read(addr, DESC_SIZE * count)
+                    for j in range(count):
+                        a, ln, f, _nx = _DESC.unpack_from(indirect, DESC_SIZE * j)
+                        if f & _WRITE and ln:
+                            hook(a, ln)
+                return
+            if flags & _WRITE and length:
+                hook(addr, length)
+            if not flags & _NEXT or nxt >= n:
+                return
+            idx = nxt
 
     def _on_vring_error(self) -> None:
         try:
