@@ -42,6 +42,7 @@ PROGRAMS: dict[str, str] = {
     "objcopy": "binutils",
     "readelf": "binutils",
     "qemu-system-x86_64": "qemu-system-x86",
+    "virtiofsd": "qemu-system-common",
     "qemu-img": "qemu-utils",
     "qemu-io": "qemu-utils",
     "busybox": "busybox-static",

@@ -78,7 +78,7 @@ class PcMachine:
         self.accel_reason = accel_reason
         self.control = control or VmControl()
         self.control.panic_action = config.panic_action
-        self.memory = layout.pc_memory(config.memory, config.mem_path)
+        self.memory = layout.pc_memory(config.memory, config.mem_path, config.memory_backend)
         self.io_bus = Bus("io")
         self.mmio_bus = Bus("mmio")
         self.irq = IrqRouter()
