@@ -1,0 +1,230 @@
+"""Save and restore the whole state of one KVM vCPU as plain data (for snapshots and migration).
+
+The state is a dict of ints and bytes: each kernel structure is kept as its raw
+bytes (the KVM ABI is stable, and the sizes are checked on load), MSRs as packed
+``(u32 index, u64 value)`` pairs.  What is saved, with the capability it needs:
+
+==============  ==============================================  ======================
+key             ioctl                                           when
+==============  ==============================================  ======================
+regs            KVM_GET_REGS                                    always
+sregs           KVM_GET_SREGS                                   always
+sregs2          KVM_GET_SREGS2 (adds the PAE PDPTRs)            KVM_CAP_SREGS2
+xsave           KVM_GET_XSAVE2 / KVM_GET_XSAVE                  KVM_CAP_XSAVE(2)
+fpu             KVM_GET_FPU                                     without KVM_CAP_XSAVE
+xcrs            KVM_GET_XCRS                                    KVM_CAP_XCRS
+msrs            KVM_GET_MSRS over KVM_GET_MSR_INDEX_LIST        always (refused MSRs left out)
+lapic           KVM_GET_LAPIC                                   in-kernel irqchip
+events          KVM_GET_VCPU_EVENTS                             KVM_CAP_VCPU_EVENTS
+mp_state        KVM_GET_MP_STATE                                always
+debugregs       KVM_GET_DEBUGREGS                               KVM_CAP_DEBUGREGS
+tsc_khz         KVM_GET_TSC_KHZ                                 KVM_CAP_GET_TSC_KHZ
+==============  ==============================================  ======================
+
+Restore follows the order QEMU's ``kvm_arch_put_registers`` uses, for the same reasons:
+the TSC frequency first (MSR_IA32_TSC is scaled by it); general registers; XSAVE then
+XCRs; special registers (CR0/CR4/EFER, which decide which MSRs and XSAVE features are
+valid); the MSRs; mp_state; the LAPIC (after sregs, whose apic_base enables it); the
+TSC-deadline MSR *after* the LAPIC, because loading the LAPIC cancels its timer; the
+pending events; the debug registers last.
+
+Call these only while the vCPU is out of KVM_RUN (paused, or not started): a port or
+MMIO read that exited to userspace completes only on the next KVM_RUN, so a vCPU
+that was merely interrupted in userspace would lose it; the runner parks only after
+KVM_RUN has returned EINTR, when the kernel has completed it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from pyvmm.errors import KvmError
+from pyvmm.kvm import abi
+from pyvmm.kvm.ioctls import Cap, MpState
+from pyvmm.kvm.vcpu import Vcpu
+
+if TYPE_CHECKING:
+    from pyvmm.kvm.vm import Vm
+
+log = logging.getLogger(__name__)
+
+#: Bumped when the meaning of a key changes; a loader refuses versions it does not know.
+VCPU_STATE_VERSION = 1
+
+MSR_IA32_TSC = 0x10
+MSR_IA32_TSC_DEADLINE = 0x6E0
+#: One saved MSR: index, value.
+_MSR_PAIR = struct.Struct("<IQ")
+#: XSAVE images are 4 KiB (KVM_GET_XSAVE) up to KVM_CAP_XSAVE2's size (about 11 KiB with AMX).
+MAX_XSAVE_SIZE = 64 << 10
+MAX_MSRS = 4096
+
+KVM_VCPUEVENT_VALID_NMI_PENDING = 0x1
+KVM_VCPUEVENT_VALID_SIPI_VECTOR = 0x2
+
+#: Fixed-size keys and the structure each must match.
+_FIXED: dict[str, type[ctypes.Structure]] = {
+    "regs": abi.KvmRegs, "sregs": abi.KvmSregs, "sregs2": abi.KvmSregs2, "fpu": abi.KvmFpu,
+    "xcrs": abi.KvmXcrs, "lapic": abi.KvmLapicState, "events": abi.KvmVcpuEvents,
+    "debugregs": abi.KvmDebugregs,
+}
+
+StateDict = dict[str, "int | bytes"]
+
+
+@dataclass(frozen=True)
+class VcpuFeatures:
+    """What this host's KVM can save and load (probed once per VM)."""
+
+    xsave_size: int  # 0: no XSAVE (use KVM_GET_FPU); 4096: KVM_GET_XSAVE; more: KVM_GET_XSAVE2
+    sregs2: bool
+    xcrs: bool
+    events: bool
+    debugregs: bool
+    lapic: bool
+    tsc_khz: bool
+    tsc_control: bool
+    msr_indices: tuple[int, ...]
+
+    @classmethod
+    def probe(cls, vm: Vm, msr_indices: list[int]) -> VcpuFeatures:
+        """Ask ``vm`` (its CHECK_EXTENSION answers for this VM type) what it can save."""
+        check = vm.check_extension
+        xsave2 = check(Cap.XSAVE2)
+        xsave_size = max(xsave2, ctypes.sizeof(abi.KvmXsave)) if check(Cap.XSAVE) else 0
+        return cls(xsave_size=xsave_size, sregs2=bool(check(Cap.SREGS2)), xcrs=bool(check(Cap.XCRS)),
+                   events=bool(check(Cap.VCPU_EVENTS)), debugregs=bool(check(Cap.DEBUGREGS)),
+                   lapic=vm.has_irqchip, tsc_khz=bool(check(Cap.GET_TSC_KHZ)),
+                   tsc_control=bool(check(Cap.TSC_CONTROL)), msr_indices=tuple(msr_indices))
+
+
+def save_vcpu(vcpu: Vcpu, feats: VcpuFeatures) -> StateDict:
+    """Everything KVM holds for ``vcpu``, as plain data (see the module docstring for the keys)."""
+    st: StateDict = {"version": VCPU_STATE_VERSION, "index": vcpu.index}
+    if feats.tsc_khz:
+        st["tsc_khz"] = vcpu.get_tsc_khz()
+    st["regs"] = bytes(vcpu.get_regs())
+    st["sregs"] = bytes(vcpu.get_sregs())
+    if feats.sregs2:
+        st["sregs2"] = bytes(vcpu.get_sregs2())
+    if feats.xsave_size:
+        st["xsave"] = vcpu.get_xsave_image(feats.xsave_size)
+    else:
+        st["fpu"] = bytes(vcpu.get_fpu())
+    if feats.xcrs:
+        st["xcrs"] = bytes(vcpu.get_xcrs())
+    values, refused = vcpu.read_msrs(list(feats.msr_indices))
+    if refused:
+        log.debug("vCPU %d: KVM would not read MSRs %s", vcpu.index, " ".join(f"{i:#x}" for i in refused))
+    st["msrs"] = b"".join(_MSR_PAIR.pack(i, v) for i, v in values.items())
+    st["mp_state"] = vcpu.get_mp_state()
+    if feats.lapic:
+        st["lapic"] = bytes(vcpu.get_lapic())
+    if feats.events:
+        st["events"] = bytes(vcpu.get_events())
+    if feats.debugregs:
+        st["debugregs"] = bytes(vcpu.get_debugregs())
+    return st
+
+
+def unpack_msrs(data: bytes) -> dict[int, int]:
+    if len(data) % _MSR_PAIR.size or len(data) // _MSR_PAIR.size > MAX_MSRS:
+        raise KvmError(f"vCPU state: MSR list of {len(data)} bytes is not a whole number of "
+                       f"(index, value) pairs or holds more than {MAX_MSRS}")
+    return {i: v for i, v in _MSR_PAIR.iter_unpack(data)}
+
+
+def check_vcpu_state(st: Mapping[str, object], feats: VcpuFeatures) -> None:
+    """Refuse, with one line, a state this host cannot load exactly (before anything is changed)."""
+    version = st.get("version")
+    if version != VCPU_STATE_VERSION:
+        raise KvmError(f"vCPU state version {version!r} is not supported (this pyvmm reads version "
+                       f"{VCPU_STATE_VERSION})")
+    for key, struct_type in _FIXED.items():
+        value = st.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, bytes | bytearray) or len(value) != ctypes.sizeof(struct_type):
+            raise KvmError(f"vCPU state: '{key}' must be {ctypes.sizeof(struct_type)} bytes")
+    for key in ("regs", "sregs", "msrs", "mp_state"):
+        if key not in st:
+            raise KvmError(f"vCPU state: '{key}' is missing")
+    if not isinstance(st["msrs"], bytes | bytearray):
+        raise KvmError("vCPU state: 'msrs' must be bytes")
+    unpack_msrs(bytes(st["msrs"]))
+    mp = st["mp_state"]
+    if not isinstance(mp, int) or mp not in {m.value for m in MpState}:
+        raise KvmError(f"vCPU state: mp_state {mp!r} is not a KVM mp_state this pyvmm knows")
+    xsave = st.get("xsave")
+    if xsave is not None:
+        if not isinstance(xsave, bytes | bytearray) or not ctypes.sizeof(abi.KvmXsave) <= len(xsave) <= MAX_XSAVE_SIZE:
+            raise KvmError(f"vCPU state: 'xsave' must be 4 KiB to {MAX_XSAVE_SIZE >> 10} KiB")
+        if not feats.xsave_size:
+            raise KvmError("vCPU state has XSAVE state, but KVM on this host has no KVM_CAP_XSAVE")
+        if len(xsave) > max(feats.xsave_size, ctypes.sizeof(abi.KvmXsave)):
+            raise KvmError(f"vCPU state: XSAVE image of {len(xsave)} bytes is larger than this host's "
+                           f"({feats.xsave_size}): the source CPU has features this one lacks")
+    elif "fpu" not in st:
+        raise KvmError("vCPU state has neither 'xsave' nor 'fpu'")
+    for key, present in (("xcrs", feats.xcrs), ("lapic", feats.lapic), ("events", feats.events),
+                         ("debugregs", feats.debugregs)):
+        if key in st and not present:
+            raise KvmError(f"vCPU state has '{key}', which KVM on this host cannot load")
+    if feats.lapic and "lapic" not in st:
+        raise KvmError("vCPU state has no LAPIC, but this VM has an in-kernel irqchip")
+    khz = st.get("tsc_khz")
+    if khz is not None and (not isinstance(khz, int) or not 0 <= khz < 1 << 32):
+        raise KvmError(f"vCPU state: tsc_khz {khz!r} is out of range")
+
+
+def load_vcpu(vcpu: Vcpu, st: Mapping[str, object], feats: VcpuFeatures) -> list[int]:
+    """Load a state from :func:`save_vcpu` into ``vcpu``; returns the MSRs KVM refused to write."""
+    check_vcpu_state(st, feats)
+
+    def raw(key: str) -> bytes:
+        value = st[key]
+        assert isinstance(value, bytes | bytearray)
+        return bytes(value)
+
+    khz = st.get("tsc_khz")
+    if isinstance(khz, int) and khz and feats.tsc_khz and vcpu.get_tsc_khz() != khz:
+        if not feats.tsc_control:
+            raise KvmError(f"vCPU {vcpu.index}: the guest's TSC runs at {khz} kHz, this host's at "
+                           f"{vcpu.get_tsc_khz()} kHz, and KVM cannot scale it (no KVM_CAP_TSC_CONTROL)")
+        vcpu.set_tsc_khz(khz)
+    vcpu.set_regs(abi.KvmRegs.from_buffer_copy(raw("regs")))
+    if "xsave" in st:
+        vcpu.set_xsave_image(raw("xsave"))
+    else:
+        vcpu.set_fpu(abi.KvmFpu.from_buffer_copy(raw("fpu")))
+    if "xcrs" in st:
+        vcpu.set_xcrs(abi.KvmXcrs.from_buffer_copy(raw("xcrs")))
+    if "sregs2" in st and feats.sregs2:
+        vcpu.set_sregs2(abi.KvmSregs2.from_buffer_copy(raw("sregs2")))
+    else:
+        vcpu.set_sregs(abi.KvmSregs.from_buffer_copy(raw("sregs")))
+    msrs = unpack_msrs(raw("msrs"))
+    deadline = msrs.pop(MSR_IA32_TSC_DEADLINE, None)
+    refused = vcpu.write_msrs(msrs)
+    mp_state = st["mp_state"]
+    assert isinstance(mp_state, int)
+    vcpu.set_mp_state(mp_state)
+    if "lapic" in st:
+        vcpu.set_lapic(abi.KvmLapicState.from_buffer_copy(raw("lapic")))
+    if deadline is not None:
+        refused += vcpu.write_msrs({MSR_IA32_TSC_DEADLINE: deadline})
+    if "events" in st:
+        ev = abi.KvmVcpuEvents.from_buffer_copy(raw("events"))
+        ev.flags |= KVM_VCPUEVENT_VALID_NMI_PENDING | KVM_VCPUEVENT_VALID_SIPI_VECTOR
+        vcpu.set_events(ev)
+    if "debugregs" in st:
+        vcpu.set_debugregs(abi.KvmDebugregs.from_buffer_copy(raw("debugregs")))
+    if refused:
+        log.warning("vCPU %d: KVM refused to restore MSRs %s", vcpu.index,
+                    " ".join(f"{i:#x}" for i in refused))
+    return refused
