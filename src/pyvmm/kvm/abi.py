@@ -480,3 +480,17 @@ class KvmDirtyLog(Structure):
 
 
 _check(KvmDirtyLog, 16)
+
+
+class KvmDeviceAttr(Structure):
+    """``struct kvm_device_attr`` (vCPU attributes, KVM_CAP_VCPU_ATTRIBUTES); ``addr`` points at the value."""
+
+    _fields_ = [("flags", u32), ("group", u32), ("attr", u64), ("addr", u64)]
+
+
+_check(KvmDeviceAttr, 24)
+KVM_VCPU_TSC_CTRL = 0
+KVM_VCPU_TSC_OFFSET = 0
+KVM_CLOCK_TSC_STABLE = 1 << 1
+KVM_CLOCK_REALTIME = 1 << 2
+KVM_CLOCK_HOST_TSC = 1 << 3

@@ -106,6 +106,9 @@ class Ioctl(enum.IntEnum):
     SET_SREGS2 = _IOW(0xCD, abi.KvmSregs2)
     #: Like GET_XSAVE, but the buffer is as large as KVM_CHECK_EXTENSION(KVM_CAP_XSAVE2) says.
     GET_XSAVE2 = _IOR(0xCF, abi.KvmXsave)
+    SET_DEVICE_ATTR = _IOW(0xE1, abi.KvmDeviceAttr)
+    GET_DEVICE_ATTR = _IOW(0xE2, abi.KvmDeviceAttr)
+    HAS_DEVICE_ATTR = _IOW(0xE3, abi.KvmDeviceAttr)
 
 
 KVM_API_VERSION = 12
@@ -206,6 +209,7 @@ class Cap(enum.IntEnum):
     SIGNAL_MSI = 77
     READONLY_MEM = 81
     MAX_VCPU_ID = 128
+    VCPU_ATTRIBUTES = 127
     X2APIC_API = 129
     IMMEDIATE_EXIT = 136
     X86_DISABLE_EXITS = 143

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 from pyvmm.errors import KvmError
 from pyvmm.kvm import abi
 from pyvmm.kvm.ioctls import ExitReason, Ioctl, MpState
-from pyvmm.kvm.syscall import get_errno, ioctl, kvm_run_ioctl
+from pyvmm.kvm.syscall import get_errno, ioctl, ioctl_errno, kvm_run_ioctl
 
 if TYPE_CHECKING:
     from pyvmm.kvm.vm import Vm
@@ -193,6 +193,26 @@ class Vcpu:
     def set_tsc_khz(self, khz: int) -> None:
         """Scale the guest TSC to ``khz`` (KVM_CAP_TSC_CONTROL; the host must support TSC scaling)."""
         ioctl(self.fd, Ioctl.SET_TSC_KHZ, khz)
+
+    def has_tsc_offset_attr(self) -> bool:
+        """Whether KVM_VCPU_TSC_OFFSET can be read and set (KVM_CAP_VCPU_ATTRIBUTES, Linux 5.16+)."""
+        attr = abi.KvmDeviceAttr(group=abi.KVM_VCPU_TSC_CTRL, attr=abi.KVM_VCPU_TSC_OFFSET)
+        ret, _ = ioctl_errno(self.fd, Ioctl.HAS_DEVICE_ATTR, attr)
+        return ret == 0
+
+    def get_tsc_offset(self) -> int:
+        value = ctypes.c_uint64()
+        attr = abi.KvmDeviceAttr(group=abi.KVM_VCPU_TSC_CTRL, attr=abi.KVM_VCPU_TSC_OFFSET,
+                                 addr=ctypes.addressof(value))
+        ioctl(self.fd, Ioctl.GET_DEVICE_ATTR, attr)
+        return value.value
+
+    def set_tsc_offset(self, offset: int) -> None:
+        """Guest TSC = host TSC (scaled) + ``offset``, set exactly (no "within a second means in sync" guess)."""
+        value = ctypes.c_uint64(offset & (2**64 - 1))
+        attr = abi.KvmDeviceAttr(group=abi.KVM_VCPU_TSC_CTRL, attr=abi.KVM_VCPU_TSC_OFFSET,
+                                 addr=ctypes.addressof(value))
+        ioctl(self.fd, Ioctl.SET_DEVICE_ATTR, attr)
 
     def read_msrs(self, indices: list[int]) -> tuple[dict[int, int], list[int]]:
         """Read every MSR in ``indices`` KVM lets us read: (values, refused indices).

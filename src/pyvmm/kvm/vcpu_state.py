@@ -90,6 +90,8 @@ class VcpuFeatures:
     tsc_khz: bool
     tsc_control: bool
     msr_indices: tuple[int, ...]
+    #: KVM_VCPU_TSC_OFFSET can be set and KVM_GET_CLOCK reports the host TSC.
+    tsc_offset: bool = False
 
     @classmethod
     def probe(cls, vm: Vm, msr_indices: list[int]) -> VcpuFeatures:
@@ -100,7 +102,8 @@ class VcpuFeatures:
         return cls(xsave_size=xsave_size, sregs2=bool(check(Cap.SREGS2)), xcrs=bool(check(Cap.XCRS)),
                    events=bool(check(Cap.VCPU_EVENTS)), debugregs=bool(check(Cap.DEBUGREGS)),
                    lapic=vm.has_irqchip, tsc_khz=bool(check(Cap.GET_TSC_KHZ)),
-                   tsc_control=bool(check(Cap.TSC_CONTROL)), msr_indices=tuple(msr_indices))
+                   tsc_control=bool(check(Cap.TSC_CONTROL)), msr_indices=tuple(msr_indices),
+                   tsc_offset=bool(check(Cap.VCPU_ATTRIBUTES)))
 
 
 def save_vcpu(vcpu: Vcpu, feats: VcpuFeatures) -> StateDict:
@@ -182,6 +185,23 @@ def check_vcpu_state(st: Mapping[str, object], feats: VcpuFeatures) -> None:
         raise KvmError(f"vCPU state: tsc_khz {khz!r} is out of range")
 
 
+def _set_guest_tsc(vcpu: Vcpu, tsc: int) -> bool:
+    """Make the guest TSC read ``tsc`` now, through KVM_VCPU_TSC_OFFSET; False if KVM cannot.
+
+    Writing MSR_IA32_TSC from the host is not exact: KVM takes a value within a second of what
+    it expects (another vCPU's, or the fresh vCPU's own) as "meant to be in sync" and keeps its
+    old offset, so a guest restored soon after its VM was made would see its TSC jump.
+    """
+    if not vcpu.has_tsc_offset_attr():
+        return False
+    # Offsets add modulo 2**64: move the current offset by how far the TSC must go.
+    now = vcpu.get_msrs([MSR_IA32_TSC]).get(MSR_IA32_TSC)
+    if now is None:
+        return False
+    vcpu.set_tsc_offset(vcpu.get_tsc_offset() + tsc - now)
+    return True
+
+
 def load_vcpu(vcpu: Vcpu, st: Mapping[str, object], feats: VcpuFeatures) -> list[int]:
     """Load a state from :func:`save_vcpu` into ``vcpu``; returns the MSRs KVM refused to write."""
     check_vcpu_state(st, feats)
@@ -192,11 +212,13 @@ def load_vcpu(vcpu: Vcpu, st: Mapping[str, object], feats: VcpuFeatures) -> list
         return bytes(value)
 
     khz = st.get("tsc_khz")
+    scaled = False
     if isinstance(khz, int) and khz and feats.tsc_khz and vcpu.get_tsc_khz() != khz:
         if not feats.tsc_control:
             raise KvmError(f"vCPU {vcpu.index}: the guest's TSC runs at {khz} kHz, this host's at "
                            f"{vcpu.get_tsc_khz()} kHz, and KVM cannot scale it (no KVM_CAP_TSC_CONTROL)")
         vcpu.set_tsc_khz(khz)
+        scaled = True
     vcpu.set_regs(abi.KvmRegs.from_buffer_copy(raw("regs")))
     if "xsave" in st:
         vcpu.set_xsave_image(raw("xsave"))
@@ -210,6 +232,10 @@ def load_vcpu(vcpu: Vcpu, st: Mapping[str, object], feats: VcpuFeatures) -> list
         vcpu.set_sregs(abi.KvmSregs.from_buffer_copy(raw("sregs")))
     msrs = unpack_msrs(raw("msrs"))
     deadline = msrs.pop(MSR_IA32_TSC_DEADLINE, None)
+    tsc = msrs.get(MSR_IA32_TSC)
+    # The offset is "guest = host + offset" only while the TSC is not scaled.
+    if tsc is not None and feats.tsc_offset and not scaled and _set_guest_tsc(vcpu, tsc):
+        del msrs[MSR_IA32_TSC]
     refused = vcpu.write_msrs(msrs)
     mp_state = st["mp_state"]
     assert isinstance(mp_state, int)

@@ -31,6 +31,7 @@ STRUCTS = [
     ("kvm_mp_state", abi.KvmMpState), ("kvm_msi", abi.KvmMsi), ("kvm_enable_cap", abi.KvmEnableCap),
     ("kvm_sregs2", abi.KvmSregs2), ("kvm_xcrs", abi.KvmXcrs), ("kvm_xcr", abi.KvmXcr),
     ("kvm_debugregs", abi.KvmDebugregs), ("kvm_dirty_log", abi.KvmDirtyLog),
+    ("kvm_device_attr", abi.KvmDeviceAttr),
 ]
 
 # (C expression, ctypes offset) pairs for fields the exit loop reads directly.
