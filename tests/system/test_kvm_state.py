@@ -88,6 +88,7 @@ class Snapshot:
     platform: dict[str, int | bytes]
     cpus: list[dict[str, int | bytes]]
     output: list[int]
+    whole: dict[str, object] | None = None
     taken_at: float = field(default_factory=time.monotonic)
 
 
@@ -121,10 +122,11 @@ def uninterrupted(guest: Guest, machines: list[Machine], total: int, timeout: fl
     return m.values()[:total]
 
 
-def save(m: Machine) -> Snapshot:
+def save(m: Machine, whole: bool = False) -> Snapshot:
     m.acc.pause()
     return Snapshot(ram=[bytes(r.mapping) for r in m.mem.regions], platform=m.acc.save_platform_state(),
-                    cpus=[m.acc.save_cpu_state(i) for i in range(m.acc.ncpus)], output=m.values())
+                    cpus=[m.acc.save_cpu_state(i) for i in range(m.acc.ncpus)], output=m.values(),
+                    whole=m.acc.save_state() if whole else None)
 
 
 def restore(snap: Snapshot, guest: Guest, machines: list[Machine]) -> Machine:
@@ -132,6 +134,9 @@ def restore(snap: Snapshot, guest: Guest, machines: list[Machine]) -> Machine:
     m.acc.setup(m.ctx)
     for region, data in zip(m.mem.regions, snap.ram, strict=True):
         region.mapping[:] = data
+    if snap.whole is not None:  # the one-section form the machine's stream uses
+        m.acc.load_state(snap.whole)
+        return m
     m.acc.load_platform_state(snap.platform)
     for i, st in enumerate(snap.cpus):
         m.acc.load_cpu_state(i, st)
@@ -140,13 +145,13 @@ def restore(snap: Snapshot, guest: Guest, machines: list[Machine]) -> Machine:
 
 def migrate_mid_run(guest: Guest, machines: list[Machine], before: int, total: int,
                     check: Callable[[Snapshot, Machine], None] | None = None,
-                    timeout: float = 30) -> list[int]:
+                    timeout: float = 30, whole: bool = False) -> list[int]:
     """Run until ``before`` values, save, stop the source, load a fresh VM, run to ``total``."""
     src = guest.machine(machines)
     guest.boot_into(src)
     src.acc.start()
     assert wait_until(lambda: len(src.values()) >= before, timeout), f"source wrote only {src.values()}"
-    snap = save(src)
+    snap = save(src, whole)
     src.acc.stop()
     assert src.values() == snap.output, "the source ran on after it was paused"
     time.sleep(0.2)  # time in flight: the guest must not see it
@@ -371,11 +376,12 @@ def test_lapic_timer_guest_ticks_on_after_restore(machines: list[Machine]) -> No
     assert migrate_mid_run(guest, machines, before=30, total=100) == reference
 
 
-def test_smp_guest_both_vcpus_continue_after_restore(machines: list[Machine]) -> None:
+@pytest.mark.parametrize("whole", [False, True], ids=["per-part", "save_state"])
+def test_smp_guest_both_vcpus_continue_after_restore(machines: list[Machine], whole: bool) -> None:
     guest = smp_guest()
     reference = per_cpu(uninterrupted(guest, machines, 300))
     assert reference[1], "the AP never ran"
-    got = migrate_mid_run(guest, machines, before=120, total=400)
+    got = migrate_mid_run(guest, machines, before=120, total=400, whole=whole)
     runs = per_cpu(got)
     for cpu in (0, 1):
         assert runs[cpu] == list(range(len(runs[cpu]))), f"vCPU {cpu} lost or repeated values"
@@ -469,3 +475,59 @@ def test_dirty_log_reports_exactly_the_pages_the_guest_and_dma_wrote(machines: l
     assert not m.mem.dirty.active
     with pytest.raises(AccelError, match="dirty logging is off"):
         m.acc.get_and_clear_dirty(0)
+
+
+def test_whole_state_refuses_another_accelerator_or_vcpu_count(machines: list[Machine]) -> None:
+    two = smp_guest()
+    src = two.machine(machines)
+    two.boot_into(src)
+    state = src.acc.save_state()
+    assert state["accel"] == "kvm" and len(state["vcpus"]) == 2  # type: ignore[arg-type]
+    one = counter_guest()
+    dst = one.machine(machines)
+    one.boot_into(dst)
+    before = dst.acc.save_state()
+    for bad, message in (({**state, "accel": "tcg"}, "holds tcg vCPU state"),
+                         (state, "the stream has 2 vCPUs; this machine has 1"),
+                         ({**state, "version": 3}, "kvm state version 3"),
+                         ({**state, "vcpus": "x"}, "vCPU list is missing or corrupt"),
+                         ({**before, "vcpus": [{**before["vcpus"][0], "regs": b""}]},  # type: ignore[index]
+                          "'regs' must be 144 bytes")):
+        with pytest.raises(KvmError, match=message):
+            dst.acc.load_state(bad)
+    after = dst.acc.save_state()
+    assert after["vcpus"][0]["regs"] == before["vcpus"][0]["regs"]  # type: ignore[index]
+
+
+def test_dirty_log_sync_gives_written_ranges_while_the_guest_runs(machines: list[Machine]) -> None:
+    # 32-bit guest: keeps storing an increasing value into pages 0x100..0x103 (one store per page).
+    code = assemble(f"""
+        xor eax, eax
+    1:  inc eax
+        mov dword ptr [0x100000], eax
+        mov dword ptr [0x101000], eax
+        mov dword ptr [0x102800], eax
+        mov dword ptr [0x103ffc], eax
+        mov dx, {PORT}
+        out dx, eax
+        jmp 1b
+    """, ORG, bits=32)
+    m = Machine()
+    machines.append(m)
+    m.mem.write(ORG, code)
+    m.acc.setup(m.ctx)
+    m.acc.set_boot_state(flat32_state(ORG), start_aps=False)
+    m.acc.start()
+    assert wait_until(lambda: len(m.values()) >= 5)
+    m.acc.dirty_log_start()  # while running, as pre-copy starts
+    m.mem.dirty.mark(0x50000, 1)  # a device's DMA write
+    for _ in range(3):
+        seen = len(m.values())
+        assert wait_until(lambda n=seen: len(m.values()) > n + 2)
+        runs = m.acc.dirty_log_sync()
+        assert (0x100000, 0x4000) in runs, runs
+        assert all(0x100000 <= gpa and gpa + n <= 0x104000 or gpa == 0x50000 for gpa, n in runs), runs
+    m.acc.pause()
+    m.acc.dirty_log_sync()
+    assert m.acc.dirty_log_sync() == []  # paused: nothing new
+    m.acc.dirty_log_stop()

@@ -4,6 +4,11 @@ Plain data in, plain data out: the migration framework puts the dicts into strea
 and knows nothing of KVM.  vCPU state comes from :mod:`pyvmm.kvm.vcpu_state`, the in-kernel
 PIC/IOAPIC/PIT and the KVM clock from :mod:`pyvmm.kvm.vm_state`.
 
+The whole accelerator at once: :meth:`KvmMigration.save_state` / :meth:`load_state` (one dict
+with ``"accel": "kvm"``, the platform and every vCPU), the form the machine's stream section
+takes; ``dirty_log_start`` / ``dirty_log_sync`` (written ``(gpa, length)`` ranges) /
+``dirty_log_stop`` for its RAM passes.
+
 Dirty pages.  :meth:`KvmMigration.start_dirty_log` sets KVM_MEM_LOG_DIRTY_PAGES on every RAM
 slot and starts the host-side log that device DMA marks (:class:`pyvmm.memory.DirtyPages`,
 fed through the accelerator's DMA hook); :meth:`get_and_clear_dirty` returns, per RAM region,
@@ -18,9 +23,10 @@ from typing import TYPE_CHECKING
 
 from pyvmm.errors import AccelError
 from pyvmm.kvm import abi
-from pyvmm.kvm.vcpu_state import VcpuFeatures, load_vcpu, save_vcpu
-from pyvmm.kvm.vm_state import load_platform, save_platform
-from pyvmm.memory import GuestMemory
+from pyvmm.errors import KvmError
+from pyvmm.kvm.vcpu_state import VcpuFeatures, check_vcpu_state, load_vcpu, save_vcpu
+from pyvmm.kvm.vm_state import check_platform_state, load_platform, save_platform
+from pyvmm.memory import PAGE_SIZE, GuestMemory
 
 if TYPE_CHECKING:
     from pyvmm.accel.base import MachineContext
@@ -31,6 +37,29 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 StateDict = dict[str, "int | bytes"]
+ACCEL_STATE_VERSION = 1
+
+
+def bitmap_runs(bitmap: bytes | bytearray, base: int) -> list[tuple[int, int]]:
+    """``(gpa, length)`` of each run of set bits (bit i = the page at ``base + i * PAGE_SIZE``)."""
+    runs: list[tuple[int, int]] = []
+    start = end = -1  # the open run, in pages
+    data = bytes(bitmap) + b"\0" * (-len(bitmap) % 8)
+    for wi, word in enumerate(memoryview(data).cast("Q")):
+        if not word:
+            continue
+        for bit in range(64):
+            if word >> bit & 1:
+                page = wi * 64 + bit
+                if page == end:
+                    end += 1
+                else:
+                    if start >= 0:
+                        runs.append((base + start * PAGE_SIZE, (end - start) * PAGE_SIZE))
+                    start, end = page, page + 1
+    if start >= 0:
+        runs.append((base + start * PAGE_SIZE, (end - start) * PAGE_SIZE))
+    return runs
 
 
 class KvmMigration:
@@ -91,6 +120,52 @@ class KvmMigration:
         if self.vm is None:
             raise AccelError("kvm: no VM (setup() first)")
         load_platform(self.vm, state)
+
+    # -- the whole accelerator, for one stream section -------------------------------------------------
+    def save_state(self) -> dict[str, object]:
+        """Platform and every vCPU (VM paused or not started), tagged ``"accel": "kvm"``."""
+        return {"accel": "kvm", "version": ACCEL_STATE_VERSION, "platform": self.save_platform_state(),
+                "vcpus": [self.save_cpu_state(i) for i in range(len(self.runners))]}
+
+    def load_state(self, state: Mapping[str, object]) -> None:
+        """After setup() and loading RAM, instead of set_boot_state(), before start().
+
+        Everything is checked before anything is loaded, so a refused state leaves the VM as it was.
+        """
+        if state.get("accel") != "kvm":
+            raise KvmError(f"the stream holds {state.get('accel')} vCPU state; this machine runs kvm")
+        if state.get("version") != ACCEL_STATE_VERSION:
+            raise KvmError(f"kvm state version {state.get('version')!r} is not supported (this pyvmm reads "
+                           f"version {ACCEL_STATE_VERSION})")
+        vcpus, platform = state.get("vcpus"), state.get("platform")
+        if not isinstance(vcpus, list) or not all(isinstance(v, Mapping) for v in vcpus):
+            raise KvmError("kvm state: the vCPU list is missing or corrupt")
+        if len(vcpus) != len(self.runners):
+            raise KvmError(f"the stream has {len(vcpus)} vCPUs; this machine has {len(self.runners)}")
+        if not isinstance(platform, Mapping):
+            raise KvmError("kvm state: the platform state is missing or corrupt")
+        if self.vm is None:
+            raise AccelError("kvm: no VM (setup() first)")
+        feats = self._features()
+        check_platform_state(self.vm, platform)
+        for v in vcpus:
+            check_vcpu_state(v, feats)
+        self.load_platform_state(platform)
+        for i, v in enumerate(vcpus):
+            self.load_cpu_state(i, v)
+
+    def dirty_log_start(self) -> None:
+        self.start_dirty_log()
+
+    def dirty_log_sync(self) -> list[tuple[int, int]]:
+        """Guest-physical ``(gpa, length)`` runs of pages written since the last sync (or the start)."""
+        runs: list[tuple[int, int]] = []
+        for i, region in enumerate(self._memory().regions):
+            runs += bitmap_runs(self.get_and_clear_dirty(i), region.gpa)
+        return runs
+
+    def dirty_log_stop(self) -> None:
+        self.stop_dirty_log()
 
     # -- dirty pages ------------------------------------------------------------------------------
     def _slot_flags(self) -> int:
