@@ -21,9 +21,8 @@ import logging
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
-from pyvmm.errors import AccelError
+from pyvmm.errors import AccelError, KvmError
 from pyvmm.kvm import abi
-from pyvmm.errors import KvmError
 from pyvmm.kvm.vcpu_state import VcpuFeatures, check_vcpu_state, load_vcpu, save_vcpu
 from pyvmm.kvm.vm_state import check_platform_state, load_platform, save_platform
 from pyvmm.memory import PAGE_SIZE, GuestMemory
