@@ -10,6 +10,7 @@ run's: nothing lost, nothing repeated.
 
 from __future__ import annotations
 
+import struct
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -398,6 +399,20 @@ def test_state_of_a_running_vcpu_is_refused(machines: list[Machine]) -> None:
         m.acc.save_cpu_state(0)
     with pytest.raises(AccelError, match="no vCPU 3"):
         m.acc.save_cpu_state(3)
+
+
+def test_msrs_this_host_does_not_save_are_not_written(machines: list[Machine],
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    guest = counter_guest()
+    m = guest.machine(machines)
+    guest.boot_into(m)
+    st = m.acc.save_cpu_state(0)
+    msrs = unpack_msrs(bytes(st["msrs"]))  # type: ignore[arg-type]
+    assert MSR_IA32_TSC in msrs and 0x174 in msrs  # SYSENTER_CS, from KVM_GET_MSR_INDEX_LIST
+    extra = bytes(st["msrs"]) + struct.pack("<IQ", 0xC0DE0001, 1)  # type: ignore[arg-type]
+    with caplog.at_level("WARNING", logger="pyvmm.kvm.vcpu_state"):
+        m.acc.load_cpu_state(0, {**st, "msrs": extra})
+    assert "refused to restore MSRs 0xc0de0001" in caplog.text
 
 
 def test_bad_states_are_refused_before_anything_changes(machines: list[Machine]) -> None:

@@ -156,10 +156,12 @@ class Vcpu:
             return bytes(buf)
         return bytes(self.get_xsave())
 
-    def set_xsave_image(self, image: bytes) -> None:
-        """KVM_SET_XSAVE; the kernel reads as many bytes as its own XSAVE2 size, so ``image`` must have them."""
-        buf = (ctypes.c_uint8 * max(len(image), ctypes.sizeof(abi.KvmXsave))).from_buffer_copy(
-            image.ljust(ctypes.sizeof(abi.KvmXsave), b"\0"))
+    def set_xsave_image(self, image: bytes, size: int = 0) -> None:
+        """KVM_SET_XSAVE.  The kernel reads as many bytes as its own XSAVE2 size (``size``, from
+        KVM_CAP_XSAVE2), so a smaller image from another host is padded with zeros (features it
+        did not have stay in their init state)."""
+        n = max(len(image), size, ctypes.sizeof(abi.KvmXsave))
+        buf = (ctypes.c_uint8 * n).from_buffer_copy(image.ljust(n, b"\0"))
         ioctl(self.fd, Ioctl.SET_XSAVE, buf)
 
     def get_sregs2(self) -> abi.KvmSregs2:

@@ -221,7 +221,7 @@ def load_vcpu(vcpu: Vcpu, st: Mapping[str, object], feats: VcpuFeatures) -> list
         scaled = True
     vcpu.set_regs(abi.KvmRegs.from_buffer_copy(raw("regs")))
     if "xsave" in st:
-        vcpu.set_xsave_image(raw("xsave"))
+        vcpu.set_xsave_image(raw("xsave"), feats.xsave_size)
     else:
         vcpu.set_fpu(abi.KvmFpu.from_buffer_copy(raw("fpu")))
     if "xcrs" in st:
@@ -231,12 +231,17 @@ def load_vcpu(vcpu: Vcpu, st: Mapping[str, object], feats: VcpuFeatures) -> list
     else:
         vcpu.set_sregs(abi.KvmSregs.from_buffer_copy(raw("sregs")))
     msrs = unpack_msrs(raw("msrs"))
+    # Only MSRs this host's KVM saves and restores (KVM_GET_MSR_INDEX_LIST); the rest are refused.
+    known = set(feats.msr_indices)
+    unknown = [i for i in msrs if i not in known]
+    for i in unknown:
+        del msrs[i]
     deadline = msrs.pop(MSR_IA32_TSC_DEADLINE, None)
     tsc = msrs.get(MSR_IA32_TSC)
     # The offset is "guest = host + offset" only while the TSC is not scaled.
     if tsc is not None and feats.tsc_offset and not scaled and _set_guest_tsc(vcpu, tsc):
         del msrs[MSR_IA32_TSC]
-    refused = vcpu.write_msrs(msrs)
+    refused = unknown + vcpu.write_msrs(msrs)
     mp_state = st["mp_state"]
     assert isinstance(mp_state, int)
     vcpu.set_mp_state(mp_state)
