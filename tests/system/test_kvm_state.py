@@ -415,6 +415,24 @@ def test_msrs_this_host_does_not_save_are_not_written(machines: list[Machine],
     assert "refused to restore MSRs 0xc0de0001" in caplog.text
 
 
+def test_tsc_frequency_of_another_host_is_scaled_or_warned_about(machines: list[Machine],
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    guest = counter_guest()
+    m = guest.machine(machines)
+    guest.boot_into(m)
+    st = m.acc.save_cpu_state(0)
+    here = int(st["tsc_khz"])
+    other = here - 100_000  # 4 % slower: far outside KVM's 250 ppm tolerance
+    with caplog.at_level("WARNING", logger="pyvmm.kvm.vcpu_state"):
+        m.acc.load_cpu_state(0, {**st, "tsc_khz": other})
+    feats = m.acc._features()
+    if feats.tsc_control:  # scaled, as QEMU's kvm_arch_set_tsc_khz does
+        assert m.acc.save_cpu_state(0)["tsc_khz"] == other
+    else:  # loaded anyway, with a warning (QEMU: a mismatch does not abort a migration)
+        assert f"ran at {other} kHz, this host's runs at {here} kHz" in caplog.text
+        assert m.acc.save_cpu_state(0)["regs"] == st["regs"]
+
+
 def test_bad_states_are_refused_before_anything_changes(machines: list[Machine]) -> None:
     guest = counter_guest()
     src = guest.machine(machines)

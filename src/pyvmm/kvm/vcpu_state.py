@@ -213,12 +213,15 @@ def load_vcpu(vcpu: Vcpu, st: Mapping[str, object], feats: VcpuFeatures) -> list
 
     khz = st.get("tsc_khz")
     scaled = False
-    if isinstance(khz, int) and khz and feats.tsc_khz and vcpu.get_tsc_khz() != khz:
-        if not feats.tsc_control:
-            raise KvmError(f"vCPU {vcpu.index}: the guest's TSC runs at {khz} kHz, this host's at "
-                           f"{vcpu.get_tsc_khz()} kHz, and KVM cannot scale it (no KVM_CAP_TSC_CONTROL)")
-        vcpu.set_tsc_khz(khz)
-        scaled = True
+    if isinstance(khz, int) and khz and feats.tsc_khz and (here := vcpu.get_tsc_khz()) != khz:
+        if feats.tsc_control:
+            vcpu.set_tsc_khz(khz)  # KVM leaves it unscaled when within its tolerance (250 ppm)
+            scaled = vcpu.get_tsc_khz() != here
+        else:
+            # As QEMU: a frequency mismatch does not abort a migration; the guest's TSC-based time
+            # runs off by the ratio until it recalibrates (kvmclock guests are not affected).
+            log.warning("vCPU %d: the guest's TSC ran at %d kHz, this host's runs at %d kHz and KVM "
+                        "cannot scale it (no KVM_CAP_TSC_CONTROL)", vcpu.index, khz, here)
     vcpu.set_regs(abi.KvmRegs.from_buffer_copy(raw("regs")))
     if "xsave" in st:
         vcpu.set_xsave_image(raw("xsave"), feats.xsave_size)
