@@ -100,6 +100,8 @@ OPTIONS: tuple[Option, ...] = (
     Option(("no-user-config",), "", "read no configuration files (pyvmm reads none)"),
     Option(("nodefaults",), "", "no default devices: no serial port back-end unless -serial is given"),
     Option(("S",), "", "start with the vCPUs stopped; QMP 'cont' starts them"),
+    Option(("incoming",), "unix:PATH|tcp:HOST:PORT|exec:CMD|defer",
+           "wait for a migration stream (QMP migrate from another VMM) instead of booting"),
     Option(("no-acpi",), "", "no ACPI tables"),
     Option(("boot",), "[order=]DRIVES[,once=D][,menu=on|off][,strict=on|off]",
            "checked as QEMU does; with -kernel the kernel boots"),
@@ -346,6 +348,19 @@ def _name(args: RunArgs, cfg: MachineConfig) -> str | None:
     if opts.get_bool("debug-threads", False):
         raise _cannot(opts, "debug-threads=on (its threads keep Python's names)")
     return opts.get_str("process")
+
+
+def _incoming(args: RunArgs) -> str | None:
+    text = args.last("incoming")
+    if text is None or text == "defer":
+        return text
+    from pyvmm.migration.uri import parse
+
+    try:
+        parse(text)
+    except ConfigError as e:
+        raise ConfigError(f"-incoming {text}: {e}") from None
+    return text
 
 
 def _uuid(args: RunArgs, cfg: MachineConfig) -> None:
@@ -623,6 +638,7 @@ def configure(args: RunArgs) -> tuple[MachineConfig, ProcessOptions]:
     cfg.no_reboot = args.has("no-reboot")
     _actions(args, cfg)
     cfg.start_paused = args.has("S")
+    cfg.incoming = _incoming(args)
     if args.has("no-acpi"):
         cfg.acpi = False
     cfg.devices = _devices(args)

@@ -257,6 +257,7 @@ class MachineConfig:
     name: str | None = None  # -name guest=
     uuid: str | None = None  # -uuid, canonical lower-case form
     start_paused: bool = False  # -S: vCPUs wait for QMP 'cont'
+    incoming: str | None = None  # -incoming URI|defer: load a migration stream instead of booting
     panic_action: PanicAction = PanicAction.SHUTDOWN  # -action panic=
     acpi: bool = True  # -no-acpi clears it
     rtc_base: str = "utc"  # -rtc base=utc|localtime|YYYY-MM-DD[THH:MM:SS]

@@ -65,6 +65,7 @@ PROGRAMS: dict[str, str] = {
     "truncate": BASE,        # coreutils
     "true": BASE,            # coreutils
     "sh": BASE,              # dash
+    "/bin/sh": BASE,         # dash: QEMU's exec: migration URIs run /bin/sh -c CMD
     "python3": BASE,         # the interpreter bootstrap runs under
     "dpkg-deb": BASE,        # dpkg
     "apt-get": BASE,
