@@ -89,6 +89,7 @@ OPTIONS: tuple[Option, ...] = (
     Option(("chardev",), "BACKEND,id=ID[,path=P,...]", "a named character back-end: socket, file, stdio, pty, null"),
     Option(("netdev",), "user|tap,id=ID[,...] | JSON", "a host network back-end for -device virtio-net-pci"),
     Option(("mem-path",), "PATH", "back guest RAM with a file or hugetlbfs, allocated at start (as -mem-prealloc)"),
+    Option(("mem-prealloc",), "", "back every page of guest RAM at start, as QEMU does (fails then, not later)"),
     Option(("qmp",), "unix:PATH,server=on[,wait=off]", "serve the QEMU Machine Protocol"),
     Option(("mon",), "[chardev=]ID,mode=control", "a QMP monitor on a -chardev socket"),
     Option(("monitor",), "none", "only 'none' (pyvmm has no human monitor; use -qmp)"),
@@ -635,6 +636,7 @@ def configure(args: RunArgs) -> tuple[MachineConfig, ProcessOptions]:
     cfg.qmp = _monitors(args, cfg.chardevs)
     _refused_backends(args)
     cfg.mem_path = args.last("mem-path")
+    cfg.mem_prealloc = args.has("mem-prealloc")
     proc.daemonize = args.has("daemonize")
     proc.pidfile = args.last("pidfile")
     proc.sandbox = parse_sandbox(args.all("sandbox"))

@@ -249,6 +249,7 @@ class MachineConfig:
     netdevs: list = field(default_factory=list)  # pyvmm.net.options.NetdevSpec (-netdev)
     chardevs: dict[str, str] = field(default_factory=dict)  # -chardev id -> pyvmm.chardev spec
     mem_path: str | None = None
+    mem_prealloc: bool = False  # -mem-prealloc: every page of guest RAM backed at start
     qmp: list[str] = field(default_factory=list)
     machine: str = "pc"  # -machine type: pc, or none (a monitor and no guest)
     name: str | None = None  # -name guest=

@@ -78,6 +78,8 @@ class PcMachine:
         self.control = control or VmControl()
         self.control.panic_action = config.panic_action
         self.memory = layout.pc_memory(config.memory, config.mem_path)
+        if config.mem_prealloc:
+            self.memory.preallocate()
         self.io_bus = Bus("io")
         self.mmio_bus = Bus("mmio")
         self.irq = IrqRouter()
