@@ -3,7 +3,7 @@
 Both VMMs boot the same boot sector (it prints ``ok`` on COM1 and halts) with 160 MiB of RAM, with
 and without ``-mem-prealloc``; once the guest has printed, the VMM's resident memory holds all of
 guest RAM with the option and much less without it.  With ``-mem-path DIR`` too, both accept it
-and boot.
+and boot; a memory back-end's ``prealloc=on`` does the same for the back-end.
 """
 
 from __future__ import annotations
@@ -68,3 +68,13 @@ def test_mem_prealloc_with_mem_path(kind, boot_sector, tmp_path, kvm):
     ram.mkdir()
     rss = _rss_once_up(kind, boot_sector, ["-mem-path", str(ram), "-mem-prealloc"], tmp_path)
     assert rss >= MIB << 20, f"{kind}: RSS {rss >> 20} MiB"  # the shared file pages are mapped and resident
+
+
+@pytest.mark.parametrize("kind", ["qemu", "pyvmm"])
+def test_memory_backend_prealloc_on(kind, boot_sector, tmp_path, kvm):
+    backend = ["-object", f"memory-backend-ram,id=ram0,size={MIB}M,prealloc=on", "-machine", "memory-backend=ram0"]
+    rss = _rss_once_up(kind, boot_sector, backend, tmp_path)
+    assert rss >= MIB << 20, f"{kind}: RSS {rss >> 20} MiB"
+    lazy = ["-object", f"memory-backend-ram,id=ram0,size={MIB}M", "-machine", "memory-backend=ram0"]
+    rss = _rss_once_up(kind, boot_sector, lazy, tmp_path)
+    assert rss < (MIB << 20) // 2, f"{kind} without prealloc: RSS {rss >> 20} MiB"
