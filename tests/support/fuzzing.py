@@ -38,6 +38,8 @@ DEFAULT_SECONDS = 2.0
 #: Examples in the first chunk of a run (the rate measured on it sizes the next chunks).
 FIRST_CHUNK = 25
 MAX_CHUNK = 20_000
+#: Longest a chunk is planned to take (hypothesis cannot be stopped inside one).
+CHUNK_SECONDS = 1.5
 LOG_NAME = "fuzz-executions.txt"
 
 
@@ -140,8 +142,9 @@ class Fuzzer:
                 if remaining <= 0 and executions >= min_executions:
                     break
                 rate = (executions - before) / max(now - chunk_start, 1e-3)
-                # Aim at 80 % of what is left, so the last chunk rarely overruns the budget much.
-                chunk = int(min(MAX_CHUNK, max(10, rate * max(remaining, 0) * 0.8,
+                # Chunks of at most CHUNK_SECONDS, and 80 % of what is left: the rate varies with
+                # the inputs, so the last chunk overruns the budget by a fraction of a chunk at most.
+                chunk = int(min(MAX_CHUNK, max(10, rate * min(max(remaining, 0) * 0.8, CHUNK_SECONDS),
                                                min_executions - executions)))
         finally:
             result = FuzzResult(target, executions, time.monotonic() - start, chunks)
