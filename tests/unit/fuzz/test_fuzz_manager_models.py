@@ -9,7 +9,8 @@ digits, relative paths, NULs, control characters, nested junk, unknown keys) and
 
 Asserted: the result is a valid model or a pydantic ``ValidationError`` (with a message and a
 location per error), never another exception; a valid model keeps every documented constraint (ranges, name
-pattern, absolute NUL-free paths, list lengths) and survives a JSON round trip unchanged.
+pattern, absolute NUL-free paths, list lengths), had the declared JSON types already (no coercion
+of "2", true or 2.0 to an integer, of 1 to a boolean) and survives a JSON round trip unchanged.
 """
 
 from __future__ import annotations
@@ -140,6 +141,30 @@ def validate(model: type[BaseModel], how: str, data: Any) -> None:
     check_constraints(m)
     again = model.model_validate_json(m.model_dump_json())
     assert again == m, (m, again)
+    if how == "json":
+        try:
+            data = json.loads(data)
+        except ValueError:
+            raise AssertionError(f"{data!r} is no JSON, yet it was accepted") from None
+    assert_not_coerced(model, data)
+
+
+#: Fields whose JSON type must already be right (issue 11: "2", true and 2.0 are no integers).
+_STRICT = {"vcpus": int, "memory_mib": int, "readonly": bool, "autostart": bool}
+
+
+def assert_not_coerced(model: type[BaseModel], doc: Any) -> None:
+    """An accepted document had the declared JSON types: nothing was converted."""
+    assert isinstance(doc, dict), f"{model.__name__} accepted a {type(doc).__name__}"
+    for key, value in doc.items():
+        want = _STRICT.get(key)
+        if want is not None:
+            assert type(value) is want, f"{model.__name__}.{key}: {value!r} was coerced to {want.__name__}"
+        if key in ("disks", "networks"):
+            for item in value:
+                assert_not_coerced(DiskSpec if key == "disks" else NetworkSpec, item)
+        if key in ("name", "cmdline", "kernel", "initrd", "path", "mac", "tap", "uuid"):
+            assert value is None or isinstance(value, str), f"{model.__name__}.{key}: {value!r} was coerced"
 
 
 def _dumps(doc: Any) -> bytes:
