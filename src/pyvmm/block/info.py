@@ -3,8 +3,7 @@
 with QEMU 7.2's field names.
 
 pyvmm has no I/O throttling, so the ``bps``/``iops`` limits are 0 (none), as QEMU reports them
-without throttling.  The backing chain a qcow2 header names (no ``backing`` option) is described
-through ``backing_file``/``backing-image``, not listed as nodes of its own.
+without throttling.
 """
 
 from __future__ import annotations
@@ -53,10 +52,11 @@ def image_info(image: BlockBackend, fmt: str, filename: str) -> dict[str, Any]:
         else:
             data = {"compat": "0.10", "compression-type": "zlib", "refcount-bits": 16}
         info["format-specific"] = {"type": "qcow2", "data": data}
-        if image.backing_name and not image._backing_override:
+        if image.backing_name:  # what the header names, whatever the backing option chose
             info["backing-filename"] = image.backing_name
-            full = image.backing.path if image.backing is not None else image.backing_name
-            info["full-backing-filename"] = full
+            name = image.backing_name
+            info["full-backing-filename"] = name if os.path.isabs(name) else \
+                os.path.join(os.path.dirname(os.path.abspath(filename)), name)
             if image.backing_format:
                 info["backing-filename-format"] = image.backing_format
         if image.backing is not None:
@@ -81,7 +81,7 @@ def _chain(image: BlockBackend | None) -> list[BlockBackend]:
 
 def node_info(node: Node) -> dict[str, Any]:
     """QEMU's BlockDeviceInfo for one node."""
-    image = node.image
+    image = node.image if node.image is not None else node.chain_image
     filename = node.filename
     if image is None:  # a child: its parent's stack covers it; describe the file itself
         image_part: dict[str, Any] = {"virtual-size": _file_length(filename), "filename": filename,
@@ -114,10 +114,11 @@ def node_info(node: Node) -> dict[str, Any]:
 
 def block_info(backend: Backend) -> dict[str, Any]:
     """QEMU's BlockInfo (one ``query-block`` entry)."""
-    out: dict[str, Any] = {"device": backend.name, "locked": False, "removable": False, "type": "unknown",
-                           "io-status": "ok", "inserted": node_info(backend.root)}
-    if backend.qdev is not None:
+    out: dict[str, Any] = {"device": backend.name, "locked": False, "removable": backend.qdev is None,
+                           "type": "unknown", "inserted": node_info(backend.root)}
+    if backend.qdev is not None:  # a backend no device uses: QEMU calls it removable, with no io-status
         out["qdev"] = backend.qdev
+        out["io-status"] = "ok"
     return out
 
 

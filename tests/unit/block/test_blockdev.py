@@ -249,3 +249,28 @@ def test_snapshot_overlay_takes_the_writes_and_leaves_nothing_behind(tmp_path, m
     g.close()
     assert open(image, "rb").read() == before
     assert os.listdir(tmpdir) == []
+
+
+def test_a_header_backing_chain_is_listed_as_nodes_and_keeps_its_names(tmp_path) -> None:
+    base = _raw(tmp_path / "base.raw")
+    mid = _qcow2(tmp_path / "mid.qcow2", size=4 << 20, backing=base, backing_fmt="raw")
+    top = _qcow2(tmp_path / "top.qcow2", size=4 << 20, backing=mid, backing_fmt="qcow2")
+    g = BlockGraph()
+    g.add_drive("d0", top, "qcow2", read_only=False, locking="auto", serial="", snapshot=False, text=f"file={top}")
+    names = [n["node-name"] for n in info.query_named_block_nodes(g)]
+    assert len(names) == 6  # top's format and file nodes, then mid's and base's
+    (blk,) = info.query_block(g)
+    assert blk["removable"] is True and "io-status" not in blk and "qdev" not in blk  # no device yet, as QEMU
+    g.attach("d0", read_only=False, share_rw=False, qdev="/machine/peripheral/vd0/virtio-backend")
+    assert [n["node-name"] for n in info.query_named_block_nodes(g)] == names
+    (blk,) = info.query_block(g)
+    assert blk["removable"] is False and blk["io-status"] == "ok"
+    ins = blk["inserted"]
+    assert (ins["backing_file"], ins["backing_file_depth"]) == (mid, 2)
+    assert ins["image"]["backing-image"]["backing-image"]["filename"] == base
+    chain = info.query_blockstats(g)[0]["backing"]
+    assert chain["parent"]["driver-specific"]["driver"] == "file" and "backing" in chain
+    drvs = {n["node-name"]: (n["drv"], n["ro"]) for n in info.query_named_block_nodes(g)}
+    assert sorted(drvs.values()) == [("file", False), ("file", True), ("file", True), ("qcow2", False),
+                                     ("qcow2", True), ("raw", True)]
+    g.close()
