@@ -8,6 +8,7 @@ without throttling.
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
@@ -34,11 +35,13 @@ def _file_length(path: str) -> int:
         os.close(fd)
 
 
-def image_info(image: BlockBackend, fmt: str, filename: str) -> dict[str, Any]:
-    """QEMU's ImageInfo for an open image (and, for qcow2, its backing chain)."""
+def image_info(image: BlockBackend, fmt: str, filename: str, shown: str | None = None) -> dict[str, Any]:
+    """QEMU's ImageInfo for an open image (and, for qcow2, its backing chain); ``shown``: the
+    name QEMU gives it, when not ``filename`` (see :func:`display_filename`)."""
     from pyvmm.block.qcow2 import Qcow2Image
 
-    info: dict[str, Any] = {"virtual-size": image.size, "filename": filename, "format": fmt, "dirty-flag": False}
+    info: dict[str, Any] = {"virtual-size": image.size, "filename": shown or filename, "format": fmt,
+                            "dirty-flag": False}
     actual = _actual_size(filename)
     if actual is not None:
         info["actual-size"] = actual
@@ -79,12 +82,70 @@ def _chain(image: BlockBackend | None) -> list[BlockBackend]:
     return out
 
 
+def _header_backing(node: Node) -> str | None | bool:
+    """The full backing file name the node's qcow2 header gives, None if it names none, False if
+    the header is not at hand."""
+    from pyvmm.block.qcow2 import Qcow2Image
+
+    image = node.image if node.image is not None else node.chain_image
+    if not isinstance(image, Qcow2Image):
+        return False
+    name = image.backing_name
+    if name is None:
+        return None
+    return name if os.path.isabs(name) else os.path.join(os.path.dirname(os.path.abspath(node.filename)), name)
+
+
+def _backing_overridden(node: Node) -> bool:
+    """The ``backing`` option chose something else than the header names (QEMU then describes
+    the node by its options, a ``json:`` filename)."""
+    if node.temporary:
+        return True
+    if node.driver != "qcow2" or not node.opts.backing_set:
+        return False
+    header = _header_backing(node)
+    if header is False:
+        return False
+    if node.backing is None:
+        return header is not None
+    return display_filename(node.backing) != header
+
+
+def _options(node: Node) -> dict[str, Any]:
+    if node.driver == "file":
+        return {"driver": "file", "filename": node.opts.filename}
+    assert node.file is not None
+    out: dict[str, Any] = {"driver": node.driver, "file": _options(node.file)}
+    if _backing_overridden(node):
+        out["backing"] = _options(node.backing) if node.backing is not None else None
+    return out
+
+
+def _needs_json(node: Node) -> bool:
+    while node.driver != "file":
+        if _backing_overridden(node):
+            return True
+        if node.backing is None:
+            return False
+        node = node.backing
+    return False
+
+
+def display_filename(node: Node) -> str:
+    """The node's filename as QEMU shows it: the file's name, or ``json:{options}`` when the
+    file name alone would open something else."""
+    if node.driver != "file" and _needs_json(node):
+        return "json:" + json.dumps(_options(node), sort_keys=True)
+    return node.filename
+
+
 def node_info(node: Node) -> dict[str, Any]:
     """QEMU's BlockDeviceInfo for one node."""
     image = node.image if node.image is not None else node.chain_image
     filename = node.filename
+    shown = display_filename(node)
     if image is None:  # a child: its parent's stack covers it; describe the file itself
-        image_part: dict[str, Any] = {"virtual-size": _file_length(filename), "filename": filename,
+        image_part: dict[str, Any] = {"virtual-size": _file_length(filename), "filename": shown,
                                       "format": node.driver, "dirty-flag": False}
         actual = _actual_size(filename)
         if actual is not None:
@@ -93,13 +154,13 @@ def node_info(node: Node) -> dict[str, Any]:
         chain: list[BlockBackend] = []
     else:
         fmt = "file" if node.driver == "file" else node.driver
-        image_part = image_info(image, fmt, filename)
+        image_part = image_info(image, fmt, filename, shown)
         if node.driver == "file":
             image_part.pop("format-specific", None)
         ro = image.read_only
         chain = _chain(image) if node.driver == "qcow2" else []
     out: dict[str, Any] = {
-        "file": filename, "node-name": node.name, "ro": ro, "drv": node.driver,
+        "file": shown, "node-name": node.name, "ro": ro, "drv": node.driver,
         "encrypted": False, "detect_zeroes": "off",
         "bps": 0, "bps_rd": 0, "bps_wr": 0, "iops": 0, "iops_rd": 0, "iops_wr": 0,
         "write_threshold": 0,
