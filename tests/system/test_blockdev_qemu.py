@@ -301,13 +301,16 @@ def test_nodes_lock_their_images_as_qemu_does(tmp_path: Path, linux, case: str) 
 
 def _normalized(value: Any, names: dict[str, str]) -> Any:
     """``value`` with generated node names (``#blockNNN``, random in QEMU) numbered by first
-    appearance, and the idle time (a clock reading) dropped."""
+    appearance, -snapshot's temporary file names made one, and the idle time (a clock reading)
+    dropped."""
     if isinstance(value, dict):
         return {k: _normalized(v, names) for k, v in value.items() if k != "idle_time_ns"}
     if isinstance(value, list):
         return [_normalized(v, names) for v in value]
     if isinstance(value, str) and value.startswith("#block"):
         return names.setdefault(value, f"#generated{len(names)}")
+    if isinstance(value, str):
+        return re.sub(r'[^"\s]*/vl\.\w+', "TMPDIR/vl.XXXXXX", value)
     return value
 
 
@@ -321,6 +324,9 @@ GRAPHS = {
     "drive-with-header-chain": lambda d: [
         "-drive", f"file={d}/top.qcow2,format=qcow2,if=none,id=d0", "-device", "virtio-blk-pci,drive=d0,id=vd0",
         "-drive", f"file={d}/other.qcow2,if=none,id=d1,readonly=on"],
+    "snapshot-on": lambda d: [
+        "-drive", f"file={d}/top.qcow2,format=qcow2,if=none,id=d0,snapshot=on", "-device", "virtio-blk-pci,drive=d0",
+        "-drive", f"file={d}/base.raw,format=raw,if=none,id=d1,readonly=on,snapshot=on"],
     "backing-null-and-inline-file": lambda d: [
         "-blockdev", f"driver=qcow2,node-name=q,backing=,file.driver=file,file.filename={d}/top.qcow2",
         "-device", "virtio-blk-pci,drive=q,id=disk2,bootindex=1"],

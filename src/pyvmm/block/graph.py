@@ -200,23 +200,31 @@ class BlockGraph:
             fd, tmp = tempfile.mkstemp(prefix="vl.", dir=tmpdir)
         except OSError as e:
             raise ConfigError(f"-drive {text}: Could not get temporary filename: {e.strerror}") from None
+        backing: BlockBackend | None = None
         try:
             try:
-                create_qcow2(fd, size, os.path.abspath(base.filename), base.driver)
+                create_qcow2(fd, size)  # as QEMU's: the header names no backing file; it is attached below
             finally:
                 os.close(fd)
-            fopts = NodeOptions("file", auto_node_name(), filename=tmp, discard=True, text=text, option="drive")
+            fopts = NodeOptions("file", auto_node_name(), filename=tmp, discard=True, cache_no_flush=True,
+                                text=text, option="drive")
             fnode = Node(fopts)
             opts = NodeOptions("qcow2", auto_node_name(), file=fopts.node_name, discard=True, cache_no_flush=True,
                                backing=base.name, backing_set=True, text=text, option="drive")
             node = Node(opts, file=fnode, backing=base, temporary=True, read_only=base.read_only)
             fnode.parents.append((node, "file"))
             base.parents.append((node, "backing"))
-            # The original is opened read-only underneath, through the overlay's header.
-            # (a readonly=on drive keeps a read-only overlay, as in QEMU)
-            node.image = Qcow2Image(tmp, read_only=node.read_only, perms=device_perms(node.read_only, False),
-                                    locking=locking)
+            # The original is opened read-only underneath; a readonly=on drive keeps a read-only
+            # overlay, as in QEMU.
+            perms = device_perms(node.read_only, False)
+            backing = self._open_stack(base, True, backing_perms(*perms), warn=False)
+            node.image = Qcow2Image(tmp, read_only=node.read_only, perms=perms, locking=locking,
+                                    backing_override=True, backing_image=backing)
+            base.chain_image = backing
+            self._sync_implicit(base)
         except PyvmmError as e:
+            if backing is not None:
+                backing.close()
             raise ConfigError(f"-drive {text}: {e}") from None
         finally:
             os.unlink(tmp)  # nothing to clean up later, even after a crash
@@ -241,7 +249,7 @@ class BlockGraph:
         from pyvmm.block.qcow2 import Qcow2Image
 
         pairs: list[tuple[Node, Node]] = []
-        parent, image = root, root.image
+        parent, image = root, root.image if root.image is not None else root.chain_image
         while (isinstance(image, Qcow2Image) and image.backing is not None
                and (parent is not root or not root.opts.backing_set)):
             below = image.backing

@@ -17,22 +17,31 @@ from pyvmm.block.graph import Backend, BlockGraph, Node
 from pyvmm.block.stats import IoStats
 
 
-def _actual_size(path: str) -> int | None:
+def _fd_of(image: BlockBackend | None) -> int:
+    fd = getattr(image, "fd", -1)
+    return fd if isinstance(fd, int) else -1
+
+
+def _actual_size(path: str, fd: int = -1) -> int | None:
+    """Bytes the file takes on the host (through an open fd when there is one: a -snapshot
+    overlay has no name any more)."""
     try:
-        return os.stat(path).st_blocks * 512
+        return (os.fstat(fd) if fd >= 0 else os.stat(path)).st_blocks * 512
     except OSError:
         return None
 
 
-def _file_length(path: str) -> int:
+def _file_length(path: str, fd: int = -1) -> int:
+    own = fd < 0
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        if own:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        return -(-os.lseek(fd, 0, os.SEEK_END) // 512) * 512  # QEMU's file length is in whole sectors
     except OSError:
         return 0
-    try:
-        return -(-os.lseek(fd, 0, os.SEEK_END) // 512) * 512  # QEMU's file length is in whole sectors
     finally:
-        os.close(fd)
+        if own and fd >= 0:
+            os.close(fd)
 
 
 def image_info(image: BlockBackend, fmt: str, filename: str, shown: str | None = None) -> dict[str, Any]:
@@ -42,7 +51,7 @@ def image_info(image: BlockBackend, fmt: str, filename: str, shown: str | None =
 
     info: dict[str, Any] = {"virtual-size": image.size, "filename": shown or filename, "format": fmt,
                             "dirty-flag": False}
-    actual = _actual_size(filename)
+    actual = _actual_size(filename, _fd_of(image))
     if actual is not None:
         info["actual-size"] = actual
     if isinstance(image, Qcow2Image):
@@ -145,12 +154,15 @@ def node_info(node: Node) -> dict[str, Any]:
     filename = node.filename
     shown = display_filename(node)
     if image is None:  # a child: its parent's stack covers it; describe the file itself
-        image_part: dict[str, Any] = {"virtual-size": _file_length(filename), "filename": shown,
+        above = next((p.image if p.image is not None else p.chain_image for p, role in node.parents
+                      if role == "file"), None)
+        fd = _fd_of(above)
+        image_part: dict[str, Any] = {"virtual-size": _file_length(filename, fd), "filename": shown,
                                       "format": node.driver, "dirty-flag": False}
-        actual = _actual_size(filename)
+        actual = _actual_size(filename, fd)
         if actual is not None:
             image_part["actual-size"] = actual
-        ro = node.read_only
+        ro = above.read_only if above is not None else node.read_only  # a file is open as its format is
         chain: list[BlockBackend] = []
     else:
         fmt = "file" if node.driver == "file" else node.driver
