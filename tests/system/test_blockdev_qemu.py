@@ -227,6 +227,11 @@ ERRORS = [
     ["-blockdev", "driver=file,filename={raw},node-name=a", "-device", "virtio-blk-pci,drive=a,bus=pci.1"],
     ["-blockdev", "driver=file,filename={raw},node-name=a", "-blockdev", "driver=raw,file=a,node-name=b",
      "-device", "virtio-blk-pci,drive=b", "-device", "virtio-blk-pci,drive=b"],
+    ["-blockdev", "driver=file,filename={raw},node-name=d0", "-drive", "file={qcow2},format=qcow2,if=none,id=d0"],
+    ["-blockdev", "driver=file,filename={raw},node-name=a", "-blockdev", "driver=file,filename={qcow2},node-name=b",
+     "-device", "virtio-blk-pci,drive=a,bootindex=1", "-device", "virtio-blk-pci,drive=b,bootindex=1"],
+    ["-drive", "file={raw},format=raw,if=none,id=d0", "-device", "virtio-blk-pci,drive=d0",
+     "-device", "virtio-blk-pci,drive=d0"],
 ]
 
 

@@ -161,7 +161,7 @@ class BlockGraph:
                   snapshot: bool, text: str) -> Backend:
         """A ``-drive``: a file node and a format node with generated names, and a backend ``ident``."""
         if ident in self.nodes:
-            raise ConfigError(f"-drive {text}: node-name={ident} is conflicting with a device id")
+            raise ConfigError(f"-drive {text}: Device name '{ident}' conflicts with an existing node name")
         probed = fmt is None
         if fmt is None:
             try:
