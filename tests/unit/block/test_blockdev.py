@@ -11,7 +11,7 @@ import subprocess
 
 import pytest
 
-from pyvmm.block import info
+from pyvmm.block import BlockError, info
 from pyvmm.block.blockdev import parse_blockdev
 from pyvmm.block.graph import BlockGraph
 from pyvmm.block.qcow2 import Qcow2Image
@@ -273,4 +273,17 @@ def test_a_header_backing_chain_is_listed_as_nodes_and_keeps_its_names(tmp_path)
     drvs = {n["node-name"]: (n["drv"], n["ro"]) for n in info.query_named_block_nodes(g)}
     assert sorted(drvs.values()) == [("file", False), ("file", True), ("file", True), ("qcow2", False),
                                      ("qcow2", True), ("raw", True)]
+    g.close()
+
+
+def test_failed_requests_are_counted_apart(tmp_path) -> None:
+    g = _graph(f"driver=file,filename={_raw(tmp_path / 'd.raw')},node-name=s", "driver=raw,file=s,node-name=f")
+    b = g.attach("f", read_only=True, share_rw=False, qdev="q")
+    assert b.image is not None
+    with pytest.raises(BlockError):
+        b.image.writev([memoryview(bytearray(512))], 0)  # the image is read-only
+    b.image.readv([memoryview(bytearray(512))], 0)
+    st = info.query_blockstats(g)[0]["stats"]
+    assert (st["failed_wr_operations"], st["wr_operations"], st["rd_operations"], st["wr_bytes"]) == (1, 0, 1, 0)
+    assert st["idle_time_ns"] >= 0
     g.close()
