@@ -16,6 +16,7 @@ from typing import Any
 from pyvmm.block.graph import Backend
 from pyvmm.block.setup import build_block_graph
 from pyvmm.chardev import parse_chardev
+from pyvmm.chardev.parse import parse_spec
 from pyvmm.config import DeviceSpec, MachineConfig
 from pyvmm.devices import device_registry
 from pyvmm.devices.pci.board import PciBoard
@@ -128,6 +129,19 @@ class PcDevices:
             spec = self._config.chardevs.get(ident, ident)
             label = ident if ident in self._config.chardevs else "chardev"
         return parse_chardev(spec, self._main_loop, self._control, label=label)
+
+    def chardev_socket_path(self, ident: str) -> str:
+        spec = self._config.chardevs.get(ident)
+        if spec is None:
+            raise ConfigError(f"Property 'chardev' can't find value '{ident}' (no -chardev id={ident})")
+        kind, path, flags = parse_spec(spec)
+        if kind != "unix":
+            raise ConfigError(f"chardev '{ident}' is not a socket (vhost-user needs -chardev socket,path=...)")
+        if flags.get("server", False):
+            raise ConfigError(f"chardev '{ident}': pyvmm cannot honour server=on for vhost-user "
+                              "(it connects to the back end's socket)")
+        self._claim("chardev", ident)
+        return path
 
     def drive(self, ident: str) -> DriveSpec:
         drive = self._drives.get(ident)

@@ -235,6 +235,15 @@ if sandbox.test_hooks_enabled():
     COMMANDS["x-pyvmm-test-syscall"] = Command("x-pyvmm-test-syscall", _x_test_syscall,
                                                (Param("call", "string", required=True), Param("path", "string")))
 
+def _register_migration_commands() -> None:
+    from pyvmm.monitor import migration_commands
+
+    for cmd in migration_commands.COMMANDS:
+        COMMANDS[cmd.name] = cmd
+
+
+_register_migration_commands()
+
 #: The only command a client may send before negotiating capabilities.
 NEGOTIATION_COMMAND = "qmp_capabilities"
 

@@ -38,6 +38,10 @@ class DeviceContext(Protocol):
         """The character back-end ``-chardev id=IDENT`` (or, pyvmm's shorthand, a back-end spec)."""
         ...
 
+    def chardev_socket_path(self, ident: str) -> str:
+        """The path of ``-chardev socket,id=IDENT,path=P`` (a client socket), claimed for this device."""
+        ...
+
     def drive(self, ident: str) -> Any:
         """The ``-drive id=IDENT`` spec, claimed for this device."""
         ...
