@@ -170,6 +170,8 @@ def test_libvirt_disk_query_block_and_blockstats_agree_with_qemu(tmp_path: Path,
         assert a["rd_operations"] > b["rd_operations"] and a["wr_operations"] > b["wr_operations"], (kind, a)
         assert a["flush_operations"] > b["flush_operations"], (kind, a)
         assert a["wr_highest_offset"] >= 16 * 65536 and a["wr_total_time_ns"] > 0 and a["rd_total_time_ns"] > 0
+        # the host file's highest written byte (libvirt's "allocation"): past the guest's 1 MiB of data
+        assert after["parent"]["stats"]["wr_highest_offset"] > 16 * 65536, (kind, after["parent"])
     assert set(seen["pyvmm"]["stats1"][0]["stats"]) == set(seen["qemu"]["stats1"][0]["stats"])
 
 

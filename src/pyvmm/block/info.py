@@ -14,6 +14,7 @@ from typing import Any
 
 from pyvmm.block.base import BlockBackend
 from pyvmm.block.graph import Backend, BlockGraph, Node
+from pyvmm.block.iov import FileStats
 from pyvmm.block.stats import IoStats
 
 
@@ -195,11 +196,24 @@ def block_info(backend: Backend) -> dict[str, Any]:
     return out
 
 
+def _file_stats(node: Node) -> FileStats | None:
+    """The host-file counters of a file node: kept by the image open on it (its format's, or its
+    own when a device uses the file node directly)."""
+    holders = [node.image] + [p.image if p.image is not None else p.chain_image for p, role in node.parents
+                              if role == "file"]
+    return next((fs for img in holders if isinstance(fs := getattr(img, "file_stats", None), FileStats)), None)
+
+
 def node_stats(node: Node) -> dict[str, Any]:
-    out: dict[str, Any] = {"node-name": node.name, "stats": IoStats(accounted=False).to_json()}
+    """A node's BlockStats below the device's level: QEMU counts requests per BlockBackend, so a
+    node reports only what its driver keeps: a file node its highest written offset and discards."""
+    stats = IoStats(accounted=False)
+    out: dict[str, Any] = {"node-name": node.name, "stats": stats.to_json()}
     if node.driver == "file":
-        out["driver-specific"] = {"driver": "file", "discard-nb-ok": 0, "discard-nb-failed": 0,
-                                  "discard-bytes-ok": 0}
+        fs = _file_stats(node)
+        out["stats"]["wr_highest_offset"] = fs.wr_highest_offset if fs is not None else 0
+        out["driver-specific"] = {"driver": "file", "discard-nb-ok": fs.discard_nb_ok if fs else 0,
+                                  "discard-nb-failed": 0, "discard-bytes-ok": fs.discard_bytes_ok if fs else 0}
     if node.file is not None:
         out["parent"] = node_stats(node.file)
     if node.backing is not None:
@@ -210,8 +224,8 @@ def node_stats(node: Node) -> dict[str, Any]:
 def block_stats(backend: Backend) -> dict[str, Any]:
     """QEMU's BlockStats for a device's backend: the device's counters, its nodes' below.
 
-    pyvmm counts I/O where the device meets its image (QEMU's BlockBackend level); the node
-    levels below it report zero counters, with the structure QEMU gives.
+    Requests are counted where the device meets its image (QEMU's BlockBackend level); the
+    nodes below report what their drivers keep (:func:`node_stats`).
     """
     stats = backend.image.stats if backend.image is not None else IoStats()
     out: dict[str, Any] = {"device": backend.name, "node-name": backend.root.name, "stats": stats.to_json()}

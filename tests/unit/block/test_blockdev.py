@@ -163,6 +163,8 @@ def test_device_io_is_counted_and_reaches_the_image(tmp_path) -> None:
         (4096, 1, 8192, 2, 1)
     assert st["wr_highest_offset"] == 12288 and st["wr_total_time_ns"] > 0 and st["rd_total_time_ns"] > 0
     assert s["parent"]["node-name"] == "libvirt-1-storage" and s["parent"]["driver-specific"]["driver"] == "file"
+    # the host file's highest written byte: the data cluster allocated at the end, past the metadata
+    assert s["parent"]["stats"]["wr_highest_offset"] >= 4 * 65536 + 4096
     g.close()
     img = Qcow2Image(q, read_only=True)
     got = bytearray(4096)
@@ -190,9 +192,22 @@ def test_discard_ignore_drops_guest_discards(tmp_path) -> None:
     b = g.attach("f", read_only=False, share_rw=False, qdev="q")
     assert b.image is not None
     b.image.discard(0, 1 << 20)
+    s = info.query_blockstats(g)[0]
+    assert s["stats"]["unmap_operations"] == 1  # counted where the device asked, as in QEMU
+    assert s["parent"]["driver-specific"]["discard-nb-ok"] == 0
     g.close()
     assert open(r, "rb").read(1 << 20) == b"\xaa" * (1 << 20)
-    assert info.IoStats().unmap_operations == 0
+    g = _graph(f"driver=file,filename={r},node-name=s", "driver=raw,file=s,node-name=f,discard=unmap")
+    b = g.attach("f", read_only=False, share_rw=False, qdev="q")
+    assert b.image is not None
+    b.image.discard(0, 1 << 20)
+    b.image.writev([memoryview(bytearray(512))], 3 << 20)
+    s = info.query_blockstats(g)[0]
+    assert s["parent"]["driver-specific"] == {"driver": "file", "discard-nb-ok": 1, "discard-nb-failed": 0,
+                                              "discard-bytes-ok": 1 << 20}
+    assert s["parent"]["stats"]["wr_highest_offset"] == (3 << 20) + 512
+    g.close()
+    assert open(r, "rb").read(1 << 20) == bytes(1 << 20)
 
 
 def test_query_entries_have_qemus_fields(tmp_path) -> None:
