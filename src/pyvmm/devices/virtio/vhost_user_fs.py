@@ -195,14 +195,27 @@ class VhostUserFs(VirtioDevice):
                     return
                 table = mem.read(q.desc_addr, DESC_SIZE * n)
                 ring = mem.read(q.used_addr + 4, 8 * n)
+                ranges: list[tuple[int, int]] = []
                 for k in range(count):
                     head = _U32.unpack_from(ring, 8 * ((seen + k) % n))[0]
                     if head < n:
-                        self._report_chain(table, n, head, hook)
+                        self._written_ranges(table, n, head, ranges)
             except GuestMemoryError:
                 return
+        # One report per run of adjacent buffers (each report costs the software CPU a kick).
+        ranges.sort()
+        start, end = -1, -1
+        for addr, length in ranges:
+            if addr <= end:
+                end = max(end, addr + length)
+                continue
+            if end > start >= 0:
+                hook(start, end - start)
+            start, end = addr, addr + length
+        if end > start >= 0:
+            hook(start, end - start)
 
-    def _report_chain(self, table: bytes, n: int, idx: int, hook: Callable[[int, int], None]) -> None:
+    def _written_ranges(self, table: bytes, n: int, idx: int, out: list[tuple[int, int]]) -> None:
         for _ in range(n):
             addr, length, flags, nxt = _DESC.unpack_from(table, DESC_SIZE * idx)
             if flags & _INDIRECT:
@@ -212,10 +225,10 @@ class VhostUserFs(VirtioDevice):
                     for j in range(count):
                         a, ln, f, _nx = _DESC.unpack_from(indirect, DESC_SIZE * j)
                         if f & _WRITE and ln:
-                            hook(a, ln)
+                            out.append((a, ln))
                 return
             if flags & _WRITE and length:
-                hook(addr, length)
+                out.append((addr, length))
             if not flags & _NEXT or nxt >= n:
                 return
             idx = nxt

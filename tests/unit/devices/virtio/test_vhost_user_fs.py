@@ -365,3 +365,30 @@ def test_factory_refuses_private_guest_ram(backend, loop):
             _create(_Ctx(private, backend.path, loop), _Props(chardev="c", tag="t"))  # type: ignore[arg-type]
     finally:
         private.close()
+
+
+def test_a_call_reports_what_the_back_end_wrote_to_the_dma_observer(backend, mem, loop):
+    """tcg must drop translated code in buffers virtiofsd filled: the used chains' writable parts."""
+    dev, t, line = _device(backend, mem, loop)
+    written: list[tuple[int, int]] = []
+    dev.set_dma_hook(lambda gpa, length: written.append((gpa, length)))
+    drv = MmioDriver(mem, t)
+    qs = drv.init(2, size=16)
+    backend.wait_for(Request.SET_VRING_ENABLE, 2)
+    calls = [m[3][0] for m in backend.messages if m[0] == Request.SET_VRING_CALL]
+    hdr = drv.alloc(64)
+    head = qs[1].add([(hdr, 64, False), (0x200000, 4096, True), (0x201000, 4096, True), (0x300000, 512, True)])
+    table = drv.alloc(64)
+    head2 = qs[1].add_indirect(table, [(hdr, 64, False), (0x202000, 4096, True)])
+    # the back end uses both chains (as virtiofsd does: used elements, then the index), then calls
+    for slot, h in enumerate((head, head2)):
+        mem.write(qs[1].used + 4 + 8 * slot, struct.pack("<II", h, 100))
+    mem.write_u16(qs[1].used + 2, 2)
+    os.eventfd_write(calls[1], 1)
+    wait_until(lambda: line.level)
+    assert written == [(0x200000, 3 * 4096), (0x300000, 512)]  # adjacent buffers merged, readable ones left out
+    # nothing new used: a second call reports nothing more
+    os.eventfd_write(calls[1], 1)
+    time.sleep(0.1)
+    assert len(written) == 2
+    t.close()
