@@ -76,9 +76,10 @@ class VhostUserFs(VirtioDevice):
         self._seen_used = [0] * nq  # per queue: used index up to which written ranges were reported
         self._dma_hook: Callable[[int, int], None] | None = None
         self.failing = False  # the back end is gone: requests get EIO
+        self._relays = [self._call_relay(i, fd) for i, fd in enumerate(self.call_fds)]
         if loop is not None:
-            for i, fd in enumerate(self.call_fds):
-                loop.add_reader(fd, self._call_relay(i, fd))
+            for fd, relay in zip(self.call_fds, self._relays, strict=True):
+                loop.add_reader(fd, relay)
             loop.add_reader(self.err_fd, self._on_vring_error)
             frontend.watch(loop, self.backend_gone)
 
@@ -94,6 +95,19 @@ class VhostUserFs(VirtioDevice):
             super().notify(index)
             return
         os.eventfd_write(self.kick_fds[index], 1)
+
+    def call_eventfd(self, index: int) -> int | None:
+        return self.call_fds[index] if 0 <= index < len(self.call_fds) else None
+
+    def set_call_relay(self, index: int, enabled: bool) -> None:
+        """An irqfd (KVM, MSI-X) takes queue ``index``'s calls straight to the guest, or gives them back."""
+        if self.loop is None or not 0 <= index < len(self.call_fds):
+            return
+        if enabled:
+            self.loop.add_reader(self.call_fds[index], self._relays[index])
+            os.eventfd_write(self.call_fds[index], 1)  # a call may have come while the vector was moving
+        else:
+            self.loop.remove_reader(self.call_fds[index])
 
     def set_dma_hook(self, hook: Callable[[int, int], None] | None) -> None:
         super().set_dma_hook(hook)

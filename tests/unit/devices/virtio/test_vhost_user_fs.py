@@ -392,3 +392,62 @@ def test_a_call_reports_what_the_back_end_wrote_to_the_dma_observer(backend, mem
     time.sleep(0.1)
     assert len(written) == 2
     t.close()
+
+
+class FakeMsiIrqFds:
+    def __init__(self) -> None:
+        self.routes: dict[int, tuple[int, int]] = {}
+        self.log: list[tuple[str, int]] = []
+
+    def register_msi_irqfd(self, fd: int, address: int, data: int) -> None:
+        self.routes[fd] = (address, data)
+        self.log.append(("register", fd))
+
+    def unregister_msi_irqfd(self, fd: int) -> None:
+        del self.routes[fd]
+        self.log.append(("unregister", fd))
+
+
+def test_pci_calls_follow_the_msix_vector_as_irqfds(backend, mem, loop):
+    """On KVM a call eventfd becomes its queue's MSI in the kernel while the vector is usable."""
+    from pyvmm.bus import Bus
+    from pyvmm.devices.pci.host import PciHost
+    from pyvmm.devices.virtio.pci import VirtioPci
+    from support.pci_driver import GuestPci, Ring, VirtioPciDriver
+
+    io, mmio = Bus("io"), Bus("mmio")
+    msis: list[tuple[int, int]] = []
+    host = PciHost(mem, mmio, io, lambda g: None, msi_sender=lambda a, d: msis.append((a, d)))
+    fe = VhostUserFrontend(backend.path)
+    fe.handshake()
+    dev = VhostUserFs(mem, fe, tag="t", queue_size=16, loop=loop)
+    t = VirtioPci(dev, msix=True, msi_sender=host.send_msi)
+    slot = host.add(t)
+    host.assign_resources()
+    fast = FakeMsiIrqFds()
+    t.attach_msi_irqfds(fast)
+    assert fast.routes == {}  # MSI-X is off: calls are relayed
+    pci = GuestPci(io, mmio)
+    drv = VirtioPciDriver(pci, slot)
+    cap = next(off for off, c in pci.caps(slot) if c == 0x11)
+    pci.cfg_write(slot, cap + 2, 2, 0x8000)
+    table = t.mapped_bars()[1]
+    mmio.write(table + 16, 4, 0xFEE0_0000)  # vector 1
+    mmio.write(table + 24, 4, 0x41)
+    mmio.write(table + 28, 4, 0)
+    drv.init(1 << 32)
+    drv.setup_queue(1, Ring(mem, 0x10000, 16), vector=1)
+    assert fast.routes == {dev.call_fds[1]: (0xFEE0_0000, 0x41)}
+    mmio.write(table + 24, 4, 0x42)  # the guest moves the vector: the route follows
+    assert fast.routes == {dev.call_fds[1]: (0xFEE0_0000, 0x42)}
+    mmio.write(table + 28, 4, 1)  # masked: back to the relay, which leaves the MSI pending
+    assert fast.routes == {} and fast.log[-1] == ("unregister", dev.call_fds[1])
+    os.eventfd_write(dev.call_fds[1], 1)
+    wait_until(lambda: t.msix is not None and t.msix.pending >> 1 & 1)
+    assert msis == []
+    mmio.write(table + 28, 4, 0)  # unmasked: the pending MSI goes out, and the irqfd is back
+    assert msis == [(0xFEE0_0000, 0x42)]
+    assert dev.call_fds[1] in fast.routes
+    t.close()
+    assert fast.routes == {}
+    host.close()
