@@ -30,7 +30,7 @@ import os
 import struct
 from collections.abc import Callable
 
-from pyvmm.block.iov import iov_from_bytes, iov_to_bytes
+from pyvmm.block.iov import iov_from_bytes, iov_slice, iov_to_bytes
 from pyvmm.devices.virtio.device import COMMON_FEATURES, DeviceId, Feature, VirtioDevice
 from pyvmm.devices.virtio.queue import DESC_SIZE, MAX_INDIRECT_DESCS, DescFlags, Virtqueue
 from pyvmm.errors import ConfigError, GuestMemoryError
@@ -292,7 +292,7 @@ class VhostUserFs(VirtioDevice):
         while (chain := queue.pop()) is not None:
             written = 0
             try:
-                head = iov_to_bytes(chain.readable)[:_FUSE_IN_HEADER.size] if chain.read_len else b""
+                head = iov_to_bytes(iov_slice(chain.readable, 0, _FUSE_IN_HEADER.size))
                 if len(head) == _FUSE_IN_HEADER.size and chain.write_len >= _FUSE_OUT_HEADER.size:
                     _len, opcode, unique = _FUSE_IN_HEADER.unpack(head)
                     if opcode not in (_FUSE_FORGET, _FUSE_BATCH_FORGET):
