@@ -322,26 +322,30 @@ class VhostUserFs(VirtioDevice):
 def _create(ctx: DeviceContext, props: DeviceProps) -> VhostUserFs:
     name = props.name("vhost-user-fs")
     chardev = props.get_str("chardev")
-    if not chardev:
-        raise ConfigError("Property 'chardev' is required (a -chardev socket,id=ID,path=SOCKET)")
+    if not chardev:  # QEMU's messages (hw/virtio/vhost-user-fs.c)
+        raise ConfigError("missing chardev")
     tag = props.get_str("tag")
     if not tag:
-        raise ConfigError("tag property must be set")
+        raise ConfigError("missing tag property")
     if len(tag.encode()) > TAG_SIZE:
         raise ConfigError(f"tag property must be {TAG_SIZE} bytes or less")
     nrq = props.get_int("num-request-queues")
-    if not 1 <= nrq <= MAX_REQUEST_QUEUES:
-        raise ConfigError(f"num-request-queues property must be between 1 and {MAX_REQUEST_QUEUES}")
+    if nrq < 1:
+        raise ConfigError("num-request-queues property must be larger than 0")
+    if nrq > MAX_REQUEST_QUEUES:
+        raise ConfigError(f"pyvmm cannot honour num-request-queues={nrq} (at most {MAX_REQUEST_QUEUES})")
     qsize = props.get_int("queue-size")
-    if not 1 <= qsize <= MAX_QUEUE_SIZE or qsize & (qsize - 1):
-        raise ConfigError(f"queue-size property must be a power of 2 not above {MAX_QUEUE_SIZE}")
+    if qsize < 1 or qsize & (qsize - 1):
+        raise ConfigError("queue-size property must be a power of 2")
+    if qsize > MAX_QUEUE_SIZE:
+        raise ConfigError(f"queue-size property must be {MAX_QUEUE_SIZE} or smaller")
+    path = ctx.chardev_socket_path(chardev)
     memory = ctx.memory
     if not memory.shareable:
-        raise ConfigError(f"{name}: guest RAM must be shared with the vhost-user back end: use "
-                          "-object memory-backend-memfd,id=mem,size=SIZE,share=on -machine memory-backend=mem")
+        raise ConfigError(f"{name}: guest RAM must be shared with the vhost-user back end: use -object "
+                          f"memory-backend-memfd,id=mem,size={memory.ram_size >> 20}M,share=on -machine memory-backend=mem")
     if len(memory.regions) > MAX_MEM_REGIONS:
         raise ConfigError(f"{name}: guest RAM has more than {MAX_MEM_REGIONS} regions")
-    path = ctx.chardev_socket_path(chardev)
     try:
         frontend = VhostUserFrontend(path, name=name)
         frontend.handshake()

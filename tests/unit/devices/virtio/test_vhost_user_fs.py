@@ -346,11 +346,12 @@ class _Props:
 
 
 @pytest.mark.parametrize("props,msg", [
-    ({"tag": "t"}, "Property 'chardev' is required"),
-    ({"chardev": "c"}, "tag property must be set"),
-    ({"chardev": "c", "tag": "x" * 37}, "36 bytes or less"),
-    ({"chardev": "c", "tag": "t", "queue-size": 100}, "power of 2"),
-    ({"chardev": "c", "tag": "t", "num-request-queues": 0}, "num-request-queues"),
+    ({"tag": "t"}, "^missing chardev$"),
+    ({"chardev": "c"}, "^missing tag property$"),
+    ({"chardev": "c", "tag": "x" * 37}, "^tag property must be 36 bytes or less$"),
+    ({"chardev": "c", "tag": "t", "queue-size": 100}, "^queue-size property must be a power of 2$"),
+    ({"chardev": "c", "tag": "t", "queue-size": 2048}, "^queue-size property must be 1024 or smaller$"),
+    ({"chardev": "c", "tag": "t", "num-request-queues": 0}, "^num-request-queues property must be larger than 0$"),
     ({"chardev": "c", "tag": "t", "num-request-queues": 2}, "serves 2 queues, 3 are needed"),
 ])
 def test_factory_errors(backend, mem, loop, props, msg):
