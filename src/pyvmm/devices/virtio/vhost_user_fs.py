@@ -342,8 +342,8 @@ def _create(ctx: DeviceContext, props: DeviceProps) -> VhostUserFs:
     path = ctx.chardev_socket_path(chardev)
     memory = ctx.memory
     if not memory.shareable:
-        raise ConfigError(f"{name}: guest RAM must be shared with the vhost-user back end: use -object "
-                          f"memory-backend-memfd,id=mem,size={memory.ram_size >> 20}M,share=on -machine memory-backend=mem")
+        raise ConfigError(f"{name}: guest RAM must be shared with the vhost-user back end: use -object memory-"
+                          f"backend-memfd,id=mem,size={memory.ram_size >> 20}M,share=on -machine memory-backend=mem")
     if len(memory.regions) > MAX_MEM_REGIONS:
         raise ConfigError(f"{name}: guest RAM has more than {MAX_MEM_REGIONS} regions")
     try:
