@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pyvmm import __version__
+from pyvmm.block.blockdev import parse_blockdev
 from pyvmm.chardev.parse import parse_spec
 from pyvmm.config import (
     CHARDEV_SYNTAX,
@@ -99,6 +100,8 @@ OPTIONS: tuple[Option, ...] = (
     Option(("no-user-config",), "", "read no configuration files (pyvmm reads none)"),
     Option(("nodefaults",), "", "no default devices: no serial port back-end unless -serial is given"),
     Option(("S",), "", "start with the vCPUs stopped; QMP 'cont' starts them"),
+    Option(("incoming",), "unix:PATH|tcp:HOST:PORT|exec:CMD|defer",
+           "wait for a migration stream (QMP migrate from another VMM) instead of booting"),
     Option(("no-acpi",), "", "no ACPI tables"),
     Option(("boot",), "[order=]DRIVES[,once=D][,menu=on|off][,strict=on|off]",
            "checked as QEMU does; with -kernel the kernel boots"),
@@ -111,7 +114,9 @@ OPTIONS: tuple[Option, ...] = (
     Option(("object",), "memory-backend-{memfd,file,ram},id=ID,size=S[,share=on][,mem-path=P] | JSON",
            "a guest RAM back-end, for -machine memory-backend=ID or -numa node,memdev=ID"),
     Option(("numa",), "node,memdev=ID", "one NUMA node whose RAM is the memory back-end ID"),
-    Option(("blockdev",), "JSON | driver=...", "refused: use -drive"),
+    Option(("blockdev",), "JSON | driver=file|raw|qcow2,node-name=N[,...]",
+           "a block node (QEMU's grammar), for -device virtio-blk-pci,drive=N"),
+    Option(("snapshot",), "", "every -drive gets a temporary overlay: the images are never written"),
     Option(("audiodev",), "none,id=ID | JSON", "an audio back-end; only 'none' (pyvmm has no sound devices)"),
     Option(("verbose", "v"), "", "more log output (-vv for debug)"),
     Option(("quiet", "q"), "", "only errors on stderr"),
@@ -216,7 +221,6 @@ RTC_SYNTAX = OptionSyntax("rtc", keys=("base", "clock", "driftfix"))
 ACTION_SYNTAX = OptionSyntax("action", keys=("reboot", "shutdown", "panic", "watchdog"))
 DISPLAY_SYNTAX = OptionSyntax("display", implied="type")
 MON_SYNTAX = OptionSyntax("mon", implied="chardev", keys=("chardev", "mode", "pretty"))
-BLOCKDEV_SYNTAX = OptionSyntax("blockdev", json=True)
 AUDIODEV_SYNTAX = OptionSyntax("audiodev", implied="driver", json=True)
 #: QEMU 7.2's display types; pyvmm honours only none.
 _DISPLAYS = ("none", "gtk", "sdl", "egl-headless", "curses", "cocoa", "dbus", "spice-app", "vnc")
@@ -344,6 +348,19 @@ def _name(args: RunArgs, cfg: MachineConfig) -> str | None:
     if opts.get_bool("debug-threads", False):
         raise _cannot(opts, "debug-threads=on (its threads keep Python's names)")
     return opts.get_str("process")
+
+
+def _incoming(args: RunArgs) -> str | None:
+    text = args.last("incoming")
+    if text is None or text == "defer":
+        return text
+    from pyvmm.migration.uri import parse
+
+    try:
+        parse(text)
+    except ConfigError as e:
+        raise ConfigError(f"-incoming {text}: {e}") from None
+    return text
 
 
 def _uuid(args: RunArgs, cfg: MachineConfig) -> None:
@@ -556,11 +573,6 @@ def _memory_backend(args: RunArgs, cfg: MachineConfig) -> None:
 
 
 def _refused_backends(args: RunArgs) -> None:
-    for text in args.all("blockdev"):
-        opts = parse(BLOCKDEV_SYNTAX, text)
-        if "driver" not in opts:
-            raise opts.error("Parameter 'driver' is missing")
-        raise _cannot(opts, "-blockdev (use -drive file=...,if=none,id=ID)")
     ids: set[str] = set()
     for text in args.all("audiodev"):
         opts = parse(AUDIODEV_SYNTAX, text)
@@ -626,10 +638,15 @@ def configure(args: RunArgs) -> tuple[MachineConfig, ProcessOptions]:
     cfg.no_reboot = args.has("no-reboot")
     _actions(args, cfg)
     cfg.start_paused = args.has("S")
+    cfg.incoming = _incoming(args)
     if args.has("no-acpi"):
         cfg.acpi = False
     cfg.devices = _devices(args)
     cfg.drives = [parse_drive(d) for d in args.all("drive")]
+    if args.has("snapshot"):  # QEMU's -snapshot: snapshot=on for every -drive
+        for drive in cfg.drives:
+            drive.snapshot = True
+    cfg.blockdevs = [node for text in args.all("blockdev") for node in parse_blockdev(text)]
     for drive in cfg.drives:  # QEMU opens every -drive at start, if=none ones too
         if not os.path.exists(drive.file):
             raise ConfigError(f"-drive file={escape(drive.file)}: Could not open '{drive.file}': "
@@ -666,7 +683,7 @@ def configure(args: RunArgs) -> tuple[MachineConfig, ProcessOptions]:
         raise ConfigError(f"-daemonize: -serial {cfg.serial} cannot be used with -daemonize (it needs the terminal)")
     _check_socket_paths(cfg)
     if cfg.machine == "none":
-        for name in ("kernel", "initrd", "append", "device", "drive", "netdev"):
+        for name in ("kernel", "initrd", "append", "device", "drive", "netdev", "blockdev"):
             if args.has(name):
                 raise ConfigError(f"-{name}: -machine none has no guest (no kernel, no buses)")
     cfg.validate()

@@ -247,6 +247,7 @@ class MachineConfig:
     no_reboot: bool = False
     devices: list[DeviceSpec] = field(default_factory=list)
     drives: list = field(default_factory=list)  # pyvmm.devices.virtio.options.DriveSpec (-drive)
+    blockdevs: list = field(default_factory=list)  # pyvmm.block.blockdev.NodeOptions (-blockdev), in order
     netdevs: list = field(default_factory=list)  # pyvmm.net.options.NetdevSpec (-netdev)
     chardevs: dict[str, str] = field(default_factory=dict)  # -chardev id -> pyvmm.chardev spec
     mem_path: str | None = None
@@ -256,6 +257,7 @@ class MachineConfig:
     name: str | None = None  # -name guest=
     uuid: str | None = None  # -uuid, canonical lower-case form
     start_paused: bool = False  # -S: vCPUs wait for QMP 'cont'
+    incoming: str | None = None  # -incoming URI|defer: load a migration stream instead of booting
     panic_action: PanicAction = PanicAction.SHUTDOWN  # -action panic=
     acpi: bool = True  # -no-acpi clears it
     rtc_base: str = "utc"  # -rtc base=utc|localtime|YYYY-MM-DD[THH:MM:SS]

@@ -15,6 +15,7 @@ import ctypes
 import mmap
 import os
 import struct
+import threading
 from dataclasses import dataclass
 
 from pyvmm.errors import GuestMemoryError, PyvmmError
@@ -124,6 +125,8 @@ class GuestMemory:
         #: RAM below and above the 4 GiB line (CMOS, E820 and the boot loaders need them).
         self.below_4g = sum(max(0, min(r.end, FOUR_GIB) - r.gpa) for r in self.regions)
         self.above_4g = size - self.below_4g
+        #: Pages written by the host (device DMA) while dirty tracking is on, for live migration.
+        self.dirty = DirtyPages(self)
 
     # -- construction -------------------------------------------------------------------------
     def _open_backend(self, backend: RamBackend, size: int) -> int:
@@ -332,3 +335,67 @@ class GuestMemory:
         data = r.mapping[off:end]
         nul = data.find(b"\0")
         return data if nul < 0 else data[:nul]
+
+
+PAGE_SIZE = 4096
+
+
+def bitmap_bytes(pages: int) -> int:
+    """Bytes of a one-bit-per-page bitmap, rounded up to 64-bit words as KVM_GET_DIRTY_LOG writes it."""
+    return (pages + 63) // 64 * 8
+
+
+class DirtyPages:
+    """One bitmap per RAM region of the pages device DMA wrote while tracking is on.
+
+    Bit ``i`` (byte ``i // 8``, bit ``i % 8``) stands for page ``i`` of the region, the layout
+    of KVM_GET_DIRTY_LOG, so an accelerator ORs its own log into :meth:`take`'s result.  Devices
+    report writes through the DMA hook (:class:`pyvmm.capabilities.DmaObserver`), which the
+    accelerator points at :meth:`mark`.  A range outside RAM (a guest-chosen address) marks only
+    what lies inside RAM.
+    """
+
+    def __init__(self, memory: GuestMemory) -> None:
+        self._regions = [(r.gpa, r.size) for r in memory.regions]
+        self._lock = threading.Lock()
+        self._maps: list[bytearray] | None = None
+
+    @property
+    def active(self) -> bool:
+        return self._maps is not None
+
+    def start(self) -> None:
+        """Begin tracking with every bitmap clear (idempotent: a running log is kept)."""
+        with self._lock:
+            if self._maps is None:
+                self._maps = [bytearray(bitmap_bytes(size // PAGE_SIZE)) for _, size in self._regions]
+
+    def stop(self) -> None:
+        with self._lock:
+            self._maps = None
+
+    def mark(self, gpa: int, length: int) -> None:
+        """Guest RAM ``[gpa, gpa + length)`` was written by the host."""
+        if self._maps is None or length <= 0:
+            return
+        with self._lock:
+            maps = self._maps
+            if maps is None:
+                return
+            for (base, size), bm in zip(self._regions, maps, strict=True):
+                start, end = max(gpa, base), min(gpa + length, base + size)
+                if start >= end:
+                    continue
+                for page in range((start - base) // PAGE_SIZE, (end - 1 - base) // PAGE_SIZE + 1):
+                    bm[page >> 3] |= 1 << (page & 7)
+
+    def take(self, region: int) -> bytearray:
+        """Region ``region``'s bitmap since the last take (all clear when not tracking); clears it."""
+        if not 0 <= region < len(self._regions):
+            raise GuestMemoryError(f"no RAM region {region}")
+        fresh = bytearray(bitmap_bytes(self._regions[region][1] // PAGE_SIZE))
+        with self._lock:
+            if self._maps is None:
+                return fresh
+            taken, self._maps[region] = self._maps[region], fresh
+        return taken

@@ -60,9 +60,12 @@ PROGRAMS: dict[str, str] = {
     "ip": "iproute2",
     "mount": BASE,           # mount (essential)
     "umount": BASE,          # mount (essential)
+    "unshare": BASE,         # util-linux (essential)
+    "nsenter": BASE,         # util-linux (essential)
     "truncate": BASE,        # coreutils
     "true": BASE,            # coreutils
     "sh": BASE,              # dash
+    "/bin/sh": BASE,         # dash: QEMU's exec: migration URIs run /bin/sh -c CMD
     "python3": BASE,         # the interpreter bootstrap runs under
     "dpkg-deb": BASE,        # dpkg
     "apt-get": BASE,

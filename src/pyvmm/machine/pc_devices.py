@@ -13,6 +13,8 @@ import logging
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from pyvmm.block.graph import Backend
+from pyvmm.block.setup import build_block_graph
 from pyvmm.chardev import parse_chardev
 from pyvmm.chardev.parse import parse_spec
 from pyvmm.config import DeviceSpec, MachineConfig
@@ -48,6 +50,7 @@ class PcDevices:
         self.pci = pci
         self._builtin_chardevs: dict[str, str] = {}
         self._drives = _drives_by_id(config.drives)
+        self.block = build_block_graph(config.blockdevs, self._drives)
         self._netdevs = _netdevs_by_id(config.netdevs)
         self._used: set[tuple[str, str]] = set()  # ("drive"|"netdev", id)
         self._board_wiring = False
@@ -142,6 +145,18 @@ class PcDevices:
                               "(give it if=none)")
         self._claim("drive", ident)
         return drive
+
+    def block_backend(self, ident: str | None, *, read_only: bool, share_rw: bool, device_id: str | None,
+                      file: str | None = None, fmt: str | None = None) -> Backend:
+        qdev = self.manager.tree.next_path(device_id, user=not self._board_wiring) + "/virtio-backend"
+        if ident is None:
+            assert file is not None
+            return self.block.attach_file(file, fmt, read_only=read_only, share_rw=share_rw, qdev=qdev)
+        drive = self._drives.get(ident)
+        if drive is not None and drive.interface != "none" and not self._board_wiring:
+            raise ConfigError(f"-drive id={ident} has if={drive.interface}, so it is already a disk of its own "
+                              "(give it if=none)")
+        return self.block.attach(ident, read_only=read_only, share_rw=share_rw, qdev=qdev)
 
     def netdev(self, ident: str) -> Any:
         spec = self._netdevs.get(ident)

@@ -46,6 +46,13 @@ class DeviceContext(Protocol):
         """The ``-drive id=IDENT`` spec, claimed for this device."""
         ...
 
+    def block_backend(self, ident: str | None, *, read_only: bool, share_rw: bool, device_id: str | None,
+                      file: str | None = None, fmt: str | None = None) -> Any:
+        """The block backend (:class:`pyvmm.block.graph.Backend`) a disk uses: ``-drive id=IDENT``
+        or ``-blockdev node-name=IDENT``, or (``ident`` None) the image ``file``; opened with the
+        device's permissions and claimed for it."""
+        ...
+
     def netdev(self, ident: str) -> Any:
         """The opened host back-end of ``-netdev id=IDENT``, claimed for this device."""
         ...

@@ -29,6 +29,7 @@ import logging
 import os
 import struct
 import threading
+from typing import Any
 
 from pyvmm.capabilities import IoEventFds, MsiIrqFds
 from pyvmm.devices.pci.config import BarKind, BarSpec, CapId, Reg, access_ok
@@ -37,6 +38,7 @@ from pyvmm.devices.pci.msix import NO_VECTOR
 from pyvmm.devices.virtio.device import DeviceId, VirtioDevice
 from pyvmm.errors import PyvmmError
 from pyvmm.loop import MainLoop
+from pyvmm.vmstate import VmStateError, fields
 
 log = logging.getLogger(__name__)
 
@@ -419,6 +421,40 @@ class VirtioPci(PciDevice):
     def bar_moved(self, index: int, base: int | None) -> None:
         if index == REGS_BAR:
             self._set_ioeventfds(base)
+
+    # -- VM state (pyvmm.vmstate) -------------------------------------------------------------------------------
+    vmstate_version = 1
+    _STATE_FIELDS = ("isr", "device_feature_select", "driver_feature_select", "queue_select", "config_vector",
+                     "queue_vectors")
+
+    def save_state(self) -> dict[str, Any]:
+        from pyvmm.devices.pci.state import save_function
+        from pyvmm.devices.virtio.state import save_device
+
+        with self.device.lock:
+            st = fields.capture(self, self._STATE_FIELDS)
+            st["pci"] = save_function(self)
+            st["device"] = save_device(self.device)
+            return st
+
+    def load_state(self, state: dict[str, Any], version: int) -> None:
+        from pyvmm.devices.pci.state import load_function
+        from pyvmm.devices.virtio.state import load_device
+
+        vectors = state.get("queue_vectors")
+        if not isinstance(vectors, list) or len(vectors) != len(self.queue_vectors):
+            raise VmStateError(f"{self.name}: queue vectors in the state do not match this device")
+        with self.device.lock:
+            fields.apply(self, self._STATE_FIELDS, state)
+            self.config_vector = self._valid_vector(self.config_vector)
+            self.queue_vectors = [self._valid_vector(v) for v in self.queue_vectors]
+            load_device(self.device, fields.need(state, "device", dict, self.name))
+            load_function(self, fields.need(state, "pci", dict, self.name))
+
+    def vmstate_post_load(self) -> None:
+        from pyvmm.devices.virtio.state import kick_ready_queues
+
+        kick_ready_queues(self.device)
 
     # -- life cycle ----------------------------------------------------------------------------------------------
     def device_reset(self) -> None:
