@@ -45,8 +45,10 @@ def test_share_options_are_options_pyvmm_reads(tmp_path):
                          memory=256 << 20, transport="mmio")
     assert argv == ["-object", f"memory-backend-memfd,id=pyvmm-mem,size={256 << 20},share=on",
                     "-machine", "memory-backend=pyvmm-mem",
-                    "-chardev", "socket,id=vfs0,path=/run/a,,b.sock", "-device", "vhost-user-fs-device,chardev=vfs0,tag=one",
-                    "-chardev", "socket,id=vfs1,path=/run/c.sock", "-device", "vhost-user-fs-device,chardev=vfs1,tag=two"]
+                    "-chardev", "socket,id=vfs0,path=/run/a,,b.sock",
+                    "-device", "vhost-user-fs-device,chardev=vfs0,tag=one",
+                    "-chardev", "socket,id=vfs1,path=/run/c.sock",
+                    "-device", "vhost-user-fs-device,chardev=vfs1,tag=two"]
     cfg, _ = configure(parse_run_args(["-m", "256M", *argv]))
     assert cfg.memory_backend == RamBackend("pyvmm-mem", "memfd", 256 << 20, share=True)
     assert cfg.chardevs["vfs0"] == "unix:/run/a,,b.sock"
