@@ -40,6 +40,7 @@ from pyvmm.qdev import DeviceContext, DeviceProps, Prop, PropType, VirtioType
 from pyvmm.ratelimit import guest_log
 from pyvmm.vhost_user.frontend import VhostUserFrontend, new_eventfd
 from pyvmm.vhost_user.protocol import MAX_MEM_REGIONS, MemRegion, ProtocolError
+from pyvmm.vmstate import VmStateError
 
 log = logging.getLogger(__name__)
 
@@ -304,6 +305,13 @@ class VhostUserFs(VirtioDevice):
             pushed = True
         if pushed:
             self.notify_used(queue)
+
+    # -- VM state (pyvmm.vmstate) -------------------------------------------------------------------
+    def save_backend_state(self) -> None:
+        """Refused, as QEMU marks vhost-user-fs unmigratable: virtiofsd holds the guest's FUSE session
+        (inodes, open files) and the rings' positions, and nothing would give them to a new one."""
+        raise VmStateError(f"{self.name}: a vhost-user-fs device cannot be saved or migrated (its back end, "
+                           "virtiofsd, holds the guest's open files)")
 
     def close(self) -> None:
         if self.loop is not None:

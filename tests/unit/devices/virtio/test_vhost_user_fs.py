@@ -452,3 +452,15 @@ def test_pci_calls_follow_the_msix_vector_as_irqfds(backend, mem, loop):
     t.close()
     assert fast.routes == {}
     host.close()
+
+
+def test_vm_state_is_refused_as_qemu_refuses_it(backend, mem, loop):
+    from pyvmm.devices.virtio.state import save_device
+    from pyvmm.vmstate import VmStateError
+
+    dev, t, _line = _device(backend, mem, loop)
+    with pytest.raises(VmStateError, match="vhost-user-fs device cannot be saved or migrated"):
+        save_device(dev)
+    with pytest.raises(VmStateError, match="cannot be saved"):
+        t.save_state()
+    t.close()
