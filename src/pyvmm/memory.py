@@ -273,14 +273,14 @@ def bitmap_bytes(pages: int) -> int:
 
 
 class DirtyPages:
-    """One bitmap per RAM region of the pages device DMA wrote while tracking is on.
+    """One bitmap per RAM region of the pages the host (devices) wrote while tracking is on.
 
     Bit ``i`` (byte ``i // 8``, bit ``i % 8``) stands for page ``i`` of the region, the layout
     of KVM_GET_DIRTY_LOG, so an accelerator ORs its own log into :meth:`take`'s result.  Every
     host write through :class:`GuestMemory`'s write methods is marked; writes through views
     (virtio buffers) are reported by the device's DMA hook
-    (:class:`pyvmm.capabilities.DmaObserver`), which the accelerator points at :meth:`mark`.  A range outside RAM (a guest-chosen address) marks only
-    what lies inside RAM.
+    (:class:`pyvmm.capabilities.DmaObserver`), which the accelerator points at :meth:`mark`.
+    A range outside RAM (a guest-chosen address) marks only what lies inside RAM.
     """
 
     def __init__(self, memory: GuestMemory) -> None:
