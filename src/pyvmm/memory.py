@@ -314,10 +314,14 @@ class GuestMemory:
         r = self.region_for(gpa, length)
         off = gpa - r.gpa
         r.mapping[off:off + length] = data
+        if self.dirty.active:
+            self.dirty.mark(gpa, length)
 
     def fill(self, gpa: int, length: int, byte: int = 0) -> None:
         r = self.region_for(gpa, length)
         ctypes.memset(r.host_addr + (gpa - r.gpa), byte, length)
+        if self.dirty.active:
+            self.dirty.mark(gpa, length)
 
     def read_u8(self, gpa: int) -> int:
         r = self.region_for(gpa, 1)
@@ -338,18 +342,26 @@ class GuestMemory:
     def write_u8(self, gpa: int, value: int) -> None:
         r = self.region_for(gpa, 1)
         r.mapping[gpa - r.gpa] = value & 0xFF
+        if self.dirty.active:
+            self.dirty.mark(gpa, 1)
 
     def write_u16(self, gpa: int, value: int) -> None:
         r = self.region_for(gpa, 2)
         _U16.pack_into(r.mapping, gpa - r.gpa, value & 0xFFFF)
+        if self.dirty.active:
+            self.dirty.mark(gpa, 2)
 
     def write_u32(self, gpa: int, value: int) -> None:
         r = self.region_for(gpa, 4)
         _U32.pack_into(r.mapping, gpa - r.gpa, value & 0xFFFF_FFFF)
+        if self.dirty.active:
+            self.dirty.mark(gpa, 4)
 
     def write_u64(self, gpa: int, value: int) -> None:
         r = self.region_for(gpa, 8)
         _U64.pack_into(r.mapping, gpa - r.gpa, value & 0xFFFF_FFFF_FFFF_FFFF)
+        if self.dirty.active:
+            self.dirty.mark(gpa, 8)
 
     def read_cstring(self, gpa: int, max_len: int = 4096) -> bytes:
         """A NUL-terminated string, read at most ``max_len`` bytes and never past the region."""
@@ -370,13 +382,14 @@ def bitmap_bytes(pages: int) -> int:
 
 
 class DirtyPages:
-    """One bitmap per RAM region of the pages device DMA wrote while tracking is on.
+    """One bitmap per RAM region of the pages the host (devices) wrote while tracking is on.
 
     Bit ``i`` (byte ``i // 8``, bit ``i % 8``) stands for page ``i`` of the region, the layout
-    of KVM_GET_DIRTY_LOG, so an accelerator ORs its own log into :meth:`take`'s result.  Devices
-    report writes through the DMA hook (:class:`pyvmm.capabilities.DmaObserver`), which the
-    accelerator points at :meth:`mark`.  A range outside RAM (a guest-chosen address) marks only
-    what lies inside RAM.
+    of KVM_GET_DIRTY_LOG, so an accelerator ORs its own log into :meth:`take`'s result.  Every
+    host write through :class:`GuestMemory`'s write methods is marked; writes through views
+    (virtio buffers) are reported by the device's DMA hook
+    (:class:`pyvmm.capabilities.DmaObserver`), which the accelerator points at :meth:`mark`.
+    A range outside RAM (a guest-chosen address) marks only what lies inside RAM.
     """
 
     def __init__(self, memory: GuestMemory) -> None:
@@ -386,6 +399,7 @@ class DirtyPages:
 
     @property
     def active(self) -> bool:
+        """Tracking is on (GuestMemory's own write methods then mark what they write)."""
         return self._maps is not None
 
     def start(self) -> None:

@@ -66,6 +66,18 @@ class Source(Protocol):
         ...
 
 
+class DirtyLog(Protocol):
+    """An accelerator's log of written RAM (kvm: KVM_GET_DIRTY_LOG plus host and DMA writes)."""
+
+    def dirty_log_start(self) -> None: ...
+
+    def dirty_log_sync(self) -> list[tuple[int, int]]:
+        """``(gpa, length)`` ranges written since the last sync (or the start)."""
+        ...
+
+    def dirty_log_stop(self) -> None: ...
+
+
 class OutgoingMigration:
     def __init__(self, source: Source, uri: MigrationUri, status: MigrationStatus, params: Params,
                  on_event: Callable[[str, dict[str, Any]], None], fds: dict[str, int] | None = None) -> None:
@@ -77,6 +89,7 @@ class OutgoingMigration:
         self._fds = fds
         self._cancel = threading.Event()
         self._channel: OutChannel | None = None
+        self._dirty: DirtyLog | None = None
         self.thread = threading.Thread(target=self._run, name="migration", daemon=True)
 
     def start(self) -> None:
@@ -114,6 +127,9 @@ class OutgoingMigration:
             ram = RamSender(src.memory, w, track=was_running)
             self.status.ram_total = ram.total
             if was_running:
+                self._dirty = self._dirty_log()
+                if self._dirty is not None:
+                    self._dirty.dirty_log_start()  # before the full pass: what it misses is logged
                 self._precopy(ram)
             self.status.stop_time = time.monotonic()
             if was_running:
@@ -121,7 +137,7 @@ class OutgoingMigration:
                 stopped = True
             self._set("device")
             with src.migration_quiesced():
-                st = ram.dirty_pass() if was_running else ram.full_pass()
+                st = ram.dirty_pass(self._written()) if was_running else ram.full_pass()
                 self._account(st)
                 src.migration_write_devices(w)
                 w.end()
@@ -135,6 +151,18 @@ class OutgoingMigration:
                      self.status.downtime_ms)
         except (OSError, VmStateError, ValueError) as e:
             self._fail(e, was_running)
+        finally:
+            dirty, self._dirty = self._dirty, None
+            if dirty is not None:
+                dirty.dirty_log_stop()
+
+    def _dirty_log(self) -> DirtyLog | None:
+        """The source's accelerator dirty log, if it has one (else passes compare all of RAM)."""
+        get = getattr(self.source, "migration_dirty_log", None)
+        return get() if callable(get) else None
+
+    def _written(self) -> list[tuple[int, int]] | None:
+        return self._dirty.dirty_log_sync() if self._dirty is not None else None
 
     def _fail(self, e: Exception, was_running: bool) -> None:
         ch, self._channel = self._channel, None
@@ -167,7 +195,7 @@ class OutgoingMigration:
         s.remaining = ram.total
         for _pass in self._passes():
             t0 = time.monotonic()
-            st = ram.dirty_pass()
+            st = ram.dirty_pass(self._written())
             elapsed = max(time.monotonic() - t0, 1e-3)
             self._account(st)
             s.dirty_pages_rate = int(st.dirty_bytes / PAGE / elapsed)

@@ -76,20 +76,28 @@ class RamSender:
         st.seconds = time.monotonic() - t0
         return st
 
-    def dirty_pass(self) -> PassStats:
-        """Send what changed since the last pass (``track`` only)."""
+    def dirty_pass(self, written: list[tuple[int, int]] | None = None) -> PassStats:
+        """Send what changed since the last pass (``track`` only).
+
+        ``written``: the ``(gpa, length)`` ranges an accelerator's dirty log says were written
+        since the last pass (it must cover every writer: vCPUs, host writes, DMA); then only the
+        chunks they touch are compared, instead of all of RAM.
+        """
         assert self.track
         st = PassStats()
         t0 = time.monotonic()
         for ri, r in enumerate(self.memory.regions):
-            self._region_pass(r, self._sent[ri], st)
+            chunks = None if written is None else _chunks_touched(r, written)
+            self._region_pass(r, self._sent[ri], st, chunks)
         st.seconds = time.monotonic() - t0
         return st
 
-    def _region_pass(self, r: RamRegion, sent: list[bytes | None], st: PassStats) -> None:
+    def _region_pass(self, r: RamRegion, sent: list[bytes | None], st: PassStats,
+                     chunks: list[int] | None = None) -> None:
         w = self.writer
         m = r.mapping
-        for ci, off in enumerate(range(0, r.size, CHUNK)):
+        for ci in range(len(sent)) if chunks is None else chunks:
+            off = ci * CHUNK
             old = sent[ci]
             length = min(CHUNK, r.size - off)
             if old is None:
@@ -124,6 +132,16 @@ class RamSender:
 
     def release(self) -> None:
         self._sent = [[None] * len(s) for s in self._sent]
+
+
+def _chunks_touched(r: RamRegion, written: list[tuple[int, int]]) -> list[int]:
+    """Indices of ``r``'s chunks that overlap any of the ``written`` ranges, in order."""
+    touched: set[int] = set()
+    for gpa, length in written:
+        start, end = max(gpa, r.gpa), min(gpa + length, r.end)
+        if start < end:
+            touched.update(range((start - r.gpa) // CHUNK, (end - 1 - r.gpa) // CHUNK + 1))
+    return sorted(touched)
 
 
 def _region_of(memory: GuestMemory, gpa: int, length: int) -> RamRegion:
