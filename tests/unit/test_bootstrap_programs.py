@@ -42,6 +42,7 @@ PROGRAMS: dict[str, str] = {
     "objcopy": "binutils",
     "readelf": "binutils",
     "qemu-system-x86_64": "qemu-system-x86",
+    "virtiofsd": "qemu-system-common",
     "qemu-img": "qemu-utils",
     "qemu-io": "qemu-utils",
     "busybox": "busybox-static",
@@ -59,6 +60,8 @@ PROGRAMS: dict[str, str] = {
     "ip": "iproute2",
     "mount": BASE,           # mount (essential)
     "umount": BASE,          # mount (essential)
+    "unshare": BASE,         # util-linux (essential)
+    "nsenter": BASE,         # util-linux (essential)
     "truncate": BASE,        # coreutils
     "true": BASE,            # coreutils
     "sh": BASE,              # dash

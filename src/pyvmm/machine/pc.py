@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 from pyvmm.accel import select
 from pyvmm.accel.base import Accelerator, MachineContext
+from pyvmm.block.graph import BlockGraph
 from pyvmm.boot import BootResult, load_kernel
 from pyvmm.bus import Bus, BusError
 from pyvmm.config import MachineConfig
@@ -78,7 +79,7 @@ class PcMachine:
         self.accel_reason = accel_reason
         self.control = control or VmControl()
         self.control.panic_action = config.panic_action
-        self.memory = layout.pc_memory(config.memory, config.mem_path)
+        self.memory = layout.pc_memory(config.memory, config.mem_path, config.memory_backend)
         self.io_bus = Bus("io")
         self.mmio_bus = Bus("mmio")
         self.irq = IrqRouter()
@@ -329,6 +330,8 @@ class PcMachine:
                 self.pci.close()
             if getattr(self, "virtio", None) is not None:
                 self.virtio.close()
+            if getattr(self, "qdev", None) is not None:
+                self.qdev.block.close()
 
     # -- QMP monitor: pyvmm.monitor.MachineControl ----------------------------------------------
     def _start_monitor(self) -> None:
@@ -383,6 +386,9 @@ class PcMachine:
         from pyvmm.devices.i8042 import QCODES
 
         return frozenset(QCODES)
+
+    def block_graph(self) -> BlockGraph:
+        return self.qdev.block
 
     def send_keys(self, qcodes: list[str]) -> None:
         from pyvmm.devices.i8042 import QCODES

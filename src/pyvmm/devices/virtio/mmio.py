@@ -298,6 +298,9 @@ class VirtioMmio:
             return self._eventfds[queue]
         if not 0 <= queue < len(self.device.queues):
             raise ValueError(f"{self.device.name}: no queue {queue}")
+        own = self.device.kick_eventfd(queue)
+        if own is not None:  # the device's own (vhost-user: the back end reads it)
+            return own
         loop = loop or self.device.loop or self._eventfd_loop
         if loop is None:
             raise ValueError(f"{self.device.name}: an ioeventfd needs a loop to be read on")

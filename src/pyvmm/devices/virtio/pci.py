@@ -59,7 +59,7 @@ NOTIFY_OFFSET, NOTIFY_LENGTH = 0x3000, 0x1000
 NOTIFY_MULTIPLIER = 4
 
 CLASS_CODES: dict[int, int] = {DeviceId.NET: 0x020000, DeviceId.BLOCK: 0x010000, DeviceId.CONSOLE: 0x078000,
-               DeviceId.RNG: 0x00FF00}
+               DeviceId.RNG: 0x00FF00, DeviceId.FS: 0x018000}
 
 
 class CfgType:
@@ -139,6 +139,7 @@ class VirtioPci(PciDevice):
         self.queue_vectors = [NO_VECTOR] * nq
         self._ioeventfds: IoEventFds | None = None
         self._kick_fds: list[int] = []
+        self._owned_kick_fds: set[int] = set()
         self._kick_loop: MainLoop | None = None
         self._ioeventfd_base: int | None = None
         device.bind(self)
@@ -340,8 +341,11 @@ class VirtioPci(PciDevice):
             self._ioeventfds = ioeventfds
             if not self._kick_fds:
                 for q in range(len(self.device.queues)):
-                    fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-                    loop.add_reader(fd, self.device.ioeventfd_reader(fd, q))
+                    fd = self.device.kick_eventfd(q)
+                    if fd is None:  # the device's own eventfds (vhost-user) are read by someone else
+                        fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+                        loop.add_reader(fd, self.device.ioeventfd_reader(fd, q))
+                        self._owned_kick_fds.add(fd)
                     self._kick_fds.append(fd)
                 self._kick_loop = loop
             self._set_ioeventfds(self.mapped_bars().get(REGS_BAR))
@@ -417,10 +421,13 @@ class VirtioPci(PciDevice):
         with self.cfg_lock:
             self._set_ioeventfds(None)
             for fd in self._kick_fds:
+                if fd not in self._owned_kick_fds:
+                    continue
                 if self._kick_loop is not None:
                     self._kick_loop.remove_reader(fd)
                 os.close(fd)
             self._kick_fds = []
+            self._owned_kick_fds.clear()
         self.device.close()
 
 
