@@ -2,8 +2,8 @@
 ``migrate_cancel``, ``query-migrate``, ``migrate-set-capabilities``, ``migrate-set-parameters``,
 ``query-migrate-parameters``, ``query-migrate-capabilities`` and ``migrate-incoming``.
 They are registered after the table of commands.py, so they replace any placeholder there.
-The work is done by the machine's :class:`pyvmm.migration.manager.MigrationManager`; a migration runs in its own thread, so
-``migrate`` returns at once and ``query-migrate`` follows it."""
+The work is done by the machine's :class:`pyvmm.migration.manager.MigrationManager`; a
+migration runs in its own thread, so ``migrate`` returns at once and ``query-migrate`` follows it."""
 
 from __future__ import annotations
 
