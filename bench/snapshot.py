@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from qemu.qmp import ConnectError
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
 READY = b"pyvmm-guest: shell ready"
@@ -57,10 +58,25 @@ class Vm:
                 raise SystemExit(f"snapshot.py: error: {kind} did not start: "
                                  f"{(workdir / f'{name}.log').read_text(errors='replace')[-800:]}")
             time.sleep(0.005)
-        self.qmp = QEMUMonitorProtocol(str(self.qmp_path))
-        self.qmp.connect()
-        self.con = socket.socket(socket.AF_UNIX)
-        self.con.connect(str(self.serial))
+        while True:  # bound (the file exists) is not yet listening
+            self.qmp = QEMUMonitorProtocol(str(self.qmp_path))
+            try:
+                self.qmp.connect()
+                break
+            except (ConnectError, OSError):
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise SystemExit(f"snapshot.py: error: {kind}: no QMP") from None
+                time.sleep(0.01)
+        while True:
+            self.con = socket.socket(socket.AF_UNIX)
+            try:
+                self.con.connect(str(self.serial))
+                break
+            except OSError:
+                self.con.close()
+                if time.monotonic() > deadline:
+                    raise SystemExit(f"snapshot.py: error: {kind}: no serial console") from None
+                time.sleep(0.01)
         self.con.settimeout(0.2)
         self.out = b""
 
