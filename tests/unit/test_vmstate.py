@@ -214,3 +214,15 @@ def test_irqchip_state_round_trip() -> None:
     assert b.ioapic.redir == a.ioapic.redir and b.lapics[1].tpr == 0x20 and b.pic.master.imr == 0xF0
     with pytest.raises(VmStateError, match="local APICs"):
         irqchip_state.load(UserspaceIrqchip(1, 1_000_000_000), st)
+
+
+def test_ram_dirty_pass_with_an_accelerator_log_compares_only_logged_chunks() -> None:
+    src = _memory()
+    data, sender, buf = _send(src, track=True)
+    src.write(0x2_0000, b"logged")
+    src.write(0x9_0000, b"not logged")       # a log that misses a write: that chunk is not looked at
+    st = sender.dirty_pass([(0x2_0000, 6), (0x5_0000, 0x1000)])
+    assert st.dirty_bytes == 64 << 10         # the whole chunk: it was all zeros before
+    dst = _memory()
+    _apply(dst, buf.getvalue())
+    assert dst.read(0x2_0000, 6) == b"logged" and dst.read(0x9_0000, 10) == bytes(10)

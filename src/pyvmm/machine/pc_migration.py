@@ -18,6 +18,7 @@ from pyvmm.errors import PyvmmError
 from pyvmm.machine import pc_state
 from pyvmm.migration import uri as uri_mod
 from pyvmm.migration.manager import MigrationManager
+from pyvmm.migration.outgoing import DirtyLog
 from pyvmm.runstate import RunState
 from pyvmm.vmstate import VmStateError
 from pyvmm.vmstate.stream import StreamReader, StreamWriter
@@ -44,6 +45,12 @@ class PcMigration:
     # -- Source --------------------------------------------------------------------------------
     def migration_header(self) -> dict[str, Any]:
         return pc_state.fingerprint(self.m)
+
+    def migration_dirty_log(self) -> DirtyLog | None:
+        accel = self.m.accel
+        if all(hasattr(accel, n) for n in ("dirty_log_start", "dirty_log_sync", "dirty_log_stop")):
+            return accel  # type: ignore[return-value]
+        return None
 
     def migration_running(self) -> bool:
         return self.m.state is RunState.RUNNING

@@ -36,12 +36,24 @@ log = logging.getLogger(__name__)
 MAX_PASSES = 60
 
 
+class DirtyLog(Protocol):
+    def dirty_log_start(self) -> None: ...
+
+    def dirty_log_sync(self) -> list[tuple[int, int]]: ...
+
+    def dirty_log_stop(self) -> None: ...
+
+
 class Source(Protocol):
     """What the source machine does for a migration (PcMachine through machine/pc_migration.py)."""
 
     memory: GuestMemory
 
     def migration_header(self) -> dict[str, Any]: ...
+
+    def migration_dirty_log(self) -> DirtyLog | None:
+        """The accelerator's dirty log (KVM), or None: then every pass compares all RAM."""
+        ...
 
     def check_savable(self) -> None:
         """Raise VmStateError if some device cannot be migrated."""
@@ -77,6 +89,7 @@ class OutgoingMigration:
         self._fds = fds
         self._cancel = threading.Event()
         self._channel: OutChannel | None = None
+        self._log: DirtyLog | None = None
         self.thread = threading.Thread(target=self._run, name="migration", daemon=True)
 
     def start(self) -> None:
@@ -114,6 +127,9 @@ class OutgoingMigration:
             ram = RamSender(src.memory, w, track=was_running)
             self.status.ram_total = ram.total
             if was_running:
+                self._log = src.migration_dirty_log()
+                if self._log is not None:
+                    self._log.dirty_log_start()
                 self._precopy(ram)
             self.status.stop_time = time.monotonic()
             if was_running:
@@ -121,7 +137,7 @@ class OutgoingMigration:
                 stopped = True
             self._set("device")
             with src.migration_quiesced():
-                st = ram.dirty_pass() if was_running else ram.full_pass()
+                st = ram.dirty_pass(self._written()) if was_running else ram.full_pass()
                 self._account(st)
                 src.migration_write_devices(w)
                 w.end()
@@ -135,6 +151,13 @@ class OutgoingMigration:
                      self.status.downtime_ms)
         except (OSError, VmStateError, ValueError) as e:
             self._fail(e, was_running)
+        finally:
+            log_, self._log = self._log, None
+            if log_ is not None:
+                log_.dirty_log_stop()
+
+    def _written(self) -> list[tuple[int, int]] | None:
+        return self._log.dirty_log_sync() if self._log is not None else None
 
     def _fail(self, e: Exception, was_running: bool) -> None:
         ch, self._channel = self._channel, None
@@ -167,7 +190,7 @@ class OutgoingMigration:
         s.remaining = ram.total
         for _pass in self._passes():
             t0 = time.monotonic()
-            st = ram.dirty_pass()
+            st = ram.dirty_pass(self._written())
             elapsed = max(time.monotonic() - t0, 1e-3)
             self._account(st)
             s.dirty_pages_rate = int(st.dirty_bytes / PAGE / elapsed)
