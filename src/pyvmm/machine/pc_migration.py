@@ -92,14 +92,15 @@ class PcMigration:
         mgr.event("MIGRATION", {"status": "setup"})
         t0 = time.monotonic()
         try:
-            ch = uri_mod.InChannel(uri_mod.parse(mgr.incoming_uri))
+            uri = uri_mod.parse(mgr.incoming_uri)
+            ch = uri_mod.InChannel(uri)
         except (OSError, PyvmmError) as e:
             raise PyvmmError(f"-incoming {mgr.incoming_uri}: {getattr(e, 'strerror', None) or e}") from None
         try:
             ch.accept()
             status.status = "active"
             mgr.event("MIGRATION", {"status": "active"})
-            res = pc_state.load(m, StreamReader(ch))
+            res = pc_state.load(m, StreamReader(ch), path=uri.target if uri.scheme == "file" else None)
         except (OSError, VmStateError) as e:
             status.status = "failed"
             status.error = str(e)

@@ -156,10 +156,15 @@ def load_zero(memory: GuestMemory, gpa: int, length: int) -> None:
     off = gpa - r.gpa
     if off % PAGE or length % PAGE or not memory.contains(gpa, length):
         raise VmStateError(f"VM state stream corrupt: zero-RAM record {gpa:#x}+{length:#x} is not page-aligned")
-    if memory.mem_path is None and hasattr(mmap, "MADV_DONTNEED"):
+    if _private_anonymous(memory) and hasattr(mmap, "MADV_DONTNEED"):
         r.mapping.madvise(mmap.MADV_DONTNEED, off, length)  # private anonymous: reads as zeros, frees it
     else:
         memory.fill(gpa, length, 0)
+
+
+def _private_anonymous(memory: GuestMemory) -> bool:
+    backend = getattr(memory, "backend", None)
+    return memory.mem_path is None and (backend is None or (backend.kind == "ram" and not backend.share))
 
 
 def load_pages(memory: GuestMemory, gpa: int, data: memoryview) -> None:
