@@ -92,7 +92,10 @@ class GuestImages:
 
 
 def _initrd_key(kernel: KernelInfo, modules: Sequence[str], busybox_sha: str, hostname: str, compress: bool) -> str:
-    material = json.dumps([FORMAT_VERSION, kernel.cache_key, list(modules), busybox_sha, hostname, compress]).encode()
+    # The builder's own source is part of the key too: an edit of /init rebuilds cached images.
+    builder = hashlib.sha256(Path(build_initramfs.__code__.co_filename).read_bytes()).hexdigest()[:16]
+    material = json.dumps([FORMAT_VERSION, kernel.cache_key, list(modules), busybox_sha, hostname, compress,
+                           builder]).encode()
     return hashlib.sha256(material).hexdigest()[:16]
 
 

@@ -26,7 +26,7 @@ from pyvmm.guestkit.modules import ModuleTree, strip_compression
 log = logging.getLogger(__name__)
 
 # Bumped whenever the image layout or /init changes, so cached images are rebuilt.
-FORMAT_VERSION = 3  # bump when the generated /init changes: it is part of the cache key
+FORMAT_VERSION = 4  # bump when the generated /init changes: it is part of the cache key
 
 DEFAULT_MODULES: tuple[str, ...] = (
     "virtio",
@@ -77,6 +77,21 @@ alias ll='ls -l'
 """
 
 
+# udev's /dev/virtio-ports/NAME links, for the named ports of a virtio-serial device (their names
+# arrive from the host a moment after the driver has loaded, so look for a few seconds).
+VIRTIO_PORTS_SNIPPET = """\
+if ls /sys/bus/virtio/drivers/virtio_console 2>/dev/null | grep -q virtio; then
+    mkdir -p /dev/virtio-ports
+    (for i in $(seq 50); do
+        for p in /sys/class/virtio-ports/*; do
+            n=; { read -r n < "$p/name"; } 2>/dev/null
+            [ -n "$n" ] && [ ! -e "/dev/virtio-ports/$n" ] && ln -s "../${p##*/}" "/dev/virtio-ports/$n"
+        done
+        sleep 0.1
+    done) &
+fi"""
+
+
 def render_init(release: str, module_paths: list[str], hostname: str) -> str:
     """The /init script.  ``module_paths`` are relative to /lib/modules/<release>."""
     loads = "\n".join(
@@ -94,6 +109,7 @@ mount -t tmpfs tmpfs /tmp
 mount -t tmpfs tmpfs /run
 hostname {shlex.quote(hostname)}
 {loads}
+{VIRTIO_PORTS_SNIPPET}
 read -r up _ < /proc/uptime
 echo
 echo "pyvmm guest: Linux $(uname -r) on $(uname -m), userspace at ${{up}}s"
