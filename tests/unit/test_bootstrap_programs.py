@@ -57,6 +57,8 @@ PROGRAMS: dict[str, str] = {
     "npm": "npm",
     "passt": "passt",
     "ip": "iproute2",
+    "qemu-ga": "qemu-guest-agent",
+    "ldd": BASE,             # libc-bin (essential)
     "mount": BASE,           # mount (essential)
     "umount": BASE,          # mount (essential)
     "truncate": BASE,        # coreutils

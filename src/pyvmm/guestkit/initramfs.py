@@ -17,6 +17,7 @@ import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pyvmm.guestkit.agent import GUEST_AGENT_PATH, SHUTDOWN_SCRIPT, GuestAgent
 from pyvmm.guestkit.busybox import Busybox, find_busybox
 from pyvmm.guestkit.cpio import CpioWriter, NodeKind, write_archive_file
 from pyvmm.guestkit.errors import GuestKitError
@@ -86,10 +87,23 @@ if ls /sys/bus/virtio/drivers/virtio_console 2>/dev/null | grep -q virtio; then
         for p in /sys/class/virtio-ports/*; do
             n=; { read -r n < "$p/name"; } 2>/dev/null
             [ -n "$n" ] && [ ! -e "/dev/virtio-ports/$n" ] && ln -s "../${p##*/}" "/dev/virtio-ports/$n"
+            if [ "$n" = AGENT_PORT ] && [ -x /AGENT_PATH ] && mkdir /run/qemu-ga.started 2>/dev/null; then
+                setsid /AGENT_PATH -m virtio-serial -p /dev/virtio-ports/$n -t /run -f /run/qemu-ga.pid \\
+                    </dev/null >/run/qemu-ga.log 2>&1 &
+            fi
         done
         sleep 0.1
     done) &
-fi"""
+fi""".replace("AGENT_PORT", "org.qemu.guest_agent.0").replace("AGENT_PATH", GUEST_AGENT_PATH)
+
+#: The QGA port name: /init starts Debian's qemu-ga on it when the host offers it.
+AGENT_PORT = "org.qemu.guest_agent.0"
+
+OS_RELEASE = """\
+PRETTY_NAME="pyvmm guest kit (busybox)"
+NAME="pyvmm guest kit"
+ID=pyvmm-guestkit
+"""
 
 
 def render_init(release: str, module_paths: list[str], hostname: str) -> str:
@@ -157,10 +171,12 @@ def build_initramfs(
     hostname: str = DEFAULT_HOSTNAME,
     compress: bool = False,
     require_modules: bool = False,
+    agent: GuestAgent | None = None,
 ) -> InitramfsInfo:
     """Write a busybox initramfs for ``kernel`` to ``out_path`` (atomically).
 
-    ``modules`` are loaded at boot together with everything they depend on.
+    ``modules`` are loaded at boot together with everything they depend on.  ``agent``
+    (Debian's qemu-ga and its libraries) is started when its virtio-serial port appears.
     Modules that are built into the kernel are skipped; absent ones are
     logged and skipped unless ``require_modules`` is set.
     """
@@ -214,6 +230,11 @@ def build_initramfs(
         if tree is not None:
             dep = "\n".join(_modules_dep_lines(tree, order, guest_path))
             w.add_file(f"{moddir}/modules.dep", (dep + "\n").encode() if dep else b"")
+        w.add_file("etc/os-release", OS_RELEASE.encode())
+        if agent is not None:
+            for guest_file, host_file in agent.files:
+                w.add_file(guest_file, host_file.read_bytes(), mode=0o755)
+            w.add_file("sbin/shutdown", SHUTDOWN_SCRIPT.encode(), mode=0o755)
         w.add_file("init", init.encode(), mode=0o755)
 
     write_archive_file(out_path, fill, compress=compress)
