@@ -32,6 +32,8 @@ RULES: list[tuple[str, tuple[str, ...] | None, tuple[str, ...]]] = [
     *[(m, BOTTOM, ()) for m in BOTTOM],
     ("pyvmm.x86", BOTTOM + ("pyvmm.x86",), ()),
     ("pyvmm.qga", BOTTOM + ("pyvmm.qga",), ()),  # a protocol client: knows no machine or device
+    # The public API drives a VMM process; it never reaches into a machine, device or accelerator.
+    ("pyvmm.sdk", None, ("pyvmm.devices", "pyvmm.accel", "pyvmm.kvm", "pyvmm.machine", "pyvmm.cli")),
     ("pyvmm.qdev", None, ("pyvmm.devices",) + ABOVE_DEVICES),
     ("pyvmm.devices", None, ABOVE_DEVICES),
     ("pyvmm.accel", None, ("pyvmm.devices", "pyvmm.machine", "pyvmm.cli", "pyvmm.manager", "pyvmm.boot")),
