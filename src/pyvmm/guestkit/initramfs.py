@@ -131,7 +131,10 @@ cd /root
 if [ -n "$pyvmm_run" ]; then
     # pyvmm_run="cmd" on the kernel command line: run it, report, power off.
     sh -c "$pyvmm_run"
-    echo "pyvmm-guest: exit status $?"
+    status=$?
+    echo "pyvmm-guest: exit status $status"
+    # pyvmm's pyvmm-exit-status device (an MMIO byte) makes this the VMM's exit status too.
+    [ "$status" != 0 ] && devmem 0xfeb01000 8 "$status" 2>/dev/null
 else
     echo "Type 'poweroff -f' (or exit the shell) to stop the machine."
     echo "{READY_MARKER}"

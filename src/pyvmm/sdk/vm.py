@@ -333,6 +333,54 @@ class VM:
             raise VMError(f"{args[0]} exited with status {code}: {st.stderr.decode(errors='replace')[-500:]}")
         return result
 
+    def exec_stream(self, argv: Sequence[str], on_stdout: Callable[[bytes], object],
+                    on_stderr: Callable[[bytes], object], *, timeout: float | None = None,
+                    input: bytes | None = None, env: Mapping[str, str] | None = None, poll: float = 0.05) -> int:
+        """Run ``argv``, handing its output to the callbacks as it comes; its exit status.
+
+        ``guest-exec`` returns captured output only once the command has ended, so here the
+        command writes to two files in the guest's /run and the host reads what they gained
+        (``guest-file-read``) while it runs.  A signal N gives ``128 + N``, as a shell reports it.
+        """
+        qga = self._agent()
+        tag = f"/run/pyvmm-exec-{os.getpid()}-{time.monotonic_ns()}"
+        out_path, err_path = f"{tag}.out", f"{tag}.err"
+        try:
+            qga.write_file(out_path, b"")
+            qga.write_file(err_path, b"")
+            script = 'exec "$@" >"$PYVMM_OUT" 2>"$PYVMM_ERR"'
+            wrapped = ["sh", "-c", f"PYVMM_OUT={out_path} PYVMM_ERR={err_path}; {script}", "sh", *argv]
+            pid = qga.exec_start(wrapped, env=env, input=input, capture_output=False)
+            handles = [(qga.file_open(out_path, "r"), on_stdout), (qga.file_open(err_path, "r"), on_stderr)]
+            deadline = None if timeout is None else time.monotonic() + timeout
+            try:
+                while True:
+                    st = qga.exec_status(pid)
+                    got = False
+                    for handle, sink in handles:
+                        while True:
+                            data, _eof = qga.file_read(handle)
+                            if not data:
+                                break
+                            got = True
+                            sink(data)
+                    if st.exited:
+                        break
+                    if deadline is not None and time.monotonic() > deadline:
+                        qga.run(["kill", "-KILL", str(pid)], timeout=10)
+                        raise VMTimeout(f"{argv[0]}: still running after {timeout:g}s; killed")
+                    if not got:
+                        time.sleep(poll)
+            finally:
+                for handle, _ in handles:
+                    qga.file_close(handle)
+                qga.run(["rm", "-f", out_path, err_path], timeout=10)
+        except QgaError as e:
+            raise VMError(f"exec {argv[0] if argv else ''}: {e}") from None
+        if st.exitcode is not None:
+            return st.exitcode
+        return 128 + st.signal if st.signal else 255
+
     def write_file(self, path: str, data: bytes | str, *, mode: str = "w") -> None:
         """Write ``data`` to ``path`` in the guest (created or truncated; ``mode="a"`` appends)."""
         try:
