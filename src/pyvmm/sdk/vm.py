@@ -107,6 +107,7 @@ class VM:
                  append: str = "", disks: Sequence[Disk | str | os.PathLike[str]] = (),
                  net: str | Sequence[str] | None = None, shares: Sequence[Share | str] = (),
                  devices: Sequence[str] = (), extra_args: Sequence[str] = (), agent: bool = True,
+                 plugins: Sequence[str | os.PathLike[str]] = (),
                  boot_timeout: float = 300.0, vmm: str = "pyvmm") -> None:
         if vmm not in ("pyvmm", "qemu"):
             raise VMError(f"vmm={vmm!r}: use 'pyvmm' or 'qemu'")
@@ -124,6 +125,9 @@ class VM:
         self.devices = list(devices)
         self.extra_args = list(extra_args)
         self.with_agent = agent
+        self.plugins = [os.path.abspath(os.fspath(p)) for p in plugins]
+        if self.plugins and vmm != "pyvmm":
+            raise VMError("plugins (Python devices, tracers) run inside pyvmm only")
         self.boot_timeout = boot_timeout
         self.vmm = vmm
         self._dir: Path | None = None
@@ -154,9 +158,14 @@ class VM:
         try:
             cmd = self.command()
             log.info("starting %s", " ".join(cmd))
+            env = dict(os.environ)
+            if self.plugins:
+                from pyvmm.plugins import ENV
+
+                env[ENV] = ":".join(self.plugins)
             with open(self._dir / "vmm.log", "wb") as out:
                 self._proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                              start_new_session=True)
+                                              start_new_session=True, env=env)
             self._finalizer = weakref.finalize(self, _kill_process, self._proc, str(self._dir))
             self._console = self._until_up(lambda t: Console(self._path("console.sock"), t))
             self._qmp = self._until_up(lambda t: QmpConnection(self._path("qmp.sock"), t))
