@@ -355,14 +355,14 @@ class VM:
         tag = f"/run/pyvmm-exec-{os.getpid()}-{time.monotonic_ns()}"
         out_path, err_path = f"{tag}.out", f"{tag}.err"
         try:
-            qga.write_file(out_path, b"")
-            qga.write_file(err_path, b"")
-            script = 'exec "$@" >"$PYVMM_OUT" 2>"$PYVMM_ERR"'
-            wrapped = ["sh", "-c", f"PYVMM_OUT={out_path} PYVMM_ERR={err_path}; {script}", "sh", *argv]
-            pid = qga.exec_start(wrapped, env=env, input=input, capture_output=False)
-            handles = [(qga.file_open(out_path, "r"), on_stdout), (qga.file_open(err_path, "r"), on_stderr)]
-            deadline = None if timeout is None else time.monotonic() + timeout
+            # "w+" creates the files; the host reads them through these handles while the
+            # command's shell writes them through its own.
+            handles = [(qga.file_open(out_path, "w+"), on_stdout), (qga.file_open(err_path, "w+"), on_stderr)]
             try:
+                script = 'exec "$@" >"$PYVMM_OUT" 2>"$PYVMM_ERR"'
+                wrapped = ["sh", "-c", f"PYVMM_OUT={out_path} PYVMM_ERR={err_path}; {script}", "sh", *argv]
+                pid = qga.exec_start(wrapped, env=env, input=input, capture_output=False)
+                deadline = None if timeout is None else time.monotonic() + timeout
                 while True:
                     st = qga.exec_status(pid)
                     got = False
@@ -383,7 +383,7 @@ class VM:
             finally:
                 for handle, _ in handles:
                     qga.file_close(handle)
-                qga.run(["rm", "-f", out_path, err_path], timeout=10)
+                qga.exec_start(["rm", "-f", out_path, err_path], capture_output=False)  # not waited for
         except QgaError as e:
             raise VMError(f"exec {argv[0] if argv else ''}: {e}") from None
         if st.exitcode is not None:
