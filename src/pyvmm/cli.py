@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pyvmm import __version__
+from pyvmm.block.blockdev import parse_blockdev
 from pyvmm.chardev.parse import parse_spec
 from pyvmm.config import (
     CHARDEV_SYNTAX,
@@ -39,6 +40,7 @@ from pyvmm.config import (
 )
 from pyvmm.devices.virtio.options import parse_drive
 from pyvmm.errors import ConfigError, PyvmmError
+from pyvmm.memory_options import backends_from_args, machine_backend
 from pyvmm.net.options import parse_netdev
 from pyvmm.qemuopts import OptionSyntax, Opts, escape, parse, parse_size
 from pyvmm.runstate import PanicAction, VmControl
@@ -98,6 +100,8 @@ OPTIONS: tuple[Option, ...] = (
     Option(("no-user-config",), "", "read no configuration files (pyvmm reads none)"),
     Option(("nodefaults",), "", "no default devices: no serial port back-end unless -serial is given"),
     Option(("S",), "", "start with the vCPUs stopped; QMP 'cont' starts them"),
+    Option(("incoming",), "unix:PATH|tcp:HOST:PORT|exec:CMD|defer",
+           "wait for a migration stream (QMP migrate from another VMM) instead of booting"),
     Option(("no-acpi",), "", "no ACPI tables"),
     Option(("boot",), "[order=]DRIVES[,once=D][,menu=on|off][,strict=on|off]",
            "checked as QEMU does; with -kernel the kernel boots"),
@@ -107,8 +111,12 @@ OPTIONS: tuple[Option, ...] = (
     Option(("sandbox",), "on|off[,obsolete=allow|deny][,elevateprivileges=allow|deny|children]"
                          "[,spawn=allow|deny][,resourcecontrol=allow|deny]",
            "a seccomp allow-list of system calls once the VM is set up (docs/sandbox.md)"),
-    Option(("object",), "TYPE,id=ID[,...] | JSON", "refused: pyvmm has no user-creatable objects"),
-    Option(("blockdev",), "JSON | driver=...", "refused: use -drive"),
+    Option(("object",), "memory-backend-{memfd,file,ram},id=ID,size=S[,share=on][,mem-path=P] | JSON",
+           "a guest RAM back-end, for -machine memory-backend=ID or -numa node,memdev=ID"),
+    Option(("numa",), "node,memdev=ID", "one NUMA node whose RAM is the memory back-end ID"),
+    Option(("blockdev",), "JSON | driver=file|raw|qcow2,node-name=N[,...]",
+           "a block node (QEMU's grammar), for -device virtio-blk-pci,drive=N"),
+    Option(("snapshot",), "", "every -drive gets a temporary overlay: the images are never written"),
     Option(("audiodev",), "none,id=ID | JSON", "an audio back-end; only 'none' (pyvmm has no sound devices)"),
     Option(("verbose", "v"), "", "more log output (-vv for debug)"),
     Option(("quiet", "q"), "", "only errors on stderr"),
@@ -213,8 +221,6 @@ RTC_SYNTAX = OptionSyntax("rtc", keys=("base", "clock", "driftfix"))
 ACTION_SYNTAX = OptionSyntax("action", keys=("reboot", "shutdown", "panic", "watchdog"))
 DISPLAY_SYNTAX = OptionSyntax("display", implied="type")
 MON_SYNTAX = OptionSyntax("mon", implied="chardev", keys=("chardev", "mode", "pretty"))
-OBJECT_SYNTAX = OptionSyntax("object", implied="qom-type", json=True)
-BLOCKDEV_SYNTAX = OptionSyntax("blockdev", json=True)
 AUDIODEV_SYNTAX = OptionSyntax("audiodev", implied="driver", json=True)
 #: QEMU 7.2's display types; pyvmm honours only none.
 _DISPLAYS = ("none", "gtk", "sdl", "egl-headless", "curses", "cocoa", "dbus", "spice-app", "vnc")
@@ -262,6 +268,8 @@ def _machine(args: RunArgs, cfg: MachineConfig, accels: list[str]) -> None:
             continue
         if key == "accel":
             accels.extend((opts.get_str("accel", "") or "").split(":"))
+        elif key == "memory-backend":
+            continue  # read by _memory_backend, once -object is parsed
         elif key == "acpi":
             if value == "auto":
                 continue
@@ -340,6 +348,19 @@ def _name(args: RunArgs, cfg: MachineConfig) -> str | None:
     if opts.get_bool("debug-threads", False):
         raise _cannot(opts, "debug-threads=on (its threads keep Python's names)")
     return opts.get_str("process")
+
+
+def _incoming(args: RunArgs) -> str | None:
+    text = args.last("incoming")
+    if text is None or text == "defer":
+        return text
+    from pyvmm.migration.uri import parse
+
+    try:
+        parse(text)
+    except ConfigError as e:
+        raise ConfigError(f"-incoming {text}: {e}") from None
+    return text
 
 
 def _uuid(args: RunArgs, cfg: MachineConfig) -> None:
@@ -540,21 +561,18 @@ def _monitors(args: RunArgs, chardevs: dict[str, str]) -> list[str]:
     return qmp
 
 
+def _memory_backend(args: RunArgs, cfg: MachineConfig) -> None:
+    """-object memory-backend-*, then -machine memory-backend= or -numa node,memdev=: where RAM comes from."""
+    backends = backends_from_args(args.all("object"))
+    opts = _merged(args, "machine", MACHINE_SYNTAX)
+    name = opts.get_str("memory-backend") if opts is not None else None
+    backend = machine_backend(backends, name, args.all("numa"), cfg.memory if args.has("m") else None)
+    if backend is not None:
+        cfg.memory_backend = backend
+        cfg.memory = backend.size
+
+
 def _refused_backends(args: RunArgs) -> None:
-    for text in args.all("object"):
-        opts = parse(OBJECT_SYNTAX, text)
-        qom_type = opts.get("qom-type")
-        if not qom_type:
-            raise opts.error("Parameter 'qom-type' is missing")
-        if "id" not in opts:
-            raise opts.error("Parameter 'id' is missing")
-        opts.check_id()
-        raise _cannot(opts, f"-object {qom_type} (pyvmm has no user-creatable objects)")
-    for text in args.all("blockdev"):
-        opts = parse(BLOCKDEV_SYNTAX, text)
-        if "driver" not in opts:
-            raise opts.error("Parameter 'driver' is missing")
-        raise _cannot(opts, "-blockdev (use -drive file=...,if=none,id=ID)")
     ids: set[str] = set()
     for text in args.all("audiodev"):
         opts = parse(AUDIODEV_SYNTAX, text)
@@ -620,10 +638,15 @@ def configure(args: RunArgs) -> tuple[MachineConfig, ProcessOptions]:
     cfg.no_reboot = args.has("no-reboot")
     _actions(args, cfg)
     cfg.start_paused = args.has("S")
+    cfg.incoming = _incoming(args)
     if args.has("no-acpi"):
         cfg.acpi = False
     cfg.devices = _devices(args)
     cfg.drives = [parse_drive(d) for d in args.all("drive")]
+    if args.has("snapshot"):  # QEMU's -snapshot: snapshot=on for every -drive
+        for drive in cfg.drives:
+            drive.snapshot = True
+    cfg.blockdevs = [node for text in args.all("blockdev") for node in parse_blockdev(text)]
     for drive in cfg.drives:  # QEMU opens every -drive at start, if=none ones too
         if not os.path.exists(drive.file):
             raise ConfigError(f"-drive file={escape(drive.file)}: Could not open '{drive.file}': "
@@ -634,7 +657,11 @@ def configure(args: RunArgs) -> tuple[MachineConfig, ProcessOptions]:
     cfg.chardevs = _chardevs(args)
     cfg.qmp = _monitors(args, cfg.chardevs)
     _refused_backends(args)
+    _memory_backend(args, cfg)
     cfg.mem_path = args.last("mem-path")
+    if cfg.mem_path and cfg.memory_backend is not None:
+        raise ConfigError("-mem-path: cannot be used with a memory backend (-machine memory-backend= "
+                          "or -numa node,memdev=)")
     proc.daemonize = args.has("daemonize")
     proc.pidfile = args.last("pidfile")
     proc.sandbox = parse_sandbox(args.all("sandbox"))
@@ -656,7 +683,7 @@ def configure(args: RunArgs) -> tuple[MachineConfig, ProcessOptions]:
         raise ConfigError(f"-daemonize: -serial {cfg.serial} cannot be used with -daemonize (it needs the terminal)")
     _check_socket_paths(cfg)
     if cfg.machine == "none":
-        for name in ("kernel", "initrd", "append", "device", "drive", "netdev"):
+        for name in ("kernel", "initrd", "append", "device", "drive", "netdev", "blockdev"):
             if args.has(name):
                 raise ConfigError(f"-{name}: -machine none has no guest (no kernel, no buses)")
     cfg.validate()

@@ -84,7 +84,7 @@ def test_json_device_and_netdev():
     (["-boot", "order=cc"], "-boot order=cc: Boot device 'c' was given twice"),
     (["-name", "x,debug-threads=on"], "-name x,debug-threads=on: pyvmm cannot honour"),
     (["-object", "rng-random,id=r"], "-object rng-random,id=r: pyvmm cannot honour"),
-    (["-blockdev", "driver=file,filename=x,node-name=n"], "-blockdev driver=file"),
+    (["-blockdev", "driver=file,filename=x"], "-blockdev driver=file,filename=x: 'node-name' must be specified"),
     (["-audiodev", "pa,id=a"], "-audiodev pa,id=a: pyvmm cannot honour"),
     (["-monitor", "stdio"], "-monitor stdio: pyvmm cannot honour"),
     (["-serial", "null", "-serial", "null"], "-serial null: pyvmm cannot honour a second serial port"),

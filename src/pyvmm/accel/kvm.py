@@ -23,6 +23,7 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from pyvmm.accel.base import MachineContext
+from pyvmm.accel.kvm_state import KvmMigration
 from pyvmm.accel.kvm_vcpu import VcpuRunner, install_kick_handler
 from pyvmm.capabilities import AccelCapabilities
 from pyvmm.config import CpuConfig
@@ -190,8 +191,12 @@ class KvmFastPaths:
             return len(self._ioeventfds), len(self._irqfds)
 
 
-class KvmAccelerator:
-    """The Accelerator protocol (see :mod:`pyvmm.accel.base`) on top of /dev/kvm."""
+class KvmAccelerator(KvmMigration):
+    """The Accelerator protocol (see :mod:`pyvmm.accel.base`) on top of /dev/kvm.
+
+    State save/load and dirty logging (:class:`~pyvmm.accel.base.AcceleratorState`) come from
+    :class:`~pyvmm.accel.kvm_state.KvmMigration`.
+    """
 
     name = "kvm"
 
@@ -242,7 +247,8 @@ class KvmAccelerator:
         vm.create_irqchip()
         vm.set_gsi_routing(vm.pc_routes())  # PIT on IOAPIC pin 2, as the MP table and MADT say
         vm.create_pit2()
-        vm.map_memory(ctx.memory)
+        vm.map_memory(ctx.memory, self._slot_flags())
+        self._state_features = None
         self.runners = []
         self.cpuid_tables = []
         topo = ctx.topo
@@ -268,8 +274,10 @@ class KvmAccelerator:
             self.vm = None
 
     def capabilities(self) -> AccelCapabilities:
-        """ioeventfd, irqfd and MSI in the kernel; no DMA observer is needed (the CPU runs guest code natively)."""
-        return AccelCapabilities(ioeventfd=self.fast_paths, irqfd=self.fast_paths, msi=self.sink.signal_msi)
+        """ioeventfd, irqfd and MSI in the kernel; the DMA observer marks pages for dirty tracking."""
+        dma = self._ctx.memory.dirty.mark if self._ctx is not None else None
+        return AccelCapabilities(ioeventfd=self.fast_paths, irqfd=self.fast_paths, msi=self.sink.signal_msi,
+                                 dma_written=dma)
 
     def set_boot_state(self, boot_cpu: CpuState, start_aps: bool) -> None:
         """Load the BSP (and with ``start_aps`` every AP) with ``boot_cpu``; other APs wait for INIT/SIPI."""

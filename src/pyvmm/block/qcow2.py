@@ -95,8 +95,13 @@ class Qcow2Image:
     """A qcow2 image file (see the module docstring for what is supported)."""
 
     def __init__(self, path: str, read_only: bool = False, *, perms: tuple[Perm, Perm] | None = None,
-                 locking: str = "auto", chain: tuple[tuple[int, int], ...] = ()) -> None:
+                 locking: str = "auto", chain: tuple[tuple[int, int], ...] = (),
+                 backing_override: bool = False, backing_image: BlockBackend | None = None) -> None:
+        """``backing_override``: use ``backing_image`` (None: no backing file) instead of the
+        backing file the header names (QEMU's ``backing`` option of a -blockdev qcow2 node)."""
         self.path = path
+        self._backing_override = backing_override
+        self._backing_image = backing_image
         self.read_only = read_only
         try:
             self.fd = os.open(path, (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC)
@@ -196,7 +201,14 @@ class Qcow2Image:
         self._refblocks = {e & OFFSET_MASK for e in self.rt if e & OFFSET_MASK}
         self._corrupt = False
 
-        if backing_off:
+        #: the backing file name and format the header gives (query-block's backing-filename)
+        self.backing_name: str | None = None
+        self.backing_format = backing_fmt
+        if backing_off and 0 < backing_len <= 1023:
+            self.backing_name = self._pread(backing_len, backing_off).decode("utf-8", "replace")
+        if self._backing_override:
+            self.backing = self._backing_image
+        elif backing_off:
             self._open_backing(backing_off, backing_len, backing_fmt)
         # Nothing is written here: the autoclear bits are cleared by the first write (_before_write),
         # so an image opened by a VM that then fails to start is left exactly as it was.

@@ -38,6 +38,7 @@ DEFAULT_MODULES: tuple[str, ...] = (
     "virtio_net",
     "virtio_console",
     "virtio_rng",
+    "virtiofs",  # virtio-fs shares (vhost-user-fs); pulls in fuse
 )
 
 DEFAULT_HOSTNAME = "pyvmm"

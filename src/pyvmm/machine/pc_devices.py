@@ -13,7 +13,10 @@ import logging
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from pyvmm.block.graph import Backend
+from pyvmm.block.setup import build_block_graph
 from pyvmm.chardev import parse_chardev
+from pyvmm.chardev.parse import parse_spec
 from pyvmm.config import DeviceSpec, MachineConfig
 from pyvmm.devices import device_registry
 from pyvmm.devices.pci.board import PciBoard
@@ -47,6 +50,7 @@ class PcDevices:
         self.pci = pci
         self._builtin_chardevs: dict[str, str] = {}
         self._drives = _drives_by_id(config.drives)
+        self.block = build_block_graph(config.blockdevs, self._drives)
         self._netdevs = _netdevs_by_id(config.netdevs)
         self._used: set[tuple[str, str]] = set()  # ("drive"|"netdev", id)
         self._board_wiring = False
@@ -122,6 +126,19 @@ class PcDevices:
             label = ident if ident in self._config.chardevs else "chardev"
         return parse_chardev(spec, self._main_loop, self._control, label=label)
 
+    def chardev_socket_path(self, ident: str) -> str:
+        spec = self._config.chardevs.get(ident)
+        if spec is None:
+            raise ConfigError(f"Property 'chardev' can't find value '{ident}' (no -chardev id={ident})")
+        kind, path, flags = parse_spec(spec)
+        if kind != "unix":
+            raise ConfigError(f"chardev '{ident}' is not a socket (vhost-user needs -chardev socket,path=...)")
+        if flags.get("server", False):
+            raise ConfigError(f"chardev '{ident}': pyvmm cannot honour server=on for vhost-user "
+                              "(it connects to the back end's socket)")
+        self._claim("chardev", ident)
+        return path
+
     def drive(self, ident: str) -> DriveSpec:
         drive = self._drives.get(ident)
         if drive is None:
@@ -131,6 +148,18 @@ class PcDevices:
                               "(give it if=none)")
         self._claim("drive", ident)
         return drive
+
+    def block_backend(self, ident: str | None, *, read_only: bool, share_rw: bool, device_id: str | None,
+                      file: str | None = None, fmt: str | None = None) -> Backend:
+        qdev = self.manager.tree.next_path(device_id, user=not self._board_wiring) + "/virtio-backend"
+        if ident is None:
+            assert file is not None
+            return self.block.attach_file(file, fmt, read_only=read_only, share_rw=share_rw, qdev=qdev)
+        drive = self._drives.get(ident)
+        if drive is not None and drive.interface != "none" and not self._board_wiring:
+            raise ConfigError(f"-drive id={ident} has if={drive.interface}, so it is already a disk of its own "
+                              "(give it if=none)")
+        return self.block.attach(ident, read_only=read_only, share_rw=share_rw, qdev=qdev)
 
     def netdev(self, ident: str) -> Any:
         spec = self._netdevs.get(ident)

@@ -31,6 +31,7 @@ from pyvmm.devices.virtio.queue import Virtqueue
 from pyvmm.loop import MainLoop
 from pyvmm.memory import GuestMemory
 from pyvmm.qdev import DeviceContext, DeviceProps, Prop, PropType, VirtioType
+from pyvmm.vmstate import VmStateError
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +141,15 @@ class VirtioConsole(VirtioDevice):
             self.notify_used(q)
         if was_full and len(self._pending) < PENDING_MAX and self.backend is not None:
             self.backend.accept_input()
+
+    # VM state: input the guest has not read yet travels with the device (pyvmm.devices.virtio.state)
+    def save_backend_state(self) -> bytes:
+        return bytes(self._pending)
+
+    def load_backend_state(self, state: object) -> None:
+        if not isinstance(state, bytes) or len(state) > PENDING_MAX:
+            raise VmStateError(f"{self.name}: pending input in the state is invalid")
+        self._pending[:] = state
 
     def reset_backend(self) -> None:
         self._pending.clear()

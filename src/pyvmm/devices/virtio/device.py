@@ -52,6 +52,7 @@ class DeviceId(IntEnum):
     BLOCK = 2
     CONSOLE = 3
     RNG = 4
+    FS = 26
 
 
 class Status(IntFlag):
@@ -225,6 +226,12 @@ class VirtioDevice:
             self.loop.call_soon_threadsafe(self._process_cb[index])
         else:
             self.process_queue(index)
+
+    def kick_eventfd(self, index: int) -> int | None:
+        """An eventfd of the device's own for queue ``index``'s kicks (vhost-user: the back end
+        reads it); a transport with ioeventfd registers it and reads nothing.  None: the
+        transport makes one and calls :meth:`notify`."""
+        return None
 
     def ioeventfd_reader(self, fd: int, index: int) -> Callable[[], None]:
         """The loop callback for queue ``index``'s ioeventfd ``fd``: consume the kick, process the queue."""

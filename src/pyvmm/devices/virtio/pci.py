@@ -29,6 +29,7 @@ import logging
 import os
 import struct
 import threading
+from typing import Any
 
 from pyvmm.capabilities import IoEventFds
 from pyvmm.devices.pci.config import BarKind, BarSpec, CapId, Reg, access_ok
@@ -37,6 +38,7 @@ from pyvmm.devices.pci.msix import NO_VECTOR
 from pyvmm.devices.virtio.device import DeviceId, VirtioDevice
 from pyvmm.errors import PyvmmError
 from pyvmm.loop import MainLoop
+from pyvmm.vmstate import VmStateError, fields
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +59,7 @@ NOTIFY_OFFSET, NOTIFY_LENGTH = 0x3000, 0x1000
 NOTIFY_MULTIPLIER = 4
 
 CLASS_CODES: dict[int, int] = {DeviceId.NET: 0x020000, DeviceId.BLOCK: 0x010000, DeviceId.CONSOLE: 0x078000,
-               DeviceId.RNG: 0x00FF00}
+               DeviceId.RNG: 0x00FF00, DeviceId.FS: 0x018000}
 
 
 class CfgType:
@@ -137,6 +139,7 @@ class VirtioPci(PciDevice):
         self.queue_vectors = [NO_VECTOR] * nq
         self._ioeventfds: IoEventFds | None = None
         self._kick_fds: list[int] = []
+        self._owned_kick_fds: set[int] = set()
         self._kick_loop: MainLoop | None = None
         self._ioeventfd_base: int | None = None
         device.bind(self)
@@ -338,8 +341,11 @@ class VirtioPci(PciDevice):
             self._ioeventfds = ioeventfds
             if not self._kick_fds:
                 for q in range(len(self.device.queues)):
-                    fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-                    loop.add_reader(fd, self.device.ioeventfd_reader(fd, q))
+                    fd = self.device.kick_eventfd(q)
+                    if fd is None:  # the device's own eventfds (vhost-user) are read by someone else
+                        fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+                        loop.add_reader(fd, self.device.ioeventfd_reader(fd, q))
+                        self._owned_kick_fds.add(fd)
                     self._kick_fds.append(fd)
                 self._kick_loop = loop
             self._set_ioeventfds(self.mapped_bars().get(REGS_BAR))
@@ -371,6 +377,40 @@ class VirtioPci(PciDevice):
         if index == REGS_BAR:
             self._set_ioeventfds(base)
 
+    # -- VM state (pyvmm.vmstate) -------------------------------------------------------------------------------
+    vmstate_version = 1
+    _STATE_FIELDS = ("isr", "device_feature_select", "driver_feature_select", "queue_select", "config_vector",
+                     "queue_vectors")
+
+    def save_state(self) -> dict[str, Any]:
+        from pyvmm.devices.pci.state import save_function
+        from pyvmm.devices.virtio.state import save_device
+
+        with self.device.lock:
+            st = fields.capture(self, self._STATE_FIELDS)
+            st["pci"] = save_function(self)
+            st["device"] = save_device(self.device)
+            return st
+
+    def load_state(self, state: dict[str, Any], version: int) -> None:
+        from pyvmm.devices.pci.state import load_function
+        from pyvmm.devices.virtio.state import load_device
+
+        vectors = state.get("queue_vectors")
+        if not isinstance(vectors, list) or len(vectors) != len(self.queue_vectors):
+            raise VmStateError(f"{self.name}: queue vectors in the state do not match this device")
+        with self.device.lock:
+            fields.apply(self, self._STATE_FIELDS, state)
+            self.config_vector = self._valid_vector(self.config_vector)
+            self.queue_vectors = [self._valid_vector(v) for v in self.queue_vectors]
+            load_device(self.device, fields.need(state, "device", dict, self.name))
+            load_function(self, fields.need(state, "pci", dict, self.name))
+
+    def vmstate_post_load(self) -> None:
+        from pyvmm.devices.virtio.state import kick_ready_queues
+
+        kick_ready_queues(self.device)
+
     # -- life cycle ----------------------------------------------------------------------------------------------
     def device_reset(self) -> None:
         with self.device.lock:
@@ -381,10 +421,13 @@ class VirtioPci(PciDevice):
         with self.cfg_lock:
             self._set_ioeventfds(None)
             for fd in self._kick_fds:
+                if fd not in self._owned_kick_fds:
+                    continue
                 if self._kick_loop is not None:
                     self._kick_loop.remove_reader(fd)
                 os.close(fd)
             self._kick_fds = []
+            self._owned_kick_fds.clear()
         self.device.close()
 
 
