@@ -51,3 +51,12 @@ def test_pyvmm_run_exits_with_the_pyvmm_run_status() -> None:
                         str(g.initrd), "-append", f'{g.cmdline} quiet pyvmm_run="true"'],
                        stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_exec_share_mounts_a_host_folder(tmp_path) -> None:
+    (tmp_path / "in.txt").write_text("from the host\n")
+    r = subprocess.run([*PYVMM, "exec", "--share", f"{tmp_path}:src", "--", "sh", "-c",
+                        "cat /mnt/src/in.txt; echo from the guest > /mnt/src/out.txt"],
+                       capture_output=True, text=True, timeout=300)
+    assert (r.returncode, r.stdout) == (0, "from the host\n"), r.stderr
+    assert (tmp_path / "out.txt").read_text() == "from the guest\n"

@@ -2,7 +2,8 @@
 
 A VM with the default guest (the guest kit's kernel, accelerator auto); ``exec`` of
 ``uname -r`` and of ``sh -c "echo out; echo err >&2; exit 7"`` (status 7, separate streams);
-a 1 MiB file written and read back byte for byte; a clean stop.  Then what users hit next:
+a 1 MiB file written and read back byte for byte; a shared folder (virtio-fs, Debian's
+virtiofsd) read and written from both sides; a clean stop.  Then what users hit next:
 a timeout that kills the command, QMP, pause/resume, events, and resources released on
 every path (a failing start leaves no process and no directory behind).
 """
@@ -18,10 +19,13 @@ import pytest
 pytestmark = pytest.mark.slow
 
 
-def test_the_issue_acceptance_script() -> None:
+def test_the_issue_acceptance_script(tmp_path) -> None:
     from pyvmm import VM
 
-    with VM(memory="512M", cpus=2) as vm:
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    (shared / "from_host.txt").write_text("written on the host\n")
+    with VM(memory="512M", cpus=2, shares=[f"{shared}:work"]) as vm:
         r = vm.exec(["uname", "-r"], timeout=120)
         assert r.returncode == 0 and r.stdout.decode().strip().startswith("6.") and r.stderr == b""
 
@@ -33,6 +37,12 @@ def test_the_issue_acceptance_script() -> None:
         assert vm.exec(["sha256sum", "/tmp/in.bin"]).stdout.split()[0].decode() == \
             __import__("hashlib").sha256(data).hexdigest()
         assert vm.read_file("/tmp/in.bin") == data
+
+        assert vm.exec(["cat", "/mnt/work/from_host.txt"]).stdout == b"written on the host\n"
+        assert vm.exec(["sh", "-c", "echo written in the guest > /mnt/work/from_guest.txt"]).returncode == 0
+        assert (shared / "from_guest.txt").read_text() == "written in the guest\n"
+        (shared / "later.txt").write_text("after the mount\n")
+        assert vm.exec(["cat", "/mnt/work/later.txt"]).stdout == b"after the mount\n"
 
         assert vm.qmp("query-status")["status"] == "running"
         vm.pause()

@@ -3,6 +3,6 @@
 from pyvmm.qga import ExecResult
 from pyvmm.sdk.console import Console
 from pyvmm.sdk.errors import QMPError, VMError, VMTimeout
-from pyvmm.sdk.vm import VM, Disk, Share, set_share_hook
+from pyvmm.sdk.vm import VM, Disk, Share
 
-__all__ = ["VM", "Console", "Disk", "ExecResult", "QMPError", "Share", "VMError", "VMTimeout", "set_share_hook"]
+__all__ = ["VM", "Console", "Disk", "ExecResult", "QMPError", "Share", "VMError", "VMTimeout"]

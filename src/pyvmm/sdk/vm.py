@@ -47,15 +47,17 @@ from pyvmm.sdk.qmp import QmpConnection
 log = logging.getLogger(__name__)
 
 AGENT_PORT = "org.qemu.guest_agent.0"
-#: Hooks that turn a share into VMM arguments (the virtio-fs helper registers one).
-ShareHook = Callable[["Share", Path, int], list[str]]
-_share_hook: ShareHook | None = None
+_SIZE_SUFFIX = {"": 1 << 20, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
-def set_share_hook(hook: ShareHook | None) -> None:
-    """Install what turns a :class:`Share` into VMM arguments: ``hook(share, runtime_dir, index)``."""
-    global _share_hook
-    _share_hook = hook
+def memory_bytes(text: str) -> int:
+    """``-m``'s spelling (``512M``, ``2G``; a plain number is MiB) in bytes."""
+    t = text.strip().upper().removeprefix("SIZE=")
+    suffix = t[-1] if t and t[-1] in "KMGT" else ""
+    try:
+        return int(float(t[:len(t) - len(suffix)]) * _SIZE_SUFFIX[suffix])
+    except ValueError:
+        raise VMError(f"memory={text!r}: a size such as 512M or 2G") from None
 
 
 @dataclass(frozen=True)
@@ -84,11 +86,11 @@ class Share:
 
     @classmethod
     def parse(cls, text: str) -> Share:
-        """``HOST_DIR:TAG``, the command line's spelling."""
-        host, sep, tag = text.rpartition(":")
-        if not sep or not host or not tag:
-            raise VMError(f"--share {text}: expected HOST_DIR:TAG")
-        return cls(host, tag)
+        """``HOST_DIR:TAG``, the command line's spelling (checked as ``pyvmm run --share`` checks it)."""
+        from pyvmm.vhost_user.virtiofsd import parse_share
+
+        share = parse_share(text)
+        return cls(share.host_dir, share.tag)
 
 
 def _kill_process(proc: subprocess.Popen[bytes], directory: str) -> None:
@@ -136,6 +138,7 @@ class VM:
         self._console: Console | None = None
         self._qmp: QmpConnection | None = None
         self._qga: QgaClient | None = None
+        self._daemons: list[Any] = []  # virtiofsd processes, one per share
         self.boot_seconds: float | None = None
 
     # -- life cycle ----------------------------------------------------------------------------
@@ -156,6 +159,11 @@ class VM:
         t0 = time.monotonic()
         self._dir = Path(tempfile.mkdtemp(prefix="pyvmm-vm-"))
         try:
+            if self.shares:
+                from pyvmm.vhost_user.virtiofsd import start_virtiofsd
+
+                for i, share in enumerate(self.shares):
+                    self._daemons.append(start_virtiofsd(os.fspath(share.host_dir), str(self._path(f"vfs{i}.sock"))))
             cmd = self.command()
             log.info("starting %s", " ".join(cmd))
             env = dict(os.environ)
@@ -245,11 +253,13 @@ class VM:
         for disk in self.disks:
             cmd += disk.args()
         cmd += self._net_args()
-        for i, share in enumerate(self.shares):
-            if _share_hook is None:
-                raise VMError("shared folders need virtio-fs (vhost-user-fs-pci and virtiofsd), "
-                              "which this pyvmm does not provide yet")
-            cmd += _share_hook(share, self._path(""), i)
+        if self.shares:
+            from pyvmm.vhost_user.virtiofsd import share_options
+
+            if len(self._daemons) != len(self.shares):
+                raise VMError("the shares' virtiofsd daemons are not running (start the VM)")
+            cmd += share_options(list(zip(self._daemons, (s.tag for s in self.shares), strict=True)),
+                                 memory=memory_bytes(self.memory))
         for dev in self.devices:
             cmd += ["-device", dev]
         return cmd + self.extra_args
@@ -476,6 +486,9 @@ class VM:
                 except OSError:
                     pass
         self._qga = self._qmp = self._console = None
+        for daemon in self._daemons:
+            daemon.stop()
+        self._daemons = []
         if self._finalizer is not None:
             self._finalizer()  # kills a running VMM, removes the directory
         elif self._dir is not None:
