@@ -76,11 +76,6 @@ class PcMigration:
     def check_savable(self) -> None:
         pc_state.check_savable(self.m)
 
-    def migration_dirty_log(self) -> Any:
-        """The accelerator's dirty log (kvm), so RAM passes compare only written chunks; else None."""
-        accel = self.m.accel
-        return accel if callable(getattr(accel, "dirty_log_sync", None)) else None
-
     # -- incoming ------------------------------------------------------------------------------
     def run_incoming(self) -> bool:
         """Read the stream; True if the destination should start its vCPUs now."""
