@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from support.fuzzing import LOG_NAME, FuzzConfigError, Fuzzer, terminal_summary
 from support.vmms import qemu_binary
 
 
@@ -217,3 +218,17 @@ def run_qemu(*args: str | os.PathLike, timeout: float = 60,
             proc.kill()
             proc.wait()
     return RunResult(cmd, proc.returncode, (out + rest).decode(errors="replace"), err.decode(errors="replace"))
+
+
+@pytest.fixture(scope="session")
+def fuzz(tmp_path_factory: pytest.TempPathFactory) -> Fuzzer:
+    """Runs time-bounded fuzz targets (tests/support/fuzzing.py; budget: $PYVMM_FUZZ_SECONDS)."""
+    try:
+        return Fuzzer(tmp_path_factory.getbasetemp() / LOG_NAME)
+    except FuzzConfigError as exc:
+        pytest.fail(str(exc), pytrace=False)
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """CI output lists the fuzz executions per target (``fuzz: TARGET N executions``)."""
+    terminal_summary(terminalreporter)

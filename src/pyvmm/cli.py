@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pyvmm import __version__, compat_options
+from pyvmm.block.blockdev import parse_blockdev
 from pyvmm.chardev.parse import parse_spec
 from pyvmm.config import (
     CHARDEV_SYNTAX,
@@ -39,6 +40,7 @@ from pyvmm.config import (
 )
 from pyvmm.devices.virtio.options import parse_drive
 from pyvmm.errors import ConfigError, PyvmmError
+from pyvmm.memory_options import backends_from_args, machine_backend
 from pyvmm.net.options import parse_netdev
 from pyvmm.qemuopts import OptionSyntax, Opts, escape, parse, parse_size
 from pyvmm.runstate import PanicAction, VmControl
@@ -93,6 +95,7 @@ OPTIONS: tuple[Option, ...] = (
     Option(("chardev",), "BACKEND,id=ID[,path=P,...]", "a named character back-end: socket, file, stdio, pty, null"),
     Option(("netdev",), "user|tap,id=ID[,...] | JSON", "a host network back-end for -device virtio-net-pci"),
     Option(("mem-path",), "PATH", "back guest RAM with a file or hugetlbfs, allocated at start (as -mem-prealloc)"),
+    Option(("mem-prealloc",), "", "back every page of guest RAM at start, as QEMU does (fails then, not later)"),
     Option(("qmp",), "unix:PATH,server=on[,wait=off]", "serve the QEMU Machine Protocol"),
     Option(("mon",), "[chardev=]ID,mode=control", "a QMP monitor on a -chardev socket"),
     Option(("monitor",), "none", "only 'none' (pyvmm has no human monitor; use -qmp)"),
@@ -102,6 +105,8 @@ OPTIONS: tuple[Option, ...] = (
     Option(("no-user-config",), "", "read no configuration files (pyvmm reads none)"),
     Option(("nodefaults",), "", "no default devices: no serial port back-end unless -serial is given"),
     Option(("S",), "", "start with the vCPUs stopped; QMP 'cont' starts them"),
+    Option(("incoming",), "unix:PATH|tcp:HOST:PORT|exec:CMD|defer",
+           "wait for a migration stream (QMP migrate from another VMM) instead of booting"),
     Option(("no-acpi",), "", "no ACPI tables"),
     Option(("boot",), "[order=]DRIVES[,once=D][,menu=on|off][,strict=on|off]",
            "checked as QEMU does; with -kernel the kernel boots"),
@@ -111,9 +116,13 @@ OPTIONS: tuple[Option, ...] = (
     Option(("sandbox",), "on|off[,obsolete=allow|deny][,elevateprivileges=allow|deny|children]"
                          "[,spawn=allow|deny][,resourcecontrol=allow|deny]",
            "a seccomp allow-list of system calls once the VM is set up (docs/sandbox.md)"),
-    Option(("object",), "secret,id=ID,data=D|file=F[,format=raw|base64] | JSON",
-           "a named secret (the only user-creatable object pyvmm has)"),
-    Option(("blockdev",), "JSON | driver=...", "refused: use -drive"),
+    Option(("object",), "memory-backend-{memfd,file,ram},id=ID,size=S[,share=on][,mem-path=P] | "
+                        "secret,id=ID,data=D|file=F[,format=raw|base64] | JSON",
+           "a guest RAM back-end, for -machine memory-backend=ID or -numa node,memdev=ID; or a named secret"),
+    Option(("numa",), "node,memdev=ID", "one NUMA node whose RAM is the memory back-end ID"),
+    Option(("blockdev",), "JSON | driver=file|raw|qcow2,node-name=N[,...]",
+           "a block node (QEMU's grammar), for -device virtio-blk-pci,drive=N"),
+    Option(("snapshot",), "", "every -drive gets a temporary overlay: the images are never written"),
     Option(("audiodev",), "none,id=ID | JSON", "an audio back-end; only 'none' (pyvmm has no sound devices)"),
     Option(("verbose", "v"), "", "more log output (-vv for debug)"),
     Option(("quiet", "q"), "", "only errors on stderr"),
@@ -218,7 +227,6 @@ RTC_SYNTAX = OptionSyntax("rtc", keys=("base", "clock", "driftfix"))
 ACTION_SYNTAX = OptionSyntax("action", keys=("reboot", "shutdown", "panic", "watchdog"))
 DISPLAY_SYNTAX = OptionSyntax("display", implied="type")
 MON_SYNTAX = OptionSyntax("mon", implied="chardev", keys=("chardev", "mode", "pretty", "id"))
-BLOCKDEV_SYNTAX = OptionSyntax("blockdev", json=True)
 AUDIODEV_SYNTAX = OptionSyntax("audiodev", implied="driver", json=True)
 #: QEMU 7.2's display types; pyvmm honours only none.
 _DISPLAYS = ("none", "gtk", "sdl", "egl-headless", "curses", "cocoa", "dbus", "spice-app", "vnc")
@@ -277,6 +285,8 @@ def _machine(args: RunArgs, cfg: MachineConfig, accels: list[str]) -> None:
             continue
         if key == "accel":
             accels.extend((opts.get_str("accel", "") or "").split(":"))
+        elif key == "memory-backend":
+            continue  # read by _memory_backend, once -object is parsed
         elif key == "acpi":
             if value == "auto":
                 continue
@@ -354,6 +364,19 @@ def _name(args: RunArgs, cfg: MachineConfig) -> str | None:
     cfg.name = opts.get_str("guest")
     cfg.debug_threads = opts.get_bool("debug-threads", False)
     return opts.get_str("process")
+
+
+def _incoming(args: RunArgs) -> str | None:
+    text = args.last("incoming")
+    if text is None or text == "defer":
+        return text
+    from pyvmm.migration.uri import parse
+
+    try:
+        parse(text)
+    except ConfigError as e:
+        raise ConfigError(f"-incoming {text}: {e}") from None
+    return text
 
 
 def _uuid(args: RunArgs, cfg: MachineConfig) -> None:
@@ -554,13 +577,19 @@ def _monitors(args: RunArgs, chardevs: dict[str, str]) -> list[str]:
     return qmp
 
 
+def _memory_backend(args: RunArgs, cfg: MachineConfig) -> None:
+    """-object memory-backend-*, then -machine memory-backend= or -numa node,memdev=: where RAM comes from."""
+    backends = backends_from_args(args.all("object"))
+    opts = _merged(args, "machine", MACHINE_SYNTAX)
+    name = opts.get_str("memory-backend") if opts is not None else None
+    backend = machine_backend(backends, name, args.all("numa"), cfg.memory if args.has("m") else None)
+    if backend is not None:
+        cfg.memory_backend = backend
+        cfg.memory = backend.size
+
+
 def _refused_backends(args: RunArgs) -> None:
     compat_options.parse_objects(args.all("object"))
-    for text in args.all("blockdev"):
-        opts = parse(BLOCKDEV_SYNTAX, text)
-        if "driver" not in opts:
-            raise opts.error("Parameter 'driver' is missing")
-        raise _cannot(opts, "-blockdev (use -drive file=...,if=none,id=ID)")
     ids: set[str] = set()
     for text in args.all("audiodev"):
         opts = parse(AUDIODEV_SYNTAX, text)
@@ -629,10 +658,15 @@ def configure(args: RunArgs) -> tuple[MachineConfig, ProcessOptions]:
     compat_options.check_globals(args.all("global"))
     _actions(args, cfg)
     cfg.start_paused = args.has("S")
+    cfg.incoming = _incoming(args)
     if args.has("no-acpi"):
         cfg.acpi = False
     cfg.devices = _devices(args)
     cfg.drives = [parse_drive(d) for d in args.all("drive")]
+    if args.has("snapshot"):  # QEMU's -snapshot: snapshot=on for every -drive
+        for drive in cfg.drives:
+            drive.snapshot = True
+    cfg.blockdevs = [node for text in args.all("blockdev") for node in parse_blockdev(text)]
     for drive in cfg.drives:  # QEMU opens every -drive at start, if=none ones too
         if not os.path.exists(drive.file):
             raise ConfigError(f"-drive file={escape(drive.file)}: Could not open '{drive.file}': "
@@ -643,7 +677,12 @@ def configure(args: RunArgs) -> tuple[MachineConfig, ProcessOptions]:
     cfg.chardevs = _chardevs(args)
     cfg.qmp = _monitors(args, cfg.chardevs)
     _refused_backends(args)
+    _memory_backend(args, cfg)
     cfg.mem_path = args.last("mem-path")
+    cfg.mem_prealloc = args.has("mem-prealloc")
+    if cfg.mem_path and cfg.memory_backend is not None:
+        raise ConfigError("-mem-path: cannot be used with a memory backend (-machine memory-backend= "
+                          "or -numa node,memdev=)")
     proc.daemonize = args.has("daemonize")
     proc.pidfile = args.last("pidfile")
     proc.sandbox = parse_sandbox(args.all("sandbox"))
@@ -665,7 +704,7 @@ def configure(args: RunArgs) -> tuple[MachineConfig, ProcessOptions]:
         raise ConfigError(f"-daemonize: -serial {cfg.serial} cannot be used with -daemonize (it needs the terminal)")
     _check_socket_paths(cfg)
     if cfg.machine == "none":
-        for name in ("kernel", "initrd", "append", "device", "drive", "netdev"):
+        for name in ("kernel", "initrd", "append", "device", "drive", "netdev", "blockdev"):
             if args.has(name):
                 raise ConfigError(f"-{name}: -machine none has no guest (no kernel, no buses)")
     cfg.validate()
@@ -837,6 +876,8 @@ def _run_machine(cfg: MachineConfig, args: RunArgs, ready: Callable[[], None] | 
         cfg.initrd = cfg.initrd or str(guest.initrd)
         if args.append is None:
             cfg.append = guest.cmdline
+    if "pyvmm_run=" in cfg.append and not any(d.driver == "pyvmm-exit-status" for d in cfg.devices):
+        cfg.devices.append(DeviceSpec("pyvmm-exit-status"))  # the command's status becomes ours
     if not os.path.exists(cfg.kernel):
         raise ConfigError(f"kernel {cfg.kernel}: no such file")
     if not os.path.isfile(cfg.kernel):
@@ -877,6 +918,8 @@ class CommandLine:
         self.argparser.add_argument("--version", action="version", version=f"pyvmm {__version__}")
         sub = self.argparser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
         sub.add_parser("run", help="boot one VM in this process (QEMU's options; pyvmm run -help)", add_help=False)
+        sub.add_parser("exec", help="boot the default guest, run a command in it, exit with its status "
+                                    "(pyvmm exec [run options] -- CMD [ARGS...])", add_help=False)
         from pyvmm.manager.cli import add_vm_parser
 
         add_vm_parser(sub)
@@ -896,6 +939,12 @@ def build_parser() -> CommandLine:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "exec":  # pyvmm exec [run options] -- CMD: the SDK's own command line
+        from pyvmm.sdk.exec_cli import main_exec
+
+        _setup_logging(0, True)
+        return main_exec(argv[1:])
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

@@ -2,7 +2,8 @@
 
 * ``-object secret,id=ID,data=...|file=...[,format=raw|base64]``: a named secret, read at start
   and kept in :data:`SECRETS` (libvirt passes its master key this way).  Encrypted secrets
-  (``keyid=``/``iv=``) and every other object type are refused.
+  (``keyid=``/``iv=``) are refused; memory back-ends are :mod:`pyvmm.memory_options`' and any
+  other object type is refused.
 * ``-overcommit mem-lock=off,cpu-pm=off``: pyvmm never locks guest RAM and never lets the guest
   idle the host CPU, so only ``off`` is accepted.
 * ``-global PIIX4_PM.disable_s3=1`` / ``disable_s4=1``: pyvmm's ACPI tables offer S5 only, so
@@ -16,9 +17,9 @@ import base64
 import binascii
 
 from pyvmm.errors import ConfigError
+from pyvmm.memory_options import BACKEND_KINDS, OBJECT_SYNTAX
 from pyvmm.qemuopts import OptionSyntax, Opts, parse
 
-OBJECT_SYNTAX = OptionSyntax("object", implied="qom-type", json=True)
 OVERCOMMIT_SYNTAX = OptionSyntax("overcommit", keys=("mem-lock", "cpu-pm"))
 GLOBAL_SYNTAX = OptionSyntax("global", keys=("driver", "property", "value"))
 
@@ -42,8 +43,11 @@ def parse_objects(texts: list[str]) -> dict[str, bytes]:
             raise opts.error("Parameter 'id' is missing")
         if ident in secrets:
             raise opts.error(f"attempt to add duplicate property '{ident}' to object (type 'container')")
+        if qom_type in BACKEND_KINDS:  # guest RAM back-ends: pyvmm.memory_options
+            continue
         if qom_type != "secret":
-            raise opts.error(f"pyvmm cannot honour -object {qom_type} (its only user-creatable object is secret)")
+            raise opts.error(f"pyvmm cannot honour -object {qom_type} "
+                             f"(its only objects are {', '.join(BACKEND_KINDS)} and secret)")
         secrets[ident] = _secret(opts)
     SECRETS.clear()
     SECRETS.update(secrets)

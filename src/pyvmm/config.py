@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from pyvmm.errors import ConfigError
+from pyvmm.memory import RamBackend
 from pyvmm.qemuopts import OptionSyntax, Opts, Value, escape, parse, parse_int
 from pyvmm.runstate import PanicAction
 
@@ -257,14 +258,18 @@ class MachineConfig:
     no_reboot: bool = False
     devices: list[DeviceSpec] = field(default_factory=list)
     drives: list = field(default_factory=list)  # pyvmm.devices.virtio.options.DriveSpec (-drive)
+    blockdevs: list = field(default_factory=list)  # pyvmm.block.blockdev.NodeOptions (-blockdev), in order
     netdevs: list = field(default_factory=list)  # pyvmm.net.options.NetdevSpec (-netdev)
     chardevs: dict[str, str] = field(default_factory=dict)  # -chardev id -> pyvmm.chardev spec
     mem_path: str | None = None
+    memory_backend: RamBackend | None = None  # -machine memory-backend= / -numa node,memdev=: RAM's source
+    mem_prealloc: bool = False  # -mem-prealloc: every page of guest RAM backed at start
     qmp: list[str] = field(default_factory=list)
     machine: str = "pc"  # -machine type: pc, or none (a monitor and no guest)
     name: str | None = None  # -name guest=
     uuid: str | None = None  # -uuid, canonical lower-case form
     start_paused: bool = False  # -S: vCPUs wait for QMP 'cont'
+    incoming: str | None = None  # -incoming URI|defer: load a migration stream instead of booting
     panic_action: PanicAction = PanicAction.SHUTDOWN  # -action panic=
     acpi: bool = True  # -no-acpi clears it
     rtc_base: str = "utc"  # -rtc base=utc|localtime|YYYY-MM-DD[THH:MM:SS]

@@ -26,6 +26,9 @@ class RunState(enum.Enum):
     SHUTDOWN = "shutdown"
     INTERNAL_ERROR = "internal-error"
     GUEST_PANICKED = "guest-panicked"
+    INMIGRATE = "inmigrate"            # -incoming: waiting for (or reading) a migration stream
+    FINISH_MIGRATE = "finish-migrate"  # the source's last pass: vCPUs stopped, state being sent
+    POSTMIGRATE = "postmigrate"        # the source after a completed migration (QMP 'cont' runs it again)
 
 
 class RequestKind(enum.Enum):

@@ -51,12 +51,21 @@ class Daemon:
         self.proc: subprocess.Popen | None = None
 
     @property
+    def host_state_dir(self) -> Path:
+        """The state directory as the test sees it (a subclass may run the daemon in another mount namespace)."""
+        return self.state_dir
+
+    @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.tcp_port}"
 
+    def command(self) -> list[str]:
+        """The daemon's command line (subclasses add options or a prefix)."""
+        return [sys.executable, "-m", "pyvmm.manager.daemon", "--state-dir", str(self.state_dir)]
+
     def start(self, timeout: float = 20.0) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-m", "pyvmm.manager.daemon", "--state-dir", str(self.state_dir)]
+        cmd = self.command()
         if self.tcp_port:
             (self.state_dir / "token").write_text(self.token + "\n")
             (self.state_dir / "token").chmod(0o600)
@@ -107,7 +116,7 @@ class Daemon:
 
     def vm_records(self) -> list[tuple[str, int]]:
         """(uuid, pid) of the VM processes the store knows about (readable while the daemon is dead)."""
-        db = self.state_dir / "pyvmmd.sqlite3"
+        db = self.host_state_dir / "pyvmmd.sqlite3"
         if not db.exists():
             return []
         with contextlib.closing(sqlite3.connect(str(db))) as con:

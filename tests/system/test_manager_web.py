@@ -9,10 +9,12 @@ screenshots the manager README shows into DIR.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -111,6 +113,24 @@ def row_state(page, name: str, state: str, timeout: float = 20_000) -> None:
 
 def enabled_actions(page) -> set[str]:
     return {a for a in ALL_ACTIONS if page.locator(f'#actions [data-action="{a}"]').is_enabled()}
+
+
+@contextlib.contextmanager
+def vm_on_page(page, d: Daemon, name: str, kernel: Path, *, start: bool = False, tab: str | None = None,
+               **extra) -> Iterator[None]:
+    """Define NAME (and start it), open the UI on its details (on TAB), and undefine it afterwards."""
+    define(d, name, kernel, **extra)
+    try:
+        if start:
+            with d.client() as c:
+                c.action(name, "start")
+        open_ui(page, d)
+        page.click(f'#vms tr[data-vm="{name}"] td.name')
+        if tab:
+            page.click(f'.tabs [data-tab="{tab}"]')
+        yield
+    finally:
+        cleanup(d, name)
 
 
 def test_token_login_form_instead_of_prompt(page, web_daemon):
@@ -291,13 +311,7 @@ def test_actions_follow_the_state_rules(page, web_daemon, manager_guest):  # noq
 
 
 def test_terminal_fits_its_box(page, web_daemon, manager_guest):  # noqa: F811
-    define(web_daemon, "term", manager_guest)
-    try:
-        with web_daemon.client() as c:
-            c.action("term", "start")
-        open_ui(page, web_daemon)
-        page.click('#vms tr[data-vm="term"] td.name')
-        page.click('.tabs [data-tab="console"]')
+    with vm_on_page(page, web_daemon, "term", manager_guest, start=True, tab="console"):
         page.locator("#console .xterm-rows").filter(has_text="tick").wait_for(timeout=20_000)
 
         def fit() -> dict:
@@ -323,16 +337,10 @@ def test_terminal_fits_its_box(page, web_daemon, manager_guest):  # noqa: F811
         # the button types the matching stty into the guest's console
         stty = f"stty cols {narrow['cols']} rows {narrow['rows']}"
         assert page.locator("#console-stty").inner_text() == f"type “{stty}” in the guest"
-    finally:
-        cleanup(web_daemon, "term")
 
 
 def test_not_running_is_said_clearly(page, web_daemon, manager_guest):  # noqa: F811
-    define(web_daemon, "idle", manager_guest)
-    try:
-        open_ui(page, web_daemon)
-        page.click('#vms tr[data-vm="idle"] td.name')
-        page.click('.tabs [data-tab="console"]')
+    with vm_on_page(page, web_daemon, "idle", manager_guest, tab="console"):
         off = page.locator("#console-off")
         off.wait_for(state="visible")
         assert off.inner_text().startswith("idle is not running (shutoff)")
@@ -341,8 +349,6 @@ def test_not_running_is_said_clearly(page, web_daemon, manager_guest):  # noqa: 
         shot(page, "not-running")
         page.click('#actions [data-action="start"]')
         off.wait_for(state="hidden", timeout=20_000)
-    finally:
-        cleanup(web_daemon, "idle")
 
 
 def test_errors_are_one_sentence_with_the_log_one_click_away(page, web_daemon, manager_guest, tmp_path):  # noqa: F811
@@ -366,13 +372,7 @@ def test_errors_are_one_sentence_with_the_log_one_click_away(page, web_daemon, m
 
 
 def test_charts_have_a_time_axis_and_units(page, web_daemon, manager_guest):  # noqa: F811
-    define(web_daemon, "chart", manager_guest)
-    try:
-        with web_daemon.client() as c:
-            c.action("chart", "start")
-        open_ui(page, web_daemon)
-        page.click('#vms tr[data-vm="chart"] td.name')
-        page.click('.tabs [data-tab="overview"]')
+    with vm_on_page(page, web_daemon, "chart", manager_guest, start=True, tab="overview"):
         page.wait_for_function("() => document.getElementById('mem-chart').dataset.status === 'drawn'"
                                " && state.history.length >= 8", timeout=30_000)
         labels = page.evaluate("""() => ['cpu-chart', 'mem-chart'].map((id) => {
@@ -392,18 +392,11 @@ def test_charts_have_a_time_axis_and_units(page, web_daemon, manager_guest):  # 
         }""")
         assert drawn > 20, "the memory chart drew no line"
         shot(page, "charts")
-    finally:
-        cleanup(web_daemon, "chart")
 
 
 def test_send_ctrl_alt_del(page, web_daemon, manager_guest):  # noqa: F811
-    define(web_daemon, "cad", manager_guest, cmdline="keys=1")  # the guest prints each keyboard byte
-    try:
-        with web_daemon.client() as c:
-            c.action("cad", "start")
-        open_ui(page, web_daemon)
-        page.click('#vms tr[data-vm="cad"] td.name')
-        page.click('.tabs [data-tab="console"]')
+    # the guest prints each keyboard byte
+    with vm_on_page(page, web_daemon, "cad", manager_guest, start=True, tab="console", cmdline="keys=1"):
         page.locator("#console .xterm-rows").filter(has_text="tick").wait_for(timeout=20_000)
         page.click('#actions [data-action="cad"]')
         page.locator("#conn").filter(has_text="cad: Ctrl-Alt-Del sent").wait_for(timeout=10_000)
@@ -414,8 +407,6 @@ def test_send_ctrl_alt_del(page, web_daemon, manager_guest):  # noqa: F811
                 "GET", "/vms/cad/console/scrollback")["text"])) and len(k) >= 8 and k, 15, "the scancodes")
         assert keys == ["1d", "38", "e0", "53", "e0", "d3", "b8", "9d"]  # set 1: ctrl, alt, delete down, then up
         page.locator("#console .xterm-rows").filter(has_text="KEY 0x00000053").wait_for(timeout=10_000)
-    finally:
-        cleanup(web_daemon, "cad")
 
 
 def test_event_history(page, web_daemon, manager_guest):  # noqa: F811

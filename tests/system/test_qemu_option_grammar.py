@@ -93,7 +93,8 @@ TABLE: list[Row] = [
     # -- -name, -uuid, -display, -msg ---------------------------------------------------------------
     A("-name", "foo"), A("-name", "guest=foo"), A("-name", "foo,,bar"), A("-name", "guest=vm1,process=pyvmm-vm1"),
     A("-name", "foo,debug-threads=off"), A("-name", "foo,debug-threads=on"),
-    A("-object", "secret,id=s0,data=pw"), A("-object", '{"qom-type":"secret","id":"s0","data":"cHc=","format":"base64"}'),
+    A("-object", "secret,id=s0,data=pw"),
+    A("-object", '{"qom-type":"secret","id":"s0","data":"cHc=","format":"base64"}'),
     R("-object", "secret,id=s0"), R("-object", "secret,id=s0,data=pw,format=hex"),
     A("-overcommit", "mem-lock=off"), A("-overcommit", "mem-lock=off,cpu-pm=off"), R("-overcommit", "bogus=on"),
     A("-global", "PIIX4_PM.disable_s3=1"), A("-global", "PIIX4_PM.disable_s4=1"), A("-no-hpet"), A("-no-shutdown"),
@@ -160,6 +161,26 @@ TABLE: list[Row] = [
     R("-audiodev", "none"), R("-audiodev", "bogus,id=a0"),
     R("-object", "bogus-type,id=x"), R("-object", '{"qom-type":"rng-random"}'),
     R("-blockdev", '{"driver":"null-co"}'),
+    # -- memory back-ends: -object memory-backend-*, -machine memory-backend=, -numa node,memdev= ---------
+    A("-object", "memory-backend-memfd,id=mem,size=32M,share=on", "-machine", "memory-backend=mem"),
+    A("-object", "memory-backend-memfd,id=mem,size=32M,share=on", "-m", "32M", "-machine", "pc,memory-backend=mem"),
+    A("-object", "memory-backend-ram,id=mem,size=32M", "-m", "32M", "-numa", "node,memdev=mem"),
+    A("-object", "memory-backend-file,id=mem,size=32M,mem-path=ram.img,share=on", "-machine", "memory-backend=mem"),
+    A("-object", "memory-backend-file,id=mem,size=32M,mem-path=.,share=on", "-m", "32M", "-numa", "node,memdev=mem"),
+    A("-object", '{"qom-type":"memory-backend-memfd","id":"mem","size":33554432,"share":true}',
+      "-machine", "memory-backend=mem"),
+    A("-object", "memory-backend-memfd,id=mem,size=32M"),
+    R("-object", "memory-backend-memfd,id=mem"), R("-object", "memory-backend-memfd,id=mem,size=32M,bogus=1"),
+    R("-object", "memory-backend-file,id=mem,size=32M"),
+    R("-object", "memory-backend-memfd,id=mem,size=32M", "-machine", "memory-backend=mem", "-m", "64M",
+      names="memory"),
+    R("-object", "memory-backend-memfd,id=mem,size=32M", "-machine", "memory-backend=nope", names="nope"),
+    R("-machine", "memory-backend=mem", names="mem"),
+    R("-object", "memory-backend-memfd,id=mem,size=32M", "-numa", "node,memdev=mem", "-m", "64M", names="NUMA"),
+    R("-numa", "node,memdev=nope"), R("-numa", "bogus"), R("-numa", "node,mem=32M"),
+    R("-object", "memory-backend-memfd,id=mem,size=32M", "-numa", "node,memdev=mem",
+      "-machine", "memory-backend=mem", names="mutually exclusive"),
+    R("-object", "memory-backend-memfd,id=mem,size=32M", "-object", "memory-backend-memfd,id=mem,size=32M"),
     A("-serial", "null"), A("-serial", "none"), R("-serial", "bogus"),
     A("-append", "console=ttyS0 x=1"),
     # -- -sandbox (seccomp): sub-options are checked only when it is on --------------------------
@@ -353,5 +374,5 @@ def test_table_covers_every_option_in_the_brief():
     spelled = {a for r in TABLE + PYVMM_CANNOT for a in r.args if a.startswith("-")}
     wanted = {"-machine", "-name", "-uuid", "-display", "-msg", "-no-user-config", "-nodefaults", "-enable-kvm",
               "-accel", "-smp", "-boot", "-rtc", "-no-acpi", "-S", "-daemonize", "-pidfile", "-m", "-device",
-              "-object", "-blockdev", "-netdev", "-audiodev", "-mon", "-drive", "-chardev"}
+              "-object", "-blockdev", "-netdev", "-audiodev", "-mon", "-drive", "-chardev", "-numa"}
     assert wanted <= spelled, wanted - spelled

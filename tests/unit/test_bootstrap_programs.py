@@ -42,6 +42,7 @@ PROGRAMS: dict[str, str] = {
     "objcopy": "binutils",
     "readelf": "binutils",
     "qemu-system-x86_64": "qemu-system-x86",
+    "virtiofsd": "qemu-system-common",
     "qemu-img": "qemu-utils",
     "qemu-io": "qemu-utils",
     "busybox": "busybox-static",
@@ -57,17 +58,21 @@ PROGRAMS: dict[str, str] = {
     "npm": "npm",
     "passt": "passt",
     "ip": "iproute2",
+    "qemu-ga": "qemu-guest-agent",
+    "ldd": BASE,             # libc-bin (essential)
     "mount": BASE,           # mount (essential)
     "umount": BASE,          # mount (essential)
+    "unshare": BASE,         # util-linux (essential)
+    "nsenter": BASE,         # util-linux (essential)
     "truncate": BASE,        # coreutils
     "true": BASE,            # coreutils
     "sh": BASE,              # dash
+    "/bin/sh": BASE,         # dash: QEMU's exec: migration URIs run /bin/sh -c CMD
     "python3": BASE,         # the interpreter bootstrap runs under
     "dpkg-deb": BASE,        # dpkg
     "apt-get": BASE,
     "apt-cache": BASE,
     "schemathesis": PIP,
-    "unshare": "util-linux",
     "libvirtd": "libvirt-daemon",
     "virtlogd": "libvirt-daemon",
     "virsh": "libvirt-clients",

@@ -87,7 +87,7 @@ def test_json_device_and_netdev():
     (["-global", "e1000.romfile=x"], "-global e1000.romfile=x: pyvmm cannot honour"),
     (["-object", "secret,id=s,data=x,keyid=k"], "-object secret,id=s,data=x,keyid=k: pyvmm cannot honour"),
     (["-object", "rng-random,id=r"], "-object rng-random,id=r: pyvmm cannot honour"),
-    (["-blockdev", "driver=file,filename=x,node-name=n"], "-blockdev driver=file"),
+    (["-blockdev", "driver=file,filename=x"], "-blockdev driver=file,filename=x: 'node-name' must be specified"),
     (["-audiodev", "pa,id=a"], "-audiodev pa,id=a: pyvmm cannot honour"),
     (["-monitor", "stdio"], "-monitor stdio: pyvmm cannot honour"),
     (["-serial", "null", "-serial", "null"], "-serial null: pyvmm cannot honour a second serial port"),

@@ -11,8 +11,9 @@ builder for userspace ones through :attr:`MachineContext.irqchip_factory`.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from pyvmm.bus import Bus
 from pyvmm.capabilities import AccelCapabilities
@@ -91,4 +92,45 @@ class Accelerator(Protocol):
         ...
 
 
-__all__ = ["Accelerator", "CpuConfig", "MachineContext"]
+#: One value in a state dict: the accelerator's state is plain data the stream can carry.
+StateValue = int | bytes
+
+
+@runtime_checkable
+class AcceleratorState(Protocol):
+    """What an accelerator offers snapshots and live migration (kvm: :mod:`pyvmm.accel.kvm_state`).
+
+    States are dicts of str keys to ints and bytes, with a ``"version"`` key; a load refuses, with
+    one clear :class:`~pyvmm.errors.PyvmmError` line and before changing anything, a state it
+    cannot load exactly.  Save and load vCPU state only while the vCPUs are paused or not yet
+    started.  Restore order: RAM, :meth:`load_platform_state`, then :meth:`load_cpu_state` for
+    each vCPU, then start.  Device interrupt lines are not part of the platform state: a device
+    whose line was high raises it again after its own load.
+
+    Dirty bitmaps have one bit per 4 KiB page of ``memory.regions[region]``: bit ``i`` is bit
+    ``i % 8`` of byte ``i // 8``, the length rounded up to 64-bit words.  They include pages
+    device DMA wrote (the accelerator's ``dma_written`` capability marks them).
+    """
+
+    def save_cpu_state(self, index: int) -> dict[str, StateValue]: ...
+
+    def load_cpu_state(self, index: int, state: Mapping[str, object]) -> None: ...
+
+    def save_platform_state(self) -> dict[str, StateValue]:
+        """In-accelerator devices and clocks (kvm: PIC, IOAPIC, PIT, KVM clock)."""
+        ...
+
+    def load_platform_state(self, state: Mapping[str, object]) -> None: ...
+
+    def start_dirty_log(self) -> None:
+        """Track guest and DMA writes to RAM from now on; callable while the vCPUs run."""
+        ...
+
+    def get_and_clear_dirty(self, region: int) -> bytearray:
+        """The pages of RAM region ``region`` written since the last call (or start_dirty_log)."""
+        ...
+
+    def stop_dirty_log(self) -> None: ...
+
+
+__all__ = ["Accelerator", "AcceleratorState", "CpuConfig", "MachineContext", "StateValue"]

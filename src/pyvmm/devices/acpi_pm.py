@@ -34,10 +34,12 @@ import threading
 import time
 from collections.abc import Callable
 from enum import IntFlag
+from typing import Any
 
 from pyvmm.irq import IrqLine
 from pyvmm.ratelimit import guest_log
 from pyvmm.runstate import VmControl
+from pyvmm.vmstate import fields
 from pyvmm.x86.pm_block import (
     PM_SIZE,
     PM_TIMER_HZ,
@@ -140,6 +142,23 @@ class AcpiPm:
             self._sts = 0
             self._en = 0
             self._cnt = int(Pm1Cnt.SCI_EN)
+            self._update_sci()
+
+    # -- VM state (pyvmm.vmstate) -----------------------------------------------------------
+    vmstate_version = 1
+
+    def save_state(self) -> dict[str, Any]:
+        """PM1 registers and the PM timer's count (as elapsed time, so it continues, not jumps)."""
+        with self._lock:
+            return {"sts": self._sts, "en": self._en, "cnt": self._cnt,
+                    "timer_ns": self._clock_ns() - self._t0}
+
+    def load_state(self, state: dict[str, Any], version: int) -> None:
+        sts, en, cnt, timer_ns = (fields.need(state, k, int, "acpi-pm") for k in ("sts", "en", "cnt", "timer_ns"))
+        with self._lock:
+            self._sts, self._en = sts & 0xFFFF, en & _EN_WRITABLE
+            self._cnt = (cnt & _CNT_STORED) | int(Pm1Cnt.SCI_EN)
+            self._t0 = self._clock_ns() - max(0, timer_ns)
             self._update_sci()
 
     @property

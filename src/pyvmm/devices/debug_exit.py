@@ -25,6 +25,8 @@ DEBUG_EXIT_IO_SIZE = 4
 
 
 class DebugExit:
+    vmstate_stateless = True  # nothing to migrate (VM state): a write ends the run
+
     def __init__(self, control: VmControl) -> None:
         self._control = control
         self.last_value: int | None = None

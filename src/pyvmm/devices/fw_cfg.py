@@ -27,9 +27,11 @@ import struct
 import threading
 from collections.abc import Callable, Iterable
 from enum import IntEnum, IntFlag
+from typing import Any
 
 from pyvmm.errors import ConfigError, GuestMemoryError
 from pyvmm.memory import GuestMemory
+from pyvmm.vmstate import fields
 
 log = logging.getLogger(__name__)
 
@@ -222,6 +224,24 @@ class FwCfg:
         with self._lock:
             self._select(0)
             self._dma_high = 0
+
+    # -- VM state (pyvmm.vmstate) -----------------------------------------------------------
+    vmstate_version = 1
+
+    def save_state(self) -> dict[str, Any]:
+        """The selector, the read position and a half-written DMA address; the items themselves
+        are rebuilt by the destination from the same configuration."""
+        with self._lock:
+            return {"key": self._cur_key, "offset": self._cur_offset, "dma_high": self._dma_high}
+
+    def load_state(self, state: dict[str, Any], version: int) -> None:
+        key = fields.need(state, "key", int, "fw_cfg")
+        offset = fields.need(state, "offset", int, "fw_cfg")
+        dma_high = fields.need(state, "dma_high", int, "fw_cfg")
+        with self._lock:
+            self._select(key)
+            self._cur_offset = max(0, min(offset, len(self._cur_data)))
+            self._dma_high = dma_high & 0xFFFF_FFFF
 
     # -- guest interface ---------------------------------------------------------------------
     def _select(self, key: int) -> None:

@@ -37,10 +37,12 @@ import threading
 from collections import deque
 from collections.abc import Callable
 from enum import IntEnum
+from typing import Any
 
 from pyvmm.irq import IrqLine
 from pyvmm.ratelimit import guest_log
 from pyvmm.runstate import VmControl
+from pyvmm.vmstate import VmStateError, fields
 
 log = logging.getLogger(__name__)
 
@@ -207,6 +209,40 @@ class I8042:
             for line in (self._irq_kbd, self._irq_aux):
                 if line is not None:
                     line.set_level(False)
+
+    # -- VM state (pyvmm.vmstate) -----------------------------------------------------------
+    vmstate_version = 1
+    _STATE_FIELDS = ("ctr", "status", "outport", "obuf", "obf", "obuf_aux", "pending_cmd", "kbd_scanning",
+                     "kbd_scanset", "kbd_leds", "kbd_pending", "_kbd_q", "_aux_q")
+
+    def save_state(self) -> dict[str, Any]:
+        with self._lock:
+            st = fields.capture(self, self._STATE_FIELDS)
+            st["ctrl_q"] = [[b, aux] for b, aux in self._ctrl_q]
+            return st
+
+    def load_state(self, state: dict[str, Any], version: int) -> None:
+        ctrl = fields.need(state, "ctrl_q", list, "i8042")
+        queue: deque[tuple[int, bool]] = deque()
+        for item in ctrl:
+            if (not isinstance(item, list) or len(item) != 2 or not isinstance(item[0], int)
+                    or not isinstance(item[1], bool)):
+                raise VmStateError("i8042: controller queue in the state is invalid")
+            queue.append((item[0] & 0xFF, item[1]))
+        with self._lock:
+            fields.apply(self, self._STATE_FIELDS, state)
+            self._ctrl_q = queue
+            for q in (self._kbd_q, self._aux_q):
+                if any(not isinstance(b, int) for b in q):
+                    q.clear()
+                    raise VmStateError("i8042: device queue in the state is invalid")
+            self._irq_levels = (False, False)
+            kbd = self.obf and not self.obuf_aux and bool(self.ctr & Ctr.KBD_INT)
+            aux = self.obf and self.obuf_aux and bool(self.ctr & Ctr.AUX_INT)
+            for line, level in ((self._irq_kbd, kbd), (self._irq_aux, aux)):
+                if line is not None:
+                    line.set_level(level)
+            self._irq_levels = (kbd, aux)
 
     # -- output buffer and IRQs (lock held) --------------------------------------------------
     def _refill(self) -> None:

@@ -55,6 +55,8 @@ DEFAULT_EVENTS = PvPanicEvent.PANICKED | PvPanicEvent.CRASH_LOADED
 class PvPanic:
     """One pvpanic device at ``ioport``; reports go to ``control``."""
 
+    vmstate_stateless = True  # nothing to migrate (VM state): its register is a constant
+
     def __init__(self, control: VmControl, *, ioport: int = PVPANIC_IOPORT,
                  events: int = int(DEFAULT_EVENTS)) -> None:
         if not 0 <= ioport <= 0xFFFF:

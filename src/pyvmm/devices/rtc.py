@@ -36,9 +36,11 @@ import threading
 import time
 from collections.abc import Callable
 from enum import IntEnum
+from typing import Any
 
 from pyvmm.irq import IrqLine
 from pyvmm.loop import MainLoop, TimerHandle
+from pyvmm.vmstate import VmStateError, fields
 
 log = logging.getLogger(__name__)
 
@@ -183,6 +185,36 @@ class Rtc:
             self.cmos[Reg.C] = 0
             self._reschedule()
             self._set_irq(False)
+
+    # -- VM state (pyvmm.vmstate) -----------------------------------------------------------
+    vmstate_version = 1
+
+    def save_state(self) -> dict[str, Any]:
+        """CMOS, index, and the time base: the guest's offset from the host's wall clock (as QEMU,
+        the guest's RTC keeps following real time on the destination)."""
+        with self._lock:
+            return {"cmos": bytes(self.cmos), "index": self.index, "nmi_disabled": self.nmi_disabled,
+                    "offset": self._offset, "frozen": None if self._frozen is None else list(self._frozen),
+                    "level": self._level}
+
+    def load_state(self, state: dict[str, Any], version: int) -> None:
+        cmos = fields.need(state, "cmos", bytes, "rtc")
+        if len(cmos) != CMOS_SIZE:
+            raise VmStateError(f"rtc: CMOS of {len(cmos)} bytes in the state (expected {CMOS_SIZE})")
+        index = fields.need(state, "index", int, "rtc")
+        offset = fields.need(state, "offset", (int, float), "rtc")
+        frozen = state.get("frozen")
+        if frozen is not None and (not isinstance(frozen, list) or len(frozen) != 6
+                                   or not all(isinstance(v, int) for v in frozen)):
+            raise VmStateError("rtc: frozen time in the state is invalid")
+        with self._lock:
+            self.cmos[:] = cmos
+            self.index = index & 0x7F
+            self.nmi_disabled = bool(state.get("nmi_disabled"))
+            self._offset = float(offset)
+            self._frozen = frozen
+            self._reschedule()
+            self._set_irq(bool(state.get("level")))
 
     # -- time conversion ---------------------------------------------------------------------
     def _now(self) -> float:

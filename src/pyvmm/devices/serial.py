@@ -38,11 +38,13 @@ import logging
 import threading
 from collections import deque
 from enum import IntEnum
+from typing import Any
 
 from pyvmm.chardev.base import CharBackend
 from pyvmm.errors import ConfigError
 from pyvmm.irq import IrqLine
 from pyvmm.qdev import BusKind, DeviceContext, DeviceProps, DeviceType, Prop, PropType
+from pyvmm.vmstate import VmStateError, fields
 from pyvmm.x86 import layout
 
 log = logging.getLogger(__name__)
@@ -232,6 +234,26 @@ class Serial:
                 self._irq.set_level(False)
         if self._backend is not None:
             self._backend.accept_input()
+
+    # -- VM state (pyvmm.vmstate) -----------------------------------------------------------
+    vmstate_version = 1
+    _STATE_FIELDS = ("ier", "lcr", "mcr", "lsr_errors", "msr", "scr", "dll", "dlm", "fifo_enabled", "trigger",
+                     "thr_pending", "_rx")
+
+    def save_state(self) -> dict[str, Any]:
+        """Registers and the receive FIFO (the back-end is the destination's own)."""
+        with self._lock:
+            return fields.capture(self, self._STATE_FIELDS)
+
+    def load_state(self, state: dict[str, Any], version: int) -> None:
+        with self._lock:
+            fields.apply(self, self._STATE_FIELDS, state)
+            if len(self._rx) > FIFO_SIZE or any(not isinstance(b, int) or not 0 <= b <= 0xFF for b in self._rx):
+                self._rx.clear()
+                raise VmStateError("serial: receive FIFO in the state is invalid")
+            self._update_irq()
+            if self._irq is not None:
+                self._irq.set_level(self._level)
 
     # -- interrupt logic (lock held) ---------------------------------------------------------
     def _rx_capacity(self) -> int:

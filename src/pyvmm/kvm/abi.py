@@ -431,3 +431,66 @@ class KvmEnableCap(Structure):
 
 
 _check(KvmEnableCap, 104)
+
+
+# --------------------------------------------------------------------------------------------
+# VM state: save/restore and dirty logging
+# --------------------------------------------------------------------------------------------
+class KvmSregs2(Structure):
+    """``struct kvm_sregs2`` (KVM_CAP_SREGS2): sregs without the interrupt bitmap, plus PAE PDPTRs."""
+
+    _fields_ = [
+        ("cs", KvmSegment), ("ds", KvmSegment), ("es", KvmSegment), ("fs", KvmSegment),
+        ("gs", KvmSegment), ("ss", KvmSegment), ("tr", KvmSegment), ("ldt", KvmSegment),
+        ("gdt", KvmDtable), ("idt", KvmDtable),
+        ("cr0", u64), ("cr2", u64), ("cr3", u64), ("cr4", u64), ("cr8", u64),
+        ("efer", u64), ("apic_base", u64), ("flags", u64), ("pdptrs", u64 * 4),
+    ]
+
+
+_check(KvmSregs2, 320)
+KVM_SREGS2_FLAGS_PDPTRS_VALID = 1
+
+
+class KvmXcr(Structure):
+    _fields_ = [("xcr", u32), ("reserved", u32), ("value", u64)]
+
+
+KVM_MAX_XCRS = 16
+
+
+class KvmXcrs(Structure):
+    _fields_ = [("nr_xcrs", u32), ("flags", u32), ("xcrs", KvmXcr * KVM_MAX_XCRS), ("padding", u64 * 16)]
+
+
+_check(KvmXcrs, 392)
+
+
+class KvmDebugregs(Structure):
+    _fields_ = [("db", u64 * 4), ("dr6", u64), ("dr7", u64), ("flags", u64), ("reserved", u64 * 9)]
+
+
+_check(KvmDebugregs, 128)
+
+
+class KvmDirtyLog(Structure):
+    """``struct kvm_dirty_log``: the slot and the userspace address of its bitmap (one bit per page)."""
+
+    _fields_ = [("slot", u32), ("padding1", u32), ("dirty_bitmap", u64)]
+
+
+_check(KvmDirtyLog, 16)
+
+
+class KvmDeviceAttr(Structure):
+    """``struct kvm_device_attr`` (vCPU attributes, KVM_CAP_VCPU_ATTRIBUTES); ``addr`` points at the value."""
+
+    _fields_ = [("flags", u32), ("group", u32), ("attr", u64), ("addr", u64)]
+
+
+_check(KvmDeviceAttr, 24)
+KVM_VCPU_TSC_CTRL = 0
+KVM_VCPU_TSC_OFFSET = 0
+KVM_CLOCK_TSC_STABLE = 1 << 1
+KVM_CLOCK_REALTIME = 1 << 2
+KVM_CLOCK_HOST_TSC = 1 << 3

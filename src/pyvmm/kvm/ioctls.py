@@ -56,6 +56,7 @@ class Ioctl(enum.IntEnum):
     GET_SUPPORTED_CPUID = _IOWR(0x05, abi.KvmCpuid2Header)
     # VM fd
     CREATE_VCPU = _IO(0x41)
+    GET_DIRTY_LOG = _IOW(0x42, abi.KvmDirtyLog)
     SET_USER_MEMORY_REGION = _IOW(0x46, abi.KvmUserspaceMemoryRegion)
     SET_TSS_ADDR = _IO(0x47)
     SET_IDENTITY_MAP_ADDR = _IOW(0x48, 8)
@@ -94,7 +95,20 @@ class Ioctl(enum.IntEnum):
     SET_VCPU_EVENTS = _IOW(0xA0, abi.KvmVcpuEvents)
     GET_XSAVE = _IOR(0xA4, abi.KvmXsave)
     SET_XSAVE = _IOW(0xA5, abi.KvmXsave)
+    GET_DEBUGREGS = _IOR(0xA1, abi.KvmDebugregs)
+    SET_DEBUGREGS = _IOW(0xA2, abi.KvmDebugregs)
+    SET_TSC_KHZ = _IO(0xA2)
+    GET_TSC_KHZ = _IO(0xA3)
+    GET_XCRS = _IOR(0xA6, abi.KvmXcrs)
+    SET_XCRS = _IOW(0xA7, abi.KvmXcrs)
     KVMCLOCK_CTRL = _IO(0xAD)
+    GET_SREGS2 = _IOR(0xCC, abi.KvmSregs2)
+    SET_SREGS2 = _IOW(0xCD, abi.KvmSregs2)
+    #: Like GET_XSAVE, but the buffer is as large as KVM_CHECK_EXTENSION(KVM_CAP_XSAVE2) says.
+    GET_XSAVE2 = _IOR(0xCF, abi.KvmXsave)
+    SET_DEVICE_ATTR = _IOW(0xE1, abi.KvmDeviceAttr)
+    GET_DEVICE_ATTR = _IOW(0xE2, abi.KvmDeviceAttr)
+    HAS_DEVICE_ATTR = _IOW(0xE3, abi.KvmDeviceAttr)
 
 
 KVM_API_VERSION = 12
@@ -185,6 +199,7 @@ class Cap(enum.IntEnum):
     ADJUST_CLOCK = 39
     INTERNAL_ERROR_DATA = 40
     VCPU_EVENTS = 41
+    DEBUGREGS = 50
     XSAVE = 55
     XCRS = 56
     TSC_CONTROL = 60
@@ -194,10 +209,12 @@ class Cap(enum.IntEnum):
     SIGNAL_MSI = 77
     READONLY_MEM = 81
     MAX_VCPU_ID = 128
+    VCPU_ATTRIBUTES = 127
     X2APIC_API = 129
     IMMEDIATE_EXIT = 136
     X86_DISABLE_EXITS = 143
     EXCEPTION_PAYLOAD = 164
+    SREGS2 = 200
     EXIT_ON_EMULATION_FAILURE = 204
     XSAVE2 = 208
     X86_TRIPLE_FAULT_EVENT = 218

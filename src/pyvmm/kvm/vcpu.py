@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 from pyvmm.errors import KvmError
 from pyvmm.kvm import abi
 from pyvmm.kvm.ioctls import ExitReason, Ioctl, MpState
-from pyvmm.kvm.syscall import get_errno, ioctl, kvm_run_ioctl
+from pyvmm.kvm.syscall import get_errno, ioctl, ioctl_errno, kvm_run_ioctl
 
 if TYPE_CHECKING:
     from pyvmm.kvm.vm import Vm
@@ -146,6 +146,104 @@ class Vcpu:
 
     def set_xsave(self, x: abi.KvmXsave) -> None:
         ioctl(self.fd, Ioctl.SET_XSAVE, x)
+
+    # -- state for save/restore (see pyvmm.kvm.vcpu_state) ---------------------------------------
+    def get_xsave_image(self, size: int) -> bytes:
+        """The XSAVE image: KVM_GET_XSAVE2 into ``size`` bytes (KVM_CAP_XSAVE2's value), else KVM_GET_XSAVE."""
+        if size > ctypes.sizeof(abi.KvmXsave):
+            buf = (ctypes.c_uint8 * size)()
+            ioctl(self.fd, Ioctl.GET_XSAVE2, buf)
+            return bytes(buf)
+        return bytes(self.get_xsave())
+
+    def set_xsave_image(self, image: bytes, size: int = 0) -> None:
+        """KVM_SET_XSAVE.  The kernel reads as many bytes as its own XSAVE2 size (``size``, from
+        KVM_CAP_XSAVE2), so a smaller image from another host is padded with zeros (features it
+        did not have stay in their init state)."""
+        n = max(len(image), size, ctypes.sizeof(abi.KvmXsave))
+        buf = (ctypes.c_uint8 * n).from_buffer_copy(image.ljust(n, b"\0"))
+        ioctl(self.fd, Ioctl.SET_XSAVE, buf)
+
+    def get_sregs2(self) -> abi.KvmSregs2:
+        s = abi.KvmSregs2()
+        ioctl(self.fd, Ioctl.GET_SREGS2, s)
+        return s
+
+    def set_sregs2(self, sregs: abi.KvmSregs2) -> None:
+        ioctl(self.fd, Ioctl.SET_SREGS2, sregs)
+
+    def get_xcrs(self) -> abi.KvmXcrs:
+        x = abi.KvmXcrs()
+        ioctl(self.fd, Ioctl.GET_XCRS, x)
+        return x
+
+    def set_xcrs(self, x: abi.KvmXcrs) -> None:
+        ioctl(self.fd, Ioctl.SET_XCRS, x)
+
+    def get_debugregs(self) -> abi.KvmDebugregs:
+        d = abi.KvmDebugregs()
+        ioctl(self.fd, Ioctl.GET_DEBUGREGS, d)
+        return d
+
+    def set_debugregs(self, d: abi.KvmDebugregs) -> None:
+        ioctl(self.fd, Ioctl.SET_DEBUGREGS, d)
+
+    def get_tsc_khz(self) -> int:
+        """The guest TSC frequency in kHz (KVM_CAP_GET_TSC_KHZ)."""
+        return ioctl(self.fd, Ioctl.GET_TSC_KHZ)
+
+    def set_tsc_khz(self, khz: int) -> None:
+        """Scale the guest TSC to ``khz`` (KVM_CAP_TSC_CONTROL; the host must support TSC scaling)."""
+        ioctl(self.fd, Ioctl.SET_TSC_KHZ, khz)
+
+    def has_tsc_offset_attr(self) -> bool:
+        """Whether KVM_VCPU_TSC_OFFSET can be read and set (KVM_CAP_VCPU_ATTRIBUTES, Linux 5.16+)."""
+        attr = abi.KvmDeviceAttr(group=abi.KVM_VCPU_TSC_CTRL, attr=abi.KVM_VCPU_TSC_OFFSET)
+        ret, _ = ioctl_errno(self.fd, Ioctl.HAS_DEVICE_ATTR, attr)
+        return ret == 0
+
+    def get_tsc_offset(self) -> int:
+        value = ctypes.c_uint64()
+        attr = abi.KvmDeviceAttr(group=abi.KVM_VCPU_TSC_CTRL, attr=abi.KVM_VCPU_TSC_OFFSET,
+                                 addr=ctypes.addressof(value))
+        ioctl(self.fd, Ioctl.GET_DEVICE_ATTR, attr)
+        return value.value
+
+    def set_tsc_offset(self, offset: int) -> None:
+        """Guest TSC = host TSC (scaled) + ``offset``, set exactly (no "within a second means in sync" guess)."""
+        value = ctypes.c_uint64(offset & (2**64 - 1))
+        attr = abi.KvmDeviceAttr(group=abi.KVM_VCPU_TSC_CTRL, attr=abi.KVM_VCPU_TSC_OFFSET,
+                                 addr=ctypes.addressof(value))
+        ioctl(self.fd, Ioctl.SET_DEVICE_ATTR, attr)
+
+    def read_msrs(self, indices: list[int]) -> tuple[dict[int, int], list[int]]:
+        """Read every MSR in ``indices`` KVM lets us read: (values, refused indices).
+
+        KVM_GET_MSRS stops at the first MSR it cannot read and returns how many it read, so the
+        refused one is skipped and the batch goes on from the next one.
+        """
+        values: dict[int, int] = {}
+        refused: list[int] = []
+        pending = list(indices)
+        while pending:
+            got = self.get_msrs(pending)
+            values.update(got)
+            n = len(got)
+            if n < len(pending):
+                refused.append(pending[n])
+            pending = pending[n + 1:]
+        return values, refused
+
+    def write_msrs(self, values: dict[int, int]) -> list[int]:
+        """Write every MSR in ``values`` (in order); returns the indices KVM refused, the rest are set."""
+        refused: list[int] = []
+        items = list(values.items())
+        while items:
+            n = self.set_msrs(dict(items))
+            if n < len(items):
+                refused.append(items[n][0])
+            items = items[n + 1:]
+        return refused
 
     # -- local APIC helpers ----------------------------------------------------------------------
     def setup_lint(self) -> None:

@@ -21,6 +21,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+PAGE_SIZE = 4096
+
 
 @dataclass(frozen=True)
 class MemorySlot:
@@ -101,11 +103,36 @@ class Vm:
         if size:
             self.slots.append(MemorySlot(slot, gpa, size, host_addr, flags))
 
-    def map_memory(self, memory: GuestMemory) -> list[MemorySlot]:
+    def map_memory(self, memory: GuestMemory, flags: int = 0) -> list[MemorySlot]:
         """One slot per guest RAM region (slot numbers follow region order)."""
         for i, r in enumerate(memory.regions):
-            self.set_user_memory_region(i, r.gpa, r.size, r.host_addr)
+            self.set_user_memory_region(i, r.gpa, r.size, r.host_addr, flags)
         return list(self.slots)
+
+    def set_slot_flags(self, slot: int, flags: int) -> None:
+        """Change the flags of an existing slot (e.g. KVM_MEM_LOG_DIRTY_PAGES on or off)."""
+        for s in self.slots:
+            if s.slot == slot:
+                if s.flags != flags:
+                    self.set_user_memory_region(slot, s.gpa, s.size, s.host_addr, flags)
+                return
+        raise KvmError(f"no memory slot {slot}")
+
+    def get_dirty_log(self, slot: int) -> bytearray:
+        """KVM_GET_DIRTY_LOG: the slot's bitmap (bit i = page i, LSB first), which KVM then clears.
+
+        The slot must have KVM_MEM_LOG_DIRTY_PAGES.  The bitmap is rounded up to whole 64-bit words,
+        as the kernel writes it.
+        """
+        for s in self.slots:
+            if s.slot == slot:
+                break
+        else:
+            raise KvmError(f"no memory slot {slot}")
+        pages = s.size // PAGE_SIZE
+        buf = (ctypes.c_uint64 * ((pages + 63) // 64))()
+        ioctl(self.fd, Ioctl.GET_DIRTY_LOG, abi.KvmDirtyLog(slot=slot, dirty_bitmap=ctypes.addressof(buf)))
+        return bytearray(buf)
 
     # -- interrupts --------------------------------------------------------------------------------
     def irq_line(self, gsi: int, level: bool) -> None:
@@ -220,8 +247,8 @@ class Vm:
         ioctl(self.fd, Ioctl.GET_CLOCK, data)
         return data
 
-    def set_clock(self, clock_ns: int) -> None:
-        ioctl(self.fd, Ioctl.SET_CLOCK, abi.KvmClockData(clock=clock_ns))
+    def set_clock(self, clock_ns: int, flags: int = 0, realtime: int = 0) -> None:
+        ioctl(self.fd, Ioctl.SET_CLOCK, abi.KvmClockData(clock=clock_ns, flags=flags, realtime=realtime))
 
     # -- vCPUs -----------------------------------------------------------------------------------
     def create_vcpu(self, index: int) -> Vcpu:

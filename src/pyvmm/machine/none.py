@@ -10,6 +10,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 
+from pyvmm.block.graph import BlockGraph
 from pyvmm.config import MachineConfig
 from pyvmm.machine.pc import RunResult
 from pyvmm.monitor import ChardevInfo, CpuInfo, create_monitor
@@ -102,6 +103,9 @@ class NoneMachine:
         from pyvmm.devices.i8042 import QCODES
 
         return frozenset(QCODES)
+
+    def block_graph(self) -> BlockGraph:
+        return BlockGraph()  # no block nodes: -blockdev and -drive need a machine
 
     def send_keys(self, qcodes: list[str]) -> None:
         pass  # no keyboard: the keys go nowhere, as on QEMU's -machine none

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 from pyvmm.accel import select
 from pyvmm.accel.base import Accelerator, MachineContext
+from pyvmm.block.graph import BlockGraph
 from pyvmm.boot import BootResult, load_kernel
 from pyvmm.bus import Bus, BusError
 from pyvmm.config import MachineConfig
@@ -41,6 +42,7 @@ from pyvmm.errors import ConfigError
 from pyvmm.irq import CpuInterruptController, IrqRouter
 from pyvmm.loop import MainLoop
 from pyvmm.machine.pc_devices import PcDevices
+from pyvmm.machine.pc_migration import PcMigration
 from pyvmm.monitor import ChardevInfo, CpuInfo, create_monitor
 from pyvmm.monitor.events import ShutdownCause, cause_of
 from pyvmm.ratelimit import guest_log
@@ -78,9 +80,12 @@ class PcMachine:
         self.accel_reason = accel_reason
         self.control = control or VmControl()
         self.control.panic_action = config.panic_action
-        self.memory = layout.pc_memory(config.memory, config.mem_path)
+        self.memory = layout.pc_memory(config.memory, config.mem_path, config.memory_backend)
+        if config.mem_prealloc or (config.memory_backend is not None and config.memory_backend.prealloc):
+            self.memory.preallocate()  # -mem-prealloc, or a memory back-end's prealloc=on
         self.io_bus = Bus("io")
         self.mmio_bus = Bus("mmio")
+        self._install_plugin_tracers()
         self.irq = IrqRouter()
         self.loop = MainLoop()
         self.accel: Accelerator = select.create(accel_name)
@@ -94,6 +99,8 @@ class PcMachine:
         self.last_request: Request | None = None  # the life-cycle request being handled (for listeners)
         self._after_panic: list[Request] = []  # guest requests held back while paused by a guest panic
         self._build()
+        self._deferred_start = False  # after -incoming of a stopped guest: vCPUs start at 'cont'
+        self.migration = PcMigration(self)  # migrate, -incoming (machine/pc_migration.py)
         self.monitor = create_monitor(self, config.qmp)  # --qmp (QMP); started in run()
 
     # -- assembly -----------------------------------------------------------------------------
@@ -241,8 +248,27 @@ class PcMachine:
             self.accel.pause()
             self._set_state(RunState.PAUSED)
 
+    def _incoming(self) -> None:
+        """-incoming: load the stream, then run (or wait for 'cont', as QEMU after a stopped source or -S)."""
+        start = self.migration.run_incoming()
+        if self.state is not RunState.INMIGRATE:
+            return
+        if start:
+            self.accel.start()
+            self._set_state(RunState.RUNNING)
+        else:
+            self._deferred_start = True
+            self._set_state(RunState.PAUSED)
+
     def resume(self) -> None:
-        if self.state in (RunState.PAUSED, RunState.GUEST_PANICKED):  # QEMU's cont leaves guest-panicked too
+        if self._deferred_start and self.state is RunState.PAUSED:
+            self._deferred_start = False
+            self.accel.start()
+            self._set_state(RunState.RUNNING)
+        elif self.state is RunState.POSTMIGRATE:  # QEMU lets 'cont' run the source again
+            self.accel.resume()
+            self._set_state(RunState.RUNNING)
+        elif self.state in (RunState.PAUSED, RunState.GUEST_PANICKED):  # QEMU's cont leaves guest-panicked too
             self.accel.resume()
             self._set_state(RunState.RUNNING)
             held, self._after_panic = self._after_panic, []
@@ -253,19 +279,38 @@ class PcMachine:
             self.accel.resume()
             self._set_state(RunState.RUNNING)
 
+    def _install_plugin_tracers(self) -> None:
+        """A plug-in's ``trace`` (PYVMM_PLUGINS) sees every port-I/O and MMIO access."""
+        from pyvmm.plugins import plugin_tracers
+
+        tracers = plugin_tracers()
+        if not tracers:
+            return
+
+        def trace(bus: str, kind: str, addr: int, size: int, value: int) -> None:
+            for t in tracers:
+                t(bus, kind, addr, size, value)  # type: ignore[operator]
+        self.io_bus.set_tracer(trace)
+        self.mmio_bus.set_tracer(trace)
+
     def run(self) -> RunResult:
         self.loop.start_thread()
         try:
             load_sandbox = prepare_sandbox(self.sandbox)
-            # The machine is complete (kernel loaded, vCPU threads created and parked) before the
-            # monitor answers, as QEMU's is: query-cpus-fast under -S gives the real vCPU threads.
-            self._power_on(start=False, notify=False)
+            incoming = self.config.incoming is not None
+            if not incoming:
+                # The machine is complete (kernel loaded, vCPU threads created and parked) before the
+                # monitor answers, as QEMU's is: query-cpus-fast under -S gives the real vCPU threads.
+                self._power_on(start=False, notify=False)
             self._start_monitor()  # listening: the sandbox allows no new listeners
             load_sandbox()
-            self._set_state(RunState.PRELAUNCH)
+            if not incoming:
+                self._set_state(RunState.PRELAUNCH)
             if self.monitor is not None:
                 self.monitor.wait_for_clients()
-            if not self.config.start_paused:  # -S: wait in prelaunch for QMP 'cont'
+            if incoming:
+                self._incoming()
+            elif not self.config.start_paused:  # -S: wait in prelaunch for QMP 'cont'
                 self.resume()
             while True:
                 req = self.control.wait()
@@ -333,6 +378,8 @@ class PcMachine:
                 self.pci.close()
             if getattr(self, "virtio", None) is not None:
                 self.virtio.close()
+            if getattr(self, "qdev", None) is not None:
+                self.qdev.block.close()
 
     # -- QMP monitor: pyvmm.monitor.MachineControl ----------------------------------------------
     def _start_monitor(self) -> None:
@@ -399,6 +446,9 @@ class PcMachine:
         from pyvmm.devices.i8042 import QCODES
 
         return frozenset(QCODES)
+
+    def block_graph(self) -> BlockGraph:
+        return self.qdev.block
 
     def send_keys(self, qcodes: list[str]) -> None:
         from pyvmm.devices.i8042 import QCODES

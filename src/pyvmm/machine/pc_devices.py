@@ -13,7 +13,10 @@ import logging
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from pyvmm.block.graph import Backend
+from pyvmm.block.setup import build_block_graph
 from pyvmm.chardev import parse_chardev
+from pyvmm.chardev.parse import parse_spec
 from pyvmm.config import DeviceSpec, MachineConfig
 from pyvmm.devices import device_registry
 from pyvmm.devices.pci.board import PciBoard
@@ -48,8 +51,10 @@ class PcDevices:
         self._builtin_chardevs: dict[str, str] = {}
         self._chardevs: list[tuple[str, str, Any]] = []  # (label, spec, back-end) in creation order
         self._drives = _drives_by_id(config.drives)
+        self.block = build_block_graph(config.blockdevs, self._drives)
         self._netdevs = _netdevs_by_id(config.netdevs)
         self._used: set[tuple[str, str]] = set()  # ("drive"|"netdev", id)
+        self._bootindexes: set[int] = set()
         self._board_wiring = False
         self.manager = DeviceManager(device_registry(), self)
 
@@ -57,7 +62,13 @@ class PcDevices:
     def add_user_device(self, spec: DeviceSpec) -> Device:
         """One ``-device``; its errors name the option."""
         try:
-            return self.manager.create(spec.driver, spec.props, ident=spec.id, typed=spec.typed)
+            dev = self.manager.create(spec.driver, spec.props, ident=spec.id, typed=spec.typed)
+            bootindex = dev.props.get("bootindex") if dev.props is not None else None
+            if bootindex is not None:  # QEMU's boot order: each index once (pyvmm boots -kernel)
+                if bootindex in self._bootindexes:
+                    raise ConfigError(f"The bootindex {bootindex} has already been used")
+                self._bootindexes.add(bootindex)
+            return dev
         except ConfigError as e:
             raise ConfigError(f"-device {spec.text or spec.driver}: {e}") from None
 
@@ -112,6 +123,9 @@ class PcDevices:
     def add_io(self, base: int, size: int, handler: object, name: str) -> None:
         self._add_io(base, size, handler, name)
 
+    def add_mmio(self, base: int, size: int, handler: object, name: str) -> None:
+        self.virtio.mmio_bus.register(base, size, handler, name)  # type: ignore[arg-type]
+
     def chardev(self, ident: str) -> Any:
         if self._board_wiring and ident in self._builtin_chardevs:
             spec, label = self._builtin_chardevs[ident], ident
@@ -132,6 +146,19 @@ class PcDevices:
             out.append((label, f"pty:{path}" if kind == "pty" and path else spec))
         return out
 
+    def chardev_socket_path(self, ident: str) -> str:
+        spec = self._config.chardevs.get(ident)
+        if spec is None:
+            raise ConfigError(f"Property 'chardev' can't find value '{ident}' (no -chardev id={ident})")
+        kind, path, flags = parse_spec(spec)
+        if kind != "unix":
+            raise ConfigError(f"chardev '{ident}' is not a socket (vhost-user needs -chardev socket,path=...)")
+        if flags.get("server", False):
+            raise ConfigError(f"chardev '{ident}': pyvmm cannot honour server=on for vhost-user "
+                              "(it connects to the back end's socket)")
+        self._claim("chardev", ident)
+        return path
+
     def drive(self, ident: str) -> DriveSpec:
         drive = self._drives.get(ident)
         if drive is None:
@@ -141,6 +168,18 @@ class PcDevices:
                               "(give it if=none)")
         self._claim("drive", ident)
         return drive
+
+    def block_backend(self, ident: str | None, *, read_only: bool, share_rw: bool, device_id: str | None,
+                      file: str | None = None, fmt: str | None = None) -> Backend:
+        qdev = self.manager.tree.next_path(device_id, user=not self._board_wiring) + "/virtio-backend"
+        if ident is None:
+            assert file is not None
+            return self.block.attach_file(file, fmt, read_only=read_only, share_rw=share_rw, qdev=qdev)
+        drive = self._drives.get(ident)
+        if drive is not None and drive.interface != "none" and not self._board_wiring:
+            raise ConfigError(f"-drive id={ident} has if={drive.interface}, so it is already a disk of its own "
+                              "(give it if=none)")
+        return self.block.attach(ident, read_only=read_only, share_rw=share_rw, qdev=qdev)
 
     def netdev(self, ident: str) -> Any:
         spec = self._netdevs.get(ident)

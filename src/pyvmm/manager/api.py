@@ -12,10 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
+import sqlite3
 from typing import Annotated, Any
 
 from fastapi import FastAPI, Query, Request, WebSocket
 from fastapi import Path as PathParam
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -23,6 +27,8 @@ from starlette.routing import Match
 
 from pyvmm import __version__
 from pyvmm.manager import console
+from pyvmm.manager.diskfull import status_and_message
+from pyvmm.manager.limits import MAX_BODY_BYTES, BodyLimit
 from pyvmm.manager.models import (
     ActionResult,
     ErrorBody,
@@ -46,6 +52,21 @@ ERRORS: dict[int | str, dict[str, Any]] = {404: {"model": ErrorBody, "descriptio
 VmName = Annotated[str, PathParam(description="the VM's name or uuid", max_length=200)]
 
 
+def _printable(value: Any, depth: int = 0) -> Any:
+    """A validation error's ``input`` as JSON can carry it: non-finite numbers as text, long values cut."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return repr(value)
+    if depth > 4:
+        return "..."
+    if isinstance(value, dict):
+        return {str(k)[:100]: _printable(v, depth + 1) for k, v in list(value.items())[:50]}
+    if isinstance(value, list | tuple):
+        return [_printable(v, depth + 1) for v in value[:50]]
+    if isinstance(value, str) and len(value) > 200:
+        return value[:200] + "..."
+    return value
+
+
 def create_app(sup: Supervisor) -> FastAPI:
     # No /docs or /redoc: FastAPI's pages load their scripts from a CDN, and a daemon's UI must work offline.
     app = FastAPI(title="pyvmmd", version=__version__, docs_url=None, redoc_url=None,
@@ -54,6 +75,23 @@ def create_app(sup: Supervisor) -> FastAPI:
                               "both ways; the scrollback first). Events: WebSocket /api/v1/events/ws or "
                               "server-sent events at /api/v1/events (JSON objects like the Event schema).")
     app.state.sup = sup
+    app.add_middleware(BodyLimit, limit=MAX_BODY_BYTES)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI's own handler echoes each bad input, and a non-finite one (1e999, NaN) cannot be written
+        # as JSON: that was a 500.
+        errors = [{**e, "input": _printable(e.get("input"))} if "input" in e else e for e in exc.errors()]
+        return JSONResponse({"detail": jsonable_encoder(errors)}, status_code=422)
+
+    @app.exception_handler(OSError)
+    @app.exception_handler(sqlite3.Error)
+    async def _storage_error(request: Request, exc: Exception) -> JSONResponse:
+        # A write the daemon could not do (full disk: 507); routes turn the ones they expect into a
+        # ManagerError, and this keeps any other one a JSON answer rather than a bare 500.
+        status, message = status_and_message(exc, f"{request.method} {request.url.path} failed")
+        log.warning("%s", message)
+        return JSONResponse({"detail": message}, status_code=status)
 
     @app.exception_handler(ManagerError)
     async def _manager_error(request: Request, exc: ManagerError) -> JSONResponse:

@@ -16,7 +16,7 @@ import os
 import uuid as uuidlib
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator
 
 #: libvirt-like names: safe in file names, URLs and shell commands.
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
@@ -26,6 +26,10 @@ MAX_CMDLINE = 4096
 MAX_PATH = 4096
 #: ``pyvmm run``'s default RAM size.
 DEFAULT_MEMORY_MIB = 512
+
+#: What clients send is validated without coercion: ``"2"`` or ``true`` is no integer, ``1e999`` and NaN are
+#: no numbers at all (422, never a 500 or a silently converted value).
+STRICT_INPUT = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 PathStr = Annotated[str, Field(min_length=1, max_length=MAX_PATH, pattern=r"^/[^\x00]*$",
                                description="an absolute path on the daemon's host")]
@@ -52,11 +56,11 @@ def _absolute_path(v: object) -> object:
 class DiskSpec(BaseModel):
     """A virtio block device backed by an image file."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT_INPUT
 
     path: PathStr
     format: Literal["raw", "qcow2"] = "raw"
-    readonly: bool = False
+    readonly: StrictBool = False
 
     _abs = field_validator("path", mode="before")(_absolute_path)
 
@@ -65,7 +69,7 @@ class NetworkSpec(BaseModel):
     """A virtio-net NIC and its host back-end: ``user`` (user-mode networking, needs passt) or ``tap``
     (an existing tap device, or a new one the VM process may create when it has the privilege)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT_INPUT
 
     type: Literal["user", "tap"] = "user"
     model: Literal["virtio-net"] = "virtio-net"
@@ -77,12 +81,12 @@ class NetworkSpec(BaseModel):
 class VmDefinitionIn(BaseModel):
     """What a client sends to define a VM."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT_INPUT
 
     name: str = Field(pattern=NAME_PATTERN, description="unique name: letters, digits, '_', '.', '-'")
     uuid: uuidlib.UUID | None = Field(default=None, description="assigned by the daemon when omitted")
-    vcpus: int = Field(default=1, ge=1, le=MAX_VCPUS)
-    memory_mib: int = Field(default=DEFAULT_MEMORY_MIB, ge=2, le=MAX_MEMORY_MIB,
+    vcpus: StrictInt = Field(default=1, ge=1, le=MAX_VCPUS)
+    memory_mib: StrictInt = Field(default=DEFAULT_MEMORY_MIB, ge=2, le=MAX_MEMORY_MIB,
                             description="guest RAM in MiB (default 512, as pyvmm run)")
     kernel: PathStr | None = Field(default=None, description="absolute path of the kernel image on the daemon's "
                                    "host; omitted: the guest kit's default guest (kernel, initramfs and "
@@ -93,7 +97,7 @@ class VmDefinitionIn(BaseModel):
     accel: Literal["auto", "kvm", "tcg"] = "auto"
     disks: list[DiskSpec] = Field(default_factory=list, max_length=4)
     networks: list[NetworkSpec] = Field(default_factory=list, max_length=8)
-    autostart: bool = False
+    autostart: StrictBool = False
 
     _abs = field_validator("kernel", "initrd", mode="before")(_absolute_path)
 
@@ -162,7 +166,7 @@ class VmLog(BaseModel):
 class KeysIn(BaseModel):
     """Keys to press together, by QEMU's names (QMP send-key qcodes), e.g. ctrl, alt, delete."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT_INPUT
 
     keys: list[Annotated[str, Field(pattern=r"^[a-z0-9_]{1,20}$")]] = Field(min_length=1, max_length=8)
 

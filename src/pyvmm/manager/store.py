@@ -87,9 +87,14 @@ class Store:
     def remove(self, uuid: str) -> None:
         with self._lock:
             self._db.execute("BEGIN")
-            self._db.execute("DELETE FROM runtime WHERE uuid = ?", (uuid,))
-            self._db.execute("DELETE FROM vms WHERE uuid = ?", (uuid,))
-            self._db.execute("COMMIT")
+            try:
+                self._db.execute("DELETE FROM runtime WHERE uuid = ?", (uuid,))
+                self._db.execute("DELETE FROM vms WHERE uuid = ?", (uuid,))
+                self._db.execute("COMMIT")
+            except BaseException:
+                if self._db.in_transaction:  # a failed COMMIT (full disk) must not leave the transaction open
+                    self._db.execute("ROLLBACK")
+                raise
 
     def all(self) -> list[VmDefinition]:
         with self._lock:

@@ -24,6 +24,7 @@ import pwd
 import random
 import re
 import signal
+import sqlite3
 import stat
 import subprocess
 import sys
@@ -38,6 +39,9 @@ from typing import Any, cast
 from qemu.qmp import QMPClient
 
 from pyvmm.manager import stats as procstats
+from pyvmm.manager import vmlock
+from pyvmm.manager.diskfull import status_and_message
+from pyvmm.manager.logcap import MAX_LOG_BYTES
 from pyvmm.manager.models import (
     Event,
     VmDefinition,
@@ -86,6 +90,10 @@ class ManagerConfig:
     stats_interval: float = 1.0
     #: VM processes run under ``-sandbox on`` (a seccomp allow-list once set up; docs/sandbox.md).
     sandbox: bool = True
+    #: A VM's vm.log is rotated to vm.log.1 when it would pass this size (pyvmm.manager.logcap).
+    max_log_bytes: int = MAX_LOG_BYTES
+    #: The relay that writes a VM's log (stdin: the VM's output; the log file's name is appended).
+    log_relay_command: list[str] = field(default_factory=lambda: [sys.executable, "-m", "pyvmm.manager.logcap"])
 
     @property
     def run_dir(self) -> Path:
@@ -126,6 +134,7 @@ class VmHandle:
         self.pid: int | None = None
         self.start_ticks = 0
         self.proc: subprocess.Popen | None = None  # set only when this daemon instance started it
+        self.relay: subprocess.Popen | None = None  # its log relay (pyvmm.manager.logcap), likewise
         self.paths: RuntimeRecord | None = None
         self.qmp: QMPClient | None = None
         self.serial_writer: asyncio.StreamWriter | None = None
@@ -272,6 +281,7 @@ class Supervisor:
         self._seq = 0
         self._tasks: list[asyncio.Task] = []
         self._timers: set[asyncio.Task] = set()
+        self._relays: builtins.list[subprocess.Popen] = []  # log relays this daemon started, reaped when done
         self._next_id = 1
         self._run_as = self._resolve_user(config.vm_user)
         if self._run_as is not None:
@@ -301,9 +311,15 @@ class Supervisor:
                     h.tasks = [asyncio.create_task(self._watch(h), name=f"watch-{h.name}")]
                     self._set_state(h, VmState.RUNNING, f"re-attach failed: {e}")
                     continue
-            self.store.clear_runtime(uuid)
+            if await self._adopt(h):
+                continue
+            self._forget_runtime(uuid)
             self._cleanup_files(uuid)
             self._set_state(h, VmState.SHUTOFF, "the VM process ended while the daemon was down")
+        for h in list(self.vms.values()):
+            # A VM process the daemon started but could not record (it died first, or the disk was full).
+            if not h.active and h.uuid not in records:
+                await self._adopt(h)
         for h in list(self.vms.values()):
             if h.definition.autostart and not h.active:
                 try:
@@ -371,7 +387,7 @@ class Supervisor:
         if str(d.uuid) in self.vms:
             raise ManagerError(409, f"a VM with uuid {d.uuid} already exists")
         try:
-            self.store.add(d)
+            self._store_write(f"cannot store VM {d.name}", self.store.add, d)
         except StoreError as e:
             raise ManagerError(409, str(e)) from None
         h = VmHandle(d)
@@ -389,7 +405,7 @@ class Supervisor:
             raise ManagerError(409, f"a VM named {din.name!r} already exists")
         d = self._checked(din, h.definition.uuid)
         try:
-            self.store.update(d)
+            self._store_write(f"cannot store VM {d.name}", self.store.update, d)
         except StoreError as e:
             raise ManagerError(409, str(e)) from None
         h.definition = d
@@ -408,7 +424,10 @@ class Supervisor:
     def undefine(self, name: str) -> None:
         h = self.get(name)
         self._require(h, "undefine")
-        self.store.remove(h.uuid)
+        if vmlock.is_held(self._vm_dir(h.uuid)):
+            raise ManagerError(409, f"cannot undefine VM {h.name}: a process of it is still running (it holds "
+                                    f"{self._vm_dir(h.uuid) / vmlock.LOCK_NAME}); start it to take it over")
+        self._store_write(f"cannot remove VM {h.name}", self.store.remove, h.uuid)
         del self.vms[h.uuid]
         self._cleanup_files(h.uuid)
         self._publish(h, "undefined")
@@ -423,11 +442,21 @@ class Supervisor:
                 check_files(d)
             except ValueError as e:
                 raise ManagerError(409, f"VM {h.name} cannot start: {e}") from None
+            if vmlock.is_held(self._vm_dir(h.uuid)) and await self._adopt(h):
+                raise ManagerError(409, f"VM {h.name} is already running (pid {h.pid}, a process this daemon "
+                                        "had lost track of; it is tracked again)")
             self._set_state(h, VmState.STARTING, "")
             try:
                 await self._spawn(h)
             except ManagerError:
                 self._set_state(h, VmState.SHUTOFF, h.reason or "failed to start")
+                raise
+            except BaseException as e:  # whatever failed, the VM is not left "starting"
+                status, message = status_and_message(e, f"VM {h.name} failed to start")
+                log.warning("%s", message, exc_info=not isinstance(e, (OSError, sqlite3.Error)))
+                self._set_state(h, VmState.SHUTOFF, message)
+                if isinstance(e, Exception):
+                    raise ManagerError(status, message) from None
                 raise
         return h
 
@@ -555,6 +584,52 @@ class Supervisor:
     def _vm_dir(self, uuid: str) -> Path:
         return self.config.run_dir / uuid
 
+    def _store_write(self, doing: str, write: Callable[..., Any], *args: Any) -> Any:
+        """A store write; a failed one (full disk, I/O error) becomes a ManagerError (507 or 500) saying so."""
+        try:
+            return write(*args)
+        except (sqlite3.Error, OSError) as e:
+            status, message = status_and_message(e, doing)
+            log.warning("%s", message)
+            raise ManagerError(status, message) from None
+
+    def _forget_runtime(self, uuid: str) -> None:
+        """Drop a VM's runtime record; a failure is logged (the record is checked against /proc when read)."""
+        try:
+            self.store.clear_runtime(uuid)
+        except (sqlite3.Error, OSError) as e:
+            log.warning("cannot drop the runtime record of VM %s: %s", uuid, e)
+
+    async def _adopt(self, h: VmHandle) -> bool:
+        """Take over a live process of ``h`` found by its VM lock (see pyvmm.manager.vmlock); True if found."""
+        vmdir = self._vm_dir(h.uuid)
+        if h.active or not vmlock.is_held(vmdir):
+            return False
+        found = []
+        for pid in vmlock.holders(vmdir, h.uuid):
+            st = procstats.read_stat(pid)
+            if st is not None and st.state not in ("Z", "X"):
+                found.append((st.start_ticks, pid))
+        if not found:
+            return False
+        start_ticks, pid = min(found)  # the VM process itself, not a child it forked
+        rec = RuntimeRecord(uuid=h.uuid, pid=pid, start_ticks=start_ticks, qmp_path=str(vmdir / "qmp.sock"),
+                            serial_path=str(vmdir / "serial.sock"), log_path=str(vmdir / "vm.log"),
+                            started=time.time())
+        log.warning("VM %s: found its process %d running untracked: taking it over", h.name, pid)
+        try:
+            self.store.set_runtime(rec)
+        except (sqlite3.Error, OSError) as e:
+            log.warning("VM %s: cannot record process %d (%s); it is tracked in memory only", h.name, pid, e)
+        try:
+            await self._attach(h, rec)
+        except (OSError, ManagerError) as e:
+            log.warning("VM %s (pid %d) is alive but cannot be attached: %s", h.name, pid, e)
+            h.pid, h.start_ticks, h.paths = pid, start_ticks, rec
+            h.tasks = [asyncio.create_task(self._watch(h), name=f"watch-{h.name}")]
+            self._set_state(h, VmState.RUNNING, f"attach failed: {e}")
+        return True
+
     def _cleanup_files(self, uuid: str) -> None:
         d = self._vm_dir(uuid)
         for p in (d / "qmp.sock", d / "serial.sock"):
@@ -588,43 +663,62 @@ class Supervisor:
 
     async def _spawn(self, h: VmHandle) -> None:
         vmdir = self._vm_dir(h.uuid)
-        vmdir.mkdir(mode=0o700, exist_ok=True)
         qmp, serial, logf = vmdir / "qmp.sock", vmdir / "serial.sock", vmdir / "vm.log"
-        self._cleanup_files(h.uuid)
-        kwargs: dict[str, Any] = {}
-        if self._run_as is not None:
-            uid, gid, extra = self._run_as
-            os.chown(vmdir, uid, gid)
-            kwargs.update(user=uid, group=gid, extra_groups=extra)
-        h.scrollback.clear()
-        h.history.clear()
-        h.cpu = procstats.CpuSampler()
-        h.destroying = False
-        h.last_shutdown_cause = ""
-        h.exited = asyncio.Event()
-        cmd = self.command_for(h, qmp, serial)
-        log.info("starting VM %s: %s", h.name, " ".join(cmd))
-        # The run directory belongs to the VM user when vm_user is set: never follow a link planted there.
         try:
-            log_fd = _create_private_file(logf)
+            vmdir.mkdir(mode=0o700, exist_ok=True)
+            self._cleanup_files(h.uuid)
+            lock_fd = vmlock.try_lock(vmdir)
         except OSError as e:
-            raise ManagerError(409, f"VM {h.name}: cannot create {logf}: {e.strerror}") from None
-        with open(log_fd, "wb") as out:
+            raise ManagerError(*status_and_message(e, f"VM {h.name}: cannot prepare {vmdir}")) from None
+        if lock_fd is None:
+            raise ManagerError(409, f"VM {h.name}: another process holds {vmdir / vmlock.LOCK_NAME}")
+        kwargs: dict[str, Any] = {}
+        try:
+            if self._run_as is not None:
+                uid, gid, extra = self._run_as
+                os.chown(vmdir, uid, gid)
+                kwargs.update(user=uid, group=gid, extra_groups=extra)
+            h.scrollback.clear()
+            h.history.clear()
+            h.cpu = procstats.CpuSampler()
+            h.destroying = False
+            h.last_shutdown_cause = ""
+            h.exited = asyncio.Event()
+            cmd = self.command_for(h, qmp, serial)
+            log.info("starting VM %s: %s", h.name, " ".join(cmd))
+            relay, out = self._start_log_relay(h, vmdir, logf, kwargs)
             try:
+                # The VM lock goes to the VM process and stays held exactly as long as it lives.
                 proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out, cwd=vmdir,
-                                        env=clean_environment(), close_fds=True, start_new_session=True, **kwargs)
+                                        env=clean_environment(), close_fds=True, pass_fds=(lock_fd,),
+                                        start_new_session=True, **kwargs)
             except OSError as e:
                 raise ManagerError(409, f"VM {h.name}: cannot run {cmd[0]}: {e.strerror}") from None
+            finally:
+                os.close(out)  # the relay ends when the VM's side of the pipe is closed
+        finally:
+            os.close(lock_fd)
+        h.relay = relay
         st = procstats.read_stat(proc.pid)
         rec = RuntimeRecord(uuid=h.uuid, pid=proc.pid, start_ticks=st.start_ticks if st else 0,
                             qmp_path=str(qmp), serial_path=str(serial), log_path=str(logf), started=time.time())
-        self.store.set_runtime(rec)  # before anything can fail: a dying daemon can still find the VM
+        try:
+            self.store.set_runtime(rec)  # before anything can fail: a dying daemon can still find the VM
+        except (sqlite3.Error, OSError) as e:
+            # A VM process no record names must not run: a later daemon could not know it is this VM's.
+            self._kill_pid(proc.pid)
+            await asyncio.to_thread(proc.wait)
+            status, message = status_and_message(e, "cannot record its process")
+            h.reason = message
+            raise ManagerError(status, f"VM {h.name} failed to start: {message}; the process was stopped") \
+                from None
         h.proc = proc
         deadline = time.monotonic() + self.config.start_timeout
 
         async def wait_for_socket(path: Path) -> None:
             while not path.exists():
                 if proc.poll() is not None:
+                    await self._log_written(h)
                     raise ManagerError(409, failure_line(_read_tail(logf)))
                 if time.monotonic() > deadline:
                     raise ManagerError(409, f"no {path.name} after {self.config.start_timeout:.0f}s")
@@ -647,14 +741,50 @@ class Supervisor:
             exited = proc.returncode not in (None, 0)
             self._kill_pid(proc.pid)
             proc.wait()
-            self.store.clear_runtime(h.uuid)
+            self._forget_runtime(h.uuid)
             h.proc = None
             h.pid = None
             if exited:
+                await self._log_written(h)
                 h.reason = failure_line(_read_tail(logf))
             else:
                 h.reason = e.message if isinstance(e, ManagerError) else f"cannot connect to the VM process: {e}"
             raise ManagerError(409, f"VM {h.name} failed to start: {h.reason}") from None
+
+    def _start_log_relay(self, h: VmHandle, vmdir: Path, logf: Path,
+                         kwargs: dict[str, Any]) -> tuple[subprocess.Popen, int]:
+        """Start the relay that writes the VM's capped, rotated vm.log; returns it and the pipe's write end
+        (the VM's stdout and stderr).  It runs in its own session, like the VM, so it outlives the daemon."""
+        # The run directory belongs to the VM user when vm_user is set: never follow a link planted there.
+        try:
+            log_fd = _create_private_file(logf)
+        except OSError as e:
+            raise ManagerError(*status_and_message(e, f"VM {h.name}: cannot create {logf}")) from None
+        with contextlib.suppress(FileNotFoundError):
+            (vmdir / (logf.name + ".1")).unlink()
+        r, w = os.pipe2(os.O_CLOEXEC)
+        try:
+            # The relay's command line names the log relative to its working directory: it does not carry
+            # the VM's uuid, which identifies the VM process itself.
+            relay = subprocess.Popen([*self.config.log_relay_command, logf.name, "--max-bytes",
+                                      str(self.config.max_log_bytes)], stdin=r, stdout=log_fd,
+                                     stderr=subprocess.DEVNULL, cwd=vmdir, env=clean_environment(), close_fds=True,
+                                     start_new_session=True, **kwargs)
+        except OSError as e:
+            os.close(w)
+            raise ManagerError(409, f"VM {h.name}: cannot run its log relay: {e.strerror}") from None
+        finally:
+            os.close(r)
+            os.close(log_fd)
+        self._relays.append(relay)
+        return relay, w
+
+    @staticmethod
+    async def _log_written(h: VmHandle, timeout: float = 2.0) -> None:
+        """Wait (a little) for the log relay of an exited VM to write the VM's last lines."""
+        deadline = time.monotonic() + timeout
+        while h.relay is not None and h.relay.poll() is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
 
     async def _attach(self, h: VmHandle, rec: RuntimeRecord,
                       before_qmp: Callable[[], Awaitable[None]] | None = None) -> None:
@@ -756,9 +886,9 @@ class Supervisor:
             state, reason = VmState.SHUTOFF, h.last_shutdown_cause or "shut down"
         log.info("VM %s ended: %s", h.name, reason)
         await self._detach(h)
-        self.store.clear_runtime(h.uuid)
+        self._forget_runtime(h.uuid)
         self._cleanup_files(h.uuid)
-        h.pid, h.proc, h.paths, h.id = None, None, None, None
+        h.pid, h.proc, h.relay, h.paths, h.id = None, None, None, None, None
         h.accelerator, h.accelerator_reason = None, ""
         self._set_state(h, state, reason)
         h.exited.set()
@@ -786,6 +916,7 @@ class Supervisor:
 
     async def _sample_stats(self) -> None:
         while True:
+            self._relays = [r for r in self._relays if r.poll() is None]  # reap the relays of ended VMs
             now = time.time()
             for h in list(self.vms.values()):
                 if h.pid is None:

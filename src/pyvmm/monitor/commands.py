@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from pyvmm import __version__, sandbox
-from pyvmm.monitor import hmp
+from pyvmm.monitor import block_commands, hmp
 from pyvmm.monitor.control import ChardevInfo, MachineControl
 from pyvmm.monitor.errors import QmpError, command_not_found
 from pyvmm.monitor.events import Event, make_event
@@ -134,10 +134,6 @@ def _query_cpus_fast(ctx: CommandContext, args: Mapping[str, Any]) -> list:
             for c in ctx.machine.cpus()]
 
 
-def _query_block(ctx: CommandContext, args: Mapping[str, Any]) -> list:
-    return []
-
-
 def _query_chardev(ctx: CommandContext, args: Mapping[str, Any]) -> list:
     devs = [*ctx.machine.chardevs(), *ctx.monitor_chardevs()]
     return [{"label": d.label, "filename": d.filename, "frontend-open": d.frontend_open} for d in devs]
@@ -213,7 +209,10 @@ COMMANDS: dict[str, Command] = {c.name: c for c in (
     Command("query-version", _query_version),
     Command("query-commands", _query_commands),
     Command("query-cpus-fast", _query_cpus_fast),
-    Command("query-block", _query_block),
+    Command("query-block", block_commands.query_block),
+    Command("query-named-block-nodes", block_commands.query_named_block_nodes, (Param("flat", "boolean"),)),
+    Command("query-blockstats", block_commands.query_blockstats, (Param("query-nodes", "boolean"),)),
+    Command("query-block-jobs", block_commands.query_block_jobs),
     Command("query-chardev", _query_chardev),
     Command("query-name", _query_name),
     Command("query-uuid", _query_uuid),
@@ -249,6 +248,15 @@ def _x_test_syscall(ctx: CommandContext, args: Mapping[str, Any]) -> dict:
 if sandbox.test_hooks_enabled():
     COMMANDS["x-pyvmm-test-syscall"] = Command("x-pyvmm-test-syscall", _x_test_syscall,
                                                (Param("call", "string", required=True), Param("path", "string")))
+
+def _register_migration_commands() -> None:
+    from pyvmm.monitor import migration_commands
+
+    for cmd in migration_commands.COMMANDS:
+        COMMANDS[cmd.name] = cmd
+
+
+_register_migration_commands()
 
 #: The only command a client may send before negotiating capabilities.
 NEGOTIATION_COMMAND = "qmp_capabilities"

@@ -14,9 +14,12 @@ thread carries out, so they return immediately.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from pyvmm.runstate import GuestPanic, RunState
+
+if TYPE_CHECKING:
+    from pyvmm.block.graph import BlockGraph
 
 
 @dataclass(frozen=True)
@@ -91,6 +94,10 @@ class MachineControl(Protocol):
 
     def send_keys(self, qcodes: list[str]) -> None:
         """Press the keys in order, then release them in reverse order (QMP ``send-key``)."""
+        ...
+
+    def block_graph(self) -> BlockGraph:
+        """The block nodes and backends (QMP query-block, query-named-block-nodes, query-blockstats)."""
         ...
 
 

@@ -27,6 +27,8 @@ class Event(enum.StrEnum):
     RESUME = "RESUME"
     GUEST_PANICKED = "GUEST_PANICKED"
     GUEST_CRASHLOADED = "GUEST_CRASHLOADED"
+    MIGRATION = "MIGRATION"
+    MIGRATION_PASS = "MIGRATION_PASS"
 
 
 class ShutdownCause(enum.StrEnum):
@@ -106,8 +108,8 @@ class StateTracker:
         prev, self.last = self.last, state
         if state is RunState.RUNNING:
             return [make_event(Event.RESUME)] if prev is not RunState.RUNNING else []
-        if state in (RunState.PAUSED, RunState.GUEST_PANICKED):
-            stopped = (RunState.PAUSED, RunState.GUEST_PANICKED)
+        if state in (RunState.PAUSED, RunState.GUEST_PANICKED, RunState.FINISH_MIGRATE):
+            stopped = (RunState.PAUSED, RunState.GUEST_PANICKED, RunState.FINISH_MIGRATE, RunState.POSTMIGRATE)
             return [make_event(Event.STOP)] if prev not in stopped else []
         if state is RunState.SHUTDOWN:
             if prev is RunState.SHUTDOWN:

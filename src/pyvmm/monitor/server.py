@@ -330,6 +330,10 @@ class MonitorServer:
     def on_guest_panic(self, report: GuestPanic) -> None:
         self._post(lambda: self.broadcast(guest_panic_event(report)))
 
+    def emit(self, event: Mapping[str, Any]) -> None:
+        """Send ``event`` to every negotiated client, from any thread (e.g. a migration's)."""
+        self._post(lambda: self.broadcast(event))
+
     def _post(self, fn: Callable[[], None]) -> None:
         loop = self._loop
         if loop is None or loop.is_closed():

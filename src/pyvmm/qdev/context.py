@@ -34,12 +34,27 @@ class DeviceContext(Protocol):
         """Put ``handler`` on the port bus at ``base`` (``io_read``/``io_write``)."""
         ...
 
+    def add_mmio(self, base: int, size: int, handler: object, name: str) -> None:
+        """Put ``handler`` on the MMIO bus at guest-physical ``base`` (``mmio_read``/``mmio_write``)."""
+        ...
+
     def chardev(self, ident: str) -> Any:
         """The character back-end ``-chardev id=IDENT`` (or, pyvmm's shorthand, a back-end spec)."""
         ...
 
+    def chardev_socket_path(self, ident: str) -> str:
+        """The path of ``-chardev socket,id=IDENT,path=P`` (a client socket), claimed for this device."""
+        ...
+
     def drive(self, ident: str) -> Any:
         """The ``-drive id=IDENT`` spec, claimed for this device."""
+        ...
+
+    def block_backend(self, ident: str | None, *, read_only: bool, share_rw: bool, device_id: str | None,
+                      file: str | None = None, fmt: str | None = None) -> Any:
+        """The block backend (:class:`pyvmm.block.graph.Backend`) a disk uses: ``-drive id=IDENT``
+        or ``-blockdev node-name=IDENT``, or (``ident`` None) the image ``file``; opened with the
+        device's permissions and claimed for it."""
         ...
 
     def netdev(self, ident: str) -> Any:

@@ -24,6 +24,7 @@ class PropType(enum.Enum):
     UINT64 = "uint64"
     PCI_DEVFN = "pci-devfn"  # QEMU's "addr": slot[.function]
     MACADDR = "macaddr"  # 52:54:00:12:34:56
+    INT32 = "int32"  # e.g. bootindex (-1: none)
 
     @property
     def qemu_type(self) -> str:
@@ -66,6 +67,10 @@ def convert(prop: Prop, value: Value, *, typed: bool) -> object:
     if typed and (not isinstance(value, int) or isinstance(value, bool)):
         raise ConfigError(f"Invalid parameter type for '{key}', expected: integer")
     number = parse_int(value, key)
+    if kind is PropType.INT32:
+        if not -(1 << 31) <= number < 1 << 31:
+            raise ConfigError(f"Parameter '{key}' expects int32_t")
+        return number
     if not 0 <= number < 1 << kind.bits:
         raise ConfigError(f"Parameter '{key}' expects uint{kind.bits}_t" if kind.bits < 64
                           else f"Parameter '{key}' expects uint64")

@@ -49,6 +49,13 @@ class DeviceTree:
         self._by_path[path] = dev
         return dev
 
+    def next_path(self, ident: str | None, user: bool) -> str:
+        """The path :meth:`add` will give the next device with this id (or none)."""
+        if ident is not None:
+            return f"/machine/peripheral/{ident}"
+        container = "peripheral-anon" if user else "unattached"
+        return f"/machine/{container}/device[{self._anon[container]}]"
+
     def find(self, name: str) -> Device | None:
         """A device by path, or by id (QEMU's ``qom-get`` takes either for peripherals)."""
         return self._by_path.get(name) or self._by_path.get(f"/machine/peripheral/{name}")

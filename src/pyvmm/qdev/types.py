@@ -25,6 +25,7 @@ class BusKind(enum.Enum):
     ISA = "ISA"
     PCI = "PCI"
     VIRTIO = "virtio-bus"
+    VIRTIO_SERIAL = "virtio-serial-bus"  # virtserialport, virtconsole
 
 
 class DeviceProps:
@@ -89,6 +90,9 @@ class DeviceType:
 
 #: The PCI transport's own property.
 PCI_ADDR = Prop("addr", PropType.PCI_DEVFN, None, "Slot and optional function number, example: 06.0 or 06")
+#: Every device's ``bus``: the PC has one PCI bus, QEMU's ``pci.0``.
+PCI_BUS = Prop("bus", PropType.STR, None, "the bus to plug into: pci.0")
+PCI_BUS_NAMES = ("pci.0",)
 
 
 @dataclass(frozen=True)
@@ -108,12 +112,15 @@ class VirtioType:
         make = self.make
 
         def on_pci(ctx: DeviceContext, p: DeviceProps) -> object:
+            bus = p.get_str("bus")
+            if bus is not None and bus not in PCI_BUS_NAMES:
+                raise ConfigError(f"Bus '{bus}' not found")
             return ctx.plug_virtio(make(ctx, p), "pci", p.get("addr"))
 
         def on_mmio(ctx: DeviceContext, p: DeviceProps) -> object:
             return ctx.plug_virtio(make(ctx, p), "mmio", None)
 
-        return [DeviceType(f"{self.name}-pci", BusKind.PCI, on_pci, self.props + (PCI_ADDR,),
+        return [DeviceType(f"{self.name}-pci", BusKind.PCI, on_pci, self.props + (PCI_ADDR, PCI_BUS),
                            f"{self.description} (virtio-pci)"),
                 DeviceType(f"{self.name}-device", BusKind.VIRTIO, on_mmio, self.props,
                            f"{self.description} (virtio-mmio)")]

@@ -29,7 +29,7 @@ sector of up to 64 KiB may overwrite the (unused) protected-mode tables.
 
 from __future__ import annotations
 
-from pyvmm.memory import GuestMemory
+from pyvmm.memory import GuestMemory, RamBackend
 
 PAGE_SIZE = 0x1000
 MIB = 1 << 20
@@ -143,9 +143,9 @@ def align_down(value: int, align: int) -> int:
     return value // align * align
 
 
-def pc_memory(size: int, mem_path: str | None = None) -> GuestMemory:
+def pc_memory(size: int, mem_path: str | None = None, backend: RamBackend | None = None) -> GuestMemory:
     """Guest RAM as a PC lays it out: up to :data:`PCI_HOLE_START`, the rest from :data:`HIGH_RAM_START`."""
-    return GuestMemory(size, mem_path, split=(PCI_HOLE_START, HIGH_RAM_START))
+    return GuestMemory(size, mem_path, split=(PCI_HOLE_START, HIGH_RAM_START), backend=backend)
 
 
 def write_bios_data_area(memory: GuestMemory) -> None:

@@ -29,6 +29,9 @@ STRUCTS = [
     ("kvm_irq_routing_entry", abi.KvmIrqRoutingEntry), ("kvm_clock_data", abi.KvmClockData),
     ("kvm_vcpu_events", abi.KvmVcpuEvents), ("kvm_xsave", abi.KvmXsave), ("kvm_irq_level", abi.KvmIrqLevel),
     ("kvm_mp_state", abi.KvmMpState), ("kvm_msi", abi.KvmMsi), ("kvm_enable_cap", abi.KvmEnableCap),
+    ("kvm_sregs2", abi.KvmSregs2), ("kvm_xcrs", abi.KvmXcrs), ("kvm_xcr", abi.KvmXcr),
+    ("kvm_debugregs", abi.KvmDebugregs), ("kvm_dirty_log", abi.KvmDirtyLog),
+    ("kvm_device_attr", abi.KvmDeviceAttr),
 ]
 
 # (C expression, ctypes offset) pairs for fields the exit loop reads directly.
@@ -53,6 +56,9 @@ OFFSETS = [
     ("offsetof(struct kvm_irq_routing_entry, u)", abi.KvmIrqRoutingEntry.u.offset),
     ("offsetof(struct kvm_ioeventfd, flags)", abi.KvmIoeventfd.flags.offset),
     ("offsetof(struct kvm_clock_data, realtime)", abi.KvmClockData.realtime.offset),
+    ("offsetof(struct kvm_sregs2, flags)", abi.KvmSregs2.flags.offset),
+    ("offsetof(struct kvm_debugregs, flags)", abi.KvmDebugregs.flags.offset),
+    ("offsetof(struct kvm_dirty_log, dirty_bitmap)", abi.KvmDirtyLog.dirty_bitmap.offset),
 ]
 
 

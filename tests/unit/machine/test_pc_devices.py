@@ -81,7 +81,7 @@ def test_virtio_devices_on_both_transports(wiring):
 
 @pytest.mark.parametrize(("text", "message"), [
     ("virtio-blk-pci,drive=virtio0", "already a disk of its own"),
-    ("virtio-blk-pci,drive=zz", "Property 'drive' can't find value 'zz'"),
+    ("virtio-blk-pci,drive=zz", "Property 'virtio-blk-device.drive' can't find value 'zz'"),
     ("virtio-blk-pci", "drive=ID or file=PATH is required"),
     ("virtio-blk-pci,drive=d0,format=raw", "file= and format= go without it"),
     ("virtio-blk-pci,file=/nonexistent.raw,format=raw", "/nonexistent.raw"),
@@ -105,7 +105,7 @@ def test_device_errors_are_one_line_naming_the_option(wiring, text, message):
 def test_a_backend_serves_one_device(wiring):
     devs, _, _ = wiring("file={disk},format=raw,if=none,id=d0")
     add(devs, "virtio-blk-pci,drive=d0")
-    with pytest.raises(ConfigError, match="-drive d0 is already used by another device"):
+    with pytest.raises(ConfigError, match="Drive 'd0' is already in use by another device"):
         add(devs, "virtio-blk-device,drive=d0")
     with pytest.raises(ConfigError, match="same PCI slot|already used by"):
         add(devs, "virtio-rng-pci,addr=5")

@@ -201,6 +201,15 @@ def _raw(path: Path) -> tuple[socket.socket, object]:
     return s, s.makefile("rb")
 
 
+def _in_command_mode(path: Path) -> tuple[socket.socket, object]:
+    """A raw connection past the greeting and capabilities negotiation."""
+    s, f = _raw(path)
+    f.readline()
+    s.sendall(b'{"execute": "qmp_capabilities"}\n')
+    assert json.loads(f.readline()) == {"return": {}}
+    return s, f
+
+
 def test_raw_protocol(served) -> None:
     _, _, path = served
     s, f = _raw(path)
@@ -233,10 +242,7 @@ def test_raw_protocol(served) -> None:
 
 def test_send_key_checks_every_key_before_typing(served) -> None:
     machine, _, path = served
-    s, f = _raw(path)
-    f.readline()
-    s.sendall(b'{"execute": "qmp_capabilities"}\n')
-    f.readline()
+    s, f = _in_command_mode(path)
 
     def send_key(args: dict) -> dict:
         s.sendall(json.dumps({"execute": "send-key", "arguments": args}).encode() + b"\n")
@@ -260,10 +266,7 @@ def test_send_key_checks_every_key_before_typing(served) -> None:
 
 def test_huge_message_answered_and_connection_survives(served) -> None:
     _, _, path = served
-    s, f = _raw(path)
-    f.readline()
-    s.sendall(b'{"execute": "qmp_capabilities"}\n')
-    f.readline()
+    s, f = _in_command_mode(path)
     s.sendall(b'{"execute": "query-status", "id": "' + b"A" * (3 << 20) + b'"}\n')
     err = json.loads(f.readline())
     assert err["error"]["class"] == "GenericError" and "exceeds" in err["error"]["desc"]

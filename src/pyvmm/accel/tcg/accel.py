@@ -21,6 +21,7 @@ SIPI vector.  All vCPUs count the same virtual TSC.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from pyvmm.accel.base import MachineContext
 from pyvmm.accel.tcg import native as nat_mod
@@ -31,6 +32,7 @@ from pyvmm.config import CpuConfig
 from pyvmm.cpu_state import CpuState
 from pyvmm.errors import AccelError, ConfigError
 from pyvmm.irq import CpuInterruptController, InterruptSink
+from pyvmm.vmstate import VmStateError
 from pyvmm.x86 import cpuid
 from pyvmm.x86.cpuid import TimeBase
 
@@ -139,6 +141,28 @@ class TcgAccelerator:
         self.irqchip.reset()
         for i, v in enumerate(self.vcpus):
             self.irqchip.attach_cpu(i, v)
+
+    # -- VM state (pyvmm.vmstate; accel/state.py's StatefulAccelerator) ------------------------------
+    def save_state(self) -> dict[str, Any]:
+        """Every vCPU's state (threads paused or not started).  The userspace irqchip is a device:
+        the machine saves it."""
+        from pyvmm.accel.tcg import snapshot
+
+        return {"accel": self.name, "version": snapshot.VERSION, "vcpus": [snapshot.save_vcpu(v) for v in self.vcpus]}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        """Before :meth:`start`, instead of :meth:`set_boot_state`."""
+        from pyvmm.accel.tcg import snapshot
+
+        if state.get("accel") != self.name:
+            raise VmStateError(f"the stream holds {state.get('accel')} vCPU state; this machine runs tcg")
+        vcpus = state.get("vcpus")
+        if not isinstance(vcpus, list) or len(vcpus) != len(self.vcpus):
+            raise VmStateError("the stream's vCPU count does not match this machine")
+        for v, st in zip(self.vcpus, vcpus, strict=True):
+            if not isinstance(st, dict):
+                raise VmStateError("VM state stream corrupt: bad vCPU state")
+            snapshot.load_vcpu(v, st)
 
     def invalidate_code(self, gpa: int, length: int) -> None:
         """Host code wrote guest RAM (DMA): drop translated code for it.  Safe from any thread.

@@ -205,39 +205,38 @@ _FORMATS = (None, "raw", "qcow2")
 
 
 def _create(ctx: DeviceContext, props: DeviceProps) -> VirtioBlk:
-    from pyvmm.block import open_image
-    from pyvmm.errors import ConfigError, PyvmmError
+    from pyvmm.errors import ConfigError
 
     drive_id, path = props.get_str("drive"), props.get_str("file")
+    read_only, share_rw = props.get_bool("readonly"), props.get_bool("share-rw")
     if drive_id is not None:
         if path is not None or props.is_set("format"):
-            raise ConfigError("drive= names a -drive; file= and format= go without it")
-        drive = ctx.drive(drive_id)
-        path, fmt, read_only = drive.file, drive.format, drive.readonly or props.get_bool("readonly")
-        serial = props.get_str("serial") or drive.serial
-        locking = drive.locking
+            raise ConfigError("drive= names a -drive or -blockdev node; file= and format= go without it")
+        fmt = None
     elif path is not None:  # pyvmm's shorthand: the image on the device itself
-        fmt, read_only, serial = props.get_str("format"), props.get_bool("readonly"), props.get_str("serial") or ""
-        locking = "auto"
+        fmt = props.get_str("format")
         if fmt not in _FORMATS:
             raise ConfigError(f"format={fmt} is not supported (raw or qcow2)")
     else:
         raise ConfigError("drive=ID or file=PATH is required")
-    try:  # a probed raw image warns as QEMU does (pyvmm.block.raw), and is locked as QEMU locks it
-        image = open_image(path, fmt, read_only=read_only, locking=locking, share_rw=props.get_bool("share-rw"))
-    except PyvmmError as e:
-        msg = str(e)
-        raise ConfigError(msg if msg.startswith(path) or "[" + path + "]" in msg else f"{path}: {msg}") from None
-    return VirtioBlk(ctx.memory, image, serial=serial, read_only=read_only, name=props.name("virtio-blk"),
-                     loop=ctx.iothread)
+    # The block graph (pyvmm.block.graph) opens the image with the device's permissions (locked as
+    # QEMU locks it; a probed raw image warns as QEMU does) and counts its I/O for query-blockstats.
+    backend = ctx.block_backend(drive_id, read_only=read_only, share_rw=share_rw, device_id=props.id,
+                                file=path, fmt=fmt)
+    image = backend.image
+    serial = props.get_str("serial") or backend.serial
+    return VirtioBlk(ctx.memory, image, serial=serial, read_only=read_only or image.read_only,
+                     name=props.name("virtio-blk"), loop=ctx.iothread)
 
 
 DEVICE_TYPES = [VirtioType(
     "virtio-blk", _create,
-    (Prop("drive", PropType.STR, None, "ID of a -drive to use as a backend"),
+    (Prop("drive", PropType.STR, None, "ID of a -drive, or node-name of a -blockdev, to use as a backend"),
      Prop("serial", PropType.STR),
      Prop("file", PropType.STR, None, "pyvmm: an image file, instead of drive="),
      Prop("format", PropType.STR, None, "pyvmm: with file=, raw or qcow2 (probed when absent)"),
      Prop("readonly", PropType.BOOL, None, "pyvmm: present the disk read-only"),
-     Prop("share-rw", PropType.BOOL, False, "let other users (this VM's or another process's) write the image")),
+     Prop("share-rw", PropType.BOOL, False, "let other users (this VM's or another process's) write the image"),
+     Prop("bootindex", PropType.INT32, None, "boot order among bootable devices (pyvmm boots -kernel; "
+          "accepted, as QEMU accepts it there)")),
     "a disk")]

@@ -31,6 +31,7 @@ from pyvmm.devices.virtio.queue import Virtqueue
 from pyvmm.loop import MainLoop
 from pyvmm.memory import GuestMemory
 from pyvmm.qdev import DeviceContext, DeviceProps, Prop, PropType, VirtioType
+from pyvmm.vmstate import VmStateError
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +142,15 @@ class VirtioConsole(VirtioDevice):
         if was_full and len(self._pending) < PENDING_MAX and self.backend is not None:
             self.backend.accept_input()
 
+    # VM state: input the guest has not read yet travels with the device (pyvmm.devices.virtio.state)
+    def save_backend_state(self) -> bytes:
+        return bytes(self._pending)
+
+    def load_backend_state(self, state: object) -> None:
+        if not isinstance(state, bytes) or len(state) > PENDING_MAX:
+            raise VmStateError(f"{self.name}: pending input in the state is invalid")
+        self._pending[:] = state
+
     def reset_backend(self) -> None:
         self._pending.clear()
         if self.backend is not None:
@@ -159,4 +169,5 @@ def _create(ctx: DeviceContext, props: DeviceProps) -> VirtioConsole:
 
 DEVICE_TYPES = [VirtioType(
     "virtio-console", _create, (Prop("chardev", PropType.STR, None, "ID of a chardev to use as a backend"),),
-    "one console port (hvc0), without multiport", aliases={"virtio-console": "device", "virtconsole": "device"})]
+    "one console port (hvc0), without multiport", aliases={"virtio-console": "device"})]
+# QEMU's virtconsole is a port on a virtio-serial bus: see serial.py.

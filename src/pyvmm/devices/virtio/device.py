@@ -52,6 +52,7 @@ class DeviceId(IntEnum):
     BLOCK = 2
     CONSOLE = 3
     RNG = 4
+    FS = 26
 
 
 class Status(IntFlag):
@@ -225,6 +226,21 @@ class VirtioDevice:
             self.loop.call_soon_threadsafe(self._process_cb[index])
         else:
             self.process_queue(index)
+
+    def kick_eventfd(self, index: int) -> int | None:
+        """An eventfd of the device's own for queue ``index``'s kicks (vhost-user: the back end
+        reads it); a transport with ioeventfd registers it and reads nothing.  None: the
+        transport makes one and calls :meth:`notify`."""
+        return None
+
+    def call_eventfd(self, index: int) -> int | None:
+        """An eventfd someone else signals when queue ``index`` has used buffers (vhost-user's call
+        eventfd).  A transport that can turn it into the queue's MSI in the kernel (an irqfd)
+        does, and says so with :meth:`set_call_relay`.  None: the device interrupts itself."""
+        return None
+
+    def set_call_relay(self, index: int, enabled: bool) -> None:
+        """Whether the device itself must relay queue ``index``'s call eventfd (False: an irqfd does)."""
 
     def ioeventfd_reader(self, fd: int, index: int) -> Callable[[], None]:
         """The loop callback for queue ``index``'s ioeventfd ``fd``: consume the kick, process the queue."""

@@ -28,10 +28,11 @@ import logging
 import os
 import threading
 from enum import IntEnum, IntFlag
-from typing import Protocol
+from typing import Any, Protocol
 
 from pyvmm.devices.virtio.device import Status, VirtioDevice
 from pyvmm.loop import MainLoop
+from pyvmm.vmstate import fields
 
 log = logging.getLogger(__name__)
 
@@ -249,6 +250,34 @@ class VirtioMmio:
         self.device.reset()
         self._reset_transport()
 
+    # -- VM state (pyvmm.vmstate) -----------------------------------------------------------
+    vmstate_version = 1
+    _STATE_FIELDS = ("interrupt_status", "device_features_sel", "driver_features_sel", "queue_sel")
+
+    def save_state(self) -> dict[str, Any]:
+        from pyvmm.devices.virtio.state import save_device
+
+        with self.device.lock:
+            st = fields.capture(self, self._STATE_FIELDS)
+            st["device"] = save_device(self.device)
+            return st
+
+    def load_state(self, state: dict[str, Any], version: int) -> None:
+        from pyvmm.devices.virtio.state import load_device
+
+        with self.device.lock:
+            fields.apply(self, self._STATE_FIELDS, state)
+            self.interrupt_status &= 0x3
+            load_device(self.device, fields.need(state, "device", dict, "virtio-mmio"))
+        with self._irq_lock:
+            if self.irq is not None:
+                self.irq.set_level(bool(self.interrupt_status))
+
+    def vmstate_post_load(self) -> None:
+        from pyvmm.devices.virtio.state import kick_ready_queues
+
+        kick_ready_queues(self.device)
+
     def close(self) -> None:
         for q, fd in list(self._eventfds.items()):
             if self._eventfd_loop is not None:
@@ -269,6 +298,9 @@ class VirtioMmio:
             return self._eventfds[queue]
         if not 0 <= queue < len(self.device.queues):
             raise ValueError(f"{self.device.name}: no queue {queue}")
+        own = self.device.kick_eventfd(queue)
+        if own is not None:  # the device's own (vhost-user: the back end reads it)
+            return own
         loop = loop or self.device.loop or self._eventfd_loop
         if loop is None:
             raise ValueError(f"{self.device.name}: an ioeventfd needs a loop to be read on")

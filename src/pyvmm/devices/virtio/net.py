@@ -38,6 +38,7 @@ from pyvmm.memory import GuestMemory
 from pyvmm.net.base import MAX_FRAME, NetBackend
 from pyvmm.net.options import format_mac, random_mac
 from pyvmm.qdev import DeviceContext, DeviceProps, Prop, PropType, VirtioType
+from pyvmm.vmstate import VmStateError
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +79,16 @@ class VirtioNet(VirtioDevice):
     # -- configuration ---------------------------------------------------------------------------
     def config_bytes(self) -> bytes:
         return self.mac + struct.pack("<HH", LINK_UP, 1)  # mac, status, max_virtqueue_pairs
+
+    # VM state: a received frame waiting for a buffer travels with the device; the back-end's
+    # own connections (tap, passt) belong to the host and are the destination's
+    def save_backend_state(self) -> bytes | None:
+        return self._rx_pending
+
+    def load_backend_state(self, state: object) -> None:
+        if state is not None and (not isinstance(state, bytes) or len(state) > MAX_FRAME + 64):
+            raise VmStateError(f"{self.name}: pending frame in the state is invalid")
+        self._rx_pending = state
 
     def reset_backend(self) -> None:
         self._rx_pending = None

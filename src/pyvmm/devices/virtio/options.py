@@ -6,7 +6,7 @@ back-end, for a device option that names it (``--device virtio-blk-pci,drive=NAM
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pyvmm.errors import ConfigError
 from pyvmm.qemuopts import split_opts
@@ -19,7 +19,7 @@ INTERFACES = ("virtio", "none")  # none: only a back-end, for --device virtio-bl
 #: ``file.locking=`` is the image lock mode (on/off/auto, see pyvmm.block.lock), as QEMU's
 #: file-posix option reached through -drive; QEMU refuses a bare ``locking=`` (and ``share-rw=``,
 #: a device property) in -drive, and so does pyvmm.
-_KEYS = ("file", "format", "readonly", "if", "serial", "id", "media", "cache", "file.locking")
+_KEYS = ("file", "format", "readonly", "if", "serial", "id", "media", "cache", "file.locking", "snapshot")
 _FORMAT_OPTIONS = ("locking", "share-rw")
 LOCKING = ("on", "off", "auto")
 
@@ -35,6 +35,8 @@ class DriveSpec:
     serial: str = ""
     id: str = ""
     locking: str = "auto"  # file.locking=
+    snapshot: bool = False  # snapshot=on (or -snapshot): a temporary overlay takes the guest's writes
+    text: str = field(default="", compare=False)  # the option's argument, for error messages
 
 
 def parse_drive(text: str) -> DriveSpec:
@@ -78,5 +80,8 @@ def parse_drive(text: str) -> DriveSpec:
     serial = props.get("serial", "")
     if len(serial) > 20 or not serial.isascii():
         raise ConfigError(f"--drive {file}: serial must be at most 20 ASCII characters")
+    snap_text = props.get("snapshot", "off").lower()
+    if snap_text not in _BOOL:
+        raise ConfigError(f"--drive {file}: snapshot={snap_text} is not on/off")
     return DriveSpec(file=file, format=fmt, readonly=_BOOL[ro_text], interface=iface, serial=serial,
-                     id=props.get("id", ""), locking=locking)
+                     id=props.get("id", ""), locking=locking, snapshot=_BOOL[snap_text], text=text)

@@ -29,14 +29,16 @@ import logging
 import os
 import struct
 import threading
+from typing import Any
 
-from pyvmm.capabilities import IoEventFds
+from pyvmm.capabilities import IoEventFds, MsiIrqFds
 from pyvmm.devices.pci.config import BarKind, BarSpec, CapId, Reg, access_ok
 from pyvmm.devices.pci.host import PciDevice
 from pyvmm.devices.pci.msix import NO_VECTOR
 from pyvmm.devices.virtio.device import DeviceId, VirtioDevice
 from pyvmm.errors import PyvmmError
 from pyvmm.loop import MainLoop
+from pyvmm.vmstate import VmStateError, fields
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +59,7 @@ NOTIFY_OFFSET, NOTIFY_LENGTH = 0x3000, 0x1000
 NOTIFY_MULTIPLIER = 4
 
 CLASS_CODES: dict[int, int] = {DeviceId.NET: 0x020000, DeviceId.BLOCK: 0x010000, DeviceId.CONSOLE: 0x078000,
-               DeviceId.RNG: 0x00FF00}
+               DeviceId.RNG: 0x00FF00, DeviceId.FS: 0x018000}
 
 
 class CfgType:
@@ -137,8 +139,12 @@ class VirtioPci(PciDevice):
         self.queue_vectors = [NO_VECTOR] * nq
         self._ioeventfds: IoEventFds | None = None
         self._kick_fds: list[int] = []
+        self._owned_kick_fds: set[int] = set()
         self._kick_loop: MainLoop | None = None
         self._ioeventfd_base: int | None = None
+        self._msi_irqfds: MsiIrqFds | None = None
+        self._irqfd_queues: set[int] = set()  # queues whose call eventfd is an MSI irqfd in the kernel
+        self._route_lock = threading.Lock()
         device.bind(self)
 
     # -- VirtioInterrupt ---------------------------------------------------------------------------------
@@ -282,6 +288,7 @@ class VirtioPci(PciDevice):
                     return
                 if field == Common.QUEUE_MSIX_VECTOR:
                     self.queue_vectors[q.index] = self._valid_vector(value)
+                    self.update_call_routes()
                 elif field == Common.QUEUE_ENABLE:
                     if value == 1 and not q.ready:
                         dev.queue_ready(q.index)
@@ -303,6 +310,7 @@ class VirtioPci(PciDevice):
         with self._irq_lock:
             self.isr = 0
             self.set_intx(False)
+        self.update_call_routes()
 
     # -- PCI_CFG window (config-space access to the BARs) -------------------------------------------------------
     def config_read(self, offset: int, size: int) -> int:
@@ -338,8 +346,11 @@ class VirtioPci(PciDevice):
             self._ioeventfds = ioeventfds
             if not self._kick_fds:
                 for q in range(len(self.device.queues)):
-                    fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-                    loop.add_reader(fd, self.device.ioeventfd_reader(fd, q))
+                    fd = self.device.kick_eventfd(q)
+                    if fd is None:  # the device's own eventfds (vhost-user) are read by someone else
+                        fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+                        loop.add_reader(fd, self.device.ioeventfd_reader(fd, q))
+                        self._owned_kick_fds.add(fd)
                     self._kick_fds.append(fd)
                 self._kick_loop = loop
             self._set_ioeventfds(self.mapped_bars().get(REGS_BAR))
@@ -367,9 +378,83 @@ class VirtioPci(PciDevice):
         if base is not None:
             log.debug("%s: notify ioeventfds at %#x", self.name, base + NOTIFY_OFFSET)
 
+    # -- irqfd fast path for call eventfds (vhost-user) ------------------------------------------------------
+    def attach_msi_irqfds(self, fast: MsiIrqFds) -> None:
+        """Deliver each queue's call eventfd as its MSI-X vector in the kernel, while the vector is usable.
+
+        Only for devices with call eventfds (vhost-user).  A queue whose vector is unset, masked,
+        or whose MSI-X is off goes back to the device's relay (which sets the pending bit).
+        """
+        nq = len(self.device.queues)
+        if self.msix is None or all(self.device.call_eventfd(q) is None for q in range(nq)):
+            return
+        self._msi_irqfds = fast
+        self.msix.on_change = self.update_call_routes
+        self.update_call_routes()
+
+    def update_call_routes(self) -> None:
+        fast, msix = self._msi_irqfds, self.msix
+        if fast is None or msix is None:
+            return
+        with self._route_lock:
+            for q, vector in enumerate(self.queue_vectors):
+                fd = self.device.call_eventfd(q)
+                if fd is None:
+                    continue
+                message = msix.message(vector) if vector != NO_VECTOR else None
+                if message is not None:
+                    try:
+                        fast.register_msi_irqfd(fd, *message)
+                    except PyvmmError as e:
+                        log.info("%s: no irqfd for queue %d (%s); its calls go through the VMM", self.name, q, e)
+                        message = None
+                if message is not None and q not in self._irqfd_queues:
+                    self._irqfd_queues.add(q)
+                    self.device.set_call_relay(q, False)
+                    log.debug("%s: queue %d calls reach the guest by irqfd (MSI-X vector %d)", self.name, q,
+                              vector)
+                elif message is None and q in self._irqfd_queues:
+                    fast.unregister_msi_irqfd(fd)
+                    self._irqfd_queues.discard(q)
+                    self.device.set_call_relay(q, True)
+
     def bar_moved(self, index: int, base: int | None) -> None:
         if index == REGS_BAR:
             self._set_ioeventfds(base)
+
+    # -- VM state (pyvmm.vmstate) -------------------------------------------------------------------------------
+    vmstate_version = 1
+    _STATE_FIELDS = ("isr", "device_feature_select", "driver_feature_select", "queue_select", "config_vector",
+                     "queue_vectors")
+
+    def save_state(self) -> dict[str, Any]:
+        from pyvmm.devices.pci.state import save_function
+        from pyvmm.devices.virtio.state import save_device
+
+        with self.device.lock:
+            st = fields.capture(self, self._STATE_FIELDS)
+            st["pci"] = save_function(self)
+            st["device"] = save_device(self.device)
+            return st
+
+    def load_state(self, state: dict[str, Any], version: int) -> None:
+        from pyvmm.devices.pci.state import load_function
+        from pyvmm.devices.virtio.state import load_device
+
+        vectors = state.get("queue_vectors")
+        if not isinstance(vectors, list) or len(vectors) != len(self.queue_vectors):
+            raise VmStateError(f"{self.name}: queue vectors in the state do not match this device")
+        with self.device.lock:
+            fields.apply(self, self._STATE_FIELDS, state)
+            self.config_vector = self._valid_vector(self.config_vector)
+            self.queue_vectors = [self._valid_vector(v) for v in self.queue_vectors]
+            load_device(self.device, fields.need(state, "device", dict, self.name))
+            load_function(self, fields.need(state, "pci", dict, self.name))
+
+    def vmstate_post_load(self) -> None:
+        from pyvmm.devices.virtio.state import kick_ready_queues
+
+        kick_ready_queues(self.device)
 
     # -- life cycle ----------------------------------------------------------------------------------------------
     def device_reset(self) -> None:
@@ -378,13 +463,23 @@ class VirtioPci(PciDevice):
             self._reset_transport()
 
     def close(self) -> None:
+        with self._route_lock:
+            fast, self._msi_irqfds = self._msi_irqfds, None
+            for q in sorted(self._irqfd_queues):
+                fd = self.device.call_eventfd(q)
+                if fast is not None and fd is not None:
+                    fast.unregister_msi_irqfd(fd)
+            self._irqfd_queues.clear()
         with self.cfg_lock:
             self._set_ioeventfds(None)
             for fd in self._kick_fds:
+                if fd not in self._owned_kick_fds:
+                    continue
                 if self._kick_loop is not None:
                     self._kick_loop.remove_reader(fd)
                 os.close(fd)
             self._kick_fds = []
+            self._owned_kick_fds.clear()
         self.device.close()
 
 

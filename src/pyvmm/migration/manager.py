@@ -1,0 +1,137 @@
+"""One machine's migration bookkeeping: capabilities, parameters, the current outgoing job and
+the incoming side, with QEMU's rules and error texts.  QMP (monitor/migration_commands.py)
+drives it; the machine supplies a :class:`~pyvmm.migration.outgoing.Source`."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from pyvmm.errors import ConfigError, PyvmmError
+from pyvmm.migration import uri as uri_mod
+from pyvmm.migration.outgoing import OutgoingMigration, Source
+from pyvmm.migration.status import MigrationStatus, Params
+
+log = logging.getLogger(__name__)
+
+#: The capabilities ``query-migrate-capabilities`` lists; only ``events`` changes anything.
+CAPABILITIES = ("xbzrle", "rdma-pin-all", "auto-converge", "zero-blocks", "events", "postcopy-ram",
+                "x-colo", "release-ram", "return-path", "pause-before-switchover", "multifd",
+                "dirty-bitmaps", "postcopy-blocktime", "late-block-activate", "x-ignore-shared",
+                "validate-uuid", "background-snapshot", "zero-copy-send", "postcopy-preempt", "mapped-ram")
+#: ``events``: MIGRATION/MIGRATION_PASS events; ``mapped-ram`` (with ``file:``): RAM at fixed file offsets,
+#: so a restore maps it lazily (vmstate/mapped.py).
+SUPPORTED = frozenset({"events", "mapped-ram"})
+MAX_DOWNTIME_MS = 2_000_000     # QEMU: MAX_MIGRATE_DOWNTIME_SECONDS * 1000
+ACTIVE = ("setup", "active", "device", "cancelling")
+
+
+class MigrationError(PyvmmError):
+    """A refused QMP migration command (the message is QEMU's where QEMU has one)."""
+
+
+class MigrationManager:
+    def __init__(self, source: Source, *, incoming: str | None = None,
+                 emit: Callable[[str, dict[str, Any]], None] | None = None) -> None:
+        self.source = source
+        self.capabilities = dict.fromkeys(CAPABILITIES, False)
+        self.params = Params()
+        self.status = MigrationStatus()
+        self.incoming = incoming            # -incoming URI or "defer"
+        self.incoming_uri: str | None = None if incoming == "defer" else incoming
+        self.incoming_started = threading.Event()
+        if self.incoming_uri is not None:
+            self.incoming_started.set()
+        self._emit = emit
+        self._job: OutgoingMigration | None = None
+        self.fds: dict[str, int] = {}
+
+    def event(self, name: str, data: dict[str, Any]) -> None:
+        if self.capabilities["events"] and self._emit is not None:
+            self._emit(name, data)
+
+    # -- QMP ------------------------------------------------------------------------------------
+    def migrate(self, uri: str, inmigrate: bool) -> None:
+        if inmigrate:
+            raise MigrationError("Guest is waiting for an incoming migration")
+        if self.status.status in ACTIVE:
+            raise MigrationError("There's a migration process in progress")
+        try:
+            parsed = uri_mod.parse(uri)
+        except ConfigError as e:
+            raise MigrationError(str(e)) from None
+        if parsed.scheme == "fd" and parsed.target not in self.fds:
+            raise MigrationError(f"File descriptor named '{parsed.target}' has not been found")
+        self.source.check_savable()   # a device that cannot be saved: refused before anything starts
+        fds = {parsed.target: self.fds.pop(parsed.target)} if parsed.scheme == "fd" else None
+        mapped = self.capabilities["mapped-ram"]
+        if mapped and parsed.scheme != "file":
+            raise MigrationError("Mapped-ram migration requires a file: URI")
+        self._job = OutgoingMigration(self.source, parsed, self.status, self.params, self.event, fds, mapped=mapped)
+        self._job.start()
+
+    def cancel(self) -> None:
+        if self._job is not None:
+            self._job.cancel()
+
+    def query(self) -> dict[str, Any]:
+        return self.status.query()
+
+    def query_capabilities(self) -> list[dict[str, Any]]:
+        return [{"capability": c, "state": v} for c, v in self.capabilities.items()]
+
+    def set_capabilities(self, caps: list[Any]) -> None:
+        if self.status.status in ACTIVE:
+            raise MigrationError("There's a migration process in progress")
+        wanted = {}
+        for item in caps:
+            if not isinstance(item, dict):
+                raise MigrationError("Invalid parameter type for 'capabilities[0]', expected: object")
+            cap, state = item.get("capability"), item.get("state")
+            if cap is None:
+                raise MigrationError("Parameter 'capability' is missing")
+            if state is None:
+                raise MigrationError("Parameter 'state' is missing")
+            if cap not in self.capabilities:
+                raise MigrationError(f"Parameter 'capability' does not accept value '{cap}'")
+            if not isinstance(state, bool):
+                raise MigrationError("Invalid parameter type for 'state', expected: boolean")
+            if state and cap not in SUPPORTED:
+                raise MigrationError(f"pyvmm cannot honour migration capability '{cap}'")
+            wanted[cap] = state
+        self.capabilities.update(wanted)
+
+    def set_parameters(self, args: dict[str, Any]) -> None:
+        if "downtime-limit" in args:
+            v = args["downtime-limit"]
+            if not isinstance(v, int) or isinstance(v, bool):
+                raise MigrationError("Invalid parameter type for 'downtime-limit', expected: integer")
+            if not 0 <= v <= MAX_DOWNTIME_MS:
+                raise MigrationError("Parameter 'downtime_limit' expects an integer in the range of 0 to "
+                                     f"{MAX_DOWNTIME_MS // 1000} seconds")
+        if "max-bandwidth" in args:
+            v = args["max-bandwidth"]
+            if not isinstance(v, int) or isinstance(v, bool):
+                raise MigrationError("Invalid parameter type for 'max-bandwidth', expected: integer")
+            if not 0 <= v <= (1 << 63) - 1:
+                raise MigrationError("Parameter 'max_bandwidth' expects an integer in the range of 0 to "
+                                     "9223372036854775807 bytes/second")
+        if "downtime-limit" in args:
+            self.params.downtime_limit_ms = args["downtime-limit"]
+        if "max-bandwidth" in args:
+            self.params.max_bandwidth = args["max-bandwidth"]
+
+    def start_incoming(self, uri: str) -> None:
+        """``migrate-incoming`` (needs ``-incoming defer``)."""
+        if self.incoming is None:
+            raise MigrationError("'-incoming' was not specified on the command line")
+        if self.incoming_started.is_set():
+            raise MigrationError("The incoming migration has already been started")
+        try:
+            uri_mod.parse(uri)
+        except ConfigError as e:
+            raise MigrationError(str(e)) from None
+        self.incoming_uri = uri
+        self.incoming_started.set()
