@@ -60,6 +60,10 @@ from pyvmm.x86.topology import CpuTopology
 log = logging.getLogger(__name__)
 
 
+#: How long QMP system_reset waits, at most, for the main thread to carry the reset out.
+RESET_WAIT = 10.0
+
+
 @dataclass
 class RunResult:
     status: int
@@ -97,6 +101,8 @@ class PcMachine:
         self.state_listeners: list[Callable[[RunState, str], None]] = []
         self.reset_listeners: list[Callable[[str], None]] = []  # callback(reason), at each machine reset
         self.last_request: Request | None = None  # the life-cycle request being handled (for listeners)
+        self._resets_cond = threading.Condition()  # system_reset waits for the main thread's reset
+        self._resets_handled = 0
         self._after_panic: list[Request] = []  # guest requests held back while paused by a guest panic
         self._build()
         self._deferred_start = False  # after -incoming of a stopped guest: vCPUs start at 'cont'
@@ -325,13 +331,18 @@ class PcMachine:
     def _handle(self, req: Request) -> RunResult | None:
         self.last_request = req
         if req.kind is RequestKind.RESET:
-            if self.config.no_reboot:
-                if self.config.no_shutdown:
-                    return self._stay_shut_down(req.reason)
-                self._set_state(RunState.SHUTDOWN, req.reason)
-                return RunResult(0, f"{req.reason} (--no-reboot)")
-            self._reset(req.reason)
-            return None
+            try:
+                if self.config.no_reboot:
+                    if self.config.no_shutdown:
+                        return self._stay_shut_down(req.reason)
+                    self._set_state(RunState.SHUTDOWN, req.reason)
+                    return RunResult(0, f"{req.reason} (--no-reboot)")
+                self._reset(req.reason)
+                return None
+            finally:
+                with self._resets_cond:
+                    self._resets_handled += 1
+                    self._resets_cond.notify_all()
         if req.kind is RequestKind.POWEROFF:
             if self.config.no_shutdown:
                 return self._stay_shut_down(req.reason)
@@ -401,7 +412,13 @@ class PcMachine:
         return self.state
 
     def system_reset(self) -> None:
-        self.control.request_reset("host-qmp-system-reset")
+        """Reset, and return once the main thread has done it: QEMU runs QMP commands on the thread
+        that carries out resets, so a ``cont`` right after ``system_reset`` (libvirt's reboot of a
+        guest that powered off under -no-shutdown) finds the machine reset."""
+        with self._resets_cond:
+            before = self._resets_handled
+            self.control.request_reset("host-qmp-system-reset")
+            self._resets_cond.wait_for(lambda: self._resets_handled != before, timeout=RESET_WAIT)
 
     def system_powerdown(self) -> None:
         self.acpi_pm.press_power_button()

@@ -228,10 +228,10 @@ COMMANDS: dict[str, Command] = {c.name: c for c in (
 
 
 def _probe_commands() -> list[Command]:
-    """The commands of their own modules (QOM introspection, the schema, migration capabilities)."""
-    from pyvmm.monitor import fdpass, migration_caps, qom, schema
+    """The commands of their own modules (QOM introspection, the schema, fd passing)."""
+    from pyvmm.monitor import fdpass, qom, schema
 
-    return [*qom.commands(), *schema.commands(), *migration_caps.commands(), *fdpass.commands()]
+    return [*qom.commands(), *schema.commands(), *fdpass.commands()]
 
 
 COMMANDS.update((c.name, c) for c in _probe_commands())

@@ -89,7 +89,7 @@ def _registry_types() -> list[DeviceType]:
 def all_types() -> dict[str, QomType]:
     types = {t.name: t for t in OWN_TYPES}
     for t in _registry_types():
-        types[t.name] = QomType(t.name, _BUS_PARENT[t.bus.value],
+        types[t.name] = QomType(t.name, _BUS_PARENT.get(t.bus.value, "device"),
                                 props=tuple((p.name, p.type.qemu_type, p.description) for p in t.props))
     return types
 

@@ -78,7 +78,6 @@ TYPES: dict[str, ObjectType | EnumType] = {t.name: t for t in (
     ObjectType("CommandLineParameterInfo", (Member("name", "str"), Member("type", "str"),
                                             Member("help", "str", True), Member("default", "str", True))),
     ObjectType("CommandLineOptionInfo", (Member("option", "str"), Member("parameters", "[CommandLineParameterInfo]"))),
-    ObjectType("MigrationCapabilityStatus", (Member("capability", "MigrationCapability"), Member("state", "bool"))),
     ObjectType("AddfdInfo", (Member("fdset-id", "int"), Member("fd", "int"))),
     ObjectType("SchemaInfo", (Member("name", "str"), Member("meta-type", "str"))),
 )}
@@ -92,6 +91,8 @@ EVENTS: dict[str, tuple[Member, ...]] = {
     "RESUME": (),
     "GUEST_PANICKED": (Member("action", "GuestPanicAction"),),
     "GUEST_CRASHLOADED": (Member("action", "GuestPanicAction"),),
+    "MIGRATION": (Member("status", "str"),),
+    "MIGRATION_PASS": (Member("pass", "int"),),
 }
 
 
