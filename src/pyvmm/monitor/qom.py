@@ -60,6 +60,10 @@ OWN_TYPES: tuple[QomType, ...] = (
     QomType("isa-device", "device", abstract=True),
     QomType("pci-device", "device", abstract=True),
     QomType("virtio-device", "device", abstract=True),
+    # The board's ACPI power-management function: S3 and S4 are always disabled (its tables offer S5 only),
+    # which -global PIIX4_PM.disable_s3=1 / disable_s4=1 state (pyvmm.compat_options).
+    QomType("PIIX4_PM", "pci-device", props=(("disable_s3", "uint8", "1 only: no S3 sleep state"),
+                                             ("disable_s4", "uint8", "1 only: no S4 sleep state"))),
     QomType("machine", "object", abstract=True),
     QomType("pc-machine", "machine", props=_MACHINE_PROPS),
     QomType("none-machine", "machine", props=(("type", "string", ""),
