@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 from pyvmm.block.graph import BlockGraph
 from pyvmm.config import MachineConfig
-from pyvmm.machine.pc import RunResult
+from pyvmm.machine.result import RunResult
 from pyvmm.monitor import ChardevInfo, CpuInfo, create_monitor
 from pyvmm.runstate import RequestKind, RunState, VmControl
 from pyvmm.sandbox import SandboxConfig

@@ -22,7 +22,6 @@ import logging
 import os
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from pyvmm.accel import select
 from pyvmm.accel.base import Accelerator, MachineContext
@@ -43,6 +42,7 @@ from pyvmm.irq import CpuInterruptController, IrqRouter
 from pyvmm.loop import MainLoop
 from pyvmm.machine.pc_devices import PcDevices
 from pyvmm.machine.pc_migration import PcMigration
+from pyvmm.machine.result import RunResult
 from pyvmm.monitor import ChardevInfo, CpuInfo, create_monitor
 from pyvmm.monitor.events import ShutdownCause, cause_of
 from pyvmm.ratelimit import guest_log
@@ -62,12 +62,6 @@ log = logging.getLogger(__name__)
 
 #: How long QMP system_reset waits, at most, for the main thread to carry the reset out.
 RESET_WAIT = 10.0
-
-
-@dataclass
-class RunResult:
-    status: int
-    reason: str
 
 
 class PcMachine:
