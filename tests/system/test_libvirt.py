@@ -2,8 +2,8 @@
 
 One scenario, run twice in a private libvirtd (tests/support/libvirt_env.py): with
 ``qemu-system-x86_64`` as ``<emulator>`` (the reference) and with ``pyvmm-system-x86_64``.
-The domain boots the guest kit's kernel directly, with 256 MiB, one virtio disk, a pty serial
-console and no USB, balloon or graphics.  Each step must pass on both; the pass table is
+The domain boots the guest kit's kernel directly, with 256 MiB, one virtio disk, a virtio NIC on
+a tap libvirt opens, a pty serial console and no USB, balloon or graphics.  Each step must pass on both; the pass table is
 printed (``-s`` shows it), and libvirtd must still be alive at the end.
 """
 
@@ -25,6 +25,8 @@ from support.vmms import qemu_binary
 
 PYVMM_EMULATOR = Path(sys.executable).with_name("pyvmm-system-x86_64")
 PROMPT = r"~ # "
+#: The domain's NIC: libvirt opens a tap and passes it (-netdev tap,fd=N,vhost=off + -device virtio-net-pci).
+MAC = "52:54:00:6c:76:01"
 #: libvirt's capability probe of the emulator (virsh domcapabilities starts it) must finish within this.
 PROBE_LIMIT = 2.0
 
@@ -68,6 +70,12 @@ def domain_xml(name: str, emulator: str, guest, disk: Path) -> str:
     </disk>
     <serial type='pty'><target port='0'/></serial>
     <console type='pty'><target type='serial' port='0'/></console>
+    <interface type='ethernet'>
+      <target dev='{name[:9]}-tap' managed='yes'/>
+      <mac address='{MAC}'/>
+      <model type='virtio'/>
+      <driver name='qemu'/>
+    </interface>
     <controller type='usb' model='none'/>
     <memballoon model='none'/>
   </devices>
@@ -194,10 +202,11 @@ def test_libvirt_scenario(kind: str, guest, tmp_path: Path) -> None:
             try:
                 assert guest.kernel_info.release in shell(con, "uname -r")
                 assert "vda" in shell(con, "ls /sys/block").split()
+                assert MAC in shell(con, "cat /sys/class/net/eth0/address").split()
             finally:
                 con.close()
 
-        steps.run("console: prompt, uname, vda", console)
+        steps.run("console: prompt, uname, vda, eth0", console)
         steps.run("dominfo running", lambda: _expect(env.virsh("dominfo", name).stdout, r"State:\s+running"))
         steps.run("suspend", lambda: (env.virsh("suspend", name), wait_state(env, name, "paused", 10)))
         steps.run("resume", lambda: (env.virsh("resume", name), wait_state(env, name, "running", 10)))
