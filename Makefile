@@ -18,7 +18,7 @@ test-fast: export PYVMM_FUZZ_SECONDS ?= 3
 
 # Lint, type-check, then the whole test suite on the real /dev/kvm and real guests.
 test: bootstrap
-	$(PY) -m ruff check src tests bench
+	$(PY) -m ruff check src tests bench examples
 	$(MAKE) --no-print-directory typecheck
 	$(PY) -m pytest $(PYTEST_ARGS)
 
@@ -27,7 +27,7 @@ test-fast: bootstrap
 	$(PY) -m pytest -q tests/unit $(PYTEST_ARGS)
 
 lint: bootstrap
-	$(PY) -m ruff check src tests bench
+	$(PY) -m ruff check src tests bench examples
 
 # mypy over src/ (configuration in pyproject.toml), so the Protocols and layer interfaces are checked.
 typecheck: bootstrap

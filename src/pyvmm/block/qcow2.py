@@ -57,7 +57,7 @@ from pyvmm.block.base import (
     open_image_perms,
     probe_format,
 )
-from pyvmm.block.iov import Iov, iov_len, iov_slice, iov_zero, preadv_full, pwritev_full
+from pyvmm.block.iov import FileStats, Iov, iov_len, iov_slice, iov_zero, preadv_full, pwritev_full
 from pyvmm.block.lock import ImageLock, Perm, backing_perms, device_perms, metadata_perms
 from pyvmm.block.raw import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, fallocate
 
@@ -114,6 +114,7 @@ class Qcow2Image:
         self._perms = perms or device_perms(read_only, False)
         self._chain = chain
         self._touched = False               # nothing written to the file yet (see _before_write)
+        self.file_stats = FileStats()       # the host file's, as QEMU's file node reports them
         try:
             st = os.fstat(self.fd)
             ident = (st.st_dev, st.st_ino)
@@ -245,6 +246,15 @@ class Qcow2Image:
             msg = str(e)
             raise self._bad(f"backing file {name}: {msg.removeprefix(bpath + ': ')}") from None
 
+    # -- host file writes: every one goes through these, for the file's statistics ------------------
+    def _pwrite(self, data: bytes, offset: int) -> None:
+        os.pwrite(self.fd, data, offset)
+        self.file_stats.written(offset + len(data))
+
+    def _pwritev(self, iov: Iov, offset: int) -> None:
+        pwritev_full(self.fd, iov, offset)
+        self.file_stats.written(offset + iov_len(iov))
+
     def _before_write(self) -> None:
         """Called before the first change to the file: clear the autoclear bits.  We do not
         maintain whatever they vouch for (e.g. bitmaps), so the spec asks us to clear them."""
@@ -252,7 +262,7 @@ class Qcow2Image:
             return
         self._touched = True
         if self.autoclear:
-            os.pwrite(self.fd, _U64.pack(0), 88)
+            self._pwrite(_U64.pack(0), 88)
             self.autoclear = 0
 
     def _read_extensions(self, header_len: int, backing_off: int) -> str | None:
@@ -347,7 +357,7 @@ class Qcow2Image:
                   "(overlaps with %s at %#x); further writes are refused", self.path, what, kind, host)
         if self.version >= 3:
             self.incompat |= Incompat.CORRUPT
-            os.pwrite(self.fd, _U64.pack(self.incompat), 72)
+            self._pwrite(_U64.pack(self.incompat), 72)
             os.fdatasync(self.fd)
         raise self._bad(f"write of {what} at {host:#x} would overwrite the {kind}; image marked corrupt")
 
@@ -381,17 +391,17 @@ class Qcow2Image:
         l2_off = self.l1[l1_index] & OFFSET_MASK
         if not l2_off:
             l2_off = self._alloc_cluster()
-            os.pwrite(self.fd, bytes(self.cluster_size), l2_off)
+            self._pwrite(bytes(self.cluster_size), l2_off)
             self._l2_tables.add(l2_off)
             self.l1[l1_index] = l2_off | COPIED
-            os.pwrite(self.fd, _U64.pack(l2_off | COPIED), self.l1_offset + 8 * l1_index)
+            self._pwrite(_U64.pack(l2_off | COPIED), self.l1_offset + 8 * l1_index)
         elif not self.l1[l1_index] & COPIED:
             raise self._bad("L2 table is shared with a snapshot; writing it is not supported")
         else:
             self._check_overlap(l2_off, self.cluster_size, "an L2 table", allowed="active L2 table")
         table = self._l2_table(l2_off)
         _U64.pack_into(table, 8 * l2_index, entry)
-        os.pwrite(self.fd, _U64.pack(entry), l2_off + 8 * l2_index)
+        self._pwrite(_U64.pack(entry), l2_off + 8 * l2_index)
 
     def _alloc_cluster(self) -> int:
         """A free cluster (one discarded before the last flush, else a new one at the end of
@@ -415,15 +425,15 @@ class Qcow2Image:
             rb_off = self._end
             self._end += self.cluster_size
             self._check_overlap(rb_off, self.cluster_size, "a new refcount block")
-            os.pwrite(self.fd, bytes(self.cluster_size), rb_off)
+            self._pwrite(bytes(self.cluster_size), rb_off)
             self._refblocks.add(rb_off)
             self.rt[rt_index] = rb_off
-            os.pwrite(self.fd, _U64.pack(rb_off), self.rt_offset + 8 * rt_index)
+            self._pwrite(_U64.pack(rb_off), self.rt_offset + 8 * rt_index)
             self._set_refcount(rb_off, 1)  # the new block usually describes itself
         else:
             self._check_overlap(rb_off, self.cluster_size, "a refcount block", allowed="refcount block")
         width = self.refcount_bytes
-        os.pwrite(self.fd, value.to_bytes(width, "big"), rb_off + width * rb_index)
+        self._pwrite(value.to_bytes(width, "big"), rb_off + width * rb_index)
 
     def _grow_refcount_table(self, needed_index: int) -> None:
         cs = self.cluster_size
@@ -435,9 +445,9 @@ class Qcow2Image:
         self._end += new_clusters * cs
         self._check_overlap(new_off, new_clusters * cs, "a new refcount table")
         self.rt.extend([0] * (new_clusters * cs // 8 - len(self.rt)))
-        os.pwrite(self.fd, b"".join(_U64.pack(e) for e in self.rt), new_off)
+        self._pwrite(b"".join(_U64.pack(e) for e in self.rt), new_off)
         os.fdatasync(self.fd)
-        os.pwrite(self.fd, _U64.pack(new_off) + struct.pack(">I", new_clusters), 48)
+        self._pwrite(_U64.pack(new_off) + struct.pack(">I", new_clusters), 48)
         self.rt_offset, self.rt_clusters = new_off, new_clusters
         for i in range(new_clusters):
             self._set_refcount(new_off + i * cs, 1)
@@ -515,7 +525,7 @@ class Qcow2Image:
         zero = self.version >= 3 and bool(entry & L2_ZERO)
         if host and not zero:
             self._check_overlap(host, cs, "guest data")
-            pwritev_full(self.fd, part, host + in_cluster)
+            self._pwritev(part, host + in_cluster)
             return
         # A fresh cluster (or a preallocated zero cluster): fill what the write leaves out.
         tail_len = cs - in_cluster - n
@@ -529,7 +539,7 @@ class Qcow2Image:
             host = self._alloc_cluster()
         else:
             self._check_overlap(host, cs, "guest data")
-        pwritev_full(self.fd, [memoryview(head), *part, memoryview(tail)], host)
+        self._pwritev([memoryview(head), *part, memoryview(tail)], host)
         self._set_l2_entry(goff, host | COPIED)
 
     def flush(self) -> None:
@@ -565,7 +575,8 @@ class Qcow2Image:
             self._set_l2_entry(goff, new)
         if host:
             self._set_refcount(host, 0)
-            fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, host, self.cluster_size)
+            if fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, host, self.cluster_size):
+                self.file_stats.discarded(self.cluster_size)
             self._freed.append(host)
         return True
 
