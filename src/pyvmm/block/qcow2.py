@@ -173,7 +173,8 @@ class Qcow2Image:
             if header_len < 104 or header_len % 8:
                 raise self._bad(f"bad header length {header_len}")
         if not 3 <= self.refcount_order <= 6:
-            raise self._bad(f"refcount width {1 << self.refcount_order} bits is not supported (8..64)")
+            # (the order, not 1 << order: a hostile header may hold 2**32 - 1, a 2**32-bit number)
+            raise self._bad(f"refcount order {self.refcount_order} is not supported (3..6, 8- to 64-bit refcounts)")
         self.refcount_bytes = (1 << self.refcount_order) // 8
         self.refs_per_block = cs // self.refcount_bytes
         if self.size == 0 or self.size > (1 << 56):
@@ -188,6 +189,14 @@ class Qcow2Image:
             raise self._bad(f"bad refcount table size {self.rt_clusters} clusters")
         if self.nb_snapshots and not self.read_only:
             raise self._bad("images with internal snapshots can only be opened read-only")
+        # Every table must lie inside the file: an offset past its end would make reads come from
+        # nowhere and writes land anywhere (a hostile header can say 2**56, or more than pread takes).
+        self._file_end = -(-os.fstat(self.fd).st_size // cs) * cs
+        if backing_off and (backing_off > cs or backing_off + backing_len > cs):
+            raise self._bad(f"backing file name at {backing_off:#x}+{backing_len} is outside the header cluster")
+        for what, off, size in (("L1 table", self.l1_offset, 8 * self.l1_size),
+                                ("refcount table", self.rt_offset, self.rt_clusters * cs)):
+            self._check_in_file(what, off, size)
 
         backing_fmt = self._read_extensions(header_len, backing_off)
         l1 = self._pread(8 * self.l1_size, self.l1_offset)
@@ -276,22 +285,38 @@ class Qcow2Image:
             off += 8 + ((elen + 7) & ~7)
         return backing_fmt
 
+    def _check_in_file(self, what: str, offset: int, size: int) -> None:
+        if offset + size > self._file_end:
+            raise self._bad(f"{what} at {offset:#x}+{size:#x} lies past the end of the file "
+                            f"({self._file_end:#x} bytes); the image is corrupt")
+
     def _check_tables(self) -> None:
-        """Reject what we cannot serve (compressed clusters) and gross corruption, up front."""
+        """Reject what we cannot serve (compressed clusters) and gross corruption, up front: tables
+        and clusters that are unaligned or lie past the end of the file."""
         cs = self.cluster_size
+        for i, e in enumerate(self.rt):
+            rb_off = e & OFFSET_MASK
+            if rb_off:
+                if rb_off % cs:
+                    raise self._bad(f"refcount table entry {i} points to unaligned refcount block {rb_off:#x}")
+                self._check_in_file(f"refcount block {i}", rb_off, cs)
         for i, e in enumerate(self.l1):
             l2_off = e & OFFSET_MASK
             if not l2_off:
                 continue
             if l2_off % cs:
                 raise self._bad(f"L1 entry {i} points to unaligned L2 table {l2_off:#x}")
+            self._check_in_file(f"L2 table {i}", l2_off, cs)
             table = self._l2_table(l2_off)
             for (entry,) in struct.iter_unpack(">Q", table):
                 if entry & L2_COMPRESSED:
                     raise self._bad("compressed clusters are not supported "
                                     "(convert with qemu-img convert -O qcow2 without -c)")
-                if (entry & OFFSET_MASK) % cs:
+                host = entry & OFFSET_MASK
+                if host % cs:
                     raise self._bad(f"L2 table at {l2_off:#x} has an unaligned cluster offset")
+                if host:
+                    self._check_in_file(f"data cluster (L2 table at {l2_off:#x})", host, cs)
         self._l2_cache.clear()
 
     # -- overlap checks ----------------------------------------------------------------------------

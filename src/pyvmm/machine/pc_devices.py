@@ -122,6 +122,9 @@ class PcDevices:
     def add_io(self, base: int, size: int, handler: object, name: str) -> None:
         self._add_io(base, size, handler, name)
 
+    def add_mmio(self, base: int, size: int, handler: object, name: str) -> None:
+        self.virtio.mmio_bus.register(base, size, handler, name)  # type: ignore[arg-type]
+
     def chardev(self, ident: str) -> Any:
         if self._board_wiring and ident in self._builtin_chardevs:
             spec, label = self._builtin_chardevs[ident], ident
