@@ -47,6 +47,14 @@ def bitmap_runs(bitmap: bytes | bytearray, base: int) -> list[tuple[int, int]]:
     for wi, word in enumerate(memoryview(data).cast("Q")):
         if not word:
             continue
+        if word == 0xFFFF_FFFF_FFFF_FFFF:  # 64 dirty pages: extend or open a run in one step
+            page = wi * 64
+            if page != end:
+                if start >= 0:
+                    runs.append((base + start * PAGE_SIZE, (end - start) * PAGE_SIZE))
+                start = page
+            end = page + 64
+            continue
         for bit in range(64):
             if word >> bit & 1:
                 page = wi * 64 + bit
