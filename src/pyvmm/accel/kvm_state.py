@@ -55,15 +55,16 @@ def bitmap_runs(bitmap: bytes | bytearray, base: int) -> list[tuple[int, int]]:
                 start = page
             end = page + 64
             continue
-        for bit in range(64):
-            if word >> bit & 1:
-                page = wi * 64 + bit
-                if page == end:
-                    end += 1
-                else:
-                    if start >= 0:
-                        runs.append((base + start * PAGE_SIZE, (end - start) * PAGE_SIZE))
-                    start, end = page, page + 1
+        while word:  # one step per set bit
+            low = word & -word
+            word ^= low
+            page = wi * 64 + low.bit_length() - 1
+            if page == end:
+                end += 1
+            else:
+                if start >= 0:
+                    runs.append((base + start * PAGE_SIZE, (end - start) * PAGE_SIZE))
+                start, end = page, page + 1
     if start >= 0:
         runs.append((base + start * PAGE_SIZE, (end - start) * PAGE_SIZE))
     return runs
