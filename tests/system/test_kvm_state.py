@@ -26,6 +26,7 @@ from pyvmm.kvm.ioctls import MpState
 from pyvmm.kvm.vcpu_state import MSR_IA32_TSC, unpack_msrs
 from pyvmm.memory import GuestMemory
 from pyvmm.runstate import VmControl
+from pyvmm.vmstate import VmStateError
 from support.recording import RecordingDevice
 from support.waiting import wait_until
 
@@ -526,7 +527,7 @@ def test_whole_state_refuses_another_accelerator_or_vcpu_count(machines: list[Ma
                          ({**state, "vcpus": "x"}, "vCPU list is missing or corrupt"),
                          ({**before, "vcpus": [{**before["vcpus"][0], "regs": b""}]},  # type: ignore[index]
                           "'regs' must be 144 bytes")):
-        with pytest.raises(KvmError, match=message):
+        with pytest.raises(VmStateError, match=message):
             dst.acc.load_state(bad)
     after = dst.acc.save_state()
     assert after["vcpus"][0]["regs"] == before["vcpus"][0]["regs"]  # type: ignore[index]
