@@ -91,6 +91,7 @@ OPTIONS: tuple[Option, ...] = (
     Option(("chardev",), "BACKEND,id=ID[,path=P,...]", "a named character back-end: socket, file, stdio, pty, null"),
     Option(("netdev",), "user|tap,id=ID[,...] | JSON", "a host network back-end for -device virtio-net-pci"),
     Option(("mem-path",), "PATH", "back guest RAM with a file or hugetlbfs, allocated at start (as -mem-prealloc)"),
+    Option(("mem-prealloc",), "", "back every page of guest RAM at start, as QEMU does (fails then, not later)"),
     Option(("qmp",), "unix:PATH,server=on[,wait=off]", "serve the QEMU Machine Protocol"),
     Option(("mon",), "[chardev=]ID,mode=control", "a QMP monitor on a -chardev socket"),
     Option(("monitor",), "none", "only 'none' (pyvmm has no human monitor; use -qmp)"),
@@ -659,6 +660,7 @@ def configure(args: RunArgs) -> tuple[MachineConfig, ProcessOptions]:
     _refused_backends(args)
     _memory_backend(args, cfg)
     cfg.mem_path = args.last("mem-path")
+    cfg.mem_prealloc = args.has("mem-prealloc")
     if cfg.mem_path and cfg.memory_backend is not None:
         raise ConfigError("-mem-path: cannot be used with a memory backend (-machine memory-backend= "
                           "or -numa node,memdev=)")
@@ -855,6 +857,8 @@ def _run_machine(cfg: MachineConfig, args: RunArgs, ready: Callable[[], None] | 
         cfg.initrd = cfg.initrd or str(guest.initrd)
         if args.append is None:
             cfg.append = guest.cmdline
+    if "pyvmm_run=" in cfg.append and not any(d.driver == "pyvmm-exit-status" for d in cfg.devices):
+        cfg.devices.append(DeviceSpec("pyvmm-exit-status"))  # the command's status becomes ours
     if not os.path.exists(cfg.kernel):
         raise ConfigError(f"kernel {cfg.kernel}: no such file")
     if not os.path.isfile(cfg.kernel):
@@ -895,6 +899,8 @@ class CommandLine:
         self.argparser.add_argument("--version", action="version", version=f"pyvmm {__version__}")
         sub = self.argparser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
         sub.add_parser("run", help="boot one VM in this process (QEMU's options; pyvmm run -help)", add_help=False)
+        sub.add_parser("exec", help="boot the default guest, run a command in it, exit with its status "
+                                    "(pyvmm exec [run options] -- CMD [ARGS...])", add_help=False)
         from pyvmm.manager.cli import add_vm_parser
 
         add_vm_parser(sub)
@@ -914,6 +920,12 @@ def build_parser() -> CommandLine:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "exec":  # pyvmm exec [run options] -- CMD: the SDK's own command line
+        from pyvmm.sdk.exec_cli import main_exec
+
+        _setup_logging(0, True)
+        return main_exec(argv[1:])
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

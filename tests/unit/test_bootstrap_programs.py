@@ -58,6 +58,8 @@ PROGRAMS: dict[str, str] = {
     "npm": "npm",
     "passt": "passt",
     "ip": "iproute2",
+    "qemu-ga": "qemu-guest-agent",
+    "ldd": BASE,             # libc-bin (essential)
     "mount": BASE,           # mount (essential)
     "umount": BASE,          # mount (essential)
     "unshare": BASE,         # util-linux (essential)

@@ -31,6 +31,9 @@ ABOVE_DEVICES = ("pyvmm.accel", "pyvmm.kvm", "pyvmm.boot", "pyvmm.machine", "pyv
 RULES: list[tuple[str, tuple[str, ...] | None, tuple[str, ...]]] = [
     *[(m, BOTTOM, ()) for m in BOTTOM],
     ("pyvmm.x86", BOTTOM + ("pyvmm.x86",), ()),
+    ("pyvmm.qga", BOTTOM + ("pyvmm.qga",), ()),  # a protocol client: knows no machine or device
+    # The public API drives a VMM process; it never reaches into a machine, device or accelerator.
+    ("pyvmm.sdk", None, ("pyvmm.devices", "pyvmm.accel", "pyvmm.kvm", "pyvmm.machine", "pyvmm.cli")),
     ("pyvmm.vmstate", BOTTOM + ("pyvmm.vmstate",), ()),
     ("pyvmm.qdev", None, ("pyvmm.devices",) + ABOVE_DEVICES),
     ("pyvmm.devices", None, ABOVE_DEVICES),

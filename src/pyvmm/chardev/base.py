@@ -49,6 +49,17 @@ class CharReceiver(Protocol):
     def receive(self, data: bytes) -> None: ...
 
 
+def notify_host_open(receiver: object, opened: bool) -> None:
+    """Tell a front-end that cares (a virtio-serial port) that the host side connected or left.
+
+    Front-ends opt in with a ``host_open_changed(opened)`` method; others are not asked.
+    Called on the loop thread, never with a back-end lock held.
+    """
+    hook = getattr(receiver, "host_open_changed", None)
+    if hook is not None:
+        hook(opened)
+
+
 class CharBackend(Protocol):
     """What a front-end device needs from a character back-end."""
 

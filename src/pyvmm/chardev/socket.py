@@ -25,7 +25,7 @@ import socket
 import stat
 import threading
 
-from pyvmm.chardev.base import CharBackendBase, OutputBuffer
+from pyvmm.chardev.base import CharBackendBase, OutputBuffer, notify_host_open
 from pyvmm.errors import DeviceError
 from pyvmm.loop import MainLoop
 
@@ -98,6 +98,7 @@ class UnixSocketBackend(CharBackendBase):
         log.info("%s: client connected on unix:%s", self.label, self.path)
         if self._receiver is not None:
             self._start_input(conn.fileno())
+            notify_host_open(self._receiver, True)
 
     def _on_accept(self) -> None:
         if self._listener is None or self._closed:
@@ -125,6 +126,8 @@ class UnixSocketBackend(CharBackendBase):
             self._stop_input()
         conn.close()
         log.info("%s: client disconnected from unix:%s", self.label, self.path)
+        if self._receiver is not None:
+            notify_host_open(self._receiver, False)
         if self._listener is not None and not self._closed and self._loop is not None:
             self._loop.add_reader(self._listener.fileno(), self._on_accept)
 

@@ -12,5 +12,9 @@ from pyvmm.qdev import Registry
 def device_registry() -> Registry:
     """Every device type in :mod:`pyvmm.devices`, found once per process."""
     import pyvmm.devices
+    from pyvmm.plugins import plugin_device_types
 
-    return Registry.discover(pyvmm.devices)
+    registry = Registry.discover(pyvmm.devices)
+    for t in plugin_device_types():  # a user's own devices (PYVMM_PLUGINS)
+        registry.register(t)  # type: ignore[arg-type]
+    return registry

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from pyvmm.guestkit.agent import find_agent
 from pyvmm.guestkit.busybox import find_busybox
 from pyvmm.guestkit.cache import atomic_write_bytes, cache_lock, cache_subdir, remove_stale_temporaries
 from pyvmm.guestkit.errors import GuestKitError
@@ -92,7 +93,10 @@ class GuestImages:
 
 
 def _initrd_key(kernel: KernelInfo, modules: Sequence[str], busybox_sha: str, hostname: str, compress: bool) -> str:
-    material = json.dumps([FORMAT_VERSION, kernel.cache_key, list(modules), busybox_sha, hostname, compress]).encode()
+    # The builder's own source is part of the key too: an edit of /init rebuilds cached images.
+    builder = hashlib.sha256(Path(build_initramfs.__code__.co_filename).read_bytes()).hexdigest()[:16]
+    material = json.dumps([FORMAT_VERSION, kernel.cache_key, list(modules), busybox_sha, hostname, compress,
+                           builder]).encode()
     return hashlib.sha256(material).hexdigest()[:16]
 
 
@@ -103,15 +107,18 @@ def default_guest(
     refresh: bool = False,
     compress: bool = False,
     hostname: str = DEFAULT_HOSTNAME,
+    with_agent: bool = True,
 ) -> GuestImages:
     """Ensure the default kernel and initramfs are cached (building once) and return them.
 
     ``refresh`` asks apt for a newer kernel first; otherwise the cached one is
-    reused without touching apt or the network.
+    reused without touching apt or the network.  ``with_agent`` puts Debian's qemu-ga (when the
+    host has it) into the initramfs; it runs only when the VM has an ``org.qemu.guest_agent.0`` port.
     """
     kernel = obtain_kernel(refresh=refresh)
     busybox = find_busybox()
-    key = _initrd_key(kernel, modules, busybox.sha256, hostname, compress)
+    agent = find_agent() if with_agent else None
+    key = _initrd_key(kernel, modules, busybox.sha256 + (agent.cache_key if agent else ""), hostname, compress)
     directory = cache_subdir("initramfs")
     initrd = directory / f"initramfs-{kernel.release}-{key}.cpio{'.gz' if compress else ''}"
     loaded: tuple[str, ...] = ()
@@ -125,7 +132,8 @@ def default_guest(
                 loaded = ()
         else:
             log.info("building initramfs for %s", kernel.release)
-            info = build_initramfs(kernel, list(modules), initrd, busybox=busybox, hostname=hostname, compress=compress)
+            info = build_initramfs(kernel, list(modules), initrd, busybox=busybox, hostname=hostname, compress=compress,
+                                   agent=agent)
             loaded = info.modules
             atomic_write_bytes(
                 manifest,

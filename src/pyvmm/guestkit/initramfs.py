@@ -17,6 +17,7 @@ import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pyvmm.guestkit.agent import GUEST_AGENT_PATH, SHUTDOWN_SCRIPT, GuestAgent
 from pyvmm.guestkit.busybox import Busybox, find_busybox
 from pyvmm.guestkit.cpio import CpioWriter, NodeKind, write_archive_file
 from pyvmm.guestkit.errors import GuestKitError
@@ -26,7 +27,7 @@ from pyvmm.guestkit.modules import ModuleTree, strip_compression
 log = logging.getLogger(__name__)
 
 # Bumped whenever the image layout or /init changes, so cached images are rebuilt.
-FORMAT_VERSION = 3  # bump when the generated /init changes: it is part of the cache key
+FORMAT_VERSION = 4  # bump when the generated /init changes: it is part of the cache key
 
 DEFAULT_MODULES: tuple[str, ...] = (
     "virtio",
@@ -78,6 +79,34 @@ alias ll='ls -l'
 """
 
 
+# udev's /dev/virtio-ports/NAME links, for the named ports of a virtio-serial device (their names
+# arrive from the host a moment after the driver has loaded, so look for a few seconds).
+VIRTIO_PORTS_SNIPPET = """\
+if ls /sys/bus/virtio/drivers/virtio_console 2>/dev/null | grep -q virtio; then
+    mkdir -p /dev/virtio-ports
+    (for i in $(seq 50); do
+        for p in /sys/class/virtio-ports/*; do
+            n=; { read -r n < "$p/name"; } 2>/dev/null
+            [ -n "$n" ] && [ ! -e "/dev/virtio-ports/$n" ] && ln -s "../${p##*/}" "/dev/virtio-ports/$n"
+            if [ "$n" = AGENT_PORT ] && [ -x /AGENT_PATH ] && mkdir /run/qemu-ga.started 2>/dev/null; then
+                setsid /AGENT_PATH -m virtio-serial -p /dev/virtio-ports/$n -t /run -f /run/qemu-ga.pid \\
+                    </dev/null >/run/qemu-ga.log 2>&1 &
+            fi
+        done
+        sleep 0.1
+    done) &
+fi""".replace("AGENT_PORT", "org.qemu.guest_agent.0").replace("AGENT_PATH", GUEST_AGENT_PATH)
+
+#: The QGA port name: /init starts Debian's qemu-ga on it when the host offers it.
+AGENT_PORT = "org.qemu.guest_agent.0"
+
+OS_RELEASE = """\
+PRETTY_NAME="pyvmm guest kit (busybox)"
+NAME="pyvmm guest kit"
+ID=pyvmm-guestkit
+"""
+
+
 def render_init(release: str, module_paths: list[str], hostname: str) -> str:
     """The /init script.  ``module_paths`` are relative to /lib/modules/<release>."""
     loads = "\n".join(
@@ -95,6 +124,7 @@ mount -t tmpfs tmpfs /tmp
 mount -t tmpfs tmpfs /run
 hostname {shlex.quote(hostname)}
 {loads}
+{VIRTIO_PORTS_SNIPPET}
 read -r up _ < /proc/uptime
 echo
 echo "pyvmm guest: Linux $(uname -r) on $(uname -m), userspace at ${{up}}s"
@@ -102,7 +132,10 @@ cd /root
 if [ -n "$pyvmm_run" ]; then
     # pyvmm_run="cmd" on the kernel command line: run it, report, power off.
     sh -c "$pyvmm_run"
-    echo "pyvmm-guest: exit status $?"
+    status=$?
+    echo "pyvmm-guest: exit status $status"
+    # pyvmm's pyvmm-exit-status device (an MMIO byte) makes this the VMM's exit status too.
+    [ "$status" != 0 ] && devmem 0xfeb01000 8 "$status" 2>/dev/null
 else
     echo "Type 'poweroff -f' (or exit the shell) to stop the machine."
     echo "{READY_MARKER}"
@@ -142,10 +175,12 @@ def build_initramfs(
     hostname: str = DEFAULT_HOSTNAME,
     compress: bool = False,
     require_modules: bool = False,
+    agent: GuestAgent | None = None,
 ) -> InitramfsInfo:
     """Write a busybox initramfs for ``kernel`` to ``out_path`` (atomically).
 
-    ``modules`` are loaded at boot together with everything they depend on.
+    ``modules`` are loaded at boot together with everything they depend on.  ``agent``
+    (Debian's qemu-ga and its libraries) is started when its virtio-serial port appears.
     Modules that are built into the kernel are skipped; absent ones are
     logged and skipped unless ``require_modules`` is set.
     """
@@ -199,6 +234,11 @@ def build_initramfs(
         if tree is not None:
             dep = "\n".join(_modules_dep_lines(tree, order, guest_path))
             w.add_file(f"{moddir}/modules.dep", (dep + "\n").encode() if dep else b"")
+        w.add_file("etc/os-release", OS_RELEASE.encode())
+        if agent is not None:
+            for guest_file, host_file in agent.files:
+                w.add_file(guest_file, host_file.read_bytes(), mode=0o755)
+            w.add_file("sbin/shutdown", SHUTDOWN_SCRIPT.encode(), mode=0o755)
         w.add_file("init", init.encode(), mode=0o755)
 
     write_archive_file(out_path, fill, compress=compress)

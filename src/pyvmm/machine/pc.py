@@ -80,8 +80,11 @@ class PcMachine:
         self.control = control or VmControl()
         self.control.panic_action = config.panic_action
         self.memory = layout.pc_memory(config.memory, config.mem_path, config.memory_backend)
+        if config.mem_prealloc or (config.memory_backend is not None and config.memory_backend.prealloc):
+            self.memory.preallocate()  # -mem-prealloc, or a memory back-end's prealloc=on
         self.io_bus = Bus("io")
         self.mmio_bus = Bus("mmio")
+        self._install_plugin_tracers()
         self.irq = IrqRouter()
         self.loop = MainLoop()
         self.accel: Accelerator = select.create(accel_name)
@@ -263,6 +266,20 @@ class PcMachine:
         elif self.state is RunState.PRELAUNCH and self.boot is not None:  # reset while paused
             self.accel.start()
             self._set_state(RunState.RUNNING)
+
+    def _install_plugin_tracers(self) -> None:
+        """A plug-in's ``trace`` (PYVMM_PLUGINS) sees every port-I/O and MMIO access."""
+        from pyvmm.plugins import plugin_tracers
+
+        tracers = plugin_tracers()
+        if not tracers:
+            return
+
+        def trace(bus: str, kind: str, addr: int, size: int, value: int) -> None:
+            for t in tracers:
+                t(bus, kind, addr, size, value)  # type: ignore[operator]
+        self.io_bus.set_tracer(trace)
+        self.mmio_bus.set_tracer(trace)
 
     def run(self) -> RunResult:
         self.loop.start_thread()

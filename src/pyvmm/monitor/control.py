@@ -96,7 +96,6 @@ class MachineControl(Protocol):
         """Press the keys in order, then release them in reverse order (QMP ``send-key``)."""
         ...
 
-
     def block_graph(self) -> BlockGraph:
         """The block nodes and backends (QMP query-block, query-named-block-nodes, query-blockstats)."""
         ...

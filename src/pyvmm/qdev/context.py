@@ -34,6 +34,10 @@ class DeviceContext(Protocol):
         """Put ``handler`` on the port bus at ``base`` (``io_read``/``io_write``)."""
         ...
 
+    def add_mmio(self, base: int, size: int, handler: object, name: str) -> None:
+        """Put ``handler`` on the MMIO bus at guest-physical ``base`` (``mmio_read``/``mmio_write``)."""
+        ...
+
     def chardev(self, ident: str) -> Any:
         """The character back-end ``-chardev id=IDENT`` (or, pyvmm's shorthand, a back-end spec)."""
         ...

@@ -25,6 +25,7 @@ class BusKind(enum.Enum):
     ISA = "ISA"
     PCI = "PCI"
     VIRTIO = "virtio-bus"
+    VIRTIO_SERIAL = "virtio-serial-bus"  # virtserialport, virtconsole
 
 
 class DeviceProps:

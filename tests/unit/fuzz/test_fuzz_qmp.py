@@ -23,6 +23,7 @@ from typing import Any
 
 from hypothesis import strategies as st
 
+from pyvmm.block.graph import BlockGraph
 from pyvmm.monitor import ChardevInfo, CpuInfo, MonitorServer
 from pyvmm.monitor.commands import COMMANDS
 from pyvmm.monitor.jsonstream import MAX_MESSAGE, JsonStream, Message, ParseError
@@ -34,6 +35,7 @@ class Machine:
 
     def __init__(self) -> None:
         self.state = RunState.RUNNING
+        self.blocks = BlockGraph()  # no disks
 
     def status(self) -> RunState:
         return self.state
@@ -73,6 +75,9 @@ class Machine:
 
     def send_keys(self, qcodes: list[str]) -> None:
         pass
+
+    def block_graph(self) -> BlockGraph:
+        return self.blocks
 
 
 class Session:

@@ -169,4 +169,5 @@ def _create(ctx: DeviceContext, props: DeviceProps) -> VirtioConsole:
 
 DEVICE_TYPES = [VirtioType(
     "virtio-console", _create, (Prop("chardev", PropType.STR, None, "ID of a chardev to use as a backend"),),
-    "one console port (hvc0), without multiport", aliases={"virtio-console": "device", "virtconsole": "device"})]
+    "one console port (hvc0), without multiport", aliases={"virtio-console": "device"})]
+# QEMU's virtconsole is a port on a virtio-serial bus: see serial.py.
