@@ -124,6 +124,14 @@ TABLE: list[Row] = [
     R("-device", "virtio-blk-pci,drive=nope"), R("-device", "frobnicator"),
     A("-device", "pvpanic"), A("-device", "pvpanic,ioport=0x506,events=1"), R("-device", "pvpanic,iobase=0x505"),
     R("-device", "pvpanic", "-device", "pvpanic"),
+    # virtio-serial: the bus device, then ports on it (QEMU's rules for port numbers and names)
+    A("-device", "virtio-serial-pci", "-device", "virtserialport,name=org.qemu.guest_agent.0"),
+    A("-device", "virtio-serial", "-chardev", "null,id=c0", "-device", "virtconsole,chardev=c0"),
+    A("-device", "virtio-serial-pci,id=vs0", "-device", "virtserialport,bus=vs0.0,nr=3,name=a"),
+    R("-device", "virtserialport,name=a"), R("-device", "virtio-serial-pci,max_ports=600"),
+    R("-device", "virtio-serial-pci", "-device", "virtserialport,nr=0,name=a"),
+    R("-device", "virtio-serial-pci", "-device", "virtserialport,name=a", "-device", "virtserialport,name=a"),
+    R("-device", "virtio-serial-pci", "-device", "virtserialport,bus=nosuch.0"),
     # typed properties from the device registry, as QEMU's qdev reads them
     A("-netdev", "user,id=n0", "-device", '{"driver":"virtio-net-pci","netdev":"n0","addr":40}'),
     A("-device", '{"driver":"virtio-rng-pci","addr":"06.0"}'), A("-device", "virtio-rng-pci,addr=1f"),
