@@ -151,6 +151,8 @@ class VmHandle:
         self.accelerator: str | None = None
         self.accelerator_reason = ""
         self.events: deque[Event] = deque(maxlen=EVENT_HISTORY)
+        #: ``-incoming URI`` for the next start only (restore, clone, migration; pyvmm.manager.vmstate_ops).
+        self.incoming: str | None = None
 
     @property
     def name(self) -> str:
@@ -187,6 +189,8 @@ ALLOWED: dict[str, tuple[VmState, ...]] = {
     "undefine": (VmState.SHUTOFF, VmState.CRASHED),
     "edit": (VmState.SHUTOFF, VmState.CRASHED),
     "send-key": (VmState.RUNNING, VmState.SHUTTING_DOWN),
+    "snapshot": (VmState.RUNNING, VmState.PAUSED),
+    "migrate": (VmState.RUNNING, VmState.PAUSED),
 }
 
 
@@ -433,7 +437,8 @@ class Supervisor:
         self._publish(h, "undefined")
 
     # -- life-cycle operations ----------------------------------------------------------------
-    async def start(self, name: str) -> VmHandle:
+    async def start(self, name: str, incoming: str | None = None) -> VmHandle:
+        """Start the VM's process (with ``-incoming INCOMING``: waiting for its state, not booting)."""
         h = self.get(name)
         async with h.lock:
             self._require(h, "start")
@@ -446,6 +451,7 @@ class Supervisor:
                 raise ManagerError(409, f"VM {h.name} is already running (pid {h.pid}, a process this daemon "
                                         "had lost track of; it is tracked again)")
             self._set_state(h, VmState.STARTING, "")
+            h.incoming = incoming
             try:
                 await self._spawn(h)
             except ManagerError:
@@ -458,6 +464,8 @@ class Supervisor:
                 if isinstance(e, Exception):
                     raise ManagerError(status, message) from None
                 raise
+            finally:
+                h.incoming = None
         return h
 
     async def shutdown(self, name: str, timeout: float = 0.0) -> VmHandle:
@@ -655,6 +663,8 @@ class Supervisor:
         for disk in d.disks:
             spec = f"file={_escape_opt(disk.path)},format={disk.format},if=virtio"
             cmd += ["--drive", spec + (",readonly=on" if disk.readonly else "")]
+        if h.incoming:
+            cmd += ["--incoming", h.incoming]
         for i, net in enumerate(d.networks):
             netdev = f"{net.type},id=net{i}" + (f",ifname={net.tap}" if net.type == "tap" and net.tap else "")
             nic = f"virtio-net-pci,netdev=net{i}" + (f",mac={net.mac}" if net.mac else "")

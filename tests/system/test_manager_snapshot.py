@@ -1,0 +1,218 @@
+"""Snapshot, restore, clone and migrate of managed VMs, through a real pyvmmd, its API and ``pyvmm vm``.
+
+The VMs run the QMP test guest (tests/support/guests/qmp: ``tick N`` ten times a second) on KVM,
+with a raw disk and a user-mode NIC, so a snapshot has a disk to save and a clone a MAC to change.
+A restored VM continues: its first tick is the one after the last tick before the snapshot (not
+``tick 1``, which a fresh boot would print).  The daemons run with ``--no-sandbox``: a VM process
+under the seccomp sandbox can open no file or socket for its state, which one test checks too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from test_manager_support import (  # noqa: F401 - fixtures
+    Daemon,
+    guest_definition,
+    manager_guest,
+    wait_for,
+    wait_state,
+)
+
+TICK = re.compile(r"tick (\d+)")
+
+
+class UnsandboxedDaemon(Daemon):
+    def command(self) -> list[str]:
+        return [*super().command(), "--no-sandbox"]
+
+
+@pytest.fixture
+def mgr(tmp_path: Path):
+    d = UnsandboxedDaemon(tmp_path / "state")
+    d.start()
+    try:
+        yield d
+    finally:
+        d.cleanup()
+
+
+def ticks(c, name: str) -> list[int]:
+    text = c.request("GET", f"/vms/{name}/console/scrollback")["text"]
+    return [int(t) for t in TICK.findall(text)]
+
+
+def wait_ticks(c, name: str, n: int, timeout: float = 30.0) -> list[int]:
+    return wait_for(lambda: (t := ticks(c, name)) and len(t) >= n and t, timeout, f"{n} ticks from {name}",
+                    lambda: str(ticks(c, name)))
+
+
+def cli(daemon: Daemon, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYVMMD_SOCKET": str(daemon.socket)}
+    return subprocess.run([sys.executable, "-m", "pyvmm", "vm", *args], text=True, env=env, timeout=timeout,
+                          stdin=subprocess.DEVNULL, capture_output=True)
+
+
+def ok(r: subprocess.CompletedProcess) -> str:
+    assert r.returncode == 0, f"status {r.returncode}\nstdout: {r.stdout}\nstderr: {r.stderr}"
+    return r.stdout
+
+
+def define_guest(c, name: str, kernel: Path, tmp_path: Path) -> dict:
+    disk = tmp_path / f"{name}.raw"
+    with open(disk, "wb") as f:
+        f.write(b"pyvmm-disk-" + name.encode())
+        f.truncate(1 << 20)
+    return c.define(guest_definition(name, kernel, disks=[{"path": str(disk), "format": "raw"}],
+                                     networks=[{"type": "user"}]))
+
+
+def assert_continues(before: list[int], after: list[int]) -> None:
+    """The restored VM's ticks go on from the snapshot's (a new boot would start at 1)."""
+    assert after, "no ticks after the restore"
+    assert after[0] > 1 and after[0] >= before[-1], (before[-3:], after[:5])
+    assert after == list(range(after[0], after[0] + len(after))), after[:20]
+
+
+def test_snapshot_and_restore_through_the_api(mgr: Daemon, manager_guest: Path, tmp_path: Path) -> None:
+    snap = tmp_path / "snap"
+    with mgr.client() as c:
+        define_guest(c, "web", manager_guest, tmp_path)
+        c.action("web", "start")
+        wait_ticks(c, "web", 5)
+        res = c.request("POST", "/vms/web/snapshot", json={"dir": str(snap)})
+        before = ticks(c, "web")
+        assert res["vm"]["state"] == "running", res
+        assert sorted(p.name for p in snap.iterdir()) == ["disk0.raw", "snapshot.json", "vm.state"]
+        meta = json.loads((snap / "snapshot.json").read_text())
+        assert meta["definition"]["name"] == "web" and meta["running"] is True
+        assert (snap / "disk0.raw").read_bytes()[:14] == b"pyvmm-disk-web"
+        # the source keeps running after the snapshot
+        wait_for(lambda: ticks(c, "web")[-1] > before[-1] + 3, 20, "web to go on ticking")
+        # a directory that is not empty is refused, and the VM is untouched
+        with pytest.raises(Exception, match="not empty"):
+            c.request("POST", "/vms/web/snapshot", json={"dir": str(snap)})
+        assert c.get("web")["state"] == "running"
+
+        vm = c.request("POST", "/restore", json={"dir": str(snap), "name": "web2"})
+        assert vm["name"] == "web2" and vm["state"] == "running", vm
+        assert vm["uuid"] != c.get("web")["uuid"]  # the original still exists: a new identity
+        disk = vm["definition"]["disks"][0]
+        assert disk["format"] == "qcow2" and disk["path"].startswith(str(mgr.state_dir / "disks")), disk
+        info = subprocess.run(["qemu-img", "info", "-U", "--output=json", disk["path"]], capture_output=True,
+                              text=True, check=True)
+        assert json.loads(info.stdout)["backing-filename"] == str((snap / "disk0.raw").resolve())
+        after = wait_ticks(c, "web2", 5)
+        # the snapshot's state file is mapped, so the restored VM continues where the snapshot was taken
+        snap_tick = max(t for t in before)
+        assert_continues([min(snap_tick, after[0])], after)
+        assert after[0] <= snap_tick + 2, (snap_tick, after[:5])
+        # a restore that names an existing VM is refused in one line, leaving nothing behind
+        with pytest.raises(Exception, match="already exists"):
+            c.request("POST", "/restore", json={"dir": str(snap), "name": "web2"})
+        with pytest.raises(Exception, match="not a pyvmm snapshot directory"):
+            c.request("POST", "/restore", json={"dir": str(tmp_path)})
+        assert sorted(v["name"] for v in c.list()) == ["web", "web2"]
+
+
+def test_snapshot_restore_and_clone_through_the_cli(mgr: Daemon, manager_guest: Path, tmp_path: Path) -> None:
+    snap = tmp_path / "cli-snap"
+    with mgr.client() as c:
+        define_guest(c, "base", manager_guest, tmp_path)
+        c.action("base", "start")
+        wait_ticks(c, "base", 5)
+        out = ok(cli(mgr, "snapshot", "base", str(snap)))
+        assert f"VM base: snapshot in {snap}" in out and "now running" in out, out
+        snap_tick = ticks(c, "base")[-1]
+        ok(cli(mgr, "destroy", "base"))
+        out = ok(cli(mgr, "restore", str(snap)))
+        assert out.strip() == f"VM base restored from {snap} (now running)", out
+        vm = c.get("base")
+        assert vm["state"] == "running"
+        after = wait_ticks(c, "base", 3)
+        assert 1 < after[0] <= snap_tick + 2, (snap_tick, after[:5])
+
+        out = ok(cli(mgr, "clone", "base", "--count", "2"))
+        assert out.count("cloned from base") == 2, out
+        clones = [c.get("base-clone1"), c.get("base-clone2")]
+        base = c.get("base")
+        assert base["state"] == "running"
+        for cl in clones:
+            assert cl["state"] == "running", cl
+        ids = {v["uuid"] for v in (base, *clones)}
+        macs = {v["definition"]["networks"][0]["mac"] for v in (base, *clones)}
+        disks = {v["definition"]["disks"][0]["path"] for v in (base, *clones)}
+        pids = {v["pid"] for v in (base, *clones)}
+        assert len(ids) == len(macs) == len(disks) == len(pids) == 3, (ids, macs, disks, pids)
+        # both clones continue from the clone snapshot and run side by side
+        t1, t2 = wait_ticks(c, "base-clone1", 5), wait_ticks(c, "base-clone2", 5)
+        assert t1[0] > 1 and t2[0] > 1 and abs(t1[0] - t2[0]) <= 1, (t1[:3], t2[:3])
+        # ...and independently: pausing one does not stop the other
+        c.action("base-clone1", "suspend")
+        paused_at = ticks(c, "base-clone1")[-1]
+        running_at = ticks(c, "base-clone2")[-1]
+        wait_for(lambda: ticks(c, "base-clone2")[-1] >= running_at + 10, 20, "clone2 to go on")
+        assert ticks(c, "base-clone1")[-1] <= paused_at + 1
+        # they share one memory file (mapped copy-on-write), not one copy each
+        maps = [Path(f"/proc/{cl['pid']}/maps").read_text() for cl in clones]
+        shared = {line.split()[-1] for line in maps[0].splitlines() if line.endswith("/vm.state")}
+        assert shared and all(next(iter(shared)) in m for m in maps), shared
+        c.action("base-clone1", "resume")
+        wait_for(lambda: ticks(c, "base-clone1")[-1] > paused_at + 3, 20, "clone1 to resume")
+
+
+def test_sandboxed_vm_is_refused_in_one_line(tmp_path: Path, manager_guest: Path) -> None:
+    d = Daemon(tmp_path / "state")
+    d.start()
+    try:
+        with d.client() as c:
+            c.define(guest_definition("sb", manager_guest))
+            c.action("sb", "start")
+            r = cli(d, "snapshot", "sb", str(tmp_path / "s"))
+            assert r.returncode == 1 and "seccomp sandbox" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+            assert not (tmp_path / "s").exists()
+            assert c.get("sb")["state"] == "running"
+    finally:
+        d.cleanup()
+
+
+def test_migrate_between_two_daemons(tmp_path: Path, manager_guest: Path) -> None:
+    src, dst = UnsandboxedDaemon(tmp_path / "src"), UnsandboxedDaemon(tmp_path / "dst")
+    src.start()
+    dst.start()
+    try:
+        with src.client() as s, dst.client() as d:
+            vm = define_guest(s, "mover", manager_guest, tmp_path)
+            s.action("mover", "start")
+            wait_ticks(s, "mover", 5)
+            t0 = time.monotonic()
+            out = ok(cli(src, "migrate", "mover", "--to", f"unix:{dst.socket}"))
+            assert "migrated to unix:" in out and "(there: running)" in out, out
+            last_src = ticks(s, "mover")[-1]
+            there = d.get("mover")
+            assert there["state"] == "running" and there["uuid"] == vm["uuid"], there
+            assert there["definition"]["networks"][0]["mac"] == vm["definition"]["networks"][0]["mac"]
+            after = wait_ticks(d, "mover", 5)
+            assert_continues([last_src], after)
+            assert after[0] <= last_src + 2, (last_src, after[:5])
+            here = s.get("mover")
+            assert here["state"] == "shutoff" and here["reason"].startswith("migrated to"), here
+            assert time.monotonic() - t0 < 60
+            # and back again, undefining it on the way out
+            ok(cli(dst, "migrate", "mover", "--to", f"unix:{src.socket}", "--undefine-source"))
+            wait_state(s, "mover", "running")
+            assert [v["name"] for v in d.list()] == []
+            # a destination that is not there: one line, and the VM keeps running here
+            r = cli(src, "migrate", "mover", "--to", f"unix:{tmp_path / 'nobody.sock'}")
+            assert r.returncode == 1 and "cannot reach pyvmmd" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+            assert s.get("mover")["state"] == "running"
+    finally:
+        src.cleanup()
+        dst.cleanup()
