@@ -81,7 +81,7 @@ def assert_continues(before: list[int], after: list[int]) -> None:
     assert after == list(range(after[0], after[0] + len(after))), after[:20]
 
 
-def test_snapshot_and_restore_through_the_api(mgr: Daemon, manager_guest: Path, tmp_path: Path) -> None:
+def test_snapshot_and_restore_through_the_api(mgr: Daemon, manager_guest: Path, tmp_path: Path) -> None:  # noqa: F811
     snap = tmp_path / "snap"
     with mgr.client() as c:
         define_guest(c, "web", manager_guest, tmp_path)
@@ -122,7 +122,7 @@ def test_snapshot_and_restore_through_the_api(mgr: Daemon, manager_guest: Path, 
         assert sorted(v["name"] for v in c.list()) == ["web", "web2"]
 
 
-def test_snapshot_restore_and_clone_through_the_cli(mgr: Daemon, manager_guest: Path, tmp_path: Path) -> None:
+def test_snapshot_restore_and_clone_through_the_cli(mgr: Daemon, manager_guest: Path, tmp_path: Path) -> None:  # noqa: F811
     snap = tmp_path / "cli-snap"
     with mgr.client() as c:
         define_guest(c, "base", manager_guest, tmp_path)
@@ -168,7 +168,7 @@ def test_snapshot_restore_and_clone_through_the_cli(mgr: Daemon, manager_guest: 
         wait_for(lambda: ticks(c, "base-clone1")[-1] > paused_at + 3, 20, "clone1 to resume")
 
 
-def test_sandboxed_vm_is_refused_in_one_line(tmp_path: Path, manager_guest: Path) -> None:
+def test_sandboxed_vm_is_refused_in_one_line(tmp_path: Path, manager_guest: Path) -> None:  # noqa: F811
     d = Daemon(tmp_path / "state")
     d.start()
     try:
@@ -183,7 +183,7 @@ def test_sandboxed_vm_is_refused_in_one_line(tmp_path: Path, manager_guest: Path
         d.cleanup()
 
 
-def test_migrate_between_two_daemons(tmp_path: Path, manager_guest: Path) -> None:
+def test_migrate_between_two_daemons(tmp_path: Path, manager_guest: Path) -> None:  # noqa: F811
     src, dst = UnsandboxedDaemon(tmp_path / "src"), UnsandboxedDaemon(tmp_path / "dst")
     src.start()
     dst.start()

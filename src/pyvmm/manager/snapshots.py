@@ -306,8 +306,13 @@ class SnapshotOps:
             d = VmDefinition.model_validate(meta["definition"])
         except Exception as e:
             raise ManagerError(400, f"{target / META}: bad definition: {e}") from None
+        # Restoring a VM that is defined here, shut off, under its own name (virsh restore after destroy)
+        # replaces its definition; a restore beside a live original gets a new uuid and MACs.
+        same = self.sup.vms.get(str(d.uuid))
+        reuse = (fresh_identity is None and same is not None and same.name == name
+                 and same.state in (VmState.SHUTOFF, VmState.CRASHED))
         if fresh_identity is None:
-            fresh_identity = str(d.uuid) in self.sup.vms
+            fresh_identity = same is not None and not reuse
         new_uuid = uuidlib.uuid4() if fresh_identity else d.uuid
         disks = []
         made: list[Path] = []
@@ -329,8 +334,9 @@ class SnapshotOps:
         nets = [{**n.model_dump(), "mac": random_mac() if fresh_identity else n.mac} for n in d.networks]
         din = VmDefinitionIn.model_validate({**d.model_dump(), "name": name, "uuid": new_uuid, "disks": disks,
                                              "networks": nets, "autostart": False})
+        old = same.definition if reuse and same is not None else None
         try:
-            h = self.sup.define(din)
+            h = self.sup.update(name, din) if old is not None else self.sup.define(din)
         except ManagerError:
             for p in made:
                 with contextlib.suppress(OSError):
@@ -344,7 +350,10 @@ class SnapshotOps:
                 if h.active:
                     await self.sup.destroy(h.name)
             with contextlib.suppress(ManagerError):
-                self.sup.undefine(h.name)
+                if old is not None:
+                    self.sup.update(h.name, VmDefinitionIn.model_validate(old.model_dump()))
+                else:
+                    self.sup.undefine(h.name)
             for p in made:
                 with contextlib.suppress(OSError):
                     p.unlink()
@@ -420,7 +429,7 @@ class SnapshotOps:
             raise ManagerError(400, f"cannot listen on {body.address}: {e.strerror}") from None
         host = f"[{body.address}]" if ":" in body.address else body.address
         try:
-            await self.sup.start(h.name, incoming=f"tcp:{host}:{port}")
+            await self.sup.start(h.name, incoming=f"tcp:{host}:{port}", shared_disks=True)
         except ManagerError:
             with contextlib.suppress(ManagerError):
                 self.sup.undefine(h.name)

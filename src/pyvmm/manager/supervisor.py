@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
-from qemu.qmp import QMPClient
+from qemu.qmp import ConnectError, QMPClient
 
 from pyvmm.manager import stats as procstats
 from pyvmm.manager import vmlock
@@ -153,6 +153,8 @@ class VmHandle:
         self.events: deque[Event] = deque(maxlen=EVENT_HISTORY)
         #: ``-incoming URI`` for the next start only (restore, clone, migration; pyvmm.manager.vmstate_ops).
         self.incoming: str | None = None
+        #: ...and whether its disks are still in use by the migration's source (no image locks then).
+        self.incoming_shared_disks = False
 
     @property
     def name(self) -> str:
@@ -437,7 +439,7 @@ class Supervisor:
         self._publish(h, "undefined")
 
     # -- life-cycle operations ----------------------------------------------------------------
-    async def start(self, name: str, incoming: str | None = None) -> VmHandle:
+    async def start(self, name: str, incoming: str | None = None, shared_disks: bool = False) -> VmHandle:
         """Start the VM's process (with ``-incoming INCOMING``: waiting for its state, not booting)."""
         h = self.get(name)
         async with h.lock:
@@ -451,7 +453,7 @@ class Supervisor:
                 raise ManagerError(409, f"VM {h.name} is already running (pid {h.pid}, a process this daemon "
                                         "had lost track of; it is tracked again)")
             self._set_state(h, VmState.STARTING, "")
-            h.incoming = incoming
+            h.incoming, h.incoming_shared_disks = incoming, shared_disks
             try:
                 await self._spawn(h)
             except ManagerError:
@@ -465,7 +467,7 @@ class Supervisor:
                     raise ManagerError(status, message) from None
                 raise
             finally:
-                h.incoming = None
+                h.incoming, h.incoming_shared_disks = None, False
         return h
 
     async def shutdown(self, name: str, timeout: float = 0.0) -> VmHandle:
@@ -662,6 +664,7 @@ class Supervisor:
             cmd += ["--initrd", d.initrd]
         for disk in d.disks:
             spec = f"file={_escape_opt(disk.path)},format={disk.format},if=virtio"
+            spec += ",file.locking=off" if h.incoming_shared_disks else ""  # the source holds them until it stops
             cmd += ["--drive", spec + (",readonly=on" if disk.readonly else "")]
         if h.incoming:
             cmd += ["--incoming", h.incoming]
@@ -811,7 +814,7 @@ class Supervisor:
                 await before_qmp()
             client = QMPClient(f"pyvmmd-{h.name}")
             try:
-                await asyncio.wait_for(client.connect(qmp_path), 5.0)
+                await self._connect_qmp(client, qmp_path)
                 status = await self._settled_status(client)
             except Exception as e:
                 with contextlib.suppress(Exception):
@@ -833,6 +836,19 @@ class Supervisor:
             self._set_state(h, VmState.PAUSED, str(status.get("status", "")))
         h.tasks += [asyncio.create_task(self._qmp_events(h, client), name=f"qmp-{h.name}"),
                     asyncio.create_task(self._watch(h), name=f"watch-{h.name}")]
+
+    @staticmethod
+    async def _connect_qmp(client: QMPClient, path: str, timeout: float = 5.0) -> None:
+        """Connect QMP, retrying while its socket is bound but not yet listening (as _connect_unix)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                await asyncio.wait_for(client.connect(path), max(0.1, deadline - time.monotonic()))
+                return
+            except ConnectError as e:
+                if not isinstance(e.exc, ConnectionRefusedError) or time.monotonic() > deadline:
+                    raise
+            await asyncio.sleep(0.02)
 
     @staticmethod
     async def _settled_status(client: QMPClient, timeout: float = 10.0) -> dict:
