@@ -216,3 +216,67 @@ def test_migrate_between_two_daemons(tmp_path: Path, manager_guest: Path) -> Non
     finally:
         src.cleanup()
         dst.cleanup()
+
+
+SRC_ADDR, DST_ADDR = "10.0.19.1", "10.0.19.2"
+
+
+class HostDaemon(UnsandboxedDaemon):
+    """A daemon inside a network namespace (a "host"), listening on TCP at its address with a token."""
+
+    def __init__(self, state_dir: Path, ns: str, addr: str, port: int) -> None:
+        super().__init__(state_dir)
+        self.ns, self.addr, self.port = ns, addr, port
+        self.token = "host-token-0123456789abcdef"
+
+    def command(self) -> list[str]:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        (self.state_dir / "token").write_text(self.token + "\n")
+        (self.state_dir / "token").chmod(0o600)
+        from support.netns import in_ns
+
+        return in_ns(self.ns, *super().command(), "--listen", f"{self.addr}:{self.port}")
+
+
+def test_migrate_between_two_hosts_over_tcp(tmp_path: Path, manager_guest: Path) -> None:  # noqa: F811
+    """Two daemons in two network namespaces joined by a veth pair: the API call and the migration
+    stream both cross the link (the destination's URL and token, the VM's stream to its address)."""
+    from support.netns import netns
+
+    def ip(*args: str) -> None:
+        subprocess.run(["ip", *args], check=True, capture_output=True)
+
+    with netns("mgr-src") as a, netns("mgr-dst") as b:
+        ip("-n", a, "link", "add", "eth0", "type", "veth", "peer", "name", "eth0", "netns", b)
+        for ns, addr in ((a, SRC_ADDR), (b, DST_ADDR)):
+            ip("-n", ns, "addr", "add", f"{addr}/24", "dev", "eth0")
+            ip("-n", ns, "link", "set", "eth0", "up")
+        src = HostDaemon(tmp_path / "src", a, SRC_ADDR, 8080)
+        dst = HostDaemon(tmp_path / "dst", b, DST_ADDR, 8080)
+        src.start()
+        dst.start()
+        try:
+            with src.client() as s, dst.client() as d:
+                disk = tmp_path / "shared.raw"
+                disk.write_bytes(b"\0" * 65536)
+                vm = s.define(guest_definition("hop", manager_guest, disks=[{"path": str(disk)}]))
+                s.action("hop", "start")
+                wait_ticks(s, "hop", 5)
+                r = cli(src, "--json", "migrate", "hop", "--to", f"http://{DST_ADDR}:8080", "--to-token", dst.token)
+                res = json.loads(ok(r))
+                assert res["vm"]["state"] == "shutoff" and res["destination_vm"]["state"] == "running", res
+                assert isinstance(res["downtime_ms"], int), res
+                last_src = ticks(s, "hop")[-1]
+                there = d.get("hop")
+                assert there["uuid"] == vm["uuid"] and there["state"] == "running"
+                after = wait_ticks(d, "hop", 5)
+                assert_continues([last_src], after)
+                assert after[0] <= last_src + 2, (last_src, after[:5])
+                # a wrong token at the destination: one line, and the VM stays where it is
+                d_vm = d.get("hop")
+                r = cli(dst, "migrate", "hop", "--to", f"http://{SRC_ADDR}:8080", "--to-token", "wrong")
+                assert r.returncode == 1 and "401" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+                assert d.get("hop")["pid"] == d_vm["pid"] and d.get("hop")["state"] == "running"
+        finally:
+            src.cleanup()
+            dst.cleanup()
