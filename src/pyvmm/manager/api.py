@@ -206,7 +206,9 @@ def create_app(sup: Supervisor) -> FastAPI:
 
     snaps = SnapshotOps(sup)
     bad_dir: dict[int | str, dict[str, Any]] = {
-        400: {"model": ErrorBody, "description": "no such directory, or not a snapshot"}}
+        400: {"model": ErrorBody, "description": "no such directory, or not a snapshot; or the body is not JSON"}}
+    bad_body: dict[int | str, dict[str, Any]] = {
+        400: {"model": ErrorBody, "description": "the body is not JSON, or a file it names is missing"}}
 
     @app.post(API + "/vms/{name}/snapshot", tags=["state"], responses={**ERRORS, **bad_dir})
     async def snapshot(name: VmName, body: SnapshotIn) -> SnapshotInfo:
@@ -220,18 +222,18 @@ def create_app(sup: Supervisor) -> FastAPI:
         copy-on-write, a qcow2 overlay over each saved disk)."""
         return await snaps.restore(body)
 
-    @app.post(API + "/vms/{name}/clone", status_code=201, tags=["state"], responses=ERRORS)
+    @app.post(API + "/vms/{name}/clone", status_code=201, tags=["state"], responses={**ERRORS, **bad_body})
     async def clone(name: VmName, body: CloneIn) -> CloneResult:
         """Snapshot the VM and start ``count`` copies of it (NAME-cloneN), each with its own uuid, MACs and
         disk overlays, all sharing the snapshot's memory file copy-on-write."""
         return await snaps.clone(name, body)
 
-    @app.post(API + "/vms/{name}/migrate", tags=["state"], responses=ERRORS)
+    @app.post(API + "/vms/{name}/migrate", tags=["state"], responses={**ERRORS, **bad_body})
     async def migrate(name: VmName, body: MigrateIn) -> MigrateResult:
         """Move the running VM to another pyvmmd (live: pre-copy over TCP); it ends shut off here."""
         return await snaps.migrate(name, body)
 
-    @app.post(API + "/incoming", status_code=201, tags=["state"], responses=ERRORS)
+    @app.post(API + "/incoming", status_code=201, tags=["state"], responses={**ERRORS, **bad_body})
     async def incoming(body: IncomingIn) -> IncomingInfo:
         """The destination's half of a migration (called by the source daemon): define the VM and start
         it waiting for its state on a TCP port."""
