@@ -120,6 +120,19 @@ def test_snapshot_and_restore_through_the_api(mgr: Daemon, manager_guest: Path, 
         with pytest.raises(Exception, match="not a pyvmm snapshot directory"):
             c.request("POST", "/restore", json={"dir": str(tmp_path)})
         assert sorted(v["name"] for v in c.list()) == ["web", "web2"]
+        # a truncated state file: the restore fails in one line and leaves no VM and no overlay behind
+        bad = tmp_path / "bad"
+        bad.mkdir()
+        for f in snap.iterdir():
+            (bad / f.name).write_bytes(f.read_bytes())
+        with open(bad / "vm.state", "r+b") as f:
+            f.truncate(200)
+        overlays = sorted(p for p in (mgr.state_dir / "disks").rglob("*.qcow2"))
+        with pytest.raises(Exception, match=f"restore of {bad} failed") as err:
+            c.request("POST", "/restore", json={"dir": str(bad), "name": "web3"})
+        assert "\n" not in str(err.value) and "Traceback" not in str(err.value), err.value
+        assert sorted(v["name"] for v in c.list()) == ["web", "web2"]
+        assert sorted(p for p in (mgr.state_dir / "disks").rglob("*.qcow2")) == overlays
 
 
 def test_snapshot_restore_and_clone_through_the_cli(mgr: Daemon, manager_guest: Path, tmp_path: Path) -> None:  # noqa: F811

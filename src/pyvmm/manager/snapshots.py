@@ -28,7 +28,6 @@ import contextlib
 import json
 import logging
 import os
-import shutil
 import socket
 import subprocess
 import time
@@ -215,6 +214,7 @@ class SnapshotOps:
         async with h.lock:
             self.sup._require(h, "snapshot")
             _require_unsandboxed(h, "snapshot")
+            created = False
             try:
                 if target.exists():
                     if not target.is_dir() or any(target.iterdir()):
@@ -223,9 +223,16 @@ class SnapshotOps:
                     if not target.parent.is_dir():
                         raise ManagerError(400, f"snapshot directory {target}: {target.parent} does not exist")
                     target.mkdir(mode=0o700)
+                    created = True
             except OSError as e:
                 raise ManagerError(400, f"snapshot directory {target}: {e.strerror}") from None
-            info, seconds = await self._save(h, target)
+            try:
+                info, seconds = await self._save(h, target)
+            except BaseException:
+                if created:
+                    with contextlib.suppress(OSError):
+                        target.rmdir()
+                raise
         return info.model_copy(update={"seconds": seconds, "vm": h.info()})
 
     async def _save(self, h: VmHandle, target: Path) -> tuple[SnapshotInfo, float]:
@@ -259,8 +266,11 @@ class SnapshotOps:
                     "definition": h.definition.model_dump(mode="json")}
             (target / META).write_text(json.dumps(meta, indent=2) + "\n")
         except BaseException:
-            with contextlib.suppress(OSError):
-                shutil.rmtree(target)
+            # Only what this snapshot wrote goes: DIR may have been an empty directory of the caller's.
+            for p in [state, target / META, *(target / f"disk{i}.{d.format}" for i, d in
+                                                enumerate(h.definition.disks))]:
+                with contextlib.suppress(OSError):
+                    p.unlink()
             raise
         finally:
             if was_running and h.active:
