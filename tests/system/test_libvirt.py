@@ -3,8 +3,8 @@
 One scenario, run twice in a private libvirtd (tests/support/libvirt_env.py): with
 ``qemu-system-x86_64`` as ``<emulator>`` (the reference) and with ``pyvmm-system-x86_64``.
 The domain boots the guest kit's kernel directly, with 256 MiB, one virtio disk, a virtio NIC on
-a tap libvirt opens, a pty serial console and no USB, balloon or graphics.  Each step must pass on both; the pass table is
-printed (``-s`` shows it), and libvirtd must still be alive at the end.
+a tap libvirt opens, a pty serial console and no USB, balloon or graphics.  Each step must pass
+on both; the pass table is printed (``-s`` shows it), and libvirtd must still be alive at the end.
 """
 
 from __future__ import annotations
