@@ -10,6 +10,12 @@ bootstrap:
 run: bootstrap
 	$(PY) -m pyvmm run $(ARGS)
 
+# The fuzz targets (tests/unit/fuzz, tests/support/fuzzing.py) run for $PYVMM_FUZZ_SECONDS seconds
+# each (8 targets: about 2.5 minutes in `make test`, 25 s in `make test-fast`); set it to override.
+# pytest's summary lists the executions per target ("fuzz: TARGET N executions").
+test: export PYVMM_FUZZ_SECONDS ?= 18
+test-fast: export PYVMM_FUZZ_SECONDS ?= 3
+
 # Lint, type-check, then the whole test suite on the real /dev/kvm and real guests.
 test: bootstrap
 	$(PY) -m ruff check src tests bench examples

@@ -9,6 +9,8 @@ back to the slow path (an exit to userspace, an :class:`~pyvmm.irq.IrqLine`).
   kernel, with no exit to userspace (KVM_IOEVENTFD).
 * :class:`IrqFds`: signalling an eventfd raises a GSI in the kernel's
   irqchip (KVM_IRQFD), with a resample eventfd for level-triggered lines.
+* :class:`MsiIrqFds`: signalling an eventfd delivers one MSI in the kernel (an MSI route plus
+  KVM_IRQFD), so a vhost-user back end interrupts the guest with no trip through the VMM.
 * :class:`MsiSink`: deliver one message-signalled interrupt (KVM_SIGNAL_MSI,
   or the userspace irqchip's APIC bus).
 * :class:`DmaObserver`: "guest RAM in this range was written by a device",
@@ -39,6 +41,17 @@ class IrqFds(Protocol):
     def unregister_irqfd(self, fd: int, gsi: int) -> None: ...
 
 
+class MsiIrqFds(Protocol):
+    def register_msi_irqfd(self, fd: int, address: int, data: int) -> None:
+        """Deliver the MSI ``address``/``data`` whenever ``fd`` is signalled (again: a new message).
+
+        Raises :class:`~pyvmm.errors.PyvmmError` if the kernel refuses; the caller then relays.
+        """
+        ...
+
+    def unregister_msi_irqfd(self, fd: int) -> None: ...
+
+
 class MsiSink(Protocol):
     def __call__(self, address: int, data: int) -> None:
         """Deliver one MSI (x86 format: address 0xFEExxxxx, data with vector and delivery mode)."""
@@ -58,7 +71,8 @@ class AccelCapabilities:
     ioeventfd: IoEventFds | None = None
     irqfd: IrqFds | None = None
     msi: MsiSink | None = None
+    msi_irqfd: MsiIrqFds | None = None
     dma_written: DmaObserver | None = None
 
 
-__all__ = ["AccelCapabilities", "DmaObserver", "IoEventFds", "IrqFds", "MsiSink"]
+__all__ = ["AccelCapabilities", "DmaObserver", "IoEventFds", "IrqFds", "MsiIrqFds", "MsiSink"]

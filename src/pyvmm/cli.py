@@ -91,6 +91,7 @@ OPTIONS: tuple[Option, ...] = (
     Option(("chardev",), "BACKEND,id=ID[,path=P,...]", "a named character back-end: socket, file, stdio, pty, null"),
     Option(("netdev",), "user|tap,id=ID[,...] | JSON", "a host network back-end for -device virtio-net-pci"),
     Option(("mem-path",), "PATH", "back guest RAM with a file or hugetlbfs, allocated at start (as -mem-prealloc)"),
+    Option(("mem-prealloc",), "", "back every page of guest RAM at start, as QEMU does (fails then, not later)"),
     Option(("qmp",), "unix:PATH,server=on[,wait=off]", "serve the QEMU Machine Protocol"),
     Option(("mon",), "[chardev=]ID,mode=control", "a QMP monitor on a -chardev socket"),
     Option(("monitor",), "none", "only 'none' (pyvmm has no human monitor; use -qmp)"),
@@ -659,6 +660,7 @@ def configure(args: RunArgs) -> tuple[MachineConfig, ProcessOptions]:
     _refused_backends(args)
     _memory_backend(args, cfg)
     cfg.mem_path = args.last("mem-path")
+    cfg.mem_prealloc = args.has("mem-prealloc")
     if cfg.mem_path and cfg.memory_backend is not None:
         raise ConfigError("-mem-path: cannot be used with a memory backend (-machine memory-backend= "
                           "or -numa node,memdev=)")

@@ -252,6 +252,7 @@ class MachineConfig:
     chardevs: dict[str, str] = field(default_factory=dict)  # -chardev id -> pyvmm.chardev spec
     mem_path: str | None = None
     memory_backend: RamBackend | None = None  # -machine memory-backend= / -numa node,memdev=: RAM's source
+    mem_prealloc: bool = False  # -mem-prealloc: every page of guest RAM backed at start
     qmp: list[str] = field(default_factory=list)
     machine: str = "pc"  # -machine type: pc, or none (a monitor and no guest)
     name: str | None = None  # -name guest=

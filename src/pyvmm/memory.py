@@ -12,6 +12,7 @@ lies inside one RAM region.  A guest-supplied address outside RAM raises
 from __future__ import annotations
 
 import ctypes
+import errno
 import mmap
 import os
 import struct
@@ -26,6 +27,11 @@ MAX_GUEST_PHYS = 1 << 52
 
 #: Guest RAM is touched lazily; do not let overcommit accounting refuse a large but sparse guest.
 _MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)
+#: madvise(2) advice that faults every page of a range in, writable (Linux 5.14); -mem-prealloc uses it.
+_MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+_libc.madvise.restype = ctypes.c_int
 
 _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
@@ -241,6 +247,24 @@ class GuestMemory:
                 raise
             raise PyvmmError(f"--mem-path {path}: cannot map {size} bytes: {e}") from None
 
+    def preallocate(self) -> None:
+        """Back every page of guest RAM now (QEMU's -mem-prealloc): a host without the memory fails here,
+        with one error, rather than when the guest first touches a page.  A --mem-path file is backed
+        already (posix_fallocate); as in QEMU its pages are mapped in too.  Pages are populated with
+        MADV_POPULATE_WRITE, or one by one on kernels older than 5.14."""
+        for r in self.regions:
+            if _libc.madvise(ctypes.c_void_p(r.host_addr), ctypes.c_size_t(r.size), _MADV_POPULATE_WRITE) == 0:
+                continue
+            err = ctypes.get_errno()
+            if err != errno.EINVAL:  # EINVAL: the kernel does not know MADV_POPULATE_WRITE
+                self.close()
+                raise PyvmmError(f"-mem-prealloc: cannot back {r.size >> 20} MiB of guest RAM: "
+                                 f"{os.strerror(err)}")
+            view = memoryview(r.mapping)
+            for off in range(0, r.size, mmap.PAGESIZE):
+                view[off] = view[off]  # a write faults the page in (guest RAM is still all zero here)
+            view.release()
+
     def close(self) -> None:
         for r in self.regions:
             try:
@@ -290,10 +314,14 @@ class GuestMemory:
         r = self.region_for(gpa, length)
         off = gpa - r.gpa
         r.mapping[off:off + length] = data
+        if self.dirty.active:
+            self.dirty.mark(gpa, length)
 
     def fill(self, gpa: int, length: int, byte: int = 0) -> None:
         r = self.region_for(gpa, length)
         ctypes.memset(r.host_addr + (gpa - r.gpa), byte, length)
+        if self.dirty.active:
+            self.dirty.mark(gpa, length)
 
     def read_u8(self, gpa: int) -> int:
         r = self.region_for(gpa, 1)
@@ -314,18 +342,26 @@ class GuestMemory:
     def write_u8(self, gpa: int, value: int) -> None:
         r = self.region_for(gpa, 1)
         r.mapping[gpa - r.gpa] = value & 0xFF
+        if self.dirty.active:
+            self.dirty.mark(gpa, 1)
 
     def write_u16(self, gpa: int, value: int) -> None:
         r = self.region_for(gpa, 2)
         _U16.pack_into(r.mapping, gpa - r.gpa, value & 0xFFFF)
+        if self.dirty.active:
+            self.dirty.mark(gpa, 2)
 
     def write_u32(self, gpa: int, value: int) -> None:
         r = self.region_for(gpa, 4)
         _U32.pack_into(r.mapping, gpa - r.gpa, value & 0xFFFF_FFFF)
+        if self.dirty.active:
+            self.dirty.mark(gpa, 4)
 
     def write_u64(self, gpa: int, value: int) -> None:
         r = self.region_for(gpa, 8)
         _U64.pack_into(r.mapping, gpa - r.gpa, value & 0xFFFF_FFFF_FFFF_FFFF)
+        if self.dirty.active:
+            self.dirty.mark(gpa, 8)
 
     def read_cstring(self, gpa: int, max_len: int = 4096) -> bytes:
         """A NUL-terminated string, read at most ``max_len`` bytes and never past the region."""
@@ -346,13 +382,14 @@ def bitmap_bytes(pages: int) -> int:
 
 
 class DirtyPages:
-    """One bitmap per RAM region of the pages device DMA wrote while tracking is on.
+    """One bitmap per RAM region of the pages the host (devices) wrote while tracking is on.
 
     Bit ``i`` (byte ``i // 8``, bit ``i % 8``) stands for page ``i`` of the region, the layout
-    of KVM_GET_DIRTY_LOG, so an accelerator ORs its own log into :meth:`take`'s result.  Devices
-    report writes through the DMA hook (:class:`pyvmm.capabilities.DmaObserver`), which the
-    accelerator points at :meth:`mark`.  A range outside RAM (a guest-chosen address) marks only
-    what lies inside RAM.
+    of KVM_GET_DIRTY_LOG, so an accelerator ORs its own log into :meth:`take`'s result.  Every
+    host write through :class:`GuestMemory`'s write methods is marked; writes through views
+    (virtio buffers) are reported by the device's DMA hook
+    (:class:`pyvmm.capabilities.DmaObserver`), which the accelerator points at :meth:`mark`.
+    A range outside RAM (a guest-chosen address) marks only what lies inside RAM.
     """
 
     def __init__(self, memory: GuestMemory) -> None:
@@ -362,6 +399,7 @@ class DirtyPages:
 
     @property
     def active(self) -> bool:
+        """Tracking is on (GuestMemory's own write methods then mark what they write)."""
         return self._maps is not None
 
     def start(self) -> None:

@@ -8,7 +8,9 @@ QEMU 7.2 spells a guest RAM back-end as a user-creatable object::
 
 Guest RAM then comes from that back-end.  ``share=on`` on a memfd or a file is what
 vhost-user needs: the back-end process maps the same file.  pyvmm has one NUMA node, so
-``-numa`` names at most one node; the checks and their messages follow QEMU's.
+``-numa`` names at most one node; the checks and their messages follow QEMU's.  One difference:
+without ``-m``, RAM is the back-end's size for ``-numa`` as for ``-machine memory-backend=``
+(QEMU compares a ``-numa`` node with its default 128 MiB; pyvmm's default is 512 MiB).
 """
 
 from __future__ import annotations

@@ -38,6 +38,8 @@ DEFAULT_SECONDS = 2.0
 #: Examples in the first chunk of a run (the rate measured on it sizes the next chunks).
 FIRST_CHUNK = 25
 MAX_CHUNK = 20_000
+#: Longest a chunk is planned to take (hypothesis cannot be stopped inside one).
+CHUNK_SECONDS = 1.5
 LOG_NAME = "fuzz-executions.txt"
 
 
@@ -87,13 +89,19 @@ class FuzzResult:
 
 #: Every target run in this session, in order (read by :func:`terminal_summary`).
 RESULTS: list[FuzzResult] = []
+#: Where this session's counts are appended (set by the first Fuzzer with a log path).
+LOG_PATHS: list[Path] = []
 
 
 class Fuzzer:
     """Runs fuzz targets for the session's budget; one per session (the ``fuzz`` fixture)."""
 
-    def __init__(self, log_path: Path | None = None, seconds: float | None = None) -> None:
+    def __init__(self, log_path: Path | None = None, seconds: float | None = None, *, summary: bool = True) -> None:
+        """``summary=False``: the runs are not listed in the session's terminal summary."""
         self.log_path = log_path
+        self.summary = summary
+        if summary and log_path is not None and log_path not in LOG_PATHS:
+            LOG_PATHS.append(log_path)
         self.seconds = budget_seconds() if seconds is None else seconds
         self.seed = fixed_seed()
 
@@ -134,12 +142,14 @@ class Fuzzer:
                 if remaining <= 0 and executions >= min_executions:
                     break
                 rate = (executions - before) / max(now - chunk_start, 1e-3)
-                # Aim at 80 % of what is left, so the last chunk rarely overruns the budget much.
-                chunk = int(min(MAX_CHUNK, max(10, rate * max(remaining, 0) * 0.8,
+                # Chunks of at most CHUNK_SECONDS, and 80 % of what is left: the rate varies with
+                # the inputs, so the last chunk overruns the budget by a fraction of a chunk at most.
+                chunk = int(min(MAX_CHUNK, max(10, rate * min(max(remaining, 0) * 0.8, CHUNK_SECONDS),
                                                min_executions - executions)))
         finally:
             result = FuzzResult(target, executions, time.monotonic() - start, chunks)
-            RESULTS.append(result)
+            if self.summary:
+                RESULTS.append(result)
             if self.log_path is not None:
                 with open(self.log_path, "a", encoding="utf-8") as f:
                     f.write(result.line() + "\n")
@@ -154,6 +164,9 @@ def terminal_summary(terminalreporter: Any) -> None:
     for r in RESULTS:
         terminalreporter.write_line(r.line())
     total = sum(r.executions for r in RESULTS)
+    budget = os.environ.get(ENV_SECONDS) or f"{DEFAULT_SECONDS:g}"
     terminalreporter.write_line(f"fuzz: {len(RESULTS)} targets, {total} executions in "
                                 f"{sum(r.seconds for r in RESULTS):.1f} s "
-                                f"(budget {budget_seconds():g} s per target, ${ENV_SECONDS})")
+                                f"(budget {budget} s per target, ${ENV_SECONDS})")
+    for path in LOG_PATHS:
+        terminalreporter.write_line(f"fuzz: counts also in {path}")

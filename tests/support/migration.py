@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from qemu.qmp import ConnectError
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
 from support.guestconsole import SocketConsole
@@ -54,8 +55,15 @@ class Vm:
                 raise AssertionError(f"{kind} did not start: {self.stderr()}")
             time.sleep(0.05)
         self.console = SocketConsole(self.serial_path, name=f"{kind} {name} console")
-        self.qmp = QEMUMonitorProtocol(str(self.qmp_path))
-        self.qmp.connect()
+        while True:  # the socket file exists once bound; it accepts once listening
+            self.qmp = QEMUMonitorProtocol(str(self.qmp_path))
+            try:
+                self.qmp.connect()
+                break
+            except (ConnectError, OSError):
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise AssertionError(f"{kind}: no QMP: {self.stderr()}") from None
+                time.sleep(0.05)
 
     def stderr(self) -> str:
         return self.log.read_text(errors="replace")[-3000:]

@@ -19,10 +19,8 @@ from __future__ import annotations
 
 import hashlib
 import re
-import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -31,6 +29,7 @@ import pytest
 
 from pyvmm.guestkit import READY_MARKER, default_guest
 from pyvmm.vhost_user.virtiofsd import Virtiofsd, find_virtiofsd, share_options, start_virtiofsd
+from support.vmms import vmm_command
 
 pytestmark = pytest.mark.slow
 
@@ -103,17 +102,16 @@ class PipeConsole:
             self.proc.wait()
 
 
-def _vmm(which: str, daemon: Virtiofsd, transport: str) -> PipeConsole:
+def _vmm(which: str, daemon: Virtiofsd, transport: str, *, reboot: bool = False) -> PipeConsole:
     g = default_guest()
     assert "virtiofs" in g.modules, f"the guest kit's initramfs loads no virtiofs module: {g.modules}"
     common = ["-kernel", str(g.kernel), "-initrd", str(g.initrd), "-append", f"{g.cmdline} quiet",
-              "-m", str(MEMORY >> 20), "-no-reboot",
+              "-m", str(MEMORY >> 20), *([] if reboot else ["-no-reboot"]),
               *share_options([(daemon, TAG)], memory=MEMORY, transport=transport)]
     if which == "qemu":
-        qemu = shutil.which("qemu-system-x86_64")
-        assert qemu, "qemu-system-x86_64 is needed: apt-get install qemu-system-x86"
-        return PipeConsole([qemu, "-accel", "tcg", "-nographic", "-nodefaults", "-serial", "stdio", *common])
-    return PipeConsole([sys.executable, "-m", "pyvmm", "run", "-accel", "tcg", *common])
+        return PipeConsole([*vmm_command("qemu"), "-accel", "tcg", "-nographic", "-nodefaults", "-serial", "stdio",
+                            *common])
+    return PipeConsole([*vmm_command("pyvmm"), "-accel", "tcg", *common])  # PYVMM_TEST_SANDBOX=1: -sandbox on
 
 
 @pytest.fixture
@@ -182,5 +180,24 @@ def test_backend_killed_mid_run_gives_eio_not_a_hang(share) -> None:
         assert "Traceback" not in vm.stderr, vm.stderr[-3000:]
         vm.send("poweroff -f\n")
         assert vm.wait(60) == 0, vm.stderr[-2000:]
+    finally:
+        vm.kill()
+
+
+def test_the_share_survives_a_guest_reboot(share) -> None:
+    """A reboot resets the device (the back end's rings stop: GET_VRING_BASE) and the new driver
+    hands them over again; the same virtiofsd keeps serving."""
+    shared, daemon = share
+    vm = _vmm("pyvmm", daemon, "pci", reboot=True)
+    try:
+        _mount(vm)
+        assert vm.run("echo one > /mnt/s/boot1.txt").endswith("rc=0")
+        vm.send("reboot -f\n")
+        _mount(vm)
+        out = vm.run("cat /mnt/s/boot1.txt /mnt/s/from-host.txt")
+        assert out == "one\nwritten by the host before boot\nrc=0", out
+        vm.send("poweroff -f\n")
+        assert vm.wait(60) == 0, vm.stderr[-2000:]
+        assert "is gone" not in vm.stderr
     finally:
         vm.kill()

@@ -65,3 +65,19 @@ def test_bitmap_runs_merge_adjacent_pages_across_words() -> None:
         (0x10000 + 63 * PAGE_SIZE, 3 * PAGE_SIZE), (0x10000 + 127 * PAGE_SIZE, PAGE_SIZE)]
     assert bitmap_runs(bytes(8), 0) == []
     assert bitmap_runs(b"\xff" * 3, 0) == [(0, 24 * PAGE_SIZE)]  # not a whole word: padded
+
+
+def test_guest_memory_writes_mark_their_pages(mem: GuestMemory) -> None:
+    mem.write_u8(0x10, 1)  # not tracking: nothing kept
+    mem.dirty.start()
+    mem.write_u16(0x2FFF, 0xFFFF)  # straddles pages 2 and 3
+    mem.write_u32(0x5000, 1)
+    mem.write_u64(0x7000, 1)
+    mem.write(0x9000, b"x" * 5000)  # pages 9 and 10
+    mem.fill(0xC000, 1)
+    mem.write_u8((16 << 20) + 0x1000, 7)
+    assert set_bits(mem.dirty.take(0)) == {2, 3, 5, 7, 9, 10, 12}
+    assert set_bits(mem.dirty.take(1)) == {1}
+    mem.read_u32(0x20000)
+    mem.view(0x30000, 8)[0] = 1  # views are the devices' to report (their DMA hook)
+    assert set_bits(mem.dirty.take(0)) == set()

@@ -28,13 +28,13 @@ from pyvmm.accel.kvm_vcpu import VcpuRunner, install_kick_handler
 from pyvmm.capabilities import AccelCapabilities
 from pyvmm.config import CpuConfig
 from pyvmm.cpu_state import CpuState
-from pyvmm.errors import AccelError, ConfigError, KvmError
+from pyvmm.errors import AccelError, ConfigError, KvmError, PyvmmError
 from pyvmm.kvm import abi, fastrun
 from pyvmm.kvm.dump import apply_cpu_state
 from pyvmm.kvm.ioctls import Cap, MpState
 from pyvmm.kvm.system import DEFAULT_DEVICE, System
 from pyvmm.kvm.vcpu import Vcpu
-from pyvmm.kvm.vm import Vm
+from pyvmm.kvm.vm import MsiRoute, Vm
 from pyvmm.x86 import cpuid, layout
 
 log = logging.getLogger(__name__)
@@ -43,6 +43,8 @@ T = TypeVar("T")
 #: One page for the EPT identity map and three for the real-mode TSS (see :mod:`pyvmm.x86.layout`).
 IDENTITY_MAP_ADDR = layout.KVM_IDENTITY_MAP_ADDR
 TSS_ADDR = layout.KVM_TSS_ADDR
+#: MSI routes for irqfds (vhost-user calls) take GSIs from here up, above the IOAPIC's 24 pins.
+MSI_GSI_BASE = 24
 
 # MSRs loaded into every vCPU at boot (values as a PC firmware would leave them).
 MSR_IA32_SYSENTER_CS = 0x174
@@ -141,6 +143,7 @@ class KvmFastPaths:
         self._vm: Vm | None = None
         self._ioeventfds: dict[tuple[int, int, int, bool, int | None], None] = {}
         self._irqfds: dict[tuple[int, int], int | None] = {}
+        self._msi_irqfds: dict[int, MsiRoute] = {}  # eventfd -> its MSI route (GSIs above the PC's 24)
 
     def attach(self, vm: Vm | None) -> None:
         """Follow ``vm`` (None: no VM) and register on it everything registered so far."""
@@ -152,6 +155,10 @@ class KvmFastPaths:
                 vm.ioeventfd(fd, addr, length, pio, datamatch)
             for (fd, gsi), resample_fd in self._irqfds.items():
                 vm.irqfd(fd, gsi, resample_fd=resample_fd)
+            if self._msi_irqfds:
+                vm.set_gsi_routing([*vm.pc_routes(), *self._msi_irqfds.values()])
+                for fd, route in self._msi_irqfds.items():
+                    vm.irqfd(fd, route.gsi)
 
     def register_ioeventfd(self, fd: int, addr: int, length: int, *, pio: bool,
                            datamatch: int | None = None) -> None:
@@ -183,6 +190,34 @@ class KvmFastPaths:
             del self._irqfds[(fd, gsi)]
             if self._vm is not None:
                 self._vm.irqfd(fd, gsi, deassign=True)
+
+    def register_msi_irqfd(self, fd: int, address: int, data: int) -> None:
+        with self._lock:
+            old = self._msi_irqfds.get(fd)
+            if old is not None and (old.address, old.data) == (address, data):
+                return
+            used = {r.gsi for r in self._msi_irqfds.values()}
+            gsi = old.gsi if old is not None else next(g for g in range(MSI_GSI_BASE, MSI_GSI_BASE + 4096)
+                                                       if g not in used)
+            routes = dict(self._msi_irqfds)
+            routes[fd] = MsiRoute(gsi, address, data)
+            if self._vm is not None:
+                self._vm.set_gsi_routing([*self._vm.pc_routes(), *routes.values()])
+                if old is None:
+                    try:
+                        self._vm.irqfd(fd, gsi)
+                    except PyvmmError:
+                        self._vm.set_gsi_routing([*self._vm.pc_routes(), *self._msi_irqfds.values()])
+                        raise
+            self._msi_irqfds = routes
+
+    def unregister_msi_irqfd(self, fd: int) -> None:
+        with self._lock:
+            route = self._msi_irqfds.pop(fd, None)
+            if route is None or self._vm is None:
+                return
+            self._vm.irqfd(fd, route.gsi, deassign=True)
+            self._vm.set_gsi_routing([*self._vm.pc_routes(), *self._msi_irqfds.values()])
 
     @property
     def registered(self) -> tuple[int, int]:
@@ -274,10 +309,10 @@ class KvmAccelerator(KvmMigration):
             self.vm = None
 
     def capabilities(self) -> AccelCapabilities:
-        """ioeventfd, irqfd and MSI in the kernel; the DMA observer marks pages for dirty tracking."""
+        """ioeventfd, irqfd, MSI (and MSI irqfds) in the kernel; the DMA observer marks pages for dirty tracking."""
         dma = self._ctx.memory.dirty.mark if self._ctx is not None else None
         return AccelCapabilities(ioeventfd=self.fast_paths, irqfd=self.fast_paths, msi=self.sink.signal_msi,
-                                 dma_written=dma)
+                                 dma_written=dma, msi_irqfd=self.fast_paths)
 
     def set_boot_state(self, boot_cpu: CpuState, start_aps: bool) -> None:
         """Load the BSP (and with ``start_aps`` every AP) with ``boot_cpu``; other APs wait for INIT/SIPI."""

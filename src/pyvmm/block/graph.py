@@ -46,6 +46,11 @@ class Node:
     read_only: bool = False             # effective (auto-read-only applied)
     probed: bool = False                # -drive without format=: the format was probed
     temporary: bool = False             # a -snapshot overlay (never reopened)
+    #: A node of the backing chain a qcow2 header names (no ``backing`` option): the image open
+    #: for it inside its overlay's stack, and the (format, file) node pairs of such a chain below
+    #: a root, reused across reopens so that their generated names stay.
+    chain_image: BlockBackend | None = None
+    implicit: list[tuple[Node, Node]] = field(default_factory=list)
 
     @property
     def name(self) -> str:
@@ -156,7 +161,7 @@ class BlockGraph:
                   snapshot: bool, text: str) -> Backend:
         """A ``-drive``: a file node and a format node with generated names, and a backend ``ident``."""
         if ident in self.nodes:
-            raise ConfigError(f"-drive {text}: node-name={ident} is conflicting with a device id")
+            raise ConfigError(f"-drive {text}: Device name '{ident}' conflicts with an existing node name")
         probed = fmt is None
         if fmt is None:
             try:
@@ -195,23 +200,31 @@ class BlockGraph:
             fd, tmp = tempfile.mkstemp(prefix="vl.", dir=tmpdir)
         except OSError as e:
             raise ConfigError(f"-drive {text}: Could not get temporary filename: {e.strerror}") from None
+        backing: BlockBackend | None = None
         try:
             try:
-                create_qcow2(fd, size, os.path.abspath(base.filename), base.driver)
+                create_qcow2(fd, size)  # as QEMU's: the header names no backing file; it is attached below
             finally:
                 os.close(fd)
-            fopts = NodeOptions("file", auto_node_name(), filename=tmp, discard=True, text=text, option="drive")
+            fopts = NodeOptions("file", auto_node_name(), filename=tmp, discard=True, cache_no_flush=True,
+                                text=text, option="drive")
             fnode = Node(fopts)
             opts = NodeOptions("qcow2", auto_node_name(), file=fopts.node_name, discard=True, cache_no_flush=True,
                                backing=base.name, backing_set=True, text=text, option="drive")
             node = Node(opts, file=fnode, backing=base, temporary=True, read_only=base.read_only)
             fnode.parents.append((node, "file"))
             base.parents.append((node, "backing"))
-            # The original is opened read-only underneath, through the overlay's header.
-            # (a readonly=on drive keeps a read-only overlay, as in QEMU)
-            node.image = Qcow2Image(tmp, read_only=node.read_only, perms=device_perms(node.read_only, False),
-                                    locking=locking)
+            # The original is opened read-only underneath; a readonly=on drive keeps a read-only
+            # overlay, as in QEMU.
+            perms = device_perms(node.read_only, False)
+            backing = self._open_stack(base, True, backing_perms(*perms), warn=False)
+            node.image = Qcow2Image(tmp, read_only=node.read_only, perms=perms, locking=locking,
+                                    backing_override=True, backing_image=backing)
+            base.chain_image = backing
+            self._sync_implicit(base)
         except PyvmmError as e:
+            if backing is not None:
+                backing.close()
             raise ConfigError(f"-drive {text}: {e}") from None
         finally:
             os.unlink(tmp)  # nothing to clean up later, even after a crash
@@ -228,6 +241,41 @@ class BlockGraph:
         except PyvmmError as e:
             msg = str(e).removeprefix(node.filename + ": ")
             raise node.opts.error(msg) from None
+        self._sync_implicit(node)
+
+    def _sync_implicit(self, root: Node) -> None:
+        """List the backing chain the open qcow2 ``root`` found through its header as nodes, as
+        QEMU does (read-only format and file nodes with generated names)."""
+        from pyvmm.block.qcow2 import Qcow2Image
+
+        pairs: list[tuple[Node, Node]] = []
+        parent, image = root, root.image if root.image is not None else root.chain_image
+        while (isinstance(image, Qcow2Image) and image.backing is not None
+               and (parent is not root or not root.opts.backing_set)):
+            below = image.backing
+            fmt = "qcow2" if isinstance(below, Qcow2Image) else "raw"
+            i = len(pairs)
+            if i < len(root.implicit) and root.implicit[i][0].driver == fmt \
+                    and root.implicit[i][1].opts.filename == below.path:
+                fnode, fileno = root.implicit[i]
+            else:
+                fileno = Node(NodeOptions("file", auto_node_name(), read_only=True, filename=below.path),
+                              read_only=True)
+                fnode = Node(NodeOptions(fmt, auto_node_name(), read_only=True, file=fileno.name),
+                             file=fileno, read_only=True)
+                fileno.parents.append((fnode, "file"))
+            fnode.chain_image = below
+            fnode.parents = [(parent, "backing")]
+            parent.backing = fnode
+            pairs.append((fnode, fileno))
+            parent, image = fnode, below
+        for fnode, fileno in root.implicit[len(pairs):]:
+            self.nodes.pop(fnode.name, None)
+            self.nodes.pop(fileno.name, None)
+        for fnode, fileno in pairs:
+            self.nodes.setdefault(fileno.name, fileno)
+            self.nodes.setdefault(fnode.name, fnode)
+        root.implicit = pairs
 
     def _open_stack(self, node: Node, read_only: bool, perms: tuple[Perm, Perm], *, warn: bool) -> BlockBackend:
         from pyvmm.block.qcow2 import Qcow2Image
@@ -241,7 +289,7 @@ class BlockGraph:
             return RawImage(node.filename, read_only=read_only, perms=perms, locking=locking,
                             probed=node.probed and warn)
         backing: BlockBackend | None = None
-        if node.backing is not None:
+        if node.opts.backing_set and node.backing is not None:
             backing = self._open_stack(node.backing, True, backing_perms(*perms), warn=False)
         try:
             return Qcow2Image(node.filename, read_only=read_only, perms=perms, locking=locking,
@@ -297,6 +345,8 @@ class BlockGraph:
                 msg = str(e)
                 raise ConfigError(msg if root.filename in msg else f"{root.filename}: {msg}") from None
         assert root.image is not None
+        if not root.temporary:
+            self._sync_implicit(root)
         backend.image = AccountedImage(root.image, discard=root.opts.discard, no_flush=root.opts.cache_no_flush)
         backend.qdev = qdev
         return backend

@@ -135,3 +135,23 @@ def write_zeroes_fd(fd: int, offset: int, length: int) -> None:
         n = min(len(_ZEROS), end - offset)
         os.pwrite(fd, _ZEROS[:n], offset)
         offset += n
+
+
+class FileStats:
+    """What QEMU's file-posix node counts of its host file: the highest byte written (every
+    write, metadata too) and the discards that freed space (``discard-nb-ok``, ``-bytes-ok``)."""
+
+    __slots__ = ("wr_highest_offset", "discard_nb_ok", "discard_bytes_ok")
+
+    def __init__(self) -> None:
+        self.wr_highest_offset = 0
+        self.discard_nb_ok = 0
+        self.discard_bytes_ok = 0
+
+    def written(self, end: int) -> None:
+        if end > self.wr_highest_offset:
+            self.wr_highest_offset = end
+
+    def discarded(self, length: int) -> None:
+        self.discard_nb_ok += 1
+        self.discard_bytes_ok += length

@@ -57,7 +57,7 @@ from pyvmm.block.base import (
     open_image_perms,
     probe_format,
 )
-from pyvmm.block.iov import Iov, iov_len, iov_slice, iov_zero, preadv_full, pwritev_full
+from pyvmm.block.iov import FileStats, Iov, iov_len, iov_slice, iov_zero, preadv_full, pwritev_full
 from pyvmm.block.lock import ImageLock, Perm, backing_perms, device_perms, metadata_perms
 from pyvmm.block.raw import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, fallocate
 
@@ -114,6 +114,7 @@ class Qcow2Image:
         self._perms = perms or device_perms(read_only, False)
         self._chain = chain
         self._touched = False               # nothing written to the file yet (see _before_write)
+        self.file_stats = FileStats()       # the host file's, as QEMU's file node reports them
         try:
             st = os.fstat(self.fd)
             ident = (st.st_dev, st.st_ino)
@@ -172,7 +173,8 @@ class Qcow2Image:
             if header_len < 104 or header_len % 8:
                 raise self._bad(f"bad header length {header_len}")
         if not 3 <= self.refcount_order <= 6:
-            raise self._bad(f"refcount width {1 << self.refcount_order} bits is not supported (8..64)")
+            # (the order, not 1 << order: a hostile header may hold 2**32 - 1, a 2**32-bit number)
+            raise self._bad(f"refcount order {self.refcount_order} is not supported (3..6, 8- to 64-bit refcounts)")
         self.refcount_bytes = (1 << self.refcount_order) // 8
         self.refs_per_block = cs // self.refcount_bytes
         if self.size == 0 or self.size > (1 << 56):
@@ -187,6 +189,14 @@ class Qcow2Image:
             raise self._bad(f"bad refcount table size {self.rt_clusters} clusters")
         if self.nb_snapshots and not self.read_only:
             raise self._bad("images with internal snapshots can only be opened read-only")
+        # Every table must lie inside the file: an offset past its end would make reads come from
+        # nowhere and writes land anywhere (a hostile header can say 2**56, or more than pread takes).
+        self._file_end = -(-os.fstat(self.fd).st_size // cs) * cs
+        if backing_off and (backing_off > cs or backing_off + backing_len > cs):
+            raise self._bad(f"backing file name at {backing_off:#x}+{backing_len} is outside the header cluster")
+        for what, off, size in (("L1 table", self.l1_offset, 8 * self.l1_size),
+                                ("refcount table", self.rt_offset, self.rt_clusters * cs)):
+            self._check_in_file(what, off, size)
 
         backing_fmt = self._read_extensions(header_len, backing_off)
         l1 = self._pread(8 * self.l1_size, self.l1_offset)
@@ -236,6 +246,15 @@ class Qcow2Image:
             msg = str(e)
             raise self._bad(f"backing file {name}: {msg.removeprefix(bpath + ': ')}") from None
 
+    # -- host file writes: every one goes through these, for the file's statistics ------------------
+    def _pwrite(self, data: bytes, offset: int) -> None:
+        os.pwrite(self.fd, data, offset)
+        self.file_stats.written(offset + len(data))
+
+    def _pwritev(self, iov: Iov, offset: int) -> None:
+        pwritev_full(self.fd, iov, offset)
+        self.file_stats.written(offset + iov_len(iov))
+
     def _before_write(self) -> None:
         """Called before the first change to the file: clear the autoclear bits.  We do not
         maintain whatever they vouch for (e.g. bitmaps), so the spec asks us to clear them."""
@@ -243,7 +262,7 @@ class Qcow2Image:
             return
         self._touched = True
         if self.autoclear:
-            os.pwrite(self.fd, _U64.pack(0), 88)
+            self._pwrite(_U64.pack(0), 88)
             self.autoclear = 0
 
     def _read_extensions(self, header_len: int, backing_off: int) -> str | None:
@@ -266,22 +285,38 @@ class Qcow2Image:
             off += 8 + ((elen + 7) & ~7)
         return backing_fmt
 
+    def _check_in_file(self, what: str, offset: int, size: int) -> None:
+        if offset + size > self._file_end:
+            raise self._bad(f"{what} at {offset:#x}+{size:#x} lies past the end of the file "
+                            f"({self._file_end:#x} bytes); the image is corrupt")
+
     def _check_tables(self) -> None:
-        """Reject what we cannot serve (compressed clusters) and gross corruption, up front."""
+        """Reject what we cannot serve (compressed clusters) and gross corruption, up front: tables
+        and clusters that are unaligned or lie past the end of the file."""
         cs = self.cluster_size
+        for i, e in enumerate(self.rt):
+            rb_off = e & OFFSET_MASK
+            if rb_off:
+                if rb_off % cs:
+                    raise self._bad(f"refcount table entry {i} points to unaligned refcount block {rb_off:#x}")
+                self._check_in_file(f"refcount block {i}", rb_off, cs)
         for i, e in enumerate(self.l1):
             l2_off = e & OFFSET_MASK
             if not l2_off:
                 continue
             if l2_off % cs:
                 raise self._bad(f"L1 entry {i} points to unaligned L2 table {l2_off:#x}")
+            self._check_in_file(f"L2 table {i}", l2_off, cs)
             table = self._l2_table(l2_off)
             for (entry,) in struct.iter_unpack(">Q", table):
                 if entry & L2_COMPRESSED:
                     raise self._bad("compressed clusters are not supported "
                                     "(convert with qemu-img convert -O qcow2 without -c)")
-                if (entry & OFFSET_MASK) % cs:
+                host = entry & OFFSET_MASK
+                if host % cs:
                     raise self._bad(f"L2 table at {l2_off:#x} has an unaligned cluster offset")
+                if host:
+                    self._check_in_file(f"data cluster (L2 table at {l2_off:#x})", host, cs)
         self._l2_cache.clear()
 
     # -- overlap checks ----------------------------------------------------------------------------
@@ -322,7 +357,7 @@ class Qcow2Image:
                   "(overlaps with %s at %#x); further writes are refused", self.path, what, kind, host)
         if self.version >= 3:
             self.incompat |= Incompat.CORRUPT
-            os.pwrite(self.fd, _U64.pack(self.incompat), 72)
+            self._pwrite(_U64.pack(self.incompat), 72)
             os.fdatasync(self.fd)
         raise self._bad(f"write of {what} at {host:#x} would overwrite the {kind}; image marked corrupt")
 
@@ -356,17 +391,17 @@ class Qcow2Image:
         l2_off = self.l1[l1_index] & OFFSET_MASK
         if not l2_off:
             l2_off = self._alloc_cluster()
-            os.pwrite(self.fd, bytes(self.cluster_size), l2_off)
+            self._pwrite(bytes(self.cluster_size), l2_off)
             self._l2_tables.add(l2_off)
             self.l1[l1_index] = l2_off | COPIED
-            os.pwrite(self.fd, _U64.pack(l2_off | COPIED), self.l1_offset + 8 * l1_index)
+            self._pwrite(_U64.pack(l2_off | COPIED), self.l1_offset + 8 * l1_index)
         elif not self.l1[l1_index] & COPIED:
             raise self._bad("L2 table is shared with a snapshot; writing it is not supported")
         else:
             self._check_overlap(l2_off, self.cluster_size, "an L2 table", allowed="active L2 table")
         table = self._l2_table(l2_off)
         _U64.pack_into(table, 8 * l2_index, entry)
-        os.pwrite(self.fd, _U64.pack(entry), l2_off + 8 * l2_index)
+        self._pwrite(_U64.pack(entry), l2_off + 8 * l2_index)
 
     def _alloc_cluster(self) -> int:
         """A free cluster (one discarded before the last flush, else a new one at the end of
@@ -390,15 +425,15 @@ class Qcow2Image:
             rb_off = self._end
             self._end += self.cluster_size
             self._check_overlap(rb_off, self.cluster_size, "a new refcount block")
-            os.pwrite(self.fd, bytes(self.cluster_size), rb_off)
+            self._pwrite(bytes(self.cluster_size), rb_off)
             self._refblocks.add(rb_off)
             self.rt[rt_index] = rb_off
-            os.pwrite(self.fd, _U64.pack(rb_off), self.rt_offset + 8 * rt_index)
+            self._pwrite(_U64.pack(rb_off), self.rt_offset + 8 * rt_index)
             self._set_refcount(rb_off, 1)  # the new block usually describes itself
         else:
             self._check_overlap(rb_off, self.cluster_size, "a refcount block", allowed="refcount block")
         width = self.refcount_bytes
-        os.pwrite(self.fd, value.to_bytes(width, "big"), rb_off + width * rb_index)
+        self._pwrite(value.to_bytes(width, "big"), rb_off + width * rb_index)
 
     def _grow_refcount_table(self, needed_index: int) -> None:
         cs = self.cluster_size
@@ -410,9 +445,9 @@ class Qcow2Image:
         self._end += new_clusters * cs
         self._check_overlap(new_off, new_clusters * cs, "a new refcount table")
         self.rt.extend([0] * (new_clusters * cs // 8 - len(self.rt)))
-        os.pwrite(self.fd, b"".join(_U64.pack(e) for e in self.rt), new_off)
+        self._pwrite(b"".join(_U64.pack(e) for e in self.rt), new_off)
         os.fdatasync(self.fd)
-        os.pwrite(self.fd, _U64.pack(new_off) + struct.pack(">I", new_clusters), 48)
+        self._pwrite(_U64.pack(new_off) + struct.pack(">I", new_clusters), 48)
         self.rt_offset, self.rt_clusters = new_off, new_clusters
         for i in range(new_clusters):
             self._set_refcount(new_off + i * cs, 1)
@@ -490,7 +525,7 @@ class Qcow2Image:
         zero = self.version >= 3 and bool(entry & L2_ZERO)
         if host and not zero:
             self._check_overlap(host, cs, "guest data")
-            pwritev_full(self.fd, part, host + in_cluster)
+            self._pwritev(part, host + in_cluster)
             return
         # A fresh cluster (or a preallocated zero cluster): fill what the write leaves out.
         tail_len = cs - in_cluster - n
@@ -504,7 +539,7 @@ class Qcow2Image:
             host = self._alloc_cluster()
         else:
             self._check_overlap(host, cs, "guest data")
-        pwritev_full(self.fd, [memoryview(head), *part, memoryview(tail)], host)
+        self._pwritev([memoryview(head), *part, memoryview(tail)], host)
         self._set_l2_entry(goff, host | COPIED)
 
     def flush(self) -> None:
@@ -540,7 +575,8 @@ class Qcow2Image:
             self._set_l2_entry(goff, new)
         if host:
             self._set_refcount(host, 0)
-            fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, host, self.cluster_size)
+            if fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, host, self.cluster_size):
+                self.file_stats.discarded(self.cluster_size)
             self._freed.append(host)
         return True
 

@@ -3,7 +3,7 @@
 Layout, 64 KiB clusters: cluster 0 the header (with the backing format extension and the backing
 file name), cluster 1 the refcount table, cluster 2 its one refcount block (16-bit refcounts), then
 the L1 table.  Every cluster in use has refcount 1, so ``qemu-img check`` finds nothing to fix.
-Used for ``-snapshot``'s temporary overlays (:mod:`pyvmm.block.graph`).
+Used for ``-snapshot``'s temporary overlays (:mod:`pyvmm.block.graph`), and by tests.
 """
 
 from __future__ import annotations
@@ -48,4 +48,4 @@ def create_qcow2(fd: int, size: int, backing: str | None = None, backing_fmt: st
     os.pwrite(fd, (header + ext + name).ljust(cs, b"\0"), 0)
     os.pwrite(fd, struct.pack(">Q", rb_off).ljust(cs, b"\0"), rt_off)
     os.pwrite(fd, struct.pack(f">{used}H", *([1] * used)).ljust(cs, b"\0"), rb_off)
-    os.pwrite(fd, bytes(l1_clusters * cs), l1_off)
+    os.pwrite(fd, bytes(l1_size * 8), l1_off)  # the file ends with the L1 table, as qemu-img's

@@ -15,7 +15,16 @@ import logging
 import os
 
 from pyvmm.block.base import PROBE_BYTES, BlockError, probe_buffer
-from pyvmm.block.iov import Iov, iov_len, iov_slice, iov_to_bytes, preadv_full, pwritev_full, write_zeroes_fd
+from pyvmm.block.iov import (
+    FileStats,
+    Iov,
+    iov_len,
+    iov_slice,
+    iov_to_bytes,
+    preadv_full,
+    pwritev_full,
+    write_zeroes_fd,
+)
 from pyvmm.block.lock import ImageLock, Perm, device_perms, filter_perms
 
 log = logging.getLogger(__name__)
@@ -61,6 +70,7 @@ class RawImage:
         self.path = path
         self.read_only = read_only
         self.probed = probed
+        self.file_stats = FileStats()  # the host file's, as QEMU's file node reports them
         try:
             self.fd = os.open(path, (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC)
         except OSError as e:
@@ -87,6 +97,7 @@ class RawImage:
         if self.probed and offset < PROBE_BYTES:
             self._check_sector0(iov, offset)
         pwritev_full(self.fd, iov, offset)
+        self.file_stats.written(offset + iov_len(iov))
 
     def _check_sector0(self, iov: Iov, offset: int) -> None:
         """Refuse a write after which sector 0 would probe as another format."""
@@ -105,7 +116,8 @@ class RawImage:
     def discard(self, offset: int, length: int) -> None:
         if self.read_only:
             raise BlockError(f"{self.path}: image is read-only")
-        fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
+        if fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length):
+            self.file_stats.discarded(length)
 
     def write_zeroes(self, offset: int, length: int, unmap: bool) -> None:
         if self.read_only:
@@ -113,6 +125,7 @@ class RawImage:
         mode = (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE) if unmap else FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE
         if not fallocate(self.fd, mode, offset, length):
             write_zeroes_fd(self.fd, offset, length)
+        self.file_stats.written(offset + length)
 
     def close(self) -> None:
         if self.fd >= 0:

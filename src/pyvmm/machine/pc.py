@@ -80,6 +80,8 @@ class PcMachine:
         self.control = control or VmControl()
         self.control.panic_action = config.panic_action
         self.memory = layout.pc_memory(config.memory, config.mem_path, config.memory_backend)
+        if config.mem_prealloc or (config.memory_backend is not None and config.memory_backend.prealloc):
+            self.memory.preallocate()  # -mem-prealloc, or a memory back-end's prealloc=on
         self.io_bus = Bus("io")
         self.mmio_bus = Bus("mmio")
         self._install_plugin_tracers()

@@ -53,6 +53,7 @@ class PcDevices:
         self.block = build_block_graph(config.blockdevs, self._drives)
         self._netdevs = _netdevs_by_id(config.netdevs)
         self._used: set[tuple[str, str]] = set()  # ("drive"|"netdev", id)
+        self._bootindexes: set[int] = set()
         self._board_wiring = False
         self.manager = DeviceManager(device_registry(), self)
 
@@ -60,7 +61,13 @@ class PcDevices:
     def add_user_device(self, spec: DeviceSpec) -> Device:
         """One ``-device``; its errors name the option."""
         try:
-            return self.manager.create(spec.driver, spec.props, ident=spec.id, typed=spec.typed)
+            dev = self.manager.create(spec.driver, spec.props, ident=spec.id, typed=spec.typed)
+            bootindex = dev.props.get("bootindex") if dev.props is not None else None
+            if bootindex is not None:  # QEMU's boot order: each index once (pyvmm boots -kernel)
+                if bootindex in self._bootindexes:
+                    raise ConfigError(f"The bootindex {bootindex} has already been used")
+                self._bootindexes.add(bootindex)
+            return dev
         except ConfigError as e:
             raise ConfigError(f"-device {spec.text or spec.driver}: {e}") from None
 

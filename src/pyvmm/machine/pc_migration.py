@@ -18,6 +18,7 @@ from pyvmm.errors import PyvmmError
 from pyvmm.machine import pc_state
 from pyvmm.migration import uri as uri_mod
 from pyvmm.migration.manager import MigrationManager
+from pyvmm.migration.outgoing import DirtyLog
 from pyvmm.runstate import RunState
 from pyvmm.vmstate import VmStateError
 from pyvmm.vmstate.stream import StreamReader, StreamWriter
@@ -44,6 +45,12 @@ class PcMigration:
     # -- Source --------------------------------------------------------------------------------
     def migration_header(self) -> dict[str, Any]:
         return pc_state.fingerprint(self.m)
+
+    def migration_dirty_log(self) -> DirtyLog | None:
+        accel = self.m.accel
+        if all(hasattr(accel, n) for n in ("dirty_log_start", "dirty_log_sync", "dirty_log_stop")):
+            return accel  # type: ignore[return-value]
+        return None
 
     def migration_running(self) -> bool:
         return self.m.state is RunState.RUNNING
@@ -85,14 +92,15 @@ class PcMigration:
         mgr.event("MIGRATION", {"status": "setup"})
         t0 = time.monotonic()
         try:
-            ch = uri_mod.InChannel(uri_mod.parse(mgr.incoming_uri))
+            uri = uri_mod.parse(mgr.incoming_uri)
+            ch = uri_mod.InChannel(uri)
         except (OSError, PyvmmError) as e:
             raise PyvmmError(f"-incoming {mgr.incoming_uri}: {getattr(e, 'strerror', None) or e}") from None
         try:
             ch.accept()
             status.status = "active"
             mgr.event("MIGRATION", {"status": "active"})
-            res = pc_state.load(m, StreamReader(ch))
+            res = pc_state.load(m, StreamReader(ch), path=uri.target if uri.scheme == "file" else None)
         except (OSError, VmStateError) as e:
             status.status = "failed"
             status.error = str(e)

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from pyvmm.accel.state import StatefulAccelerator
 from pyvmm.devices import irqchip_state
 from pyvmm.devices.pci import state as pci_state
-from pyvmm.vmstate import Stateful, VmStateError
+from pyvmm.vmstate import Stateful, VmStateError, mapped
 from pyvmm.vmstate import ram as vram
 from pyvmm.vmstate import stream as vs
 
@@ -112,8 +112,9 @@ class LoadResult:
     header: dict[str, Any] = field(default_factory=dict)
 
 
-def load(m: PcMachine, r: vs.StreamReader) -> LoadResult:
-    """Read a whole stream into the (not yet started) machine."""
+def load(m: PcMachine, r: vs.StreamReader, path: str | None = None) -> LoadResult:
+    """Read a whole stream into the (not yet started) machine; ``path``: the file it comes from
+    (``-incoming file:``), where mapped RAM is mapped from."""
     res = LoadResult()
     kind, payload = r.record()
     if kind != vs.HEADER:
@@ -122,6 +123,7 @@ def load(m: PcMachine, r: vs.StreamReader) -> LoadResult:
     vs.compare_machines(res.header["machine"], fingerprint(m))
     wanted = {s.ident: s for s in sections(m)}
     got: dict[str, tuple[int, Any]] = {}
+    places: list[tuple[int, int, int]] = []
     mem = m.memory
     while True:
         kind, payload = r.record()
@@ -144,10 +146,19 @@ def load(m: PcMachine, r: vs.StreamReader) -> LoadResult:
                 raise VmStateError(f"VM state stream section {ident} ({driver}) has version {version}; this pyvmm "
                                    f"reads versions 1 to {s.version}")
             got[ident] = (version, state)
+        elif kind == vs.MAPPED:
+            places.append(mapped.parse(payload))
         elif kind == vs.END:
             break
         else:
             raise VmStateError(f"VM state stream corrupt: unexpected {kind!r} record")
+    if places:
+        if path is None:
+            raise VmStateError("VM state has mapped RAM (mapped-ram): restore it with -incoming file:PATH")
+        if not vram._private_anonymous(mem):
+            raise VmStateError("mapped RAM cannot be restored into a shared or file memory back-end")
+        mapped.map_regions(mem, path, places)
+        res.ram_bytes = sum(size for _gpa, size, _off in places)
     missing = [i for i in wanted if i not in got]
     if missing:
         raise VmStateError(f"VM state stream has no state for {missing[0]} ({wanted[missing[0]].driver})")

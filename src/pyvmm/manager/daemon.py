@@ -25,6 +25,7 @@ import os
 import shlex
 import signal
 import socket
+import sqlite3
 import sys
 from pathlib import Path
 
@@ -32,6 +33,7 @@ import uvicorn
 
 from pyvmm.manager.api import create_app
 from pyvmm.manager.auth import TokenAuth, load_or_create_token
+from pyvmm.manager.diskfull import status_and_message
 from pyvmm.manager.paths import default_state_dir
 from pyvmm.manager.supervisor import ManagerConfig, Supervisor
 
@@ -149,7 +151,12 @@ async def serve(args: argparse.Namespace) -> None:
     except OSError as e:
         sock_path.unlink()
         raise SystemExit(f"pyvmmd: cannot listen on {args.listen}: {e.strerror}") from None
-    sup = Supervisor(cfg)
+    try:
+        sup = Supervisor(cfg)
+    except (OSError, sqlite3.Error) as e:
+        sock_path.unlink()
+        _, message = status_and_message(e, f"cannot open the store in {state_dir}")
+        raise SystemExit(f"pyvmmd: {message}") from None
     await sup.open()
     app = create_app(sup)
     level = "debug" if args.verbose > 1 else "warning"

@@ -40,6 +40,7 @@ class CappedLog:
         self.head = bytearray()
         self.head_done = False
         self.size = os.fstat(fd).st_size
+        self.fresh_size = self.size  # what a new file holds before any new output (the head after a rotation)
         self.dropped = 0
 
     def _keep_head(self, data: bytes) -> None:
@@ -50,7 +51,7 @@ class CappedLog:
             del self.head[cut + 1:]  # whole lines only (nothing if none ended)
             self.head_done = True
 
-    def _write_all(self, data: bytes) -> None:
+    def _write_all(self, data: bytes | memoryview) -> None:
         view = memoryview(data)
         while view:
             n = os.write(self.fd, view)
@@ -72,22 +73,29 @@ class CappedLog:
         self.fd, self.size = new, 0
         self._write_all(bytes(self.head))
         self._write_all(ROTATED_MARK % (self.max_bytes, os.path.basename(self.path + ".1").encode()))
+        self.fresh_size = self.size
 
     def write(self, data: bytes) -> None:
         if not self.head_done:
             self._keep_head(data)
+        if self.dropped:
+            note = b"pyvmm: the log was full: %d bytes were dropped\n" % self.dropped
+            self.dropped = 0
+            self.write(note)
+        view = memoryview(data)
         try:
-            if self.dropped:
-                note = b"pyvmm: the log was full: %d bytes were dropped\n" % self.dropped
-                self.dropped = 0
-                self.write(note)
-            if self.size + len(data) > self.max_bytes:
-                self._rotate()
-            self._write_all(data)
+            while view:
+                room = self.max_bytes - self.size
+                if len(view) > room and (self.size > self.fresh_size or room <= 0):
+                    self._rotate()  # whole lines stay in one file when they can
+                    continue
+                piece = view[:max(room, 0)]
+                self._write_all(piece)
+                view = view[len(piece):]
         except OSError as e:
             if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
                 raise
-            self.dropped += len(data)
+            self.dropped += len(view)
 
     def pump(self, src: int) -> None:
         """Copy ``src`` into the log until its end (every writer has closed it)."""

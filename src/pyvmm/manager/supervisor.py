@@ -424,6 +424,9 @@ class Supervisor:
     def undefine(self, name: str) -> None:
         h = self.get(name)
         self._require(h, "undefine")
+        if vmlock.is_held(self._vm_dir(h.uuid)):
+            raise ManagerError(409, f"cannot undefine VM {h.name}: a process of it is still running (it holds "
+                                    f"{self._vm_dir(h.uuid) / vmlock.LOCK_NAME}); start it to take it over")
         self._store_write(f"cannot remove VM {h.name}", self.store.remove, h.uuid)
         del self.vms[h.uuid]
         self._cleanup_files(h.uuid)

@@ -20,8 +20,10 @@ log = logging.getLogger(__name__)
 CAPABILITIES = ("xbzrle", "rdma-pin-all", "auto-converge", "zero-blocks", "events", "postcopy-ram",
                 "x-colo", "release-ram", "return-path", "pause-before-switchover", "multifd",
                 "dirty-bitmaps", "postcopy-blocktime", "late-block-activate", "x-ignore-shared",
-                "validate-uuid", "background-snapshot", "zero-copy-send", "postcopy-preempt")
-SUPPORTED = frozenset({"events"})
+                "validate-uuid", "background-snapshot", "zero-copy-send", "postcopy-preempt", "mapped-ram")
+#: ``events``: MIGRATION/MIGRATION_PASS events; ``mapped-ram`` (with ``file:``): RAM at fixed file offsets,
+#: so a restore maps it lazily (vmstate/mapped.py).
+SUPPORTED = frozenset({"events", "mapped-ram"})
 MAX_DOWNTIME_MS = 2_000_000     # QEMU: MAX_MIGRATE_DOWNTIME_SECONDS * 1000
 ACTIVE = ("setup", "active", "device", "cancelling")
 
@@ -64,7 +66,10 @@ class MigrationManager:
             raise MigrationError(f"File descriptor named '{parsed.target}' has not been found")
         self.source.check_savable()   # a device that cannot be saved: refused before anything starts
         fds = {parsed.target: self.fds.pop(parsed.target)} if parsed.scheme == "fd" else None
-        self._job = OutgoingMigration(self.source, parsed, self.status, self.params, self.event, fds)
+        mapped = self.capabilities["mapped-ram"]
+        if mapped and parsed.scheme != "file":
+            raise MigrationError("Mapped-ram migration requires a file: URI")
+        self._job = OutgoingMigration(self.source, parsed, self.status, self.params, self.event, fds, mapped=mapped)
         self._job.start()
 
     def cancel(self) -> None:

@@ -36,12 +36,24 @@ log = logging.getLogger(__name__)
 MAX_PASSES = 60
 
 
+class DirtyLog(Protocol):
+    def dirty_log_start(self) -> None: ...
+
+    def dirty_log_sync(self) -> list[tuple[int, int]]: ...
+
+    def dirty_log_stop(self) -> None: ...
+
+
 class Source(Protocol):
     """What the source machine does for a migration (PcMachine through machine/pc_migration.py)."""
 
     memory: GuestMemory
 
     def migration_header(self) -> dict[str, Any]: ...
+
+    def migration_dirty_log(self) -> DirtyLog | None:
+        """The accelerator's dirty log (KVM), or None: then every pass compares all RAM."""
+        ...
 
     def check_savable(self) -> None:
         """Raise VmStateError if some device cannot be migrated."""
@@ -68,15 +80,18 @@ class Source(Protocol):
 
 class OutgoingMigration:
     def __init__(self, source: Source, uri: MigrationUri, status: MigrationStatus, params: Params,
-                 on_event: Callable[[str, dict[str, Any]], None], fds: dict[str, int] | None = None) -> None:
+                 on_event: Callable[[str, dict[str, Any]], None], fds: dict[str, int] | None = None, *,
+                 mapped: bool = False) -> None:
         self.source = source
         self.uri = uri
         self.status = status
         self.params = params
         self._on_event = on_event
         self._fds = fds
+        self._mapped = mapped
         self._cancel = threading.Event()
         self._channel: OutChannel | None = None
+        self._log: DirtyLog | None = None
         self.thread = threading.Thread(target=self._run, name="migration", daemon=True)
 
     def start(self) -> None:
@@ -101,6 +116,9 @@ class OutgoingMigration:
         src = self.source
         was_running = src.migration_running()
         stopped = False
+        if self._mapped:
+            self._run_mapped(was_running)
+            return
         try:
             self._channel = OutChannel(self.uri, self._fds)
             if self._cancel.is_set():
@@ -114,6 +132,9 @@ class OutgoingMigration:
             ram = RamSender(src.memory, w, track=was_running)
             self.status.ram_total = ram.total
             if was_running:
+                self._log = src.migration_dirty_log()
+                if self._log is not None:
+                    self._log.dirty_log_start()
                 self._precopy(ram)
             self.status.stop_time = time.monotonic()
             if was_running:
@@ -121,7 +142,7 @@ class OutgoingMigration:
                 stopped = True
             self._set("device")
             with src.migration_quiesced():
-                st = ram.dirty_pass() if was_running else ram.full_pass()
+                st = ram.dirty_pass(self._written()) if was_running else ram.full_pass()
                 self._account(st)
                 src.migration_write_devices(w)
                 w.end()
@@ -135,6 +156,57 @@ class OutgoingMigration:
                      self.status.downtime_ms)
         except (OSError, VmStateError, ValueError) as e:
             self._fail(e, was_running)
+        finally:
+            log_, self._log = self._log, None
+            if log_ is not None:
+                log_.dirty_log_stop()
+
+    def _written(self) -> list[tuple[int, int]] | None:
+        return self._log.dirty_log_sync() if self._log is not None else None
+
+    def _run_mapped(self, was_running: bool) -> None:
+        """``mapped-ram`` to ``file:PATH``: records first, then RAM at fixed offsets (vmstate/mapped.py)."""
+        import io
+        import os
+
+        from pyvmm.vmstate import mapped
+        from pyvmm.vmstate.stream import END, MAPPED
+
+        src = self.source
+        try:
+            if was_running:
+                raise VmStateError("mapped-ram: pyvmm writes the RAM of a stopped guest only; 'stop' it first")
+            self.status.setup_done()
+            self._set("active")
+            buf = io.BytesIO()
+            w = StreamWriter(buf, cancelled=self._cancel.is_set)
+            w.header(src.migration_header(), runstate="paused")
+            self.status.stop_time = time.monotonic()
+            self._set("device")
+            with src.migration_quiesced():
+                src.migration_write_devices(w)
+                regions = src.memory.regions
+                record_len = 5 + 24 + 4
+                places = mapped.layout(src.memory, w.bytes + record_len * len(regions) + 9)
+                for gpa, size, offset in places:
+                    w.record(MAPPED, mapped.record(gpa, size, offset))
+                w.record(END)
+                fd = os.open(self.uri.target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+                try:
+                    os.pwrite(fd, buf.getvalue(), 0)
+                    ram = mapped.write_ram(fd, src.memory, places)
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            self.status.ram_total = sum(r.size for r in regions)
+            self.status.ram_normal_bytes = ram
+            self.status.writer = w
+            w.bytes += ram
+            self.status.finish()
+            src.migration_completed()
+            self._set("completed")
+        except (OSError, VmStateError, ValueError) as e:
+            self._fail(e, False)
 
     def _fail(self, e: Exception, was_running: bool) -> None:
         ch, self._channel = self._channel, None
@@ -167,7 +239,7 @@ class OutgoingMigration:
         s.remaining = ram.total
         for _pass in self._passes():
             t0 = time.monotonic()
-            st = ram.dirty_pass()
+            st = ram.dirty_pass(self._written())
             elapsed = max(time.monotonic() - t0, 1e-3)
             self._account(st)
             s.dirty_pages_rate = int(st.dirty_bytes / PAGE / elapsed)

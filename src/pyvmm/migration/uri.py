@@ -1,5 +1,5 @@
 """Migration URIs, with QEMU's spellings: ``unix:PATH``, ``tcp:HOST:PORT``, ``exec:CMD`` and
-``fd:NAME``, and the channels they open.
+``fd:NAME`` and ``file:PATH``, and the channels they open.
 
 Outgoing channels are written to and closed (``exec:`` waits for its command and fails if
 it exits non-zero); incoming channels are read from.  ``exec:`` runs ``/bin/sh -c CMD`` as
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from pyvmm.errors import ConfigError
 
-SCHEMES = ("unix", "tcp", "exec", "fd")
+SCHEMES = ("unix", "tcp", "exec", "fd", "file")
 
 
 @dataclass(frozen=True)
@@ -73,6 +73,11 @@ class OutChannel:
                 raise OSError(e.errno, f"Failed to connect to '{uri.target}:{uri.port}': {e.strerror}") from None
             self._sock.settimeout(60)
             self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        elif uri.scheme == "file":
+            try:
+                self._file = open(uri.target, "wb")  # noqa: SIM115 (closed by finish/abort)
+            except OSError as e:
+                raise OSError(e.errno, f"{uri.target}: {e.strerror}") from None
         else:
             fd = (fds or {}).get(uri.target)
             if fd is None:
@@ -153,6 +158,11 @@ class InChannel:
             s.bind((uri.target or "0.0.0.0", uri.port))
             s.listen(1)
             self._listener = s
+        elif uri.scheme == "file":
+            try:
+                self._file = open(uri.target, "rb")  # noqa: SIM115 (closed by close)
+            except OSError as e:
+                raise OSError(e.errno, f"{uri.target}: {e.strerror}") from None
         else:
             raise OSError(0, "fd: incoming migration needs a file descriptor passed with getfd")
 

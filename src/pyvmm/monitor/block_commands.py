@@ -23,3 +23,8 @@ def query_blockstats(ctx: Any, args: Mapping[str, Any]) -> list:
         return [{"node-name": s["node-name"], "stats": s["stats"]}
                 for s in (info.node_stats(n) for n in graph.nodes.values())]
     return info.query_blockstats(graph)
+
+
+def query_block_jobs(ctx: Any, args: Mapping[str, Any]) -> list:
+    """pyvmm has no block jobs (no block-stream, block-commit, mirror or backup): none is running."""
+    return []

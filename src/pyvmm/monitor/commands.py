@@ -208,6 +208,7 @@ COMMANDS: dict[str, Command] = {c.name: c for c in (
     Command("query-block", block_commands.query_block),
     Command("query-named-block-nodes", block_commands.query_named_block_nodes, (Param("flat", "boolean"),)),
     Command("query-blockstats", block_commands.query_blockstats, (Param("query-nodes", "boolean"),)),
+    Command("query-block-jobs", block_commands.query_block_jobs),
     Command("query-chardev", _query_chardev),
     Command("query-name", _query_name),
     Command("query-uuid", _query_uuid),

@@ -1,8 +1,9 @@
 """QMP's migration commands, with QEMU's names, arguments and errors: ``migrate``,
 ``migrate_cancel``, ``query-migrate``, ``migrate-set-capabilities``, ``migrate-set-parameters``,
-``query-migrate-parameters`` and ``migrate-incoming``.  The work is done by the machine's
-:class:`pyvmm.migration.manager.MigrationManager`; a migration runs in its own thread, so
-``migrate`` returns at once and ``query-migrate`` follows it."""
+``query-migrate-parameters``, ``query-migrate-capabilities`` and ``migrate-incoming``.
+They are registered after the table of commands.py, so they replace any placeholder there.
+The work is done by the machine's :class:`pyvmm.migration.manager.MigrationManager`; a
+migration runs in its own thread, so ``migrate`` returns at once and ``query-migrate`` follows it."""
 
 from __future__ import annotations
 
@@ -10,11 +11,17 @@ from collections.abc import Mapping
 from typing import Any
 
 from pyvmm.errors import PyvmmError
-from pyvmm.monitor import migration_caps
 from pyvmm.monitor.commands import Command, CommandContext, Param
 from pyvmm.monitor.errors import QmpError
-from pyvmm.monitor.migration_caps import migration_of
 from pyvmm.runstate import RunState
+
+
+def migration_of(ctx: CommandContext) -> Any:
+    """The machine's migration manager (machine/pc_migration.py), or a refusal (``-machine none``)."""
+    mig = getattr(ctx.machine, "migration", None)
+    if mig is None:
+        raise QmpError("migration is not available on this machine")
+    return mig.manager
 
 
 def _call(fn: Any, *args: Any) -> Any:
@@ -41,6 +48,10 @@ def _migrate(ctx: CommandContext, args: Mapping[str, Any]) -> dict:
 def _migrate_cancel(ctx: CommandContext, args: Mapping[str, Any]) -> dict:
     migration_of(ctx).cancel()
     return {}
+
+
+def _query_migrate_capabilities(ctx: CommandContext, args: Mapping[str, Any]) -> list:
+    return migration_of(ctx).query_capabilities()  # type: ignore[no-any-return]
 
 
 def _query_migrate(ctx: CommandContext, args: Mapping[str, Any]) -> dict:
@@ -75,5 +86,5 @@ COMMANDS = [
     Command("migrate-set-parameters", _set_parameters, (Param("downtime-limit", "int"), Param("max-bandwidth", "int"))),
     Command("query-migrate-parameters", _query_parameters),
     Command("migrate-incoming", _migrate_incoming, (Param("uri", "string", required=True),)),
-    *migration_caps.COMMANDS,
+    Command("query-migrate-capabilities", _query_migrate_capabilities),
 ]

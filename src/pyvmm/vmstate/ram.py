@@ -76,20 +76,27 @@ class RamSender:
         st.seconds = time.monotonic() - t0
         return st
 
-    def dirty_pass(self) -> PassStats:
-        """Send what changed since the last pass (``track`` only)."""
+    def dirty_pass(self, written: list[tuple[int, int]] | None = None) -> PassStats:
+        """Send what changed since the last pass (``track`` only).
+
+        ``written``: (gpa, length) ranges an accelerator's dirty log reports (KVM); only their
+        chunks are compared then.  Without it every chunk is.
+        """
         assert self.track
         st = PassStats()
         t0 = time.monotonic()
         for ri, r in enumerate(self.memory.regions):
-            self._region_pass(r, self._sent[ri], st)
+            chunks = None if written is None else _chunks_of(r, written)
+            self._region_pass(r, self._sent[ri], st, chunks)
         st.seconds = time.monotonic() - t0
         return st
 
-    def _region_pass(self, r: RamRegion, sent: list[bytes | None], st: PassStats) -> None:
+    def _region_pass(self, r: RamRegion, sent: list[bytes | None], st: PassStats,
+                     chunks: list[int] | None) -> None:
         w = self.writer
         m = r.mapping
-        for ci, off in enumerate(range(0, r.size, CHUNK)):
+        for ci in range(len(sent)) if chunks is None else chunks:
+            off = ci * CHUNK
             old = sent[ci]
             length = min(CHUNK, r.size - off)
             if old is None:
@@ -100,9 +107,9 @@ class RamSender:
                 st.dirty_bytes += length
                 sent[ci] = data
                 continue
-            data = m[off:off + length]
-            if data == old:
+            if m.find(old, off, off + length) == off:  # unchanged: compared in place, nothing copied
                 continue
+            data = m[off:off + length]
             if data == _ZERO_CHUNK[:length]:
                 w.zero(r.gpa + off, length)
                 st.zero_bytes += length
@@ -126,6 +133,16 @@ class RamSender:
         self._sent = [[None] * len(s) for s in self._sent]
 
 
+def _chunks_of(r: RamRegion, written: list[tuple[int, int]]) -> list[int]:
+    """The indexes of ``r``'s chunks that the ranges touch, in order."""
+    out: set[int] = set()
+    for gpa, length in written:
+        lo, hi = max(gpa, r.gpa), min(gpa + length, r.end)
+        if lo < hi:
+            out.update(range((lo - r.gpa) // CHUNK, (hi - 1 - r.gpa) // CHUNK + 1))
+    return sorted(out)
+
+
 def _region_of(memory: GuestMemory, gpa: int, length: int) -> RamRegion:
     try:
         return memory.region_for(gpa, max(1, length))
@@ -139,10 +156,15 @@ def load_zero(memory: GuestMemory, gpa: int, length: int) -> None:
     off = gpa - r.gpa
     if off % PAGE or length % PAGE or not memory.contains(gpa, length):
         raise VmStateError(f"VM state stream corrupt: zero-RAM record {gpa:#x}+{length:#x} is not page-aligned")
-    if memory.mem_path is None and hasattr(mmap, "MADV_DONTNEED"):
+    if _private_anonymous(memory) and hasattr(mmap, "MADV_DONTNEED"):
         r.mapping.madvise(mmap.MADV_DONTNEED, off, length)  # private anonymous: reads as zeros, frees it
     else:
         memory.fill(gpa, length, 0)
+
+
+def _private_anonymous(memory: GuestMemory) -> bool:
+    backend = getattr(memory, "backend", None)
+    return memory.mem_path is None and (backend is None or (backend.kind == "ram" and not backend.share))
 
 
 def load_pages(memory: GuestMemory, gpa: int, data: memoryview) -> None:

@@ -12,6 +12,7 @@ Record kinds:
 * ``S`` section: ``{"id", "driver", "version", "state"}``, one per device id;
 * ``Z`` zero RAM: u64 guest-physical address, u64 length;
 * ``P`` RAM data: u64 guest-physical address, then the bytes;
+* ``M`` mapped RAM (``mapped-ram`` files, :mod:`.mapped`): u64 gpa, u64 size, u64 file offset;
 * ``E`` end: the stream is complete.
 
 A loader refuses an unknown record kind, a newer format version, a bad checksum and a stream
@@ -37,8 +38,8 @@ _CRC = struct.Struct("<I")
 _U64X2 = struct.Struct("<QQ")
 _U64 = struct.Struct("<Q")
 
-HEADER, SECTION, ZERO, PAGES, END = b"H", b"S", b"Z", b"P", b"E"
-KINDS = (HEADER, SECTION, ZERO, PAGES, END)
+HEADER, SECTION, ZERO, PAGES, END, MAPPED = b"H", b"S", b"Z", b"P", b"E", b"M"
+KINDS = (HEADER, SECTION, ZERO, PAGES, END, MAPPED)
 
 
 class Sink(Protocol):

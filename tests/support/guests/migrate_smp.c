@@ -10,6 +10,11 @@
  * "ticks=N" lines (default 20) are out; then "unexpected=0" (no stray vector), "done", and
  * debug-exit 0x21.  A vCPU, LAPIC, IOAPIC or PIT state lost in a migration shows as a missing
  * or stalled line, or a hang.
+ *
+ * With "dirty=K" the AP also rewrites K KiB of RAM at 4 MiB in rounds, each word a function of
+ * the round, and checks the whole buffer after each round; the BSP's last lines then include
+ * "dirty=ok" (rounds ran, no word wrong) or "dirty=BAD": a page a migration failed to resend
+ * shows up as a stale word on the destination.
  */
 #include "guest.h"
 
@@ -47,6 +52,8 @@ void load_flat_gdt(void);
 
 static struct idt_gate idt[256] __attribute__((aligned(8)));
 static volatile u32 pit_ticks, ap_ticks, ap_up, unexpected;
+static volatile u32 dirty_kib, dirty_rounds, dirty_bad;
+#define DIRTY_BASE 0x400000u
 
 static u32 lapic_read(u32 reg) { return mmio_read32(LAPIC_BASE + reg); }
 static void lapic_write(u32 reg, u32 v) { mmio_write32(LAPIC_BASE + reg, v); }
@@ -94,6 +101,21 @@ void ap_main(u32 apic_id)
     lapic_write(LAPIC_LVT_TIMER, (1u << 17) | LTIMER_VEC);    /* periodic */
     lapic_write(LAPIC_TIMER_INIT, 200000);
     ap_up = 1;
+    __asm__ volatile("sti");
+    volatile u32 *buf = (volatile u32 *)DIRTY_BASE;
+    u32 words = dirty_kib * 256u;
+    for (u32 round = 1; words; round++) {
+        u32 v = round * 0x9e3779b1u;
+        for (u32 i = 0; i < words; i++)
+            buf[i] = v + i;
+        for (u32 i = 0; i < words; i++) {
+            if (buf[i] != v + i) {
+                dirty_bad++;
+                break;
+            }
+        }
+        dirty_rounds = round;
+    }
     for (;;)
         __asm__ volatile("sti; hlt" ::: "memory");
 }
@@ -125,6 +147,9 @@ void guest_main(u32 magic, const u32 *mbi)
     (void)magic;
     const char *cmdline = (mbi[0] & 4) && mbi[4] ? (const char *)(uptr)mbi[4] : "";
     u32 lines = (u32)cmdline_get_num(cmdline, "ticks", 20);
+    u32 kib = (u32)cmdline_get_num(cmdline, "dirty", 0);
+    dirty_kib = kib > 16384 ? 16384 : kib; /* at most 16 MiB, from 4 MiB: -m 32 is enough */
+    dirty_rounds = dirty_bad = 0;
 
     pit_ticks = ap_ticks = ap_up = unexpected = 0;
     uart_init();
@@ -167,6 +192,12 @@ void guest_main(u32 magic, const u32 *mbi)
         }
     }
     report_dec("unexpected", unexpected);
+    if (dirty_kib)
+        uart_puts(dirty_rounds && !dirty_bad ? "dirty=ok\n" : "dirty=BAD\n");
+    if (cmdline_get_num(cmdline, "verbose", 0)) {
+        report_dec("dirty_rounds", dirty_rounds);
+        report_dec("dirty_bad", dirty_bad);
+    }
     uart_puts("done\n");
     debug_exit(0x21);
 }

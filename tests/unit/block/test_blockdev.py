@@ -11,7 +11,7 @@ import subprocess
 
 import pytest
 
-from pyvmm.block import info
+from pyvmm.block import BlockError, info
 from pyvmm.block.blockdev import parse_blockdev
 from pyvmm.block.graph import BlockGraph
 from pyvmm.block.qcow2 import Qcow2Image
@@ -163,6 +163,8 @@ def test_device_io_is_counted_and_reaches_the_image(tmp_path) -> None:
         (4096, 1, 8192, 2, 1)
     assert st["wr_highest_offset"] == 12288 and st["wr_total_time_ns"] > 0 and st["rd_total_time_ns"] > 0
     assert s["parent"]["node-name"] == "libvirt-1-storage" and s["parent"]["driver-specific"]["driver"] == "file"
+    # the host file's highest written byte: the data cluster allocated at the end, past the metadata
+    assert s["parent"]["stats"]["wr_highest_offset"] >= 4 * 65536 + 4096
     g.close()
     img = Qcow2Image(q, read_only=True)
     got = bytearray(4096)
@@ -190,9 +192,22 @@ def test_discard_ignore_drops_guest_discards(tmp_path) -> None:
     b = g.attach("f", read_only=False, share_rw=False, qdev="q")
     assert b.image is not None
     b.image.discard(0, 1 << 20)
+    s = info.query_blockstats(g)[0]
+    assert s["stats"]["unmap_operations"] == 1  # counted where the device asked, as in QEMU
+    assert s["parent"]["driver-specific"]["discard-nb-ok"] == 0
     g.close()
     assert open(r, "rb").read(1 << 20) == b"\xaa" * (1 << 20)
-    assert info.IoStats().unmap_operations == 0
+    g = _graph(f"driver=file,filename={r},node-name=s", "driver=raw,file=s,node-name=f,discard=unmap")
+    b = g.attach("f", read_only=False, share_rw=False, qdev="q")
+    assert b.image is not None
+    b.image.discard(0, 1 << 20)
+    b.image.writev([memoryview(bytearray(512))], 3 << 20)
+    s = info.query_blockstats(g)[0]
+    assert s["parent"]["driver-specific"] == {"driver": "file", "discard-nb-ok": 1, "discard-nb-failed": 0,
+                                              "discard-bytes-ok": 1 << 20}
+    assert s["parent"]["stats"]["wr_highest_offset"] == (3 << 20) + 512
+    g.close()
+    assert open(r, "rb").read(1 << 20) == bytes(1 << 20)
 
 
 def test_query_entries_have_qemus_fields(tmp_path) -> None:
@@ -249,3 +264,41 @@ def test_snapshot_overlay_takes_the_writes_and_leaves_nothing_behind(tmp_path, m
     g.close()
     assert open(image, "rb").read() == before
     assert os.listdir(tmpdir) == []
+
+
+def test_a_header_backing_chain_is_listed_as_nodes_and_keeps_its_names(tmp_path) -> None:
+    base = _raw(tmp_path / "base.raw")
+    mid = _qcow2(tmp_path / "mid.qcow2", size=4 << 20, backing=base, backing_fmt="raw")
+    top = _qcow2(tmp_path / "top.qcow2", size=4 << 20, backing=mid, backing_fmt="qcow2")
+    g = BlockGraph()
+    g.add_drive("d0", top, "qcow2", read_only=False, locking="auto", serial="", snapshot=False, text=f"file={top}")
+    names = [n["node-name"] for n in info.query_named_block_nodes(g)]
+    assert len(names) == 6  # top's format and file nodes, then mid's and base's
+    (blk,) = info.query_block(g)
+    assert blk["removable"] is True and "io-status" not in blk and "qdev" not in blk  # no device yet, as QEMU
+    g.attach("d0", read_only=False, share_rw=False, qdev="/machine/peripheral/vd0/virtio-backend")
+    assert [n["node-name"] for n in info.query_named_block_nodes(g)] == names
+    (blk,) = info.query_block(g)
+    assert blk["removable"] is False and blk["io-status"] == "ok"
+    ins = blk["inserted"]
+    assert (ins["backing_file"], ins["backing_file_depth"]) == (mid, 2)
+    assert ins["image"]["backing-image"]["backing-image"]["filename"] == base
+    chain = info.query_blockstats(g)[0]["backing"]
+    assert chain["parent"]["driver-specific"]["driver"] == "file" and "backing" in chain
+    drvs = {n["node-name"]: (n["drv"], n["ro"]) for n in info.query_named_block_nodes(g)}
+    assert sorted(drvs.values()) == [("file", False), ("file", True), ("file", True), ("qcow2", False),
+                                     ("qcow2", True), ("raw", True)]
+    g.close()
+
+
+def test_failed_requests_are_counted_apart(tmp_path) -> None:
+    g = _graph(f"driver=file,filename={_raw(tmp_path / 'd.raw')},node-name=s", "driver=raw,file=s,node-name=f")
+    b = g.attach("f", read_only=True, share_rw=False, qdev="q")
+    assert b.image is not None
+    with pytest.raises(BlockError):
+        b.image.writev([memoryview(bytearray(512))], 0)  # the image is read-only
+    b.image.readv([memoryview(bytearray(512))], 0)
+    st = info.query_blockstats(g)[0]["stats"]
+    assert (st["failed_wr_operations"], st["wr_operations"], st["rd_operations"], st["wr_bytes"]) == (1, 0, 1, 0)
+    assert st["idle_time_ns"] >= 0
+    g.close()

@@ -15,6 +15,7 @@ the device write and the used ring; the device never needs a reset and still ans
 
 from __future__ import annotations
 
+import random
 import struct
 from pathlib import Path
 
@@ -37,50 +38,67 @@ MEM = GuestMemory(1 << 20)
 
 sector_st = st.one_of(st.integers(0, SECTORS + 2), st.sampled_from([SECTORS - 1, SECTORS, (1 << 64) - 1, 1 << 55]),
                       st.integers(0, (1 << 64) - 1))
-@st.composite
-def request(draw):
-    """Half the requests are well formed for their type (so the data paths and the range checks at
-    the end of the disk are reached often); the others have any shape at all."""
-    wild = draw(st.booleans())
-    rtype = draw(st.one_of(st.sampled_from([IN, OUT, FLUSH, GET_ID, DISCARD, WZ]), st.integers(0, 0xFFFF_FFFF)))
-    if wild:
-        sector = draw(sector_st)
-    else:
-        sector = draw(st.one_of(st.integers(0, SECTORS + 1), st.integers(SECTORS - 4, SECTORS + 1)))
-    header = struct.pack("<IIQ", rtype, draw(st.sampled_from([0, 0, 1, 0xFFFF_FFFF])), sector)
-    if wild:
-        header = header[:draw(st.sampled_from([16, 16, 0, 8, 15]))]
-    if rtype in (DISCARD, WZ) and (not wild or draw(st.booleans())):
-        segs = draw(st.lists(segment_st, min_size=0 if wild else 1, max_size=MAX_SEGMENTS + 1 if wild else 3))
-        out = b"".join(struct.pack("<QII", *s) for s in segs) + (draw(st.sampled_from([b"", b"x"])) if wild else b"")
-    elif rtype == OUT and not wild:
-        out = draw(st.binary(min_size=1, max_size=4)) * 128 * draw(st.integers(1, 3))
-    elif wild:
-        out = draw(st.one_of(st.just(b""), st.binary(min_size=512, max_size=512), st.binary(max_size=700)))
-    else:
-        out = b""
-    if rtype == IN and not wild:
-        in_len = 512 * draw(st.integers(0, 3))
-    elif rtype == GET_ID and not wild:
-        in_len = draw(st.sampled_from([19, 20, 21, 0, 512]))
-    elif wild:
-        in_len = draw(st.one_of(st.sampled_from([0, 512, 1024, 19, 20, 21]), st.integers(0, 1100)))
-    else:
-        in_len = 0
-    status_len = draw(st.sampled_from([1, 1, 1, 0, 2, 5])) if wild else 1
-    readable = header + out
-    cuts_r = sorted(draw(st.lists(st.integers(0, len(readable)), max_size=2)))
-    cuts_w = sorted(draw(st.lists(st.integers(0, in_len + status_len), max_size=2)))
-    return readable, in_len + status_len, cuts_r, cuts_w, draw(st.booleans())
-
-
 segment_st = st.tuples(st.one_of(st.integers(SECTORS - 8, SECTORS + 1), sector_st),
                        st.one_of(st.integers(0, 8), st.sampled_from([MAX_DISCARD_SECTORS, MAX_DISCARD_SECTORS + 1,
                                                                      0xFFFF_FFFF])),
                        st.one_of(st.sampled_from([0, 0, 1]), st.integers(0, 0xFFFF_FFFF)))
-scenario = st.tuples(st.lists(request(), min_size=1, max_size=6), st.binary(min_size=IMG, max_size=IMG) | st.just(b""),
-                     st.booleans())
 
+_segments = st.lists(segment_st, min_size=1, max_size=3)
+_wild_segments = st.lists(segment_st, max_size=MAX_SEGMENTS + 1)
+
+# Strategies are built once: building them inside the composite costs more than drawing from them.
+_bool = st.booleans()
+_rtype = st.one_of(st.sampled_from([IN, OUT, FLUSH, GET_ID, DISCARD, WZ]), st.integers(0, 0xFFFF_FFFF))
+_near_end = st.one_of(st.integers(0, SECTORS + 1), st.integers(SECTORS - 4, SECTORS + 1))
+_reserved = st.sampled_from([0, 0, 1, 0xFFFF_FFFF])
+_header_len = st.sampled_from([16, 16, 0, 8, 15])
+_tail = st.sampled_from([b"", b"x"])
+_pattern = st.binary(min_size=1, max_size=4)
+_sectors3 = st.integers(1, 3)
+_sectors03 = st.integers(0, 3)
+_wild_out = st.one_of(st.just(b""), st.binary(min_size=512, max_size=512), st.binary(max_size=700))
+_id_len = st.sampled_from([19, 20, 21, 0, 512])
+_wild_in = st.one_of(st.sampled_from([0, 512, 1024, 19, 20, 21]), st.integers(0, 1100))
+_status_len = st.sampled_from([1, 1, 1, 0, 2, 5])
+_cuts = st.lists(st.integers(0, 1 << 16), max_size=2)
+
+
+@st.composite
+def request(draw):
+    """Half the requests are well formed for their type (so the data paths and the range checks at
+    the end of the disk are reached often); the others have any shape at all."""
+    wild = draw(_bool)
+    rtype = draw(_rtype)
+    sector = draw(sector_st if wild else _near_end)
+    header = struct.pack("<IIQ", rtype, draw(_reserved), sector)
+    if wild:
+        header = header[:draw(_header_len)]
+    if rtype in (DISCARD, WZ) and (not wild or draw(_bool)):
+        segs = draw(_wild_segments if wild else _segments)
+        out = b"".join(struct.pack("<QII", *s) for s in segs) + (draw(_tail) if wild else b"")
+    elif rtype == OUT and not wild:
+        out = draw(_pattern) * 128 * draw(_sectors3)
+    elif wild:
+        out = draw(_wild_out)
+    else:
+        out = b""
+    if rtype == IN and not wild:
+        in_len = 512 * draw(_sectors03)
+    elif rtype == GET_ID and not wild:
+        in_len = draw(_id_len)
+    elif wild:
+        in_len = draw(_wild_in)
+    else:
+        in_len = 0
+    status_len = draw(_status_len) if wild else 1
+    readable = header + out
+    cuts_r = sorted(c % (len(readable) + 1) for c in draw(_cuts))
+    cuts_w = sorted(c % (in_len + status_len + 1) for c in draw(_cuts))
+    return readable, in_len + status_len, cuts_r, cuts_w, draw(_bool)
+
+
+#: (requests, seed of the disk's initial contents, EVENT_IDX negotiated)
+scenario = st.tuples(st.lists(request(), min_size=1, max_size=6), st.integers(0, 1 << 32), st.booleans())
 
 def _pieces(total: int, cuts: list[int]) -> list[tuple[int, int]]:
     bounds = [0, *cuts, total]
@@ -136,8 +154,8 @@ def expect(disk: bytearray, readable: bytes, writable: bytearray) -> int:
 
 
 def run_scenario(sc, image: Path) -> None:
-    requests, content, event_idx = sc
-    disk = bytearray(content or bytes(range(256)) * (IMG // 256))
+    requests, content_seed, event_idx = sc
+    disk = bytearray(random.Random(content_seed).randbytes(IMG))
     image.write_bytes(disk)
     mem = MEM
     mem.fill(0, BUF + 0x10000, 0x5A)

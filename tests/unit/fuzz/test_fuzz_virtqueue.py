@@ -82,38 +82,47 @@ odd_addr_st = st.one_of(
 odd_len_st = st.one_of(st.sampled_from([16, 32, 48, 4096, LOW, 0xFFFF_FFF0]), st.integers(0, (1 << 32) - 1))
 
 
-@st.composite
-def desc_st(draw, size: int) -> tuple[int, int, int, int]:
+# Strategies are built once (building them inside a composite costs more than drawing from them).
+_d10 = st.integers(0, 9)
+_buf_addr = st.integers(BUF, BUF + 0x10000)
+_short_len = st.integers(0, 600)
+_flags = st.sampled_from([0, 1, 2, 3])
+_odd_flags = st.one_of(st.sampled_from([4, 5, 6, 7]), st.integers(0, 0xFFFF))
+_u16 = st.integers(0, 0xFFFF)
+_index = {n: st.integers(0, n - 1) for n in (1, 2, 4, 8, 12, 16)}
+_upto = {n: st.integers(0, n) for n in (1, 2, 4, 8, 16)}
+_size = st.sampled_from([1, 2, 4, 8, 16])
+_bool = st.booleans()
+_pointer = st.tuples(st.integers(0, 15), st.integers(0, 2), st.sampled_from([4, 4, 4, 5, 6]), st.integers(-16, 16))
+_pointers = st.lists(_pointer, max_size=3)
+_rewrite = st.none() | st.tuples(st.integers(1, 40), st.sampled_from(["avail_idx", "ring", "desc", "table"]),
+                                 st.integers(0, 15), st.one_of(_u16, st.integers(0, (1 << 64) - 1)))
+
+
+def _desc(draw, size: int) -> tuple[int, int, int, int]:
     """One descriptor, plausible most of the time (so chains get walked to their end and buffers
     get written), anything at all otherwise."""
-    addr = draw(st.integers(BUF, BUF + 0x10000) if draw(st.integers(0, 9)) < 7 else odd_addr_st)
-    length = draw(st.integers(0, 600) if draw(st.integers(0, 9)) < 8 else odd_len_st)
-    flags = draw(st.sampled_from([0, 1, 2, 3]) if draw(st.integers(0, 9)) < 8
-                 else st.one_of(st.sampled_from([4, 5, 6, 7]), st.integers(0, 0xFFFF)))
-    nxt = draw(st.integers(0, size - 1) if draw(st.integers(0, 9)) < 9 else st.integers(0, 0xFFFF))
+    addr = draw(_buf_addr if draw(_d10) < 7 else odd_addr_st)
+    length = draw(_short_len if draw(_d10) < 8 else odd_len_st)
+    flags = draw(_flags if draw(_d10) < 8 else _odd_flags)
+    nxt = draw(_index[size] if draw(_d10) < 9 else _u16)
     return addr, length, flags, nxt
 
 
 @st.composite
 def scenario(draw):
-    size = draw(st.sampled_from([1, 2, 4, 8, 16]))
-    descs = draw(st.lists(desc_st(size), min_size=size, max_size=size))
-    tables = draw(st.lists(st.lists(desc_st(12), min_size=1, max_size=12), max_size=3))
+    size = draw(_size)
+    descs = [_desc(draw, size) for _ in range(size)]
+    tables = [[_desc(draw, 12) for _ in range(1 + draw(_index[12]))] for _ in range(draw(st.integers(0, 3)))]
     # some descriptors point at the indirect tables (length maybe wrong, flags maybe not just INDIRECT)
-    pointers = draw(st.lists(st.tuples(st.integers(0, size - 1), st.integers(0, 2),
-                                       st.sampled_from([4, 4, 4, 5, 6]), st.integers(-16, 16)), max_size=3))
-    ring = draw(st.lists(st.integers(0, size - 1) if draw(st.integers(0, 9)) < 8 else st.integers(0, 0xFFFF),
-                         min_size=size, max_size=size))
-    last_avail = draw(st.just(0) if draw(st.booleans()) else st.integers(0, 0xFFFF))
-    avail_idx = (last_avail + draw(st.integers(0, size) if draw(st.integers(0, 9)) < 8
-                                   else st.integers(0, 0xFFFF))) & 0xFFFF
-    event_idx, indirect = draw(st.booleans()), draw(st.booleans())
-    used_event = draw(st.integers(0, 0xFFFF))
-    rewrite = draw(st.none() | st.tuples(
-        st.integers(1, 40),
-        st.sampled_from(["avail_idx", "ring", "desc", "table"]),
-        st.integers(0, 15),
-        st.one_of(st.integers(0, 0xFFFF), st.integers(0, (1 << 64) - 1))))
+    pointers = [(slot % size, *rest) for slot, *rest in draw(_pointers)]
+    plausible_ring = draw(_d10) < 8
+    ring = [draw(_index[size] if plausible_ring else _u16) for _ in range(size)]
+    last_avail = 0 if draw(_bool) else draw(_u16)
+    avail_idx = (last_avail + draw(_upto[size] if draw(_d10) < 8 else _u16)) & 0xFFFF
+    event_idx, indirect = draw(_bool), draw(_bool)
+    used_event = draw(_u16)
+    rewrite = draw(_rewrite)
     return size, descs, tables, pointers, ring, avail_idx, last_avail, event_idx, indirect, used_event, rewrite
 
 

@@ -72,6 +72,8 @@ class PciBoard:
                 dev.device.set_dma_hook(caps.dma_written)
             if caps.ioeventfd is not None:
                 dev.attach_ioeventfds(caps.ioeventfd, self._loop())
+            if caps.msi_irqfd is not None:
+                dev.attach_msi_irqfds(caps.msi_irqfd)
 
     def reset(self) -> None:
         self.host.reset()

@@ -62,6 +62,9 @@ class MsixTable:
         body = struct.pack("<HII", nvectors - 1, table_offset | bar, pba_offset | bar)
         self.cap_offset = config.add_capability(CapId.MSIX, body, wmask=struct.pack("<HII", 0xC000, 0, 0))
         self.delivered = 0
+        #: Called (without the lock) after the guest changed an entry, the enable or the function mask:
+        #: whoever delivers vectors outside this class (irqfds) looks again at :meth:`message`.
+        self.on_change: Callable[[], None] | None = None
         self.reset()
 
     def reset(self) -> None:
@@ -117,6 +120,8 @@ class MsixTable:
             first, last = o // ENTRY_SIZE, (o + size - 1) // ENTRY_SIZE
             for vector in range(first, last + 1):
                 self._deliver_if_unmasked(vector)
+        if self.on_change is not None:
+            self.on_change()
 
     def control_written(self) -> None:
         """The guest wrote the capability's message control: deliver what the unmask released."""
@@ -125,11 +130,23 @@ class MsixTable:
                 for vector in range(self.nvectors):
                     if self.pending >> vector & 1:
                         self._deliver_if_unmasked(vector)
+        if self.on_change is not None:
+            self.on_change()
 
     # -- delivery -----------------------------------------------------------------------------------
     def _entry(self, vector: int) -> tuple[int, int, bool]:
         lo, hi, data, ctrl = _ENTRY.unpack_from(self.table, vector * ENTRY_SIZE)
         return (hi << 32) | lo, data, bool(ctrl & ENTRY_MASKED)
+
+    def message(self, vector: int) -> tuple[int, int] | None:
+        """(address, data) ``vector`` sends now; None while MSI-X is off or the vector masked or invalid."""
+        if not 0 <= vector < self.nvectors:
+            return None
+        with self.lock:
+            if not self.enabled or self._masked(vector):
+                return None
+            addr, data, _ = self._entry(vector)
+            return addr, data
 
     def _masked(self, vector: int) -> bool:
         return bool(self._control() & CTRL_FUNCTION_MASK) or self._entry(vector)[2]

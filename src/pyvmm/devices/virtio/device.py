@@ -233,6 +233,15 @@ class VirtioDevice:
         transport makes one and calls :meth:`notify`."""
         return None
 
+    def call_eventfd(self, index: int) -> int | None:
+        """An eventfd someone else signals when queue ``index`` has used buffers (vhost-user's call
+        eventfd).  A transport that can turn it into the queue's MSI in the kernel (an irqfd)
+        does, and says so with :meth:`set_call_relay`.  None: the device interrupts itself."""
+        return None
+
+    def set_call_relay(self, index: int, enabled: bool) -> None:
+        """Whether the device itself must relay queue ``index``'s call eventfd (False: an irqfd does)."""
+
     def ioeventfd_reader(self, fd: int, index: int) -> Callable[[], None]:
         """The loop callback for queue ``index``'s ioeventfd ``fd``: consume the kick, process the queue."""
 

@@ -31,7 +31,7 @@ import struct
 import threading
 from typing import Any
 
-from pyvmm.capabilities import IoEventFds
+from pyvmm.capabilities import IoEventFds, MsiIrqFds
 from pyvmm.devices.pci.config import BarKind, BarSpec, CapId, Reg, access_ok
 from pyvmm.devices.pci.host import PciDevice
 from pyvmm.devices.pci.msix import NO_VECTOR
@@ -142,6 +142,9 @@ class VirtioPci(PciDevice):
         self._owned_kick_fds: set[int] = set()
         self._kick_loop: MainLoop | None = None
         self._ioeventfd_base: int | None = None
+        self._msi_irqfds: MsiIrqFds | None = None
+        self._irqfd_queues: set[int] = set()  # queues whose call eventfd is an MSI irqfd in the kernel
+        self._route_lock = threading.Lock()
         device.bind(self)
 
     # -- VirtioInterrupt ---------------------------------------------------------------------------------
@@ -285,6 +288,7 @@ class VirtioPci(PciDevice):
                     return
                 if field == Common.QUEUE_MSIX_VECTOR:
                     self.queue_vectors[q.index] = self._valid_vector(value)
+                    self.update_call_routes()
                 elif field == Common.QUEUE_ENABLE:
                     if value == 1 and not q.ready:
                         dev.queue_ready(q.index)
@@ -306,6 +310,7 @@ class VirtioPci(PciDevice):
         with self._irq_lock:
             self.isr = 0
             self.set_intx(False)
+        self.update_call_routes()
 
     # -- PCI_CFG window (config-space access to the BARs) -------------------------------------------------------
     def config_read(self, offset: int, size: int) -> int:
@@ -373,6 +378,46 @@ class VirtioPci(PciDevice):
         if base is not None:
             log.debug("%s: notify ioeventfds at %#x", self.name, base + NOTIFY_OFFSET)
 
+    # -- irqfd fast path for call eventfds (vhost-user) ------------------------------------------------------
+    def attach_msi_irqfds(self, fast: MsiIrqFds) -> None:
+        """Deliver each queue's call eventfd as its MSI-X vector in the kernel, while the vector is usable.
+
+        Only for devices with call eventfds (vhost-user).  A queue whose vector is unset, masked,
+        or whose MSI-X is off goes back to the device's relay (which sets the pending bit).
+        """
+        nq = len(self.device.queues)
+        if self.msix is None or all(self.device.call_eventfd(q) is None for q in range(nq)):
+            return
+        self._msi_irqfds = fast
+        self.msix.on_change = self.update_call_routes
+        self.update_call_routes()
+
+    def update_call_routes(self) -> None:
+        fast, msix = self._msi_irqfds, self.msix
+        if fast is None or msix is None:
+            return
+        with self._route_lock:
+            for q, vector in enumerate(self.queue_vectors):
+                fd = self.device.call_eventfd(q)
+                if fd is None:
+                    continue
+                message = msix.message(vector) if vector != NO_VECTOR else None
+                if message is not None:
+                    try:
+                        fast.register_msi_irqfd(fd, *message)
+                    except PyvmmError as e:
+                        log.info("%s: no irqfd for queue %d (%s); its calls go through the VMM", self.name, q, e)
+                        message = None
+                if message is not None and q not in self._irqfd_queues:
+                    self._irqfd_queues.add(q)
+                    self.device.set_call_relay(q, False)
+                    log.debug("%s: queue %d calls reach the guest by irqfd (MSI-X vector %d)", self.name, q,
+                              vector)
+                elif message is None and q in self._irqfd_queues:
+                    fast.unregister_msi_irqfd(fd)
+                    self._irqfd_queues.discard(q)
+                    self.device.set_call_relay(q, True)
+
     def bar_moved(self, index: int, base: int | None) -> None:
         if index == REGS_BAR:
             self._set_ioeventfds(base)
@@ -418,6 +463,13 @@ class VirtioPci(PciDevice):
             self._reset_transport()
 
     def close(self) -> None:
+        with self._route_lock:
+            fast, self._msi_irqfds = self._msi_irqfds, None
+            for q in sorted(self._irqfd_queues):
+                fd = self.device.call_eventfd(q)
+                if fast is not None and fd is not None:
+                    fast.unregister_msi_irqfd(fd)
+            self._irqfd_queues.clear()
         with self.cfg_lock:
             self._set_ioeventfds(None)
             for fd in self._kick_fds:

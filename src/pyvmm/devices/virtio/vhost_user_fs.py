@@ -30,7 +30,7 @@ import os
 import struct
 from collections.abc import Callable
 
-from pyvmm.block.iov import iov_from_bytes, iov_to_bytes
+from pyvmm.block.iov import iov_from_bytes, iov_slice, iov_to_bytes
 from pyvmm.devices.virtio.device import COMMON_FEATURES, DeviceId, Feature, VirtioDevice
 from pyvmm.devices.virtio.queue import DESC_SIZE, MAX_INDIRECT_DESCS, DescFlags, Virtqueue
 from pyvmm.errors import ConfigError, GuestMemoryError
@@ -40,6 +40,7 @@ from pyvmm.qdev import DeviceContext, DeviceProps, Prop, PropType, VirtioType
 from pyvmm.ratelimit import guest_log
 from pyvmm.vhost_user.frontend import VhostUserFrontend, new_eventfd
 from pyvmm.vhost_user.protocol import MAX_MEM_REGIONS, MemRegion, ProtocolError
+from pyvmm.vmstate import VmStateError
 
 log = logging.getLogger(__name__)
 
@@ -76,9 +77,10 @@ class VhostUserFs(VirtioDevice):
         self._seen_used = [0] * nq  # per queue: used index up to which written ranges were reported
         self._dma_hook: Callable[[int, int], None] | None = None
         self.failing = False  # the back end is gone: requests get EIO
+        self._relays = [self._call_relay(i, fd) for i, fd in enumerate(self.call_fds)]
         if loop is not None:
-            for i, fd in enumerate(self.call_fds):
-                loop.add_reader(fd, self._call_relay(i, fd))
+            for fd, relay in zip(self.call_fds, self._relays, strict=True):
+                loop.add_reader(fd, relay)
             loop.add_reader(self.err_fd, self._on_vring_error)
             frontend.watch(loop, self.backend_gone)
 
@@ -94,6 +96,19 @@ class VhostUserFs(VirtioDevice):
             super().notify(index)
             return
         os.eventfd_write(self.kick_fds[index], 1)
+
+    def call_eventfd(self, index: int) -> int | None:
+        return self.call_fds[index] if 0 <= index < len(self.call_fds) else None
+
+    def set_call_relay(self, index: int, enabled: bool) -> None:
+        """An irqfd (KVM, MSI-X) takes queue ``index``'s calls straight to the guest, or gives them back."""
+        if self.loop is None or not 0 <= index < len(self.call_fds):
+            return
+        if enabled:
+            self.loop.add_reader(self.call_fds[index], self._relays[index])
+            os.eventfd_write(self.call_fds[index], 1)  # a call may have come while the vector was moving
+        else:
+            self.loop.remove_reader(self.call_fds[index])
 
     def set_dma_hook(self, hook: Callable[[int, int], None] | None) -> None:
         super().set_dma_hook(hook)
@@ -195,14 +210,27 @@ class VhostUserFs(VirtioDevice):
                     return
                 table = mem.read(q.desc_addr, DESC_SIZE * n)
                 ring = mem.read(q.used_addr + 4, 8 * n)
+                ranges: list[tuple[int, int]] = []
                 for k in range(count):
                     head = _U32.unpack_from(ring, 8 * ((seen + k) % n))[0]
                     if head < n:
-                        self._report_chain(table, n, head, hook)
+                        self._written_ranges(table, n, head, ranges)
             except GuestMemoryError:
                 return
+        # One report per run of adjacent buffers (each report costs the software CPU a kick).
+        ranges.sort()
+        start, end = -1, -1
+        for addr, length in ranges:
+            if addr <= end:
+                end = max(end, addr + length)
+                continue
+            if end > start >= 0:
+                hook(start, end - start)
+            start, end = addr, addr + length
+        if end > start >= 0:
+            hook(start, end - start)
 
-    def _report_chain(self, table: bytes, n: int, idx: int, hook: Callable[[int, int], None]) -> None:
+    def _written_ranges(self, table: bytes, n: int, idx: int, out: list[tuple[int, int]]) -> None:
         for _ in range(n):
             addr, length, flags, nxt = _DESC.unpack_from(table, DESC_SIZE * idx)
             if flags & _INDIRECT:
@@ -212,10 +240,10 @@ class VhostUserFs(VirtioDevice):
                     for j in range(count):
                         a, ln, f, _nx = _DESC.unpack_from(indirect, DESC_SIZE * j)
                         if f & _WRITE and ln:
-                            hook(a, ln)
+                            out.append((a, ln))
                 return
             if flags & _WRITE and length:
-                hook(addr, length)
+                out.append((addr, length))
             if not flags & _NEXT or nxt >= n:
                 return
             idx = nxt
@@ -265,7 +293,7 @@ class VhostUserFs(VirtioDevice):
         while (chain := queue.pop()) is not None:
             written = 0
             try:
-                head = iov_to_bytes(chain.readable)[:_FUSE_IN_HEADER.size] if chain.read_len else b""
+                head = iov_to_bytes(iov_slice(chain.readable, 0, _FUSE_IN_HEADER.size))
                 if len(head) == _FUSE_IN_HEADER.size and chain.write_len >= _FUSE_OUT_HEADER.size:
                     _len, opcode, unique = _FUSE_IN_HEADER.unpack(head)
                     if opcode not in (_FUSE_FORGET, _FUSE_BATCH_FORGET):
@@ -277,6 +305,13 @@ class VhostUserFs(VirtioDevice):
             pushed = True
         if pushed:
             self.notify_used(queue)
+
+    # -- VM state (pyvmm.vmstate) -------------------------------------------------------------------
+    def save_backend_state(self) -> None:
+        """Refused, as QEMU marks vhost-user-fs unmigratable: virtiofsd holds the guest's FUSE session
+        (inodes, open files) and the rings' positions, and nothing would give them to a new one."""
+        raise VmStateError(f"{self.name}: a vhost-user-fs device cannot be saved or migrated (its back end, "
+                           "virtiofsd, holds the guest's open files)")
 
     def close(self) -> None:
         if self.loop is not None:
@@ -295,26 +330,30 @@ class VhostUserFs(VirtioDevice):
 def _create(ctx: DeviceContext, props: DeviceProps) -> VhostUserFs:
     name = props.name("vhost-user-fs")
     chardev = props.get_str("chardev")
-    if not chardev:
-        raise ConfigError("Property 'chardev' is required (a -chardev socket,id=ID,path=SOCKET)")
+    if not chardev:  # QEMU's messages (hw/virtio/vhost-user-fs.c)
+        raise ConfigError("missing chardev")
     tag = props.get_str("tag")
     if not tag:
-        raise ConfigError("tag property must be set")
+        raise ConfigError("missing tag property")
     if len(tag.encode()) > TAG_SIZE:
         raise ConfigError(f"tag property must be {TAG_SIZE} bytes or less")
     nrq = props.get_int("num-request-queues")
-    if not 1 <= nrq <= MAX_REQUEST_QUEUES:
-        raise ConfigError(f"num-request-queues property must be between 1 and {MAX_REQUEST_QUEUES}")
+    if nrq < 1:
+        raise ConfigError("num-request-queues property must be larger than 0")
+    if nrq > MAX_REQUEST_QUEUES:
+        raise ConfigError(f"pyvmm cannot honour num-request-queues={nrq} (at most {MAX_REQUEST_QUEUES})")
     qsize = props.get_int("queue-size")
-    if not 1 <= qsize <= MAX_QUEUE_SIZE or qsize & (qsize - 1):
-        raise ConfigError(f"queue-size property must be a power of 2 not above {MAX_QUEUE_SIZE}")
+    if qsize < 1 or qsize & (qsize - 1):
+        raise ConfigError("queue-size property must be a power of 2")
+    if qsize > MAX_QUEUE_SIZE:
+        raise ConfigError(f"queue-size property must be {MAX_QUEUE_SIZE} or smaller")
+    path = ctx.chardev_socket_path(chardev)
     memory = ctx.memory
     if not memory.shareable:
-        raise ConfigError(f"{name}: guest RAM must be shared with the vhost-user back end: use "
-                          "-object memory-backend-memfd,id=mem,size=SIZE,share=on -machine memory-backend=mem")
+        raise ConfigError(f"{name}: guest RAM must be shared with the vhost-user back end: use -object memory-"
+                          f"backend-memfd,id=mem,size={memory.ram_size >> 20}M,share=on -machine memory-backend=mem")
     if len(memory.regions) > MAX_MEM_REGIONS:
         raise ConfigError(f"{name}: guest RAM has more than {MAX_MEM_REGIONS} regions")
-    path = ctx.chardev_socket_path(chardev)
     try:
         frontend = VhostUserFrontend(path, name=name)
         frontend.handshake()

@@ -346,11 +346,12 @@ class _Props:
 
 
 @pytest.mark.parametrize("props,msg", [
-    ({"tag": "t"}, "Property 'chardev' is required"),
-    ({"chardev": "c"}, "tag property must be set"),
-    ({"chardev": "c", "tag": "x" * 37}, "36 bytes or less"),
-    ({"chardev": "c", "tag": "t", "queue-size": 100}, "power of 2"),
-    ({"chardev": "c", "tag": "t", "num-request-queues": 0}, "num-request-queues"),
+    ({"tag": "t"}, "^missing chardev$"),
+    ({"chardev": "c"}, "^missing tag property$"),
+    ({"chardev": "c", "tag": "x" * 37}, "^tag property must be 36 bytes or less$"),
+    ({"chardev": "c", "tag": "t", "queue-size": 100}, "^queue-size property must be a power of 2$"),
+    ({"chardev": "c", "tag": "t", "queue-size": 2048}, "^queue-size property must be 1024 or smaller$"),
+    ({"chardev": "c", "tag": "t", "num-request-queues": 0}, "^num-request-queues property must be larger than 0$"),
     ({"chardev": "c", "tag": "t", "num-request-queues": 2}, "serves 2 queues, 3 are needed"),
 ])
 def test_factory_errors(backend, mem, loop, props, msg):
@@ -365,3 +366,101 @@ def test_factory_refuses_private_guest_ram(backend, loop):
             _create(_Ctx(private, backend.path, loop), _Props(chardev="c", tag="t"))  # type: ignore[arg-type]
     finally:
         private.close()
+
+
+def test_a_call_reports_what_the_back_end_wrote_to_the_dma_observer(backend, mem, loop):
+    """tcg must drop translated code in buffers virtiofsd filled: the used chains' writable parts."""
+    dev, t, line = _device(backend, mem, loop)
+    written: list[tuple[int, int]] = []
+    dev.set_dma_hook(lambda gpa, length: written.append((gpa, length)))
+    drv = MmioDriver(mem, t)
+    qs = drv.init(2, size=16)
+    backend.wait_for(Request.SET_VRING_ENABLE, 2)
+    calls = [m[3][0] for m in backend.messages if m[0] == Request.SET_VRING_CALL]
+    hdr = drv.alloc(64)
+    head = qs[1].add([(hdr, 64, False), (0x200000, 4096, True), (0x201000, 4096, True), (0x300000, 512, True)])
+    table = drv.alloc(64)
+    head2 = qs[1].add_indirect(table, [(hdr, 64, False), (0x202000, 4096, True)])
+    # the back end uses both chains (as virtiofsd does: used elements, then the index), then calls
+    for slot, h in enumerate((head, head2)):
+        mem.write(qs[1].used + 4 + 8 * slot, struct.pack("<II", h, 100))
+    mem.write_u16(qs[1].used + 2, 2)
+    os.eventfd_write(calls[1], 1)
+    wait_until(lambda: line.level)
+    assert written == [(0x200000, 3 * 4096), (0x300000, 512)]  # adjacent buffers merged, readable ones left out
+    # nothing new used: a second call reports nothing more
+    os.eventfd_write(calls[1], 1)
+    time.sleep(0.1)
+    assert len(written) == 2
+    t.close()
+
+
+class FakeMsiIrqFds:
+    def __init__(self) -> None:
+        self.routes: dict[int, tuple[int, int]] = {}
+        self.log: list[tuple[str, int]] = []
+
+    def register_msi_irqfd(self, fd: int, address: int, data: int) -> None:
+        self.routes[fd] = (address, data)
+        self.log.append(("register", fd))
+
+    def unregister_msi_irqfd(self, fd: int) -> None:
+        del self.routes[fd]
+        self.log.append(("unregister", fd))
+
+
+def test_pci_calls_follow_the_msix_vector_as_irqfds(backend, mem, loop):
+    """On KVM a call eventfd becomes its queue's MSI in the kernel while the vector is usable."""
+    from pyvmm.bus import Bus
+    from pyvmm.devices.pci.host import PciHost
+    from pyvmm.devices.virtio.pci import VirtioPci
+    from support.pci_driver import GuestPci, Ring, VirtioPciDriver
+
+    io, mmio = Bus("io"), Bus("mmio")
+    msis: list[tuple[int, int]] = []
+    host = PciHost(mem, mmio, io, lambda g: None, msi_sender=lambda a, d: msis.append((a, d)))
+    fe = VhostUserFrontend(backend.path)
+    fe.handshake()
+    dev = VhostUserFs(mem, fe, tag="t", queue_size=16, loop=loop)
+    t = VirtioPci(dev, msix=True, msi_sender=host.send_msi)
+    slot = host.add(t)
+    host.assign_resources()
+    fast = FakeMsiIrqFds()
+    t.attach_msi_irqfds(fast)
+    assert fast.routes == {}  # MSI-X is off: calls are relayed
+    pci = GuestPci(io, mmio)
+    drv = VirtioPciDriver(pci, slot)
+    cap = next(off for off, c in pci.caps(slot) if c == 0x11)
+    pci.cfg_write(slot, cap + 2, 2, 0x8000)
+    table = t.mapped_bars()[1]
+    mmio.write(table + 16, 4, 0xFEE0_0000)  # vector 1
+    mmio.write(table + 24, 4, 0x41)
+    mmio.write(table + 28, 4, 0)
+    drv.init(1 << 32)
+    drv.setup_queue(1, Ring(mem, 0x10000, 16), vector=1)
+    assert fast.routes == {dev.call_fds[1]: (0xFEE0_0000, 0x41)}
+    mmio.write(table + 24, 4, 0x42)  # the guest moves the vector: the route follows
+    assert fast.routes == {dev.call_fds[1]: (0xFEE0_0000, 0x42)}
+    mmio.write(table + 28, 4, 1)  # masked: back to the relay, which leaves the MSI pending
+    assert fast.routes == {} and fast.log[-1] == ("unregister", dev.call_fds[1])
+    os.eventfd_write(dev.call_fds[1], 1)
+    wait_until(lambda: t.msix is not None and t.msix.pending >> 1 & 1)
+    assert msis == []
+    mmio.write(table + 28, 4, 0)  # unmasked: the pending MSI goes out, and the irqfd is back
+    assert msis == [(0xFEE0_0000, 0x42)]
+    assert dev.call_fds[1] in fast.routes
+    t.close()
+    assert fast.routes == {}
+    host.close()
+
+
+def test_vm_state_is_refused_as_qemu_refuses_it(backend, mem, loop):
+    from pyvmm.devices.virtio.state import save_device
+    from pyvmm.vmstate import VmStateError
+
+    dev, t, _line = _device(backend, mem, loop)
+    with pytest.raises(VmStateError, match="vhost-user-fs device cannot be saved or migrated"):
+        save_device(dev)
+    with pytest.raises(VmStateError, match="cannot be saved"):
+        t.save_state()
+    t.close()
