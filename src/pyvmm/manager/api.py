@@ -41,6 +41,18 @@ from pyvmm.manager.models import (
     VmLog,
     VmStatsReport,
 )
+from pyvmm.manager.snapshots import (
+    CloneIn,
+    CloneResult,
+    IncomingIn,
+    IncomingInfo,
+    MigrateIn,
+    MigrateResult,
+    RestoreIn,
+    SnapshotIn,
+    SnapshotInfo,
+    SnapshotOps,
+)
 from pyvmm.manager.supervisor import ManagerError, Supervisor
 from pyvmm.manager.web import static_dir, xterm_dir
 
@@ -191,6 +203,41 @@ def create_app(sup: Supervisor) -> FastAPI:
     async def send_key(name: VmName, body: KeysIn) -> ActionResult:
         """Press keys together on the VM's PS/2 keyboard (QMP send-key), e.g. ctrl alt delete."""
         return _result(await sup.send_key(name, body.keys), "sent " + "-".join(body.keys))
+
+    snaps = SnapshotOps(sup)
+    bad_dir: dict[int | str, dict[str, Any]] = {
+        400: {"model": ErrorBody, "description": "no such directory, or not a snapshot; or the body is not JSON"}}
+    bad_body: dict[int | str, dict[str, Any]] = {
+        400: {"model": ErrorBody, "description": "the body is not JSON, or a file it names is missing"}}
+
+    @app.post(API + "/vms/{name}/snapshot", tags=["state"], responses={**ERRORS, **bad_dir})
+    async def snapshot(name: VmName, body: SnapshotIn) -> SnapshotInfo:
+        """Save the VM's state, memory and writable disks in a new directory; it is paused meanwhile and
+        continues if it was running."""
+        return await snaps.snapshot(name, body)
+
+    @app.post(API + "/restore", status_code=201, tags=["state"], responses={**ERRORS, **bad_dir})
+    async def restore(body: RestoreIn) -> VmInfo:
+        """Define a VM from a snapshot directory and start it from the saved state (memory mapped
+        copy-on-write, a qcow2 overlay over each saved disk)."""
+        return await snaps.restore(body)
+
+    @app.post(API + "/vms/{name}/clone", status_code=201, tags=["state"], responses={**ERRORS, **bad_body})
+    async def clone(name: VmName, body: CloneIn) -> CloneResult:
+        """Snapshot the VM and start ``count`` copies of it (NAME-cloneN), each with its own uuid, MACs and
+        disk overlays, all sharing the snapshot's memory file copy-on-write."""
+        return await snaps.clone(name, body)
+
+    @app.post(API + "/vms/{name}/migrate", tags=["state"], responses={**ERRORS, **bad_body})
+    async def migrate(name: VmName, body: MigrateIn) -> MigrateResult:
+        """Move the running VM to another pyvmmd (live: pre-copy over TCP); it ends shut off here."""
+        return await snaps.migrate(name, body)
+
+    @app.post(API + "/incoming", status_code=201, tags=["state"], responses={**ERRORS, **bad_body})
+    async def incoming(body: IncomingIn) -> IncomingInfo:
+        """The destination's half of a migration (called by the source daemon): define the VM and start
+        it waiting for its state on a TCP port."""
+        return await snaps.incoming(body)
 
     @app.get(API + "/vms/{name}/stats", tags=["vms"], responses={404: ERRORS[404]})
     async def stats(name: VmName) -> VmStatsReport:

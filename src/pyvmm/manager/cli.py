@@ -26,7 +26,8 @@ from pyvmm.memory import parse_size
 
 ACTIONS = ("start", "shutdown", "destroy", "suspend", "resume", "reboot")
 SUBCOMMANDS = ("define", "undefine", "dump", "edit", "attach-disk", "detach-disk", "list", *ACTIONS, "console",
-               "info", "domblklist", "domiflist", "events", "log", "send-key")
+               "info", "domblklist", "domiflist", "events", "log", "send-key", "snapshot", "restore", "clone",
+               "migrate")
 #: States in which a VM has a process (and so a console worth attaching to).
 ACTIVE = ("starting", "running", "paused", "in shutdown")
 
@@ -101,6 +102,9 @@ def add_vm_parser(sub: argparse._SubParsersAction) -> None:
     cmd("log", "show the end of the VM process's log")
     k = cmd("send-key", "press keys together on the VM's keyboard, e.g. send-key web ctrl alt delete")
     k.add_argument("keys", nargs="+", help="QEMU key names (qcodes): ctrl alt delete, ret, a...")
+    from pyvmm.manager.snapshot_cli import add_state_commands
+
+    add_state_commands(cmd)
 
 
 def _client(args: argparse.Namespace):
@@ -336,6 +340,10 @@ def _cmd_vm(args: argparse.Namespace) -> int:
         elif cmd == "log":
             lg = c.log(args.name)
             _print_json(lg) if args.json else sys.stdout.write(lg["text"])
+        elif cmd in ("snapshot", "restore", "clone", "migrate"):
+            from pyvmm.manager.snapshot_cli import run_state_command
+
+            run_state_command(c, args, _print_json)
         elif cmd == "send-key":
             res = c.send_key(args.name, args.keys)
             _print_json(res) if args.json else print(f"VM {args.name}: {res['message']}")

@@ -119,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vm-user", help="run VM processes as this user when the daemon runs as root")
     p.add_argument("--pyvmm-command", default=None,
                    help="command that runs one VM (default: this Python's 'python -m pyvmm run')")
+    p.add_argument("--no-sandbox", action="store_true", help="run VM processes without the seccomp sandbox "
+                   "(needed to snapshot, clone or migrate them away: a sandboxed VM can open no file or socket "
+                   "for its state)")
     p.add_argument("-v", "--verbose", action="count", default=0)
     return p
 
@@ -127,7 +130,7 @@ async def serve(args: argparse.Namespace) -> None:
     # Files the daemon creates (database, token, run directories) are private unless made otherwise.
     os.umask(0o077)
     state_dir: Path = args.state_dir or default_state_dir()
-    cfg = ManagerConfig(state_dir=state_dir, vm_user=args.vm_user)
+    cfg = ManagerConfig(state_dir=state_dir, vm_user=args.vm_user, sandbox=not args.no_sandbox)
     if args.pyvmm_command:
         cfg.pyvmm_command = shlex.split(args.pyvmm_command)
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)

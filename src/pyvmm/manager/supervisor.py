@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
-from qemu.qmp import QMPClient
+from qemu.qmp import ConnectError, QMPClient
 
 from pyvmm.manager import stats as procstats
 from pyvmm.manager import vmlock
@@ -151,6 +151,10 @@ class VmHandle:
         self.accelerator: str | None = None
         self.accelerator_reason = ""
         self.events: deque[Event] = deque(maxlen=EVENT_HISTORY)
+        #: ``-incoming URI`` for the next start only (restore, clone, migration; pyvmm.manager.vmstate_ops).
+        self.incoming: str | None = None
+        #: ...and whether its disks are still in use by the migration's source (no image locks then).
+        self.incoming_shared_disks = False
 
     @property
     def name(self) -> str:
@@ -187,6 +191,8 @@ ALLOWED: dict[str, tuple[VmState, ...]] = {
     "undefine": (VmState.SHUTOFF, VmState.CRASHED),
     "edit": (VmState.SHUTOFF, VmState.CRASHED),
     "send-key": (VmState.RUNNING, VmState.SHUTTING_DOWN),
+    "snapshot": (VmState.RUNNING, VmState.PAUSED),
+    "migrate": (VmState.RUNNING, VmState.PAUSED),
 }
 
 
@@ -433,7 +439,8 @@ class Supervisor:
         self._publish(h, "undefined")
 
     # -- life-cycle operations ----------------------------------------------------------------
-    async def start(self, name: str) -> VmHandle:
+    async def start(self, name: str, incoming: str | None = None, shared_disks: bool = False) -> VmHandle:
+        """Start the VM's process (with ``-incoming INCOMING``: waiting for its state, not booting)."""
         h = self.get(name)
         async with h.lock:
             self._require(h, "start")
@@ -446,6 +453,7 @@ class Supervisor:
                 raise ManagerError(409, f"VM {h.name} is already running (pid {h.pid}, a process this daemon "
                                         "had lost track of; it is tracked again)")
             self._set_state(h, VmState.STARTING, "")
+            h.incoming, h.incoming_shared_disks = incoming, shared_disks
             try:
                 await self._spawn(h)
             except ManagerError:
@@ -458,6 +466,8 @@ class Supervisor:
                 if isinstance(e, Exception):
                     raise ManagerError(status, message) from None
                 raise
+            finally:
+                h.incoming, h.incoming_shared_disks = None, False
         return h
 
     async def shutdown(self, name: str, timeout: float = 0.0) -> VmHandle:
@@ -654,7 +664,10 @@ class Supervisor:
             cmd += ["--initrd", d.initrd]
         for disk in d.disks:
             spec = f"file={_escape_opt(disk.path)},format={disk.format},if=virtio"
+            spec += ",file.locking=off" if h.incoming_shared_disks else ""  # the source holds them until it stops
             cmd += ["--drive", spec + (",readonly=on" if disk.readonly else "")]
+        if h.incoming:
+            cmd += ["--incoming", h.incoming]
         for i, net in enumerate(d.networks):
             netdev = f"{net.type},id=net{i}" + (f",ifname={net.tap}" if net.type == "tap" and net.tap else "")
             nic = f"virtio-net-pci,netdev=net{i}" + (f",mac={net.mac}" if net.mac else "")
@@ -801,7 +814,7 @@ class Supervisor:
                 await before_qmp()
             client = QMPClient(f"pyvmmd-{h.name}")
             try:
-                await asyncio.wait_for(client.connect(qmp_path), 5.0)
+                await self._connect_qmp(client, qmp_path)
                 status = await self._settled_status(client)
             except Exception as e:
                 with contextlib.suppress(Exception):
@@ -823,6 +836,19 @@ class Supervisor:
             self._set_state(h, VmState.PAUSED, str(status.get("status", "")))
         h.tasks += [asyncio.create_task(self._qmp_events(h, client), name=f"qmp-{h.name}"),
                     asyncio.create_task(self._watch(h), name=f"watch-{h.name}")]
+
+    @staticmethod
+    async def _connect_qmp(client: QMPClient, path: str, timeout: float = 5.0) -> None:
+        """Connect QMP, retrying while its socket is bound but not yet listening (as _connect_unix)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                await asyncio.wait_for(client.connect(path), max(0.1, deadline - time.monotonic()))
+                return
+            except ConnectError as e:
+                if not isinstance(e.exc, ConnectionRefusedError) or time.monotonic() > deadline:
+                    raise
+            await asyncio.sleep(0.02)
 
     @staticmethod
     async def _settled_status(client: QMPClient, timeout: float = 10.0) -> dict:
