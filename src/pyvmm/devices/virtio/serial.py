@@ -130,6 +130,7 @@ class SerialPort:
 
 class VirtioSerial(VirtioDevice):
     device_id = DeviceId.CONSOLE
+    vmstate_migratable = True  # ports and control messages in save_backend_state
 
     def __init__(self, memory: GuestMemory, *, name: str = "virtio-serial", loop: MainLoop | None = None,
                  max_ports: int = DEFAULT_MAX_PORTS, queue_size: int = 128, emergency_write: bool = True) -> None:
