@@ -80,3 +80,22 @@ def test_timeouts_errors_and_cleanup() -> None:
     with pytest.raises(VMError):
         bad.start()
     assert bad.runtime_dir is not None and not bad.runtime_dir.exists() and not bad.running
+
+
+def test_snapshot_and_start_from_it(tmp_path) -> None:
+    from pyvmm import VM
+
+    snap = tmp_path / "vm.snapshot"
+    with VM(memory="256M") as vm:
+        vm.write_file("/tmp/state.txt", b"before the snapshot\n")
+        vm.snapshot(snap)
+        assert vm.qmp("query-status")["status"] == "postmigrate"
+        vm.resume()
+        assert vm.exec(["cat", "/tmp/state.txt"]).stdout == b"before the snapshot\n"
+    t0 = time.monotonic()
+    with VM(memory="256M", snapshot=snap) as vm:
+        ready = time.monotonic() - t0
+        assert vm.read_file("/tmp/state.txt") == b"before the snapshot\n"
+        assert vm.exec(["sh", "-c", "echo again; exit 5"]).returncode == 5
+        assert vm.stop() == 0
+    assert ready < 60

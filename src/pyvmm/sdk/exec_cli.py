@@ -4,7 +4,8 @@ As ``docker run --rm``: CMD's stdout and stderr stream to ours while it runs, an
 exits with CMD's status (``128 + N`` for signal N).  pyvmm's own failures exit with
 :data:`EXIT_VMM_ERROR` (125, as docker's).  Run options understood here: ``-m/--memory``,
 ``-smp/--smp``, ``-accel/--accel``, ``--kernel``/``--initrd``/``--append``, ``--share
-HOST_DIR:TAG``, ``--timeout SECONDS``, ``--vmm pyvmm|qemu``; anything else (``-drive``,
+HOST_DIR:TAG``, ``--timeout SECONDS``, ``--vmm pyvmm|qemu``, ``--snapshot FILE`` (start from
+``VM.snapshot()``'s file instead of booting); anything else (``-drive``,
 ``-device``, ``-netdev``...) goes to the VMM as it is.
 """
 
@@ -22,7 +23,8 @@ log = logging.getLogger(__name__)
 EXIT_VMM_ERROR = 125
 USAGE = "usage: pyvmm exec [RUN OPTIONS] -- CMD [ARGS...]"
 _VALUED = {"m": "memory", "memory": "memory", "smp": "cpus", "accel": "accel", "kernel": "kernel",
-           "initrd": "initrd", "append": "append", "share": "share", "timeout": "timeout", "vmm": "vmm"}
+           "initrd": "initrd", "append": "append", "share": "share", "timeout": "timeout", "vmm": "vmm",
+           "snapshot": "snapshot"}
 
 
 def parse_exec_args(argv: list[str]) -> tuple[dict[str, object], list[str], list[str]]:

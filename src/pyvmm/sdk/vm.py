@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -109,7 +110,7 @@ class VM:
                  append: str = "", disks: Sequence[Disk | str | os.PathLike[str]] = (),
                  net: str | Sequence[str] | None = None, shares: Sequence[Share | str] = (),
                  devices: Sequence[str] = (), extra_args: Sequence[str] = (), agent: bool = True,
-                 plugins: Sequence[str | os.PathLike[str]] = (),
+                 plugins: Sequence[str | os.PathLike[str]] = (), snapshot: str | os.PathLike[str] | None = None,
                  boot_timeout: float = 300.0, vmm: str = "pyvmm") -> None:
         if vmm not in ("pyvmm", "qemu"):
             raise VMError(f"vmm={vmm!r}: use 'pyvmm' or 'qemu'")
@@ -127,6 +128,7 @@ class VM:
         self.devices = list(devices)
         self.extra_args = list(extra_args)
         self.with_agent = agent
+        self.snapshot_file = os.path.abspath(os.fspath(snapshot)) if snapshot is not None else None
         self.plugins = [os.path.abspath(os.fspath(p)) for p in plugins]
         if self.plugins and vmm != "pyvmm":
             raise VMError("plugins (Python devices, tracers) run inside pyvmm only")
@@ -262,6 +264,10 @@ class VM:
                                  memory=memory_bytes(self.memory))
         for dev in self.devices:
             cmd += ["-device", dev]
+        if self.snapshot_file is not None:
+            if not os.path.isfile(self.snapshot_file):
+                raise VMError(f"snapshot {self.snapshot_file}: no such file")
+            cmd += ["-incoming", f"exec:cat {shlex.quote(self.snapshot_file)}"]
         return cmd + self.extra_args
 
     def _boot_files(self) -> tuple[str, str | None, str]:
@@ -431,6 +437,26 @@ class VM:
     def wait_event(self, name: str | None = None, timeout: float = 60.0) -> dict[str, Any]:
         """The first QMP event called ``name`` (any event if None), already received or still to come."""
         return self._monitor().wait_event(name, timeout)
+
+    def snapshot(self, path: str | os.PathLike[str], timeout: float = 300.0) -> Path:
+        """Save the whole VM (RAM, devices, vCPUs) to ``path``; ``VM(snapshot=path)`` starts from it.
+
+        QMP ``migrate`` to ``exec:cat > PATH``, as with QEMU; the VM is left paused (``resume()``
+        continues it).  The VM that starts from the snapshot must be built with the same options.
+        """
+        target = Path(path).absolute()
+        self.qmp("migrate", uri=f"exec:cat > {shlex.quote(str(target))}")
+        deadline = time.monotonic() + timeout
+        while True:
+            st = self.qmp("query-migrate") or {}
+            status = st.get("status")
+            if status == "completed":
+                return target
+            if status in ("failed", "cancelled"):
+                raise VMError(f"snapshot to {target} {status}: {st.get('error-desc', 'no reason given')}")
+            if time.monotonic() > deadline:
+                raise VMTimeout(f"snapshot to {target} not done after {timeout:g}s (status {status})")
+            time.sleep(0.05)
 
     def pause(self) -> None:
         self.qmp("stop")

@@ -43,6 +43,7 @@ from pyvmm.loop import MainLoop
 from pyvmm.memory import GuestMemory
 from pyvmm.qdev import BusKind, DeviceContext, DeviceProps, DeviceType, Prop, PropType, VirtioType
 from pyvmm.ratelimit import guest_log
+from pyvmm.vmstate.protocol import VmStateError
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +108,9 @@ class SerialPort:
         self.pending = bytearray()
         self.bus: VirtioSerial | None = None
 
+    #: A port's state travels with its bus (VirtioSerial.save_backend_state).
+    vmstate_stateless = True
+
     # -- CharReceiver (loop thread) -------------------------------------------------------------
     def can_receive(self) -> int:
         bus = self.bus
@@ -126,6 +130,7 @@ class SerialPort:
 
 class VirtioSerial(VirtioDevice):
     device_id = DeviceId.CONSOLE
+    vmstate_migratable = True  # ports and control messages in save_backend_state
 
     def __init__(self, memory: GuestMemory, *, name: str = "virtio-serial", loop: MainLoop | None = None,
                  max_ports: int = DEFAULT_MAX_PORTS, queue_size: int = 128, emergency_write: bool = True) -> None:
@@ -354,6 +359,34 @@ class VirtioSerial(VirtioDevice):
                     port.backend.accept_input()
             if self._multiport() and self.status & Status.DRIVER_OK:
                 self._queue_control(port.nr, Event.PORT_OPEN, int(opened))
+
+    # -- VM state (pyvmm.devices.virtio.state): per port, whether the guest has it open and the
+    # input it has not read; the control messages not delivered yet ------------------------------
+    def save_backend_state(self) -> dict[str, object]:
+        return {"ports": {str(nr): {"guest_connected": p.guest_connected, "pending": bytes(p.pending)}
+                          for nr, p in self.ports.items()},
+                "control": list(self._control)}
+
+    def load_backend_state(self, state: object) -> None:
+        ports = state.get("ports") if isinstance(state, dict) else None
+        control = state.get("control") if isinstance(state, dict) else None
+        if not isinstance(ports, dict) or sorted(ports) != sorted(str(nr) for nr in self.ports):
+            raise VmStateError(f"{self.name}: the ports in the state do not match this device's")
+        if not isinstance(control, list) or len(control) > CONTROL_PENDING_MAX or \
+                not all(isinstance(m, bytes) and _CTRL.size <= len(m) <= _CTRL.size + NAME_MAX for m in control):
+            raise VmStateError(f"{self.name}: control messages in the state are invalid")
+        for key, st in ports.items():
+            port = self.ports[int(key)]
+            pending = st.get("pending") if isinstance(st, dict) else None
+            if not isinstance(pending, bytes) or len(pending) > PENDING_MAX:
+                raise VmStateError(f"{self.name}: port {key} state is invalid")
+            port.guest_connected = bool(st.get("guest_connected"))
+            port.pending[:] = pending
+        self._control = collections.deque(control)
+        if self._multiport():
+            # The host side here may differ from the source's: tell the driver how it is now.
+            for nr, port in sorted(self.ports.items()):
+                self._control.append(_CTRL.pack(nr, Event.PORT_OPEN, int(port.host_connected)))
 
     # -- life cycle --------------------------------------------------------------------------
     def reset_backend(self) -> None:
