@@ -461,7 +461,28 @@ class SnapshotOps:
                 self.sup.undefine(h.name)
             raise
         self.sup._set_state(h, VmState.PAUSED, "inmigrate")
+        task = asyncio.create_task(self._expire_incoming(h, h.pid))
+        self.sup._timers.add(task)  # a strong reference until it is done
+        task.add_done_callback(self.sup._timers.discard)
         return IncomingInfo(port=port, vm=h.info())
+
+    async def _expire_incoming(self, h: VmHandle, pid: int | None, timeout: float = MIGRATE_TIMEOUT + 60) -> None:
+        """A destination whose source never sent (or finished) the stream is not left waiting forever."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if h.pid != pid or not h.active:
+                return
+            with contextlib.suppress(ManagerError):
+                status = await self.sup._qmp(h, "query-status")
+                if status.get("status") != "inmigrate":
+                    if h.reason == "inmigrate" and not status.get("running"):
+                        self.sup._set_state(h, VmState.PAUSED, "migrated here (paused, as it was)")
+                    return
+            await asyncio.sleep(1.0)
+        log.warning("VM %s: no migration stream arrived within %.0fs: destroying it", h.name, timeout)
+        with contextlib.suppress(ManagerError):
+            await self.sup.destroy(h.name)
+            self.sup.undefine(h.name)
 
     async def migrate(self, name: str, body: MigrateIn) -> MigrateResult:
         from pyvmm.manager.client import Client, ClientError
