@@ -381,6 +381,20 @@ def bitmap_bytes(pages: int) -> int:
     return (pages + 63) // 64 * 8
 
 
+def _set_bits(bm: bytearray, first: int, end: int) -> None:
+    """Set bits ``[first, end)`` of ``bm`` (LSB first): whole bytes at once, the edges bit by bit."""
+    while first < end and first & 7:
+        bm[first >> 3] |= 1 << (first & 7)
+        first += 1
+    whole = (end - first) >> 3
+    if whole:
+        bm[first >> 3:(first >> 3) + whole] = b"\xff" * whole
+        first += whole << 3
+    while first < end:
+        bm[first >> 3] |= 1 << (first & 7)
+        first += 1
+
+
 class DirtyPages:
     """One bitmap per RAM region of the pages the host (devices) wrote while tracking is on.
 
@@ -424,8 +438,7 @@ class DirtyPages:
                 start, end = max(gpa, base), min(gpa + length, base + size)
                 if start >= end:
                     continue
-                for page in range((start - base) // PAGE_SIZE, (end - 1 - base) // PAGE_SIZE + 1):
-                    bm[page >> 3] |= 1 << (page & 7)
+                _set_bits(bm, (start - base) // PAGE_SIZE, (end - 1 - base) // PAGE_SIZE + 1)
 
     def take(self, region: int) -> bytearray:
         """Region ``region``'s bitmap since the last take (all clear when not tracking); clears it."""

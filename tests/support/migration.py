@@ -36,7 +36,7 @@ def qemu_binary() -> str:
 
 class Vm:
     def __init__(self, kind: str, workdir: Path, name: str, args: Sequence[str], *,
-                 netns: Sequence[str] = ()) -> None:
+                 netns: Sequence[str] = (), pass_fds: Sequence[int] = ()) -> None:
         self.kind = kind
         self.serial_path = workdir / f"{name}-serial.sock"
         self.qmp_path = workdir / f"{name}-qmp.sock"
@@ -48,7 +48,8 @@ class Vm:
         else:
             cmd = [qemu_binary(), "-accel", "tcg", "-display", "none", "-nodefaults", "-no-user-config", *common]
         with open(self.log, "wb") as f:
-            self.proc = subprocess.Popen([*netns, *cmd], stdin=subprocess.DEVNULL, stdout=f, stderr=f)
+            self.proc = subprocess.Popen([*netns, *cmd], stdin=subprocess.DEVNULL, stdout=f, stderr=f,
+                                         pass_fds=tuple(pass_fds))
         deadline = time.monotonic() + 60
         while not (self.serial_path.exists() and self.qmp_path.exists()):
             if self.proc.poll() is not None or time.monotonic() > deadline:

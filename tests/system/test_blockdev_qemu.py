@@ -216,6 +216,7 @@ ERRORS = [
     ["-blockdev", "driver=file,filename={raw},node-name=a,bogus=1"],
     ["-blockdev", "driver=file,filename={raw},node-name=a,discard=foo"],
     ["-blockdev", "driver=file,filename={raw},node-name=a,cache.direct=maybe"],
+    ["-blockdev", "driver=file,filename={raw},node-name=a,read-only"],
     ["-blockdev", '{{"driver":"file","filename":"{raw}","node-name":"a","read-only":"yes"}}'],
     ["-blockdev", "driver=qcow2,file=zz,node-name=a"],
     ["-blockdev", "driver=file,filename={raw},node-name=a", "-blockdev", "driver=file,filename={raw},node-name=a"],

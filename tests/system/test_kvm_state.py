@@ -26,6 +26,7 @@ from pyvmm.kvm.ioctls import MpState
 from pyvmm.kvm.vcpu_state import MSR_IA32_TSC, unpack_msrs
 from pyvmm.memory import GuestMemory
 from pyvmm.runstate import VmControl
+from pyvmm.vmstate import VmStateError
 from support.recording import RecordingDevice
 from support.waiting import wait_until
 
@@ -526,7 +527,7 @@ def test_whole_state_refuses_another_accelerator_or_vcpu_count(machines: list[Ma
                          ({**state, "vcpus": "x"}, "vCPU list is missing or corrupt"),
                          ({**before, "vcpus": [{**before["vcpus"][0], "regs": b""}]},  # type: ignore[index]
                           "'regs' must be 144 bytes")):
-        with pytest.raises(KvmError, match=message):
+        with pytest.raises(VmStateError, match=message):
             dst.acc.load_state(bad)
     after = dst.acc.save_state()
     assert after["vcpus"][0]["regs"] == before["vcpus"][0]["regs"]  # type: ignore[index]
@@ -564,3 +565,28 @@ def test_dirty_log_sync_gives_written_ranges_while_the_guest_runs(machines: list
     m.acc.dirty_log_sync()
     assert m.acc.dirty_log_sync() == []  # paused: nothing new
     m.acc.dirty_log_stop()
+
+
+def test_dirty_logging_survives_a_reset(machines: list[Machine]) -> None:
+    """reset() builds a new VM: its slots log dirty pages too while logging is on."""
+    code = assemble(f"""
+        mov dword ptr [0x150000], 1
+        mov dx, {PORT}
+        mov eax, 1
+        out dx, eax
+    1:  jmp 1b
+    """, ORG, bits=32)
+    m = Machine()
+    machines.append(m)
+    m.mem.write(ORG, code)
+    m.acc.setup(m.ctx)
+    m.acc.dirty_log_start()
+    m.acc.reset()
+    m.acc.set_boot_state(flat32_state(ORG), start_aps=False)
+    m.acc.start()
+    assert wait_until(lambda: m.values() == [1])
+    assert (0x150000, 4096) in m.acc.dirty_log_sync()
+    m.acc.dirty_log_stop()
+    m.acc.reset()  # and without logging the new VM's slots have no log
+    with pytest.raises(AccelError, match="dirty logging is off"):
+        m.acc.get_and_clear_dirty(0)

@@ -72,3 +72,36 @@ def test_defer_unix_parameters_and_errors(kind: str, linux, tmp_path: Path) -> N
     finally:
         dst.close()
         src.close()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["pyvmm", "qemu"])
+def test_incoming_from_an_inherited_fd(kind: str, linux, tmp_path: Path) -> None:
+    """libvirt's restore: the state arrives on a descriptor the VMM inherits (``-incoming fd:N``)."""
+    import os
+
+    args = ["-kernel", str(linux.kernel), "-initrd", str(linux.initrd), "-append", linux.cmdline, "-m", "256"]
+    state = tmp_path / "vm.state"
+    src = Vm(kind, tmp_path, "src", args)
+    try:
+        src.console.wait_for(READY, 300)
+        src.console.send(WORKLOAD)
+        src.wait_tick(3)
+        src.cmd("stop")
+        src.cmd("migrate", uri=f"exec:cat > {state}")
+        assert src.wait_migration()["status"] == "completed"
+        last = max(src.ticks())
+    finally:
+        src.close()
+    fd = os.open(state, os.O_RDONLY)
+    try:
+        dst = Vm(kind, tmp_path, "dst", [*args, "-incoming", f"fd:{fd}"], pass_fds=[fd])
+    finally:
+        os.close(fd)
+    try:
+        dst.wait_status("paused", 120)
+        dst.cmd("cont")
+        dst.wait_tick(last + 2)
+        assert dst.ask("echo SHELL=$((6*7))", "SHELL") == "42"
+    finally:
+        dst.close()

@@ -81,3 +81,16 @@ def test_guest_memory_writes_mark_their_pages(mem: GuestMemory) -> None:
     mem.read_u32(0x20000)
     mem.view(0x30000, 8)[0] = 1  # views are the devices' to report (their DMA hook)
     assert set_bits(mem.dirty.take(0)) == set()
+
+
+def test_large_marks_and_full_words_are_exact(mem: GuestMemory) -> None:
+    mem.dirty.start()
+    mem.dirty.mark(3 * PAGE_SIZE + 5, 100 * PAGE_SIZE)  # pages 3..103 (the end is inside page 103)
+    assert set_bits(mem.dirty.take(0)) == set(range(3, 104))
+    mem.dirty.mark(0, 4 << 20)  # the whole region
+    bm = mem.dirty.take(0)
+    assert set_bits(bm) == set(range(1024))
+    assert bitmap_runs(bm, 0) == [(0, 4 << 20)]
+    words = bytearray(b"\xff" * 8 + b"\x01" + b"\0" * 7 + b"\xff" * 16 + b"\x80" + b"\0" * 6 + b"\x80")
+    assert bitmap_runs(words, 0) == [(0, 65 * PAGE_SIZE), (128 * PAGE_SIZE, 128 * PAGE_SIZE),
+                                     (263 * PAGE_SIZE, PAGE_SIZE), (319 * PAGE_SIZE, PAGE_SIZE)]

@@ -26,6 +26,7 @@ from pyvmm.kvm import abi
 from pyvmm.kvm.vcpu_state import VcpuFeatures, check_vcpu_state, load_vcpu, save_vcpu
 from pyvmm.kvm.vm_state import check_platform_state, load_platform, save_platform
 from pyvmm.memory import PAGE_SIZE, GuestMemory
+from pyvmm.vmstate.protocol import VmStateError
 
 if TYPE_CHECKING:
     from pyvmm.accel.base import MachineContext
@@ -47,15 +48,24 @@ def bitmap_runs(bitmap: bytes | bytearray, base: int) -> list[tuple[int, int]]:
     for wi, word in enumerate(memoryview(data).cast("Q")):
         if not word:
             continue
-        for bit in range(64):
-            if word >> bit & 1:
-                page = wi * 64 + bit
-                if page == end:
-                    end += 1
-                else:
-                    if start >= 0:
-                        runs.append((base + start * PAGE_SIZE, (end - start) * PAGE_SIZE))
-                    start, end = page, page + 1
+        if word == 0xFFFF_FFFF_FFFF_FFFF:  # 64 dirty pages: extend or open a run in one step
+            page = wi * 64
+            if page != end:
+                if start >= 0:
+                    runs.append((base + start * PAGE_SIZE, (end - start) * PAGE_SIZE))
+                start = page
+            end = page + 64
+            continue
+        while word:  # one step per set bit
+            low = word & -word
+            word ^= low
+            page = wi * 64 + low.bit_length() - 1
+            if page == end:
+                end += 1
+            else:
+                if start >= 0:
+                    runs.append((base + start * PAGE_SIZE, (end - start) * PAGE_SIZE))
+                start, end = page, page + 1
     if start >= 0:
         runs.append((base + start * PAGE_SIZE, (end - start) * PAGE_SIZE))
     return runs
@@ -130,7 +140,14 @@ class KvmMigration:
         """After setup() and loading RAM, instead of set_boot_state(), before start().
 
         Everything is checked before anything is loaded, so a refused state leaves the VM as it was.
+        A refusal is a :class:`~pyvmm.vmstate.VmStateError` (the stream's error), with one line.
         """
+        try:
+            self._load_whole_state(state)
+        except KvmError as e:
+            raise VmStateError(str(e)) from None
+
+    def _load_whole_state(self, state: Mapping[str, object]) -> None:
         if state.get("accel") != "kvm":
             raise KvmError(f"the stream holds {state.get('accel')} vCPU state; this machine runs kvm")
         if state.get("version") != ACCEL_STATE_VERSION:

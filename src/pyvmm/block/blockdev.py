@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pyvmm.errors import ConfigError
-from pyvmm.qemuopts import OptionSyntax, Opts, parse
+from pyvmm.qemuopts import OptionSyntax, Opts, parse, split_opts
 
 BLOCKDEV_SYNTAX = OptionSyntax("blockdev", json=True)
 DRIVERS = ("file", "raw", "qcow2")
@@ -54,6 +54,9 @@ LOCKING = ("auto", "on", "off")
 #: QEMU's id_wellformed(), and its node-name length limit (32 bytes with the NUL).
 _NAME_RE = re.compile(r"[A-Za-z][A-Za-z0-9_.-]*\Z")
 NODE_NAME_MAX = 31
+
+_TRUE = ("on", "yes", "true", "y")
+_FALSE = ("off", "no", "false", "n")
 
 _auto_names = itertools.count(1)
 
@@ -125,9 +128,11 @@ class _Reader:
             if not isinstance(value, bool):
                 raise self.opts.error(f"Invalid parameter type for '{self.prefix}{key}', expected: boolean")
             return value
-        if value not in ("on", "off"):
-            raise self.opts.error(f"Parameter '{self.prefix}{key}' expects 'on' or 'off'")
-        return value == "on"
+        if value in _TRUE:  # QEMU's qapi_bool_parse
+            return True
+        if value in _FALSE:
+            return False
+        raise self.opts.error(f"Parameter '{self.prefix}{key}' expects 'on' or 'off'")
 
     def enum(self, key: str, choices: tuple[str, ...] | dict[str, Any], default: str) -> str:
         value = self.text(key, default)
@@ -142,6 +147,11 @@ def parse_blockdev(text: str) -> list[NodeOptions]:
 
     Raises ConfigError with QEMU's wording (``-blockdev TEXT: ...``).
     """
+    if not text.startswith("{"):  # keyval, stricter than QemuOpts: no "flag" shorthand
+        for key, value, flag in split_opts(text):
+            if flag and key not in ("help", "?"):
+                raise ConfigError(f"-blockdev {text}: Expected '=' after parameter "
+                                  f"'{key if value == 'on' else 'no' + key}'")
     opts = parse(BLOCKDEV_SYNTAX, text)
     values = _flatten(opts.values) if opts.from_json else dict(opts.values)
     if opts.help:

@@ -24,6 +24,8 @@ EXIT_STATUS_ADDR = 0xFEB0_1000
 
 
 class ExitStatus:
+    vmstate_stateless = True  # nothing to migrate (VM state): a write ends the run
+
     def __init__(self, control: VmControl) -> None:
         self._control = control
 

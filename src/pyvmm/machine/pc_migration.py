@@ -93,7 +93,7 @@ class PcMigration:
         t0 = time.monotonic()
         try:
             uri = uri_mod.parse(mgr.incoming_uri)
-            ch = uri_mod.InChannel(uri)
+            ch = uri_mod.InChannel(uri, mgr.fds)
         except (OSError, PyvmmError) as e:
             raise PyvmmError(f"-incoming {mgr.incoming_uri}: {getattr(e, 'strerror', None) or e}") from None
         try:

@@ -66,6 +66,9 @@ def sections(m: PcMachine) -> list[_Section]:
             continue
         if not isinstance(obj, Stateful):
             raise VmStateError(f"device {dev.path} ({dev.driver}) cannot be migrated: it does not save its state")
+        inner = getattr(obj, "device", None)  # a virtio transport: its device must say it is complete
+        if inner is not None and not getattr(inner, "vmstate_migratable", False):
+            raise VmStateError(f"State blocked by non-migratable device '{dev.path}' ({dev.driver})")
         out.append(_Section(dev.path, dev.driver, obj.vmstate_version, obj.save_state, obj.load_state,
                             getattr(obj, "vmstate_post_load", None)))
     chip = m.irqchip

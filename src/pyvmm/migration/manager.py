@@ -62,15 +62,33 @@ class MigrationManager:
             parsed = uri_mod.parse(uri)
         except ConfigError as e:
             raise MigrationError(str(e)) from None
-        if parsed.scheme == "fd" and parsed.target not in self.fds:
-            raise MigrationError(f"File descriptor named '{parsed.target}' has not been found")
+        fds = None
+        if parsed.scheme == "fd" and not parsed.target.isdigit():
+            fd = self.take_fd(parsed.target)
+            if fd is None:
+                raise MigrationError(f"File descriptor named '{parsed.target}' has not been found")
+            fds = {parsed.target: fd}
         self.source.check_savable()   # a device that cannot be saved: refused before anything starts
-        fds = {parsed.target: self.fds.pop(parsed.target)} if parsed.scheme == "fd" else None
         mapped = self.capabilities["mapped-ram"]
         if mapped and parsed.scheme != "file":
             raise MigrationError("Mapped-ram migration requires a file: URI")
         self._job = OutgoingMigration(self.source, parsed, self.status, self.params, self.event, fds, mapped=mapped)
         self._job.start()
+
+    def take_fd(self, name: str) -> int | None:
+        """A descriptor a monitor client passed with ``getfd`` (kept in :attr:`fds`, or by the
+        monitor's fd-passing module if it has a ``take_fd(name)``); the migration owns it now."""
+        if name in self.fds:
+            return self.fds.pop(name)
+        import importlib
+
+        try:
+            fdpass = importlib.import_module("pyvmm.monitor.fdpass")
+        except ImportError:
+            return None
+        take = getattr(fdpass, "take_fd", None)
+        fd = take(name) if callable(take) else None
+        return fd if isinstance(fd, int) else None
 
     def cancel(self) -> None:
         if self._job is not None:
@@ -130,8 +148,13 @@ class MigrationManager:
         if self.incoming_started.is_set():
             raise MigrationError("The incoming migration has already been started")
         try:
-            uri_mod.parse(uri)
+            parsed = uri_mod.parse(uri)
         except ConfigError as e:
             raise MigrationError(str(e)) from None
+        if parsed.scheme == "fd" and not parsed.target.isdigit():
+            fd = self.take_fd(parsed.target)
+            if fd is None:
+                raise MigrationError(f"File descriptor named '{parsed.target}' has not been found")
+            self.fds[parsed.target] = fd
         self.incoming_uri = uri
         self.incoming_started.set()

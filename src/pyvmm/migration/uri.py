@@ -47,6 +47,22 @@ def parse(uri: str) -> MigrationUri:
     return MigrationUri(scheme, rest)
 
 
+def fd_of(name: str, fds: dict[str, int] | None) -> int:
+    """QEMU's ``fd:`` argument: a number is a descriptor the process inherited, anything else the
+    name a monitor client gave a descriptor it passed (``getfd``)."""
+    if name.isdigit():
+        fd = int(name)
+        try:
+            os.fstat(fd)
+        except OSError:
+            raise OSError(0, f"fd:{name}: not an open file descriptor") from None
+        return fd
+    fd2 = (fds or {}).get(name)
+    if fd2 is None:
+        raise OSError(0, f"File descriptor named '{name}' has not been found")
+    return fd2
+
+
 class OutChannel:
     """Where the source writes the stream."""
 
@@ -79,9 +95,7 @@ class OutChannel:
             except OSError as e:
                 raise OSError(e.errno, f"{uri.target}: {e.strerror}") from None
         else:
-            fd = (fds or {}).get(uri.target)
-            if fd is None:
-                raise OSError(0, f"File descriptor named '{uri.target}' has not been found")
+            fd = fd_of(uri.target, fds)
             self._file = os.fdopen(fd, "wb", buffering=0)
 
     def write(self, data: bytes | memoryview) -> None:
@@ -134,7 +148,7 @@ class OutChannel:
 class InChannel:
     """Where the destination reads the stream (``unix:``/``tcp:`` accept one connection)."""
 
-    def __init__(self, uri: MigrationUri) -> None:
+    def __init__(self, uri: MigrationUri, fds: dict[str, int] | None = None) -> None:
         self.uri = uri
         self._proc: subprocess.Popen[bytes] | None = None
         self._listener: socket.socket | None = None
@@ -164,7 +178,7 @@ class InChannel:
             except OSError as e:
                 raise OSError(e.errno, f"{uri.target}: {e.strerror}") from None
         else:
-            raise OSError(0, "fd: incoming migration needs a file descriptor passed with getfd")
+            self._file = os.fdopen(fd_of(uri.target, fds), "rb")
 
     def accept(self) -> None:
         if self._listener is not None and self._conn is None:

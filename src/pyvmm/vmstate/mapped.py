@@ -19,7 +19,7 @@ import struct
 
 from pyvmm.memory import GuestMemory
 from pyvmm.vmstate.protocol import VmStateError
-from pyvmm.vmstate.ram import CHUNK, PAGE, _is_zero
+from pyvmm.vmstate.ram import CHUNK, PAGE, _is_zero, _private_anonymous, _untouched, _untouched_map
 
 MAPPED = b"M"
 ALIGN = 2 << 20
@@ -54,9 +54,10 @@ def write_ram(fd: int, memory: GuestMemory, places: list[tuple[int, int, int]]) 
     written = 0
     for r, (_gpa, size, offset) in zip(memory.regions, places, strict=True):
         m = r.mapping
+        untouched = _untouched_map(r) if _private_anonymous(memory) else None
         for off in range(0, size, CHUNK):
             length = min(CHUNK, size - off)
-            if not _is_zero(m, off, length):
+            if not _untouched(untouched, off, length) and not _is_zero(m, off, length):
                 os.pwrite(fd, m[off:off + length], offset + off)
                 written += length
     end = places[-1][2] + places[-1][1] if places else 0

@@ -6,7 +6,8 @@
  * The BSP routes ISA IRQ0 (the PIT, 100 Hz) through the I/O APIC (pin 2, as the MP table says)
  * to itself; the AP, started with INIT/SIPI, runs its LAPIC timer periodically.  Both halt
  * between interrupts.  Only the BSP prints: "tick N ap" every 20 PIT interrupts, "ap" meaning
- * the AP's LAPIC-timer count moved since the previous line ("ap-stalled" otherwise), until
+ * the AP's LAPIC-timer count moved since the previous line (waiting up to 5 s for it, so that
+ * a busy host does not change the text; "ap-stalled" otherwise), until
  * "ticks=N" lines (default 20) are out; then "unexpected=0" (no stray vector), "done", and
  * debug-exit 0x21.  A vCPU, LAPIC, IOAPIC or PIT state lost in a migration shows as a missing
  * or stalled line, or a hang.
@@ -183,6 +184,10 @@ void guest_main(u32 magic, const u32 *mbi)
     for (u32 n = 1; n <= lines;) {
         __asm__ volatile("sti; hlt; cli" ::: "memory");
         if (pit_ticks >= n * TICKS_PER_LINE) {
+            /* The AP's timer must have fired since the last line; a busy host may not have run
+             * its vCPU for a while, so give it up to 5 s (500 PIT ticks) before calling it stalled. */
+            for (u32 limit = pit_ticks + 500; ap_ticks == last_ap && pit_ticks < limit;)
+                __asm__ volatile("sti; hlt; cli" ::: "memory");
             u32 now = ap_ticks;
             uart_puts("tick ");
             uart_putdec(n);

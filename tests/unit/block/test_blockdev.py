@@ -69,6 +69,12 @@ def test_key_value_form_with_an_inline_file_child_and_cache_options() -> None:
     assert top.backing_set and top.backing is None  # backing="" (like JSON null): no backing file
 
 
+def test_keyval_booleans_are_qapis() -> None:
+    for word, value in (("yes", True), ("true", True), ("y", True), ("no", False), ("off", False)):
+        (node,) = parse_blockdev(f"driver=file,filename=/x,node-name=a,read-only={word}")
+        assert node.read_only is value
+
+
 def test_json_nested_file_and_backing_node_name() -> None:
     child, top = parse_blockdev('{"driver":"qcow2","node-name":"t","file":{"driver":"file","filename":"/o"},'
                                 '"backing":"base","cache":{"no-flush":true}}')
@@ -89,6 +95,7 @@ def test_json_nested_file_and_backing_node_name() -> None:
     ("driver=file,filename=/x,node-name=a,discard=foo", "Parameter 'discard' does not accept value 'foo'"),
     ("driver=file,filename=/x,node-name=a,cache.direct=maybe", "Parameter 'cache.direct' expects 'on' or 'off'"),
     ("driver=file,filename=/x,node-name=a,cache.direct=on", "pyvmm cannot honour 'cache.direct=on'"),
+    ("driver=file,filename=/x,node-name=a,read-only", "Expected '=' after parameter 'read-only'"),
     ("driver=file,filename=/x,node-name=a,aio=native", "pyvmm cannot honour 'aio=native'"),
     ("driver=qcow2,node-name=a", "Parameter 'file' is missing"),
     ("driver=qcow2,node-name=a,file=f,data-file=g", "pyvmm cannot honour 'data-file'"),

@@ -8,6 +8,7 @@ import os
 import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -115,6 +116,10 @@ def test_vm_lock_is_held_by_the_process_it_was_given_to(tmp_path: Path):
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)", tag], pass_fds=(fd,))
     os.close(fd)
     try:
+        # Popen returns once exec has begun; the kernel sets the new command line a little later
+        deadline = time.monotonic() + 10
+        while tag.encode() not in Path(f"/proc/{child.pid}/cmdline").read_bytes() and time.monotonic() < deadline:
+            time.sleep(0.01)
         assert vmlock.is_held(tmp_path)
         assert vmlock.holders(tmp_path, tag) == [child.pid]
         assert vmlock.holders(tmp_path, "another-uuid") == []

@@ -75,6 +75,8 @@ class BlkStatus(IntEnum):
 class VirtioBlk(VirtioDevice):
     """A virtio block device backed by a :class:`~pyvmm.block.base.BlockBackend`."""
 
+    vmstate_migratable = True  # its whole state is in pyvmm.devices.virtio.state
+
     device_id = DeviceId.BLOCK
 
     def __init__(self, memory: GuestMemory, backend: BlockBackend, *, serial: str = "",

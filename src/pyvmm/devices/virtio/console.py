@@ -49,6 +49,7 @@ class ConsoleFeature(IntEnum):
 
 
 class VirtioConsole(VirtioDevice):
+    vmstate_migratable = True  # its whole state is in pyvmm.devices.virtio.state
     device_id = DeviceId.CONSOLE
 
     def __init__(self, memory: GuestMemory, backend: CharBackend | None, *, name: str = "virtio-console",

@@ -59,6 +59,7 @@ class NetFeature(IntEnum):
 
 
 class VirtioNet(VirtioDevice):
+    vmstate_migratable = True  # its whole state is in pyvmm.devices.virtio.state
     device_id = DeviceId.NET
 
     def __init__(self, memory: GuestMemory, backend: NetBackend, *, mac: bytes, name: str = "virtio-net",

@@ -25,6 +25,7 @@ MAX_BYTES_PER_REQUEST = 64 << 10
 
 
 class VirtioRng(VirtioDevice):
+    vmstate_migratable = True  # its whole state is in pyvmm.devices.virtio.state
     device_id = DeviceId.RNG
 
     def __init__(self, memory: GuestMemory, *, name: str = "virtio-rng", loop: MainLoop | None = None,
