@@ -181,6 +181,26 @@ def test_snapshot_restore_and_clone_through_the_cli(mgr: Daemon, manager_guest: 
         wait_for(lambda: ticks(c, "base-clone1")[-1] > paused_at + 3, 20, "clone1 to resume")
 
 
+def test_a_paused_vm_is_saved_and_restored_paused(mgr: Daemon, manager_guest: Path,  # noqa: F811
+                                                   tmp_path: Path) -> None:
+    with mgr.client() as c:
+        c.define(guest_definition("p", manager_guest))
+        c.action("p", "start")
+        wait_ticks(c, "p", 3)
+        c.action("p", "suspend")
+        time.sleep(0.3)
+        last = ticks(c, "p")[-1]
+        res = c.request("POST", "/vms/p/snapshot", json={"dir": str(tmp_path / "ps")})
+        assert res["vm"]["state"] == "paused", res
+        vm = c.request("POST", "/restore", json={"dir": str(tmp_path / "ps"), "name": "p2"})
+        assert vm["state"] == "paused", vm
+        time.sleep(0.5)
+        assert ticks(c, "p2") == [] and ticks(c, "p")[-1] == last
+        c.action("p2", "resume")
+        after = wait_ticks(c, "p2", 3)
+        assert after[0] in (last, last + 1), (last, after[:5])
+
+
 def test_sandboxed_vm_is_refused_in_one_line(tmp_path: Path, manager_guest: Path) -> None:  # noqa: F811
     d = Daemon(tmp_path / "state")
     d.start()

@@ -29,7 +29,6 @@ import json
 import logging
 import os
 import socket
-import subprocess
 import time
 import uuid as uuidlib
 from pathlib import Path
@@ -150,11 +149,28 @@ def _free_port(address: str) -> int:
 
 
 def _copy_disk(src: str, dst: Path) -> None:
-    """A sparse (reflinked where the file system can) copy of a disk image."""
-    proc = subprocess.run(["cp", "--sparse=always", "--reflink=auto", "--", src, str(dst)],
-                          capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise ManagerError(409, f"cannot copy disk {src}: {proc.stderr.strip() or 'cp failed'}")
+    """A sparse copy of a disk image: only its data extents (SEEK_DATA/SEEK_HOLE), with copy_file_range,
+    which file systems that can share extents (btrfs, XFS) do without copying."""
+    try:
+        with open(src, "rb") as fin, open(dst, "xb") as fout:
+            size = os.fstat(fin.fileno()).st_size
+            pos = 0
+            while pos < size:
+                try:
+                    data = os.lseek(fin.fileno(), pos, os.SEEK_DATA)
+                except OSError:  # ENXIO: only a hole is left
+                    break
+                hole = os.lseek(fin.fileno(), data, os.SEEK_HOLE)
+                off = data
+                while off < hole:
+                    n = os.copy_file_range(fin.fileno(), fout.fileno(), hole - off, off, off)
+                    if n == 0:
+                        break
+                    off += n
+                pos = hole
+            os.ftruncate(fout.fileno(), size)
+    except OSError as e:
+        raise ManagerError(409, f"cannot copy disk {src} to {dst}: {e.strerror}") from None
 
 
 def _new_overlay(path: Path, backing: str, backing_fmt: str) -> None:
@@ -445,7 +461,28 @@ class SnapshotOps:
                 self.sup.undefine(h.name)
             raise
         self.sup._set_state(h, VmState.PAUSED, "inmigrate")
+        task = asyncio.create_task(self._expire_incoming(h, h.pid))
+        self.sup._timers.add(task)  # a strong reference until it is done
+        task.add_done_callback(self.sup._timers.discard)
         return IncomingInfo(port=port, vm=h.info())
+
+    async def _expire_incoming(self, h: VmHandle, pid: int | None, timeout: float = MIGRATE_TIMEOUT + 60) -> None:
+        """A destination whose source never sent (or finished) the stream is not left waiting forever."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if h.pid != pid or not h.active:
+                return
+            with contextlib.suppress(ManagerError):
+                status = await self.sup._qmp(h, "query-status")
+                if status.get("status") != "inmigrate":
+                    if h.reason == "inmigrate" and not status.get("running"):
+                        self.sup._set_state(h, VmState.PAUSED, "migrated here (paused, as it was)")
+                    return
+            await asyncio.sleep(1.0)
+        log.warning("VM %s: no migration stream arrived within %.0fs: destroying it", h.name, timeout)
+        with contextlib.suppress(ManagerError):
+            await self.sup.destroy(h.name)
+            self.sup.undefine(h.name)
 
     async def migrate(self, name: str, body: MigrateIn) -> MigrateResult:
         from pyvmm.manager.client import Client, ClientError
