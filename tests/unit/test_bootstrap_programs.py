@@ -64,7 +64,6 @@ PROGRAMS: dict[str, str] = {
     "umount": BASE,          # mount (essential)
     "unshare": BASE,         # util-linux (essential)
     "nsenter": BASE,         # util-linux (essential)
-    "cp": BASE,              # coreutils
     "truncate": BASE,        # coreutils
     "true": BASE,            # coreutils
     "sh": BASE,              # dash
