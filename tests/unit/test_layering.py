@@ -23,7 +23,8 @@ SRC = Path(__file__).resolve().parents[2] / "src"
 PKG = SRC / "pyvmm"
 
 BOTTOM = ("pyvmm.errors", "pyvmm.runstate", "pyvmm.cpu_state", "pyvmm.irq", "pyvmm.capabilities",
-          "pyvmm.config", "pyvmm.qemuopts", "pyvmm.memory", "pyvmm.bus", "pyvmm.loop", "pyvmm.ratelimit")
+          "pyvmm.config", "pyvmm.qemuopts", "pyvmm.memory", "pyvmm.bus", "pyvmm.loop", "pyvmm.ratelimit",
+          "pyvmm.unixsock")
 ABOVE_DEVICES = ("pyvmm.accel", "pyvmm.kvm", "pyvmm.boot", "pyvmm.machine", "pyvmm.cli", "pyvmm.manager",
                  "pyvmm.guestkit")
 

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from pyvmm.qga.errors import QgaCommandError, QgaError, QgaTimeout
+from pyvmm.unixsock import connect_unix
 
 log = logging.getLogger(__name__)
 
@@ -101,18 +102,10 @@ class QgaClient:
         """Connect to the socket (retried until ``timeout``: the VMM creates it some time after start)."""
         self.close()
         self.path = Path(path)
-        deadline = time.monotonic() + timeout
-        while True:
-            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-            try:
-                s.connect(str(self.path))
-                break
-            except OSError as e:
-                s.close()
-                if time.monotonic() > deadline:
-                    raise QgaError(f"cannot connect to the guest agent socket {self.path}: {e.strerror}") from None
-                time.sleep(0.05)
-        self._sock = s
+        try:
+            self._sock = connect_unix(self.path, timeout)
+        except OSError as e:
+            raise QgaError(f"cannot connect to the guest agent socket {self.path}: {e.strerror}") from None
         self._buf.clear()
 
     def close(self) -> None:

@@ -14,24 +14,17 @@ import time
 from pathlib import Path
 
 from pyvmm.sdk.errors import VMError, VMTimeout
+from pyvmm.unixsock import connect_unix
 
 KEEP = 1 << 20
 
 
 class Console:
     def __init__(self, path: Path, timeout: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-            try:
-                s.connect(str(path))
-                break
-            except OSError as e:
-                s.close()
-                if time.monotonic() > deadline:
-                    raise VMError(f"cannot connect to the console socket {path}: {e.strerror}") from None
-                time.sleep(0.02)
-        self._sock = s
+        try:
+            self._sock = connect_unix(path, timeout, poll=0.02)
+        except OSError as e:
+            raise VMError(f"cannot connect to the console socket {path}: {e.strerror}") from None
         self._cond = threading.Condition()
         self._data = bytearray()
         self._dropped = 0  # bytes dropped from the front of _data

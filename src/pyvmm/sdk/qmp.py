@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from pyvmm.sdk.errors import QMPError, VMError, VMTimeout
+from pyvmm.unixsock import connect_unix
 
 MAX_EVENTS = 1000
 MAX_LINE = 16 << 20
@@ -22,18 +23,10 @@ MAX_LINE = 16 << 20
 
 class QmpConnection:
     def __init__(self, path: Path, timeout: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-            try:
-                s.connect(str(path))
-                break
-            except OSError as e:
-                s.close()
-                if time.monotonic() > deadline:
-                    raise VMError(f"cannot connect to the QMP socket {path}: {e.strerror}") from None
-                time.sleep(0.05)
-        self._sock = s
+        try:
+            self._sock = connect_unix(path, timeout)
+        except OSError as e:
+            raise VMError(f"cannot connect to the QMP socket {path}: {e.strerror}") from None
         self._cond = threading.Condition()
         self._replies: collections.deque[dict[str, Any]] = collections.deque()
         self.events: collections.deque[dict[str, Any]] = collections.deque(maxlen=MAX_EVENTS)

@@ -24,7 +24,7 @@ import logging
 import struct
 from enum import IntEnum
 
-from pyvmm.block.iov import iov_from_bytes, iov_pieces
+from pyvmm.block.iov import iov_pieces
 from pyvmm.chardev import CharBackend
 from pyvmm.devices.virtio.device import DeviceId, Status, VirtioDevice
 from pyvmm.devices.virtio.queue import Virtqueue
@@ -126,20 +126,7 @@ class VirtioConsole(VirtioDevice):
     def _flush_rx(self) -> None:
         q = self.queues[RX_QUEUE]
         was_full = len(self._pending) >= PENDING_MAX
-        pushed = False
-        while self._pending:
-            chain = q.pop()
-            if chain is None:
-                break
-            try:
-                n = iov_from_bytes(chain.writable, bytes(self._pending))
-            finally:
-                chain.release()
-            del self._pending[:n]
-            q.push(chain.head, n)
-            pushed = True
-        if pushed:
-            self.notify_used(q)
+        self.deliver_input(q, self._pending)
         if was_full and len(self._pending) < PENDING_MAX and self.backend is not None:
             self.backend.accept_input()
 

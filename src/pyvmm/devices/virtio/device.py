@@ -39,6 +39,7 @@ from collections.abc import Callable
 from enum import IntEnum, IntFlag
 from typing import Protocol
 
+from pyvmm.block.iov import iov_from_bytes
 from pyvmm.devices.virtio.queue import Virtqueue, VirtqueueError
 from pyvmm.loop import MainLoop
 from pyvmm.memory import GuestMemory
@@ -305,6 +306,26 @@ class VirtioDevice:
         """After pushing a batch: one interrupt if the driver asked for one (EVENT_IDX or flags)."""
         if queue.should_notify():
             self.interrupt.queue_interrupt(queue.index)
+
+    def deliver_input(self, queue: Virtqueue, pending: bytearray) -> None:
+        """Copy host input waiting in ``pending`` into the guest's receive buffers, as far as they go.
+
+        What was delivered is removed from ``pending``; one interrupt for the batch.
+        """
+        pushed = False
+        while pending:
+            chain = queue.pop()
+            if chain is None:
+                break
+            try:
+                n = iov_from_bytes(chain.writable, bytes(pending))
+            finally:
+                chain.release()
+            del pending[:n]
+            queue.push(chain.head, n)
+            pushed = True
+        if pushed:
+            self.notify_used(queue)
 
     def needs_reset(self, reason: str) -> None:
         with self.lock:

@@ -243,20 +243,7 @@ class VirtioSerial(VirtioDevice):
             return
         q = self.queues[port_queues(port.nr)[0]]
         was_full = len(port.pending) >= PENDING_MAX
-        pushed = False
-        while port.pending:
-            chain = q.pop()
-            if chain is None:
-                break
-            try:
-                n = iov_from_bytes(chain.writable, bytes(port.pending))
-            finally:
-                chain.release()
-            del port.pending[:n]
-            q.push(chain.head, n)
-            pushed = True
-        if pushed:
-            self.notify_used(q)
+        self.deliver_input(q, port.pending)
         if was_full and len(port.pending) < PENDING_MAX and port.backend is not None:
             port.backend.accept_input()
 
