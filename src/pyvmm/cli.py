@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from pyvmm import __version__
+from pyvmm import __version__, compat_options
 from pyvmm.block.blockdev import parse_blockdev
 from pyvmm.chardev.parse import parse_spec
 from pyvmm.config import (
@@ -81,6 +81,10 @@ OPTIONS: tuple[Option, ...] = (
     Option(("cpu",), "MODEL[,+feat,-feat]", "CPU model and features"),
     Option(("serial",), "SPEC", "COM1 back-end: stdio, file:PATH, unix:PATH[,server=on,wait=off], pty, null, none"),
     Option(("no-reboot",), "", "exit instead of rebooting"),
+    Option(("no-shutdown",), "", "a guest power-off stops the VM but the process stays (QMP system_reset + cont)"),
+    Option(("overcommit",), "mem-lock=off[,cpu-pm=off]", "only off: pyvmm never locks RAM or passes idling through"),
+    Option(("global",), "PIIX4_PM.disable_s3=1 | PIIX4_PM.disable_s4=1", "only these: pyvmm has no S3/S4"),
+    Option(("no-hpet",), "", "no HPET (pyvmm never has one)"),
     Option(("action",), "panic=ACTION[,reboot=reset|shutdown][,shutdown=poweroff]",
            "what a guest event does, as QEMU's -action; panic=shutdown|pause|exit-failure|none"),
     Option(("nographic",), "", "no graphics (pyvmm never has any)"),
@@ -112,8 +116,9 @@ OPTIONS: tuple[Option, ...] = (
     Option(("sandbox",), "on|off[,obsolete=allow|deny][,elevateprivileges=allow|deny|children]"
                          "[,spawn=allow|deny][,resourcecontrol=allow|deny]",
            "a seccomp allow-list of system calls once the VM is set up (docs/sandbox.md)"),
-    Option(("object",), "memory-backend-{memfd,file,ram},id=ID,size=S[,share=on][,mem-path=P] | JSON",
-           "a guest RAM back-end, for -machine memory-backend=ID or -numa node,memdev=ID"),
+    Option(("object",), "memory-backend-{memfd,file,ram},id=ID,size=S[,share=on][,mem-path=P] | "
+                        "secret,id=ID,data=D|file=F[,format=raw|base64] | JSON",
+           "a guest RAM back-end, for -machine memory-backend=ID or -numa node,memdev=ID; or a named secret"),
     Option(("numa",), "node,memdev=ID", "one NUMA node whose RAM is the memory back-end ID"),
     Option(("blockdev",), "JSON | driver=file|raw|qcow2,node-name=N[,...]",
            "a block node (QEMU's grammar), for -device virtio-blk-pci,drive=N"),
@@ -221,7 +226,7 @@ BOOT_SYNTAX = OptionSyntax("boot", implied="order",
 RTC_SYNTAX = OptionSyntax("rtc", keys=("base", "clock", "driftfix"))
 ACTION_SYNTAX = OptionSyntax("action", keys=("reboot", "shutdown", "panic", "watchdog"))
 DISPLAY_SYNTAX = OptionSyntax("display", implied="type")
-MON_SYNTAX = OptionSyntax("mon", implied="chardev", keys=("chardev", "mode", "pretty"))
+MON_SYNTAX = OptionSyntax("mon", implied="chardev", keys=("chardev", "mode", "pretty", "id"))
 AUDIODEV_SYNTAX = OptionSyntax("audiodev", implied="driver", json=True)
 #: QEMU 7.2's display types; pyvmm honours only none.
 _DISPLAYS = ("none", "gtk", "sdl", "egl-headless", "curses", "cocoa", "dbus", "spice-app", "vnc")
@@ -229,6 +234,17 @@ _ACCEL_PROPS = {"tcg": ("thread", "tb-size", "split-wx", "one-insn-per-tb"),
                 "kvm": ("kernel-irqchip", "kvm-shadow-mem", "dirty-ring-size", "notify-vmexit", "notify-window",
                         "eager-split-size")}
 _UUID_RE = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}\Z")
+
+
+def qemuopts_syntaxes() -> list[OptionSyntax]:
+    """The QemuOpts options this command line reads, with the keys it parses (query-command-line-options)."""
+    from pyvmm.sandbox import SANDBOX_SYNTAX
+
+    machine_keys = ("type", "accel", "acpi", *_PC_PROPS_OFF_ONLY, *_PC_PROPS_ON_ONLY)
+    return [OptionSyntax("machine", "type", machine_keys), ACCEL_SYNTAX, MEMORY_SYNTAX, SMP_SYNTAX, NAME_SYNTAX,
+            MSG_SYNTAX, BOOT_SYNTAX, RTC_SYNTAX, ACTION_SYNTAX, DISPLAY_SYNTAX, MON_SYNTAX, CHARDEV_SYNTAX,
+            DEVICE_SYNTAX, OptionSyntax("netdev", keys=None), compat_options.OBJECT_SYNTAX, AUDIODEV_SYNTAX,
+            SANDBOX_SYNTAX, compat_options.OVERCOMMIT_SYNTAX, OptionSyntax("drive", keys=None)]
 
 
 def _merged(args: RunArgs, name: str, syntax: OptionSyntax) -> Opts | None:
@@ -346,8 +362,7 @@ def _name(args: RunArgs, cfg: MachineConfig) -> str | None:
     if opts is None:
         return None
     cfg.name = opts.get_str("guest")
-    if opts.get_bool("debug-threads", False):
-        raise _cannot(opts, "debug-threads=on (its threads keep Python's names)")
+    cfg.debug_threads = opts.get_bool("debug-threads", False)
     return opts.get_str("process")
 
 
@@ -556,7 +571,7 @@ def _monitors(args: RunArgs, chardevs: dict[str, str]) -> list[str]:
         if opts.get_bool("pretty"):
             raise _cannot(opts, "pretty=on")
         spec = chardevs.pop(cid)
-        if not spec.startswith("unix:") or "server=on" not in spec:
+        if not spec.startswith(("unix:", "fd:")) or "server=on" not in spec:
             raise _cannot(opts, f"a monitor on chardev '{cid}' (only a listening socket: server=on)")
         qmp.append(spec)
     return qmp
@@ -574,6 +589,7 @@ def _memory_backend(args: RunArgs, cfg: MachineConfig) -> None:
 
 
 def _refused_backends(args: RunArgs) -> None:
+    compat_options.parse_objects(args.all("object"))
     ids: set[str] = set()
     for text in args.all("audiodev"):
         opts = parse(AUDIODEV_SYNTAX, text)
@@ -637,6 +653,9 @@ def configure(args: RunArgs) -> tuple[MachineConfig, ProcessOptions]:
     cfg.boot = _boot(args)
     cfg.rtc_base = _rtc(args)
     cfg.no_reboot = args.has("no-reboot")
+    cfg.no_shutdown = args.has("no-shutdown")
+    compat_options.check_overcommit(args.all("overcommit"))
+    compat_options.check_globals(args.all("global"))
     _actions(args, cfg)
     cfg.start_paused = args.has("S")
     cfg.incoming = _incoming(args)

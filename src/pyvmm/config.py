@@ -202,6 +202,17 @@ def chardev_from_opts(opts: Opts) -> tuple[str, str]:
         raise opts.error("an id=NAME is required")
     opts.check_id()
     path = props.pop("path", "")
+    if backend == "socket" and "fd" in props:  # a listening socket the parent bound (libvirt's monitor)
+        fd = props.pop("fd")
+        if path or not str(fd).isdigit():
+            raise opts.error("fd= takes a file descriptor number, and no path=")
+        for key in props:
+            if key not in ("server", "wait"):
+                raise opts.error(f"Invalid parameter '{key}'")
+        if not opts.get_bool("server", False):
+            raise opts.error("fd=: pyvmm takes only a listening socket (server=on)")
+        wait = "on" if opts.get_bool("wait", True) else "off"
+        return cid, f"fd:{fd},server=on,wait={wait}"
     if backend == "socket":
         if not path:
             raise opts.error("path=PATH is required (unix sockets only)")
@@ -263,6 +274,8 @@ class MachineConfig:
     acpi: bool = True  # -no-acpi clears it
     rtc_base: str = "utc"  # -rtc base=utc|localtime|YYYY-MM-DD[THH:MM:SS]
     boot: BootConfig = field(default_factory=BootConfig)
+    no_shutdown: bool = False  # -no-shutdown: a guest power-off stops the vCPUs; the process stays
+    debug_threads: bool = False  # -name debug-threads=on: vCPU threads are named "CPU N/KVM" or "CPU N/TCG"
 
     @property
     def smp(self) -> int:

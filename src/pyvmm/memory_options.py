@@ -86,8 +86,10 @@ def backends_from_args(objects: list[str]) -> dict[str, RamBackend]:
             raise ConfigError(f"-object {text}: Duplicate ID '{ident}' for object")
         ids.add(ident)
         if backend is None:
+            if qom_type == "secret":  # pyvmm.compat_options reads those
+                continue
             raise ConfigError(f"-object {text}: pyvmm cannot honour -object {qom_type} "
-                              f"(its only objects are {', '.join(BACKEND_KINDS)})")
+                              f"(its only objects are {', '.join(BACKEND_KINDS)} and secret)")
         backends[ident] = backend
     return backends
 

@@ -92,7 +92,12 @@ TABLE: list[Row] = [
     R("-accel", "bogus"), R("-accel", "tcg,bogus=1"),
     # -- -name, -uuid, -display, -msg ---------------------------------------------------------------
     A("-name", "foo"), A("-name", "guest=foo"), A("-name", "foo,,bar"), A("-name", "guest=vm1,process=pyvmm-vm1"),
-    A("-name", "foo,debug-threads=off"),
+    A("-name", "foo,debug-threads=off"), A("-name", "foo,debug-threads=on"),
+    A("-object", "secret,id=s0,data=pw"),
+    A("-object", '{"qom-type":"secret","id":"s0","data":"cHc=","format":"base64"}'),
+    R("-object", "secret,id=s0"), R("-object", "secret,id=s0,data=pw,format=hex"),
+    A("-overcommit", "mem-lock=off"), A("-overcommit", "mem-lock=off,cpu-pm=off"), R("-overcommit", "bogus=on"),
+    A("-global", "PIIX4_PM.disable_s3=1"), A("-global", "PIIX4_PM.disable_s4=1"), A("-no-hpet"), A("-no-shutdown"),
     R("-name", "foo,bogus=1"), R("-name", ",bad"),
     A("-uuid", "12345678-1234-1234-1234-123456789abc"), A("-uuid", "12345678-1234-1234-1234-123456789ABC"),
     R("-uuid", "nope"), R("-uuid", "12345678123412341234123456789abc"),
@@ -213,7 +218,7 @@ TABLE: list[Row] = [
 #: QEMU honours these; pyvmm cannot, and says so in one line naming the option.
 PYVMM_CANNOT: list[Row] = [
     R("-machine", "q35"), R("-machine", "pc,hpet=on"), R("-m", "2G,maxmem=4G,slots=2"),
-    R("-accel", "tcg,thread=multi"), R("-name", "foo,debug-threads=on"), R("-boot", "splash-time=5"),
+    R("-accel", "tcg,thread=multi"), R("-boot", "splash-time=5"), R("-overcommit", "mem-lock=on"),
     R("-rtc", "driftfix=slew"), R("-monitor", "null"),
     R("-chardev", "null,id=c0", "-mon", "chardev=c0", names="-mon"),
     R("-chardev", "null,id=c0", "-mon", "chardev=c0,mode=control", names="-mon"),

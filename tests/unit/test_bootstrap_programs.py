@@ -74,6 +74,10 @@ PROGRAMS: dict[str, str] = {
     "apt-get": BASE,
     "apt-cache": BASE,
     "schemathesis": PIP,
+    "libvirtd": "libvirt-daemon",
+    "virtlogd": "libvirt-daemon",
+    "virsh": "libvirt-clients",
+    "virt-install": "virtinst",
 }
 
 _SUBPROCESS_CALLS = {"run", "Popen", "check_output", "check_call", "call", "create_subprocess_exec",

@@ -80,6 +80,10 @@ def parse_spec(spec: str) -> tuple[str, str, dict[str, bool]]:
         if not path:
             raise ConfigError(f"chardev {spec!r}: file: needs a path, e.g. file:serial.log")
         return kind, path, _parse_options(spec, parts, {"append": ""})
+    if kind == "fd":  # an inherited listening socket; only the QMP monitor serves on one
+        if not path.isdigit():
+            raise ConfigError(f"chardev {spec!r}: fd: needs a file descriptor number")
+        return kind, path, _parse_options(spec, parts, {"server": "server=on", "wait": "", "nowait": "wait=off"})
     if kind == "unix":
         if not path:
             raise ConfigError(f"chardev {spec!r}: unix: needs a path, e.g. unix:/tmp/console.sock,server=on")
@@ -99,6 +103,8 @@ def parse_chardev(spec: str, loop: MainLoop, control: VmControl | None, label: s
         log.info("%s: %r: no monitor multiplexing; using %s", label, spec, spec.strip()[4:])
     if kind == "none":
         return None
+    if kind == "fd":
+        raise ConfigError(f"{label}: a socket passed as fd= serves only a QMP monitor (-mon) in pyvmm")
     if kind == "null":
         return NullBackend(label)
     if kind == "pty":

@@ -27,7 +27,7 @@ from pyvmm.guestkit.modules import ModuleTree, strip_compression
 log = logging.getLogger(__name__)
 
 # Bumped whenever the image layout or /init changes, so cached images are rebuilt.
-FORMAT_VERSION = 4  # bump when the generated /init changes: it is part of the cache key
+FORMAT_VERSION = 5  # bump when the generated /init changes: it is part of the cache key
 
 DEFAULT_MODULES: tuple[str, ...] = (
     "virtio",
@@ -39,11 +39,14 @@ DEFAULT_MODULES: tuple[str, ...] = (
     "virtio_console",
     "virtio_rng",
     "virtiofs",  # virtio-fs shares (vhost-user-fs); pulls in fuse
+    "button",  # the ACPI power button as an input device (see the power button loop in /init)
+    "evdev",
 )
 
 DEFAULT_HOSTNAME = "pyvmm"
 READY_MARKER = "pyvmm-guest: shell ready"
 HVC_READY_MARKER = "pyvmm-guest: shell ready on hvc0"
+POWER_BUTTON_MARKER = "pyvmm-guest: power button pressed: powering off"
 
 
 @dataclass(frozen=True)
@@ -125,6 +128,13 @@ mount -t tmpfs tmpfs /run
 hostname {shlex.quote(hostname)}
 {loads}
 {VIRTIO_PORTS_SNIPPET}
+# The ACPI power button (QMP system_powerdown, virsh shutdown) powers off cleanly, as acpid would.
+for e in /sys/class/input/event*; do
+    if grep -qs 'Power Button' "$e/device/name"; then
+        (exec 3<"/dev/input/${{e##*/}}"; dd bs=24 count=1 of=/dev/null <&3 2>/dev/null
+         echo "{POWER_BUTTON_MARKER}"; sync; poweroff -f) &
+    fi
+done
 read -r up _ < /proc/uptime
 echo
 echo "pyvmm guest: Linux $(uname -r) on $(uname -m), userspace at ${{up}}s"

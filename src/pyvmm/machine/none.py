@@ -7,16 +7,30 @@ ask what the VMM can do.  ``stop`` and ``cont`` only move the run state.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable
 
 from pyvmm.block.graph import BlockGraph
 from pyvmm.config import MachineConfig
-from pyvmm.machine.pc import RunResult
+from pyvmm.machine.result import RunResult
 from pyvmm.monitor import ChardevInfo, CpuInfo, create_monitor
 from pyvmm.runstate import RequestKind, RunState, VmControl
 from pyvmm.sandbox import SandboxConfig
 from pyvmm.sandbox import prepare as prepare_sandbox
+
+log = logging.getLogger(__name__)
+
+
+def _open_kvm() -> object | None:
+    from pyvmm.errors import KvmError
+    from pyvmm.kvm.system import System
+
+    try:
+        return System()
+    except KvmError as e:
+        log.info("accelerator: tcg (%s)", e)
+        return None
 
 
 class NoneMachine:
@@ -32,6 +46,11 @@ class NoneMachine:
         self.state = RunState.PRELAUNCH
         self.state_listeners: list[Callable[[RunState, str], None]] = []
         self.monitor = create_monitor(self, config.qmp)
+        self._kvm = _open_kvm() if config.accel == "kvm" else None  # QMP query-kvm: what the VM would run on
+
+    def accelerator(self) -> str:
+        """``kvm`` once /dev/kvm passed pyvmm's checks (as QEMU's -machine none initialises KVM), else tcg."""
+        return "kvm" if self._kvm is not None else "tcg"
 
     def _set_state(self, state: RunState, reason: str = "") -> None:
         with self._lock:

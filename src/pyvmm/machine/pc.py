@@ -22,7 +22,6 @@ import logging
 import os
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from pyvmm.accel import select
 from pyvmm.accel.base import Accelerator, MachineContext
@@ -43,12 +42,14 @@ from pyvmm.irq import CpuInterruptController, IrqRouter
 from pyvmm.loop import MainLoop
 from pyvmm.machine.pc_devices import PcDevices
 from pyvmm.machine.pc_migration import PcMigration
+from pyvmm.machine.result import RunResult
 from pyvmm.monitor import ChardevInfo, CpuInfo, create_monitor
 from pyvmm.monitor.events import ShutdownCause, cause_of
 from pyvmm.ratelimit import guest_log
 from pyvmm.runstate import PanicAction, Request, RequestKind, RunState, VmControl
 from pyvmm.sandbox import SandboxConfig
 from pyvmm.sandbox import prepare as prepare_sandbox
+from pyvmm.threadnames import name_vcpu_threads
 from pyvmm.x86 import layout
 from pyvmm.x86.acpi import build_acpi, device_nodes
 from pyvmm.x86.e820 import build_e820
@@ -59,10 +60,8 @@ from pyvmm.x86.topology import CpuTopology
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class RunResult:
-    status: int
-    reason: str
+#: How long QMP system_reset waits, at most, for the main thread to carry the reset out.
+RESET_WAIT = 10.0
 
 
 class PcMachine:
@@ -96,6 +95,8 @@ class PcMachine:
         self.state_listeners: list[Callable[[RunState, str], None]] = []
         self.reset_listeners: list[Callable[[str], None]] = []  # callback(reason), at each machine reset
         self.last_request: Request | None = None  # the life-cycle request being handled (for listeners)
+        self._resets_cond = threading.Condition()  # system_reset waits for the main thread's reset
+        self._resets_handled = 0
         self._after_panic: list[Request] = []  # guest requests held back while paused by a guest panic
         self._build()
         self._deferred_start = False  # after -incoming of a stopped guest: vCPUs start at 'cont'
@@ -140,7 +141,9 @@ class PcMachine:
         # port, -drive if=virtio disks, then each -device in order.
         self.qdev = PcDevices(cfg, memory=self.memory, control=self.control, main_loop=self.loop,
                               irq_line=self.irq.line, add_io=self._add_io, virtio=self.virtio, pci=self.pci)
-        self.serial = self.qdev.add_serial(cfg.serial).obj
+        # -serial none with a -device isa-serial (libvirt's way): that device is COM1, as on QEMU.
+        user_serial = cfg.serial == "none" and any(spec.driver == "isa-serial" for spec in cfg.devices)
+        self.serial = None if user_serial else self.qdev.add_serial(cfg.serial).obj
         self.qdev.add_drives()
         for spec in cfg.devices:
             try:
@@ -209,15 +212,23 @@ class PcMachine:
         for cb in list(self.state_listeners):
             cb(state, reason)
 
-    def _power_on(self, start: bool = True) -> None:
+    def _power_on(self, start: bool = True, notify: bool = True) -> None:
         self._load_firmware_and_kernel()
         assert self.boot is not None
         self.accel.set_boot_state(self.boot.cpu, start_aps=False)
-        if not start:  # reset while paused: stay stopped until QMP 'cont', as QEMU does
-            self._set_state(RunState.PRELAUNCH)
+        if not start:  # -S, or a reset while stopped: vCPU threads exist but stay parked until QMP 'cont'
+            self.accel.pause()
+            self._start_vcpus()
+            if notify:
+                self._set_state(RunState.PRELAUNCH)
             return
-        self.accel.start()
+        self._start_vcpus()
         self._set_state(RunState.RUNNING)
+
+    def _start_vcpus(self) -> None:
+        self.accel.start()
+        if self.config.debug_threads:  # -name debug-threads=on
+            name_vcpu_threads(self.accel.vcpu_thread_ids(), self.accel_name)
 
     def _reset(self, reason: str) -> None:
         guest_log(log, logging.INFO, "machine reset: %s", reason)
@@ -230,7 +241,7 @@ class PcMachine:
             if reset is not None:
                 reset()
         self.accel.reset()
-        self._power_on(start=self.state not in (RunState.PAUSED, RunState.GUEST_PANICKED))
+        self._power_on(start=self.state not in (RunState.PAUSED, RunState.GUEST_PANICKED, RunState.SHUTDOWN))
 
     def pause(self) -> None:
         if self.state is RunState.RUNNING:
@@ -263,8 +274,9 @@ class PcMachine:
             held, self._after_panic = self._after_panic, []
             for req in held:
                 self.control.post(req)
-        elif self.state is RunState.PRELAUNCH and self.boot is not None:  # reset while paused
-            self.accel.start()
+        elif self.state is RunState.PRELAUNCH and self.boot is not None:  # -S, or reset while stopped
+            self._start_vcpus()
+            self.accel.resume()
             self._set_state(RunState.RUNNING)
 
     def _install_plugin_tracers(self) -> None:
@@ -285,14 +297,21 @@ class PcMachine:
         self.loop.start_thread()
         try:
             load_sandbox = prepare_sandbox(self.sandbox)
+            incoming = self.config.incoming is not None
+            if not incoming:
+                # The machine is complete (kernel loaded, vCPU threads created and parked) before the
+                # monitor answers, as QEMU's is: query-cpus-fast under -S gives the real vCPU threads.
+                self._power_on(start=False, notify=False)
             self._start_monitor()  # listening: the sandbox allows no new listeners
             load_sandbox()
+            if not incoming:
+                self._set_state(RunState.PRELAUNCH)
             if self.monitor is not None:
                 self.monitor.wait_for_clients()
-            if self.config.incoming is not None:
+            if incoming:
                 self._incoming()
-            else:
-                self._power_on(start=not self.config.start_paused)  # -S: wait in prelaunch for QMP 'cont'
+            elif not self.config.start_paused:  # -S: wait in prelaunch for QMP 'cont'
+                self.resume()
             while True:
                 req = self.control.wait()
                 if req is None:
@@ -306,12 +325,21 @@ class PcMachine:
     def _handle(self, req: Request) -> RunResult | None:
         self.last_request = req
         if req.kind is RequestKind.RESET:
-            if self.config.no_reboot:
-                self._set_state(RunState.SHUTDOWN, req.reason)
-                return RunResult(0, f"{req.reason} (--no-reboot)")
-            self._reset(req.reason)
-            return None
+            try:
+                if self.config.no_reboot:
+                    if self.config.no_shutdown:
+                        return self._stay_shut_down(req.reason)
+                    self._set_state(RunState.SHUTDOWN, req.reason)
+                    return RunResult(0, f"{req.reason} (--no-reboot)")
+                self._reset(req.reason)
+                return None
+            finally:
+                with self._resets_cond:
+                    self._resets_handled += 1
+                    self._resets_cond.notify_all()
         if req.kind is RequestKind.POWEROFF:
+            if self.config.no_shutdown:
+                return self._stay_shut_down(req.reason)
             self._set_state(RunState.SHUTDOWN, req.reason)
             return RunResult(0, req.reason)
         if req.kind is RequestKind.EXIT:
@@ -331,6 +359,14 @@ class PcMachine:
             return RunResult(req.status, "guest panicked")
         self._set_state(RunState.INTERNAL_ERROR, req.reason)
         return RunResult(req.status or 1, req.reason)
+
+    def _stay_shut_down(self, reason: str) -> RunResult | None:
+        """-no-shutdown: the guest powered off; vCPUs stop, the process stays (QMP system_reset + cont)."""
+        if self.state is not RunState.SHUTDOWN:
+            self.accel.pause()
+            log.info("guest powered off (%s); -no-shutdown: waiting for system_reset or quit", reason)
+            self._set_state(RunState.SHUTDOWN, reason)
+        return None
 
     def shutdown(self) -> None:
         """Stop vCPUs and back-ends; safe to call more than once."""
@@ -370,7 +406,13 @@ class PcMachine:
         return self.state
 
     def system_reset(self) -> None:
-        self.control.request_reset("host-qmp-system-reset")
+        """Reset, and return once the main thread has done it: QEMU runs QMP commands on the thread
+        that carries out resets, so a ``cont`` right after ``system_reset`` (libvirt's reboot of a
+        guest that powered off under -no-shutdown) finds the machine reset."""
+        with self._resets_cond:
+            before = self._resets_handled
+            self.control.request_reset("host-qmp-system-reset")
+            self._resets_cond.wait_for(lambda: self._resets_handled != before, timeout=RESET_WAIT)
 
     def system_powerdown(self) -> None:
         self.acpi_pm.press_power_button()
@@ -391,7 +433,19 @@ class PcMachine:
         return self.accel.cpu_dump(index)
 
     def chardevs(self) -> list[ChardevInfo]:
-        return [ChardevInfo("serial0", self.config.serial)]
+        return [ChardevInfo(label, filename) for label, filename in self.qdev.chardev_filenames()]
+
+    def accelerator(self) -> str:
+        """The accelerator the vCPUs run on (QMP query-kvm)."""
+        return self.accel_name
+
+    def qom_devices(self) -> list[tuple[str, str, list[tuple[str, str]]]]:
+        """(QOM path, driver, [(property, QOM type)]) of every device, for QMP qom-list."""
+        out = []
+        for dev in self.qdev.manager.tree:
+            props = [(p.name, p.type.qemu_type) for p in dev.type.props] if dev.type is not None else []
+            out.append((dev.path, dev.driver, props))
+        return out
 
     def guest_name(self) -> str | None:
         return self.config.name  # -name

@@ -49,6 +49,7 @@ class PcDevices:
         self.virtio = virtio
         self.pci = pci
         self._builtin_chardevs: dict[str, str] = {}
+        self._chardevs: list[tuple[str, str, Any]] = []  # (label, spec, back-end) in creation order
         self._drives = _drives_by_id(config.drives)
         self.block = build_block_graph(config.blockdevs, self._drives)
         self._netdevs = _netdevs_by_id(config.netdevs)
@@ -131,7 +132,19 @@ class PcDevices:
         else:  # a -chardev id, or (pyvmm's shorthand) a back-end spec itself
             spec = self._config.chardevs.get(ident, ident)
             label = ident if ident in self._config.chardevs else "chardev"
-        return parse_chardev(spec, self._main_loop, self._control, label=label)
+        backend = parse_chardev(spec, self._main_loop, self._control, label=label)
+        if backend is not None:
+            self._chardevs.append((label, spec, backend))
+        return backend
+
+    def chardev_filenames(self) -> list[tuple[str, str]]:
+        """(label, filename) of each back-end in use, as QMP query-chardev names them (pty:/dev/pts/N)."""
+        out = []
+        for label, spec, backend in self._chardevs:
+            path = getattr(backend, "path", None)
+            kind = spec.split(":", 1)[0].split(",", 1)[0]
+            out.append((label, f"pty:{path}" if kind == "pty" and path else spec))
+        return out
 
     def chardev_socket_path(self, ident: str) -> str:
         spec = self._config.chardevs.get(ident)

@@ -37,6 +37,8 @@ class Param:
     name: str
     json_type: str
     required: bool = False
+    #: The QAPI type query-qmp-schema names for it ("str", "[str]", an enum...); "" derives it from json_type.
+    schema_type: str = ""
 
     def check(self, value: object) -> None:
         ok = isinstance(value, _JSON_TYPES[self.json_type])
@@ -76,6 +78,8 @@ class Command:
     name: str
     handler: Handler
     params: tuple[Param, ...] = ()
+    #: The QAPI type of its "return" value, for query-qmp-schema ("any" when not described).
+    returns: str = "any"
 
     def check_args(self, args: Mapping[str, Any]) -> None:
         known = {p.name: p for p in self.params}
@@ -89,15 +93,15 @@ class Command:
                 raise QmpError(f"Parameter '{p.name}' is missing")
 
 
-def _version_triple() -> dict[str, int]:
-    nums = [int(x) if x.isdigit() else 0 for x in __version__.split(".")[:3]]
-    nums += [0] * (3 - len(nums))
-    return {"major": nums[0], "minor": nums[1], "micro": nums[2]}
+#: The QEMU interface level pyvmm's command line and QMP follow (docs/qemu-compat.md): clients that
+#: gate features on QEMU's version (libvirt wants 4.2.0 or later) read this; ``package`` says pyvmm.
+QEMU_INTERFACE_LEVEL = (7, 2, 0)
 
 
 def version_info() -> dict[str, Any]:
     """``query-version``'s value; the greeting carries it too."""
-    return {"qemu": _version_triple(), "package": f"pyvmm {__version__}"}
+    major, minor, micro = QEMU_INTERFACE_LEVEL
+    return {"qemu": {"major": major, "minor": minor, "micro": micro}, "package": f"pyvmm {__version__}"}
 
 
 # -- handlers ------------------------------------------------------------------------------------
@@ -221,6 +225,16 @@ COMMANDS: dict[str, Command] = {c.name: c for c in (
     Command("human-monitor-command", _human_monitor_command,
             (Param("command-line", "string", required=True), Param("cpu-index", "int"))),
 )}
+
+
+def _probe_commands() -> list[Command]:
+    """The commands of their own modules (QOM introspection, the schema, fd passing)."""
+    from pyvmm.monitor import fdpass, qom, schema
+
+    return [*qom.commands(), *schema.commands(), *fdpass.commands()]
+
+
+COMMANDS.update((c.name, c) for c in _probe_commands())
 
 
 def _x_test_syscall(ctx: CommandContext, args: Mapping[str, Any]) -> dict:

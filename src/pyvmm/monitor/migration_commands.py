@@ -51,6 +51,10 @@ def _migrate_cancel(ctx: CommandContext, args: Mapping[str, Any]) -> dict:
 
 
 def _query_migrate_capabilities(ctx: CommandContext, args: Mapping[str, Any]) -> list:
+    if getattr(ctx.machine, "migration", None) is None:  # -machine none (libvirt's probe asks): all off
+        from pyvmm.migration.manager import CAPABILITIES
+
+        return [{"capability": name, "state": False} for name in CAPABILITIES]
     return migration_of(ctx).query_capabilities()  # type: ignore[no-any-return]
 
 

@@ -57,8 +57,9 @@ _MESSAGE_MEMBERS = frozenset({"execute", "arguments", "id"})
 class MonitorSpec:
     """A ``--qmp`` option: ``unix:PATH[,server=on][,wait=off]`` or ``tcp:HOST:PORT[,...]``."""
 
-    kind: str                 # "unix" or "tcp"
+    kind: str                 # "unix", "tcp", or "fd" (a listening socket inherited from the parent)
     path: str = ""
+    fd: int = -1
     host: str = ""
     port: int = 0
     wait: bool = True
@@ -79,6 +80,8 @@ class MonitorSpec:
                 raise ConfigError(f"--qmp {text}: unknown option {opt!r}")
         if not server:
             raise ConfigError(f"--qmp {text}: only listening sockets are supported, add ',server=on'")
+        if head.startswith("fd:") and head[3:].isdigit():
+            return cls("fd", fd=int(head[3:]), wait=wait)
         if head.startswith("unix:") and len(head) > 5:
             return cls("unix", path=head[5:], wait=wait)
         if head.startswith("tcp:"):
@@ -88,6 +91,8 @@ class MonitorSpec:
         raise ConfigError(f"--qmp {text}: expected unix:PATH or tcp:HOST:PORT, with ,server=on[,wait=off]")
 
     def describe(self) -> str:
+        if self.kind == "fd":
+            return f"fd:{self.fd},server=on"
         where = f"unix:{self.path}" if self.kind == "unix" else f"tcp:{self.host}:{self.port}"
         return f"{where},server=on"
 
@@ -103,6 +108,8 @@ def _flag(value: str, text: str) -> bool:
 def _listen(spec: MonitorSpec) -> socket.socket:
     """Bind and listen now, on the caller's thread, so errors surface before the VM starts."""
     try:
+        if spec.kind == "fd":
+            return _inherited_listener(spec.fd)
         if spec.kind == "unix":
             with contextlib.suppress(FileNotFoundError):
                 if stat.S_ISSOCK(os.lstat(spec.path).st_mode):
@@ -120,6 +127,20 @@ def _listen(spec: MonitorSpec) -> socket.socket:
         return sock
     except OSError as e:
         raise DeviceError(f"--qmp {spec.describe()}: cannot listen: {e.strerror or e}") from None
+
+
+def _inherited_listener(fd: int) -> socket.socket:
+    """The listening stream socket the parent passed as ``fd`` (libvirt binds the monitor socket itself)."""
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError as e:
+        raise DeviceError(f"fd {fd}: not a socket: {e.strerror or e}") from None
+    if sock.type != socket.SOCK_STREAM or not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+        sock.detach()
+        raise DeviceError(f"fd {fd}: not a listening stream socket")
+    os.set_inheritable(fd, False)
+    sock.setblocking(False)
+    return sock
 
 
 @dataclass(eq=False)
@@ -253,9 +274,9 @@ class MonitorServer:
                 self._loop.run_until_complete(asyncio.sleep(0))
 
     async def _start_servers(self) -> None:
-        for i, (spec, sock) in enumerate(zip(self.specs, self._socks, strict=True)):
+        for i, sock in enumerate(self._socks):
             on_client = functools.partial(self._serve, i)  # asyncio runs (and keeps) one task per client
-            if spec.kind == "unix":
+            if sock.family == socket.AF_UNIX:
                 srv = await asyncio.start_unix_server(on_client, sock=sock, limit=READ_CHUNK)
             else:
                 srv = await asyncio.start_server(on_client, sock=sock, limit=READ_CHUNK)

@@ -10,7 +10,7 @@ def open_backend(spec: NetdevSpec) -> NetBackend:
     if spec.kind == "tap":
         from pyvmm.net.tap import TapBackend
 
-        return TapBackend(spec.ifname)
+        return TapBackend.from_fd(spec.fd) if spec.fd >= 0 else TapBackend(spec.ifname)
     from pyvmm.net.user import PasstBackend
 
     return PasstBackend(spec.passt)

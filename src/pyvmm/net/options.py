@@ -2,6 +2,7 @@
 
     --netdev user,id=n0[,passt=PATH]
     --netdev tap,id=n0[,ifname=tap0][,script=no][,downscript=no]
+    --netdev tap,id=n0,fd=N[,vhost=off]      a tap the parent opened (libvirt)
     --device virtio-net-pci,netdev=n0[,mac=52:54:00:12:34:56][,mrg_rxbuf=on|off][,addr=SLOT][,id=NAME]
 
 Every malformed value raises :class:`~pyvmm.errors.ConfigError` with one line
@@ -22,7 +23,7 @@ _BOOL = {"on": True, "yes": True, "true": True, "off": False, "no": False, "fals
 _ID_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,31}$")
 _IFNAME_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,15}$")
 _MAC_RE = re.compile(r"^[0-9A-Fa-f]{2}([:-][0-9A-Fa-f]{2}){5}$")
-_KEYS = {"user": ("id", "passt"), "tap": ("id", "ifname", "script", "downscript", "vnet_hdr")}
+_KEYS = {"user": ("id", "passt"), "tap": ("id", "ifname", "script", "downscript", "vnet_hdr", "fd", "vhost")}
 
 
 @dataclass
@@ -33,6 +34,7 @@ class NetdevSpec:
     id: str
     ifname: str = ""
     passt: str = ""
+    fd: int = -1  # tap: fd=N, a tap device the parent opened (libvirt)
 
 
 def parse_netdev(text: str) -> NetdevSpec:
@@ -76,6 +78,12 @@ def parse_netdev(text: str) -> NetdevSpec:
                 raise ConfigError(f"--netdev tap: {key}= is not supported (only {key}=no)")
         if props.get("vnet_hdr", "on") not in ("on", "true", "yes"):
             raise ConfigError("--netdev tap: vnet_hdr=off is not supported")
+        if props.get("vhost", "off") not in ("off", "false", "no"):
+            raise ConfigError("--netdev tap: pyvmm cannot honour vhost=on (no vhost-net: the device is in userspace)")
+        if "fd" in props:
+            if not props["fd"].isdigit() or spec.ifname:
+                raise ConfigError("--netdev tap: fd= takes a file descriptor number, and no ifname=")
+            spec.fd = int(props["fd"])
     else:
         spec.passt = props.get("passt", "")
     return spec

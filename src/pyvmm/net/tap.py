@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 TUN_DEVICE = "/dev/net/tun"
 TUNSETIFF = 0x400454CA
 TUNSETVNETHDRSZ = 0x400454D8
+TUNGETIFF = 0x800454D2
 IFF_TAP = 0x0002
 IFF_NO_PI = 0x1000
 IFF_VNET_HDR = 0x4000
@@ -69,6 +70,34 @@ class TapBackend:
         self._reading = False
         self.dropped_tx = 0
         log.info("tap: attached to %s", self.name)
+
+    @classmethod
+    def from_fd(cls, fd: int) -> TapBackend:
+        """QEMU's ``-netdev tap,fd=N``: a tap the parent opened (libvirt does).  It must be a tap with
+        a vnet header (``IFF_VNET_HDR``), which pyvmm's virtio-net needs; the header size is set here."""
+        req = IfReq()
+        try:
+            fcntl.ioctl(fd, TUNGETIFF, req)
+        except OSError as e:
+            raise DeviceError(f"tap: fd={fd} is not a tap device: {e.strerror}") from None
+        if not req.ifr_flags & IFF_TAP or not req.ifr_flags & IFF_VNET_HDR or not req.ifr_flags & IFF_NO_PI:
+            raise DeviceError(f"tap: fd={fd} ({req.ifr_name.decode()}) was opened without IFF_TAP, IFF_NO_PI "
+                              "and IFF_VNET_HDR, which pyvmm needs")
+        try:
+            fcntl.ioctl(fd, TUNSETVNETHDRSZ, ctypes.c_int(VNET_HDR_LEN))
+        except OSError as e:
+            raise DeviceError(f"tap: fd={fd}: cannot set the vnet header size: {e.strerror}") from None
+        os.set_blocking(fd, False)
+        os.set_inheritable(fd, False)
+        self = cls.__new__(cls)
+        self.fd = fd
+        self.name = req.ifr_name.decode()
+        self._loop = None
+        self._on_readable = None
+        self._reading = False
+        self.dropped_tx = 0
+        log.info("tap: attached to %s (fd %d)", self.name, fd)
+        return self
 
     def start(self, loop: MainLoop, on_readable: Callable[[], None]) -> None:
         self._loop = loop
