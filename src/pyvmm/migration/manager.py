@@ -62,6 +62,7 @@ class MigrationManager:
             parsed = uri_mod.parse(uri)
         except ConfigError as e:
             raise MigrationError(str(e)) from None
+        _check_sandbox(parsed)
         fds = None
         if parsed.scheme == "fd" and not parsed.target.isdigit():
             fd = self.take_fd(parsed.target)
@@ -151,6 +152,7 @@ class MigrationManager:
             parsed = uri_mod.parse(uri)
         except ConfigError as e:
             raise MigrationError(str(e)) from None
+        _check_sandbox(parsed)
         if parsed.scheme == "fd" and not parsed.target.isdigit():
             fd = self.take_fd(parsed.target)
             if fd is None:
@@ -158,3 +160,12 @@ class MigrationManager:
             self.fds[parsed.target] = fd
         self.incoming_uri = uri
         self.incoming_started.set()
+
+
+def _check_sandbox(parsed: uri_mod.MigrationUri) -> None:
+    """Under ``-sandbox on`` a new socket or program would kill the VMM: refuse the command instead."""
+    from pyvmm import sandbox
+
+    why = sandbox.refusal(needs_socket=parsed.scheme in ("unix", "tcp"), needs_spawn=parsed.scheme == "exec")
+    if why is not None:
+        raise MigrationError(f"{parsed.scheme}: migration: {why}")
