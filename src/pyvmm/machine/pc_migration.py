@@ -103,9 +103,7 @@ class PcMigration:
                 return False   # quit or another request while waiting for migrate-incoming
         assert mgr.incoming_uri is not None
         status = mgr.status
-        status.begin()
-        status.status = "setup"
-        mgr.event("MIGRATION", {"status": "setup"})
+        mgr.announce_incoming()  # migrate-incoming did already
         t0 = time.monotonic()
         uri = uri_mod.parse(mgr.incoming_uri)
         ch, self._early_channel = self._early_channel, None

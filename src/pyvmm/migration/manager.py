@@ -159,7 +159,16 @@ class MigrationManager:
                 raise MigrationError(f"File descriptor named '{parsed.target}' has not been found")
             self.fds[parsed.target] = fd
         self.incoming_uri = uri
+        self.announce_incoming()  # before the command's reply, as QEMU: libvirt waits for this event
         self.incoming_started.set()
+
+    def announce_incoming(self) -> None:
+        """The incoming migration is set up: status ``setup`` and its MIGRATION event (once)."""
+        if self.status.status == "setup":
+            return
+        self.status.begin()
+        self.status.status = "setup"
+        self.event("MIGRATION", {"status": "setup"})
 
 
 def _check_sandbox(parsed: uri_mod.MigrationUri) -> None:

@@ -361,7 +361,11 @@ class MonitorServer:
         self._post(lambda: self.broadcast(guest_panic_event(report)))
 
     def emit(self, event: Mapping[str, Any]) -> None:
-        """Send ``event`` to every negotiated client, from any thread (e.g. a migration's)."""
+        """Send ``event`` to every negotiated client, from any thread (e.g. a migration's).  From a
+        command handler (the monitor thread) it goes out at once, before the command's reply."""
+        if self._thread is not None and threading.current_thread() is self._thread:
+            self.broadcast(event)
+            return
         self._post(lambda: self.broadcast(event))
 
     def _post(self, fn: Callable[[], None]) -> None:
