@@ -83,6 +83,8 @@ def parse_sandbox(texts: list[str]) -> SandboxConfig:
 _O_WRITE_FLAGS = (os.O_WRONLY, os.O_RDWR, os.O_CREAT, os.O_TRUNC, os.O_APPEND)
 _O_TMPFILE_ONLY = 0o20000000  # __O_TMPFILE (O_TMPFILE is this | O_DIRECTORY)
 _CLONE_THREAD = 0x00010000
+#: The sub-option groups allowed by the filter this process loaded (None: no filter loaded).
+_loaded_allow: frozenset[str] | None = None
 
 #: Groups of system calls allowed outright, with the reason (docs/sandbox.md repeats them).
 ALLOWED: dict[str, tuple[str, ...]] = {
@@ -223,10 +225,25 @@ def prepare(cfg: SandboxConfig) -> Callable[[], None]:
     f = build_filter(cfg)
 
     def load() -> None:
+        global _loaded_allow
         f.load()
+        _loaded_allow = frozenset(cfg.allow)
         log.debug("sandbox: seccomp filter installed (allowing: %s)", ", ".join(sorted(cfg.allow)) or "nothing extra")
 
     return load
+
+
+def refusal(needs_socket: bool, needs_spawn: bool) -> str | None:
+    """Why the loaded filter would kill the process for an operation that makes a new socket or
+    starts a program (e.g. ``migrate unix:`` or ``exec:``), or None if nothing forbids it: the
+    caller answers with this instead of dying with SIGSYS."""
+    if _loaded_allow is None:
+        return None
+    if needs_socket:
+        return "-sandbox on forbids new sockets; pass a connected socket with getfd and use fd:NAME"
+    if needs_spawn and "spawn" not in _loaded_allow:
+        return "-sandbox on forbids starting programs (spawn=deny); pass a descriptor with getfd and use fd:NAME"
+    return None
 
 
 def install(cfg: SandboxConfig) -> None:

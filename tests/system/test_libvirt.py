@@ -213,6 +213,7 @@ def test_libvirt_scenario(kind: str, guest, tmp_path: Path) -> None:
         steps.run("domblkstat vda", lambda: _expect(env.virsh("domblkstat", name, "vda").stdout,
                                                      r"vda rd_req \d+"))
         steps.run("vcpuinfo", lambda: _vcpu_thread_real(env, name))
+        steps.run("save, restore", lambda: _save_restore(env, name, tmp_path / "saved.img"))
         steps.run("shutdown", lambda: (env.virsh("shutdown", name), wait_state(env, name, "shut off", 120)))
         steps.run("start again", lambda: (env.virsh("start", name), wait_state(env, name, "running", 30)))
 
@@ -259,6 +260,26 @@ def _vcpu_thread_real(env: LibvirtEnv, name: str) -> None:
     tid = int(re.search(r'"thread-id":\s*(\d+)', xml).group(1))
     assert Path(f"/proc/{pid}/task/{tid}").exists(), f"vCPU thread {tid} is not a thread of {pid}"
     assert tid != pid, "vCPU 0 reported as the main thread"
+
+
+def _save_restore(env: LibvirtEnv, name: str, path: Path) -> None:
+    """``virsh save`` (getfd + migrate fd:NAME) stops the domain; ``virsh restore`` (-incoming defer +
+    migrate-incoming fd:N) brings it back running, with what the guest had in RAM."""
+    con = console_session(env, name, 60)
+    try:
+        assert "saved-42" in shell(con, "echo saved-$((6*7)) > /tmp/mark; cat /tmp/mark")
+    finally:
+        con.close()
+    env.virsh("save", name, str(path))
+    assert dom_state(env, name) == "shut off"
+    assert path.stat().st_size > 1 << 20
+    env.virsh("restore", str(path))
+    wait_state(env, name, "running", 30)
+    con = console_session(env, name, 60)
+    try:
+        assert "saved-42" in shell(con, "cat /tmp/mark")
+    finally:
+        con.close()
 
 
 def _virt_install(env: LibvirtEnv, emulator: str, guest, tmp_path: Path, name: str) -> None:

@@ -303,6 +303,8 @@ class PcMachine:
                 # monitor answers, as QEMU's is: query-cpus-fast under -S gives the real vCPU threads.
                 self._power_on(start=False, notify=False)
             self._start_monitor()  # listening: the sandbox allows no new listeners
+            if incoming:
+                self.migration.prepare_incoming()  # -incoming unix:/tcp: listens now, for the same reason
             load_sandbox()
             if not incoming:
                 self._set_state(RunState.PRELAUNCH)

@@ -77,6 +77,22 @@ class PcMigration:
         pc_state.check_savable(self.m)
 
     # -- incoming ------------------------------------------------------------------------------
+    _early_channel: uri_mod.InChannel | None = None
+
+    def prepare_incoming(self) -> None:
+        """Open ``-incoming URI``'s channel now, before ``-sandbox on`` forbids new listening
+        sockets (``-incoming defer`` opens it at ``migrate-incoming``, as QEMU does)."""
+        if self.manager.incoming_uri is not None and self._early_channel is None:
+            self._early_channel = self._open_incoming()
+
+    def _open_incoming(self) -> uri_mod.InChannel:
+        mgr = self.manager
+        assert mgr.incoming_uri is not None
+        try:
+            return uri_mod.InChannel(uri_mod.parse(mgr.incoming_uri), mgr.fds)
+        except (OSError, PyvmmError) as e:
+            raise PyvmmError(f"-incoming {mgr.incoming_uri}: {getattr(e, 'strerror', None) or e}") from None
+
     def run_incoming(self) -> bool:
         """Read the stream; True if the destination should start its vCPUs now."""
         mgr = self.manager
@@ -87,15 +103,12 @@ class PcMigration:
                 return False   # quit or another request while waiting for migrate-incoming
         assert mgr.incoming_uri is not None
         status = mgr.status
-        status.begin()
-        status.status = "setup"
-        mgr.event("MIGRATION", {"status": "setup"})
+        mgr.announce_incoming()  # migrate-incoming did already
         t0 = time.monotonic()
-        try:
-            uri = uri_mod.parse(mgr.incoming_uri)
-            ch = uri_mod.InChannel(uri, mgr.fds)
-        except (OSError, PyvmmError) as e:
-            raise PyvmmError(f"-incoming {mgr.incoming_uri}: {getattr(e, 'strerror', None) or e}") from None
+        uri = uri_mod.parse(mgr.incoming_uri)
+        ch, self._early_channel = self._early_channel, None
+        if ch is None:
+            ch = self._open_incoming()
         try:
             ch.accept()
             status.status = "active"

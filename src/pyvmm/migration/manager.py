@@ -62,6 +62,7 @@ class MigrationManager:
             parsed = uri_mod.parse(uri)
         except ConfigError as e:
             raise MigrationError(str(e)) from None
+        _check_sandbox(parsed)
         fds = None
         if parsed.scheme == "fd" and not parsed.target.isdigit():
             fd = self.take_fd(parsed.target)
@@ -151,10 +152,29 @@ class MigrationManager:
             parsed = uri_mod.parse(uri)
         except ConfigError as e:
             raise MigrationError(str(e)) from None
+        _check_sandbox(parsed)
         if parsed.scheme == "fd" and not parsed.target.isdigit():
             fd = self.take_fd(parsed.target)
             if fd is None:
                 raise MigrationError(f"File descriptor named '{parsed.target}' has not been found")
             self.fds[parsed.target] = fd
         self.incoming_uri = uri
+        self.announce_incoming()  # before the command's reply, as QEMU: libvirt waits for this event
         self.incoming_started.set()
+
+    def announce_incoming(self) -> None:
+        """The incoming migration is set up: status ``setup`` and its MIGRATION event (once)."""
+        if self.status.status == "setup":
+            return
+        self.status.begin()
+        self.status.status = "setup"
+        self.event("MIGRATION", {"status": "setup"})
+
+
+def _check_sandbox(parsed: uri_mod.MigrationUri) -> None:
+    """Under ``-sandbox on`` a new socket or program would kill the VMM: refuse the command instead."""
+    from pyvmm import sandbox
+
+    why = sandbox.refusal(needs_socket=parsed.scheme in ("unix", "tcp"), needs_spawn=parsed.scheme == "exec")
+    if why is not None:
+        raise MigrationError(f"{parsed.scheme}: migration: {why}")

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pyvmm.errors import ConfigError, DeviceError, PyvmmError
-from pyvmm.monitor import commands
+from pyvmm.monitor import commands, fdpass
 from pyvmm.monitor.control import ChardevInfo, MachineControl
 from pyvmm.monitor.errors import QmpError
 from pyvmm.monitor.events import ShutdownCause, StateTracker, cause_of, guest_panic_event, reset_event
@@ -152,6 +152,8 @@ class _Session:
     negotiated: bool = False
     closed: bool = False
     task: asyncio.Task[None] | None = None
+    #: Descriptors the client passed with SCM_RIGHTS (unix sockets only), for getfd/add-fd.
+    passed_fds: fdpass.PassedFds | None = None
 
     def send(self, msg: Mapping[str, Any]) -> None:
         if self.closed or self.writer.is_closing():
@@ -206,6 +208,7 @@ class MonitorServer:
         self._ready = threading.Event()
         self._start_error: BaseException | None = None
         self._closed = False
+        self._accept_tasks: set[asyncio.Task[None]] = set()
 
     # -- life cycle (machine's main thread) ---------------------------------------------------
     def start(self) -> None:
@@ -253,6 +256,8 @@ class MonitorServer:
         if not thread.is_alive():
             loop.close()
         self._remove_socket_files()
+        for i in range(len(self.specs)):
+            fdpass.close_monitor(f"compat_monitor{i}")
 
     def _run(self) -> None:
         assert self._loop is not None
@@ -276,16 +281,41 @@ class MonitorServer:
     async def _start_servers(self) -> None:
         for i, sock in enumerate(self._socks):
             on_client = functools.partial(self._serve, i)  # asyncio runs (and keeps) one task per client
-            if sock.family == socket.AF_UNIX:
-                srv = await asyncio.start_unix_server(on_client, sock=sock, limit=READ_CHUNK)
+            if sock.family == socket.AF_UNIX:  # accepted here, so reads can carry SCM_RIGHTS descriptors
+                task = asyncio.ensure_future(self._accept_unix(i, sock))
+                self._accept_tasks.add(task)
+                task.add_done_callback(self._accept_tasks.discard)
             else:
-                srv = await asyncio.start_server(on_client, sock=sock, limit=READ_CHUNK)
-            self._servers.append(srv)
+                self._servers.append(await asyncio.start_server(on_client, sock=sock, limit=READ_CHUNK))
+
+    async def _accept_unix(self, index: int, listener: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                conn, _ = await loop.sock_accept(listener)
+            except OSError as e:
+                if listener.fileno() < 0:
+                    return
+                log.warning("qmp compat_monitor%d: accept failed: %s", index, e)
+                await asyncio.sleep(0.1)
+                continue
+            sock = fdpass.FdSocket.adopt(conn)
+            sock.setblocking(False)
+            reader = asyncio.StreamReader(limit=READ_CHUNK, loop=loop)
+            protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
+            transport, _ = await loop.connect_accepted_socket(functools.partial(lambda p: p, protocol), sock=sock)
+            writer = asyncio.StreamWriter(transport, protocol, reader, loop)
+            task = asyncio.ensure_future(self._serve(index, reader, writer, sock.passed))
+            self._accept_tasks.add(task)
+            task.add_done_callback(self._accept_tasks.discard)
 
     async def _aclose(self) -> None:
         """Flush every client at once for at most FLUSH_TIMEOUT, cut off the rest, end their tasks."""
         for srv in self._servers:
             srv.close()
+        for task in list(self._accept_tasks):
+            if not any(s.task is task for s in self._sessions):
+                task.cancel()  # the unix accept loops
         sessions = list(self._sessions)
 
         async def flush(s: _Session) -> None:
@@ -331,7 +361,11 @@ class MonitorServer:
         self._post(lambda: self.broadcast(guest_panic_event(report)))
 
     def emit(self, event: Mapping[str, Any]) -> None:
-        """Send ``event`` to every negotiated client, from any thread (e.g. a migration's)."""
+        """Send ``event`` to every negotiated client, from any thread (e.g. a migration's).  From a
+        command handler (the monitor thread) it goes out at once, before the command's reply."""
+        if self._thread is not None and threading.current_thread() is self._thread:
+            self.broadcast(event)
+            return
         self._post(lambda: self.broadcast(event))
 
     def _post(self, fn: Callable[[], None]) -> None:
@@ -350,8 +384,9 @@ class MonitorServer:
     def chardevs(self) -> list[ChardevInfo]:
         return [ChardevInfo(f"compat_monitor{i}", spec.describe()) for i, spec in enumerate(self.specs)]
 
-    async def _serve(self, index: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        session = _Session(writer, f"compat_monitor{index}", task=asyncio.current_task())
+    async def _serve(self, index: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                     passed_fds: fdpass.PassedFds | None = None) -> None:
+        session = _Session(writer, f"compat_monitor{index}", task=asyncio.current_task(), passed_fds=passed_fds)
         self._sessions.add(session)
         self._connected[index].set()
         log.debug("qmp %s: client connected", session.label)
