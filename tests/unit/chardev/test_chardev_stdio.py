@@ -144,8 +144,12 @@ def test_pipe_stdin_eof_stops_reading(loop):
                 os.close(fd)
 
 
+# The child starts with the signals at their defaults, as from a shell: under nohup (SIGHUP ignored,
+# inherited across exec) the backend rightly leaves an ignored signal alone.
 CHILD = r"""
-import os, sys, time
+import os, signal, sys, time
+for sig in (signal.SIGTERM, signal.SIGHUP):
+    signal.signal(sig, signal.SIG_DFL)
 from pyvmm.chardev import StdioBackend
 from pyvmm.loop import MainLoop
 fd = int(sys.argv[1])

@@ -206,3 +206,11 @@ def run_ops(sc) -> None:
 
 def test_fuzz_pci_config_and_bars(fuzz) -> None:
     fuzz.run("pci-config-bars", st.tuples(st.booleans(), st.lists(op_st(), min_size=5, max_size=60)), run_ops)
+
+
+def test_bar_refused_for_a_clash_decodes_once_the_other_bar_moves() -> None:
+    """Found by the target in CI: virtio-rng's BAR 4 was kept off by another device's BAR 2 and
+    stayed off after that BAR was moved away (sized), although nothing was in its way any more."""
+    run_ops((True, [("cfg-write", (0, 0, 0), 4, 4, 0, 0xFFFF_FFFF), ("cfg-write", (0, 0, 0), 4, 4, 0, 0xFFFF_FFFF),
+                    ("cfg-write", (4, 0, 0), 32, 2, 0, 0), ("port", 3320, 1, 0, False),
+                    ("cfg-write", (3, 0, 0), 24, 4, 0, 0xFFFF_FFFF)]))

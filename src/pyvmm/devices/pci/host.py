@@ -175,13 +175,16 @@ class PciDevice:
         with self.cfg_lock:
             self.config.write(offset, size, value)
             end = offset + size
+            released = False
             if offset < Reg.COMMAND + 2 and end > Reg.COMMAND or (offset < Reg.BAR0 + 4 * NUM_BARS
                                                                    and end > Reg.BAR0):
-                self.update_mappings()
+                released = self.update_mappings()
                 self._drive_intx()
             msix = self.msix
             if msix is not None and offset < msix.cap_offset + 4 and end > msix.cap_offset + 2:
                 msix.control_written()
+        if released and self.host is not None:
+            self.host.remap_refused(self)  # a BAR kept off by this one's old range may decode now
 
     # -- BARs ----------------------------------------------------------------------------------------------
     def bar_address(self, index: int) -> int:
@@ -202,10 +205,14 @@ class PciDevice:
         if spec.kind is BarKind.MEM64:
             self.config.set_u32(off + 4, address >> 32)
 
-    def update_mappings(self) -> None:
-        """Put each BAR where the command register and BAR registers say (host moves the bus ranges)."""
+    def update_mappings(self) -> bool:
+        """Put each BAR where the command register and BAR registers say (host moves the bus ranges).
+
+        True if a range this device decoded is no longer decoded there (moved or turned off).
+        """
+        released = False
         if self.host is None:
-            return
+            return released
         command = self.config.get(Reg.COMMAND, 2)
         for index, spec in self.bars.items():
             window = self._windows[index]
@@ -226,7 +233,9 @@ class PciDevice:
                 window.decoding = index in self._mapped
             now = self.mapped_bars().get(index)
             if now != was:
+                released |= was is not None
                 self.bar_moved(index, now)
+        return released
 
     def bar_moved(self, index: int, base: int | None) -> None:
         """Subclass hook (config lock held): BAR ``index`` is now decoded at ``base`` (None: not decoded)."""
@@ -404,6 +413,21 @@ class PciHost:
             self._windows[window] = (spec.is_io, base, base + spec.size)
         log.debug("%s: BAR %d at %#x+%#x", device.name, index, base, spec.size)
         return True
+
+    def remap_refused(self, changed: PciDevice) -> None:
+        """Retry the other devices' BARs that are enabled but were refused for a clash.
+
+        Decoding is a function of the registers, as on real hardware: when ``changed`` moves or
+        turns off a range, a BAR it was in the way of decodes now.  A device whose config lock is
+        busy (another vCPU is writing its registers) retries on that write itself.
+        """
+        for dev in list(self.devices.values()):
+            if dev is changed or not dev.cfg_lock.acquire(blocking=False):
+                continue
+            try:
+                dev.update_mappings()
+            finally:
+                dev.cfg_lock.release()
 
     def _evict_stale(self, is_io: bool, start: int, end: int) -> None:
         """Unregister non-decoding windows (decoding turned off) overlapping [start, end)."""
