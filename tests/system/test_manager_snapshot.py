@@ -302,8 +302,9 @@ def test_migrate_between_two_daemons(tmp_path: Path, manager_guest: Path) -> Non
 SRC_ADDR, DST_ADDR = "10.0.19.1", "10.0.19.2"
 
 
-class HostDaemon(UnsandboxedDaemon):
-    """A daemon inside a network namespace (a "host"), listening on TCP at its address with a token."""
+class HostDaemon(Daemon):
+    """A daemon inside a network namespace (a "host"), listening on TCP at its address with a token; its VMs
+    run sandboxed (the default), so the source daemon makes the stream's TCP connection for its VM."""
 
     def __init__(self, state_dir: Path, ns: str, addr: str, port: int) -> None:
         super().__init__(state_dir)
@@ -342,6 +343,7 @@ def test_migrate_between_two_hosts_over_tcp(tmp_path: Path, manager_guest: Path)
                 disk.write_bytes(b"\0" * 65536)
                 vm = s.define(guest_definition("hop", manager_guest, disks=[{"path": str(disk)}]))
                 s.action("hop", "start")
+                assert seccomp_mode(s.get("hop")["pid"]) == "2"
                 wait_ticks(s, "hop", 5)
                 r = cli(src, "--json", "migrate", "hop", "--to", f"http://{DST_ADDR}:8080", "--to-token", dst.token)
                 res = json.loads(ok(r))
