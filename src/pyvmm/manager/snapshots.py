@@ -2,7 +2,8 @@
 
 A snapshot directory holds
 
-* ``vm.state``: the VM's state written with QMP ``migrate file:…`` and the ``mapped-ram``
+* ``vm.state``: the VM's state written with QMP ``migrate fd:…`` (a file the daemon creates and passes
+  with ``getfd``, since a sandboxed VM process may not create it: manager/statefd.py) and the ``mapped-ram``
   capability: the device and CPU state, then the guest's memory at page-aligned offsets (the
   memory file part, which a restore maps ``MAP_PRIVATE``: pages fault in lazily, and any number of
   restores share the file copy-on-write; see pyvmm.vmstate.mapped);
@@ -15,8 +16,9 @@ A restored or cloned VM gets its own qcow2 overlay over each snapshot disk (in t
 
 Migration goes from this daemon to another one (``to``: its ``http(s)://`` URL and token, or
 ``unix:SOCKET``): the destination defines the VM (same uuid, MACs and disks: the storage is
-shared, as libvirt's default) and starts it with ``-incoming tcp:ADDRESS:PORT``; the source VM
-runs QMP ``migrate tcp:HOST:PORT`` and, once the stream completes, its process is ended and
+shared, as libvirt's default) and starts it with ``-incoming tcp:ADDRESS:PORT``; the source daemon
+connects to HOST:PORT, passes the socket to its VM process (``getfd``), which runs QMP ``migrate fd:…``
+and, once the stream completes, its process is ended and
 its definition is marked (reason ``migrated to …``) or undefined.  A failed migration destroys
 the destination VM again; the source keeps running.
 """
