@@ -3,8 +3,9 @@
 The VMs run the QMP test guest (tests/support/guests/qmp: ``tick N`` ten times a second) on KVM,
 with a raw disk and a user-mode NIC, so a snapshot has a disk to save and a clone a MAC to change.
 A restored VM continues: its first tick is the one after the last tick before the snapshot (not
-``tick 1``, which a fresh boot would print).  The daemons run with ``--no-sandbox``: a VM process
-under the seccomp sandbox can open no file or socket for its state, which one test checks too.
+``tick 1``, which a fresh boot would print).  Most daemons run with ``--no-sandbox``; the sandboxed
+tests run the default (every VM process under the seccomp sandbox, which may open no file or socket
+for its state): the daemon opens the state file or the connection itself and passes it over QMP.
 """
 
 from __future__ import annotations
@@ -201,29 +202,76 @@ def test_a_paused_vm_is_saved_and_restored_paused(mgr: Daemon, manager_guest: Pa
         assert after[0] in (last, last + 1), (last, after[:5])
 
 
-def test_sandboxed_vm_is_refused_in_one_line(tmp_path: Path, manager_guest: Path) -> None:  # noqa: F811
-    d = Daemon(tmp_path / "state")
+def seccomp_mode(pid: int) -> str:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return next(line.split()[1] for line in status.splitlines() if line.startswith("Seccomp:"))
+
+
+@pytest.fixture
+def sandboxed(tmp_path: Path):
+    """A daemon with its default: every VM process under ``-sandbox on``."""
+    d = Daemon(tmp_path / "sandboxed")
     d.start()
     try:
-        with d.client() as c:
-            c.define(guest_definition("sb", manager_guest))
-            c.action("sb", "start")
-            r = cli(d, "snapshot", "sb", str(tmp_path / "s"))
-            assert r.returncode == 1 and "seccomp sandbox" in r.stderr and r.stderr.count("\n") == 1, r.stderr
-            assert not (tmp_path / "s").exists()
-            assert c.get("sb")["state"] == "running"
+        yield d
     finally:
         d.cleanup()
 
 
+def test_sandboxed_vm_is_snapshotted_restored_and_cloned(sandboxed: Daemon, manager_guest: Path,  # noqa: F811
+                                                           tmp_path: Path) -> None:
+    """The daemon opens the state file and passes it (QMP getfd, migrate fd:NAME): the VM process, which
+    may open no file for writing under its seccomp filter, writes its mapped-ram state to it."""
+    snap = tmp_path / "sb-snap"
+    with sandboxed.client() as c:
+        define_guest(c, "sb", manager_guest, tmp_path)
+        c.action("sb", "start")
+        pid = c.get("sb")["pid"]
+        assert seccomp_mode(pid) == "2", "the VM process is not under the seccomp sandbox"
+        wait_ticks(c, "sb", 5)
+        out = ok(cli(sandboxed, "snapshot", "sb", str(snap)))
+        assert f"VM sb: snapshot in {snap}" in out and "now running" in out, out
+        snap_tick = ticks(c, "sb")[-1]
+        assert sorted(p.name for p in snap.iterdir()) == ["disk0.raw", "snapshot.json", "vm.state"]
+        assert (snap / "vm.state").stat().st_size > 0 and (snap / "vm.state").stat().st_mode & 0o777 == 0o600
+        # the same process, still sandboxed, runs on; it holds no descriptor of the state file any more
+        vm = c.get("sb")
+        assert vm["state"] == "running" and vm["pid"] == pid and seccomp_mode(pid) == "2", vm
+        wait_for(lambda: ticks(c, "sb")[-1] > snap_tick + 3, 20, "sb to go on ticking")
+        held = [os.readlink(f) for f in Path(f"/proc/{pid}/fd").iterdir()]
+        assert str(snap / "vm.state") not in held, held
+
+        ok(cli(sandboxed, "destroy", "sb"))
+        out = ok(cli(sandboxed, "restore", str(snap)))
+        assert out.strip() == f"VM sb restored from {snap} (now running)", out
+        restored = c.get("sb")
+        assert restored["state"] == "running" and seccomp_mode(restored["pid"]) == "2", restored
+        after = wait_ticks(c, "sb", 3)
+        assert 1 < after[0] <= snap_tick + 2, (snap_tick, after[:5])
+        assert_continues([min(snap_tick, after[0])], after)
+
+        # a clone of the restored (sandboxed) VM: snapshot and restore again, side by side
+        out = ok(cli(sandboxed, "clone", "sb", "--count", "2"))
+        assert out.count("cloned from sb") == 2, out
+        clones = [c.get("sb-clone1"), c.get("sb-clone2")]
+        for cl in clones:
+            assert cl["state"] == "running" and seccomp_mode(cl["pid"]) == "2", cl
+        t1, t2 = wait_ticks(c, "sb-clone1", 5), wait_ticks(c, "sb-clone2", 5)
+        assert t1[0] > 1 and t2[0] > 1 and abs(t1[0] - t2[0]) <= 1, (t1[:3], t2[:3])
+        assert c.get("sb")["state"] == "running"
+        assert len({cl["pid"] for cl in clones} | {c.get("sb")["pid"]}) == 3
+
+
 def test_migrate_between_two_daemons(tmp_path: Path, manager_guest: Path) -> None:  # noqa: F811
-    src, dst = UnsandboxedDaemon(tmp_path / "src"), UnsandboxedDaemon(tmp_path / "dst")
+    # the source runs its VMs sandboxed (the default): the daemon connects and passes the socket (getfd)
+    src, dst = Daemon(tmp_path / "src"), UnsandboxedDaemon(tmp_path / "dst")
     src.start()
     dst.start()
     try:
         with src.client() as s, dst.client() as d:
             vm = define_guest(s, "mover", manager_guest, tmp_path)
             s.action("mover", "start")
+            assert seccomp_mode(s.get("mover")["pid"]) == "2"
             wait_ticks(s, "mover", 5)
             t0 = time.monotonic()
             out = ok(cli(src, "migrate", "mover", "--to", f"unix:{dst.socket}"))
@@ -254,8 +302,9 @@ def test_migrate_between_two_daemons(tmp_path: Path, manager_guest: Path) -> Non
 SRC_ADDR, DST_ADDR = "10.0.19.1", "10.0.19.2"
 
 
-class HostDaemon(UnsandboxedDaemon):
-    """A daemon inside a network namespace (a "host"), listening on TCP at its address with a token."""
+class HostDaemon(Daemon):
+    """A daemon inside a network namespace (a "host"), listening on TCP at its address with a token; its VMs
+    run sandboxed (the default), so the source daemon makes the stream's TCP connection for its VM."""
 
     def __init__(self, state_dir: Path, ns: str, addr: str, port: int) -> None:
         super().__init__(state_dir)
@@ -294,6 +343,7 @@ def test_migrate_between_two_hosts_over_tcp(tmp_path: Path, manager_guest: Path)
                 disk.write_bytes(b"\0" * 65536)
                 vm = s.define(guest_definition("hop", manager_guest, disks=[{"path": str(disk)}]))
                 s.action("hop", "start")
+                assert seccomp_mode(s.get("hop")["pid"]) == "2"
                 wait_ticks(s, "hop", 5)
                 r = cli(src, "--json", "migrate", "hop", "--to", f"http://{DST_ADDR}:8080", "--to-token", dst.token)
                 res = json.loads(ok(r))

@@ -1,8 +1,9 @@
 """The web UI's snapshot, clone and restore controls in a real browser (as test_manager_web.py runs it).
 
-A pyvmmd with ``--no-sandbox`` (so its VMs can write their state) serves the page over TCP with a
-token; the VM boots the QMP test guest.  Snapshot writes the directory, Restore (under the list)
-brings the snapshot back as a new VM that continues ticking from it, Clone starts a copy.
+A pyvmmd with its defaults (VMs under the seccomp sandbox: the daemon passes them their state file)
+serves the page over TCP with a token; the VM boots the QMP test guest.  Snapshot writes the
+directory, Restore (under the list) brings the snapshot back as a new VM that continues ticking
+from it, Clone starts a copy.
 """
 
 from __future__ import annotations
@@ -23,14 +24,9 @@ from test_manager_web import browser, open_ui, row_state  # noqa: F401 - fixture
 TICK = re.compile(r"tick (\d+)")
 
 
-class WebDaemon(Daemon):
-    def command(self) -> list[str]:
-        return [*super().command(), "--no-sandbox"]
-
-
 @pytest.fixture
 def snap_daemon(tmp_path: Path):
-    d = WebDaemon(tmp_path / "state", tcp_port=free_port())
+    d = Daemon(tmp_path / "state", tcp_port=free_port())
     d.start()
     try:
         yield d

@@ -120,8 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pyvmm-command", default=None,
                    help="command that runs one VM (default: this Python's 'python -m pyvmm run')")
     p.add_argument("--no-sandbox", action="store_true", help="run VM processes without the seccomp sandbox "
-                   "(needed to snapshot, clone or migrate them away: a sandboxed VM can open no file or socket "
-                   "for its state)")
+                   "(snapshot, clone and migrate work either way: the daemon passes the state file or socket)")
     p.add_argument("-v", "--verbose", action="count", default=0)
     return p
 

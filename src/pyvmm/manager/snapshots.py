@@ -2,7 +2,8 @@
 
 A snapshot directory holds
 
-* ``vm.state``: the VM's state written with QMP ``migrate file:…`` and the ``mapped-ram``
+* ``vm.state``: the VM's state written with QMP ``migrate fd:…`` (a file the daemon creates and passes
+  with ``getfd``, since a sandboxed VM process may not create it: manager/statefd.py) and the ``mapped-ram``
   capability: the device and CPU state, then the guest's memory at page-aligned offsets (the
   memory file part, which a restore maps ``MAP_PRIVATE``: pages fault in lazily, and any number of
   restores share the file copy-on-write; see pyvmm.vmstate.mapped);
@@ -15,8 +16,9 @@ A restored or cloned VM gets its own qcow2 overlay over each snapshot disk (in t
 
 Migration goes from this daemon to another one (``to``: its ``http(s)://`` URL and token, or
 ``unix:SOCKET``): the destination defines the VM (same uuid, MACs and disks: the storage is
-shared, as libvirt's default) and starts it with ``-incoming tcp:ADDRESS:PORT``; the source VM
-runs QMP ``migrate tcp:HOST:PORT`` and, once the stream completes, its process is ended and
+shared, as libvirt's default) and starts it with ``-incoming tcp:ADDRESS:PORT``; the source daemon
+connects to HOST:PORT, passes the socket to its VM process (``getfd``), which runs QMP ``migrate fd:…``
+and, once the stream completes, its process is ended and
 its definition is marked (reason ``migrated to …``) or undefined.  A failed migration destroys
 the destination VM again; the source keeps running.
 """
@@ -37,6 +39,7 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, Field, StrictBool, StrictInt
 
+from pyvmm.manager import statefd
 from pyvmm.manager.models import NAME_PATTERN, STRICT_INPUT, PathStr, VmDefinition, VmDefinitionIn, VmInfo, VmState
 from pyvmm.manager.supervisor import ManagerError, Supervisor, VmHandle, random_mac
 
@@ -46,6 +49,9 @@ FORMAT = "pyvmm-snapshot"
 VERSION = 1
 META = "snapshot.json"
 STATE = "vm.state"
+#: The names the daemon gives the descriptors it passes (QMP getfd).
+STATE_FD = "pyvmm-state"
+MIGRATE_FD = "pyvmm-migrate"
 #: How long a snapshot's or an incoming stream's migration may take.
 SAVE_TIMEOUT = 300.0
 MIGRATE_TIMEOUT = 600.0
@@ -133,12 +139,12 @@ def _sandboxed(pid: int | None) -> bool:
 
 
 def _require_unsandboxed(h: VmHandle, op: str) -> None:
-    """The VM process must be able to open the state file or connect to the destination itself: under the
-    seccomp sandbox it can do neither (and a new socket would kill it), so say so rather than try."""
+    """For a VM process without QMP ``getfd`` (an older pyvmm): it must open the state file or connect to
+    the destination itself, which under the seccomp sandbox it cannot (a new socket would kill it)."""
     if _sandboxed(h.pid):
-        raise ManagerError(409, f"cannot {op} VM {h.name}: its process runs under the seccomp sandbox, which "
-                                "lets it open no file or socket for its state; start pyvmmd with --no-sandbox "
-                                "for VMs that are to be saved, cloned or migrated")
+        raise ManagerError(409, f"cannot {op} VM {h.name}: its process runs under the seccomp sandbox and has "
+                                "no QMP getfd to take the state file or socket from the daemon; restart it "
+                                "with this pyvmm, or start pyvmmd with --no-sandbox")
 
 
 def _free_port(address: str) -> int:
@@ -229,7 +235,6 @@ class SnapshotOps:
         target = Path(body.dir)
         async with h.lock:
             self.sup._require(h, "snapshot")
-            _require_unsandboxed(h, "snapshot")
             created = False
             try:
                 if target.exists():
@@ -255,15 +260,32 @@ class SnapshotOps:
         """Pause ``h``, write its state and disks to ``target``, continue it (h.lock held)."""
         was_running = h.state == VmState.RUNNING
         state = target / STATE
+        # The daemon creates the state file and passes it (getfd): a sandboxed VM process cannot open it.
+        passed = await statefd.has_getfd(self.sup, h)
+        if passed:
+            fd = statefd.create_state_file(state, self.sup._run_as)
+            try:
+                await statefd.pass_fd(self.sup, h, fd, STATE_FD)
+            except BaseException:
+                state.unlink(missing_ok=True)
+                raise
+            finally:
+                os.close(fd)
+        else:
+            _require_unsandboxed(h, "snapshot")
+        uri = f"fd:{STATE_FD}" if passed else f"file:{state}"
         t0 = time.monotonic()
-        await self.sup._qmp(h, "stop")
         try:
+            await self.sup._qmp(h, "stop")
             await self.sup._qmp(h, "migrate-set-capabilities",
                                 {"capabilities": [{"capability": "mapped-ram", "state": True}]})
             try:
-                await self.sup._qmp(h, "migrate", {"uri": f"file:{state}"})
+                await self.sup._qmp(h, "migrate", {"uri": uri})
+                passed = False  # the migration owns the descriptor now
                 info = await self._wait_migration(h, SAVE_TIMEOUT)
             finally:
+                if passed:
+                    await statefd.drop_fd(self.sup, h, STATE_FD)
                 with contextlib.suppress(ManagerError):
                     await self.sup._qmp(h, "migrate-set-capabilities",
                                         {"capabilities": [{"capability": "mapped-ram", "state": False}]})
@@ -424,7 +446,6 @@ class SnapshotOps:
         target = self.sup.config.state_dir / "snapshots" / f"{h.uuid}-{int(time.time() * 1000)}"
         async with h.lock:
             self.sup._require(h, "snapshot")
-            _require_unsandboxed(h, "clone")
             try:
                 target.mkdir(parents=True, mode=0o700)
             except OSError as e:
@@ -489,7 +510,6 @@ class SnapshotOps:
 
         h = self.sup.get(name)
         self.sup._require(h, "migrate")
-        _require_unsandboxed(h, "migrate")
         if body.to.startswith("unix:"):
             client_kw: dict[str, Any] = {"socket_path": Path(body.to[5:])}
             host = body.address or "127.0.0.1"
@@ -507,11 +527,16 @@ class SnapshotOps:
                 raise ManagerError(409, f"destination {body.to}: {e}") from None
             port = int(answer["port"])
             dest_name = str(answer["vm"]["name"])
-            uri_host = f"[{host}]" if ":" in host else host
             try:
                 async with h.lock:
                     self.sup._require(h, "migrate")
-                    await self.sup._qmp(h, "migrate", {"uri": f"tcp:{uri_host}:{port}"})
+                    uri = await self._migration_channel(h, host, port)
+                    try:
+                        await self.sup._qmp(h, "migrate", {"uri": uri})
+                    except BaseException:
+                        if uri.startswith("fd:"):
+                            await statefd.drop_fd(self.sup, h, MIGRATE_FD)
+                        raise
                     info = await self._wait_migration(h, MIGRATE_TIMEOUT)
                     if info.get("status") != "completed":
                         raise ManagerError(409, f"VM {h.name}: migration to {body.to} failed: "
@@ -542,6 +567,20 @@ class SnapshotOps:
                                  vm=h.info(), destination_vm=dest_vm)
         finally:
             dest.close()
+
+    async def _migration_channel(self, h: VmHandle, host: str, port: int) -> str:
+        """The URI for QMP ``migrate``: the daemon connects to the destination and passes the socket
+        (``fd:NAME``), so a sandboxed VM process needs no socket of its own; ``tcp:`` for a VM process
+        without ``getfd`` that may connect itself."""
+        if not await statefd.has_getfd(self.sup, h):
+            _require_unsandboxed(h, "migrate")
+            return f"tcp:[{host}]:{port}" if ":" in host else f"tcp:{host}:{port}"
+        sock = await statefd.connect(host, port)
+        try:
+            await statefd.pass_fd(self.sup, h, sock.fileno(), MIGRATE_FD)
+        finally:
+            sock.close()  # the VM process holds its own copy; the destination sees the end when that closes
+        return f"fd:{MIGRATE_FD}"
 
     @staticmethod
     async def _wait_dest_running(dest: Any, name: str, timeout: float = 30.0) -> dict[str, Any]:

@@ -4,12 +4,15 @@ drives it; the machine supplies a :class:`~pyvmm.migration.outgoing.Source`."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import threading
 from collections.abc import Callable
 from typing import Any
 
 from pyvmm.errors import ConfigError, PyvmmError
+from pyvmm.migration import mapped_target as mapped_mod
 from pyvmm.migration import uri as uri_mod
 from pyvmm.migration.outgoing import OutgoingMigration, Source
 from pyvmm.migration.status import MigrationStatus, Params
@@ -69,12 +72,44 @@ class MigrationManager:
             if fd is None:
                 raise MigrationError(f"File descriptor named '{parsed.target}' has not been found")
             fds = {parsed.target: fd}
-        self.source.check_savable()   # a device that cannot be saved: refused before anything starts
+        try:
+            self.source.check_savable()   # a device that cannot be saved: refused before anything starts
+        except BaseException:
+            self._close_all(fds)
+            raise
         mapped = self.capabilities["mapped-ram"]
-        if mapped and parsed.scheme != "file":
-            raise MigrationError("Mapped-ram migration requires a file: URI")
+        if mapped:
+            fds = self._mapped_target(parsed, fds)
         self._job = OutgoingMigration(self.source, parsed, self.status, self.params, self.event, fds, mapped=mapped)
         self._job.start()
+
+    def _mapped_target(self, parsed: uri_mod.MigrationUri, fds: dict[str, int] | None) -> dict[str, int] | None:
+        """``mapped-ram`` writes at fixed offsets: ``file:PATH``, ``file:/dev/fdset/N`` (a writable member of
+        an ``add-fd`` set) or ``fd:NAME`` naming a regular file (QEMU lets ``fd:`` through and refuses a
+        socket or pipe later).  Returns the descriptors the job owns."""
+        if parsed.scheme not in ("file", "fd"):
+            self._close_all(fds)
+            raise MigrationError("Mapped-ram migration requires a file: URI")
+        if parsed.scheme == "file" and not parsed.target.startswith(mapped_mod.FDSET_PREFIX):
+            return fds
+        try:
+            if parsed.scheme == "file":
+                fd = mapped_mod.fdset_writable(parsed.target)
+                fds = {parsed.target: fd}
+            else:
+                fd = uri_mod.fd_of(parsed.target, fds)
+            mapped_mod.check_seekable(fd)
+        except OSError as e:
+            if parsed.scheme == "file" or not parsed.target.isdigit():
+                self._close_all(fds)
+            raise MigrationError(e.strerror or str(e)) from None
+        return fds
+
+    @staticmethod
+    def _close_all(fds: dict[str, int] | None) -> None:
+        for fd in (fds or {}).values():
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
     def take_fd(self, name: str) -> int | None:
         """A descriptor a monitor client passed with ``getfd`` (kept in :attr:`fds`, or by the

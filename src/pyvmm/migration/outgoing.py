@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -165,10 +166,12 @@ class OutgoingMigration:
         return self._log.dirty_log_sync() if self._log is not None else None
 
     def _run_mapped(self, was_running: bool) -> None:
-        """``mapped-ram`` to ``file:PATH``: records first, then RAM at fixed offsets (vmstate/mapped.py)."""
+        """``mapped-ram`` to ``file:PATH``, ``file:/dev/fdset/N`` or ``fd:NAME`` (migration/mapped_target.py):
+        records first, then RAM at fixed offsets (vmstate/mapped.py)."""
         import io
         import os
 
+        from pyvmm.migration import mapped_target
         from pyvmm.vmstate import mapped
         from pyvmm.vmstate.stream import END, MAPPED
 
@@ -191,7 +194,8 @@ class OutgoingMigration:
                 for gpa, size, offset in places:
                     w.record(MAPPED, mapped.record(gpa, size, offset))
                 w.record(END)
-                fd = os.open(self.uri.target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+                fd = mapped_target.open_target(self.uri, self._fds)
+                self._fds = None  # open_target owns (and the finally below closes) a passed descriptor
                 try:
                     os.pwrite(fd, buf.getvalue(), 0)
                     ram = mapped.write_ram(fd, src.memory, places)
@@ -207,6 +211,11 @@ class OutgoingMigration:
             self._set("completed")
         except (OSError, VmStateError, ValueError) as e:
             self._fail(e, False)
+        finally:
+            for left in (self._fds or {}).values():  # a passed descriptor the job never got to
+                with contextlib.suppress(OSError):
+                    os.close(left)
+            self._fds = None
 
     def _fail(self, e: Exception, was_running: bool) -> None:
         ch, self._channel = self._channel, None

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import stat
 import subprocess
 from dataclasses import dataclass
 
@@ -96,7 +97,13 @@ class OutChannel:
                 raise OSError(e.errno, f"{uri.target}: {e.strerror}") from None
         else:
             fd = fd_of(uri.target, fds)
-            self._file = os.fdopen(fd, "wb", buffering=0)
+            if stat.S_ISSOCK(os.fstat(fd).st_mode):
+                # a connected socket (libvirt's, or pyvmmd's for a sandboxed VM): ended as tcp:/unix: are,
+                # by a shutdown and waiting for the destination to close, so finish() knows it read it all
+                self._sock = socket.socket(fileno=fd)
+                self._sock.settimeout(60)
+            else:
+                self._file = os.fdopen(fd, "wb", buffering=0)
 
     def write(self, data: bytes | memoryview) -> None:
         if self._sock is not None:

@@ -222,6 +222,22 @@ def _remove_fd(ctx: CommandContext, args: Mapping[str, Any]) -> dict:
     return {}
 
 
+def fdset_dup(set_id: int, writable: bool) -> int | None:
+    """A duplicate of a member of fd set ``set_id`` opened for writing (``writable``) or reading, for
+    ``file:/dev/fdset/N`` (QEMU's ``monitor_fdset_dup_fd_add``); the caller owns it.  None if none fits."""
+    import fcntl
+
+    with _lock:
+        for fd, _opaque in _fdsets.get(set_id, []):
+            try:
+                mode = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE
+            except OSError:
+                continue
+            if (mode != os.O_RDONLY) if writable else (mode != os.O_WRONLY):
+                return os.dup(fd)
+    return None
+
+
 def _query_fdsets(ctx: CommandContext, args: Mapping[str, Any]) -> list:
     with _lock:
         return [{"fdset-id": set_id,
