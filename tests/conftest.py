@@ -117,6 +117,14 @@ def initrd_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def linux():
+    """The guest kit's default guest with a quiet kernel (a test file may define its own ``linux``)."""
+    from pyvmm.guestkit import default_guest
+
+    return default_guest().with_cmdline("quiet")
+
+
 @pytest.fixture(scope="session")
 def kvm() -> None:
     """Require a usable /dev/kvm (fail, do not skip)."""

@@ -47,13 +47,6 @@ def _qemu_img(*args: str) -> None:
     subprocess.run([tool, *args], check=True, capture_output=True)
 
 
-@pytest.fixture(scope="module")
-def linux():
-    from pyvmm.guestkit import default_guest
-
-    return default_guest().with_cmdline("quiet")
-
-
 def _command(kind: str, linux, tmp: Path, *args: str) -> list[str]:
     common = ["-kernel", str(linux.kernel), "-initrd", str(linux.initrd), "-append", linux.cmdline, "-m", "256",
               "-accel", "tcg", "-display", "none", "-nodefaults", "-no-user-config",

@@ -16,13 +16,6 @@ import pytest
 from support.migration import READY, WORKLOAD, Vm
 
 
-@pytest.fixture(scope="module")
-def linux():
-    from pyvmm.guestkit import default_guest
-
-    return default_guest().with_cmdline("quiet")
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["pyvmm", "qemu"])
 def test_getfd_and_migrate_to_a_passed_fd(kind: str, linux, tmp_path: Path) -> None:

@@ -21,13 +21,6 @@ import pytest
 from support.migration import READY, WORKLOAD, Vm
 
 
-@pytest.fixture(scope="module")
-def linux():
-    from pyvmm.guestkit import default_guest
-
-    return default_guest().with_cmdline("quiet")
-
-
 def _seccomp(pid: int) -> str:
     status = Path(f"/proc/{pid}/status").read_text()
     return next(line.split()[1] for line in status.splitlines() if line.startswith("Seccomp:"))

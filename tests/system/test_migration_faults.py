@@ -21,13 +21,6 @@ import pytest
 from support.migration import READY, WORKLOAD, Vm
 
 
-@pytest.fixture(scope="module")
-def linux():
-    from pyvmm.guestkit import default_guest
-
-    return default_guest().with_cmdline("quiet")
-
-
 def _args(linux, memory: str = "256") -> list[str]:
     return ["-kernel", str(linux.kernel), "-initrd", str(linux.initrd), "-append", linux.cmdline, "-m", memory]
 

@@ -19,13 +19,6 @@ import pytest
 from support.migration import READY, WORKLOAD, Vm
 
 
-@pytest.fixture(scope="module")
-def linux():
-    from pyvmm.guestkit import default_guest
-
-    return default_guest().with_cmdline("quiet")
-
-
 def _mapping_rss_kib(pid: int, path: Path) -> int:
     """Resident KiB of the process's mappings of ``path``."""
     total, inside = 0, False

@@ -27,13 +27,6 @@ DOWNTIME_LIMIT_MS = 300  # QEMU's default
 DIRTIER = ("(while :; do dd if=/dev/urandom of=/t/dirt bs=64k count=64 conv=notrunc 2>/dev/null; done) &\n")
 
 
-@pytest.fixture(scope="module")
-def linux():
-    from pyvmm.guestkit import default_guest
-
-    return default_guest().with_cmdline("quiet")
-
-
 def _ip(*args: str) -> None:
     r = subprocess.run(["ip", *args], capture_output=True, text=True)
     if r.returncode:

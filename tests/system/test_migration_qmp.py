@@ -16,13 +16,6 @@ import pytest
 from support.migration import READY, WORKLOAD, Vm
 
 
-@pytest.fixture(scope="module")
-def linux():
-    from pyvmm.guestkit import default_guest
-
-    return default_guest().with_cmdline("quiet")
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["pyvmm", "qemu"])
 def test_defer_unix_parameters_and_errors(kind: str, linux, tmp_path: Path) -> None:

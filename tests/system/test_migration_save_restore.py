@@ -22,13 +22,6 @@ from support.migration import READY, WORKLOAD, Vm
 BLOCKS = 8
 
 
-@pytest.fixture(scope="module")
-def linux():
-    from pyvmm.guestkit import default_guest
-
-    return default_guest().with_cmdline("quiet")
-
-
 def _machine_args(linux, disk: Path, smp: int) -> list[str]:
     return ["-kernel", str(linux.kernel), "-initrd", str(linux.initrd), "-append", linux.cmdline, "-m", "256",
             "-smp", str(smp),

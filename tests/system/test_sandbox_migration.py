@@ -20,13 +20,6 @@ import pytest
 from support.migration import READY, WORKLOAD, Vm
 
 
-@pytest.fixture(scope="module")
-def linux():
-    from pyvmm.guestkit import default_guest
-
-    return default_guest().with_cmdline("quiet")
-
-
 def _pass_fd(vm: Vm, name: str, fd: int) -> None:
     vm.qmp.send_fd_scm(fd)
     vm.cmd("getfd", fdname=name)
